@@ -1,0 +1,76 @@
+"""Ring attention: K/V blocks travel around the ring group; partial outputs merge by
+log-sum-exp in fp32.
+
+The next block's transfer is issued before the current block is computed, so (with async
+functional collectives, eager or compiled) communication overlaps compute.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed._functional_collectives as fc
+from torch import Tensor
+
+from .local import local_attention
+
+
+def _shift(kv: Tensor, group: str, rank: int, block_lens: Sequence[int], step: int, rows_per_token: int) -> Tensor:
+    """Send our current block to the next ring rank, receive the previous rank's.
+
+    At `step` this rank holds the block that originated at `(rank - step) % R`; it sends it
+    to `rank + 1` and receives the block of origin `(rank - step - 1) % R`. An all-to-all
+    with one non-empty split each way keeps it a functional collective.
+    """
+    world = len(block_lens)
+    dim = kv.shape[-1]
+    send_rows = [0] * world
+    recv_rows = [0] * world
+    send_rows[(rank + 1) % world] = kv.numel() // dim
+    recv_rows[(rank - 1) % world] = block_lens[(rank - step - 1) % world] * rows_per_token
+    out = fc.all_to_all_single(kv.reshape(-1, dim), recv_rows, send_rows, group)
+    return out
+
+
+def merge_partial(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor):
+    """Combine two softmax-normalised partial results over disjoint key sets (fp32)."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    out = out * torch.exp(lse - new_lse).unsqueeze(-1) + block_out.float() * torch.exp(block_lse - new_lse).unsqueeze(-1)
+    return out, new_lse
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: str,
+    rank: int,
+    block_lens: Sequence[int],
+    bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """q, k, v [B, H, S_rank, D] with S_rank = block_lens[rank]; `bias` is the additive key
+    bias [B, 1, 1, sum(block_lens)] over the whole ring sequence (or None)."""
+    world = len(block_lens)
+    batch, heads, _, dim = k.shape
+    offsets = [sum(block_lens[:i]) for i in range(world)]
+    rows_per_token = 2 * batch * heads  # k and v travel together
+    kv = torch.cat([k.reshape(-1, dim), v.reshape(-1, dim)], dim=0)
+    out = lse = None
+    for step in range(world):
+        origin = (rank - step) % world
+        n = block_lens[origin]
+        next_kv = _shift(kv, group, rank, block_lens, step, rows_per_token) if step + 1 < world else None
+        k_blk, v_blk = kv.split(batch * heads * n, dim=0)
+        k_blk = k_blk.reshape(batch, heads, n, dim)
+        v_blk = v_blk.reshape(batch, heads, n, dim)
+        blk_bias = None if bias is None else bias[..., offsets[origin] : offsets[origin] + n]
+        blk_out, blk_lse = local_attention(q, k_blk, v_blk, blk_bias, scale)
+        if out is None:
+            out, lse = blk_out.float(), blk_lse
+        else:
+            out, lse = merge_partial(out, lse, blk_out, blk_lse)
+        if next_kv is not None:
+            kv = next_kv
+    return out.to(q.dtype)

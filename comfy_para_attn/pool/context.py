@@ -1,0 +1,82 @@
+"""What a job function receives: `fn(ctx: WorkerContext, payload) -> result`.
+
+Job modules may import this for type hints; it imports torch only when a collective runs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from . import protocol
+from .errors import JobInterrupted
+
+
+class InterruptFlag:
+    """The job id the controller asked to stop; set by the worker's reader thread."""
+
+    def __init__(self):
+        self.job_id: int | None = None
+
+
+class WorkerContext:
+    """Per-job view of one worker.
+
+    `rank`, `world_size` and `device` (a torch.device; each worker sees one GPU, so CUDA
+    ranks use cuda:0) describe the process. `cache` is a dict that lives as long as the
+    worker, shared by all jobs: keep loaded models there. `job` and `job_id` name the call.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        device,
+        cache: dict,
+        job: str,
+        job_id: int,
+        post: Callable[[Any], None],
+        interrupt_flag: InterruptFlag,
+    ):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.cache = cache
+        self.job = job
+        self.job_id = job_id
+        self._post = post
+        self._interrupt_flag = interrupt_flag
+
+    def report_progress(self, step: int, total: int, **extra) -> None:
+        """Tell the controller that `step` of `total` is done; also resets its hang timer.
+
+        Non-blocking (a sender thread writes the pipe). Only rank 0's reports travel, so
+        every rank may call this unconditionally.
+        """
+        if self.rank == 0:
+            self._post(protocol.Progress(self.job_id, int(step), int(total), dict(extra)))
+
+    def heartbeat(self) -> None:
+        """Reset the controller's hang timer without a step (call it in long loads)."""
+        if self.rank == 0:
+            self._post(protocol.Heartbeat(self.job_id))
+
+    @property
+    def interrupt_requested(self) -> bool:
+        """Whether THIS rank has seen an interrupt. Local and unagreed: do not branch on
+        it around collectives; use `check_interrupt()` for that."""
+        return self._interrupt_flag.job_id == self.job_id
+
+    def check_interrupt(self) -> None:
+        """Collective: all ranks agree whether any of them saw an interrupt, and if so all
+        raise `JobInterrupted` here, at the same step. Every rank must call it at the same
+        points (for example once per sampling step)."""
+        requested = 1 if self.interrupt_requested else 0
+        if self.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([requested], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = int(flag.item())
+        if requested:
+            raise JobInterrupted(f"job {self.job} (id {self.job_id}) interrupted on request")

@@ -1,0 +1,56 @@
+"""Exceptions of the worker pool.
+
+`PoolError` means the pool failed and has been torn down: the next `get_pool()` starts a
+fresh one. `PoolInterrupted` is not a failure: the job stopped on request and the pool is
+still usable, which is why it is not a `PoolError`.
+"""
+from __future__ import annotations
+
+
+class PoolError(RuntimeError):
+    """A worker raised, died, hung or ran out of memory; the pool has been shut down.
+
+    Attributes say what happened, for callers that want more than the message:
+    `reason` is one of "exception", "out_of_memory", "died", "timeout", "start", "dead";
+    `rank` is the failing rank (None when not one rank); `worker_traceback` is the worker's
+    own traceback text when it could send one; `job` is the "module:function" that ran.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "exception",
+        rank: int | None = None,
+        job: str | None = None,
+        worker_traceback: str | None = None,
+    ):
+        super().__init__(message)
+        self.reason = reason
+        self.rank = rank
+        self.job = job
+        self.worker_traceback = worker_traceback
+
+
+class PoolStartError(PoolError):
+    """The workers could not start, join the process group, or run the `init` function."""
+
+    def __init__(self, message: str, **kwargs):
+        kwargs.setdefault("reason", "start")
+        super().__init__(message, **kwargs)
+
+
+class PoolInterrupted(RuntimeError):
+    """The job stopped because the caller asked (`should_interrupt`); the pool stays usable."""
+
+
+class JobInterrupted(Exception):
+    """Raised inside a job by `ctx.check_interrupt()` on every rank at the same step.
+
+    Let it propagate out of the job function: the worker reports it as an acknowledged
+    interrupt, not as a failure.
+    """
+
+
+class ShmSpaceError(RuntimeError):
+    """Not enough room in /dev/shm (or host memory) to publish tensors for the workers."""

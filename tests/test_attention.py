@@ -1,0 +1,74 @@
+"""Context-parallel attention vs plain SDPA on real spawned gloo ranks (unit tier, CPU)."""
+import pytest
+import torch
+
+from comfy_para_attn.attention import ContextParallelConfig, local_attention, parallel_attention
+from comfy_para_attn.testing.attention_checks import TOLERANCE, check_parallel_attention, count_graph_breaks
+from comfy_para_attn.testing.distributed import run_ranks
+
+LAYOUTS = [  # (world, ulysses, ring)
+    pytest.param(1, 1, 1, id="world1"),
+    pytest.param(2, 2, 1, id="ulysses2"),
+    pytest.param(2, 1, 2, id="ring2"),
+    pytest.param(4, 1, 4, id="ring4"),
+    pytest.param(4, 2, 2, id="ulysses2xring2"),
+]
+
+
+@pytest.mark.parametrize("world,ulysses,ring", LAYOUTS)
+def test_shards_match_full_attention(world, ulysses, ring):
+    per_rank = run_ranks(check_parallel_attention, world, ulysses, ring)
+    assert len(per_rank[0]) == 24  # 2 dtypes x 2 masks x 3 layouts x eager/compiled
+    failures = []
+    for rank, errors in enumerate(per_rank):
+        for case, err in errors.items():
+            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
+            if not err < tol:
+                failures.append(f"rank {rank} {case}: max abs err {err:.3g} >= {tol}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
+def test_compile_captures_without_graph_breaks(ulysses, ring):
+    for graphs, breaks in run_ranks(count_graph_breaks, 2, ulysses, ring):
+        assert (graphs, breaks) == (1, 0)
+
+
+def test_local_kernel_returns_lse():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    out, lse = local_attention(q, k, v)
+    scores = q @ k.transpose(-1, -2) / 8**0.5
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ v, rtol=0, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_single_rank_is_plain_attention():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))
+    keep = torch.rand(1, 12, generator=g) > 0.5
+    keep[:, 0] = True
+    out = parallel_attention(q, k, v, mask=keep, cp=None)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None])
+    assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "config,kwargs,message",
+    [
+        (ContextParallelConfig(ulysses=2, ring=2), {"world_size": 2}, "does not match the 2 ranks"),
+        (ContextParallelConfig(ulysses=3), {"world_size": 3, "num_heads": 4}, "does not divide the model's 4"),
+        (ContextParallelConfig(cfg=3), {}, "set cfg to 1 or 2"),
+        (ContextParallelConfig(ring=0), {}, "positive integer"),
+    ],
+)
+def test_bad_layouts_say_what_to_change(config, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        config.validate(**kwargs)
+
+
+def test_auto_layout_prefers_ulysses_within_heads():
+    assert ContextParallelConfig.auto(8, num_heads=24) == ContextParallelConfig(ulysses=8)
+    assert ContextParallelConfig.auto(8, num_heads=12) == ContextParallelConfig(ulysses=4, ring=2)
+    assert ContextParallelConfig.auto(4, num_heads=24, use_cfg=True) == ContextParallelConfig(ulysses=2, cfg=2)
