@@ -18,3 +18,20 @@ def comfyui_path():
         pytest.skip("ComfyUI needs torchvision in this environment (make comfy-env)")
     make_importable(path, cpu=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def pack_nodes(comfyui_path):
+    """The pack's NODE_CLASS_MAPPINGS, imported the way ComfyUI imports a custom node."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    name = "comfy_para_attn_pack_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].NODE_CLASS_MAPPINGS

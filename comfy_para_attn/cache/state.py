@@ -86,6 +86,7 @@ class FirstBlockCache:
         self.calls = 0  # model calls seen in this run
         self.hits = 0  # model calls that reused the tail
         self.last_diff: Optional[float] = None  # relative diff of the last decision (None: not compared)
+        self.history: list[bool] = []  # hit or not, per model call of this run
         self.reset()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -158,12 +159,18 @@ class FirstBlockCache:
             self._step_hit = self._decide(buf, first_residual, allowed, reduce_sum)
             self._consecutive = self._consecutive + 1 if self._step_hit else 0
         hit = self._step_hit and buf.tail is not None
+        self.history.append(hit)
         if hit:
             self.hits += 1
         else:
             buf.prev_residual = first_residual.detach()
             buf.tail = None  # replaced by end_call once the rest has run
         return hit
+
+    def skip_call(self) -> None:
+        """Count a model call that was not considered for reuse (cache disabled)."""
+        self.calls += 1
+        self.history.append(False)
 
     def tail(self, part: Hashable) -> Any:
         """The stored tail residual of `part` (valid after `begin_call` returned True)."""

@@ -1,0 +1,23 @@
+"""Background torch.distributed worker pool.
+
+Generic: it knows nothing about ComfyUI. Jobs are plain functions `fn(ctx, payload)`
+named by "module:function" strings and run on every rank; rank 0's return value is the
+result. See `Pool`, `get_pool`, `WorkerContext` and `transfer` for large tensors.
+"""
+from .context import WorkerContext
+from .controller import Pool, PoolLayout
+from .errors import JobInterrupted, PoolError, PoolInterrupted, PoolStartError, ShmSpaceError
+from .registry import get_pool, shutdown_pool
+
+__all__ = [
+    "JobInterrupted",
+    "Pool",
+    "PoolError",
+    "PoolInterrupted",
+    "PoolLayout",
+    "PoolStartError",
+    "ShmSpaceError",
+    "WorkerContext",
+    "get_pool",
+    "shutdown_pool",
+]

@@ -114,8 +114,7 @@ class WorkerConfig:
     rank: int
     world_size: int
     device_type: str  # "cpu" or "cuda"
-    backend: str  # "gloo" or "nccl"
-    master_port: int
+    backend: str  # "gloo" or "nccl"; the rendezvous address is in MASTER_ADDR/MASTER_PORT
     commands_fd: int
     events_fd: int
     lifeline_fd: int
@@ -131,6 +130,14 @@ class WorkerConfig:
 
 
 # -- transport -----------------------------------------------------------------------------
+
+
+def parse_job_spec(spec: str) -> tuple[str, str]:
+    """Split "package.module:function" (the function may be dotted: "module:Class.method")."""
+    module, sep, attribute = spec.partition(":")
+    if not sep or not module or not attribute:
+        raise ValueError(f"job must be given as 'module:function', got {spec!r}")
+    return module, attribute
 
 
 def encode(message: Any) -> bytes:

@@ -1,0 +1,176 @@
+"""Install context parallelism into a ComfyUI ModelPatcher (runs inside each pool worker).
+
+`install_context_parallel(patcher, cp)` returns a clone whose model calls shard their
+tokens over `cp`'s sequence group (see sequence_parallel.py) and, with cfg parallelism,
+send the cond and uncond halves of each batch to the two halves of the ranks. Every rank
+ends each model call with the same full output, so the sampler's own arithmetic stays
+identical on all ranks.
+
+Apply First Block Cache (and other block patches) BEFORE this: our patches are chained
+outermost, so the cache sees this rank's shards and agrees with the other ranks through
+`transformer_options["para_attn_cp"].all_reduce_sum`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...attention import ParallelContext
+from ...attention.collectives import all_gather
+from .patches import block_counts, chain_block_patch, model_family
+from .sequence_parallel import ContextParallelAttention, ShardedCall
+
+WRAPPER_KEY = "para_attn_context_parallel"
+
+
+class _Patch:
+    """A picklable-by-reference, not-deep-copied block/post-input patch bound to a call."""
+
+    def __init__(self, call: ShardedCall, fn):
+        self.call = call
+        self.fn = fn
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, *args):
+        return self.fn(self.call, *args)
+
+
+# --- FLUX: post_input shards, the last single block gathers --------------------------------
+
+def _flux_post_input(call: ShardedCall, args: dict) -> dict:
+    txt_r, img_r = call.begin(args["txt"], args["img"])  # local sequence: [txt_r, img_r]
+    out = {"img": img_r, "txt": txt_r, "img_ids": args["img_ids"], "txt_ids": args["txt_ids"]}
+    if args["img_ids"] is not None:
+        out["img_ids"] = call.split(args["img_ids"])[0]
+        out["txt_ids"] = call.split(args["txt_ids"])[0]
+    return out
+
+
+def _flux_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
+    img = extra["original_block"](args)["img"]
+    txt_local = img[:, : call.first_lens[call.rank]]
+    full_img = call.gather_stream(img, "second")
+    call.end()
+    # forward_orig slices off `txt.shape[1]` (this rank's text) tokens, then un-patchifies.
+    return {"img": torch.cat([txt_local, full_img], dim=1)}
+
+
+# --- HunyuanVideo and Wan: the first block shards, every block gets its pe slice -----------
+
+def _local_args(call: ShardedCall, args: dict) -> dict:
+    args = dict(args, pe=call.pe)
+    if "attention_mask" in args:
+        args["attention_mask"] = None  # the global key mask lives in `call`
+    return args
+
+
+def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
+    img, txt = args["img"], args.get("txt")
+    if args.get("modulation_dims_img") is not None:
+        raise ValueError("Context Parallel does not support HunyuanVideo image-to-video token modulation yet.")
+    if call.family == "wan":
+        # Only image tokens are sharded; Wan's cross-attention keys are the (unsharded) text.
+        img_r, _ = call.begin(img, img[:, :0], avoid_len=txt.shape[1] if txt is not None else -1)
+        call.pe = call.local_rows(args["pe"], img.shape[1], dim=1)
+        return extra["original_block"](dict(args, img=img_r, pe=call.pe))
+    mask = args.get("attention_mask")
+    key_mask = None if mask is None else mask.reshape(mask.shape[0], -1)
+    img_r, txt_r = call.begin(img, txt, key_mask)  # local sequence: [img_r, txt_r]
+    call.pe = call.local_rows(args["pe"], img.shape[1], dim=2)
+    return extra["original_block"](_local_args(call, dict(args, img=img_r, txt=txt_r)))
+
+
+def _video_block(call: ShardedCall, args: dict, extra: dict) -> dict:
+    return extra["original_block"](_local_args(call, args))
+
+
+def _video_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
+    out = dict(extra["original_block"](_local_args(call, args)))
+    local = out["img"]
+    full_img = call.gather_stream(local, "first")
+    # HunyuanVideo keeps `img[:, :img_len]` (the full image length) after its single blocks.
+    rest = local[:, call.first_lens[call.rank] :]
+    out["img"] = torch.cat([full_img, rest], dim=1) if rest.shape[1] else full_img
+    call.end()
+    return out
+
+
+def _install_block_patches(patcher, call: ShardedCall, family: str) -> None:
+    counts = block_counts(patcher)
+    keys = [(kind, i) for kind in ("double_block", "single_block") for i in range(counts[kind])]
+    first, last = keys[0], keys[-1]
+    if family == "flux":
+        patcher.set_model_post_input_patch(_Patch(call, _flux_post_input))
+        chain_block_patch(patcher, *last, _Patch(call, _flux_gather))
+        return
+    for key in keys:
+        if key == last:
+            chain_block_patch(patcher, *key, _Patch(call, _video_gather))
+        elif key != first:
+            chain_block_patch(patcher, *key, _Patch(call, _video_block))
+    # Registered last = outermost: it sees the full sequence before anything else does.
+    if first == last:
+        chain_block_patch(patcher, *first, _Patch(call, _video_gather))
+    chain_block_patch(patcher, *first, _Patch(call, _video_shard))
+
+
+# --- cfg parallel and checks on the whole model call --------------------------------------
+
+class CfgSplitWrapper:
+    """APPLY_MODEL wrapper: with cfg parallelism each cfg rank runs its half of a batched
+    cond/uncond call; the halves are all-gathered so every rank has the full output."""
+
+    def __init__(self, call: ShardedCall):
+        self.call = call
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        if control is not None:
+            raise ValueError(
+                "ControlNet is not supported under Context Parallel yet (its residuals are added by token "
+                "index); remove the ControlNet or the Context Parallel node."
+            )
+        if kwargs.get("attention_mask") is not None and self.call.family == "flux":
+            raise ValueError("Context Parallel does not support FLUX attention masks yet.")
+        cp = self.call.cp
+        parts = transformer_options.get("cond_or_uncond") or []
+        batch = x.shape[0]
+        if cp.config.cfg == 1 or len(parts) != cp.config.cfg or batch % cp.config.cfg:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        per, r = batch // cp.config.cfg, cp.cfg_rank
+
+        def half(v):
+            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch:
+                return v[r * per : (r + 1) * per]
+            return v
+
+        options = dict(transformer_options, cond_or_uncond=parts[r : r + 1])
+        if "uuids" in options and len(options["uuids"]) == len(parts):
+            options["uuids"] = options["uuids"][r : r + 1]
+        out = executor(half(x), half(t), half(c_concat), half(c_crossattn), control, options,
+                       **{k: half(v) for k, v in kwargs.items()})
+        return all_gather(out, 0, cp.cfg_group)
+
+
+def install_context_parallel(model_patcher, cp: ParallelContext):
+    """A clone of `model_patcher` that runs each model call context-parallel over `cp`."""
+    import comfy.patcher_extension
+
+    family = model_family(model_patcher)
+    dm = model_patcher.model.diffusion_model
+    heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
+    cp.config.validate(num_heads=heads)
+    patcher = model_patcher.clone()
+    call = ShardedCall(cp)
+    call.family = family
+    options = patcher.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = ContextParallelAttention(call, options.get("optimized_attention_override"))
+    options["para_attn_cp"] = cp
+    if cp.config.sequence_size > 1:
+        _install_block_patches(patcher, call, family)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, CfgSplitWrapper(call))
+    return patcher

@@ -1,0 +1,220 @@
+"""Context Parallel for ComfyUI: hand each sampling run to the worker pool.
+
+Controller side (the ComfyUI process): `apply_context_parallel` adds a keyed OUTER_SAMPLE
+wrapper. When any sampler node runs, the wrapper does not load the model here; it sends the
+pool one job (noise, latent, sigmas, conds, sampler, guider settings, seed, denoise mask,
+feature settings) and returns the final latent. Weights travel once through shared memory
+and stay cached in the workers under a fingerprint of the weights; LoRA and other weight
+patches travel as ComfyUI patches with every job (ComfyUI's own code applies them there).
+The worker side is `worker_jobs.py`.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ...attention import ContextParallelConfig
+from .portable import (
+    NotPortableError,
+    portable,
+    portable_guider,
+    portable_model_options,
+    portable_object_patches,
+)
+
+FEATURE = "context_parallel"
+WRAPPER_KEY = "para_attn_context_parallel_pool"
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+log = logging.getLogger("comfy_para_attn")
+
+
+@dataclass(frozen=True)
+class ContextParallelSettings:
+    gpus: int  # ranks; on a machine without CUDA these are CPU processes (gloo)
+    ulysses: int
+    ring: int
+    cfg: int
+    timeout_s: float = 300.0
+    device: str = "cuda"
+
+    @property
+    def config(self) -> ContextParallelConfig:
+        return ContextParallelConfig(ulysses=self.ulysses, ring=self.ring, cfg=self.cfg)
+
+
+def available_device() -> tuple[str, int]:
+    """("cuda", visible GPUs) unless ComfyUI runs with --cpu or there is no GPU: ("cpu", 2)."""
+    try:
+        import comfy.cli_args
+
+        force_cpu = bool(comfy.cli_args.args.cpu)
+    except ImportError:
+        force_cpu = False
+    if not force_cpu and torch.cuda.is_available():
+        return "cuda", torch.cuda.device_count()
+    return "cpu", 2
+
+
+def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_parallel: bool, timeout_s: float,
+                  auto: bool) -> ContextParallelSettings:
+    """Check a layout against this machine and the model; ValueError says what to set."""
+    from .patches import diffusion_model, model_family
+
+    model_family(model_patcher)
+    device, visible = available_device()
+    world = visible if gpus <= 0 else gpus
+    if device == "cuda" and world > visible:
+        raise ValueError(f"gpus={world} but only {visible} GPU(s) are visible; set gpus to at most {visible}.")
+    dm = diffusion_model(model_patcher)
+    heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
+    if auto:
+        config = ContextParallelConfig.auto(world, num_heads=heads, use_cfg=cfg_parallel)
+        log.info("Context Parallel: auto layout for %d %s rank(s): ulysses %d x ring %d x cfg %d",
+                 world, device, config.ulysses, config.ring, config.cfg)
+    else:
+        config = ContextParallelConfig(ulysses=ulysses, ring=ring, cfg=2 if cfg_parallel else 1)
+    config.validate(world_size=world, num_heads=heads)
+    return ContextParallelSettings(world, config.ulysses, config.ring, config.cfg, float(timeout_s), device)
+
+
+def apply_context_parallel(model_patcher, settings: ContextParallelSettings):
+    """A clone of `model_patcher` whose sampling runs in the worker pool."""
+    import comfy.patcher_extension
+
+    model = model_patcher.clone()
+    to = model.model_options.setdefault("transformer_options", {})
+    to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
+    outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    model.remove_wrappers_with_key(outer, WRAPPER_KEY)
+    model.add_wrapper_with_key(outer, WRAPPER_KEY, _outer_sample_wrapper)
+    # Outermost: the run leaves this process before any other OUTER_SAMPLE wrapper (for
+    # example First Block Cache's, which runs inside the workers instead).
+    by_key = model.wrappers[outer]
+    model.wrappers[outer] = {WRAPPER_KEY: by_key.pop(WRAPPER_KEY), **by_key}
+    return model
+
+
+# --- the model's weights: published once per fingerprint --------------------------------
+
+_published: dict[str, object] = {}  # fingerprint -> TensorHandle (kept until the pool restarts)
+_fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def _base_weights(model_patcher) -> dict[str, torch.Tensor]:
+    """The diffusion model's unpatched weights (ComfyUI may have merged a LoRA in place
+    earlier in this process; the backup holds the originals)."""
+    sd = model_patcher.model.diffusion_model.state_dict()
+    prefix = "diffusion_model."
+    for key, backup in getattr(model_patcher, "backup", {}).items():
+        if key.startswith(prefix) and key[len(prefix):] in sd:
+            sd[key[len(prefix):]] = backup.weight
+    return sd
+
+
+def _publish_model(model_patcher) -> tuple[str, object]:
+    from ...pool import transfer
+
+    dm = model_patcher.model.diffusion_model
+    fingerprint = _fingerprints.get(dm)
+    if fingerprint is None or fingerprint not in _published:
+        weights = _base_weights(model_patcher)
+        fingerprint = transfer.fingerprint_tensors(weights, extra={"class": type(dm).__name__})
+        _fingerprints[dm] = fingerprint
+        if fingerprint not in _published:
+            began = time.monotonic()
+            _published[fingerprint] = transfer.publish_tensors(weights, fingerprint[:16])
+            size = _published[fingerprint].nbytes / 2**30
+            log.info("Context Parallel: model weights (%.2f GiB) written to shared memory in %.1f s",
+                     size, time.monotonic() - began)
+    return fingerprint, _published[fingerprint]
+
+
+@atexit.register
+def _release_published() -> None:
+    for handle in _published.values():
+        handle.release()
+    _published.clear()
+
+
+# --- the OUTER_SAMPLE wrapper ---------------------------------------------------------------
+
+def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):
+    patcher = guider.model_patcher
+    if patcher.hook_mode is not None and getattr(patcher, "hook_patches", None):
+        raise NotPortableError("Context Parallel does not support hooks (CreateHook nodes) yet.")
+    for name, conds in guider.original_conds.items():
+        for cond in conds:
+            if cond.get("control") is not None:
+                raise NotPortableError(
+                    "ControlNet is not supported under Context Parallel yet (its residuals are added by "
+                    "token index); remove the ControlNet or the Context Parallel node."
+                )
+            if cond.get("hooks") is not None:
+                raise NotPortableError("Context Parallel does not support conditioning hooks yet.")
+    if settings.cfg == 2 and (getattr(guider, "cfg", 1.0) == 1.0 or "negative" not in guider.original_conds):
+        raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off for this sampler.")
+    fingerprint, handle = _publish_model(patcher)
+    guider_cls, guider_state = portable_guider(guider)
+    return {
+        "settings": settings,
+        "fingerprint": fingerprint,
+        "weights": handle,
+        "model_config": portable("the model config", patcher.model.model_config),
+        "model_type": patcher.model.model_type,
+        "patches": portable("the model's weight patches (LoRA)", patcher.patches),
+        "patches_uuid": patcher.patches_uuid,
+        "object_patches": portable_object_patches(patcher.object_patches),
+        "model_options": portable_model_options(guider.model_options),
+        "conds": portable("the conditioning", guider.original_conds),
+        "guider": (guider_cls, guider_state),
+        "sampler": portable("the sampler", sampler),
+        "noise": noise.cpu(),
+        "latent_image": latent_image.cpu(),
+        "sigmas": sigmas.cpu(),
+        "denoise_mask": None if denoise_mask is None else denoise_mask.cpu(),
+        "seed": seed,
+    }
+
+
+def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                          disable_pbar=False, seed=None):
+    import comfy.model_management
+
+    from ...pool import PoolInterrupted, get_pool
+    from .env import snapshot_cli_args
+
+    guider = executor.class_obj
+    settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE]
+    began = time.monotonic()
+    payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
+    comfy_dir = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
+    cli_args = snapshot_cli_args()
+    cli_args["cpu"] = settings.device == "cpu"
+    pool = get_pool(settings.gpus, device=settings.device, sys_path=[comfy_dir, PACK_ROOT],
+                    init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
+                          {"comfy_path": comfy_dir, "cli_args": cli_args}))
+    total = max(1, len(sigmas) - 1)
+
+    def on_progress(step, steps, extra):
+        if callback is not None:
+            x0 = extra.get("x0")
+            callback(step, x0, extra.get("x"), steps)
+
+    log.debug("Context Parallel: job prepared in %.3f s", time.monotonic() - began)
+    try:
+        result = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:sample", payload, timeout_s=settings.timeout_s,
+                          on_progress=on_progress, should_interrupt=comfy.model_management.processing_interrupted)
+    except PoolInterrupted:
+        raise comfy.model_management.InterruptProcessingException()
+    for line in result["log"]:
+        log.info("%s", line)
+    log.info("Context Parallel: %d steps on %d %s rank(s) in %.2f s", total, settings.gpus, settings.device,
+             time.monotonic() - began)
+    return result["samples"].to(noise.device)

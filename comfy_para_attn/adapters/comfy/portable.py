@@ -1,0 +1,144 @@
+"""Turn the pieces of a ComfyUI sampling run into things a pool worker can rebuild.
+
+What crosses the pipe: the model's config object, its ComfyUI weight patches (LoRA etc.,
+applied by ComfyUI's own code in the worker), object patches (e.g. ModelSamplingFlux's
+sampling object), model_options minus our own hooks (re-created from their settings in the
+worker), the conds, the sampler object, the guider's plain attributes. Weights do not
+cross the pipe; they go through shared memory once (see pool.transfer).
+
+Anything that cannot be sent gets a clear error naming it, never a silent drop.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+import torch
+
+OUR_PREFIX = "para_attn"
+_OUR_MODULE = "comfy_para_attn"
+
+
+class NotPortableError(ValueError):
+    pass
+
+
+def _is_ours(obj) -> bool:
+    return type(obj).__module__.startswith(_OUR_MODULE) or getattr(obj, "__module__", "").startswith(_OUR_MODULE)
+
+
+def _check_picklable(what: str, obj) -> None:
+    try:
+        pickle.dumps(obj)
+    except Exception as exc:  # pickle raises many types for unpicklable objects
+        raise NotPortableError(
+            f"Context Parallel cannot send {what} to its workers ({type(exc).__name__}: {exc}). "
+            "Remove the node that added it, or run without Context Parallel."
+        ) from None
+
+
+def _strip_block_patch(patch):
+    """Our block patches are re-created in the worker; keep other packs' layers."""
+    from .patches import ChainedBlockPatch
+
+    if isinstance(patch, ChainedBlockPatch):
+        outer, inner = _strip_block_patch(patch.outer), _strip_block_patch(patch.inner)
+        if outer is None or inner is None:
+            return outer or inner
+        return ChainedBlockPatch(outer, inner)
+    return None if _is_ours(patch) else patch
+
+
+def portable_model_options(model_options: dict) -> dict:
+    """model_options without our hooks (the worker re-applies features from
+    `transformer_options["para_attn"]`), checked to be picklable."""
+    options = copy.copy(model_options)
+    to = dict(options.get("transformer_options", {}))
+    options["transformer_options"] = to
+    for kind in ("wrappers", "callbacks"):
+        if kind in to:
+            to[kind] = {
+                call: {k: v for k, v in by_key.items() if not k.startswith(OUR_PREFIX)}
+                for call, by_key in to[kind].items()
+            }
+    if "patches_replace" in to:
+        replaced = {}
+        for name, patches in to["patches_replace"].items():
+            kept = {key: _strip_block_patch(p) for key, p in patches.items()}
+            replaced[name] = {key: p for key, p in kept.items() if p is not None}
+        to["patches_replace"] = replaced
+    if "patches" in to:
+        to["patches"] = {name: [p for p in ps if not _is_ours(p)] for name, ps in to["patches"].items()}
+    if _is_ours(to.get("optimized_attention_override")):
+        del to["optimized_attention_override"]
+    for key in [k for k in to if k.startswith(OUR_PREFIX) and k != OUR_PREFIX]:
+        del to[key]  # live run state
+    for key, value in options.items():
+        if key == "transformer_options":
+            for tkey, tvalue in to.items():
+                _check_picklable(f"transformer_options[{tkey!r}]", tvalue)
+        else:
+            _check_picklable(f"model_options[{key!r}]", value)
+    return options
+
+
+class PortableModule:
+    """An nn.Module whose class was defined inside a function (ComfyUI's ModelSampling
+    nodes do this): rebuilt from its base classes and state."""
+
+    def __init__(self, module: torch.nn.Module):
+        cls = type(module)
+        self.name = cls.__name__
+        self.bases = cls.__bases__
+        self.state = {k: v for k, v in module.__dict__.items()}
+
+    def rebuild(self) -> torch.nn.Module:
+        cls = type(self.name, self.bases, {})
+        module = cls.__new__(cls)
+        module.__dict__.update(self.state)
+        return module
+
+
+def portable_object_patches(object_patches: dict) -> dict:
+    out = {}
+    for name, value in object_patches.items():
+        try:
+            pickle.dumps(value)
+            out[name] = value
+        except Exception:
+            if isinstance(value, torch.nn.Module):
+                portable = PortableModule(value)
+                _check_picklable(f"object patch {name!r}", portable)
+                out[name] = portable
+            else:
+                _check_picklable(f"object patch {name!r}", value)
+    return out
+
+
+def rebuild_object_patches(object_patches: dict) -> dict:
+    return {k: v.rebuild() if isinstance(v, PortableModule) else v for k, v in object_patches.items()}
+
+
+_GUIDER_LIVE_ATTRS = ("model_patcher", "model_options", "inner_model", "conds", "original_conds", "loaded_models")
+
+
+def portable_guider(guider) -> tuple[type, dict]:
+    """The guider's class and plain attributes (cfg etc.), without model or conds."""
+    state = {k: v for k, v in guider.__dict__.items() if k not in _GUIDER_LIVE_ATTRS}
+    _check_picklable(f"the guider ({type(guider).__name__})", (type(guider), state))
+    return type(guider), state
+
+
+def rebuild_guider(guider_cls: type, state: dict, model_patcher, conds: dict):
+    guider = guider_cls.__new__(guider_cls)
+    guider.__dict__.update(state)
+    guider.model_patcher = model_patcher
+    guider.model_options = model_patcher.model_options
+    guider.original_conds = conds
+    return guider
+
+
+def portable(what: str, value: Any) -> Any:
+    _check_picklable(what, value)
+    return value

@@ -1,0 +1,117 @@
+"""Worker side of Context Parallel: jobs that run inside the pool's worker processes.
+
+`init_worker` makes ComfyUI importable with the server's settings (before
+comfy.model_management is imported). `sample` rebuilds the model (cached by weight
+fingerprint), applies the job's weight patches and our features, installs context
+parallelism and runs ComfyUI's own sampling code. Rank 0 streams progress and returns the
+final latent; every rank checks the interrupt flag at each step boundary (collectively).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+FEATURE_ORDER = ("fp8", "compile", "first_block_cache")  # context parallelism goes last (outermost)
+
+
+def init_worker(ctx, payload):
+    from .env import make_importable
+
+    cli_args = dict(payload["cli_args"])
+    cli_args["cuda_device"] = None  # each worker sees exactly its own GPU
+    make_importable(payload["comfy_path"], cli_args=cli_args)
+    import comfy.model_management  # noqa: F401  reads the settings above at import
+
+    ctx.cache["comfy_ready"] = True
+
+
+def _apply_features(patcher, settings: dict):
+    """Re-apply our single-GPU features from their settings, in a fixed order."""
+    from . import features
+
+    for name in FEATURE_ORDER:
+        if name in settings:
+            patcher = features.apply(name, patcher, settings[name])
+    return patcher
+
+
+def _base_model(ctx, payload):
+    """The unpatched ModelPatcher for the job's weights, built once per fingerprint."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    from ...pool import transfer
+
+    key = ("model", payload["fingerprint"])
+    cached = ctx.cache.get(key)
+    if cached is not None:
+        return cached
+    for old in [k for k in ctx.cache if isinstance(k, tuple) and k[0] == "model"]:
+        del ctx.cache[old]  # one model at a time: free the previous one's memory
+    comfy.model_management.cleanup_models()
+    ctx.heartbeat()
+    weights = transfer.load_tensors(payload["weights"])
+    model_config = payload["model_config"]
+    model = model_config.get_model({}, "", device=None)
+    model.diffusion_model.load_state_dict(weights, strict=True, assign=True)
+    model.model_type = payload["model_type"]
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+    ctx.cache[key] = patcher
+    return patcher
+
+
+class _Captured(logging.Handler):
+    """Collects this job's INFO log lines (e.g. the cache summary) for the ComfyUI log."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def sample(ctx, payload):
+    from ...attention import build_parallel_context
+    from .context_parallel import install_context_parallel
+    from .portable import rebuild_guider, rebuild_object_patches
+
+    settings = payload["settings"]
+    cp_key = ("cp", settings.config)
+    if cp_key not in ctx.cache:  # process groups are created once per layout
+        ctx.cache[cp_key] = build_parallel_context(settings.config)
+    cp = ctx.cache[cp_key]
+
+    patcher = _base_model(ctx, payload).clone()
+    patcher.patches = {k: list(v) for k, v in payload["patches"].items()}
+    patcher.patches_uuid = payload["patches_uuid"]
+    patcher.object_patches = rebuild_object_patches(payload["object_patches"])
+    patcher.model_options = payload["model_options"]
+    ours = patcher.model_options.get("transformer_options", {}).get("para_attn", {})
+    patcher = _apply_features(patcher, ours)
+    patcher = install_context_parallel(patcher, cp)
+    guider_cls, guider_state = payload["guider"]
+    guider = rebuild_guider(guider_cls, guider_state, patcher, payload["conds"])
+
+    def callback(step, x0, x, total_steps):
+        ctx.check_interrupt()  # collective: every rank stops at the same step
+        if ctx.rank == 0:
+            ctx.report_progress(step, total_steps, x0=x0.detach().cpu() if x0 is not None else None)
+
+    captured = _Captured()
+    root = logging.getLogger()
+    root.addHandler(captured)
+    old_level = root.level
+    root.setLevel(min(old_level, logging.INFO))
+    try:
+        samples = guider.sample(payload["noise"], payload["latent_image"], payload["sampler"], payload["sigmas"],
+                                payload["denoise_mask"], callback, True, payload["seed"])
+    finally:
+        root.removeHandler(captured)
+        root.setLevel(old_level)
+    if ctx.rank != 0:
+        return None
+    return {"samples": samples.detach().to("cpu", torch.float32), "log": captured.lines}

@@ -1,0 +1,422 @@
+"""Controller side of the pool: starts the worker processes, runs jobs on them, and turns
+every failure into a `PoolError` within seconds.
+
+The controller (the ComfyUI process) never joins a collective and never waits without a
+deadline: it polls the workers' event pipes with a short timeout, checks that each worker
+process is alive, and enforces a deadline on silence for every job.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+from . import protocol
+from .errors import PoolError, PoolInterrupted, PoolStartError
+from .launch import PoolLayout, WorkerProcess, free_port, spawn_worker, worker_env
+
+logger = logging.getLogger("comfy_para_attn.pool")
+
+POLL_S = 0.1
+FAILURE_GRACE_S = 0.5  # after one rank fails, look this long for a rank that died meanwhile
+REAP_TIMEOUT_S = 5.0
+
+_live_pools: set["Pool"] = set()  # strong refs: every started pool is shut down at exit
+
+
+@dataclass
+class _Died:
+    """Pseudo-event: the worker's process ended (returncode None: it closed its pipe)."""
+
+    returncode: int | None
+
+
+def _describe_death(rank: int, pid: int, returncode: int | None, during: str) -> str:
+    if returncode is None:
+        return f"rank {rank} (pid {pid}) closed its pipe to the controller {during}"
+    if returncode >= 0:
+        return f"rank {rank} (pid {pid}) exited with code {returncode} {during}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    text = f"rank {rank} (pid {pid}) was killed by {name} (exit code {returncode}) {during}"
+    if -returncode == signal.SIGKILL:
+        text += "; SIGKILL often means the host ran out of memory (Linux OOM killer, see dmesg)"
+    return text
+
+
+def _describe_failure(event: protocol.JobFailed, job: str | None) -> str:
+    where = f"job {job!r}" if job else "start"
+    if event.out_of_memory:
+        head = f"rank {event.rank} ran out of memory in {where}: {event.error_type}: {event.message}"
+    else:
+        head = f"rank {event.rank} raised {event.error_type} in {where}: {event.message}"
+    return f"{head}\n\n--- traceback from rank {event.rank} ---\n{event.traceback.rstrip()}"
+
+
+class Pool:
+    """`world_size` worker processes joined in a torch.distributed group (gloo on CPU, NCCL
+    on CUDA, one GPU per worker), which run jobs given as "module:function" strings.
+
+    `gpus` are indices into the controller's visible GPUs (default 0..world_size-1). `env`
+    adds environment variables to every worker; `sys_path` adds import paths (for example
+    the ComfyUI directory). `init=("module:function", payload)` runs once on every rank
+    after the group is up, like a job; its failure is a `PoolStartError` with the traceback.
+    Linux only (inherited pipe descriptors).
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        *,
+        device: str = "cpu",
+        gpus=None,
+        env: dict | None = None,
+        init: tuple[str, Any] | None = None,
+        sys_path=None,
+        start_timeout_s: float = 120.0,
+    ):
+        if os.name != "posix":
+            raise PoolStartError("the worker pool needs Linux (inherited pipe descriptors)")
+        self.layout = PoolLayout.create(world_size, device, gpus, env, sys_path, init)
+        self._workers: list[WorkerProcess] = []
+        self._alive = False
+        self._run_lock = threading.Lock()
+        self._job_ids = itertools.count(1)
+        self.start_seconds: float | None = None
+        began = time.monotonic()
+        _live_pools.add(self)
+        try:
+            timings = self._start_with_retry(began + start_timeout_s, start_timeout_s)
+            if init is not None:
+                self._run(init[0], protocol.encode(init[1]),
+                          max(1.0, began + start_timeout_s - time.monotonic()), None, None)
+        except PoolStartError:
+            self._terminate()
+            raise
+        except PoolError as exc:
+            self._terminate()
+            raise PoolStartError(f"pool init failed: {exc}", rank=exc.rank, job=exc.job,
+                                 worker_traceback=exc.worker_traceback) from exc
+        except BaseException:
+            self._terminate()
+            raise
+        self.start_seconds = time.monotonic() - began
+        slowest = {k: max(t.get(k, 0.0) for t in timings) for k in ("import_torch_s", "join_group_s")}
+        logger.info(
+            "worker pool started: %d %s rank(s), pids %s, in %.1f s (slowest rank: import torch "
+            "%.1f s, join group %.1f s)", world_size, device, self.pids, self.start_seconds,
+            slowest["import_torch_s"], slowest["join_group_s"])
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._workers]
+
+    @property
+    def returncodes(self) -> list[int | None]:
+        """Each worker's exit status (None while it runs; negative: killed by that signal)."""
+        return [worker.process.poll() for worker in self._workers]
+
+    @property
+    def alive(self) -> bool:
+        """Started, not shut down, no failure seen, and every worker process still running."""
+        return self._alive and all(w.process.poll() is None for w in self._workers)
+
+    def run(
+        self,
+        job: str,
+        payload: Any = None,
+        *,
+        timeout_s: float,
+        on_progress: Callable[[int, int, dict], None] | None = None,
+        should_interrupt: Callable[[], bool] | None = None,
+    ) -> Any:
+        """Run `fn(ctx, payload)` on every rank and return rank 0's result.
+
+        `timeout_s` is a deadline on silence: the job is hung when no event (progress,
+        heartbeat, result) arrives for that long. `on_progress(step, total, extra)` is called
+        in this thread for rank 0's reports. `should_interrupt()` is polled while waiting;
+        when true, the ranks stop at their next `ctx.check_interrupt()` and this raises
+        `PoolInterrupted`. An exception from either callback also interrupts the job and is
+        re-raised once the ranks stopped. In both cases the pool stays usable. Every other
+        failure raises `PoolError` and shuts the pool down. Jobs should return CPU tensors
+        (a CUDA tensor would be rebuilt on the controller's GPU).
+        """
+        protocol.parse_job_spec(job)
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        payload_bytes = protocol.encode(payload)  # an unpicklable payload leaves the pool alone
+        if not self._run_lock.acquire(timeout=timeout_s):
+            raise RuntimeError("Pool.run: another job is still running on this pool")
+        try:
+            result, stopped, caller_error = self._run(
+                job, payload_bytes, timeout_s, on_progress, should_interrupt)
+        finally:
+            self._run_lock.release()
+        if caller_error is not None:
+            raise caller_error
+        if stopped:
+            raise PoolInterrupted(f"job {job!r} was interrupted; all ranks stopped at the same step")
+        return pickle.loads(result)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Ask the workers to exit, wait up to `timeout_s`, then kill what is left."""
+        if self._alive:
+            self._alive = False
+            try:
+                self._send_all(protocol.Shutdown(), timeout_s)
+            except PoolError:
+                pass  # a worker is already gone; the rest are killed below
+            deadline = time.monotonic() + timeout_s
+            for worker in self._workers:
+                try:
+                    worker.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    logger.warning("rank %d did not exit within %.0f s; killing it",
+                                   worker.rank, timeout_s)
+        self._terminate()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "dead"
+        return (f"Pool(world_size={self.layout.world_size}, device={self.layout.device!r}, "
+                f"{state}, pids={self.pids})")
+
+    # -- start ----------------------------------------------------------------------------
+
+    def _start_with_retry(self, deadline: float, timeout_s: float) -> list[dict]:
+        try:
+            return self._start(deadline, timeout_s)
+        except PoolStartError as exc:
+            # The free port can be taken between choosing it and binding it: try once more.
+            if "address already in use" not in str(exc).lower():
+                raise
+            logger.warning("rendezvous port was taken; starting the pool again")
+            self._terminate()
+            self._workers = []
+            _live_pools.add(self)
+            return self._start(deadline, timeout_s)
+
+    def _start(self, deadline: float, timeout_s: float) -> list[dict]:
+        env = worker_env(self.layout, free_port())
+        for rank in range(self.layout.world_size):
+            self._workers.append(spawn_worker(self.layout, rank, env))
+        self._alive = True
+        ready: dict[int, dict] = {}
+        while len(ready) < self.layout.world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PoolStartError(
+                    f"workers did not start within {timeout_s:g} s (ready ranks: {sorted(ready)})")
+            for rank, event in self._poll_events(min(POLL_S, remaining)):
+                if isinstance(event, protocol.Ready):
+                    ready[rank] = event.timings
+                elif isinstance(event, protocol.JobFailed):
+                    raise PoolStartError(_describe_failure(event, None), rank=rank,
+                                         worker_traceback=event.traceback)
+                elif isinstance(event, _Died):
+                    pid = self._workers[rank].process.pid
+                    raise PoolStartError(_describe_death(
+                        rank, pid, event.returncode, "while starting (its output is in the console)"),
+                        rank=rank)
+        return list(ready.values())
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def _run(self, job, payload_bytes, timeout_s, on_progress, should_interrupt):
+        """Returns (rank 0's pickled result, stopped by interrupt, caller's exception) once
+        every rank is idle again; raises PoolError (after tearing down) otherwise."""
+        if not self.alive:
+            raise self._dead_error(job)
+        job_id = next(self._job_ids)
+        settled = False
+        try:
+            self._send_all(protocol.RunJob(job_id, job, payload_bytes), timeout_s)
+            outcome = self._await_job(job_id, job, timeout_s, on_progress, should_interrupt)
+            settled = True
+            return outcome
+        finally:
+            if not settled:  # PoolError, or the caller's thread interrupted mid-wait
+                self._terminate()
+
+    def _await_job(self, job_id, job, timeout_s, on_progress, should_interrupt):
+        pending = set(range(self.layout.world_size))
+        result, stopped, interrupt_sent, caller_error = None, False, False, None
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise PoolError(
+                    f"worker pool failed: job {job!r} sent nothing for {timeout_s:g} s "
+                    f"(timeout_s={timeout_s:g}) and is considered hung (waiting for ranks "
+                    f"{sorted(pending)}); the pool was shut down. Jobs must call "
+                    "ctx.report_progress() or ctx.heartbeat() more often than timeout_s.",
+                    reason="timeout", job=job)
+            for rank, event in self._poll_events(POLL_S):
+                if isinstance(event, (protocol.JobFailed, _Died)):
+                    raise self._failure(rank, event, job)
+                if getattr(event, "job_id", job_id) != job_id:
+                    continue  # stale event from an earlier job
+                if isinstance(event, protocol.Progress) and on_progress and caller_error is None:
+                    try:
+                        on_progress(event.step, event.total, event.extra)
+                    except BaseException as exc:  # e.g. ComfyUI's interrupt, raised by its hook
+                        caller_error = exc
+                elif isinstance(event, protocol.JobDone):
+                    pending.discard(rank)
+                    if rank == 0:
+                        result = event.result
+                elif isinstance(event, protocol.JobInterruptedAck):
+                    pending.discard(rank)
+                    stopped = True
+                # Counted from after the callback: time spent in it is not the job's silence.
+                deadline = time.monotonic() + timeout_s
+            if pending and not interrupt_sent:
+                if caller_error is None and should_interrupt is not None:
+                    try:
+                        stop = bool(should_interrupt())
+                    except BaseException as exc:
+                        caller_error, stop = exc, True
+                else:
+                    stop = caller_error is not None
+                if stop:
+                    self._send_all(protocol.Interrupt(job_id), max(1.0, deadline - time.monotonic()))
+                    interrupt_sent = True
+        return result, stopped or interrupt_sent, caller_error
+
+    def _dead_error(self, job: str) -> PoolError:
+        """The error for a run on a pool that was shut down, or whose worker died idle."""
+        dead = [w for w in self._workers if w.process.poll() is not None] if self._alive else []
+        self._terminate()
+        if not dead:
+            return PoolError("the pool is shut down; use get_pool() for a fresh one",
+                             reason="dead", job=job)
+        worker = dead[0]
+        return PoolError("worker pool failed: " + _describe_death(
+            worker.rank, worker.process.pid, worker.process.returncode, "between jobs") +
+            "\n(the pool was shut down; the next run starts a fresh one)",
+            reason="died", rank=worker.rank, job=job)
+
+    def _failure(self, rank: int, event, job: str) -> PoolError:
+        """Build the error for a failed job. A rank that died explains why its peers'
+        collectives then failed, so a death seen within the grace period wins."""
+        events = [(rank, event)]
+        if isinstance(event, protocol.JobFailed):
+            grace_end = time.monotonic() + FAILURE_GRACE_S
+            while time.monotonic() < grace_end and not any(isinstance(e, _Died) for _, e in events):
+                events += [(r, e) for r, e in self._poll_events(0.05)
+                           if isinstance(e, (protocol.JobFailed, _Died))]
+        deaths = [(r, e) for r, e in events if isinstance(e, _Died)]
+        first_rank, first = deaths[0] if deaths else events[0]
+        if isinstance(first, _Died):
+            text = _describe_death(first_rank, self._workers[first_rank].process.pid,
+                                   first.returncode, f"during job {job!r}")
+            reason, traceback_text = "died", None
+        else:
+            text = _describe_failure(first, job)
+            reason = "out_of_memory" if first.out_of_memory else "exception"
+            traceback_text = first.traceback
+        others = [f"rank {r}: {e.error_type}: {e.message}" for r, e in events
+                  if isinstance(e, protocol.JobFailed) and e is not first]
+        if others:
+            text += "\n\nother ranks failed too:\n" + "\n".join(others)
+        return PoolError(f"worker pool failed: {text}\n(the pool was shut down; the next run "
+                         "starts a fresh one)", reason=reason, rank=first_rank, job=job,
+                         worker_traceback=traceback_text)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _poll_events(self, timeout_s: float) -> list[tuple[int, Any]]:
+        """Events that arrived within `timeout_s`, plus a `_Died` for each worker whose
+        process ended (after draining what it sent before dying)."""
+        open_conns = {w.events: w for w in self._workers if w.events_open}
+        events = []
+        ready = wait(list(open_conns), timeout_s) if open_conns else time.sleep(timeout_s) or []
+        for conn in ready:
+            worker = open_conns[conn]
+            try:
+                events.append((worker.rank, protocol.recv(conn)))
+            except (EOFError, OSError):
+                worker.events_open = False
+        for worker in self._workers:
+            if worker.events_open and worker.process.poll() is None:
+                continue
+            while worker.events_open and worker.events.poll(0):
+                try:
+                    events.append((worker.rank, protocol.recv(worker.events)))
+                except (EOFError, OSError):
+                    worker.events_open = False
+            try:  # EOF comes with the exit; give the exit status a moment to appear
+                returncode = worker.process.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            events.append((worker.rank, _Died(returncode)))
+        return events
+
+    def _send_all(self, message, timeout_s: float) -> None:
+        """Send one message to every rank; the pipe write runs in a helper thread so that a
+        frozen worker with a full pipe cannot block the controller past `timeout_s`."""
+        data = protocol.encode(message)
+        broken: list[int] = []
+
+        def send():
+            for worker in self._workers:
+                try:
+                    worker.commands.send_bytes(data)
+                except OSError:
+                    broken.append(worker.rank)
+
+        sender = threading.Thread(target=send, name="pool-send", daemon=True)
+        sender.start()
+        sender.join(timeout_s)
+        if sender.is_alive():
+            raise PoolError(f"could not deliver {type(message).__name__} to the workers within "
+                            f"{timeout_s:g} s", reason="timeout")
+        if broken:
+            worker = self._workers[broken[0]]
+            try:
+                returncode = worker.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            raise PoolError("worker pool failed: " + _describe_death(
+                worker.rank, worker.process.pid, returncode, f"(sending {type(message).__name__})"),
+                reason="died", rank=worker.rank)
+
+    def _terminate(self) -> None:
+        """Kill and reap every worker and close every descriptor; idempotent."""
+        self._alive = False
+        for worker in self._workers:
+            if worker.process.poll() is None:
+                try:
+                    worker.process.kill()
+                except OSError:
+                    pass
+        for worker in self._workers:
+            try:
+                worker.process.wait(REAP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                logger.error("rank %d (pid %d) survived SIGKILL", worker.rank, worker.process.pid)
+            worker.close_channels()
+        _live_pools.discard(self)
+
+
+@atexit.register
+def _shutdown_live_pools() -> None:
+    for pool in list(_live_pools):
+        pool.shutdown(timeout_s=3.0)

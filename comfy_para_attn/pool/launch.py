@@ -1,0 +1,142 @@
+"""Starting worker processes: the layout that defines a pool, each worker's environment,
+and the inherited pipes (pass_fds) that connect it to the controller."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from . import protocol
+from .errors import PoolStartError
+
+REPO_ROOT = str(Path(__file__).resolve().parents[2])  # makes `comfy_para_attn` importable
+# Inherited launcher variables (torchrun) that would contradict the pool's own layout.
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Everything that needs new processes when it changes (compared by `get_pool`)."""
+
+    world_size: int
+    device: str
+    gpus: tuple[int, ...] | None
+    env: tuple[tuple[str, str], ...]
+    sys_path: tuple[str, ...]
+    init_digest: str | None
+
+    @classmethod
+    def create(cls, world_size, device="cpu", gpus=None, env=None, sys_path=None, init=None):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            gpus = tuple(int(g) for g in (range(world_size) if gpus is None else gpus))
+            if len(gpus) != world_size or len(set(gpus)) != len(gpus):
+                raise ValueError(f"gpus must name {world_size} distinct GPUs, got {list(gpus)}")
+        elif gpus is not None:
+            raise ValueError("gpus only applies to device='cuda'")
+        if init is not None:
+            protocol.parse_job_spec(init[0])
+        return cls(
+            world_size=int(world_size),
+            device=device,
+            gpus=gpus,
+            env=tuple(sorted((str(k), str(v)) for k, v in (env or {}).items())),
+            sys_path=tuple(str(Path(p).resolve()) for p in (sys_path or ())),
+            init_digest=None if init is None else hashlib.sha256(pickle.dumps(init)).hexdigest(),
+        )
+
+
+@dataclass
+class WorkerProcess:
+    """One started worker and the controller's ends of its three pipes."""
+
+    rank: int
+    process: subprocess.Popen
+    commands: Connection
+    events: Connection
+    lifeline_fd: int
+    events_open: bool = True
+    channels_open: bool = True
+
+    def close_channels(self) -> None:
+        if self.channels_open:
+            self.channels_open = False
+            self.commands.close()
+            self.events.close()
+            os.close(self.lifeline_fd)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env(layout: PoolLayout, port: int) -> dict[str, str]:
+    """The environment shared by all ranks (each rank then adds RANK and its GPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    paths = [REPO_ROOT, *layout.sys_path, *filter(None, [env.get("PYTHONPATH")])]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE=str(layout.world_size), PYTHONUNBUFFERED="1")
+    if layout.device == "cpu" and "OMP_NUM_THREADS" not in env:
+        # N ranks share the host's cores; torch's default of one thread per core each
+        # would oversubscribe them N times.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // layout.world_size))
+    env.update(dict(layout.env))
+    return env
+
+
+def visible_device(layout: PoolLayout, rank: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a rank: CPU ranks see no GPU; CUDA ranks see exactly one,
+    named through the controller's own CUDA_VISIBLE_DEVICES when it has one."""
+    if layout.device == "cpu":
+        return ""
+    index = layout.gpus[rank]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not visible:
+        return str(index)
+    names = [name.strip() for name in visible.split(",") if name.strip()]
+    if index >= len(names):
+        raise PoolStartError(f"GPU index {index} is not among CUDA_VISIBLE_DEVICES={visible}")
+    return names[index]
+
+
+def spawn_worker(layout: PoolLayout, rank: int, env: dict[str, str]) -> WorkerProcess:
+    """Start `python -m comfy_para_attn.pool.worker` for one rank with its three pipes
+    inherited through pass_fds (not multiprocessing, which would re-run the server's main
+    module in the child)."""
+    commands_r, commands_w = os.pipe()
+    events_r, events_w = os.pipe()
+    lifeline_r, lifeline_w = os.pipe()
+    child_fds = (commands_r, events_w, lifeline_r)
+    config = protocol.WorkerConfig(
+        rank=rank, world_size=layout.world_size, device_type=layout.device,
+        backend="nccl" if layout.device == "cuda" else "gloo",
+        commands_fd=commands_r, events_fd=events_w, lifeline_fd=lifeline_r,
+        parent_pid=os.getpid(), sys_path=[REPO_ROOT, *layout.sys_path])
+    env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank),
+               CUDA_VISIBLE_DEVICES=visible_device(layout, rank))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "comfy_para_attn.pool.worker", config.to_json()],
+            env=env, pass_fds=child_fds, close_fds=True, stdin=subprocess.DEVNULL)
+    except BaseException:
+        for fd in (commands_w, events_r, lifeline_w):
+            os.close(fd)
+        raise
+    finally:
+        for fd in child_fds:  # the child has its copies; ours would hide its EOFs
+            os.close(fd)
+    return WorkerProcess(rank, process, Connection(commands_w, readable=False),
+                         Connection(events_r, writable=False), lifeline_w)

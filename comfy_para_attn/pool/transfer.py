@@ -1,0 +1,261 @@
+"""Large tensors for the workers through /dev/shm, and cheap fingerprints to cache them by.
+
+The controller writes a state dict once with `publish_tensors` (torch.save into a
+per-process directory in /dev/shm) and sends the small `TensorHandle` in a job payload;
+each worker maps the file with `load_tensors` (torch.load(mmap=True, weights_only=True)),
+so CPU ranks share the pages and CUDA ranks copy straight from them to their GPU.
+Files go when the handle is released, at interpreter exit, or, after a controller was
+killed, when the next controller publishes (stale directories of dead pids are swept).
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ShmSpaceError
+
+DIR_PREFIX = "comfy_para_attn-"
+# Room kept free beyond the tensor bytes: zip headers and pickled metadata, plus slack so
+# the host does not run its /dev/shm completely dry.
+HEADROOM_BYTES = 64 << 20
+
+_published: dict[str, "TensorHandle"] = {}  # path -> handle, in this (controller) process
+
+
+@dataclass(frozen=True)
+class TensorHandle:
+    """A published state dict: small and picklable, sent to workers inside a payload."""
+
+    path: str
+    key: str
+    nbytes: int
+    owner_pid: int
+
+    def release(self) -> None:
+        release_tensors(self)
+
+
+def shm_root() -> Path:
+    """Where tensors are published: $COMFY_PARA_ATTN_SHM_DIR, else /dev/shm, else temp."""
+    configured = os.environ.get("COMFY_PARA_ATTN_SHM_DIR")
+    if configured:
+        return Path(configured)
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):.2f} GiB"
+
+
+def _host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _is_tmpfs(directory: Path) -> bool:
+    """Whether `directory` lives on tmpfs (RAM-backed), by the longest matching mount."""
+    try:
+        with open("/proc/mounts") as mounts:
+            entries = [line.split()[1:3] for line in mounts]
+    except OSError:
+        return False
+    target = str(directory.resolve())
+    best = ("", "")
+    for mount_point, fs_type in entries:
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best[0]):
+            best = (mount_point, fs_type)
+    return best[1] == "tmpfs"
+
+
+def check_shm_space(required_bytes: int, *, directory: Path | str | None = None,
+                    what: str = "tensors") -> None:
+    """Raise `ShmSpaceError` saying needed vs available (and how to fix it) when
+    `required_bytes` do not fit in the publish directory, or, since tmpfs lives in RAM, in
+    the host memory that is still available."""
+    directory = Path(directory) if directory is not None else shm_root()
+    needed = int(required_bytes) + HEADROOM_BYTES
+    stats = os.statvfs(directory)
+    free, size = stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
+    if needed > free:
+        raise ShmSpaceError(
+            f"publishing {what} for the worker pool needs {_gib(needed)} in {directory}, but only "
+            f"{_gib(free)} is free (size {_gib(size)}). Enlarge it: in Docker start the container "
+            f"with --shm-size={max(1, -(-needed // (1 << 30)) + 1)}g (compose: shm_size), or on a "
+            f"host run `sudo mount -o remount,size=<N>G /dev/shm`; or set "
+            f"COMFY_PARA_ATTN_SHM_DIR to a larger RAM-backed directory.")
+    available = _host_available_bytes()
+    if available is not None and _is_tmpfs(directory) and needed > available:
+        raise ShmSpaceError(
+            f"publishing {what} for the worker pool needs {_gib(needed)} of host memory in "
+            f"{directory} (tmpfs lives in RAM), but only {_gib(available)} is available. Free "
+            f"host memory (unload other models), add RAM, or use fewer/smaller models.")
+
+
+def _storage_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes torch.save writes: each distinct storage once (views share theirs)."""
+    seen, total = set(), 0
+    for tensor in tensors.values():
+        storage = tensor.untyped_storage()
+        identity = (storage.device, storage.data_ptr())
+        if identity not in seen:
+            seen.add(identity)
+            total += storage.nbytes()
+    return total
+
+
+def _controller_dir(root: Path) -> Path:
+    directory = root / f"{DIR_PREFIX}{os.getpid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
+
+
+def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
+    """Remove publish directories left by controllers that no longer run (killed ones)."""
+    root = root or shm_root()
+    removed = []
+    for entry in root.glob(f"{DIR_PREFIX}*"):
+        match = re.fullmatch(re.escape(DIR_PREFIX) + r"(\d+)", entry.name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # its controller still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
+                    directory: Path | str | None = None) -> TensorHandle:
+    """Write `state_dict` (name -> tensor) once for every worker to map; returns its handle.
+
+    Checks the space first (`ShmSpaceError` with needed vs available). Call
+    `handle.release()` when the workers no longer need the file.
+    """
+    tensors = {}
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"publish_tensors: {name!r} is a {type(value).__name__}, not a tensor")
+        tensors[name] = value.detach()  # plain tensors: weights_only loading rejects others
+    root = Path(directory) if directory is not None else shm_root()
+    sweep_stale_dirs(root)
+    nbytes = _storage_bytes(tensors)
+    check_shm_space(nbytes, directory=root, what=f"{key!r}")
+    safe_key = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80]
+    path = _controller_dir(root) / f"{safe_key}-{uuid.uuid4().hex[:12]}.pt"
+    partial = path.with_suffix(".partial")
+    try:
+        torch.save(tensors, partial)
+        os.replace(partial, path)  # workers never see a half-written file
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC: it filled up meanwhile
+            raise ShmSpaceError(f"{root} filled up while writing {_gib(nbytes)} for {key!r}") from exc
+        raise
+    handle = TensorHandle(str(path), key, nbytes, os.getpid())
+    _published[handle.path] = handle
+    return handle
+
+
+def load_tensors(handle: TensorHandle, device="cpu") -> dict[str, torch.Tensor]:
+    """Map a published state dict; on CPU the tensors share the file's pages (copy-on-write),
+    on another device they are copied there."""
+    tensors = torch.load(handle.path, map_location="cpu", mmap=True, weights_only=True)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return tensors
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+def release_tensors(handle: TensorHandle) -> None:
+    """Delete a published file (only the publishing process does; workers holding a mapping
+    keep their pages until they drop the tensors)."""
+    if handle.owner_pid != os.getpid():
+        return
+    _published.pop(handle.path, None)
+    path = Path(handle.path)
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()  # the per-process directory, once empty
+    except OSError:
+        pass
+
+
+@atexit.register
+def release_all_tensors() -> None:
+    """Delete every file this process published."""
+    for handle in list(_published.values()):
+        release_tensors(handle)
+
+
+def fingerprint_tensors(state_dict: dict[str, torch.Tensor], *, extra=None,
+                        samples_per_tensor: int = 256, full: bool = False) -> str:
+    """A hex digest identifying a state dict, for caching models in the workers.
+
+    Always hashed: every name, shape and dtype, and `extra` (JSON, e.g. patch settings).
+    Data: by default `samples_per_tensor` elements per tensor at fixed pseudo-random
+    positions (plus the first and last), gathered on the tensor's own device: a 12B-param
+    model takes milliseconds, not the seconds to minutes of reading every byte. The
+    tradeoff: a change confined to a few elements can go unseen; whole-tensor changes
+    (another checkpoint, a merged LoRA, requantization) change nearly every element and are
+    caught. `full=True` hashes every byte, exact but as slow as reading the whole model.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat_sample = tensor.reshape(-1) if full else _sample(tensor, samples_per_tensor)
+        digest.update(memoryview(flat_sample.contiguous().view(torch.uint8).cpu().numpy()))
+    if extra is not None:
+        digest.update(json.dumps(extra, sort_keys=True, default=repr).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _sample_positions(numel: int, count: int) -> torch.Tensor:
+    """Fixed pseudo-random flat positions for a size (plus the first and last): the same in
+    every process and run, so equal tensors give equal fingerprints."""
+    generator = torch.Generator().manual_seed(numel)
+    positions = torch.randint(0, numel, (count,), generator=generator)
+    return torch.cat([positions, torch.tensor([0, numel - 1])])
+
+
+def _sample(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` elements at positions fixed by the tensor's size, gathered on its device and
+    without copying a non-contiguous tensor into a flat one first."""
+    numel = tensor.numel()
+    if numel <= count:
+        return tensor.reshape(-1)
+    positions = _sample_positions(numel, count).to(tensor.device)
+    if tensor.is_contiguous():
+        return tensor.view(-1)[positions]
+    coordinates, remainder = [], positions
+    for size in reversed(tensor.shape):  # unravel flat positions into per-dimension indices
+        coordinates.append(remainder % size)
+        remainder = remainder // size
+    return tensor[tuple(reversed(coordinates))]

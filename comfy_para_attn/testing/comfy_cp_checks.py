@@ -1,0 +1,35 @@
+"""Rank functions: context-parallel ComfyUI sampling vs plain in-process sampling.
+
+Each spawned rank imports the same ComfyUI, builds the same seeded tiny model, samples
+once plainly and once with `install_context_parallel`, and reports the max difference.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample_both(rank, world_size, comfy_path, family, ulysses, ring, cfg_degree, cases):
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=True)
+    torch.set_num_threads(1)
+    from comfy_para_attn.adapters.comfy.context_parallel import install_context_parallel
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+    from comfy_para_attn.testing import comfy_models
+
+    cp = build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring, cfg=cfg_degree))
+    results = {}
+    for case in cases:
+        patcher = comfy_models.build(family, seed=0)
+        positive = comfy_models.conditioning(patcher, tokens=case.get("tokens", 8), seed=1)
+        negative = comfy_models.conditioning(patcher, tokens=case.get("tokens", 8), seed=2)
+        shape = comfy_models.latent_shape(family, **case.get("latent", {}))
+        latent = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.5
+        kwargs = dict(steps=case.get("steps", 3), cfg=case.get("cfg", 1.0), sampler_name=case.get("sampler", "euler"),
+                      denoise=case.get("denoise", 1.0), seed=5)
+        plain = comfy_models.sample(patcher, positive, negative, latent, **kwargs)
+        parallel = comfy_models.sample(install_context_parallel(patcher, cp), positive, negative, latent, **kwargs)
+        ok = bool(torch.isfinite(parallel).all()) and parallel.shape == plain.shape
+        err = (parallel - plain).abs().max().item() if ok else float("inf")
+        results[case["name"]] = (err, plain.abs().mean().item())
+    return results

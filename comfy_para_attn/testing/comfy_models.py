@@ -1,0 +1,128 @@
+"""Tiny random-weight ComfyUI models (Flux, HunyuanVideo, Wan) built with ComfyUI's own
+classes and wrapped as a real `ModelPatcher`, plus matching conditioning and latents.
+
+Sizes are parameters: `flux_config("dev")` gives FLUX.1-dev's shapes for the benchmarks.
+Call `comfy_para_attn.adapters.comfy.env.make_importable` before using this module.
+Nothing is downloaded; weights come from a seeded generator.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLUX_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+FLUX_TINY = dict(FLUX_DEV, vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=4, depth=2,
+                 depth_single_blocks=2, axes_dim=[4, 6, 6])
+HUNYUAN_TINY = dict(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64,
+                    mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6],
+                    theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False,
+                    meanflow=False)
+WAN_TINY = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64, ffn_dim=128,
+                freq_dim=32, text_dim=32, out_dim=16, num_heads=4, num_layers=3, window_size=(-1, -1),
+                qk_norm=True, cross_attn_norm=True, eps=1e-6)
+
+_FAMILIES = {  # family -> (supported_models class name, image_model, tiny config)
+    "flux": ("Flux", "flux", FLUX_TINY),
+    "hunyuan_video": ("HunyuanVideo", "hunyuan_video", HUNYUAN_TINY),
+    "wan": ("WAN21_T2V", "wan2.1", WAN_TINY),
+}
+
+
+def flux_config(size: str = "tiny", **overrides) -> dict:
+    """Flux unet config: "tiny" (2+2 blocks, width 64) or "dev" (FLUX.1-dev shapes)."""
+    return dict({"tiny": FLUX_TINY, "dev": FLUX_DEV}[size], **overrides)
+
+
+@torch.no_grad()
+def init_random_weights(module: torch.nn.Module, seed: int = 0) -> None:
+    """Seeded weights on the module's own device: matrices ~ N(0, 1/fan_in), norm scales
+    near 1, other vectors ~ N(0, 0.02). ComfyUI's ops leave parameters uninitialized."""
+    gen = {}
+    for i, (name, p) in enumerate(module.named_parameters()):
+        g = gen.get(p.device)
+        if g is None:
+            g = gen[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+        x = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        if p.ndim >= 2:
+            x.normal_(0.0, 1.0 / math.sqrt(max(1, p[0].numel())), generator=g)
+        elif "norm" in name or "scale" in name:
+            x.normal_(1.0, 0.02, generator=g)
+        else:
+            x.normal_(0.0, 0.02, generator=g)
+        p.copy_(x)
+
+
+def build(family: str, *, dtype=torch.float32, device="cpu", seed: int = 0, **config):
+    """A ModelPatcher around a random-weight ComfyUI model of `family` ("flux",
+    "hunyuan_video", "wan"); `config` overrides the tiny unet config."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cls_name, image_model, tiny = _FAMILIES[family]
+    unet_config = dict(tiny, **config, image_model=image_model)
+    model_config = getattr(comfy.supported_models, cls_name)(unet_config)
+    model_config.set_inference_dtype(dtype, None)
+    device = torch.device(device)
+    with torch.device(device):  # ComfyUI's ops create parameters with torch.empty
+        model = model_config.get_model({}, device=device)
+    init_random_weights(model.diffusion_model, seed)
+    model.diffusion_model.to(device=device, dtype=dtype)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def latent_shape(family: str, *, batch: int = 1, height: int = 8, width: int = 8, frames: int = 2) -> tuple:
+    """Latent shape (pixel size / 8): 4D for Flux, 5D [B, C, T, H, W] for the video models."""
+    if family == "flux":
+        return (batch, 16, height, width)
+    return (batch, 16, frames, height, width)
+
+
+def conditioning(patcher, *, tokens: int = 8, seed: int = 1, strength: float = 1.0, device="cpu") -> list:
+    """A ComfyUI CONDITIONING list for `patcher`'s model with random text embeddings."""
+    dm = patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(seed)
+    if hasattr(dm, "text_dim"):  # Wan
+        ctx = torch.randn(1, tokens, dm.text_dim, generator=g) * strength
+        return [[ctx.to(device), {}]]
+    params = dm.params
+    ctx = torch.randn(1, tokens, params.context_in_dim, generator=g) * strength
+    extra = {"guidance": 3.5}
+    if getattr(params, "vec_in_dim", None):
+        extra["pooled_output"] = (torch.randn(1, params.vec_in_dim, generator=g) * strength).to(device)
+    return [[ctx.to(device), extra]]
+
+
+def sample(patcher, positive, negative, latent: torch.Tensor, *, steps: int = 6, cfg: float = 2.0,
+           seed: int = 0, sampler_name: str = "euler", scheduler: str = "simple", **kwargs) -> torch.Tensor:
+    """Run ComfyUI's real sampling (`comfy.sample.sample`, as the KSampler node does)."""
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                               latent, seed=seed, disable_pbar=True, **kwargs)
+
+
+def random_lora(patcher, *, rank: int = 4, scale: float = 0.5, seed: int = 3, max_layers: int = 8) -> dict:
+    """A LoRA state dict (generic `<module>.lora_up/down.weight` keys) for the first
+    `max_layers` 2-D weights of the diffusion model, loadable with `apply_lora`."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in patcher.model.diffusion_model.named_parameters():
+        if p.ndim != 2 or not name.endswith(".weight") or len(sd) >= 3 * max_layers:
+            continue
+        key = "diffusion_model." + name[: -len(".weight")]
+        sd[f"{key}.lora_up.weight"] = torch.randn(p.shape[0], rank, generator=g) * scale
+        sd[f"{key}.lora_down.weight"] = torch.randn(rank, p.shape[1], generator=g) / math.sqrt(p.shape[1])
+        sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def apply_lora(patcher, lora: dict, strength: float = 1.0):
+    """ComfyUI's own LoRA path (what LoraLoaderModelOnly does)."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)[0]

@@ -1,0 +1,111 @@
+"""Toy jobs for the pool tests: each is `fn(ctx, payload)` run on every rank of a pool."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_ranks(ctx, payload):
+    """Sum of (rank + 1) over the group, computed with a real all_reduce."""
+    value = torch.tensor([float(ctx.rank + 1)], device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(value)
+    return {"sum": value.item(), "world_size": ctx.world_size, "device": str(ctx.device),
+            "pid": os.getpid()}
+
+
+def gather_from_ranks(ctx, payload):
+    """Rank 0 returns one value per rank: `payload` names a key of os.environ or ctx.cache."""
+    source, key = payload
+    value = os.environ.get(key) if source == "env" else ctx.cache.get(key)
+    if ctx.world_size == 1:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def count_steps(ctx, payload):
+    """Reports every step; every rank reports (only rank 0's reports may arrive)."""
+    for step in range(1, payload["steps"] + 1):
+        ctx.report_progress(step, payload["steps"], rank=ctx.rank)
+    return "counted"
+
+
+def remember(ctx, payload):
+    """Caches an object on every rank, to be found by later jobs."""
+    ctx.cache[payload["key"]] = {"value": payload["value"], "rank": ctx.rank, "pid": os.getpid()}
+    return os.getpid()
+
+
+def raise_on_rank(ctx, payload):
+    """Rank `payload["rank"]` raises ValueError(payload["message"]); others wait in a collective."""
+    if ctx.rank == payload["rank"]:
+        raise ValueError(payload["message"])
+    if ctx.world_size > 1:
+        dist.barrier()
+    return "unreachable when the failing rank exists"
+
+
+def raise_out_of_memory(ctx, payload):
+    raise torch.OutOfMemoryError("Tried to allocate 64.00 GiB (toy job)")
+
+
+def steady_steps(ctx, payload):
+    """Collective step loop: an all_reduce per step, an agreed interrupt check at each
+    step boundary, and the last finished step remembered in the cache."""
+    ctx.cache["last_step"] = 0
+    for step in range(1, payload["steps"] + 1):
+        ctx.check_interrupt()
+        value = torch.ones(1, device=ctx.device)
+        if ctx.world_size > 1:
+            dist.all_reduce(value)
+        time.sleep(payload.get("sleep_s", 0.05))
+        ctx.cache["last_step"] = step
+        ctx.report_progress(step, payload["steps"])
+    return ctx.cache["last_step"]
+
+
+def sleep_silently(ctx, payload):
+    """A hung job: no progress, no heartbeat."""
+    time.sleep(payload["seconds"])
+    return "woke up"
+
+
+def init_remember(ctx, payload):
+    """An `init` function: runs on every rank at start."""
+    ctx.cache["init"] = {"payload": payload, "rank": ctx.rank}
+
+
+def init_fail(ctx, payload):
+    if ctx.rank == payload["rank"]:
+        raise RuntimeError(payload["message"])
+
+
+def load_published(ctx, payload):
+    """Loads tensors published by the controller; returns them (rank 0) as CPU tensors."""
+    from comfy_para_attn.pool.transfer import load_tensors
+
+    tensors = load_tensors(payload, ctx.device)
+    return {name: tensor.cpu().clone() for name, tensor in tensors.items()}
+
+
+def slow_but_chatty(ctx, payload):
+    """Runs longer than the caller's timeout_s but is never silent that long: odd steps
+    report progress, even steps only send a heartbeat."""
+    for step in range(1, payload["steps"] + 1):
+        time.sleep(payload["sleep_s"])
+        if step % 2:
+            ctx.report_progress(step, payload["steps"])
+        else:
+            ctx.heartbeat()
+    return payload["steps"]
+
+
+def allocate(ctx, payload):
+    """Allocates `payload` bytes on the rank's device (a real OOM when too many)."""
+    block = torch.empty(int(payload), dtype=torch.uint8, device=ctx.device)
+    return block.numel()

@@ -1,0 +1,63 @@
+"""The Context Parallel node in real ComfyUI: sampling runs in a pool of 2 CPU worker
+processes (gloo) and equals in-process sampling (comfyui tier, fp32, tiny random models)."""
+import logging
+
+import pytest
+import torch
+
+TOL = 2e-4
+
+
+def _cp(pack_nodes, model, **kw):
+    args = dict(gpus=2, layout="manual", ulysses_degree=2, ring_degree=1, cfg_parallel=False, timeout_s=120.0)
+    args.update(kw)
+    return pack_nodes["ParaAttnContextParallel"]().apply(model, **args)[0]
+
+
+@pytest.fixture(scope="module")
+def pool_cleanup():
+    yield
+    from comfy_para_attn.pool import shutdown_pool
+
+    shutdown_pool()
+
+
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_pool_sampling_equals_in_process(comfyui_path, pack_nodes, pool_cleanup, family):
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs(family)
+    cases = [
+        dict(sampler_name="euler", cfg=1.0, layout=dict(ulysses_degree=2)),
+        dict(sampler_name="dpmpp_2m", cfg=3.0, denoise=0.6, layout=dict(ulysses_degree=1, ring_degree=2)),
+        dict(sampler_name="euler", cfg=3.0, layout=dict(ulysses_degree=1, cfg_parallel=True)),
+    ]
+    for case in cases:
+        layout = case.pop("layout")
+        plain = comfy_models.sample(patcher, pos, neg, latent, steps=4, **case)
+        parallel = comfy_models.sample(_cp(pack_nodes, patcher, **layout), pos, neg, latent, steps=4, **case)
+        assert torch.isfinite(parallel).all()
+        assert plain.abs().mean() > 1e-3
+        err = (parallel - plain).abs().max().item()
+        assert err < TOL, f"{family} {case} {layout}: max abs err {err:.3g}"
+
+
+def test_bad_layouts_are_rejected_before_sampling(comfyui_path, pack_nodes):
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, *_ = sampling_inputs("flux")
+    with pytest.raises(ValueError, match="does not match the 2"):
+        _cp(pack_nodes, patcher, ulysses_degree=2, ring_degree=2)
+    with pytest.raises(ValueError, match="does not divide the model's 4"):
+        _cp(pack_nodes, patcher, gpus=3, ulysses_degree=3)
+
+
+def test_cfg_parallel_with_cfg_1_is_rejected(comfyui_path, pack_nodes, pool_cleanup):
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    model = _cp(pack_nodes, patcher, ulysses_degree=1, cfg_parallel=True)
+    with pytest.raises(ValueError, match="cfg_parallel needs CFG > 1"):
+        comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0)

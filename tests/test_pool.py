@@ -1,0 +1,406 @@
+"""Worker pool lifecycle with real processes and real gloo collectives (unit tier, CPU).
+
+Each test that breaks a pool starts its own; the others share one 2-rank pool.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from comfy_para_attn.pool import (
+    Pool,
+    PoolError,
+    PoolInterrupted,
+    PoolStartError,
+    ShmSpaceError,
+    get_pool,
+    shutdown_pool,
+)
+from comfy_para_attn.pool.transfer import (
+    check_shm_space,
+    fingerprint_tensors,
+    load_tensors,
+    publish_tensors,
+    sweep_stale_dirs,
+)
+
+JOBS = "comfy_para_attn.testing.pool_jobs"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or a zombie nobody reaps (orphans' new parent may not reap)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until(predicate, timeout_s: float, period_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period_s)
+    return predicate()
+
+
+def child_pids() -> set[int]:
+    return {child.pid for child in psutil.Process().children()}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    shared = Pool(2)
+    yield shared
+    shared.shutdown()
+
+
+@pytest.fixture
+def clean_registry():
+    shutdown_pool()
+    yield
+    shutdown_pool()
+
+
+# -- jobs that succeed ---------------------------------------------------------------------
+
+
+def test_all_reduce_job_returns_rank0_result(pool):
+    result = pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)
+    assert result == {"sum": 3.0, "world_size": 2, "device": "cpu", "pid": pool.pids[0]}
+    assert pool.start_seconds is not None and pool.start_seconds < 60
+
+
+def test_progress_arrives_in_order_from_rank0_only(pool):
+    seen = []
+    result = pool.run(f"{JOBS}:count_steps", {"steps": 25}, timeout_s=20,
+                      on_progress=lambda step, total, extra: seen.append((step, total, extra)))
+    assert result == "counted"
+    assert seen == [(step, 25, {"rank": 0}) for step in range(1, 26)]
+
+
+def test_cache_persists_across_jobs_on_every_rank(pool):
+    pids = pool.pids
+    assert pool.run(f"{JOBS}:remember", {"key": "model", "value": [1, 2, 3]}, timeout_s=20) == pids[0]
+    cached = pool.run(f"{JOBS}:gather_from_ranks", ("cache", "model"), timeout_s=20)
+    assert cached == [{"value": [1, 2, 3], "rank": rank, "pid": pids[rank]} for rank in (0, 1)]
+    assert pool.pids == pids and pool.alive
+
+
+def test_timeout_is_a_deadline_on_silence_not_on_total_time(pool):
+    seen = []
+    began = time.monotonic()
+    result = pool.run(f"{JOBS}:slow_but_chatty", {"steps": 8, "sleep_s": 0.3}, timeout_s=1.0,
+                      on_progress=lambda step, total, extra: seen.append(step))
+    assert result == 8 and time.monotonic() - began > 2.0  # ran past timeout_s, not hung
+    assert seen == [1, 3, 5, 7]  # heartbeats reset the deadline without calling on_progress
+
+
+def test_interrupt_stops_every_rank_at_the_same_step_and_pool_stays_usable(pool):
+    pids, seen = pool.pids, []
+    began = time.monotonic()
+    with pytest.raises(PoolInterrupted):
+        pool.run(f"{JOBS}:steady_steps", {"steps": 400, "sleep_s": 0.05}, timeout_s=20,
+                 on_progress=lambda step, total, extra: seen.append(step),
+                 should_interrupt=lambda: len(seen) >= 3)
+    assert time.monotonic() - began < 10
+    last_steps = pool.run(f"{JOBS}:gather_from_ranks", ("cache", "last_step"), timeout_s=20)
+    assert last_steps[0] == last_steps[1], "ranks stopped at different steps"
+    assert 3 <= last_steps[0] < 30
+    assert pool.pids == pids and pool.alive
+    assert pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
+
+
+def test_exception_in_on_progress_interrupts_and_is_reraised(pool):
+    class StopFromCallback(Exception):
+        pass
+
+    def on_progress(step, total, extra):
+        if step == 2:
+            raise StopFromCallback("hook raised")
+
+    with pytest.raises(StopFromCallback, match="hook raised"):
+        pool.run(f"{JOBS}:steady_steps", {"steps": 400, "sleep_s": 0.05}, timeout_s=20,
+                 on_progress=on_progress)
+    last_steps = pool.run(f"{JOBS}:gather_from_ranks", ("cache", "last_step"), timeout_s=20)
+    assert last_steps[0] == last_steps[1] and 2 <= last_steps[0] < 30
+    assert pool.alive
+
+
+def test_published_tensors_round_trip_to_workers_and_release_removes_file(pool):
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=generator) + 3.0  # nonzero everywhere
+    state_dict = {
+        "linear.weight": base,
+        "linear.bias": torch.rand(48, generator=generator).to(torch.bfloat16) + 1.0,
+        "embedding.ids": torch.randint(1, 1000, (50,), generator=generator),
+        "transposed": base.t(),  # a view sharing base's storage
+    }
+    handle = publish_tensors(state_dict, "test/model weights")
+    path = Path(handle.path)
+    try:
+        assert path.is_file() and handle.nbytes >= base.numel() * 4
+        for loaded in (load_tensors(handle), pool.run(f"{JOBS}:load_published", handle, timeout_s=30)):
+            assert sorted(loaded) == sorted(state_dict)
+            for name, tensor in state_dict.items():
+                assert loaded[name].dtype == tensor.dtype
+                assert torch.equal(loaded[name], tensor), name
+    finally:
+        handle.release()
+    assert not path.exists()
+    assert not path.parent.exists(), "the per-controller directory should go once empty"
+
+
+def test_sys_path_env_and_init_reach_every_rank(tmp_path):
+    (tmp_path / "pool_test_extra_jobs.py").write_text(textwrap.dedent("""
+        import os
+
+        def describe(ctx, payload):
+            return {"init": ctx.cache["init"], "flag": os.environ["POOL_TEST_FLAG"],
+                    "payload": payload}
+    """))
+    with Pool(2, sys_path=[tmp_path], env={"POOL_TEST_FLAG": "on"},
+              init=(f"{JOBS}:init_remember", {"settings": 7})) as extra:
+        result = extra.run("pool_test_extra_jobs:describe", "hello", timeout_s=20)
+        assert result == {"init": {"payload": {"settings": 7}, "rank": 0}, "flag": "on",
+                          "payload": "hello"}
+        inits = extra.run(f"{JOBS}:gather_from_ranks", ("cache", "init"), timeout_s=20)
+        assert inits == [{"payload": {"settings": 7}, "rank": rank} for rank in (0, 1)]
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+def test_init_failure_is_a_start_error_with_the_worker_traceback():
+    before = child_pids()
+    with pytest.raises(PoolStartError) as info:
+        Pool(2, init=(f"{JOBS}:init_fail", {"rank": 1, "message": "settings import exploded"}))
+    message = str(info.value)
+    assert "settings import exploded" in message and "init_fail" in message
+    assert "Traceback" in message and info.value.rank == 1
+    assert child_pids() <= before, "a failed start left worker processes behind"
+
+
+def test_worker_exception_reports_its_traceback_and_next_get_pool_is_fresh(clean_registry):
+    first = get_pool(2)
+    old_pids = first.pids
+    began = time.monotonic()
+    with pytest.raises(PoolError) as info:
+        first.run(f"{JOBS}:raise_on_rank", {"rank": 1, "message": "boom from rank one"}, timeout_s=60)
+    assert time.monotonic() - began < 5
+    error = info.value
+    assert error.rank == 1 and error.reason == "exception"
+    assert "boom from rank one" in str(error) and "ValueError" in str(error)
+    assert "raise_on_rank" in str(error) and "pool_jobs.py" in error.worker_traceback
+    assert not first.alive and all(process_gone(pid) for pid in old_pids)
+
+    second = get_pool(2)
+    assert second is not first and set(second.pids).isdisjoint(old_pids)
+    assert second.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
+
+
+def test_worker_killed_mid_job_names_the_rank_and_signal():
+    doomed = Pool(2)
+    pids, killed_at = doomed.pids, []
+
+    def kill_rank1(step, total, extra):
+        if step == 3 and not killed_at:
+            os.kill(pids[1], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    try:
+        with pytest.raises(PoolError) as info:
+            doomed.run(f"{JOBS}:steady_steps", {"steps": 1000, "sleep_s": 0.05}, timeout_s=60,
+                       on_progress=kill_rank1)
+        assert time.monotonic() - killed_at[0] < 5
+        assert info.value.rank == 1 and info.value.reason == "died"
+        assert "rank 1" in str(info.value) and "SIGKILL" in str(info.value)
+        assert not doomed.alive and all(process_gone(pid) for pid in pids)
+    finally:
+        doomed.shutdown()
+
+
+def test_hang_past_timeout_is_reported_with_job_and_timeout():
+    hung = Pool(2)
+    pids = hung.pids
+    began = time.monotonic()
+    try:
+        with pytest.raises(PoolError) as info:
+            hung.run(f"{JOBS}:sleep_silently", {"seconds": 120}, timeout_s=2)
+        assert 2 <= time.monotonic() - began < 5
+        assert info.value.reason == "timeout"
+        assert "sleep_silently" in str(info.value) and "timeout_s=2" in str(info.value)
+        assert not hung.alive and all(process_gone(pid) for pid in pids)
+    finally:
+        hung.shutdown()
+
+
+def test_out_of_memory_is_named_as_such():
+    single = Pool(1)
+    try:
+        with pytest.raises(PoolError) as info:
+            single.run(f"{JOBS}:raise_out_of_memory", timeout_s=20)
+        assert info.value.reason == "out_of_memory"
+        assert "ran out of memory" in str(info.value) and "OutOfMemoryError" in str(info.value)
+    finally:
+        single.shutdown()
+
+
+def test_workers_exit_when_the_controller_is_killed():
+    script = textwrap.dedent("""
+        import json, time
+        from comfy_para_attn.pool import Pool
+        pool = Pool(2)
+        print(json.dumps(pool.pids), flush=True)
+        time.sleep(300)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    controller = subprocess.Popen([sys.executable, "-c", script], env=env,
+                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    worker_pids: list[int] = []
+    try:
+        ready, _, _ = select.select([controller.stdout], [], [], 60)
+        assert ready, "the controller did not start its pool within 60 s"
+        worker_pids = json.loads(controller.stdout.readline())
+        assert len(worker_pids) == 2 and not any(process_gone(pid) for pid in worker_pids)
+        controller.kill()
+        controller.wait(10)
+        killed = time.monotonic()
+        assert wait_until(lambda: all(process_gone(pid) for pid in worker_pids), 5.0), \
+            "workers outlived their controller by more than 5 s"
+        assert time.monotonic() - killed < 5
+    finally:
+        controller.kill()
+        controller.wait(10)
+        controller.stdout.close()
+        for pid in worker_pids:  # only if the test failed: do not leak them
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+def test_four_ranks_reduce_and_agree_on_interrupt():
+    with Pool(4) as four:
+        assert four.run(f"{JOBS}:all_reduce_ranks", timeout_s=30)["sum"] == 10.0
+        seen = []
+        with pytest.raises(PoolInterrupted):
+            four.run(f"{JOBS}:steady_steps", {"steps": 400, "sleep_s": 0.02}, timeout_s=30,
+                     on_progress=lambda step, total, extra: seen.append(step),
+                     should_interrupt=lambda: len(seen) >= 2)
+        last_steps = four.run(f"{JOBS}:gather_from_ranks", ("cache", "last_step"), timeout_s=30)
+        assert len(set(last_steps)) == 1 and last_steps[0] < 100
+
+
+def test_worker_that_died_between_jobs_fails_the_next_run_and_is_replaced(clean_registry):
+    first = get_pool(1)
+    os.kill(first.pids[0], signal.SIGKILL)
+    assert wait_until(lambda: not first.alive, 5.0)
+    with pytest.raises(PoolError) as info:
+        first.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)
+    assert info.value.reason == "died" and "between jobs" in str(info.value)
+    assert get_pool(1) is not first
+
+
+def test_get_pool_reuses_until_the_layout_changes(clean_registry):
+    two = get_pool(2)
+    assert get_pool(2) is two
+    one = get_pool(1)
+    assert one is not two and not two.alive
+    assert all(process_gone(pid) for pid in two.pids)
+    assert one.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 1.0
+
+    flagged = get_pool(1, env={"POOL_TEST_FLAG": "x"})
+    assert flagged is not one and not one.alive
+    assert get_pool(1, env={"POOL_TEST_FLAG": "x"}) is flagged
+    assert flagged.run(f"{JOBS}:gather_from_ranks", ("env", "POOL_TEST_FLAG"), timeout_s=20) == ["x"]
+
+
+def test_shutdown_exits_cleanly_reaps_and_closes_descriptors():
+    descriptors_before = len(os.listdir("/proc/self/fd"))
+    single = Pool(1)
+    pids = single.pids
+    assert len(os.listdir("/proc/self/fd")) > descriptors_before
+    single.shutdown()
+    assert single.returncodes == [0], "workers should leave on the shutdown message, not be killed"
+    assert all(process_gone(pid) for pid in pids)
+    assert len(os.listdir("/proc/self/fd")) == descriptors_before
+    with pytest.raises(PoolError) as info:
+        single.run(f"{JOBS}:all_reduce_ranks", timeout_s=5)
+    assert info.value.reason == "dead"
+
+
+# -- transfer helpers without workers ------------------------------------------------------
+
+
+def test_space_check_says_needed_available_and_how_to_fix():
+    check_shm_space(1 << 20)  # a megabyte fits
+    with pytest.raises(ShmSpaceError) as info:
+        check_shm_space(1 << 60, what="'huge model'")
+    message = str(info.value)
+    assert "'huge model'" in message and "GiB" in message and "free" in message
+    assert "--shm-size" in message
+
+
+def test_published_files_are_removed_when_the_controller_exits():
+    script = textwrap.dedent("""
+        import torch
+        from comfy_para_attn.pool.transfer import publish_tensors
+        handle = publish_tensors({"w": torch.ones(8)}, "exit-test")
+        print(handle.path, flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60, check=True)
+    path = Path(done.stdout.strip())
+    assert path.name.startswith("exit-test-") and not path.exists() and not path.parent.exists()
+
+
+def test_stale_publish_dirs_of_dead_controllers_are_swept(tmp_path):
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = tmp_path / f"comfy_para_attn-{finished.pid}"
+    mine = tmp_path / f"comfy_para_attn-{os.getpid()}"
+    for directory in (stale, mine):
+        directory.mkdir()
+        (directory / "weights.pt").write_bytes(b"x")
+    assert sweep_stale_dirs(tmp_path) == [stale]
+    assert not stale.exists() and mine.exists()
+
+
+def test_fingerprint_follows_content_names_shapes_dtypes_and_extra():
+    generator = torch.Generator().manual_seed(1)
+    weights = {"a": torch.randn(256, 128, generator=generator),
+               "b": torch.randn(1000, generator=generator).to(torch.bfloat16)}
+    reference = fingerprint_tensors(weights)
+    assert fingerprint_tensors(dict(reversed(list(weights.items())))) == reference
+    assert fingerprint_tensors({k: v.clone() for k, v in weights.items()}) == reference
+    different = [
+        {"a": weights["a"] + 0.5, "b": weights["b"]},
+        {"a": weights["a"].to(torch.float16), "b": weights["b"]},
+        {"a": weights["a"].reshape(128, 256), "b": weights["b"]},
+        {"renamed": weights["a"], "b": weights["b"]},
+    ]
+    for changed in different:
+        assert fingerprint_tensors(changed) != reference
+    assert fingerprint_tensors(weights, extra={"lora": 1}) != fingerprint_tensors(weights, extra={"lora": 2})
+    # A non-contiguous view hashes its logical content, like its contiguous copy.
+    transposed = {"t": weights["a"].t()}
+    assert fingerprint_tensors(transposed) == fingerprint_tensors({"t": weights["a"].t().contiguous()})
+    # Sampling may miss a single-element edit; full=True never does.
+    edited = {"a": weights["a"].clone(), "b": weights["b"]}
+    edited["a"][17, 33] += 1.0
+    assert fingerprint_tensors(edited, full=True) != fingerprint_tensors(weights, full=True)
