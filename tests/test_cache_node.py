@@ -1,8 +1,23 @@
 """Unit tier: the First Block Cache node's declaration (no ComfyUI needed)."""
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _nodes_package():
+    """Our `nodes` package, by path: ComfyUI's own top-level `nodes` module may shadow it."""
+    root = Path(__file__).resolve().parents[1] / "nodes"
+    spec = importlib.util.spec_from_file_location("para_attn_nodes_pkg", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_node_declaration():
+    pkg = _nodes_package()
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = pkg.NODE_CLASS_MAPPINGS, pkg.NODE_DISPLAY_NAME_MAPPINGS
     cls = NODE_CLASS_MAPPINGS["ParaAttnFirstBlockCache"]
     assert NODE_DISPLAY_NAME_MAPPINGS["ParaAttnFirstBlockCache"] == "First Block Cache"
     assert cls.CATEGORY == "para_attn" and cls.RETURN_TYPES == ("MODEL",)

@@ -1,0 +1,9 @@
+"""Parallel tiled VAE decode, model-agnostic: which tiles (`plan_tiles`, `comfy_grids`),
+which rank decodes each (`assign_tiles`), how they blend (`Blender`, ComfyUI's weights),
+and the rank loop (`decode_tiles`). Adapters supply the VAE's decode function and scales."""
+from .blend import Blender, blend_tiles, feather_mask
+from .parallel import cpu_group, decode_tiles
+from .tiling import Tile, TileGrid, TilePlan, assign_tiles, comfy_grids, plan_tiles
+
+__all__ = ["Blender", "Tile", "TileGrid", "TilePlan", "assign_tiles", "blend_tiles", "comfy_grids",
+           "cpu_group", "decode_tiles", "feather_mask", "plan_tiles"]

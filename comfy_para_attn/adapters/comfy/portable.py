@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 OUR_PREFIX = "para_attn"
-_OUR_MODULE = "comfy_para_attn"
+_OUR_MODULE = "comfy_para_attn.adapters.comfy"  # hooks our nodes install
 
 
 class NotPortableError(ValueError):

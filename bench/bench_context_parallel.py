@@ -1,0 +1,128 @@
+"""Context Parallel in ComfyUI: in-process 1 GPU vs the worker pool on N GPUs, same run.
+
+    python bench/bench_context_parallel.py --comfyui PATH [--family flux|hunyuan_video]
+        [--steps 28] [--gpus 2] [--compile] [--tiny]
+
+Random weights at the real model size (FLUX.1-dev: 12B, 1024x1024 = 4096 image + 512 text
+tokens; HunyuanVideo: 13B, 544x960x33 frames = 18,360 image tokens), bf16, sampled through
+`comfy.sample.sample` exactly as a KSampler does. Prints the device, torch version,
+attention backend and a table: ms/step, speedup vs 1 GPU in the same mode, max abs
+difference of the final latent vs 1 GPU, plus pool start time, model transfer and
+per-prompt overhead. `--tiny` runs a tiny model on 2 CPU ranks (smoke test).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLUX_DEV_LATENT = dict(height=128, width=128)
+HUNYUAN_13B = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                   mlp_ratio=4.0, num_heads=24, depth=20, depth_single_blocks=40, axes_dim=[16, 56, 56],
+                   theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False)
+HUNYUAN_544P = dict(frames=9, height=68, width=120)
+
+
+def build(args):
+    from comfy_para_attn.testing import comfy_models
+
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    if args.family == "flux":
+        config = {} if args.tiny else comfy_models.flux_config("dev")
+        latent = dict(height=16, width=16) if args.tiny else FLUX_DEV_LATENT
+        tokens = 16 if args.tiny else 512
+    else:
+        config = {} if args.tiny else HUNYUAN_13B
+        latent = dict(frames=3, height=8, width=12) if args.tiny else HUNYUAN_544P
+        tokens = 16 if args.tiny else 256
+    patcher = comfy_models.build(args.family, dtype=dtype, device=device, **config)
+    positive = comfy_models.conditioning(patcher, tokens=tokens, seed=1, device=device)
+    negative = comfy_models.conditioning(patcher, tokens=tokens, seed=2, device=device)
+    shape = comfy_models.latent_shape(args.family, **latent)
+    image = torch.zeros(shape)  # text-to-image: empty latent, as EmptyLatentImage gives
+    return patcher, positive, negative, image
+
+
+def run(model, positive, negative, image, steps, cfg):
+    from comfy_para_attn.testing import comfy_models
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    out = comfy_models.sample(model, positive, negative, image, steps=steps, cfg=cfg, seed=7)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out.float().cpu(), time.perf_counter() - began
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    parser.add_argument("--family", default="flux", choices=["flux", "hunyuan_video"])
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--cfg", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true", help="also compare with our Compile node applied")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(args.comfyui, cpu=args.tiny)
+    import comfy.model_management
+
+    from comfy_para_attn.adapters.comfy.pool_sampling import apply_context_parallel, make_settings
+    from comfy_para_attn.attention.local import _auto
+    from comfy_para_attn.pool import registry
+
+    patcher, positive, negative, image = build(args)
+    q = torch.empty(1, 1, 1, 8, dtype=torch.bfloat16, device="cpu" if args.tiny else "cuda")
+    device_name = "cpu" if args.tiny else torch.cuda.get_device_name(0)
+    print(f"device: {device_name} x{torch.cuda.device_count() if not args.tiny else 0} | torch {torch.__version__} | "
+          f"attention backend: {_auto(q, None)} | family {args.family} | steps {args.steps} | cfg {args.cfg}")
+
+    modes = [("eager", patcher)]
+    if args.compile:
+        from comfy_para_attn.adapters.comfy.features import apply as apply_feature
+        from comfy_para_attn.adapters.comfy.compile import CompileSettings
+
+        modes.append(("compiled", apply_feature("compile", patcher, CompileSettings())))
+    rows, extra = [], []
+    for mode, model in modes:
+        run(model, positive, negative, image, 2, args.cfg)  # warm-up (and compile)
+        ref, seconds = run(model, positive, negative, image, args.steps, args.cfg)
+        base = seconds / args.steps
+        rows.append((f"1 GPU in-process ({mode})", base * 1e3, 1.0, 0.0))
+        layouts = [("ulysses", dict(ulysses=args.gpus, ring=1)), ("ring", dict(ulysses=1, ring=args.gpus))]
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        for name, layout in layouts:
+            settings = make_settings(model, args.gpus, layout["ulysses"], layout["ring"], False, 900.0, auto=False)
+            cp_model = apply_context_parallel(model, settings)
+            began = time.perf_counter()
+            run(cp_model, positive, negative, image, 2, args.cfg)  # first prompt: pool start, transfer, load
+            first = time.perf_counter() - began
+            out, seconds = run(cp_model, positive, negative, image, args.steps, args.cfg)
+            _, one = run(cp_model, positive, negative, image, 1, args.cfg)
+            per_step = seconds / args.steps
+            overhead = one - (seconds - one) / (args.steps - 1) if args.steps > 1 else float("nan")
+            err = (out - ref).abs().max().item()
+            rows.append((f"{args.gpus} GPUs {name} x{args.gpus} ({mode})", per_step * 1e3, base / per_step, err))
+            pool = registry._current
+            extra.append(f"{mode}/{name}: first prompt (2 steps incl. pool start/transfer/load) {first:.1f} s; "
+                         f"pool start {pool.start_seconds:.1f} s; per-prompt overhead {overhead * 1e3:.0f} ms")
+    registry.shutdown_pool()
+    print("\n".join(extra))
+    print(f"\n| configuration | ms/step | speedup vs 1 GPU | max abs diff vs 1 GPU |\n|---|---|---|---|")
+    for name, ms, speedup, err in rows:
+        print(f"| {name} | {ms:.1f} | {speedup:.2f}x | {err:.3g} |")
+
+
+if __name__ == "__main__":
+    main()

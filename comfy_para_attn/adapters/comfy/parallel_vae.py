@@ -1,0 +1,256 @@
+"""Parallel tiled VAE decode for ComfyUI: the tiles of `VAE.decode_tiled` spread over the
+worker pool's ranks, blended on rank 0 with ComfyUI's weights.
+
+The output equals ComfyUI's `VAEDecodeTiled` node (`VAE.decode_tiled`): 2D latents use
+`decode_tiled_` (three tile grids, averaged), video latents `decode_tiled_3d`. Controller
+side (the ComfyUI process): validate, plan the tiles, publish the VAE's weights once per
+fingerprint, run one job on the same pool as Context Parallel (same layout and init job),
+and read the image from a shared-memory file rank 0 blended into. With one rank the
+decode runs here, in-process, with the same tiles and blending. Worker side: `vae_jobs.py`.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ...vae import TilePlan, comfy_grids, decode_tiles, plan_tiles
+from ...vae.tiling import tile_cost
+
+log = logging.getLogger("comfy_para_attn")
+
+DEFAULT_REBUILD = ("comfy_para_attn.adapters.comfy.vae_jobs:vae_from_state_dict", {})
+JOB = "comfy_para_attn.adapters.comfy.vae_jobs:decode"
+
+
+@dataclass(frozen=True)
+class TiledDecodeSettings:
+    """VAEDecodeTiled's inputs, in pixels and frames (the node's units)."""
+
+    tile_size: int = 512
+    overlap: int = 64
+    temporal_size: int = 64
+    temporal_overlap: int = 8
+
+
+def latent_tiles(vae, settings: TiledDecodeSettings, dims: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(tile, overlap) in latent elements per spatial dimension, converted the way
+    VAEDecodeTiled converts them (its silent clamps included). Raises ValueError for an
+    overlap that is not smaller than its tile."""
+    s = settings
+    if s.overlap >= s.tile_size:
+        raise ValueError(f"overlap ({s.overlap} px) must be smaller than tile_size ({s.tile_size} px)")
+    overlap = s.overlap if s.tile_size >= s.overlap * 4 else s.tile_size // 4
+    compression = vae.spacial_compression_decode()
+    tile, overlap = s.tile_size // compression, overlap // compression
+    if tile < 1:
+        raise ValueError(f"tile_size {s.tile_size} px is smaller than one latent element "
+                         f"({compression} px) of this VAE")
+    if dims == 2:
+        return (tile, tile), (overlap, overlap)
+    temporal = vae.temporal_compression_decode()
+    if temporal is None:
+        raise ValueError("this VAE takes 2D latents, but the latent is a video [B, C, T, H, W]")
+    if s.temporal_overlap >= s.temporal_size:
+        raise ValueError(f"temporal_overlap ({s.temporal_overlap} frames) must be smaller than "
+                         f"temporal_size ({s.temporal_size} frames)")
+    t_overlap = s.temporal_overlap if s.temporal_size >= s.temporal_overlap * 2 else s.temporal_overlap // 2
+    t_size = max(2, s.temporal_size // temporal)
+    t_overlap = max(1, min(t_size // 2, t_overlap // temporal))
+    # VAE.decode_tiled: tile_t = max(2, tile_t), overlap (max(1, overlap_t), overlap, overlap)
+    return (max(2, t_size), tile, tile), (max(1, t_overlap), overlap, overlap)
+
+
+def _axis_fns(vae, dims: int):
+    """scale(dim, n) and position(dim, p) of tiled_scale_multidim for this VAE's decode."""
+    ratios = vae.upscale_ratio if isinstance(vae.upscale_ratio, (tuple, list)) else [vae.upscale_ratio] * dims
+    formulas = vae.upscale_index_formula or ratios
+    formulas = formulas if isinstance(formulas, (tuple, list)) else [formulas] * dims
+    if len(ratios) != dims or len(formulas) != dims:
+        raise ValueError(f"this VAE's upscale ratios {ratios} do not fit a latent with {dims} spatial dims")
+
+    def apply(table, d, n):
+        return table[d](n) if callable(table[d]) else table[d] * n
+
+    return (lambda d, n: apply(ratios, d, n)), (lambda d, p: apply(formulas, d, p))
+
+
+def plan_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings) -> TilePlan:
+    """Check the latent against the VAE and plan ComfyUI's tiles for it (ValueError says
+    what is wrong)."""
+    vae.throw_exception_if_invalid()
+    dims = samples.ndim - 2
+    if getattr(vae, "extra_1d_channel", None) is not None or dims not in (2, 3):
+        raise ValueError(f"Parallel VAE Decode supports image and video VAEs (latent [B, C, H, W] or "
+                         f"[B, C, T, H, W]); got a latent of shape {tuple(samples.shape)}")
+    if dims != getattr(vae, "latent_dim", dims):
+        want = "[B, C, T, H, W] (video)" if vae.latent_dim == 3 else "[B, C, H, W] (image)"
+        raise ValueError(f"this VAE decodes latents of shape {want}, got {tuple(samples.shape)}")
+    if samples.shape[1] != vae.latent_channels:
+        raise ValueError(f"the latent has {samples.shape[1]} channels but this VAE takes "
+                         f"{vae.latent_channels}: it belongs to a different model family")
+    tile, overlap = latent_tiles(vae, settings, dims)
+    scale, position = _axis_fns(vae, dims)
+    return plan_tiles(samples.shape, comfy_grids(dims, tile, overlap), scale=scale, position=position,
+                      out_channels=vae.output_channels)
+
+
+def tile_decoder(vae):
+    """ComfyUI's decode function for one tile (as in VAE.decode_tiled_ / decode_tiled_3d)."""
+    return lambda z: vae.first_stage_model.decode(z.to(vae.vae_dtype).to(vae.device)).float()
+
+
+def load_for_tiles(vae, plan: TilePlan) -> None:
+    """Load the VAE on its device, reserving memory for the largest tile (ComfyUI reserves
+    for the whole latent, which would push other models off the GPU needlessly)."""
+    import comfy.model_management
+
+    largest = max(plan.tiles, key=tile_cost)
+    shape = (1, plan.latent_shape[1]) + largest.size
+    memory = vae.memory_used_decode(shape, vae.vae_dtype)
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory,
+                                           force_full_load=vae.disable_offload)
+
+
+def to_image(vae, blended: torch.Tensor) -> torch.Tensor:
+    """VAEDecodeTiled's output: process_output, channels last, video frames as a batch."""
+    images = vae.process_output(blended).movedim(1, -1)
+    if images.ndim == 5:
+        images = images.reshape(-1, *images.shape[-3:])
+    return images
+
+
+def decode_in_process(vae, samples: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """World size 1: the same tiles and blending here, with a progress bar and interrupt."""
+    import comfy.model_management
+    import comfy.utils
+
+    load_for_tiles(vae, plan)
+    pbar = comfy.utils.ProgressBar(len(plan.tiles))
+
+    def on_round(r, rounds, done, total):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(done, total)
+
+    with torch.inference_mode():
+        return decode_tiles(samples, plan, tile_decoder(vae), on_round=on_round)
+
+
+# --- the VAE's weights: published once per fingerprint ------------------------------------
+
+_published: dict[str, object] = {}  # fingerprint -> TensorHandle (kept until exit)
+_fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def _publish_vae(vae) -> tuple[str, object]:
+    from ...pool import transfer
+
+    model = vae.first_stage_model
+    fingerprint = _fingerprints.get(model)
+    if fingerprint is None or fingerprint not in _published:
+        weights = model.state_dict()
+        fingerprint = transfer.fingerprint_tensors(weights, extra={"class": type(model).__name__})
+        _fingerprints[model] = fingerprint
+        if fingerprint not in _published:
+            _published[fingerprint] = transfer.publish_tensors(weights, "vae-" + fingerprint[:16])
+    return fingerprint, _published[fingerprint]
+
+
+@atexit.register
+def _release_published() -> None:
+    for handle in _published.values():
+        handle.release()
+    _published.clear()
+
+
+def vae_recipe(vae) -> dict:
+    """What a worker needs to rebuild this VAE: weights, dtype, and how to build it."""
+    fingerprint, handle = _publish_vae(vae)
+    builder, kwargs = getattr(vae, "para_attn_rebuild", DEFAULT_REBUILD)
+    return {"fingerprint": fingerprint, "weights": handle, "dtype": vae.vae_dtype, "builder": builder,
+            "builder_kwargs": dict(kwargs), "model_class": type(vae.first_stage_model).__name__}
+
+
+# --- the pool run ---------------------------------------------------------------------------
+
+def shared_pool(world: int, device: str):
+    """The pool Context Parallel uses for this layout (same arguments, so the same pool)."""
+    import comfy.model_management
+
+    from ...pool import get_pool
+    from .env import snapshot_cli_args
+    from .pool_sampling import PACK_ROOT
+
+    comfy_dir = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
+    cli_args = snapshot_cli_args()
+    cli_args["cpu"] = device == "cpu"
+    return get_pool(world, device=device, sys_path=[comfy_dir, PACK_ROOT],
+                    init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
+                          {"comfy_path": comfy_dir, "cli_args": cli_args}))
+
+
+def _shared_output(shape: tuple[int, ...]) -> tuple[str, torch.Tensor]:
+    """A float32 tensor backed by a file in shared memory that rank 0 maps and blends into,
+    so the image does not travel through the result pipe."""
+    from ...pool import transfer
+
+    numel = 1
+    for n in shape:
+        numel *= n
+    transfer.check_shm_space(numel * 4, what="the decoded image")
+    directory = transfer.shm_root() / f"{transfer.DIR_PREFIX}{os.getpid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"vae-output-{uuid.uuid4().hex[:12]}.f32"
+    with open(path, "wb") as handle:
+        handle.truncate(numel * 4)
+    return str(path), torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(shape)
+
+
+def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, device: str,
+                   timeout_s: float = 600.0) -> torch.Tensor:
+    import comfy.model_management
+    import comfy.utils
+
+    from ...pool import PoolInterrupted
+
+    payload = {"vae": vae_recipe(vae), "samples": samples.detach().to("cpu"), "plan": plan}
+    pool = shared_pool(world, device)
+    pbar = comfy.utils.ProgressBar(len(plan.tiles))
+    path, output = _shared_output(plan.out_shape)
+    payload["output_path"] = path
+    began = time.monotonic()
+    try:
+        result = pool.run(JOB, payload, timeout_s=timeout_s,
+                          on_progress=lambda step, total, extra: pbar.update_absolute(step, total),
+                          should_interrupt=comfy.model_management.processing_interrupted)
+    except PoolInterrupted:
+        raise comfy.model_management.InterruptProcessingException()
+    finally:
+        os.unlink(path)  # the mapping stays valid; the pages go with the last tensor using them
+    log.info("Parallel VAE Decode: %d tiles on %d %s rank(s) in %.2f s (tiles per rank %s)",
+             len(plan.tiles), world, device, time.monotonic() - began, result["tiles_per_rank"])
+    return output
+
+
+def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, gpus: int = 0,
+                    timeout_s: float = 600.0) -> torch.Tensor:
+    """IMAGE [N, H, W, C] equal to VAEDecodeTiled with the same settings; tiles decoded on
+    `gpus` ranks of the worker pool (0: all visible GPUs; 1: in this process)."""
+    from .pool_sampling import available_device
+
+    plan = plan_decode(vae, samples, settings)
+    device, visible = available_device()
+    world = visible if gpus <= 0 else gpus
+    if device == "cuda" and world > visible:
+        raise ValueError(f"gpus={world} but only {visible} GPU(s) are visible; set gpus to at most {visible}.")
+    if world == 1:
+        blended = decode_in_process(vae, samples, plan)
+    else:
+        blended = decode_in_pool(vae, samples, plan, world, device, timeout_s)
+    return to_image(vae, blended)

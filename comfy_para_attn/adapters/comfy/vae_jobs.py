@@ -1,0 +1,71 @@
+"""Worker side of Parallel VAE Decode: jobs that run inside the pool's worker processes
+(the pool's init job, `worker_jobs.init_worker`, has made ComfyUI importable).
+
+`decode` rebuilds the VAE (cached by weight fingerprint, next to Context Parallel's model),
+decodes this rank's tiles, sends them to rank 0 over gloo, and rank 0 blends them into the
+controller's shared-memory output file. Every rank checks the interrupt once per round.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...vae import cpu_group, decode_tiles
+from ...vae.tiling import assign_tiles
+
+
+def vae_from_state_dict(state_dict, dtype=None):
+    """The default rebuild: comfy.sd.VAE detects the VAE type from the state dict's keys."""
+    import comfy.sd
+
+    return comfy.sd.VAE(sd=dict(state_dict), dtype=dtype)
+
+
+def _cached_vae(ctx, recipe: dict):
+    import comfy.model_management
+
+    from ...pool import transfer
+    from ...pool.worker import resolve_job
+
+    key = ("vae", recipe["fingerprint"])
+    if key in ctx.cache:
+        return ctx.cache[key]
+    for old in [k for k in ctx.cache if isinstance(k, tuple) and k[0] == "vae"]:
+        del ctx.cache[old]  # one VAE at a time
+    comfy.model_management.soft_empty_cache()
+    ctx.heartbeat()
+    builder = resolve_job(recipe["builder"])
+    vae = builder(transfer.load_tensors(recipe["weights"]), recipe["dtype"], **recipe["builder_kwargs"])
+    built = type(vae.first_stage_model).__name__
+    if built != recipe["model_class"]:
+        raise RuntimeError(f"rebuilding the VAE from its weights gave a {built}, but ComfyUI's VAE is a "
+                           f"{recipe['model_class']}; this VAE type cannot be decoded in parallel yet")
+    ctx.cache[key] = vae
+    return vae
+
+
+def decode(ctx, payload):
+    from .parallel_vae import load_for_tiles, tile_decoder
+
+    plan = payload["plan"]
+    vae = _cached_vae(ctx, payload["vae"])
+    group = cpu_group()  # collective on first use: every rank gets here in the same job
+    load_for_tiles(vae, plan)
+    output = None
+    if ctx.rank == 0:
+        numel = 1
+        for n in plan.out_shape:
+            numel *= n
+        output = torch.from_file(payload["output_path"], shared=True, size=numel,
+                                 dtype=torch.float32).view(plan.out_shape)
+
+    def on_round(r, rounds, done, total):
+        ctx.check_interrupt()  # collective: every rank stops in the same round
+        ctx.report_progress(done, total)
+
+    with torch.inference_mode():
+        decode_tiles(payload["samples"], plan, tile_decoder(vae), rank=ctx.rank, world_size=ctx.world_size,
+                     group=group, output=output, on_round=on_round)
+    if ctx.rank != 0:
+        return None
+    owners = assign_tiles(plan, ctx.world_size)
+    return {"tiles_per_rank": [owners.count(r) for r in range(ctx.world_size)]}

@@ -1,0 +1,149 @@
+"""Tiny random VAEs with ComfyUI's and diffusers' own classes, and local fake decoders.
+
+ComfyUI: `tiny_comfy_vae("flux")` is a `comfy.sd.VAE` whose model is ComfyUI's
+AutoencodingEngine with its 2D Decoder (the FLUX VAE's classes, 16 latent channels, 8x);
+`tiny_comfy_vae("hunyuan_video")` uses AutoencoderKL with the causal 3D decoder (conv3d,
+time_compress 4: the HunyuanVideo VAE's classes, 16 channels, 4x time, 8x space). Both at
+32 channels (GroupNorm's 32 groups are the minimum) with one res block per level. ComfyUI
+picks full-size configs from state-dict keys, so a tiny VAE carries its own rebuild
+recipe (`para_attn_rebuild`), which the parallel decode uses to rebuild it in the workers.
+Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+KINDS = ("flux", "hunyuan_video")
+LATENT_CHANNELS = 16
+
+
+def _ddconfig(kind: str, ch: int) -> dict:
+    config = {"double_z": True, "z_channels": LATENT_CHANNELS, "resolution": 256, "in_channels": 3,
+              "out_ch": 3, "ch": ch, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+              "attn_resolutions": [], "dropout": 0.0}
+    if kind == "hunyuan_video":
+        config.update(conv3d=True, time_compress=4)
+    return config
+
+
+def _first_stage_model(kind: str, ch: int):
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
+
+    ddconfig = _ddconfig(kind, ch)
+    if kind == "flux":  # comfy.sd.VAE's branch for the FLUX VAE (no post_quant_conv)
+        return AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    if kind == "hunyuan_video":  # comfy.sd.VAE's branch for "decoder.conv_in.conv.weight"
+        return AutoencoderKL(ddconfig=ddconfig, embed_dim=LATENT_CHANNELS)
+    raise ValueError(f"unknown tiny VAE kind {kind!r}; expected one of {KINDS}")
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
+            value = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
+        elif tensor.ndim > 1:
+            fan_in = tensor[0].numel()
+            value = torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in)
+        else:
+            value = 0.05 * torch.randn(tensor.shape, generator=generator)
+        state[name] = value.to(tensor.dtype)
+    return state
+
+
+def tiny_comfy_vae(kind: str, *, ch: int = 32, seed: int = 0, state_dict: dict | None = None,
+                   dtype=torch.float32):
+    """A comfy.sd.VAE around a tiny ComfyUI VAE model of `kind` (random weights from `seed`,
+    or `state_dict`), set up the way comfy.sd.VAE sets up that kind."""
+    import comfy.sd
+
+    model = _first_stage_model(kind, ch)
+    state = state_dict if state_dict is not None else _randomize(model, seed)
+    # VAE(config=...) builds an AutoencoderKL; use it for everything comfy.sd.VAE sets up
+    # (device, dtype, patcher), then put the right model and the kind's attributes in.
+    vae = comfy.sd.VAE(sd=state if kind == "hunyuan_video" else {}, dtype=dtype,
+                       config={"params": {"ddconfig": _ddconfig("hunyuan_video" if kind == "hunyuan_video"
+                                                                 else "flux", ch),
+                                          "embed_dim": LATENT_CHANNELS}})
+    if kind == "flux":
+        import comfy.model_patcher
+
+        model.load_state_dict(state, strict=True)
+        vae.first_stage_model = model.eval().to(vae.vae_dtype)
+        vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.device,
+                                                       offload_device=vae.patcher.offload_device)
+        vae.latent_channels = LATENT_CHANNELS
+    else:
+        vae.first_stage_model.load_state_dict(state, strict=True)
+        vae.first_stage_model.to(vae.vae_dtype)
+        vae.upscale_ratio = (lambda a: max(0, a * 4 - 3), 8, 8)
+        vae.upscale_index_formula = (4, 8, 8)
+        vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 8, 8)
+        vae.downscale_index_formula = (4, 8, 8)
+        vae.latent_dim = 3
+        vae.latent_channels = LATENT_CHANNELS
+    vae.para_attn_rebuild = ("comfy_para_attn.testing.vae_models:rebuild_tiny_comfy_vae",
+                             {"kind": kind, "ch": ch})
+    return vae
+
+
+def rebuild_tiny_comfy_vae(state_dict, dtype=torch.float32, *, kind: str, ch: int):
+    """The rebuild recipe of `tiny_comfy_vae` (runs in the pool's workers)."""
+    return tiny_comfy_vae(kind, ch=ch, state_dict=dict(state_dict), dtype=dtype)
+
+
+def latent(kind: str, *, batch: int = 1, frames: int = 3, height: int = 5, width: int = 7, seed: int = 0):
+    """A random latent for a VAE of `kind` (frames only for video)."""
+    shape = (batch, LATENT_CHANNELS) + ((frames,) if kind == "hunyuan_video" else ()) + (height, width)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -- diffusers ----------------------------------------------------------------------------
+
+def tiny_diffusers_vae(kind: str, *, seed: int = 0):
+    """diffusers AutoencoderKL ("flux": 16 latent channels, 8x) or AutoencoderKLHunyuanVideo
+    ("hunyuan_video": 16 channels, 4x time, 8x space), tiny and random."""
+    torch.manual_seed(seed)
+    if kind == "flux":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32,
+                            use_quant_conv=False, use_post_quant_conv=False)
+    elif kind == "hunyuan_video":
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        vae = AutoencoderKLHunyuanVideo(
+            in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+            block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32,
+            spatial_compression_ratio=8, temporal_compression_ratio=4)
+    else:
+        raise ValueError(f"unknown tiny VAE kind {kind!r}; expected one of {KINDS}")
+    return vae.eval()
+
+
+# -- fake local decoders (unit tests without ComfyUI) ------------------------------------
+
+def nearest_decoder(spatial: int = 8, temporal: int | None = None):
+    """A decode function whose output element depends only on the latent element under it,
+    so tiled decodes agree with the whole decode: nearest upsampling by `spatial` (and, for
+    video, causal `temporal`: frame j of a tile comes from latent frame ceil(j / temporal))."""
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(z[:, :3] * 0.7 + z[:, 3:6] * 0.3)
+        for d in range(x.ndim - 2 - (temporal is not None)):
+            x = x.repeat_interleave(spatial, dim=x.ndim - 1 - d)
+        if temporal is not None:
+            frames = x.shape[2]
+            index = torch.tensor([math.ceil(j / temporal) for j in range(max(0, frames * temporal - temporal + 1))])
+            x = x.index_select(2, index)
+        return x
+
+    return decode

@@ -1,0 +1,117 @@
+"""Decode a tile plan on every rank of a torch.distributed group; rank `dst` blends.
+
+Call `decode_tiles` on every rank with the same plan and latent. Work goes in rounds: in
+round r each rank decodes its r-th tile (`assign_tiles`), ranks other than `dst` send it
+to `dst` at once (non-blocking, CPU tensors over gloo), then `on_round` runs on every rank
+(a place for collective interrupt checks and progress), then `dst` receives and blends, in
+plan order, every tile decoded so far, while the others already decode the next round.
+With world size 1 it is a plain tiled decode, with the same blending.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .blend import Blender
+from .tiling import TilePlan, assign_tiles
+
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+# on_round(round, rounds, tiles decoded on all ranks so far, tiles in the plan)
+RoundFn = Callable[[int, int, int, int], None]
+
+_gloo_groups: dict = {}
+
+
+def cpu_group(group=None):
+    """A gloo group over the same ranks as `group` (the default group when None), for CPU
+    tensors; created once per group (collective: every rank must call this together)."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "gloo":
+        return group
+    key = id(group)
+    if key not in _gloo_groups:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        _gloo_groups[key] = dist.new_group(ranks=ranks, backend="gloo")
+    return _gloo_groups[key]
+
+
+def rounds_done(owners: tuple[int, ...], world_size: int, rounds_finished: int) -> int:
+    """Tiles decoded on all ranks once `rounds_finished` rounds are over."""
+    counts = [owners.count(r) for r in range(world_size)]
+    return sum(min(rounds_finished, c) for c in counts)
+
+
+def decode_tiles(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, *, rank: int = 0,
+                 world_size: int = 1, group=None, dst: int = 0, output: torch.Tensor | None = None,
+                 on_round: RoundFn | None = None) -> torch.Tensor | None:
+    """The blended decode [B, C, *out_spatial] (float32, CPU) on rank `dst`, None elsewhere.
+
+    `decode(latent_tile)` returns the decoded tile [1, C, *spatial] (any device/dtype; it is
+    moved to CPU float32). `group`: a gloo group of `world_size` ranks (None: the default
+    group); `rank` and `dst` are ranks within it. `output`: an optional float32 tensor to blend into.
+    """
+    if tuple(samples.shape) != plan.latent_shape:
+        raise ValueError(f"latent has shape {tuple(samples.shape)}, the plan was made for {plan.latent_shape}")
+    owners = assign_tiles(plan, world_size)
+    mine = [tile for tile, owner in zip(plan.tiles, owners) if owner == rank]
+    ordinal = {}  # tile index -> round in which its owner decodes it
+    seen = [0] * world_size
+    for tile, owner in zip(plan.tiles, owners):
+        ordinal[tile.index] = seen[owner]
+        seen[owner] += 1
+    rounds = max(seen)
+    blender = Blender(plan, output) if rank == dst else None
+    held: dict[int, torch.Tensor] = {}
+    sends = []
+    cursor = 0
+    for r in range(rounds):
+        if r < len(mine):
+            tile = mine[r]
+            decoded = decode(samples[plan.latent_slices(tile)]).to(device="cpu", dtype=torch.float32)
+            if rank == dst:
+                held[tile.index] = decoded
+            else:
+                sends += _send(decoded.contiguous(), dst, group)
+        if on_round is not None:
+            on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles))
+        if blender is None:
+            continue
+        while cursor < len(plan.tiles) and ordinal[cursor] <= r:
+            tile = plan.tiles[cursor]
+            owner = owners[cursor]
+            decoded = held.pop(cursor) if owner == dst else _recv(owner, len(plan.latent_shape), group)
+            blender.add(tile, decoded)
+            cursor += 1
+    for work, _buffer in sends:
+        work.wait()
+    return blender.result() if blender is not None else None
+
+
+def _global(rank: int, group) -> int:
+    if group is None:
+        return rank
+    import torch.distributed as dist
+
+    return dist.get_global_rank(group, rank)
+
+
+def _send(tensor: torch.Tensor, dst: int, group) -> list:
+    import torch.distributed as dist
+
+    header = torch.tensor(tensor.shape, dtype=torch.int64)
+    peer = _global(dst, group)
+    # The buffers must live until their sends complete: keep them next to the works.
+    return [(dist.isend(header, peer, group=group), header), (dist.isend(tensor, peer, group=group), tensor)]
+
+
+def _recv(src: int, ndim: int, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    peer = _global(src, group)
+    header = torch.empty(ndim, dtype=torch.int64)
+    dist.recv(header, peer, group=group)
+    tensor = torch.empty(tuple(header.tolist()), dtype=torch.float32)
+    dist.recv(tensor, peer, group=group)
+    return tensor

@@ -1,0 +1,128 @@
+"""Failure injection for Context Parallel sampling in real ComfyUI on 2 CPU worker ranks:
+a worker killed mid-run, a worker exception, a hang past the timeout, ComfyUI's interrupt,
+and a layout change. Each failure becomes an error within seconds, and the next prompt
+succeeds (comfyui tier)."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+TOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def setup(comfyui_path, pack_nodes):
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    from comfy_para_attn.testing import comfy_models
+
+    reference = comfy_models.sample(patcher, pos, neg, latent, steps=4, cfg=1.0)
+    yield pack_nodes, patcher, pos, neg, latent, reference
+    from comfy_para_attn.pool import shutdown_pool
+
+    shutdown_pool()
+
+
+def _cp(pack_nodes, model, timeout_s=60.0, **kw):
+    args = dict(gpus=2, layout="manual", ulysses_degree=2, ring_degree=1, cfg_parallel=False, timeout_s=timeout_s)
+    args.update(kw)
+    return pack_nodes["ParaAttnContextParallel"]().apply(model, **args)[0]
+
+
+def _sample(model, pos, neg, latent, **kw):
+    from comfy_para_attn.testing import comfy_models
+
+    return comfy_models.sample(model, pos, neg, latent, steps=4, cfg=1.0, **kw)
+
+
+def _next_prompt_succeeds(setup):
+    pack_nodes, patcher, pos, neg, latent, reference = setup
+    out = _sample(_cp(pack_nodes, patcher), pos, neg, latent)
+    assert (out - reference).abs().max().item() < TOL
+
+
+def _current_pool():
+    from comfy_para_attn.pool import registry
+
+    return registry._current
+
+
+def test_worker_killed_mid_run(setup):
+    from comfy_para_attn.pool import PoolError
+
+    pack_nodes, patcher, pos, neg, latent, _ = setup
+    _next_prompt_succeeds(setup)  # the pool is up
+    victim = _current_pool().pids[1]
+
+    def kill_at_step(step, x0, x, total):
+        if step == 1:
+            os.kill(victim, signal.SIGKILL)
+
+    began = time.monotonic()
+    with pytest.raises(PoolError, match="rank 1 .*SIGKILL"):
+        _sample(_cp(pack_nodes, patcher), pos, neg, latent, callback=kill_at_step)
+    assert time.monotonic() - began < 20
+    _next_prompt_succeeds(setup)
+    assert victim not in _current_pool().pids
+
+
+def test_worker_exception_carries_its_traceback(setup):
+    from comfy_para_attn.pool import PoolError
+    from comfy_para_attn.testing.comfy_pool_checks import with_faulty_block
+
+    pack_nodes, patcher, pos, neg, latent, _ = setup
+    with pytest.raises(PoolError) as info:
+        _sample(_cp(pack_nodes, with_faulty_block(patcher, "raise")), pos, neg, latent)
+    assert "injected failure in a block patch" in str(info.value)
+    assert "Traceback" in str(info.value) or "traceback" in str(info.value)
+    _next_prompt_succeeds(setup)
+
+
+def test_hang_past_timeout(setup):
+    from comfy_para_attn.pool import PoolError
+    from comfy_para_attn.testing.comfy_pool_checks import with_faulty_block
+
+    pack_nodes, patcher, pos, neg, latent, _ = setup
+    _next_prompt_succeeds(setup)
+    began = time.monotonic()
+    with pytest.raises(PoolError, match="(?i)timeout|timed out|silent|no message"):
+        _sample(_cp(pack_nodes, with_faulty_block(patcher, "hang"), timeout_s=5.0), pos, neg, latent)
+    assert time.monotonic() - began < 30
+    _next_prompt_succeeds(setup)
+
+
+def test_interrupt_stops_all_ranks_and_pool_stays(setup):
+    import comfy.model_management
+
+    pack_nodes, patcher, pos, neg, latent, _ = setup
+    _next_prompt_succeeds(setup)
+    pids = list(_current_pool().pids)
+    seen = []
+
+    def interrupt_at_step(step, x0, x, total):
+        seen.append(step)
+        if step == 1:
+            comfy.model_management.interrupt_current_processing(True)
+
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _sample(_cp(pack_nodes, patcher), pos, neg, latent, callback=interrupt_at_step)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert max(seen) < 3, f"sampling ran on after the interrupt: steps {seen}"
+    _next_prompt_succeeds(setup)
+    assert _current_pool().pids == pids  # same workers: the pool stayed usable
+
+
+def test_layout_change_rebuilds_pool(setup):
+    pack_nodes, patcher, pos, neg, latent, reference = setup
+    _next_prompt_succeeds(setup)
+    before = list(_current_pool().pids)
+    out = _sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=1, gpus=1), pos, neg, latent)
+    assert (out - reference).abs().max().item() < TOL
+    assert _current_pool().pids != before
+    _next_prompt_succeeds(setup)
