@@ -70,6 +70,7 @@ def main():
     parser.add_argument("--cfg", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="also compare with our Compile node applied")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--half-tokens", action="store_true", help="also time 1 GPU on half the tokens")
     args = parser.parse_args()
 
     from comfy_para_attn.adapters.comfy.env import make_importable
@@ -99,6 +100,12 @@ def main():
         ref, seconds = run(model, positive, negative, image, args.steps, args.cfg)
         base = seconds / args.steps
         rows.append((f"1 GPU in-process ({mode})", base * 1e3, 1.0, 0.0))
+        if args.half_tokens:  # the compute floor of 2 ranks: each holds half the tokens
+            half = image[..., : image.shape[-1] // 2]
+            run(model, positive, negative, half, 2, args.cfg)
+            _, seconds = run(model, positive, negative, half, args.steps, args.cfg)
+            rows.append((f"1 GPU in-process, half the image tokens ({mode})", seconds / args.steps * 1e3,
+                         base / (seconds / args.steps), float("nan")))
         layouts = [("ulysses", dict(ulysses=args.gpus, ring=1)), ("ring", dict(ulysses=1, ring=args.gpus))]
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()

@@ -102,16 +102,16 @@ class ParallelContext:
         First Block Cache so that all ranks take the same branch."""
         if self.world_group is None:
             return tensor
-        import torch.distributed._functional_collectives as fc
+        from .collectives import all_reduce
 
-        return fc.all_reduce(tensor, "sum", self.world_group)
+        return all_reduce(tensor, "sum", self.world_group)
 
     def all_reduce_max(self, tensor):
         if self.world_group is None:
             return tensor
-        import torch.distributed._functional_collectives as fc
+        from .collectives import all_reduce
 
-        return fc.all_reduce(tensor, "max", self.world_group)
+        return all_reduce(tensor, "max", self.world_group)
 
 
 def _group_ranks(config: ContextParallelConfig):

@@ -3,9 +3,15 @@
 Ring attention needs the log-sum-exp of every partial result to merge them, so the local
 kernel returns it. Backends are pluggable: `register_backend(name, fn)` adds one (the
 Triton kernels in `kernels/` do), `set_backend(name)` picks it.
+
+Nodes call `select_backend(name)` with one of `BACKEND_CHOICES`: "sdpa" is PyTorch's
+kernels, "triton" / "triton-fp8" the kernels in `kernels/` (each falls back to SDPA, saying
+why once, where it cannot run), and "auto" is SDPA unless `calibrate_auto()` (run by
+`select_backend("auto")` on a GPU) measured a Triton kernel to be both accurate and faster.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Callable, Optional, Tuple
@@ -19,6 +25,10 @@ LocalKernel = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], Optional[float
 
 _BACKENDS: dict[str, LocalKernel] = {}
 _selected = "auto"
+BACKEND_CHOICES = ("auto", "sdpa", "triton", "triton-fp8")
+# (device index, dtype, head dim, has bias) -> backend that calibration proved fastest and accurate
+_auto_preferences: dict = {}
+_calibrations: dict = {}  # same key -> (winner, reports): calibrate once per process
 
 
 def register_backend(name: str, fn: LocalKernel) -> None:
@@ -27,8 +37,8 @@ def register_backend(name: str, fn: LocalKernel) -> None:
 
 
 def set_backend(name: str) -> None:
-    if name != "auto" and name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: auto, {', '.join(sorted(_BACKENDS))}")
+    if name not in ("auto", "sdpa") and name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: auto, sdpa, {', '.join(sorted(_BACKENDS))}")
     global _selected
     _selected = name
 
@@ -84,7 +94,8 @@ register_backend("sdpa-cudnn", _cuda_cudnn)
 register_backend("sdpa-efficient", _cuda_efficient)
 
 
-def _auto(q: Tensor, bias: Optional[Tensor]) -> str:
+def _sdpa_choice(q: Tensor, bias: Optional[Tensor]) -> str:
+    """PyTorch's kernel for these inputs (the behaviour of "auto" before calibration)."""
     if q.device.type == "cpu":
         return "sdpa-cpu-flash"
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
@@ -96,12 +107,98 @@ def _auto(q: Tensor, bias: Optional[Tensor]) -> str:
     return "math"
 
 
+def _auto(q: Tensor, bias: Optional[Tensor]) -> str:
+    if q.device.type == "cuda" and _auto_preferences:
+        preferred = _auto_preferences.get((q.device.index, q.dtype, q.shape[-1], bias is not None))
+        if preferred is not None:
+            return preferred
+    return _sdpa_choice(q, bias)
+
+
+def _sdpa(q, k, v, bias, scale):
+    return _BACKENDS[_sdpa_choice(q, bias)](q, k, v, bias, scale)
+
+
+def _refuse_fallback(q, k, v, bias, scale):
+    raise RuntimeError("the kernel would fall back to SDPA here")
+
+
+def _register_kernel_backends() -> None:
+    """Register the Triton kernels; importing `kernels` does not import triton, and a
+    missing `kernels` package (or an unrelated one of that name) just leaves them out."""
+    try:
+        import kernels
+    except ImportError:
+        return
+    if not hasattr(kernels, "flash_attention"):
+        log.warning("an unrelated 'kernels' package shadows this pack's kernels; Triton backends disabled")
+        return
+    register_backend("triton", functools.partial(kernels.flash_attention, fallback=_sdpa))
+    register_backend("triton-fp8", functools.partial(kernels.quantized_attention, fallback=_sdpa))
+
+
+_register_kernel_backends()
+
+
+def calibrate_auto(device=None, dtypes=(torch.bfloat16,), head_dims=(128,), with_bias=(False, True)) -> dict:
+    """Measure, on this GPU, which backend "auto" should use for each (dtype, head dim,
+    bias): the fastest of the SDPA choice and the Triton kernel among those that meet the
+    accuracy bar. Returns {key: (winner, reports)}; does nothing without CUDA or triton."""
+    if not torch.cuda.is_available() or "triton" not in _BACKENDS:
+        return {}
+    import kernels
+    from kernels.selection import fastest_accurate
+
+    if kernels.triton_import_error():
+        log.info("auto attention stays on SDPA: %s", kernels.triton_import_error())
+        return {}
+    device = torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
+    results = {}
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            for has_bias in with_bias:
+                key = (device.index, dtype, head_dim, has_bias)
+                if key in _calibrations:
+                    results[key] = _calibrations[key]
+                    continue
+                probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device)
+                probe_bias = probe[..., :1] if has_bias else None
+                candidates = {
+                    _sdpa_choice(probe, probe_bias): _sdpa,
+                    "triton": functools.partial(kernels.flash_attention, fallback=_refuse_fallback),
+                }
+                winner, reports = fastest_accurate(
+                    candidates, dtype=dtype, head_dim=head_dim, with_bias=has_bias, device=device
+                )
+                if winner == "triton":
+                    _auto_preferences[key] = "triton"
+                else:
+                    _auto_preferences.pop(key, None)
+                results[key] = _calibrations[key] = (winner, reports)
+    return results
+
+
+def select_backend(name: str, **calibration) -> str:
+    """The node-facing switch: one of BACKEND_CHOICES. "auto" on a GPU calibrates first
+    (once per process and key; `calibration` goes to `calibrate_auto`)."""
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"attention_backend must be one of {BACKEND_CHOICES}, got {name!r}")
+    if name == "auto" and torch.cuda.is_available():
+        calibrate_auto(**calibration)
+    set_backend(name)
+    return name
+
+
 def local_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None
 ) -> Tuple[Tensor, Tensor]:
     """Attention of q [B,H,Sq,D] over k, v [B,H,Sk,D] with an optional additive bias
     broadcastable to [B,H,Sq,Sk]. Returns (out in q's dtype, lse [B,H,Sq] in fp32)."""
-    name = _selected if _selected != "auto" else _auto(q, bias)
+    name = _selected
+    if name == "auto":
+        name = _auto(q, bias)
+    elif name == "sdpa":
+        name = _sdpa_choice(q, bias)
     out, lse = _BACKENDS[name](q, k, v, bias, scale)
     return out, lse.float()
 

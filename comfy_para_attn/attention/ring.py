@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
+from .collectives import finish, start_all_to_all
 from .local import local_attention
 
 
@@ -28,15 +28,18 @@ def _shift(kv: Tensor, group: str, rank: int, block_lens: Sequence[int], step: i
     recv_rows = [0] * world
     send_rows[(rank + 1) % world] = kv.numel() // dim
     recv_rows[(rank - 1) % world] = block_lens[(rank - step - 1) % world] * rows_per_token
-    out = fc.all_to_all_single(kv.reshape(-1, dim), recv_rows, send_rows, group)
-    return out
+    return start_all_to_all(kv.reshape(-1, dim), recv_rows, send_rows, group)
 
 
 def merge_partial(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor):
-    """Combine two softmax-normalised partial results over disjoint key sets (fp32)."""
-    new_lse = torch.logaddexp(lse, block_lse)
-    out = out * torch.exp(lse - new_lse).unsqueeze(-1) + block_out.float() * torch.exp(block_lse - new_lse).unsqueeze(-1)
-    return out, new_lse
+    """Combine two softmax-normalised partial results over disjoint key sets (fp32).
+
+    new_lse = logaddexp(lse, block_lse); the block's weight exp(block_lse - new_lse) is
+    sigmoid(block_lse - lse), which needs fewer kernels and never overflows."""
+    weight = torch.sigmoid(block_lse - lse)
+    out = torch.lerp(out, block_out.float(), weight.unsqueeze(-1))
+    lse = lse - torch.nn.functional.logsigmoid(lse - block_lse)
+    return out, lse
 
 
 def ring_attention(
@@ -61,7 +64,7 @@ def ring_attention(
     for step in range(world):
         origin = (rank - step) % world
         n = block_lens[origin]
-        next_kv = _shift(kv, group, rank, block_lens, step, rows_per_token) if step + 1 < world else None
+        pending = _shift(kv, group, rank, block_lens, step, rows_per_token) if step + 1 < world else None
         k_blk, v_blk = kv.split(batch * heads * n, dim=0)
         k_blk = k_blk.reshape(batch, heads, n, dim)
         v_blk = v_blk.reshape(batch, heads, n, dim)
@@ -71,6 +74,6 @@ def ring_attention(
             out, lse = blk_out.float(), blk_lse
         else:
             out, lse = merge_partial(out, lse, blk_out, blk_lse)
-        if next_kv is not None:
-            kv = next_kv
+        if pending is not None:
+            kv = finish(pending)
     return out.to(q.dtype)

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed._functional_collectives as fc
 from torch import Tensor
+
+from .collectives import all_to_all
 
 
 def scatter_heads(x: Tensor, group: str, seq_lens: Sequence[int], rank: int) -> Tensor:
@@ -22,10 +23,10 @@ def scatter_heads(x: Tensor, group: str, seq_lens: Sequence[int], rank: int) -> 
     rows_in = [batch * heads_local * seq] * world
     rows_out = [batch * heads_local * s for s in seq_lens]
     if len(set(seq_lens)) == 1:
-        recv = fc.all_to_all_single(send, None, None, group)
+        recv = all_to_all(send, None, None, group)
         recv = recv.reshape(world, batch, heads_local, seq, dim).permute(1, 2, 0, 3, 4)
         return recv.reshape(batch, heads_local, world * seq, dim)
-    recv = fc.all_to_all_single(send, rows_out, rows_in, group)
+    recv = all_to_all(send, rows_out, rows_in, group)
     parts = recv.split(rows_out, dim=0)
     return torch.cat([p.reshape(batch, heads_local, s, dim) for p, s in zip(parts, seq_lens)], dim=2)
 
@@ -39,10 +40,10 @@ def gather_heads(x: Tensor, group: str, seq_lens: Sequence[int], rank: int) -> T
     rows_out = [batch * heads_local * seq] * world
     if len(set(seq_lens)) == 1:
         send = x.reshape(batch, heads_local, world, seq, dim).permute(2, 0, 1, 3, 4).reshape(-1, dim)
-        recv = fc.all_to_all_single(send, None, None, group)
+        recv = all_to_all(send, None, None, group)
     else:
         parts = x.split(list(seq_lens), dim=2)
         send = torch.cat([p.reshape(-1, dim) for p in parts], dim=0)
-        recv = fc.all_to_all_single(send, rows_out, rows_in, group)
+        recv = all_to_all(send, rows_out, rows_in, group)
     recv = recv.reshape(world, batch, heads_local, seq, dim).transpose(0, 1)
     return recv.reshape(batch, world * heads_local, seq, dim)

@@ -11,6 +11,7 @@ Nothing is downloaded.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -67,10 +68,15 @@ def tiny_comfy_vae(kind: str, *, ch: int = 32, seed: int = 0, state_dict: dict |
     state = state_dict if state_dict is not None else _randomize(model, seed)
     # VAE(config=...) builds an AutoencoderKL; use it for everything comfy.sd.VAE sets up
     # (device, dtype, patcher), then put the right model and the kind's attributes in.
-    vae = comfy.sd.VAE(sd=state if kind == "hunyuan_video" else {}, dtype=dtype,
-                       config={"params": {"ddconfig": _ddconfig("hunyuan_video" if kind == "hunyuan_video"
-                                                                 else "flux", ch),
-                                          "embed_dim": LATENT_CHANNELS}})
+    config = {"params": {"ddconfig": _ddconfig(kind, ch), "embed_dim": LATENT_CHANNELS}}
+    if kind == "hunyuan_video":
+        vae = comfy.sd.VAE(sd=state, dtype=dtype, config=config)
+    else:
+        logging.disable(logging.WARNING)  # the placeholder AutoencoderKL's "missing keys"
+        try:
+            vae = comfy.sd.VAE(sd={}, dtype=dtype, config=config)
+        finally:
+            logging.disable(logging.NOTSET)
     if kind == "flux":
         import comfy.model_patcher
 
@@ -147,3 +153,12 @@ def nearest_decoder(spatial: int = 8, temporal: int | None = None):
         return x
 
     return decode
+
+
+def rebuild_failing_on_rank_1(state_dict, dtype=torch.float32, **kwargs):
+    """A rebuild recipe that raises on rank 1 (worker-failure tests)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() == 1:
+        raise RuntimeError("injected VAE rebuild failure")
+    return rebuild_tiny_comfy_vae(state_dict, dtype, **kwargs)

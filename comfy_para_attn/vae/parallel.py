@@ -1,10 +1,10 @@
 """Decode a tile plan on every rank of a torch.distributed group; rank `dst` blends.
 
 Call `decode_tiles` on every rank with the same plan and latent. Work goes in rounds: in
-round r each rank decodes its r-th tile (`assign_tiles`), ranks other than `dst` send it
-to `dst` at once (non-blocking, CPU tensors over gloo), then `on_round` runs on every rank
-(a place for collective interrupt checks and progress), then `dst` receives and blends, in
-plan order, every tile decoded so far, while the others already decode the next round.
+round r each rank decodes its r-th tile (`assign_tiles`), then `on_round` runs on every
+rank (a place for collective interrupt checks and progress), then ranks other than `dst`
+send their tile to `dst` (non-blocking, CPU tensors over gloo) and `dst` receives and
+blends, in plan order, every tile decoded so far, while the others decode the next round.
 With world size 1 it is a plain tiled decode, with the same blending.
 """
 from __future__ import annotations
@@ -67,15 +67,18 @@ def decode_tiles(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, *, ran
     sends = []
     cursor = 0
     for r in range(rounds):
+        decoded = None
         if r < len(mine):
-            tile = mine[r]
-            decoded = decode(samples[plan.latent_slices(tile)]).to(device="cpu", dtype=torch.float32)
-            if rank == dst:
-                held[tile.index] = decoded
-            else:
-                sends += _send(decoded.contiguous(), dst, group)
+            decoded = decode(samples[plan.latent_slices(mine[r])]).to(device="cpu", dtype=torch.float32)
+        # Before any send of this round: a rank that stops here (interrupt) leaves no send
+        # unmatched, since dst received every earlier round's tiles in that round.
         if on_round is not None:
             on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles))
+        if decoded is not None:
+            if rank == dst:
+                held[mine[r].index] = decoded
+            else:
+                sends += _send(decoded.contiguous(), dst, group)
         if blender is None:
             continue
         while cursor < len(plan.tiles) and ordinal[cursor] <= r:

@@ -143,3 +143,41 @@ def comfy_grids(dims: int, tile: Sequence[int], overlap: Sequence[int]) -> tuple
         return (TileGrid((h * 2, w // 2), overlap), TileGrid((h // 2, w * 2), overlap),
                 TileGrid((h, w), overlap))
     return (TileGrid(tile, overlap),)
+
+
+@dataclass(frozen=True)
+class TiledDecodeSettings:
+    """ComfyUI VAEDecodeTiled's inputs, in its units: pixels and frames."""
+
+    tile_size: int = 512
+    overlap: int = 64
+    temporal_size: int = 64
+    temporal_overlap: int = 8
+
+
+def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compression: int,
+                      temporal_compression: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(tile, overlap) in latent elements per spatial dimension, converted the way ComfyUI's
+    VAEDecodeTiled node and VAE.decode_tiled convert them (their silent clamps included).
+    An overlap that is not smaller than its tile is a ValueError instead."""
+    s = settings
+    if s.overlap >= s.tile_size:
+        raise ValueError(f"overlap ({s.overlap} px) must be smaller than tile_size ({s.tile_size} px)")
+    overlap = s.overlap if s.tile_size >= s.overlap * 4 else s.tile_size // 4
+    tile, overlap = s.tile_size // spatial_compression, overlap // spatial_compression
+    if tile < 1:
+        raise ValueError(f"tile_size {s.tile_size} px is smaller than one latent element "
+                         f"({spatial_compression} px) of this VAE")
+    if dims == 2:
+        return (tile, tile), (overlap, overlap)
+    if dims != 3:
+        raise ValueError(f"tiled decode supports image and video latents, not {dims} spatial dims")
+    if temporal_compression is None:
+        raise ValueError("this VAE decodes images, but the latent is a video [B, C, T, H, W]")
+    if s.temporal_overlap >= s.temporal_size:
+        raise ValueError(f"temporal_overlap ({s.temporal_overlap} frames) must be smaller than "
+                         f"temporal_size ({s.temporal_size} frames)")
+    t_overlap = s.temporal_overlap if s.temporal_size >= s.temporal_overlap * 2 else s.temporal_overlap // 2
+    t_size = max(2, s.temporal_size // temporal_compression)
+    t_overlap = max(1, min(t_size // 2, t_overlap // temporal_compression))
+    return (max(2, t_size), tile, tile), (max(1, t_overlap), overlap, overlap)

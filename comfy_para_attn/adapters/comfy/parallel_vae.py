@@ -16,12 +16,11 @@ import os
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
 
 import torch
 
 from ...vae import TilePlan, comfy_grids, decode_tiles, plan_tiles
-from ...vae.tiling import tile_cost
+from ...vae.tiling import TiledDecodeSettings, latent_tile_sizes, tile_cost
 
 log = logging.getLogger("comfy_para_attn")
 
@@ -29,42 +28,9 @@ DEFAULT_REBUILD = ("comfy_para_attn.adapters.comfy.vae_jobs:vae_from_state_dict"
 JOB = "comfy_para_attn.adapters.comfy.vae_jobs:decode"
 
 
-@dataclass(frozen=True)
-class TiledDecodeSettings:
-    """VAEDecodeTiled's inputs, in pixels and frames (the node's units)."""
-
-    tile_size: int = 512
-    overlap: int = 64
-    temporal_size: int = 64
-    temporal_overlap: int = 8
-
-
-def latent_tiles(vae, settings: TiledDecodeSettings, dims: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(tile, overlap) in latent elements per spatial dimension, converted the way
-    VAEDecodeTiled converts them (its silent clamps included). Raises ValueError for an
-    overlap that is not smaller than its tile."""
-    s = settings
-    if s.overlap >= s.tile_size:
-        raise ValueError(f"overlap ({s.overlap} px) must be smaller than tile_size ({s.tile_size} px)")
-    overlap = s.overlap if s.tile_size >= s.overlap * 4 else s.tile_size // 4
-    compression = vae.spacial_compression_decode()
-    tile, overlap = s.tile_size // compression, overlap // compression
-    if tile < 1:
-        raise ValueError(f"tile_size {s.tile_size} px is smaller than one latent element "
-                         f"({compression} px) of this VAE")
-    if dims == 2:
-        return (tile, tile), (overlap, overlap)
-    temporal = vae.temporal_compression_decode()
-    if temporal is None:
-        raise ValueError("this VAE takes 2D latents, but the latent is a video [B, C, T, H, W]")
-    if s.temporal_overlap >= s.temporal_size:
-        raise ValueError(f"temporal_overlap ({s.temporal_overlap} frames) must be smaller than "
-                         f"temporal_size ({s.temporal_size} frames)")
-    t_overlap = s.temporal_overlap if s.temporal_size >= s.temporal_overlap * 2 else s.temporal_overlap // 2
-    t_size = max(2, s.temporal_size // temporal)
-    t_overlap = max(1, min(t_size // 2, t_overlap // temporal))
-    # VAE.decode_tiled: tile_t = max(2, tile_t), overlap (max(1, overlap_t), overlap, overlap)
-    return (max(2, t_size), tile, tile), (max(1, t_overlap), overlap, overlap)
+def latent_tiles(vae, settings: TiledDecodeSettings, dims: int):
+    """(tile, overlap) in latent elements, as VAEDecodeTiled converts the node's inputs."""
+    return latent_tile_sizes(settings, dims, vae.spacial_compression_decode(), vae.temporal_compression_decode())
 
 
 def _axis_fns(vae, dims: int):

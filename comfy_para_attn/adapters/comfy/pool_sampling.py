@@ -33,6 +33,7 @@ WRAPPER_KEY = "para_attn_context_parallel_pool"
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 log = logging.getLogger("comfy_para_attn")
+last_run_logs: list[list[str]] = []  # every rank's log lines of the last pool run (for tests and support)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
         raise comfy.model_management.InterruptProcessingException()
     for line in result["log"]:
         log.info("%s", line)
+    last_run_logs[:] = result["rank_logs"]
     log.info("Context Parallel: %d steps on %d %s rank(s) in %.2f s", total, settings.gpus, settings.device,
              time.monotonic() - began)
     return result["samples"].to(noise.device)

@@ -112,6 +112,12 @@ def sample(ctx, payload):
     finally:
         root.removeHandler(captured)
         root.setLevel(old_level)
+    rank_logs = [captured.lines]
+    if ctx.world_size > 1:  # every rank's log (e.g. each rank's cache summary) goes back
+        import torch.distributed as dist
+
+        rank_logs = [None] * ctx.world_size
+        dist.all_gather_object(rank_logs, captured.lines)
     if ctx.rank != 0:
         return None
-    return {"samples": samples.detach().to("cpu", torch.float32), "log": captured.lines}
+    return {"samples": samples.detach().to("cpu", torch.float32), "log": captured.lines, "rank_logs": rank_logs}

@@ -1,0 +1,94 @@
+"""Compile Model for ComfyUI diffusion models: regional (each repeated block class once) or
+whole-model torch.compile, installed the way ComfyUI's TorchCompileModel does it.
+
+Hook (no forward function is copied): a keyed `APPLY_MODEL` wrapper swaps the compiled
+modules in for the duration of each model call and puts the originals back afterwards
+(ComfyUI's `comfy_api.torch_helpers.set_torch_compile_wrapper` pattern, with our own key).
+The base model's modules are never replaced permanently, so other clones run eager.
+
+Block patches (First Block Cache's decision, context-parallel sharding and gathering) wrap
+the *call* of each block from the model's block loop, so with regional scope they run eager
+around the compiled blocks, in any order of the nodes. Weights are graph inputs, so a LoRA
+merged into them or an fp8 re-quantization needs no recompile.
+
+Settings live in `transformer_options["para_attn"]["compile"]` (a picklable
+`CompileSettings`); pool workers re-apply them. ComfyUI's own TorchCompileModel wrapper is
+removed from the clone (compiling the model twice would nest two compilers).
+"""
+from __future__ import annotations
+
+import logging
+
+from ...compile import CompileSettings, compile_modules, describe, repeated_block_names
+
+FEATURE = "compile"
+WRAPPER_KEY = "para_attn_compile"
+COMFY_COMPILE_KEY = "torch.compile"  # ComfyUI's TorchCompileModel wrapper key
+
+log = logging.getLogger(__name__)
+
+
+class CompiledModulesWrapper:
+    """APPLY_MODEL wrapper: `{attribute path on BaseModel: compiled module}` swapped in per call."""
+
+    def __init__(self, compiled: dict):
+        self.compiled = compiled
+
+    def __call__(self, executor, *args, **kwargs):
+        import comfy.utils
+
+        base_model = executor.class_obj
+        originals = {}
+        try:
+            for key, module in self.compiled.items():
+                originals[key] = comfy.utils.get_attr(base_model, key)
+                comfy.utils.set_attr(base_model, key, module)
+            return executor(*args, **kwargs)
+        finally:
+            for key, module in originals.items():
+                comfy.utils.set_attr(base_model, key, module)
+
+    def __repr__(self):
+        return f"CompiledModulesWrapper({len(self.compiled)} modules)"
+
+
+def compile_targets(model_patcher, scope: str) -> list[str]:
+    """Attribute paths (relative to the diffusion model) that `scope` compiles."""
+    dm = model_patcher.model.diffusion_model
+    if scope == "whole":
+        return []
+    names = repeated_block_names(dm)
+    if not names:
+        raise ValueError(
+            f"Compile Model (regional) found no repeated transformer blocks in {type(dm).__name__} (no "
+            "ModuleList of one block class). Use scope 'whole' for this model.")
+    return names
+
+
+def apply_compile(model_patcher, settings: CompileSettings):
+    """Return a clone of `model_patcher` that runs compiled per `settings`.
+
+    The single entry point for the node and for pool workers. Applying it again replaces the
+    earlier compile wrapper. scope "off" removes ours (and nothing else). Compilation itself
+    happens at the first model call.
+    """
+    import comfy.patcher_extension
+
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    model = model_patcher.clone()
+    to = model.model_options.setdefault("transformer_options", {})
+    to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
+    model.remove_wrappers_with_key(apply_model, WRAPPER_KEY)
+    if not settings.enabled:
+        return model
+    if model.get_wrappers(apply_model, COMFY_COMPILE_KEY):
+        logging.info("Compile Model: replacing the TorchCompileModel compile of this model with ours")
+        model.remove_wrappers_with_key(apply_model, COMFY_COMPILE_KEY)
+    dm = model.model.diffusion_model
+    names = compile_targets(model, settings.scope)
+    compiled = compile_modules(dm, names, settings) if names else compile_modules(model.model, ["diffusion_model"],
+                                                                                 settings)
+    prefixed = {name if not names else f"diffusion_model.{name}": module for name, module in compiled.items()}
+    model.add_wrapper_with_key(apply_model, WRAPPER_KEY, CompiledModulesWrapper(prefixed))
+    log.debug("Compile Model: %s (%s)", describe(dm if names else None, names), settings)
+    return model

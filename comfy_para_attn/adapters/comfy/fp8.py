@@ -1,0 +1,149 @@
+"""FP8 Quantize for ComfyUI diffusion models (torchao), applied after LoRA.
+
+Hooks (no forward function is copied):
+- a keyed `ON_LOAD` callback. ComfyUI merges weight patches (LoRA etc.) into the weights
+  inside `ModelPatcher.load`, then calls ON_LOAD: the callback quantizes the merged weights
+  of the selected linear layers there. The pre-quantization weights go into the patcher's
+  own `backup` (next to LoRA's), so ComfyUI's `unpatch_model` / `partially_unload` restore
+  the original bf16 weights exactly as they do after a LoRA; the next load merges the
+  current patches and quantizes again. So a different LoRA or strength changes the output.
+- a new `patches_uuid` derived from the parent's and the settings. ComfyUI re-merges
+  weights only when `patches_uuid` changes; without it, a plain clone and the FP8 clone of
+  one model would share whatever weights happened to be loaded.
+
+Settings live in `transformer_options["para_attn"]["fp8"]` (a picklable `FP8Settings`); the
+callback reads them at load time. Layers ComfyUI casts per call (lowvram, fp8 weight dtypes)
+are left alone. Pool workers load plain weights and re-apply this from the settings; the
+controller's shared-memory copy comes from `backup`, so quantized tensors never cross.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import uuid
+
+import torch
+
+from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, plan_for, quantizable_linears,
+                      quantize_linear, torchao_config)
+
+FEATURE = "fp8"
+CALLBACK_KEY = "para_attn_fp8"
+_UUID_NAMESPACE = uuid.UUID("5b3c1e8e-8f6a-4f0e-9b7e-2f1a6c0d9e41")
+_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ComfyUI's backup record
+
+log = logging.getLogger(__name__)
+_said_once: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _said_once:
+        _said_once.add(message)
+        logging.warning("FP8 Quantize: %s", message)
+
+
+def _settings_of(model_patcher):
+    return model_patcher.model_options.get("transformer_options", {}).get("para_attn", {}).get(FEATURE)
+
+
+def _cast_per_call(module) -> bool:
+    """ComfyUI casts this layer's weight at every call (lowvram, manual-cast or fp8 ops)."""
+    return bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                or getattr(module, "bias_function", None))
+
+
+def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
+    """Quantize the loaded, patch-merged weights of `model_patcher` in place; return counts.
+    Idempotent: layers already quantized are skipped."""
+    dm = model_patcher.model.diffusion_model
+    counts = collections.Counter()
+    configs = {}  # (device, dtype) -> (plan, torchao config)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for name, module in quantizable_linears(dm, settings.patterns):
+            if is_quantized(module.weight):
+                counts["already"] += 1
+                continue
+            if _cast_per_call(module):
+                counts["cast per call"] += 1
+                continue
+            weight = module.weight
+            where = (weight.device, weight.dtype)
+            if where not in configs:
+                plan = plan_for(settings, weight.device, weight.dtype)
+                if plan.note:
+                    _log_once(plan.note)
+                configs[where] = (plan, plan.torchao_config())
+            plan, config = configs[where]
+            key = f"diffusion_model.{name}.weight"
+            if key not in model_patcher.backup:  # a LoRA'd weight's backup already holds its original
+                model_patcher.backup[key] = _Backup(weight.to(device=model_patcher.offload_device), False)
+            quantize_linear(module, config)
+            counts[plan.mode] += 1
+    done = {k: v for k, v in counts.items() if k in ("dynamic", "weight-only")}
+    if done:
+        plans = ", ".join(f"{n} {mode}" for mode, n in done.items())
+        granularity = ", ".join(sorted({p.granularity for p, _ in configs.values()}))
+        logging.info("FP8 Quantize: %s linear layers to fp8 (%s scales) in %.2f s",
+                     plans, granularity, time.perf_counter() - started)
+    if counts["cast per call"]:
+        _log_once(f"{counts['cast per call']} linear layers stay unquantized because ComfyUI casts their "
+                  "weights per call (partially loaded model, lowvram, or fp8 weight dtype)")
+    return dict(counts)
+
+
+class FP8OnLoad:
+    """The keyed ON_LOAD callback; stateless (settings are read from the patcher)."""
+
+    def __call__(self, model_patcher, device_to, lowvram_model_memory, force_patch_weights, full_load):
+        settings = _settings_of(model_patcher)
+        if settings is not None and settings.enabled:
+            quantize_loaded_model(model_patcher, settings)
+
+    def __repr__(self):
+        return "FP8OnLoad()"
+
+
+def _check_quantizable(model_patcher, settings: FP8Settings) -> None:
+    dm = model_patcher.model.diffusion_model
+    layers = quantizable_linears(dm, settings.patterns)
+    if not layers:
+        raise FP8UnavailableError(
+            f"FP8 Quantize found no linear layer to quantize in {type(dm).__name__}: every bf16/fp16/fp32 "
+            "linear layer with dims divisible by 16 is excluded, or the weights are fp8 already. Load the model "
+            "with weight_dtype 'default' and check the exclude patterns.")
+    if all(getattr(type(m), "comfy_cast_weights", False) for _, m in layers):
+        raise FP8UnavailableError(
+            "FP8 Quantize cannot quantize this model: ComfyUI casts its weights at every call (weights stored "
+            "in a different dtype than the compute dtype). Load it with weight_dtype 'default'.")
+    torchao_config("weight-only", settings.granularity)  # torchao importable? (clear error now, not at load)
+
+
+def apply_fp8(model_patcher, settings: FP8Settings):
+    """Return a clone of `model_patcher` whose selected linear layers are quantized to fp8
+    at every load, after its weight patches are merged.
+
+    The single entry point for the node and for pool workers. Applying it again replaces the
+    settings. Raises FP8UnavailableError when the model has nothing to quantize or torchao is
+    missing. mode "off" leaves the model unchanged (no callback, same patches_uuid).
+    """
+    import comfy.patcher_extension
+
+    model = model_patcher.clone()
+    to = model.model_options.setdefault("transformer_options", {})
+    to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
+    on_load = comfy.patcher_extension.CallbacksMP.ON_LOAD
+    has_callback = any(isinstance(c, FP8OnLoad) for c in model.get_all_callbacks(on_load))
+    if not settings.enabled and not has_callback:
+        return model  # nothing to undo: the plain model, untouched
+    if settings.enabled:
+        _check_quantizable(model, settings)
+    # A new weight identity, so ComfyUI re-merges (and we re-quantize) when switching between
+    # this clone and any other clone of the same model; deterministic, so a pool worker that
+    # re-applies the same settings to the same patches reuses its loaded weights.
+    model.patches_uuid = uuid.uuid5(_UUID_NAMESPACE, f"{model.patches_uuid}|{settings!r}")
+    if not has_callback:
+        model.add_callback_with_key(on_load, CALLBACK_KEY, FP8OnLoad())
+    log.debug("FP8 Quantize: %s", settings)
+    return model

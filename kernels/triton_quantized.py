@@ -1,0 +1,262 @@
+"""Quantized attention for Hopper (and Ada): int8 Q.K^T, fp8 (e4m3) P.V, fp32 softmax and
+accumulation. Imports triton: load it lazily.
+
+The recipe (after SageAttention 2), each step for accuracy at 2x tensor-core rate:
+- K smoothing: subtract the per-head mean key. Every score of a query row shifts by the
+  same q.mean_k, which softmax ignores; the lse gets it back exactly (`lse_offset`).
+  It removes the shared offset that would otherwise eat int8 range.
+- Q and K: int8 with one scale per token (row), so an outlier token costs only its own row.
+  The softmax scale and log2(e) ride in Q's scale.
+- V: fp8 e4m3 with one scale per channel over the sequence, stored transposed
+  ([B, H, D, S]) because fp8 wgmma wants the reduction (key) dim contiguous.
+- P: in [0, 1] after the running-max shift; scaled by 448 (e4m3's max) before the cast so
+  small probabilities stay normal numbers. The row sum is taken from unquantized P.
+- P.V accumulates each key block in the tensor core and adds blocks in fp32
+  (`max_num_imprecise_acc=BLOCK_N`): Hopper's fp8 accumulator is narrower than fp32.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import interpreting
+from .triton_flash import LOG2E, seq_bucket
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """fp32 rounded to the nearest e4m3 value (as fp32). Only for the interpreter, whose own
+    fp32->fp8 cast drops the carry when the mantissa rounds up."""
+    mag = tl.abs(x)
+    exponent = tl.maximum(tl.floor(tl.math.log2(tl.maximum(mag, 1e-30))), -6.0)  # subnormal step 2^-9
+    step = tl.math.exp2(exponent - 3.0)
+    rounded = tl.minimum(tl.floor(mag / step + 0.5) * step, 448.0)
+    return tl.where(x < 0, -rounded, rounded)
+
+
+@triton.jit
+def quantize_rows_int8_kernel(
+    X, Mean, Xq, Scale, MeanDot,
+    stride_xb, stride_xh, stride_xs, num_heads, seq, scale_mult, mean_dot_mult,
+    HEAD_DIM: tl.constexpr, SUBTRACT_MEAN: tl.constexpr, DOT_MEAN: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Per-token int8: Xq = round((X - mean) / step), Scale = step * scale_mult;
+    optionally MeanDot = (X . mean) * mean_dot_mult (the lse offset of K smoothing)."""
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_s < seq
+    x_ptrs = X + batch * stride_xb + head * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :]
+    x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    mean = tl.load(Mean + batch_head.to(tl.int64) * HEAD_DIM + offs_d)
+    row_base = batch_head.to(tl.int64) * seq
+    if DOT_MEAN:
+        tl.store(MeanDot + row_base + offs_s, tl.sum(x * mean[None, :], 1) * mean_dot_mult, mask=row_valid)
+    if SUBTRACT_MEAN:
+        x = x - mean[None, :]
+    step = tl.maximum(tl.max(tl.abs(x), 1), 1e-20) / 127.0
+    scaled = x / step[:, None]
+    rounded = tl.where(scaled >= 0, scaled + 0.5, scaled - 0.5)  # round half away, then truncate
+    xq = tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+    tl.store(Xq + row_base * HEAD_DIM + offs_s[:, None] * HEAD_DIM + offs_d[None, :], xq, mask=row_valid[:, None])
+    tl.store(Scale + row_base + offs_s, step * scale_mult, mask=row_valid)
+
+
+@triton.jit
+def quantize_v_fp8_kernel(
+    V, VScale, Vt, stride_vb, stride_vh, stride_vs, num_heads, seq, seq_padded,
+    HEAD_DIM: tl.constexpr, EMULATE_FP8: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Vt[b, h, d, s] = fp8(V[b, h, s, d] / VScale[b, h, d]) (fp16 holding e4m3 values when emulating)."""
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_s < seq
+    v_ptrs = V + batch * stride_vb + head * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :]
+    v = tl.load(v_ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    inv_scale = 1.0 / tl.load(VScale + batch_head.to(tl.int64) * HEAD_DIM + offs_d)
+    scaled = v * inv_scale[None, :]
+    out_ptrs = Vt + batch_head.to(tl.int64) * HEAD_DIM * seq_padded + offs_d[None, :] * seq_padded + offs_s[:, None]
+    if EMULATE_FP8:
+        tl.store(out_ptrs, _round_to_e4m3(scaled).to(tl.float16), mask=row_valid[:, None])
+    else:
+        tl.store(out_ptrs, scaled.to(tl.float8e4nv), mask=row_valid[:, None])
+
+
+@triton.jit
+def _attend_quantized_block(
+    acc, row_sum, row_max, q, q_scale, k_ptrs, k_scale_ptrs, v_ptrs, bias_ptrs, start_n, seq_k,
+    stride_bias_s,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_valid = offs_n < seq_k
+    if MASK_KEYS:
+        k = tl.load(k_ptrs + start_n * HEAD_DIM, mask=key_valid[:, None], other=0)
+        k_scale = tl.load(k_scale_ptrs + offs_n, mask=key_valid, other=0.0)
+    else:
+        k = tl.load(k_ptrs + start_n * HEAD_DIM)
+        k_scale = tl.load(k_scale_ptrs + offs_n)
+    qk = tl.dot(q, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]  # int32 -> log2 units
+    if HAS_BIAS:
+        if MASK_KEYS:
+            bias = tl.load(bias_ptrs + offs_n * stride_bias_s, mask=key_valid, other=0.0)
+        else:
+            bias = tl.load(bias_ptrs + offs_n * stride_bias_s)
+        qk += bias.to(tl.float32)[None, :] * 1.4426950408889634
+    if MASK_KEYS:
+        qk = tl.where(key_valid[None, :], qk, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(qk, 1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.math.exp2(qk - shift[:, None])
+    rescale = tl.math.exp2(row_max - shift)
+    row_sum = row_sum * rescale + tl.sum(p, 1)
+    if MASK_KEYS:
+        v = tl.load(v_ptrs + start_n, mask=key_valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs + start_n)
+    acc = acc * rescale[:, None]
+    if EMULATE_FP8:
+        acc += tl.dot(_round_to_e4m3(p * 448.0).to(tl.float16), v)
+    else:
+        acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc, max_num_imprecise_acc=BLOCK_N)
+    return acc, row_sum, new_max
+
+
+@triton.jit
+def quantized_attention_kernel(
+    Q8, QScale, K8, KScale, Vt, VScale, LseOffset, Bias, Out, Lse,
+    stride_ob, stride_oh, stride_os, stride_bias_b, stride_bias_s,
+    num_heads, seq_q, seq_k, seq_k_padded, seq_bucket,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1).to(tl.int64)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < seq_q
+
+    q_rows = batch_head * seq_q + offs_m
+    q = tl.load(Q8 + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_valid[:, None], other=0)
+    q_scale = tl.load(QScale + q_rows, mask=row_valid, other=0.0)
+    k_ptrs = K8 + (batch_head * seq_k + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    k_scale_ptrs = KScale + batch_head * seq_k
+    v_ptrs = Vt + batch_head * HEAD_DIM * seq_k_padded + offs_n[:, None] + offs_d[None, :] * seq_k_padded
+    bias_ptrs = Bias + batch * stride_bias_b
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    full_end = (seq_k // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, row_sum, row_max = _attend_quantized_block(
+            acc, row_sum, row_max, q, q_scale, k_ptrs, k_scale_ptrs, v_ptrs, bias_ptrs, start_n, seq_k,
+            stride_bias_s, HEAD_DIM, HAS_BIAS, False, EMULATE_FP8, BLOCK_N,
+        )
+    if full_end < seq_k:
+        acc, row_sum, row_max = _attend_quantized_block(
+            acc, row_sum, row_max, q, q_scale, k_ptrs, k_scale_ptrs, v_ptrs, bias_ptrs, full_end, seq_k,
+            stride_bias_s, HEAD_DIM, HAS_BIAS, True, EMULATE_FP8, BLOCK_N,
+        )
+
+    safe_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
+    v_scale = tl.load(VScale + batch_head * HEAD_DIM + offs_d)
+    out = acc * v_scale[None, :] / (448.0 * safe_sum[:, None])
+    out_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453 + tl.load(LseOffset + q_rows, mask=row_valid, other=0.0)
+    tl.store(Lse + q_rows, lse, mask=row_valid)
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 4, 3), (128, 128, 8, 3),
+        (128, 128, 8, 4), (64, 128, 4, 3), (128, 128, 8, 2),
+    ]
+]
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+QUANT_BLOCK_S = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned():
+    return triton.autotune(configs=_GPU_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "seq_bucket"])(quantized_attention_kernel)
+
+
+def quantize_inputs(q, k, v, scale: float):
+    """The pre-pass: (q8, q_scale, k8, k_scale, vt8, v_scale, lse_offset), all contiguous."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    device = q.device
+    emulate = interpreting()
+    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # [B, H, D]
+    v_min, v_max = torch.aminmax(v, dim=2)  # one pass, no |v| temporary
+    v_scale = (torch.maximum(-v_min.float(), v_max.float()).clamp_min(1e-20) / FP8_MAX).contiguous()
+
+    q8 = torch.empty((batch, heads, seq_q, head_dim), dtype=torch.int8, device=device)
+    k8 = torch.empty((batch, heads, seq_k, head_dim), dtype=torch.int8, device=device)
+    q_scale = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=device)
+    k_scale = torch.empty((batch, heads, seq_k), dtype=torch.float32, device=device)
+    lse_offset = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=device)
+    seq_k_padded = triton.cdiv(seq_k, 16) * 16  # 16-byte aligned rows for vectorised loads
+    vt_dtype = torch.float16 if emulate else torch.float8_e4m3fn
+    vt8 = torch.empty((batch, heads, head_dim, seq_k_padded), dtype=vt_dtype, device=device)
+
+    block_s = 16 if emulate else QUANT_BLOCK_S
+    quantize_rows_int8_kernel[(triton.cdiv(seq_q, block_s), batch * heads)](
+        q, k_mean, q8, q_scale, lse_offset, q.stride(0), q.stride(1), q.stride(2), heads, seq_q,
+        scale * LOG2E, scale, HEAD_DIM=head_dim, SUBTRACT_MEAN=False, DOT_MEAN=True, BLOCK_S=block_s,
+    )
+    quantize_rows_int8_kernel[(triton.cdiv(seq_k, block_s), batch * heads)](
+        k, k_mean, k8, k_scale, lse_offset, k.stride(0), k.stride(1), k.stride(2), heads, seq_k,
+        1.0, 0.0, HEAD_DIM=head_dim, SUBTRACT_MEAN=True, DOT_MEAN=False, BLOCK_S=block_s,
+    )
+    quantize_v_fp8_kernel[(triton.cdiv(seq_k, block_s), batch * heads)](
+        v, v_scale, vt8, v.stride(0), v.stride(1), v.stride(2), heads, seq_k, seq_k_padded,
+        HEAD_DIM=head_dim, EMULATE_FP8=emulate, BLOCK_S=block_s,
+    )
+    return q8, q_scale, k8, k_scale, vt8, v_scale, lse_offset
+
+
+def launch_quantized_attention(q, k, v, bias, scale: float):
+    """Run pre-pass and kernel; inputs already checked by `_runtime.unsupported_reason`."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    q8, q_scale, k8, k_scale, vt8, v_scale, lse_offset = quantize_inputs(q, k, v, scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else lse
+    stride_bias_b = (bias.stride(0) if bias.shape[0] > 1 else 0) if has_bias else 0
+    stride_bias_s = bias.stride(3) if has_bias else 0
+    args = (
+        q8, q_scale, k8, k_scale, vt8, v_scale, lse_offset, bias_arg, out, lse,
+        out.stride(0), out.stride(1), out.stride(2), stride_bias_b, stride_bias_s,
+        heads, seq_q, seq_k, vt8.shape[-1], seq_bucket(seq_q, seq_k),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+
+    if interpreting():
+        quantized_attention_kernel[grid](
+            *args, HEAD_DIM=head_dim, HAS_BIAS=has_bias, EMULATE_FP8=True, **INTERPRETER_BLOCKS
+        )
+    else:
+        _autotuned()[grid](*args, HEAD_DIM=head_dim, HAS_BIAS=has_bias, EMULATE_FP8=False)
+    return out, lse

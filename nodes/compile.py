@@ -1,0 +1,52 @@
+"""Compile Model node: torch.compile of the repeated transformer blocks (regional) or of the
+whole diffusion model. Thin: declarative inputs, one call into `comfy_para_attn`."""
+
+
+class ParaAttnCompile:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A diffusion model (FLUX, HunyuanVideo, Wan, or any model with "
+                                               "repeated transformer blocks for regional scope)."}),
+                "scope": (["regional", "whole", "off"], {
+                    "default": "regional",
+                    "tooltip": "regional: compile each repeated transformer block class once (FLUX: 2 graphs), "
+                               "warm-up in seconds, same speed as a whole-model compile in practice. whole: compile "
+                               "the entire diffusion model like TorchCompileModel (minutes of warm-up). off: the "
+                               "model runs eager."}),
+                "mode": (["default", "max-autotune-no-cudagraphs", "max-autotune"], {
+                    "default": "default",
+                    "tooltip": "torch.compile mode. default: fastest warm-up. max-autotune-no-cudagraphs: benchmarks "
+                               "matmul kernels at warm-up (slower warm-up, sometimes faster steps). max-autotune: "
+                               "also CUDA graphs (lowest launch overhead; more memory, re-captured per shape)."}),
+                "dynamic": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "On: after the first change of resolution or batch size, compile one shape-generic "
+                               "graph (at most one recompile per block class). Off: compile a specialized graph for "
+                               "every new shape (fastest kernels; one recompile per new resolution)."}),
+                "fullgraph": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "On: fail with an error on any graph break instead of running that part eager "
+                               "(to check that a block compiles as one graph)."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model, compiled at its first sampling step.",)
+    FUNCTION = "apply"
+    CATEGORY = "para_attn"
+    DESCRIPTION = ("torch.compile for DiT sampling. Regional scope compiles each transformer block class once, so "
+                   "warm-up takes seconds. No recompile when prompt, seed, LoRA strength or cache threshold "
+                   "change. Works with FP8 Quantize, First Block Cache and Context Parallel in any order.")
+
+    def apply(self, model, scope, mode, dynamic, fullgraph):
+        from comfy_para_attn.adapters.comfy.compile import apply_compile
+        from comfy_para_attn.compile import CompileSettings
+
+        settings = CompileSettings(scope=scope, mode=mode, dynamic=dynamic, fullgraph=fullgraph)
+        return (apply_compile(model, settings),)
+
+
+NODE_CLASS_MAPPINGS = {"ParaAttnCompile": ParaAttnCompile}
+NODE_DISPLAY_NAME_MAPPINGS = {"ParaAttnCompile": "Compile Model"}

@@ -1,0 +1,128 @@
+"""Parallel VAE Decode in real ComfyUI (comfyui tier): tiny random VAEs built from ComfyUI's
+own classes (FLUX: AutoencodingEngine 2D; HunyuanVideo: causal 3D AutoencoderKL), decoded
+on 2 CPU pool ranks, in-process, and by ComfyUI's own VAEDecodeTiled."""
+import pytest
+import torch
+
+POOL_TOL = 1e-5  # other processes may run the convolutions with other thread counts
+
+CASES = {
+    # kind: (latent size, node settings (tile, overlap, frames, frame overlap))
+    "flux": (dict(height=9, width=11), (64, 16, 64, 8)),
+    "hunyuan_video": (dict(frames=4, height=6, width=7), (32, 8, 8, 4)),
+}
+
+
+@pytest.fixture(scope="module")
+def pool_cleanup():
+    yield
+    from comfy_para_attn.pool import shutdown_pool
+
+    shutdown_pool()
+
+
+def _node(pack_nodes, vae, z, settings, gpus):
+    return pack_nodes["ParaAttnParallelVAEDecode"]().decode({"samples": z}, vae, gpus, *settings)[0]
+
+
+def _comfy_tiled(vae, z, settings):
+    import nodes
+
+    return nodes.VAEDecodeTiled().decode(vae, {"samples": z}, *settings)[0]
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_parallel_decode_equals_comfy_tiled(comfyui_path, pack_nodes, pool_cleanup, kind):
+    import comfy.utils
+
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    vae = tiny_comfy_vae(kind)
+    size, settings = CASES[kind]
+    for batch, extra in ((1, {}), (2, {"height": 3, "width": 2})):  # a latent smaller than a tile
+        z = latent(kind, batch=batch, **{**size, **extra}, seed=batch)
+        reference = _comfy_tiled(vae, z, settings)
+        in_process = _node(pack_nodes, vae, z, settings, gpus=1)
+        assert torch.equal(in_process, reference), f"{kind}: in-process differs from VAEDecodeTiled"
+        updates = []
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, *a, **k: updates.append((value, total)))
+        try:
+            pooled = _node(pack_nodes, vae, z, settings, gpus=2)
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        assert pooled.shape == reference.shape
+        assert reference.std() > 0.05
+        err = (pooled - reference).abs().max().item()
+        assert err < POOL_TOL, f"{kind} batch {batch}: pool vs VAEDecodeTiled max abs err {err:.3g}"
+        assert updates and updates[-1][0] == updates[-1][1] > 0, updates
+
+
+def test_same_pool_as_context_parallel_and_vae_cached(comfyui_path, pack_nodes, pool_cleanup):
+    from comfy_para_attn.adapters.comfy import parallel_vae
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    patcher, pos, neg, image = sampling_inputs("flux")
+    cp = pack_nodes["ParaAttnContextParallel"]().apply(patcher, 2, "manual", 2, 1, False, 120.0)[0]
+    comfy_models.sample(cp, pos, neg, image, steps=1, sampler_name="euler", cfg=1.0)
+    pool = parallel_vae.shared_pool(2, "cpu")
+    pids = pool.pids
+    vae = tiny_comfy_vae("flux")
+    z = latent("flux", height=5, width=6)
+    _node(pack_nodes, vae, z, (64, 16, 64, 8), gpus=2)
+    published = len(parallel_vae._published)
+    _node(pack_nodes, vae, z, (64, 16, 64, 8), gpus=2)
+    assert parallel_vae.shared_pool(2, "cpu").pids == pids, "the VAE decode started a second pool"
+    assert len(parallel_vae._published) == published, "the VAE weights were published twice"
+
+
+def test_bad_inputs_are_clear_errors(comfyui_path, pack_nodes):
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    flux, video = tiny_comfy_vae("flux"), tiny_comfy_vae("hunyuan_video")
+    z = latent("flux", height=4, width=4)
+    with pytest.raises(ValueError, match="has 4 channels but this VAE takes 16"):
+        _node(pack_nodes, flux, z[:, :4], (64, 16, 64, 8), gpus=2)
+    with pytest.raises(ValueError, match="overlap .* must be smaller than tile_size"):
+        _node(pack_nodes, flux, z, (64, 64, 64, 8), gpus=2)
+    with pytest.raises(ValueError, match=r"\[B, C, T, H, W\] \(video\)"):
+        _node(pack_nodes, video, z, (64, 16, 64, 8), gpus=2)
+    with pytest.raises(ValueError, match="temporal_overlap .* must be smaller"):
+        _node(pack_nodes, video, latent("hunyuan_video", frames=2, height=4, width=4), (64, 16, 8, 8), gpus=2)
+
+
+def test_interrupt_stops_the_decode_and_the_pool_survives(comfyui_path, pack_nodes, pool_cleanup):
+    import comfy.model_management
+
+    from comfy_para_attn.adapters.comfy import parallel_vae
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    vae = tiny_comfy_vae("hunyuan_video")
+    z = latent("hunyuan_video", frames=4, height=6, width=7)
+    settings = CASES["hunyuan_video"][1]
+    for gpus in (1, 2):
+        comfy.model_management.interrupt_current_processing(True)
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                parallel_vae.parallel_decode(vae, z, parallel_vae.TiledDecodeSettings(*settings), gpus=gpus,
+                                             timeout_s=60)
+        finally:
+            comfy.model_management.interrupt_current_processing(False)
+    pids = parallel_vae.shared_pool(2, "cpu").pids
+    assert _node(pack_nodes, vae, z, settings, gpus=2).shape[0] == 13
+    assert parallel_vae.shared_pool(2, "cpu").pids == pids
+
+
+def test_worker_failure_is_an_error_and_the_next_run_gets_a_fresh_pool(comfyui_path, pack_nodes, pool_cleanup):
+    from comfy_para_attn.pool import PoolError
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    vae = tiny_comfy_vae("flux")
+    vae.para_attn_rebuild = ("comfy_para_attn.testing.vae_models:rebuild_failing_on_rank_1", {"kind": "flux", "ch": 32})
+    z = latent("flux", height=5, width=6)
+    with pytest.raises(PoolError, match="injected VAE rebuild failure") as info:
+        _node(pack_nodes, vae, z, (64, 16, 64, 8), gpus=2)
+    assert info.value.rank == 1 and "rebuild_failing_on_rank_1" in info.value.worker_traceback
+    good = tiny_comfy_vae("flux")
+    assert _node(pack_nodes, good, z, (64, 16, 64, 8), gpus=2).shape == (1, 40, 48, 3)

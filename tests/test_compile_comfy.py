@@ -1,0 +1,160 @@
+"""ComfyUI tier: Compile Model (regional torch.compile) on a tiny ComfyUI Flux model sampled
+through ComfyUI's real sampling on CPU: equal to eager, each block class compiled once, no
+recompile across prompts / seeds / LoRA strength / cache threshold, at most one recompile per
+block class for a new resolution with `dynamic`, and the FP8 -> Compile -> First Block Cache ->
+KSampler workflow through the real nodes.
+
+Attention: ComfyUI picks sub-quadratic attention on CPU, which queries free memory in Python
+(a graph break per call). The tests route attention to ComfyUI's own SDPA function (what CUDA
+uses) through `transformer_options["optimized_attention_override"]`, so a block is one graph.
+Guard and recompile checks use the "eager" backend (dynamo's guards do not depend on the
+backend); one test runs inductor for numerics.
+"""
+import logging
+
+import pytest
+import torch
+
+from comfy_para_attn.compile import CompileSettings
+
+STEPS = 3
+
+
+def _sdpa_attention(func, *args, **kwargs):
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cm(comfyui_path):
+    from comfy_para_attn.testing import comfy_models
+
+    return comfy_models
+
+
+@pytest.fixture(scope="module")
+def flux(cm):
+    model = cm.build("flux")
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention
+    return model
+
+
+@pytest.fixture
+def dynamo():
+    """A clean dynamo cache and counters for each test."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+def _graphs(counters) -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _run(cm, model, *, seed=0, prompt_seed=1, side=8, steps=STEPS):
+    pos = cm.conditioning(model, seed=prompt_seed)
+    latent = torch.zeros(cm.latent_shape("flux", height=side, width=side))
+    return cm.sample(model, pos, [], latent, steps=steps, cfg=1.0, seed=seed)
+
+
+def test_regional_inductor_matches_eager_and_compiles_each_class_once(cm, flux, dynamo):
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+
+    eager = _run(cm, flux)
+    compiled = apply_compile(flux, CompileSettings())
+    out = _run(cm, compiled)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    assert _graphs(dynamo) == 2, dict(dynamo["stats"])  # DoubleStreamBlock, SingleStreamBlock
+    assert not torch.equal(_run(cm, compiled, prompt_seed=5), out)  # a new prompt runs, no recompile
+    assert _graphs(dynamo) == 2
+    assert flux.model.diffusion_model.double_blocks[0].__class__.__name__ == "DoubleStreamBlock"  # swapped back
+
+
+def test_no_recompile_across_prompts_seeds_lora_and_cache_threshold(cm, flux, dynamo):
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+    from comfy_para_attn.adapters.comfy.first_block_cache import apply_first_block_cache
+    from comfy_para_attn.cache import FirstBlockCacheSettings
+
+    compiled = apply_compile(flux, CompileSettings(backend="eager"))
+    outputs = [_run(cm, compiled, seed=s, prompt_seed=10 + s) for s in range(3)]
+    assert _graphs(dynamo) == 2, dict(dynamo["stats"])
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+    lora = cm.random_lora(flux, scale=1.0)
+    by_strength = [_run(cm, cm.apply_lora(compiled, lora, strength)) for strength in (1.0, 0.5)]
+    assert (by_strength[0] - by_strength[1]).abs().max() > 1e-3  # the compiled model sees the new weights
+    torch.testing.assert_close(by_strength[1], _run(cm, cm.apply_lora(flux, lora, 0.5)), rtol=1e-5, atol=1e-5)
+
+    for threshold in (0.0, 0.2, 0.5):  # the cache decision runs eager between compiled blocks
+        _run(cm, apply_first_block_cache(compiled, FirstBlockCacheSettings(threshold)), steps=4)
+    assert _graphs(dynamo) == 2, dict(dynamo["stats"])
+
+
+def test_resolution_change_recompiles_at_most_once_with_dynamic(cm, flux, dynamo):
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+
+    compiled = apply_compile(flux, CompileSettings(backend="eager", dynamic=True))
+    _run(cm, compiled, side=8)
+    assert _graphs(dynamo) == 2
+    _run(cm, compiled, side=12)
+    after_first_change = _graphs(dynamo)
+    assert after_first_change <= 4, dict(dynamo["stats"])  # one shape-generic graph per block class
+    for side in (16, 6):
+        _run(cm, compiled, side=side)
+    assert _graphs(dynamo) == after_first_change, dict(dynamo["stats"])
+
+
+def test_scopes_off_and_replacing_comfy_compile(cm, flux, dynamo, caplog):
+    import comfy.patcher_extension
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    from comfy_para_attn.adapters.comfy.compile import WRAPPER_KEY, apply_compile
+
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    whole = apply_compile(flux, CompileSettings(scope="whole", backend="eager"))
+    torch.testing.assert_close(_run(cm, whole), _run(cm, flux), rtol=1e-5, atol=1e-5)
+    off = apply_compile(whole, CompileSettings(scope="off"))
+    assert not off.get_wrappers(apply_model, WRAPPER_KEY) and whole.get_wrappers(apply_model, WRAPPER_KEY)
+    assert torch.equal(_run(cm, off), _run(cm, flux))
+
+    theirs = flux.clone()
+    set_torch_compile_wrapper(theirs, backend="eager")
+    with caplog.at_level(logging.INFO):
+        ours = apply_compile(theirs, CompileSettings(backend="eager"))
+    assert not ours.get_wrappers(apply_model, "torch.compile") and "replacing the TorchCompileModel" in caplog.text
+
+    class NoBlocks(torch.nn.Module):
+        pass
+
+    fake = type("P", (), {"model": type("B", (), {"diffusion_model": NoBlocks()})()})()
+    from comfy_para_attn.adapters.comfy.compile import compile_targets
+
+    with pytest.raises(ValueError, match="scope 'whole'"):
+        compile_targets(fake, "regional")
+
+
+def test_workflow_fp8_compile_first_block_cache_ksampler(cm, flux, dynamo, pack_nodes):
+    """The graph a user builds: FP8 Quantize -> Compile Model -> First Block Cache -> KSampler."""
+    pytest.importorskip("torchao", reason="FP8 Quantize needs torchao (a runtime dependency of the pack)")
+    import nodes
+
+    bf16 = cm.build("flux", dtype=torch.bfloat16)
+    bf16.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention
+    (model,) = pack_nodes["ParaAttnFP8Quantize"]().apply(bf16, "row-wise", "dynamic activation + weight",
+                                                           "img_in, txt_in, time_in, vector_in, guidance_in, "
+                                                           "final_layer, *_mod, *modulation*")
+    (model,) = pack_nodes["ParaAttnCompile"]().apply(model, "regional", "default", False, False)
+    model = model.clone()  # the node's inductor default is slow on a 2-core CPU: same hooks, eager backend
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+    model = apply_compile(model, CompileSettings(backend="eager"))
+    (model,) = pack_nodes["ParaAttnFirstBlockCache"]().apply(model, 0.2, 0.0, 1.0, -1)
+    pos = cm.conditioning(bf16, seed=1)
+    latent = {"samples": torch.zeros(cm.latent_shape("flux"))}
+    (out,) = nodes.KSampler().sample(model, 7, 4, 1.0, "euler", "simple", pos, pos, latent, denoise=1.0)
+    (plain,) = nodes.KSampler().sample(bf16, 7, 4, 1.0, "euler", "simple", pos, pos, latent, denoise=1.0)
+    assert torch.isfinite(out["samples"]).all()
+    diff = (out["samples"] - plain["samples"]).abs().mean() / plain["samples"].abs().mean()
+    assert 0 < diff < 0.1, diff  # fp8 rounding and cache reuse: close to, not equal to, the plain model
+    assert _graphs(dynamo) == 2, dict(dynamo["stats"])

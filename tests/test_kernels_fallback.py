@@ -1,0 +1,101 @@
+"""Where the Triton kernels cannot run they fall back to SDPA and say why once; the backend
+choice reaches local attention. None of this needs triton itself."""
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from comfy_para_attn.attention import local
+from kernels import _runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(head_dim=64, dtype=torch.bfloat16, seq=12):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, 2, seq, head_dim, generator=g).to(dtype) for _ in range(3))
+
+
+@pytest.fixture
+def fresh_log_state(monkeypatch):
+    monkeypatch.setattr(_runtime, "_logged", set())
+    monkeypatch.setattr(_runtime, "_broken", {})
+
+
+@pytest.mark.parametrize("kernel", [kernels.flash_attention, kernels.quantized_attention])
+def test_cpu_without_interpreter_falls_back_and_logs_once(kernel, monkeypatch, caplog, fresh_log_state):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = tiny()
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        out, lse = kernel(q, k, v)
+        kernel(q, k, v)
+    reasons = [r.getMessage() for r in caplog.records]
+    assert len(reasons) == 1 and "falls back to SDPA" in reasons[0], reasons
+    assert "cpu tensors" in reasons[0] or "triton is not importable" in reasons[0]
+    ref_out, ref_lse = kernels.sdpa_attention(q, k, v)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(head_dim=80), "head dim 80"),
+        (dict(dtype=torch.float32), "dtypes"),
+    ],
+)
+def test_unsupported_inputs_name_the_reason(change, reason, monkeypatch):
+    monkeypatch.setattr(_runtime, "triton_import_error", lambda: None)  # as if triton were there
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = tiny(**change)
+    assert reason in kernels.fallback_reason("triton", q, k, v)
+    q, k, v = tiny()
+    assert kernels.fallback_reason("triton", q, k, v) is None
+    assert "bias" in kernels.fallback_reason("triton", q, k, v, torch.zeros(1, 2, 12, 12))
+
+
+def test_fallback_can_be_supplied(monkeypatch, fresh_log_state):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = tiny()
+    sentinel = (torch.zeros(1), torch.zeros(1))
+    assert kernels.flash_attention(q, k, v, fallback=lambda *a: sentinel) is sentinel
+
+
+def test_backend_choices_and_auto_stays_on_sdpa_without_calibration(monkeypatch):
+    monkeypatch.setattr(local, "_selected", local._selected)
+    assert set(local.BACKEND_CHOICES) == {"auto", "sdpa", "triton", "triton-fp8"}
+    assert {"triton", "triton-fp8"} <= set(local._BACKENDS)
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        local.select_backend("flash")
+    q, k, v = tiny(dtype=torch.float32)
+    for name in ("auto", "sdpa"):
+        local.select_backend(name)
+        assert local.get_backend() == name
+        out, lse = local.local_attention(q, k, v)
+        torch.testing.assert_close(out, kernels.attention_reference(q, k, v)[0], rtol=0, atol=1e-5)
+    assert local._auto(q, None) == "sdpa-cpu-flash" and not local._auto_preferences
+
+
+def test_everything_imports_and_falls_back_without_triton():
+    """A machine with no triton at all: the pack imports, `triton` is selectable, and
+    attention runs on SDPA with the reason logged."""
+    script = """
+import logging, sys
+sys.modules["triton"] = None  # any `import triton` now raises ImportError
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+import torch
+from comfy_para_attn.attention import local, parallel_attention
+local.select_backend("triton")
+q = k = v = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+out = parallel_attention(q, k, v, cp=None)
+ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+assert (out.float() - ref.float()).abs().max() < 1e-2
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+    assert "triton is not importable" in result.stderr

@@ -1,0 +1,113 @@
+"""Tile plans, blending weights and the rank loop of the parallel VAE decode (unit tier:
+plain torch, fake local decoders, 2 gloo ranks)."""
+import pytest
+import torch
+
+from comfy_para_attn.testing.distributed import run_ranks
+from comfy_para_attn.testing.vae_models import nearest_decoder
+from comfy_para_attn.vae import (TiledDecodeSettings, TileGrid, assign_tiles, blend_tiles, comfy_grids,
+                                 decode_tiles, feather_mask, latent_tile_sizes, plan_tiles)
+
+CAUSAL = (lambda d, n: max(0, 4 * n - 3) if d == 0 else 8 * n), (lambda d, p: (4, 8, 8)[d] * p)
+IMAGE = (lambda d, n: 8 * n), None
+
+
+def _plan(shape, grids, axes):
+    scale, position = axes
+    return plan_tiles(shape, grids, scale=scale, position=position)
+
+
+def _tiled(z, plan, decoder):
+    return blend_tiles(plan, [decoder(z[plan.latent_slices(t)]) for t in plan.tiles])
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 13, 10), (2, 16, 9, 4), (1, 16, 3, 3)])
+def test_2d_comfy_grids_cover_the_image_and_match_a_whole_decode(shape):
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    decoder = nearest_decoder(8)
+    plan = _plan(shape, comfy_grids(2, (4, 4), (1, 1)), IMAGE)
+    assert plan.out_shape == (shape[0], 3, shape[2] * 8, shape[3] * 8)
+    assert [g.tile for g in plan.grids] == [(8, 2), (2, 8), (4, 4)]
+    out = _tiled(z, plan, decoder)
+    # A local decoder agrees on every overlap, so the weighted mean is the whole decode.
+    torch.testing.assert_close(out, decoder(z), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 5, 9, 11), (2, 16, 3, 5, 7), (1, 16, 1, 2, 3)])
+def test_3d_causal_tiles_match_a_whole_decode(shape):
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    decoder = nearest_decoder(8, temporal=4)
+    plan = _plan(shape, [TileGrid((2, 4, 4), (1, 1, 1))], CAUSAL)
+    assert plan.out_spatial == (max(0, 4 * shape[2] - 3), shape[3] * 8, shape[4] * 8)
+    out = _tiled(z, plan, decoder)
+    torch.testing.assert_close(out, decoder(z), atol=1e-6, rtol=0)
+
+
+def test_small_latent_is_one_whole_tile_without_weights():
+    plan = _plan((1, 16, 3, 3), [TileGrid((4, 4), (1, 1))], IMAGE)
+    assert len(plan.tiles) == 1 and plan.tiles[0].whole
+    decoded = torch.randn(1, 3, 24, 24)
+    assert torch.equal(blend_tiles(plan, [decoded]), decoded)
+
+
+def test_uneven_sizes_end_with_a_shorter_tile():
+    plan = _plan((1, 16, 10, 4), [TileGrid((4, 4), (1, 1))], IMAGE)
+    starts = [(t.start[0], t.size[0]) for t in plan.tiles]
+    assert starts == [(0, 4), (3, 4), (6, 4)]  # ComfyUI: range(0, 10 - 1, 3) -> 0, 3, 6
+    assert plan.tiles[-1].out_start == (48, 0)
+
+
+def test_feather_mask_ramps_both_ends():
+    mask = feather_mask((6,), (2,))[0, 0]
+    assert mask.tolist() == [0.5, 1.0, 1.0, 1.0, 1.0, 0.5]
+    assert feather_mask((3,), (3,)).eq(1).all()  # a feather as long as the tile is skipped
+
+
+def test_assignment_is_balanced_and_deterministic():
+    plan = _plan((1, 16, 13, 10), comfy_grids(2, (4, 4), (1, 1)), IMAGE)
+    owners = assign_tiles(plan, 2)
+    assert owners == assign_tiles(plan, 2)
+    counts = [owners.count(r) for r in range(2)]
+    assert abs(counts[0] - counts[1]) <= 2 and sum(counts) == len(plan.tiles)
+    assert set(assign_tiles(plan, 1)) == {0}
+
+
+def test_bad_sizes_are_clear_errors():
+    with pytest.raises(ValueError, match="must be larger than the overlap"):
+        _plan((1, 16, 9, 9), [TileGrid((2, 2), (2, 2))], IMAGE)
+    with pytest.raises(ValueError, match="overlap .* must be smaller than tile_size"):
+        latent_tile_sizes(TiledDecodeSettings(256, 256), 2, 8)
+    with pytest.raises(ValueError, match="temporal_overlap .* must be smaller"):
+        latent_tile_sizes(TiledDecodeSettings(256, 32, 8, 8), 3, 8, 4)
+    with pytest.raises(ValueError, match="video"):
+        latent_tile_sizes(TiledDecodeSettings(), 3, 8, None)
+
+
+def test_node_units_convert_like_vae_decode_tiled():
+    assert latent_tile_sizes(TiledDecodeSettings(512, 64), 2, 8) == ((64, 64), (8, 8))
+    assert latent_tile_sizes(TiledDecodeSettings(64, 32), 2, 8) == ((8, 8), (2, 2))  # overlap -> tile/4
+    assert latent_tile_sizes(TiledDecodeSettings(256, 64, 32, 8), 3, 8, 4) == ((8, 32, 32), (2, 8, 8))
+    assert latent_tile_sizes(TiledDecodeSettings(256, 64, 8, 4), 3, 8, 4) == ((2, 32, 32), (1, 8, 8))
+
+
+def _rank_decode(rank, world_size, shape, grids, video):
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    decoder = nearest_decoder(8, temporal=4 if video else None)
+    plan = _plan(shape, grids, CAUSAL if video else IMAGE)
+    rounds = []
+    out = decode_tiles(z, plan, decoder, rank=rank, world_size=world_size,
+                       on_round=lambda r, n, done, total: rounds.append((r, done, total)))
+    return out, rounds
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_two_gloo_ranks_equal_one(video):
+    shape = (2, 16, 3, 5, 7) if video else (1, 16, 11, 9)
+    grids = [TileGrid((2, 4, 4), (1, 1, 1))] if video else comfy_grids(2, (4, 4), (1, 1))
+    single, single_rounds = _rank_decode(0, 1, shape, grids, video)
+    results = run_ranks(_rank_decode, 2, shape, grids, video, timeout=120)
+    (out0, rounds0), (out1, rounds1) = results
+    assert out1 is None
+    assert torch.equal(out0, single)  # same tiles, same order: bit for bit
+    assert len(rounds0) == len(rounds1) < len(single_rounds)  # every rank runs every round
+    assert rounds0[-1][1:] == single_rounds[-1][1:]  # progress ends at all tiles
