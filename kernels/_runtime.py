@@ -41,6 +41,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_unusable_reason() -> Optional[str]:
+    """Triton decides at import whether its own library functions (tl.max, tl.sum) are
+    interpreted: if it was imported before TRITON_INTERPRET=1 was set, kernels cannot run
+    on the interpreter in this process."""
+    import triton.language.standard as standard
+
+    if type(standard.sum).__name__ != "InterpretedFunction":
+        return "triton was imported before TRITON_INTERPRET=1 was set; set it before anything imports triton"
+    return None
+
+
 def log_once(kernel: str, reason: str) -> None:
     if (kernel, reason) not in _logged:
         _logged.add((kernel, reason))
@@ -68,6 +79,8 @@ def unsupported_reason(
             return f"GPU capability sm{capability[0]}{capability[1]} is below sm{min_capability[0]}{min_capability[1]}"
     elif not (q.device.type == "cpu" and interpreting()):
         return f"{q.device.type} tensors (set TRITON_INTERPRET=1 to run the kernel on CPU, slowly)"
+    elif interpreter_unusable_reason():
+        return interpreter_unusable_reason()
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes q={q.dtype} k={k.dtype} v={v.dtype}; need one of fp16/bf16 for all three"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

@@ -66,8 +66,9 @@ def test_same_pool_as_context_parallel_and_vae_cached(comfyui_path, pack_nodes, 
     patcher, pos, neg, image = sampling_inputs("flux")
     cp = pack_nodes["ParaAttnContextParallel"]().apply(patcher, 2, "manual", 2, 1, False, 120.0)[0]
     comfy_models.sample(cp, pos, neg, image, steps=1, sampler_name="euler", cfg=1.0)
-    pool = parallel_vae.shared_pool(2, "cpu")
-    pids = pool.pids
+    from comfy_para_attn.pool import registry
+
+    pids = registry._current.pids  # the pool Context Parallel started or reused
     vae = tiny_comfy_vae("flux")
     z = latent("flux", height=5, width=6)
     _node(pack_nodes, vae, z, (64, 16, 64, 8), gpus=2)

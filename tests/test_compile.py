@@ -1,0 +1,58 @@
+"""Unit tier (CPU, no ComfyUI): regional compile finds the repeated blocks and compiles each
+block class once, with no recompile for new values of the same shapes."""
+import pytest
+import torch
+
+from comfy_para_attn.compile import CompileSettings, compile_modules, describe, repeated_block_names
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x, options={}):
+        return x + torch.nn.functional.gelu(self.linear(x)) * (2.0 if options.get("double") else 1.0)
+
+
+class Other(Block):
+    pass
+
+
+class ToyDiT(torch.nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.embed = torch.nn.Linear(width, width)
+        self.double_blocks = torch.nn.ModuleList(Block(width) for _ in range(3))
+        self.single_blocks = torch.nn.ModuleList(Other(width) for _ in range(4))
+        self.mixed = torch.nn.ModuleList([Block(width), Other(width)])  # not one class: not a region
+
+
+def test_settings():
+    assert CompileSettings().compile_kwargs() == dict(backend="inductor", fullgraph=False, dynamic=False)
+    assert CompileSettings(mode="max-autotune", dynamic=True).compile_kwargs()["mode"] == "max-autotune"
+    assert CompileSettings(dynamic=True).compile_kwargs()["dynamic"] is None  # torch's automatic dynamic
+    assert not CompileSettings(scope="off").enabled
+    with pytest.raises(ValueError):
+        CompileSettings(scope="everything")
+
+
+def test_regional_compile_once_per_class():
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    toy = ToyDiT()
+    names = repeated_block_names(toy)
+    assert names == [f"double_blocks.{i}" for i in range(3)] + [f"single_blocks.{i}" for i in range(4)]
+    assert describe(toy, names) == "7 blocks of 2 class(es): Block, Other"
+    compiled = compile_modules(toy, names, CompileSettings(backend="eager"))
+    with torch.no_grad():
+        for seed in range(3):  # new values and new option values: same graphs
+            x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed))
+            y = x
+            for name in names:
+                expected = toy.get_submodule(name)(y, {"step": seed})
+                y = compiled[name](y, {"step": seed})
+                torch.testing.assert_close(y, expected)
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()

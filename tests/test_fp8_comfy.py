@@ -1,0 +1,116 @@
+"""ComfyUI tier: FP8 Quantize on a tiny bf16 ComfyUI Flux model sampled through ComfyUI's real
+sampling on CPU. The CPU runs torchao's weight-only fp8 (the fallback of the dynamic default,
+logged once); the dynamic path needs a GPU with compute capability >= 8.9 (bench/)."""
+import logging
+
+import pytest
+import torch
+
+from comfy_para_attn.quant import FP8Settings, FP8UnavailableError
+
+pytest.importorskip("torchao", reason="FP8 Quantize needs torchao (a runtime dependency in pyproject)")
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def cm(comfyui_path):
+    from comfy_para_attn.testing import comfy_models
+
+    return comfy_models
+
+
+@pytest.fixture(scope="module")
+def fp8(comfyui_path):
+    from comfy_para_attn.adapters.comfy import fp8
+
+    return fp8
+
+
+@pytest.fixture(scope="module")
+def flux(cm):
+    return cm.build("flux", dtype=torch.bfloat16)
+
+
+def _run(cm, model, seed=0):
+    pos = cm.conditioning(model, seed=1)
+    return cm.sample(model, pos, [], torch.zeros(cm.latent_shape("flux")), steps=STEPS, cfg=1.0, seed=seed)
+
+
+def _quantized_names(model):
+    from comfy_para_attn.quant import is_quantized
+
+    return {n for n, m in model.model.diffusion_model.named_modules()
+            if isinstance(m, torch.nn.Linear) and is_quantized(m.weight)}
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def test_weight_only_fallback_and_default_exclusions(cm, fp8, flux, caplog):
+    plain, before = _run(cm, flux), _weights(flux)
+    model = fp8.apply_fp8(flux, FP8Settings())
+    seen = {}
+    model.add_callback(__import__("comfy.patcher_extension").patcher_extension.CallbacksMP.ON_LOAD,
+                       lambda p, *a: seen.setdefault("names", _quantized_names(p)))
+    fp8._said_once.clear()
+    with caplog.at_level(logging.INFO):
+        out = _run(cm, model)
+        _run(cm, flux)  # switch back and forth: each load re-merges and re-quantizes
+        again = _run(cm, model)
+    assert caplog.text.count("uses weight-only fp8") == 1  # the fallback is said once
+    assert "linear layers to fp8" in caplog.text
+    blocks = {f"double_blocks.{i}.{s}_{p}" for i in range(2) for s in ("img", "txt")
+              for p in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
+    blocks |= {f"single_blocks.{i}.linear{j}" for i in range(2) for j in (1, 2)}
+    assert seen["names"] == blocks  # embedders, modulation and final layer stay bf16
+    rel = (out - plain).abs().mean() / plain.abs().mean()
+    assert 0 < rel < 0.1, rel
+    assert torch.equal(out, again)
+    assert torch.equal(_run(cm, flux), plain)  # the plain clone gets its bf16 weights back
+    after = _weights(flux)
+    assert all(torch.equal(before[k], after[k]) and type(after[k]) is torch.Tensor for k in before)
+
+
+def test_custom_exclusions_and_off(cm, fp8, flux):
+    plain = _run(cm, flux)
+    singles_only = fp8.apply_fp8(flux, FP8Settings(exclude="double_blocks, *_in, final_layer, *mod*"))
+    names = []
+    singles_only.add_callback(__import__("comfy.patcher_extension").patcher_extension.CallbacksMP.ON_LOAD,
+                              lambda p, *a: names.append(_quantized_names(p)))
+    _run(cm, singles_only)
+    assert names[0] == {f"single_blocks.{i}.linear{j}" for i in range(2) for j in (1, 2)}
+    off = fp8.apply_fp8(flux, FP8Settings(mode="off"))
+    assert off.patches_uuid == flux.patches_uuid and torch.equal(_run(cm, off), plain)
+    turned_off = fp8.apply_fp8(fp8.apply_fp8(flux, FP8Settings()), FP8Settings(mode="off"))
+    assert torch.equal(_run(cm, turned_off), plain)
+    with pytest.raises(FP8UnavailableError, match="no linear layer"):
+        fp8.apply_fp8(flux, FP8Settings(exclude="*"))
+
+
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_change_requantizes(cm, fp8, flux, lora_first):
+    lora = cm.random_lora(flux, scale=1.0, max_layers=40)
+    settings = FP8Settings()
+
+    def build(strength):
+        if lora_first:
+            return fp8.apply_fp8(cm.apply_lora(flux, lora, strength), settings)
+        return cm.apply_lora(fp8.apply_fp8(flux, settings), lora, strength)
+
+    strong, weak = _run(cm, build(1.0)), _run(cm, build(0.25))
+    assert (strong - weak).abs().mean() > 0.05 * strong.abs().mean()
+    reference = _run(cm, cm.apply_lora(flux, lora, 0.25))  # bf16 with the same LoRA
+    assert (weak - reference).abs().mean() < 0.1 * reference.abs().mean()
+
+
+def test_node(cm, flux, pack_nodes):
+    node = pack_nodes["ParaAttnFP8Quantize"]
+    inputs = node.INPUT_TYPES()["required"]
+    assert list(inputs) == ["model", "granularity", "mode", "exclude"]
+    assert all(opts.get("tooltip") for _, opts in inputs.values())
+    (model,) = node().apply(flux, "tensor-wise", "weight-only", "img_in")
+    assert model.model_options["transformer_options"]["para_attn"]["fp8"] == FP8Settings("tensor-wise",
+                                                                                         "weight-only", "img_in")
+    assert torch.isfinite(_run(cm, model)).all()
