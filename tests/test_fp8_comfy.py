@@ -44,6 +44,12 @@ def _quantized_names(model):
             if isinstance(m, torch.nn.Linear) and is_quantized(m.weight)}
 
 
+def _on_load():
+    import comfy.patcher_extension
+
+    return comfy.patcher_extension.CallbacksMP.ON_LOAD
+
+
 def _weights(model):
     return {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
 
@@ -52,7 +58,7 @@ def test_weight_only_fallback_and_default_exclusions(cm, fp8, flux, caplog):
     plain, before = _run(cm, flux), _weights(flux)
     model = fp8.apply_fp8(flux, FP8Settings())
     seen = {}
-    model.add_callback(__import__("comfy.patcher_extension").patcher_extension.CallbacksMP.ON_LOAD,
+    model.add_callback(_on_load(),
                        lambda p, *a: seen.setdefault("names", _quantized_names(p)))
     fp8._said_once.clear()
     with caplog.at_level(logging.INFO):
@@ -77,7 +83,7 @@ def test_custom_exclusions_and_off(cm, fp8, flux):
     plain = _run(cm, flux)
     singles_only = fp8.apply_fp8(flux, FP8Settings(exclude="double_blocks, *_in, final_layer, *mod*"))
     names = []
-    singles_only.add_callback(__import__("comfy.patcher_extension").patcher_extension.CallbacksMP.ON_LOAD,
+    singles_only.add_callback(_on_load(),
                               lambda p, *a: names.append(_quantized_names(p)))
     _run(cm, singles_only)
     assert names[0] == {f"single_blocks.{i}.linear{j}" for i in range(2) for j in (1, 2)}

@@ -31,12 +31,12 @@ from kernels.reference import (  # noqa: E402
 )
 
 if HAVE_TRITON and DEVICE == "cpu":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytestmark = pytest.mark.skip(reason="no CUDA and TRITON_INTERPRET is not 1: the kernels cannot run here")
-    elif kernels._runtime.interpreter_unusable_reason():
+    if kernels._runtime.interpreter_unusable_reason():
         # Another test module imported triton first; test_kernels_fallback reruns this file
-        # in a fresh interpreter process instead.
+        # in a fresh process with TRITON_INTERPRET=1 instead.
         pytestmark = pytest.mark.skip(reason=kernels._runtime.interpreter_unusable_reason())
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        pytestmark = pytest.mark.skip(reason="no CUDA and TRITON_INTERPRET is not 1: the kernels cannot run here")
 
 INPUTS = {"random": random_inputs, "realistic": realistic_inputs}
 SEQ_Q, SEQ_K = 40, 35  # neither a multiple of the 16-wide interpreter blocks: tails on both sides

@@ -51,6 +51,7 @@ def test_cpu_without_interpreter_falls_back_and_logs_once(kernel, monkeypatch, c
 )
 def test_unsupported_inputs_name_the_reason(change, reason, monkeypatch):
     monkeypatch.setattr(_runtime, "triton_import_error", lambda: None)  # as if triton were there
+    monkeypatch.setattr(_runtime, "interpreter_unusable_reason", lambda: None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = tiny(**change)
     assert reason in kernels.fallback_reason("triton", q, k, v)

@@ -90,24 +90,29 @@ def test_node_units_convert_like_vae_decode_tiled():
     assert latent_tile_sizes(TiledDecodeSettings(256, 64, 8, 4), 3, 8, 4) == ((2, 32, 32), (1, 8, 8))
 
 
-def _rank_decode(rank, world_size, shape, grids, video):
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
-    decoder = nearest_decoder(8, temporal=4 if video else None)
-    plan = _plan(shape, grids, CAUSAL if video else IMAGE)
-    rounds = []
-    out = decode_tiles(z, plan, decoder, rank=rank, world_size=world_size,
-                       on_round=lambda r, n, done, total: rounds.append((r, done, total)))
-    return out, rounds
+VIDEO = ((2, 16, 3, 5, 7), [TileGrid((2, 4, 4), (1, 1, 1))], True)
+IMAGE_CASE = ((1, 16, 11, 9), comfy_grids(2, (4, 4), (1, 1)), False)
 
 
-@pytest.mark.parametrize("video", [False, True])
-def test_two_gloo_ranks_equal_one(video):
-    shape = (2, 16, 3, 5, 7) if video else (1, 16, 11, 9)
-    grids = [TileGrid((2, 4, 4), (1, 1, 1))] if video else comfy_grids(2, (4, 4), (1, 1))
-    single, single_rounds = _rank_decode(0, 1, shape, grids, video)
-    results = run_ranks(_rank_decode, 2, shape, grids, video, timeout=120)
-    (out0, rounds0), (out1, rounds1) = results
-    assert out1 is None
-    assert torch.equal(out0, single)  # same tiles, same order: bit for bit
-    assert len(rounds0) == len(rounds1) < len(single_rounds)  # every rank runs every round
-    assert rounds0[-1][1:] == single_rounds[-1][1:]  # progress ends at all tiles
+def _rank_decode(rank, world_size, cases):
+    results = []
+    for shape, grids, video in cases:
+        z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+        decoder = nearest_decoder(8, temporal=4 if video else None)
+        plan = _plan(shape, grids, CAUSAL if video else IMAGE)
+        rounds = []
+        out = decode_tiles(z, plan, decoder, rank=rank, world_size=world_size,
+                           on_round=lambda r, n, done, total: rounds.append((r, done, total)))
+        results.append((out, rounds))
+    return results
+
+
+def test_two_gloo_ranks_equal_one():
+    cases = [IMAGE_CASE, VIDEO]
+    singles = _rank_decode(0, 1, cases)
+    ranks = run_ranks(_rank_decode, 2, cases, timeout=120)  # one spawn for both cases
+    for (single, single_rounds), (out0, rounds0), (out1, rounds1) in zip(singles, *ranks):
+        assert out1 is None
+        assert torch.equal(out0, single)  # same tiles, same order: bit for bit
+        assert len(rounds0) == len(rounds1) < len(single_rounds)  # every rank runs every round
+        assert rounds0[-1][1:] == single_rounds[-1][1:]  # progress ends at all tiles

@@ -162,3 +162,25 @@ def rebuild_failing_on_rank_1(state_dict, dtype=torch.float32, **kwargs):
     if dist.is_initialized() and dist.get_rank() == 1:
         raise RuntimeError("injected VAE rebuild failure")
     return rebuild_tiny_comfy_vae(state_dict, dtype, **kwargs)
+
+
+def full_size_comfy_vae(kind: str, *, seed: int = 0, dtype=None):
+    """A comfy.sd.VAE with the real FLUX or HunyuanVideo VAE architecture and random weights,
+    detected by comfy.sd.VAE from the state dict's keys like a real checkpoint (benchmarks)."""
+    import comfy.sd
+
+    ddconfig = {**_ddconfig(kind, 128), "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2}
+    if kind == "flux":
+        from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+        model = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    else:
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+
+        model = AutoencoderKL(ddconfig=ddconfig, embed_dim=LATENT_CHANNELS)
+    state = _randomize(model, seed)
+    del model
+    return comfy.sd.VAE(sd=state, dtype=dtype)

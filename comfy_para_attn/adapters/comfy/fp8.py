@@ -126,7 +126,8 @@ def apply_fp8(model_patcher, settings: FP8Settings):
 
     The single entry point for the node and for pool workers. Applying it again replaces the
     settings. Raises FP8UnavailableError when the model has nothing to quantize or torchao is
-    missing. mode "off" leaves the model unchanged (no callback, same patches_uuid).
+    missing. mode "off" leaves a model without FP8 unchanged (same patches_uuid), and turns an
+    upstream FP8 Quantize off.
     """
     import comfy.patcher_extension
 

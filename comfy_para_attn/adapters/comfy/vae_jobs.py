@@ -69,3 +69,15 @@ def decode(ctx, payload):
         return None
     owners = assign_tiles(plan, ctx.world_size)
     return {"tiles_per_rank": [owners.count(r) for r in range(ctx.world_size)]}
+
+
+def cuda_peak_memory(ctx, payload):
+    """Every rank's peak CUDA memory (bytes) since the last call (benchmarks); resets it."""
+    import torch.distributed as dist
+
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    peaks = [None] * ctx.world_size
+    dist.all_gather_object(peaks, peak, group=cpu_group())
+    return peaks

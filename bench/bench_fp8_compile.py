@@ -1,0 +1,210 @@
+"""FP8 + regional compile benchmark on a ComfyUI Flux model with random weights.
+
+    python bench/bench_fp8_compile.py --device cuda            # FLUX.1-dev size, 1024x1024, 28 steps
+    python bench/bench_fp8_compile.py --tiny                   # CPU smoke test of this script
+
+Every configuration runs in its own subprocess with a fresh inductor cache (honest cold
+warm-up, separate peak memory), sampling through ComfyUI's `comfy.sample.sample` (euler,
+cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
+
+  comfy_bf16            ComfyUI bf16 eager (the baseline every ratio refers to)
+  comfy_torch_compile   ComfyUI's TorchCompileModel (whole diffusion model, inductor)
+  ours_regional_bf16    Compile Model, regional, bf16
+  ours_fp8_regional     FP8 Quantize (dynamic, row-wise) + Compile Model, regional
+  comfy_fp8_fast        ComfyUI's UNETLoader weight_dtype fp8_e4m3fn_fast (fp8 weights, _scaled_mm)
+  extra (--configs):    ours_fp8_eager, ours_fp8_regional_tensorwise, ours_fp8_regional_autotune
+                        (max-autotune-no-cudagraphs), ours_fp8_regional_cudagraphs (max-autotune)
+
+Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
+compilation) minus one steady run. Needs torch (+triton), torchao and a ComfyUI source tree
+(COMFYUI_PATH or --comfyui). Random weights: speed and memory only, not image quality.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_CONFIGS = ("comfy_bf16", "comfy_torch_compile", "ours_regional_bf16", "ours_fp8_regional", "comfy_fp8_fast")
+EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_regional_autotune",
+                 "ours_fp8_regional_cudagraphs")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _configure(name, model, device, cm):
+    """The ModelPatcher for configuration `name`, built from the bf16 `model`."""
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+    from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+    from comfy_para_attn.compile import CompileSettings
+    from comfy_para_attn.quant import FP8Settings
+
+    if name == "comfy_bf16":
+        return model
+    if name == "comfy_torch_compile":
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+        m = model.clone()
+        set_torch_compile_wrapper(model=m, backend="inductor")  # exactly what TorchCompileModel does
+        return m
+    if name == "comfy_fp8_fast":  # what UNETLoader's fp8_e4m3fn_fast does after model detection
+        import copy
+
+        import comfy.model_patcher
+
+        sd = model.model.diffusion_model.state_dict()
+        config = copy.deepcopy(model.model.model_config)
+        config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
+        config.optimizations["fp8"] = True
+        fp8_model = config.get_model({}, "")
+        fp8_model.load_model_weights(sd, "diffusion_model.")
+        return comfy.model_patcher.ModelPatcher(fp8_model, load_device=device, offload_device=model.offload_device)
+    granularity = "tensor-wise" if name.endswith("tensorwise") else "row-wise"
+    m = model
+    if "fp8" in name:
+        m = apply_fp8(m, FP8Settings(granularity=granularity))
+    if "regional" in name:
+        mode = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "max-autotune"}.get(name.rsplit("_", 1)[-1],
+                                                                                           "default")
+        m = apply_compile(m, CompileSettings(mode=mode))
+    return m
+
+
+def run_one(args) -> dict:
+    """One configuration, in this process."""
+    from comfy_para_attn.adapters.comfy.env import find_comfyui, make_importable
+
+    device = torch.device(args.device)
+    make_importable(args.comfyui or find_comfyui(), cpu=device.type == "cpu")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    import comfy.ldm.modules.attention as comfy_attention
+    import comfy.model_management
+    import comfy.model_patcher
+
+    from comfy_para_attn.testing import comfy_models as cm
+
+    side, steps, tokens = (16, 4, 8) if args.tiny else (128, args.steps, 512)
+    dtype = torch.bfloat16
+    t0 = time.perf_counter()
+    built = cm.build("flux", dtype=dtype, device=device, **cm.flux_config("tiny" if args.tiny else "dev"))
+    # A real loader keeps the model on the offload device (CPU) until sampling loads it.
+    built.model.to("cpu")
+    model = comfy.model_patcher.ModelPatcher(built.model, load_device=device,
+                                             offload_device=comfy.model_management.unet_offload_device())
+    build_s = time.perf_counter() - t0
+    m = _configure(args.only, model, device, cm)
+    positive = cm.conditioning(model, tokens=tokens, seed=1)
+    latent = torch.zeros(cm.latent_shape("flux", height=side, width=side))
+
+    def run():
+        _sync(device)
+        start = time.perf_counter()
+        out = cm.sample(m, positive, [], latent, steps=steps, cfg=1.0)
+        _sync(device)
+        return time.perf_counter() - start, out
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first, out = run()
+    first_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [run()[0] for _ in range(args.repeats)]
+    steady = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return dict(config=args.only, ms_per_step=steady / steps * 1e3, warmup_s=first - steady, first_run_s=first,
+                peak_gib=peak, first_peak_gib=first_peak, finite=bool(torch.isfinite(out).all()),
+                build_s=build_s, steps=steps, side=side * 8,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, attention=comfy_attention.optimized_attention.__name__,
+                sdpa=_sdpa_backends() if device.type == "cuda" else "-")
+
+
+def _sdpa_backends() -> str:
+    b = torch.backends.cuda
+    flags = {"flash": b.flash_sdp_enabled(), "cudnn": getattr(b, "cudnn_sdp_enabled", lambda: False)(),
+             "mem_efficient": b.mem_efficient_sdp_enabled(), "math": b.math_sdp_enabled()}
+    return "SDPA enabled: " + ", ".join(k for k, v in flags.items() if v)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny Flux, 128x128, 4 steps: a smoke test")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after the first (median)")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"comma-separated, from {', '.join(DEFAULT_CONFIGS + EXTRA_CONFIGS)}")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI source tree")
+    ap.add_argument("--warm-cache", action="store_true", help="share one inductor cache (warm-up not cold)")
+    ap.add_argument("--only", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.only:
+        result = run_one(args)
+        Path(args.result).write_text(json.dumps(result))
+        return
+    if not args.comfyui:
+        sys.exit("ComfyUI not found: pass --comfyui or set COMFYUI_PATH")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = set(configs) - set(DEFAULT_CONFIGS + EXTRA_CONFIGS)
+    if unknown:
+        sys.exit(f"unknown configs: {', '.join(sorted(unknown))}")
+    results, shared_cache = [], tempfile.mkdtemp(prefix="inductor_")
+    for name in configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=shared_cache if args.warm_cache else tmp + "/inductor",
+                       TRITON_CACHE_DIR=(shared_cache if args.warm_cache else tmp) + "/triton")
+            cmd = [sys.executable, __file__, "--only", name, "--result", tmp + "/r.json", "--device", args.device,
+                   "--steps", str(args.steps), "--repeats", str(args.repeats), "--comfyui", str(args.comfyui)]
+            cmd += ["--tiny"] if args.tiny else []
+            started = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0 or not Path(tmp + "/r.json").exists():
+                print(f"[{name}] FAILED (exit {proc.returncode}) after {time.perf_counter() - started:.0f}s:\n"
+                      f"{proc.stderr[-3000:]}", flush=True)
+                results.append(dict(config=name, failed=True))
+                continue
+            results.append(json.loads(Path(tmp + "/r.json").read_text()))
+            r = results[-1]
+            print(f"[{name}] {r['ms_per_step']:.1f} ms/step, warm-up {r['warmup_s']:.1f} s, "
+                  f"{time.perf_counter() - started:.0f}s total", flush=True)
+    ok = [r for r in results if not r.get("failed")]
+    if not ok:
+        sys.exit("every configuration failed")
+    r0 = ok[0]
+    print(f"\ndevice: {r0['device']}; torch {r0['torch']}; ComfyUI attention: {r0['attention']} ({r0['sdpa']})")
+    print(f"model: ComfyUI Flux {'tiny' if args.tiny else 'FLUX.1-dev size'} (random weights), "
+          f"{r0['side']}x{r0['side']}, {r0['steps']} steps, cfg 1, euler\n")
+    base = next((r["ms_per_step"] for r in ok if r["config"] == "comfy_bf16"), None)
+    print("| configuration | ms/step | vs ComfyUI bf16 | warm-up (s) | first run (s) | peak GiB (steady) "
+          "| peak GiB (first run) | finite |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if r.get("failed"):
+            print(f"| {r['config']} | FAILED | | | | | | |")
+            continue
+        ratio = f"{r['ms_per_step'] / base:.3f}" if base else "-"
+        print(f"| {r['config']} | {r['ms_per_step']:.1f} | {ratio} | {r['warmup_s']:.1f} | {r['first_run_s']:.1f} "
+              f"| {r['peak_gib']:.2f} | {r['first_peak_gib']:.2f} | {r['finite']} |")
+    print("\nTargets: ours_fp8_regional <= 0.48 of comfy_bf16, warm-up <= 30 s.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Random-weight model FILES that ComfyUI's own loaders (UNETLoader, VAELoader) detect as
+FLUX.1-dev, HunyuanVideo, the FLUX VAE and the HunyuanVideo 3D VAE.
+
+Each file has the real key layout, so ComfyUI's detection (`comfy.model_detection`,
+`comfy.sd.VAE`) picks the real model class from it. Sizes are as small as that detection
+allows (ComfyUI 0.3.64):
+- HunyuanVideo: width comes from the weights, so it is tiny (hidden 256 = 2 heads of 128,
+  1 double + 1 single block, text width 32).
+- FLUX: ComfyUI hard-codes hidden 3072 / 24 heads / text width 4096 for any FLUX file and
+  only counts blocks, so the file is full width with 1 double + 2 single blocks (687M
+  parameters, 1.4 GB in bf16; two single blocks so that regional Compile finds a repeated
+  block class).
+- VAEs: ComfyUI builds both VAEs at full width (ch 128) from their keys, so they are
+  full-size random VAEs (FLUX 2D: 84M, HunyuanVideo 3D: 250M parameters).
+Shapes come from ComfyUI's own classes built on the meta device; values from a seeded
+generator. Files are written once into a cache folder and reused. Nothing is downloaded.
+Call `comfy_para_attn.adapters.comfy.env.make_importable` first.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+# Bump when the recipe changes: cached files of another version are rewritten.
+RECIPE_VERSION = "2"
+
+# Tiny file name -> (kind, real file name it stands in for in the shipped workflows).
+TINY_FILES = {
+    "tiny_random_flux1-dev.safetensors": ("flux", "flux1-dev.safetensors"),
+    "tiny_random_hunyuan_video_t2v.safetensors": ("hunyuan_video", "hunyuan_video_t2v_720p_bf16.safetensors"),
+    "tiny_random_flux_ae.safetensors": ("flux_vae", "ae.safetensors"),
+    "tiny_random_hunyuan_video_vae.safetensors": ("hunyuan_video_vae", "hunyuan_video_vae_bf16.safetensors"),
+}
+FOLDERS = {"flux": "diffusion_models", "hunyuan_video": "diffusion_models",
+           "flux_vae": "vae", "hunyuan_video_vae": "vae"}
+# Real name -> tiny name, for rewriting a shipped workflow.
+SUBSTITUTES = {real: tiny for tiny, (_, real) in TINY_FILES.items()}
+
+# What ComfyUI's detection infers for FLUX files whatever the weights say.
+_FLUX_DETECTED = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                      mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=2, axes_dim=[16, 56, 56],
+                      theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, image_model="flux")
+# HunyuanVideo: heads = hidden // 128 and vec_in_dim = 768 are fixed by the detection.
+HUNYUAN_CONTEXT_DIM = 32
+_HUNYUAN_TINY = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=HUNYUAN_CONTEXT_DIM,
+                     hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
+                     axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True,
+                     byt5=False, meanflow=False, image_model="hunyuan_video")
+
+
+def _diffusion_model_shapes(kind: str) -> dict:
+    import comfy.supported_models
+
+    cls, unet_config = {"flux": ("Flux", _FLUX_DETECTED), "hunyuan_video": ("HunyuanVideo", _HUNYUAN_TINY)}[kind]
+    model_config = getattr(comfy.supported_models, cls)(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    with torch.device("meta"):
+        model = model_config.get_model({}, device=torch.device("meta"))
+    return {k: v.shape for k, v in model.diffusion_model.state_dict().items()}
+
+
+def _vae_shapes(kind: str) -> dict:
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
+
+    # The configs comfy.sd.VAE builds for these key layouts (16 latent channels).
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        if kind == "flux_vae":
+            model = AutoencodingEngine(
+                regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+                encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+                decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+        else:
+            model = AutoencoderKL(ddconfig=dict(ddconfig, conv3d=True, time_compress=4), embed_dim=16)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def random_state_dict(shapes: dict, *, seed: int, dtype=torch.bfloat16) -> dict:
+    """Seeded weights: matrices ~ N(0, 1/fan_in) (activations keep their scale through the
+    network), norm scales near 1, other vectors small."""
+    torch.manual_seed(seed)  # the default generator's randn is the fast vectorized one
+    state = {}
+    for name, shape in shapes.items():
+        if len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            value = torch.randn(shape) / math.sqrt(max(1, fan_in))
+        elif "norm" in name or "scale" in name:
+            value = 1.0 + 0.02 * torch.randn(shape)
+        else:
+            value = 0.02 * torch.randn(shape)
+        state[name] = value.to(dtype).contiguous()
+    return state
+
+
+def shapes_of(kind: str) -> dict:
+    return _diffusion_model_shapes(kind) if kind in ("flux", "hunyuan_video") else _vae_shapes(kind)
+
+
+def default_cache_dir() -> Path:
+    """Where the files are kept between runs (COMFY_PARA_ATTN_TINY_MODELS overrides)."""
+    env = os.environ.get("COMFY_PARA_ATTN_TINY_MODELS")
+    return Path(env) if env else Path.home() / ".cache" / "comfy-para-attn" / f"tiny-models-v{RECIPE_VERSION}"
+
+
+def write_tiny_model_files(models_dir: Path | str | None = None, *, seed: int = 0) -> dict:
+    """Write (or reuse) every tiny file under `models_dir/<folder>/` and return
+    {real file name: tiny file name}. `models_dir` is laid out like ComfyUI's models/."""
+    from safetensors.torch import save_file
+
+    models_dir = Path(models_dir) if models_dir is not None else default_cache_dir()
+    for i, (name, (kind, _real)) in enumerate(TINY_FILES.items()):
+        path = models_dir / FOLDERS[kind] / name
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = random_state_dict(shapes_of(kind), seed=seed + i)
+        partial = path.with_suffix(".partial")
+        save_file(state, str(partial), metadata={"comfy_para_attn": f"tiny random {kind} v{RECIPE_VERSION}"})
+        partial.replace(path)  # atomic: a killed run never leaves a truncated model behind
+    return dict(SUBSTITUTES)
+
+
+def link_into(models_dir: Path | str, target_models_dir: Path | str) -> None:
+    """Symlink the cached files into another models/ tree (a temporary ComfyUI base dir)."""
+    models_dir, target = Path(models_dir), Path(target_models_dir)
+    for name, (kind, _real) in TINY_FILES.items():
+        link = target / FOLDERS[kind] / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(models_dir / FOLDERS[kind] / name)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    from comfy_para_attn.adapters.comfy.env import find_comfyui, make_importable
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models_dir", nargs="?", default=None, help="default: %s" % default_cache_dir())
+    args = parser.parse_args()
+    comfy = find_comfyui()
+    if comfy is None:
+        sys.exit("ComfyUI not found: set COMFYUI_PATH")
+    make_importable(comfy, cpu=True)
+    print(write_tiny_model_files(args.models_dir))

@@ -1,0 +1,234 @@
+"""Writes the shipped workflows in workflows/: each in the UI format the ComfyUI editor saves
+(`<name>.json`, drag it in) and its API-format twin (`<name>.api.json`, for `POST /prompt`
+and `comfy run --workflow`). Edit the specs here and re-run; tests/test_workflows.py checks
+both files against a real server and against each other.
+
+    python scripts/build_workflows.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
+
+# Widget input names per node type, in widgets_values order; None marks the frontend-only
+# "control after generate" value that follows a seed.
+WIDGETS = {
+    "UNETLoader": ["unet_name", "weight_dtype"],
+    "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
+    "CLIPTextEncode": ["text"],
+    "FluxGuidance": ["guidance"],
+    "VAELoader": ["vae_name"],
+    "EmptySD3LatentImage": ["width", "height", "batch_size"],
+    "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
+    "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "ModelSamplingSD3": ["shift"],
+    "BasicGuider": [], "SamplerCustomAdvanced": [], "VAEDecode": [],
+    "KSamplerSelect": ["sampler_name"],
+    "BasicScheduler": ["scheduler", "steps", "denoise"],
+    "RandomNoise": ["noise_seed", None],
+    "VAEDecodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
+    "SaveImage": ["filename_prefix"],
+    "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
+    "ParaAttnFP8Quantize": ["granularity", "mode", "exclude"],
+    "ParaAttnCompile": ["scope", "mode", "dynamic", "fullgraph"],
+    "ParaAttnFirstBlockCache": ["residual_diff_threshold", "start_percent", "end_percent", "max_consecutive_hits"],
+    "ParaAttnContextParallel": ["gpus", "layout", "ulysses_degree", "ring_degree", "cfg_parallel", "timeout_s"],
+    "ParaAttnParallelVAEDecode": ["gpus", "tile_size", "overlap", "temporal_size", "temporal_overlap"],
+}
+OUTPUTS = {
+    "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPTextEncode": ["CONDITIONING"],
+    "FluxGuidance": ["CONDITIONING"], "VAELoader": ["VAE"], "EmptySD3LatentImage": ["LATENT"],
+    "EmptyHunyuanLatentVideo": ["LATENT"], "KSampler": ["LATENT"], "ModelSamplingSD3": ["MODEL"],
+    "BasicGuider": ["GUIDER"], "KSamplerSelect": ["SAMPLER"], "BasicScheduler": ["SIGMAS"], "RandomNoise": ["NOISE"],
+    "SamplerCustomAdvanced": ["LATENT", "LATENT"], "VAEDecode": ["IMAGE"], "VAEDecodeTiled": ["IMAGE"],
+    "SaveImage": [], "SaveAnimatedWEBP": [], "ParaAttnFP8Quantize": ["MODEL"], "ParaAttnCompile": ["MODEL"],
+    "ParaAttnFirstBlockCache": ["MODEL"], "ParaAttnContextParallel": ["MODEL"], "ParaAttnParallelVAEDecode": ["IMAGE"],
+    "Note": [],
+}
+OUTPUT_NAMES = {"SamplerCustomAdvanced": ["output", "denoised_output"]}
+FP8_EXCLUDE = ("img_in, txt_in, time_in, vector_in, guidance_in, final_layer, *_mod, *modulation*, "
+               "patch_embedding, text_embedding, time_embedding, time_projection, head")
+PROMPT_FLUX = "a red fox reading a newspaper in a sunlit cafe, detailed fur, 35mm photo"
+PROMPT_HUNYUAN = "a cat walks on the grass, realistic style, slow camera pan"
+
+FLUX_NOTE = """comfy-para-attn on FLUX.1-dev{multi}
+
+Model files (ComfyUI's FLUX example): diffusion_models/flux1-dev.safetensors, vae/ae.safetensors,
+text_encoders/clip_l.safetensors + t5xxl_fp16.safetensors.
+
+FP8 Quantize: row-wise fp8 matmuls on GPUs with compute capability >= 8.9 (RTX 40xx, L40, H100);
+other GPUs fall back to weight-only. Set mode to off to compare.
+Compile Model: regional = each transformer block class compiled once (seconds of warm-up; the
+first run is slower). dynamic on if you often change resolution.
+First Block Cache: residual_diff_threshold 0.12 is a good FLUX default (about 2x on 28 steps);
+lower (0.08) = closer to the plain model, higher = faster. 0 = off.
+{multi_note}Any order of these nodes works; threshold 0 / mode off / scope off give the plain model."""
+FLUX_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers). auto layout picks
+Ulysses x Ring from the 24 heads. The workers stay alive between prompts.
+Parallel VAE Decode: VAE Decode (Tiled) with the tiles spread over the same workers.
+"""
+HUNYUAN_NOTE = """comfy-para-attn on HunyuanVideo{multi}
+
+Model files (ComfyUI's HunyuanVideo example): diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors,
+vae/hunyuan_video_vae_bf16.safetensors, text_encoders/clip_l.safetensors + llava_llama3_fp8_scaled.safetensors.
+
+848x480, 73 frames, 20 steps, shift 7, guidance 6 as in ComfyUI's example.
+First Block Cache: residual_diff_threshold 0.10 suits HunyuanVideo (about 1.6x on 20 steps); 0 = off.
+{multi_note}"""
+HUNYUAN_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers); auto layout splits
+the 24 heads (Ulysses) and the rest of the sequence (Ring).
+Parallel VAE Decode: tiled 3D VAE decode with the tiles spread over the same workers
+(tile 256 / overlap 64 / 64 frames as in ComfyUI's example)."""
+
+
+def node(id, type, pos, widgets=(), inputs=(), title=None, size=(315, 110)):
+    """inputs: (name, type, (source id, source slot))."""
+    return dict(id=id, type=type, pos=list(pos), size=list(size), widgets=list(widgets), inputs=list(inputs),
+                title=title)
+
+
+def flux(multi: bool) -> list:
+    model_out = (10, 0)
+    nodes = [
+        node(1, "UNETLoader", (0, 0), ["flux1-dev.safetensors", "default"]),
+        node(2, "DualCLIPLoader", (0, 150), ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]),
+        node(3, "CLIPTextEncode", (380, 150), [PROMPT_FLUX], [("clip", "CLIP", (2, 0))], "Positive prompt",
+             (400, 160)),
+        node(4, "FluxGuidance", (820, 150), [3.5], [("conditioning", "CONDITIONING", (3, 0))]),
+        node(5, "CLIPTextEncode", (380, 350), [""], [("clip", "CLIP", (2, 0))], "Negative (unused at cfg 1)",
+             (400, 100)),
+        node(6, "VAELoader", (0, 330), ["ae.safetensors"]),
+        node(7, "EmptySD3LatentImage", (820, 300), [1024, 1024, 1]),
+        node(8, "ParaAttnFP8Quantize", (380, -250), ["row-wise", "dynamic activation + weight", FP8_EXCLUDE],
+             [("model", "MODEL", (1, 0))]),
+        node(9, "ParaAttnCompile", (760, -250), ["regional", "default", False, False], [("model", "MODEL", (8, 0))]),
+        node(10, "ParaAttnFirstBlockCache", (1120, -250), [0.12, 0.0, 1.0, -1], [("model", "MODEL", (9, 0))],
+             size=(340, 130)),
+    ]
+    if multi:
+        nodes.append(node(15, "ParaAttnContextParallel", (1500, -250), [0, "auto", 1, 1, False, 600.0],
+                          [("model", "MODEL", (10, 0))], size=(315, 200)))
+        model_out = (15, 0)
+    nodes += [
+        node(11, "KSampler", (1250, 100), [42, "fixed", 28, 1.0, "euler", "simple", 1.0],
+             [("model", "MODEL", model_out), ("positive", "CONDITIONING", (4, 0)),
+              ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (7, 0))], size=(315, 262)),
+        (node(12, "ParaAttnParallelVAEDecode", (1620, 100), [0, 512, 64, 64, 8],
+              [("samples", "LATENT", (11, 0)), ("vae", "VAE", (6, 0))], size=(315, 180)) if multi else
+         node(12, "VAEDecode", (1620, 100), [], [("samples", "LATENT", (11, 0)), ("vae", "VAE", (6, 0))],
+              size=(210, 46))),
+        node(13, "SaveImage", (1980, 100), ["para_attn_flux" + ("_multi_gpu" if multi else "")],
+             [("images", "IMAGE", (12, 0))], size=(400, 440)),
+        node(14, "Note", (0, -330), [FLUX_NOTE.format(multi=" (multi-GPU)" if multi else " (one GPU)",
+                                                      multi_note=FLUX_MULTI_NOTE if multi else "")],
+             title="How to use (comfy-para-attn)", size=(360, 300)),
+    ]
+    return nodes
+
+
+def hunyuan(multi: bool) -> list:
+    model_out = (8, 0)
+    nodes = [
+        node(1, "UNETLoader", (0, 0), ["hunyuan_video_t2v_720p_bf16.safetensors", "default"]),
+        node(2, "DualCLIPLoader", (0, 150),
+             ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors", "hunyuan_video", "default"]),
+        node(3, "CLIPTextEncode", (380, 150), [PROMPT_HUNYUAN], [("clip", "CLIP", (2, 0))], "Positive prompt",
+             (400, 160)),
+        node(4, "FluxGuidance", (820, 150), [6.0], [("conditioning", "CONDITIONING", (3, 0))]),
+        node(5, "VAELoader", (0, 330), ["hunyuan_video_vae_bf16.safetensors"]),
+        node(6, "EmptyHunyuanLatentVideo", (820, 300), [848, 480, 73, 1], size=(315, 130)),
+        node(7, "ModelSamplingSD3", (380, -250), [7.0], [("model", "MODEL", (1, 0))]),
+        node(8, "ParaAttnFirstBlockCache", (760, -250), [0.10, 0.0, 1.0, -1], [("model", "MODEL", (7, 0))],
+             size=(340, 130)),
+    ]
+    if multi:
+        nodes.append(node(16, "ParaAttnContextParallel", (1140, -250), [0, "auto", 1, 1, False, 600.0],
+                          [("model", "MODEL", (8, 0))], size=(315, 200)))
+        model_out = (16, 0)
+    nodes += [
+        node(9, "BasicGuider", (1250, 100), [], [("model", "MODEL", model_out),
+                                                 ("conditioning", "CONDITIONING", (4, 0))], size=(240, 46)),
+        node(10, "KSamplerSelect", (1250, 200), ["euler"], size=(315, 58)),
+        node(11, "BasicScheduler", (1250, 300), ["simple", 20, 1.0], [("model", "MODEL", model_out)]),
+        node(12, "RandomNoise", (1250, 450), [42, "fixed"], size=(315, 82)),
+        node(13, "SamplerCustomAdvanced", (1620, 100), [],
+             [("noise", "NOISE", (12, 0)), ("guider", "GUIDER", (9, 0)), ("sampler", "SAMPLER", (10, 0)),
+              ("sigmas", "SIGMAS", (11, 0)), ("latent_image", "LATENT", (6, 0))], size=(270, 330)),
+        (node(14, "ParaAttnParallelVAEDecode", (1950, 100), [0, 256, 64, 64, 8],
+              [("samples", "LATENT", (13, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)) if multi else
+         node(14, "VAEDecodeTiled", (1950, 100), [256, 64, 64, 8],
+              [("samples", "LATENT", (13, 0)), ("vae", "VAE", (5, 0))], size=(315, 150))),
+        node(15, "SaveAnimatedWEBP", (2300, 100),
+             ["para_attn_hunyuan_video" + ("_multi_gpu" if multi else ""), 24.0, False, 80, "default"],
+             [("images", "IMAGE", (14, 0))], size=(400, 440)),
+        node(17, "Note", (0, -330), [HUNYUAN_NOTE.format(multi=" (multi-GPU)" if multi else " (one GPU)",
+                                                         multi_note=HUNYUAN_MULTI_NOTE if multi else "")],
+             title="How to use (comfy-para-attn)", size=(360, 300)),
+    ]
+    return nodes
+
+
+WORKFLOWS = {
+    "flux1_dev_single_gpu": flux(False),
+    "flux1_dev_multi_gpu": flux(True),
+    "hunyuan_video_single_gpu": hunyuan(False),
+    "hunyuan_video_multi_gpu": hunyuan(True),
+}
+
+
+def to_ui(nodes: list) -> dict:
+    """The editor's save format (litegraph serialization, version 0.4)."""
+    links, out_links = [], {}
+    for n in nodes:
+        for slot, (_name, type_, src) in enumerate(n["inputs"]):
+            link_id = len(links) + 1
+            links.append([link_id, src[0], src[1], n["id"], slot, type_])
+            out_links.setdefault(src, []).append(link_id)
+    ui_nodes = []
+    for order, n in enumerate(nodes):
+        outputs = [{"name": (OUTPUT_NAMES.get(n["type"]) or OUTPUTS[n["type"]])[i], "type": t,
+                    "links": out_links.get((n["id"], i), []), "slot_index": i}
+                   for i, t in enumerate(OUTPUTS[n["type"]])]
+        ui = {"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n["size"], "flags": {}, "order": order,
+              "mode": 0, "inputs": [{"name": name, "type": t, "link": links_for(links, n["id"], slot)}
+                                    for slot, (name, t, _src) in enumerate(n["inputs"])],
+              "outputs": outputs, "properties": {"Node name for S&R": n["type"]}, "widgets_values": n["widgets"]}
+        if n["title"]:
+            ui["title"] = n["title"]
+        if n["type"] == "Note":
+            ui["properties"] = {"text": ""}
+            ui["color"], ui["bgcolor"] = "#432", "#653"
+        ui_nodes.append(ui)
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [400, 400]}},
+            "version": 0.4}
+
+
+def links_for(links: list, node_id: int, slot: int):
+    return next(link[0] for link in links if link[3] == node_id and link[4] == slot)
+
+
+def to_api(nodes: list) -> dict:
+    prompt = {}
+    for n in nodes:
+        if n["type"] == "Note":  # frontend-only node: not part of the prompt
+            continue
+        inputs = {name: value for name, value in zip(WIDGETS[n["type"]], n["widgets"]) if name is not None}
+        inputs.update({name: [str(src[0]), src[1]] for name, _type, src in n["inputs"]})
+        prompt[str(n["id"])] = {"inputs": inputs, "class_type": n["type"],
+                                "_meta": {"title": n["title"] or n["type"]}}
+    return prompt
+
+
+def main():
+    WORKFLOWS_DIR.mkdir(exist_ok=True)
+    for name, nodes in WORKFLOWS.items():
+        (WORKFLOWS_DIR / f"{name}.json").write_text(json.dumps(to_ui(nodes), indent=2) + "\n")
+        (WORKFLOWS_DIR / f"{name}.api.json").write_text(json.dumps(to_api(nodes), indent=2) + "\n")
+        print("wrote", WORKFLOWS_DIR / f"{name}.json", "and .api.json")
+
+
+if __name__ == "__main__":
+    main()
