@@ -71,7 +71,7 @@ def _configure(name, model, device, cm):
         config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
         config.optimizations["fp8"] = True
         fp8_model = config.get_model({}, "")
-        fp8_model.load_model_weights(sd, "diffusion_model.")
+        fp8_model.load_model_weights(sd, "")
         return comfy.model_patcher.ModelPatcher(fp8_model, load_device=device, offload_device=model.offload_device)
     granularity = "tensor-wise" if name.endswith("tensorwise") else "row-wise"
     m = model

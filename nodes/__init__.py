@@ -7,7 +7,7 @@ Node modules are thin: declarative inputs with tooltips and one call into
 import importlib
 
 # One module per feature; add new node modules here.
-_NODE_MODULES = ("first_block_cache", "fp8", "compile", "context_parallel", "parallel_vae")
+_NODE_MODULES = ("first_block_cache", "fp8", "compile", "context_parallel", "parallel_vae", "attention_backend")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -24,6 +24,11 @@ class ParaAttnContextParallel:
                 "cfg_parallel": ("BOOLEAN", {"default": False, "tooltip":
                                              "Run the positive and negative halves of CFG on different GPUs. "
                                              "Only with CFG > 1 (not with FLUX guidance-distilled models at cfg 1)."}),
+                "attention_backend": (["auto", "sdpa", "triton", "triton-fp8"], {"default": "sdpa", "tooltip":
+                                      "Local attention kernel inside the ring/ulysses paths. sdpa: PyTorch's "
+                                      "flash/cuDNN. auto: the fastest kernel that meets the accuracy bar on these "
+                                      "GPUs (measured once per worker). triton / triton-fp8: our kernels (fp8 is "
+                                      "fastest on long video sequences, slightly less exact)."}),
                 "timeout_s": ("FLOAT", {"default": 600.0, "min": 5.0, "max": 86400.0, "step": 5.0, "tooltip":
                                         "Longest silence allowed from the workers (model loading or one step) "
                                         "before the run fails with an error instead of hanging."}),
@@ -37,11 +42,11 @@ class ParaAttnContextParallel:
     DESCRIPTION = ("Samples on several GPUs at once with context parallelism (Ulysses x Ring), in a pool of "
                    "background workers that stays alive between prompts. No special sampler or loader needed.")
 
-    def apply(self, model, gpus, layout, ulysses_degree, ring_degree, cfg_parallel, timeout_s):
+    def apply(self, model, gpus, layout, ulysses_degree, ring_degree, cfg_parallel, timeout_s, attention_backend="sdpa"):
         from comfy_para_attn.adapters.comfy.pool_sampling import apply_context_parallel, make_settings
 
         settings = make_settings(model, gpus, ulysses_degree, ring_degree, cfg_parallel, timeout_s,
-                                 auto=layout == "auto")
+                                 auto=layout == "auto", attention_backend=attention_backend)
         return (apply_context_parallel(model, settings),)
 
 

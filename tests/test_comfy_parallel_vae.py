@@ -64,7 +64,8 @@ def test_same_pool_as_context_parallel_and_vae_cached(comfyui_path, pack_nodes, 
     from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
 
     patcher, pos, neg, image = sampling_inputs("flux")
-    cp = pack_nodes["ParaAttnContextParallel"]().apply(patcher, 2, "manual", 2, 1, False, 120.0)[0]
+    cp = pack_nodes["ParaAttnContextParallel"]().apply(patcher, gpus=2, layout="manual", ulysses_degree=2, ring_degree=1,
+                                                   cfg_parallel=False, timeout_s=120.0)[0]
     comfy_models.sample(cp, pos, neg, image, steps=1, sampler_name="euler", cfg=1.0)
     from comfy_para_attn.pool import registry
 

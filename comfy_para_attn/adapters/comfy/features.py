@@ -6,6 +6,7 @@ import importlib
 
 # name -> "module:function(model_patcher, settings) -> model_patcher"
 APPLIERS = {
+    "attention_backend": "comfy_para_attn.adapters.comfy.attention_backend:apply_attention_backend",
     "fp8": "comfy_para_attn.adapters.comfy.fp8:apply_fp8",
     "compile": "comfy_para_attn.adapters.comfy.compile:apply_compile",
     "first_block_cache": "comfy_para_attn.adapters.comfy.first_block_cache:apply_first_block_cache",

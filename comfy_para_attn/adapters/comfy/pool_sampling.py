@@ -44,6 +44,7 @@ class ContextParallelSettings:
     cfg: int
     timeout_s: float = 300.0
     device: str = "cuda"
+    attention_backend: str = "sdpa"  # local kernel inside the ring/ulysses paths (BACKEND_CHOICES)
 
     @property
     def config(self) -> ContextParallelConfig:
@@ -64,7 +65,7 @@ def available_device() -> tuple[str, int]:
 
 
 def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_parallel: bool, timeout_s: float,
-                  auto: bool) -> ContextParallelSettings:
+                  auto: bool, attention_backend: str = "sdpa") -> ContextParallelSettings:
     """Check a layout against this machine and the model; ValueError says what to set."""
     from .patches import diffusion_model, model_family
 
@@ -82,7 +83,12 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
     else:
         config = ContextParallelConfig(ulysses=ulysses, ring=ring, cfg=2 if cfg_parallel else 1)
     config.validate(world_size=world, num_heads=heads)
-    return ContextParallelSettings(world, config.ulysses, config.ring, config.cfg, float(timeout_s), device)
+    from ...attention.local import BACKEND_CHOICES
+
+    if attention_backend not in BACKEND_CHOICES:
+        raise ValueError(f"attention_backend must be one of {BACKEND_CHOICES}, got {attention_backend!r}")
+    return ContextParallelSettings(world, config.ulysses, config.ring, config.cfg, float(timeout_s), device,
+                                   attention_backend)
 
 
 def apply_context_parallel(model_patcher, settings: ContextParallelSettings):

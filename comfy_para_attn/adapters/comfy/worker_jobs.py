@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-FEATURE_ORDER = ("fp8", "compile", "first_block_cache")  # context parallelism goes last (outermost)
+FEATURE_ORDER = ("attention_backend", "fp8", "compile", "first_block_cache")  # context parallelism goes last (outermost)
 
 
 def init_worker(ctx, payload):
@@ -76,6 +76,7 @@ class _Captured(logging.Handler):
 
 def sample(ctx, payload):
     from ...attention import build_parallel_context
+    from ...attention.local import select_backend
     from .context_parallel import install_context_parallel
     from .portable import rebuild_guider, rebuild_object_patches
 
@@ -92,6 +93,7 @@ def sample(ctx, payload):
     patcher.model_options = payload["model_options"]
     ours = patcher.model_options.get("transformer_options", {}).get("para_attn", {})
     patcher = _apply_features(patcher, ours)
+    select_backend(settings.attention_backend)  # the Context Parallel node's choice wins in the workers
     patcher = install_context_parallel(patcher, cp)
     guider_cls, guider_state = payload["guider"]
     guider = rebuild_guider(guider_cls, guider_state, patcher, payload["conds"])
