@@ -7,10 +7,18 @@ both files against a real server and against each other.
 """
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
-WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS_DIR = ROOT / "workflows"
+# Our nodes' widget names, order and defaults come from their INPUT_TYPES, so a rebuild
+# follows a changed node; the specs below name only the values they choose.
+PACK_NODE_MODULES = {"ParaAttnFP8Quantize": "fp8", "ParaAttnCompile": "compile",
+                     "ParaAttnFirstBlockCache": "first_block_cache", "ParaAttnContextParallel": "context_parallel",
+                     "ParaAttnParallelVAEDecode": "parallel_vae"}
 
 # Widget input names per node type, in widgets_values order; None marks the frontend-only
 # "control after generate" value that follows a seed.
@@ -31,11 +39,6 @@ WIDGETS = {
     "VAEDecodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
     "SaveImage": ["filename_prefix"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
-    "ParaAttnFP8Quantize": ["granularity", "mode", "exclude"],
-    "ParaAttnCompile": ["scope", "mode", "dynamic", "fullgraph"],
-    "ParaAttnFirstBlockCache": ["residual_diff_threshold", "start_percent", "end_percent", "max_consecutive_hits"],
-    "ParaAttnContextParallel": ["gpus", "layout", "ulysses_degree", "ring_degree", "cfg_parallel", "timeout_s"],
-    "ParaAttnParallelVAEDecode": ["gpus", "tile_size", "overlap", "temporal_size", "temporal_overlap"],
 }
 OUTPUTS = {
     "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPTextEncode": ["CONDITIONING"],
@@ -48,8 +51,6 @@ OUTPUTS = {
     "Note": [],
 }
 OUTPUT_NAMES = {"SamplerCustomAdvanced": ["output", "denoised_output"]}
-FP8_EXCLUDE = ("img_in, txt_in, time_in, vector_in, guidance_in, final_layer, *_mod, *modulation*, "
-               "patch_embedding, text_embedding, time_embedding, time_projection, head")
 PROMPT_FLUX = "a red fox reading a newspaper in a sunlit cafe, detailed fur, 35mm photo"
 PROMPT_HUNYUAN = "a cat walks on the grass, realistic style, slow camera pan"
 
@@ -83,8 +84,31 @@ Parallel VAE Decode: tiled 3D VAE decode with the tiles spread over the same wor
 (tile 256 / overlap 64 / 64 frames as in ComfyUI's example)."""
 
 
+def pack_widgets(node_type: str) -> dict:
+    """{widget name: default} of one of our nodes, in its input order."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    module = importlib.import_module(f"nodes.{PACK_NODE_MODULES[node_type]}")
+    inputs = module.NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    out = {}
+    for group in ("required", "optional"):
+        for name, spec in inputs.get(group, {}).items():
+            kind = spec[0]
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                options = spec[1] if len(spec) > 1 else {}
+                out[name] = options.get("default", kind[0] if isinstance(kind, list) else None)
+    return out
+
+
 def node(id, type, pos, widgets=(), inputs=(), title=None, size=(315, 110)):
-    """inputs: (name, type, (source id, source slot))."""
+    """widgets: values in widget order, or for our nodes {name: value} (defaults fill the
+    rest); inputs: (name, type, (source id, source slot))."""
+    if isinstance(widgets, dict):
+        defaults = pack_widgets(type)
+        unknown = set(widgets) - set(defaults)
+        assert not unknown, f"{type} has no widgets {unknown}"
+        WIDGETS[type] = list(defaults)
+        widgets = [widgets.get(name, default) for name, default in defaults.items()]
     return dict(id=id, type=type, pos=list(pos), size=list(size), widgets=list(widgets), inputs=list(inputs),
                 title=title)
 
@@ -101,21 +125,21 @@ def flux(multi: bool) -> list:
              (400, 100)),
         node(6, "VAELoader", (0, 330), ["ae.safetensors"]),
         node(7, "EmptySD3LatentImage", (820, 300), [1024, 1024, 1]),
-        node(8, "ParaAttnFP8Quantize", (380, -250), ["row-wise", "dynamic activation + weight", FP8_EXCLUDE],
+        node(8, "ParaAttnFP8Quantize", (380, -250), dict(granularity="row-wise", mode="dynamic activation + weight"),
              [("model", "MODEL", (1, 0))]),
-        node(9, "ParaAttnCompile", (760, -250), ["regional", "default", False, False], [("model", "MODEL", (8, 0))]),
-        node(10, "ParaAttnFirstBlockCache", (1120, -250), [0.12, 0.0, 1.0, -1], [("model", "MODEL", (9, 0))],
+        node(9, "ParaAttnCompile", (760, -250), dict(scope="regional", mode="default", dynamic=False, fullgraph=False), [("model", "MODEL", (8, 0))]),
+        node(10, "ParaAttnFirstBlockCache", (1120, -250), dict(residual_diff_threshold=0.12, start_percent=0.0, end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (9, 0))],
              size=(340, 130)),
     ]
     if multi:
-        nodes.append(node(15, "ParaAttnContextParallel", (1500, -250), [0, "auto", 1, 1, False, 600.0],
+        nodes.append(node(15, "ParaAttnContextParallel", (1500, -250), dict(gpus=0, layout="auto", cfg_parallel=False),
                           [("model", "MODEL", (10, 0))], size=(315, 200)))
         model_out = (15, 0)
     nodes += [
         node(11, "KSampler", (1250, 100), [42, "fixed", 28, 1.0, "euler", "simple", 1.0],
              [("model", "MODEL", model_out), ("positive", "CONDITIONING", (4, 0)),
               ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (7, 0))], size=(315, 262)),
-        (node(12, "ParaAttnParallelVAEDecode", (1620, 100), [0, 512, 64, 64, 8],
+        (node(12, "ParaAttnParallelVAEDecode", (1620, 100), dict(gpus=0, tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8),
               [("samples", "LATENT", (11, 0)), ("vae", "VAE", (6, 0))], size=(315, 180)) if multi else
          node(12, "VAEDecode", (1620, 100), [], [("samples", "LATENT", (11, 0)), ("vae", "VAE", (6, 0))],
               size=(210, 46))),
@@ -140,11 +164,11 @@ def hunyuan(multi: bool) -> list:
         node(5, "VAELoader", (0, 330), ["hunyuan_video_vae_bf16.safetensors"]),
         node(6, "EmptyHunyuanLatentVideo", (820, 300), [848, 480, 73, 1], size=(315, 130)),
         node(7, "ModelSamplingSD3", (380, -250), [7.0], [("model", "MODEL", (1, 0))]),
-        node(8, "ParaAttnFirstBlockCache", (760, -250), [0.10, 0.0, 1.0, -1], [("model", "MODEL", (7, 0))],
+        node(8, "ParaAttnFirstBlockCache", (760, -250), dict(residual_diff_threshold=0.10, start_percent=0.0, end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (7, 0))],
              size=(340, 130)),
     ]
     if multi:
-        nodes.append(node(16, "ParaAttnContextParallel", (1140, -250), [0, "auto", 1, 1, False, 600.0],
+        nodes.append(node(16, "ParaAttnContextParallel", (1140, -250), dict(gpus=0, layout="auto", cfg_parallel=False),
                           [("model", "MODEL", (8, 0))], size=(315, 200)))
         model_out = (16, 0)
     nodes += [
@@ -156,7 +180,7 @@ def hunyuan(multi: bool) -> list:
         node(13, "SamplerCustomAdvanced", (1620, 100), [],
              [("noise", "NOISE", (12, 0)), ("guider", "GUIDER", (9, 0)), ("sampler", "SAMPLER", (10, 0)),
               ("sigmas", "SIGMAS", (11, 0)), ("latent_image", "LATENT", (6, 0))], size=(270, 330)),
-        (node(14, "ParaAttnParallelVAEDecode", (1950, 100), [0, 256, 64, 64, 8],
+        (node(14, "ParaAttnParallelVAEDecode", (1950, 100), dict(gpus=0, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
               [("samples", "LATENT", (13, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)) if multi else
          node(14, "VAEDecodeTiled", (1950, 100), [256, 64, 64, 8],
               [("samples", "LATENT", (13, 0)), ("vae", "VAE", (5, 0))], size=(315, 150))),

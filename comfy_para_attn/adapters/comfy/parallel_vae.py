@@ -146,19 +146,10 @@ def vae_recipe(vae) -> dict:
 # --- the pool run ---------------------------------------------------------------------------
 
 def shared_pool(world: int, device: str):
-    """The pool Context Parallel uses for this layout (same arguments, so the same pool)."""
-    import comfy.model_management
+    """The pool Context Parallel uses for this layout (the same one, not a second pool)."""
+    from .pool_sampling import comfy_pool
 
-    from ...pool import get_pool
-    from .env import snapshot_cli_args
-    from .pool_sampling import PACK_ROOT
-
-    comfy_dir = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
-    cli_args = snapshot_cli_args()
-    cli_args["cpu"] = device == "cpu"
-    return get_pool(world, device=device, sys_path=[comfy_dir, PACK_ROOT],
-                    init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
-                          {"comfy_path": comfy_dir, "cli_args": cli_args}))
+    return comfy_pool(world, device)
 
 
 def _shared_output(shape: tuple[int, ...]) -> tuple[str, torch.Tensor]:

@@ -150,6 +150,22 @@ def _release_published() -> None:
     _published.clear()
 
 
+def comfy_pool(world: int, device: str):
+    """The worker pool for `world` ranks, its workers set up with this server's ComfyUI
+    settings. Context Parallel and Parallel VAE Decode share it (same arguments, same pool)."""
+    import comfy.model_management
+
+    from ...pool import get_pool
+    from .env import snapshot_cli_args
+
+    comfy_dir = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
+    cli_args = snapshot_cli_args()
+    cli_args["cpu"] = device == "cpu"
+    return get_pool(world, device=device, sys_path=[comfy_dir, PACK_ROOT],
+                    init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
+                          {"comfy_path": comfy_dir, "cli_args": cli_args}))
+
+
 # --- the OUTER_SAMPLE wrapper ---------------------------------------------------------------
 
 def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):
@@ -194,19 +210,13 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
                           disable_pbar=False, seed=None):
     import comfy.model_management
 
-    from ...pool import PoolInterrupted, get_pool
-    from .env import snapshot_cli_args
+    from ...pool import PoolInterrupted
 
     guider = executor.class_obj
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE]
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
-    comfy_dir = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
-    cli_args = snapshot_cli_args()
-    cli_args["cpu"] = settings.device == "cpu"
-    pool = get_pool(settings.gpus, device=settings.device, sys_path=[comfy_dir, PACK_ROOT],
-                    init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
-                          {"comfy_path": comfy_dir, "cli_args": cli_args}))
+    pool = comfy_pool(settings.gpus, settings.device)
     total = max(1, len(sigmas) - 1)
 
     def on_progress(step, steps, extra):
