@@ -70,6 +70,8 @@ def main():
     parser.add_argument("--cfg", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="also compare with our Compile node applied")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--layouts", default="ulysses,ring")
+    parser.add_argument("--skip-eager", action="store_true")
     parser.add_argument("--half-tokens", action="store_true", help="also time 1 GPU on half the tokens")
     args = parser.parse_args()
 
@@ -88,13 +90,20 @@ def main():
     print(f"device: {device_name} x{torch.cuda.device_count() if not args.tiny else 0} | torch {torch.__version__} | "
           f"attention backend: {_auto(q, None)} | family {args.family} | steps {args.steps} | cfg {args.cfg}")
 
-    modes = [("eager", patcher)]
+    modes = [] if args.skip_eager else [("eager", patcher)]
     if args.compile:
         from comfy_para_attn.adapters.comfy.features import apply as apply_feature
         from comfy_para_attn.adapters.comfy.compile import CompileSettings
 
         modes.append(("compiled", apply_feature("compile", patcher, CompileSettings())))
     rows, extra = [], []
+
+    class Rows(list):  # print each row as soon as it is measured (a timeout keeps what ran)
+        def append(self, row):
+            super().append(row)
+            print(f"row: {row[0]}: {row[1]:.1f} ms/step, {row[2]:.2f}x, diff {row[3]:.3g}", flush=True)
+
+    rows = Rows()
     for mode, model in modes:
         run(model, positive, negative, image, 2, args.cfg)  # warm-up (and compile)
         ref, seconds = run(model, positive, negative, image, args.steps, args.cfg)
@@ -107,6 +116,7 @@ def main():
             rows.append((f"1 GPU in-process, half the image tokens ({mode})", seconds / args.steps * 1e3,
                          base / (seconds / args.steps), float("nan")))
         layouts = [("ulysses", dict(ulysses=args.gpus, ring=1)), ("ring", dict(ulysses=1, ring=args.gpus))]
+        layouts = [(name, kw) for name, kw in layouts if name in args.layouts.split(",")]
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
         for name, layout in layouts:

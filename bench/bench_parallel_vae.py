@@ -95,7 +95,6 @@ def local_peak(reset=False):
 
 def run_case(kind, args, rows):
     import comfy.model_management
-    import nodes
 
     from comfy_para_attn.adapters.comfy import parallel_vae
 
@@ -113,6 +112,8 @@ def run_case(kind, args, rows):
     rows.append((label, "1 GPU tiled (in-process)", base_s, [local_peak(reset=True) / GIB], 1.0))
     if args.comfy_reference:
         s = settings
+        import nodes  # ComfyUI's node module (imports PyAV): only for --comfy-reference
+
         ref_s, ref = timed(lambda: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, s.tile_size, s.overlap,
                                                                   s.temporal_size, s.temporal_overlap)[0], 1)
         rows.append((label, "ComfyUI VAEDecodeTiled", ref_s, [local_peak(reset=True) / GIB], base_s / ref_s))

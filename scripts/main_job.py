@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from comfy_para_attn.adapters.comfy.env import find_comfyui, make_importable  # noqa: E402
 
 WORKFLOW = "flux1_dev_multi_gpu"
+CPU_OVERRIDES = {"ParaAttnFP8Quantize": {"mode": "off"}, "ParaAttnCompile": {"scope": "off"}}
 DEFAULT_WORKSPACE = Path.home() / "comfy"
 
 
@@ -45,7 +46,7 @@ def install_comfyui(workspace: Path) -> Path:
     import torch
 
     gpu = ["--nvidia"] if torch.cuda.is_available() else ["--cpu"]
-    command = [comfy, "--skip-prompt", "--workspace", str(workspace), "install", "--skip-torch-or-directml", *gpu]
+    command = [comfy, "--skip-prompt", "--workspace", str(workspace), "install", "--skip-manager", "--skip-torch-or-directml", *gpu]
     print("No ComfyUI found; installing it:", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     path = workspace / "ComfyUI" if (workspace / "ComfyUI" / "main.py").is_file() else workspace
@@ -108,9 +109,13 @@ def main() -> int:
     print(f"tiny models: {tiny_files.default_cache_dir()} ({time.monotonic() - began:.0f} s)", flush=True)
 
     _ui, api = workflow_tools.load(WORKFLOW)
-    parallel = workflow_tools.tiny_prompt(api, tiny_files.SUBSTITUTES, steps=args.steps, prefix="main_job_parallel")
+    # ComfyUI only detects full-width FLUX files (2.6 GiB in fp32): two CPU workers that each
+    # quantize and compile it run out of memory on small hosts, so CPU runs turn both off.
+    overrides = None if on_gpu else CPU_OVERRIDES
+    parallel = workflow_tools.tiny_prompt(api, tiny_files.SUBSTITUTES, steps=args.steps, prefix="main_job_parallel",
+                                          overrides=overrides)
     in_process = in_process_variant(workflow_tools.tiny_prompt(api, tiny_files.SUBSTITUTES, steps=args.steps,
-                                                               prefix="main_job_in_process"))
+                                                               prefix="main_job_in_process", overrides=overrides))
     base_dir = Path(tempfile.mkdtemp(prefix="comfy-para-attn-main-job-"))
     rows = []
     try:
@@ -132,7 +137,8 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(base_dir, ignore_errors=True)
 
-    print(f"\n{WORKFLOW} on tiny random-weight models (first run of each includes loading and compile)")
+    print(f"\n{WORKFLOW} on tiny random-weight models ({'as shipped' if on_gpu else 'CPU: FP8 and Compile off'}; "
+          "each time includes model loading)")
     header = ("run", "where", "steps", "cache reuse", "time")
     table = [header] + [(r[0], r[1], str(r[2]), r[3], f"{r[4]:.1f} s") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
