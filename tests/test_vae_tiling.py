@@ -6,7 +6,7 @@ import torch
 from comfy_para_attn.testing.distributed import run_ranks
 from comfy_para_attn.testing.vae_models import nearest_decoder
 from comfy_para_attn.vae import (TiledDecodeSettings, TileGrid, assign_tiles, blend_tiles, comfy_grids,
-                                 decode_tiles, feather_mask, latent_tile_sizes, plan_tiles)
+                                 decode_tiles, decode_tiles_reduced, feather_mask, latent_tile_sizes, plan_tiles)
 
 CAUSAL = (lambda d, n: max(0, 4 * n - 3) if d == 0 else 8 * n), (lambda d, p: (4, 8, 8)[d] * p)
 IMAGE = (lambda d, n: 8 * n), None
@@ -94,15 +94,19 @@ VIDEO = ((2, 16, 3, 5, 7), [TileGrid((2, 4, 4), (1, 1, 1))], True)
 IMAGE_CASE = ((1, 16, 11, 9), comfy_grids(2, (4, 4), (1, 1)), False)
 
 
-def _rank_decode(rank, world_size, cases):
+def _rank_decode(rank, world_size, cases, reduced=False):
     results = []
     for shape, grids, video in cases:
         z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
         decoder = nearest_decoder(8, temporal=4 if video else None)
         plan = _plan(shape, grids, CAUSAL if video else IMAGE)
         rounds = []
-        out = decode_tiles(z, plan, decoder, rank=rank, world_size=world_size,
-                           on_round=lambda r, n, done, total: rounds.append((r, done, total)))
+        record = lambda r, n, done, total: rounds.append((r, done, total))  # noqa: E731
+        if reduced:
+            out = decode_tiles_reduced(z, plan, decoder, rank=rank, world_size=world_size, device="cpu",
+                                       on_round=record)
+        else:
+            out = decode_tiles(z, plan, decoder, rank=rank, world_size=world_size, on_round=record)
         results.append((out, rounds))
     return results
 
@@ -116,3 +120,15 @@ def test_two_gloo_ranks_equal_one():
         assert torch.equal(out0, single)  # same tiles, same order: bit for bit
         assert len(rounds0) == len(rounds1) < len(single_rounds)  # every rank runs every round
         assert rounds0[-1][1:] == single_rounds[-1][1:]  # progress ends at all tiles
+
+
+def test_two_gloo_ranks_blend_locally_and_reduce():
+    """The pool's path: each rank blends its own tiles, one sum-reduce; equal to the
+    single-process blend up to float summation order."""
+    cases = [IMAGE_CASE, VIDEO]
+    singles = _rank_decode(0, 1, cases)
+    ranks = run_ranks(_rank_decode, 2, cases, True, timeout=120)
+    for (single, _), (out0, rounds0), (out1, rounds1) in zip(singles, *ranks):
+        assert out1 is None and torch.isfinite(out0).all() and single.abs().mean() > 1e-3
+        assert (out0 - single).abs().max().item() < 1e-5
+        assert len(rounds0) == len(rounds1)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .blend import Blender
+from .blend import Blender, feather_mask
 from .tiling import TilePlan, assign_tiles
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -118,3 +118,69 @@ def _recv(src: int, ndim: int, group) -> torch.Tensor:
     tensor = torch.empty(tuple(header.tolist()), dtype=torch.float32)
     dist.recv(tensor, peer, group=group)
     return tensor
+
+
+def decode_tiles_reduced(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, *, rank: int, world_size: int,
+                         device, group=None, dst: int = 0, output: torch.Tensor | None = None,
+                         on_round: RoundFn | None = None) -> torch.Tensor | None:
+    """Like `decode_tiles`, but every rank blends its own tiles into full-size partial sums
+    (weighted tiles and weights, per grid and batch item) on `device`, and one sum-reduce
+    brings them to `dst`. Blending runs on all ranks at once and nothing travels per tile,
+    so it scales; the result equals `decode_tiles` up to float summation order (~1e-6).
+    `group` is a group of `world_size` ranks for `device` (NCCL on CUDA, gloo on CPU)."""
+    import torch.distributed as dist
+
+    if tuple(samples.shape) != plan.latent_shape:
+        raise ValueError(f"latent has shape {tuple(samples.shape)}, the plan was made for {plan.latent_shape}")
+    owners = assign_tiles(plan, world_size)
+    mine = [tile for tile, owner in zip(plan.tiles, owners) if owner == rank]
+    rounds = max(owners.count(r) for r in range(world_size))
+    keys = sorted({(tile.grid, tile.batch) for tile in plan.tiles})
+    channels, spatial = plan.out_channels, plan.out_spatial
+    pixels = 1
+    for n in spatial:
+        pixels *= n
+    per_key = (channels + 1) * pixels
+    sums = torch.zeros(len(keys) * per_key, dtype=torch.float32, device=device)  # one buffer: one reduce
+    views = {}
+    for i, key in enumerate(keys):
+        base = i * per_key
+        views[key] = (sums[base: base + channels * pixels].view((1, channels) + spatial),
+                      sums[base + channels * pixels: base + per_key].view((1, 1) + spatial))
+    masks: dict = {}
+    for r in range(rounds):
+        if r < len(mine):
+            tile = mine[r]
+            decoded = decode(samples[plan.latent_slices(tile)]).to(device=device, dtype=torch.float32)
+            total, weights = views[(tile.grid, tile.batch)]
+            if tile.whole:  # the item is this tile as decoded (ComfyUI applies no weights)
+                total.copy_(decoded)
+                weights.fill_(1.0)
+            else:
+                mask_key = (tuple(decoded.shape[2:]), plan.feather[tile.grid])
+                if mask_key not in masks:
+                    masks[mask_key] = feather_mask(*mask_key).to(device)
+                mask = masks[mask_key]
+                for d, start in enumerate(tile.out_start, start=2):
+                    total = total.narrow(d, start, decoded.shape[d])
+                    weights = weights.narrow(d, start, decoded.shape[d])
+                total.add_(decoded * mask)
+                weights.add_(mask)
+        if on_round is not None:  # collective: every rank runs the same number of rounds
+            on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles))
+    if world_size > 1:
+        dist.reduce(sums, dst, group=group)
+    if rank != dst:
+        return None
+    if output is None:
+        output = torch.empty(plan.out_shape, dtype=torch.float32)
+    for batch in range(plan.out_shape[0]):
+        item = None
+        for grid in range(len(plan.grids)):  # ComfyUI sums whole grids in order, then averages
+            total, weights = views[(grid, batch)]
+            blended = total / weights
+            item = blended if item is None else item + blended
+        if len(plan.grids) > 1:
+            item = item / float(len(plan.grids))
+        output[batch: batch + 1].copy_(item.cpu())
+    return output

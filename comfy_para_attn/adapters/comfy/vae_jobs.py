@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...vae import cpu_group, decode_tiles
+from ...vae import cpu_group, decode_tiles_reduced
 from ...vae.tiling import assign_tiles
 
 
@@ -48,7 +48,6 @@ def decode(ctx, payload):
 
     plan = payload["plan"]
     vae = _cached_vae(ctx, payload["vae"])
-    group = cpu_group()  # collective on first use: every rank gets here in the same job
     load_for_tiles(vae, plan)
     output = None
     if ctx.rank == 0:
@@ -63,8 +62,9 @@ def decode(ctx, payload):
         ctx.report_progress(done, total)
 
     with torch.inference_mode():
-        decode_tiles(payload["samples"], plan, tile_decoder(vae), rank=ctx.rank, world_size=ctx.world_size,
-                     group=group, output=output, on_round=on_round)
+        # Each rank blends its own tiles on its device; one reduce (NCCL/gloo) to rank 0.
+        decode_tiles_reduced(payload["samples"], plan, tile_decoder(vae), rank=ctx.rank,
+                             world_size=ctx.world_size, device=ctx.device, output=output, on_round=on_round)
     if ctx.rank != 0:
         return None
     owners = assign_tiles(plan, ctx.world_size)
