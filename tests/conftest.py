@@ -19,7 +19,7 @@ def comfyui_path():
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     if path is None:
-        pytest.skip("ComfyUI not found: set COMFYUI_PATH or install it with comfy-cli (make comfyui)")
+        pytest.skip("ComfyUI not found: set COMFYUI_PATH or install it with comfy-cli (make comfy-env, then COMFYUI_PATH=...)")
     try:
         import torchvision  # noqa: F401  ComfyUI imports it at start
     except ImportError:
