@@ -4,11 +4,9 @@ and a layout change. Each failure becomes an error within seconds, and the next 
 succeeds (comfyui tier)."""
 import os
 import signal
-import threading
 import time
 
 import pytest
-import torch
 
 TOL = 2e-4
 

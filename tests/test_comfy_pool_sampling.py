@@ -1,6 +1,5 @@
 """The Context Parallel node in real ComfyUI: sampling runs in a pool of 2 CPU worker
 processes (gloo) and equals in-process sampling (comfyui tier, fp32, tiny random models)."""
-import logging
 
 import pytest
 import torch
@@ -61,3 +60,22 @@ def test_cfg_parallel_with_cfg_1_is_rejected(comfyui_path, pack_nodes, pool_clea
     model = _cp(pack_nodes, patcher, ulysses_degree=1, cfg_parallel=True)
     with pytest.raises(ValueError, match="cfg_parallel needs CFG > 1"):
         comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0)
+
+
+def test_inpaint_mask_and_partial_schedule(comfyui_path, pack_nodes, pool_cleanup):
+    """KSamplerAdvanced-style partial schedules (start/last step) and a denoise mask."""
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    mask = (torch.rand((1, 1) + tuple(latent.shape[-2:]), generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    cases = [
+        dict(noise_mask=mask, cfg=2.0),
+        dict(start_step=1, last_step=3, force_full_denoise=False, cfg=1.0),
+    ]
+    for case in cases:
+        plain = comfy_models.sample(patcher, pos, neg, latent, steps=4, **case)
+        parallel = comfy_models.sample(_cp(pack_nodes, patcher), pos, neg, latent, steps=4, **case)
+        assert torch.isfinite(parallel).all() and plain.abs().mean() > 1e-3
+        err = (parallel - plain).abs().max().item()
+        assert err < TOL, f"{list(case)}: max abs err {err:.3g}"

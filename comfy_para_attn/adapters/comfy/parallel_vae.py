@@ -10,12 +10,10 @@ decode runs here, in-process, with the same tiles and blending. Worker side: `va
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import time
 import uuid
-import weakref
 
 import torch
 
@@ -108,31 +106,11 @@ def decode_in_process(vae, samples: torch.Tensor, plan: TilePlan) -> torch.Tenso
         return decode_tiles(samples, plan, tile_decoder(vae), on_round=on_round)
 
 
-# --- the VAE's weights: published once per fingerprint ------------------------------------
-
-_published: dict[str, object] = {}  # fingerprint -> TensorHandle (kept until exit)
-_fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
-
-
 def _publish_vae(vae) -> tuple[str, object]:
-    from ...pool import transfer
+    from .published import publish_weights
 
     model = vae.first_stage_model
-    fingerprint = _fingerprints.get(model)
-    if fingerprint is None or fingerprint not in _published:
-        weights = model.state_dict()
-        fingerprint = transfer.fingerprint_tensors(weights, extra={"class": type(model).__name__})
-        _fingerprints[model] = fingerprint
-        if fingerprint not in _published:
-            _published[fingerprint] = transfer.publish_tensors(weights, "vae-" + fingerprint[:16])
-    return fingerprint, _published[fingerprint]
-
-
-@atexit.register
-def _release_published() -> None:
-    for handle in _published.values():
-        handle.release()
-    _published.clear()
+    return publish_weights(model, model.state_dict, "vae")
 
 
 def vae_recipe(vae) -> dict:

@@ -10,11 +10,9 @@ The worker side is `worker_jobs.py`.
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -110,10 +108,6 @@ def apply_context_parallel(model_patcher, settings: ContextParallelSettings):
 
 # --- the model's weights: published once per fingerprint --------------------------------
 
-_published: dict[str, object] = {}  # fingerprint -> TensorHandle (kept until the pool restarts)
-_fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
-
-
 def _base_weights(model_patcher) -> dict[str, torch.Tensor]:
     """The diffusion model's unpatched weights (ComfyUI may have merged a LoRA in place
     earlier in this process; the backup holds the originals)."""
@@ -126,28 +120,9 @@ def _base_weights(model_patcher) -> dict[str, torch.Tensor]:
 
 
 def _publish_model(model_patcher) -> tuple[str, object]:
-    from ...pool import transfer
+    from .published import publish_weights
 
-    dm = model_patcher.model.diffusion_model
-    fingerprint = _fingerprints.get(dm)
-    if fingerprint is None or fingerprint not in _published:
-        weights = _base_weights(model_patcher)
-        fingerprint = transfer.fingerprint_tensors(weights, extra={"class": type(dm).__name__})
-        _fingerprints[dm] = fingerprint
-        if fingerprint not in _published:
-            began = time.monotonic()
-            _published[fingerprint] = transfer.publish_tensors(weights, fingerprint[:16])
-            size = _published[fingerprint].nbytes / 2**30
-            log.info("Context Parallel: model weights (%.2f GiB) written to shared memory in %.1f s",
-                     size, time.monotonic() - began)
-    return fingerprint, _published[fingerprint]
-
-
-@atexit.register
-def _release_published() -> None:
-    for handle in _published.values():
-        handle.release()
-    _published.clear()
+    return publish_weights(model_patcher.model.diffusion_model, lambda: _base_weights(model_patcher), "model")
 
 
 def comfy_pool(world: int, device: str):
