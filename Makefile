@@ -25,15 +25,17 @@ venv: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-$(COMFY_VENV)/.installed: pyproject.toml scripts/comfy_requirements.txt
+# ComfyUI's own requirements.txt is installed by scripts/main_job.py once ComfyUI is found
+# (or installed with comfy-cli): its frontend/template pins must match that ComfyUI.
+$(COMFY_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(COMFY_VENV)
 	$(COMFY_VENV)/bin/pip install -q --upgrade pip
 	$(COMFY_VENV)/bin/pip install -q $(COMFY_TORCH_SPEC)
-	$(COMFY_VENV)/bin/pip install -q -r scripts/comfy_requirements.txt
 	$(COMFY_VENV)/bin/pip install -q -e ".[test,setup]"
 	touch $@
 
 comfy-env: $(COMFY_VENV)/.installed
+	$(COMFY_VENV)/bin/python scripts/main_job.py --setup-only
 
 demo: $(COMFY_VENV)/.installed
 	$(COMFY_VENV)/bin/python scripts/main_job.py

@@ -17,6 +17,7 @@ ComfyUI is found.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import copy
 import re
 import shutil
@@ -59,6 +60,24 @@ def locate_comfyui() -> Path:
     return path if path is not None else install_comfyui(DEFAULT_WORKSPACE)
 
 
+def install_comfy_requirements(comfy_path: Path) -> None:
+    """ComfyUI's own requirements.txt (its frontend and templates pins must match its code),
+    without torch/torchvision/torchaudio: the Makefile installed a matching torch pair.
+    Skipped when this environment already has them (a marker keyed by the file's content)."""
+    requirements = (comfy_path / "requirements.txt").read_text()
+    kept = [line for line in requirements.splitlines()
+            if re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0].lower() not in ("torch", "torchvision", "torchaudio")]
+    digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+    marker = Path(sys.prefix) / f".comfy-requirements-{digest}"
+    if marker.exists():
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+        handle.write("\n".join(kept) + "\n")
+    print(f"installing ComfyUI's requirements from {comfy_path / 'requirements.txt'}", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", handle.name], check=True)
+    marker.touch()
+
+
 def in_process_variant(prompt: dict) -> dict:
     """The same graph on one device: Context Parallel bypassed (as the editor's bypass does:
     its input passes through), Parallel VAE Decode replaced by VAE Decode (Tiled) with the
@@ -92,9 +111,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Run the pack headless in ComfyUI on tiny random models.")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the temporary ComfyUI base dir")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="find or install ComfyUI and its requirements, then stop (make comfy-env)")
     args = parser.parse_args()
 
     comfy_path = locate_comfyui()
+    install_comfy_requirements(comfy_path)
+    if args.setup_only:
+        print(f"ComfyUI ready: {comfy_path}  (export COMFYUI_PATH={comfy_path} to run its test tier)")
+        return 0
     import torch
 
     on_gpu = torch.cuda.is_available()

@@ -190,11 +190,13 @@ def select_backend(name: str, **calibration) -> str:
 
 
 def local_attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None,
+    backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Attention of q [B,H,Sq,D] over k, v [B,H,Sk,D] with an optional additive bias
-    broadcastable to [B,H,Sq,Sk]. Returns (out in q's dtype, lse [B,H,Sq] in fp32)."""
-    name = _selected
+    broadcastable to [B,H,Sq,Sk]. Returns (out in q's dtype, lse [B,H,Sq] in fp32).
+    `backend`: one of BACKEND_CHOICES for this call (default: the process-wide selection)."""
+    name = backend or _selected
     if name == "auto":
         name = _auto(q, bias)
     elif name == "sdpa":

@@ -11,6 +11,8 @@ import traceback
 
 import torch.multiprocessing as mp
 
+from ..refs import ObjectRef
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -18,7 +20,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank, world_size, port, backend, fn, args, queue):
+def _entry(rank, world_size, port, backend, fn_ref, args, queue):
     import torch
     import torch.distributed as dist
 
@@ -26,6 +28,7 @@ def _entry(rank, world_size, port, backend, fn, args, queue):
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     try:
+        fn = fn_ref.resolve()
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
@@ -45,8 +48,9 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
+    fn_ref = ObjectRef(fn)  # test modules too: ComfyUI's `tests` package may shadow ours
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, queue), daemon=True)
+        ctx.Process(target=_entry, args=(r, world_size, port, backend, fn_ref, args, queue), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

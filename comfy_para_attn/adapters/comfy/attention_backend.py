@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ...attention.local import BACKEND_CHOICES, local_attention, select_backend
+from ...attention.local import BACKEND_CHOICES, calibrate_auto, key_padding_bias, local_attention
 
 FEATURE = "attention_backend"
 
@@ -19,7 +19,8 @@ def _unwrap(t):
 
 
 class BackendAttention:
-    def __init__(self, previous=None):
+    def __init__(self, backend: str, previous=None):
+        self.backend = backend  # per model: two models in one graph may choose differently
         self.previous = previous
 
     def __deepcopy__(self, memo):
@@ -36,8 +37,8 @@ class BackendAttention:
         else:
             b = q.shape[0]
             qh, kh, vh = (t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-        bias = None if mask is None else mask.reshape(mask.shape[0], 1, 1, -1).to(qh.dtype)
-        out = local_attention(qh, kh, vh, bias)[0]
+        bias = key_padding_bias(None if mask is None else mask.reshape(mask.shape[0], -1), qh.dtype)
+        out = local_attention(qh, kh, vh, bias, backend=self.backend)[0]
         if kwargs.get("skip_output_reshape", False):
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
@@ -47,11 +48,13 @@ def apply_attention_backend(model_patcher, name: str):
     """A clone of `model_patcher` whose attention runs on backend `name` (BACKEND_CHOICES)."""
     if name not in BACKEND_CHOICES:
         raise ValueError(f"attention_backend must be one of {BACKEND_CHOICES}, got {name!r}")
-    select_backend(name)
+    if name == "auto":
+        calibrate_auto()  # measures once per process on a GPU; nothing on CPU
     model = model_patcher.clone()
     to = model.model_options.setdefault("transformer_options", {})
     to["para_attn"] = {**to.get("para_attn", {}), FEATURE: name}
     previous = to.get("optimized_attention_override")
-    if not isinstance(previous, BackendAttention):
-        to["optimized_attention_override"] = BackendAttention(previous)
+    if isinstance(previous, BackendAttention):
+        previous = previous.previous
+    to["optimized_attention_override"] = BackendAttention(name, previous)
     return model

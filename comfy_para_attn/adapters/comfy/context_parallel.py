@@ -72,7 +72,10 @@ def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
         raise ValueError("Context Parallel does not support HunyuanVideo image-to-video token modulation yet.")
     if call.family == "wan":
         # Only image tokens are sharded; Wan's cross-attention keys are the (unsharded) text.
-        img_r, _ = call.begin(img, img[:, :0], avoid_len=txt.shape[1] if txt is not None else -1)
+        avoid = set()
+        if txt is not None:
+            avoid = {txt.shape[1], call.clip_tokens, txt.shape[1] - call.clip_tokens} - {0}
+        img_r, _ = call.begin(img, img[:, :0], avoid_lens=avoid)
         call.pe = call.local_rows(args["pe"], img.shape[1], dim=1)
         return extra["original_block"](dict(args, img=img_r, pe=call.pe))
     mask = args.get("attention_mask")
@@ -146,6 +149,8 @@ class CfgSplitWrapper:
         def half(v):
             if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch:
                 return v[r * per : (r + 1) * per]
+            if isinstance(v, (list, tuple)):  # e.g. FLUX Kontext's ref_latents
+                return type(v)(half(e) for e in v)
             return v
 
         options = dict(transformer_options, cond_or_uncond=parts[r : r + 1])
@@ -156,12 +161,43 @@ class CfgSplitWrapper:
         return all_gather(out, 0, cp.cfg_group)
 
 
+class AgreedMemoryEstimate:
+    """Object patch for `BaseModel.memory_required`: ComfyUI batches cond and uncond together
+    only if the estimate fits this GPU's free memory, which differs between GPUs. Every rank
+    must batch alike (the collectives need the same shapes), so the ranks agree: the batch is
+    taken only if it fits on all of them."""
+
+    def __init__(self, estimate, cp: ParallelContext):
+        self.estimate = estimate
+        self.cp = cp
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, input_shape, cond_shapes={}):
+        import comfy.model_management
+
+        need = self.estimate(input_shape, cond_shapes=cond_shapes)
+        device = comfy.model_management.get_torch_device()
+        fits = need * 1.5 < comfy.model_management.get_free_memory(device)
+        flag = torch.tensor([0.0 if fits else 1.0], device=device)
+        misfits = self.cp.all_reduce_sum(flag)
+        return 0.0 if float(misfits.item()) == 0.0 else float("inf")
+
+
+# Models whose blocks add residuals by token index (like ControlNet): not sharded yet.
+_UNSHARDABLE = {"VaceWanModel": "Wan VACE", "WanModel_S2V": "Wan S2V"}
+
+
 def install_context_parallel(model_patcher, cp: ParallelContext):
     """A clone of `model_patcher` that runs each model call context-parallel over `cp`."""
     import comfy.patcher_extension
 
     family = model_family(model_patcher)
     dm = model_patcher.model.diffusion_model
+    if type(dm).__name__ in _UNSHARDABLE:
+        raise ValueError(f"Context Parallel does not support {_UNSHARDABLE[type(dm).__name__]} yet (it adds "
+                         "residuals by token index); remove the Context Parallel node for this model.")
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
     cp.config.validate(num_heads=heads)
     patcher = model_patcher.clone()
@@ -172,5 +208,10 @@ def install_context_parallel(model_patcher, cp: ParallelContext):
     options["para_attn_cp"] = cp
     if cp.config.sequence_size > 1:
         _install_block_patches(patcher, call, family)
+        # Wan image-to-video: cross-attention keys are the CLIP tokens and the text tokens.
+        call.clip_tokens = 257 if getattr(dm, "img_emb", None) is not None else 0
+    if cp.config.world_size > 1:
+        patcher.add_object_patch("memory_required",
+                                 AgreedMemoryEstimate(patcher.get_model_object("memory_required"), cp))
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, CfgSplitWrapper(call))
     return patcher

@@ -182,11 +182,13 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
 
 
 def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
-                          disable_pbar=False, seed=None):
+                          disable_pbar=False, seed=None, latent_shapes=None, **kwargs):
     import comfy.model_management
 
     from ...pool import PoolInterrupted
 
+    if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
+        raise NotPortableError("Context Parallel does not support nested (packed) latents yet.")
     guider = executor.class_obj
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE]
     began = time.monotonic()

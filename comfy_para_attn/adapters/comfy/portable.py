@@ -11,13 +11,12 @@ Anything that cannot be sent gets a clear error naming it, never a silent drop.
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import pickle
-import sys
 from typing import Any
 
 import torch
+
+from ...refs import ObjectRef
 
 OUR_PREFIX = "para_attn"
 _OUR_MODULE = "comfy_para_attn.adapters.comfy"  # hooks our nodes install
@@ -126,45 +125,16 @@ def rebuild_object_patches(object_patches: dict) -> dict:
 _GUIDER_LIVE_ATTRS = ("model_patcher", "model_options", "inner_model", "conds", "original_conds", "loaded_models")
 
 
-class ClassRef:
-    """A class named by module and file, so a worker can import it even when ComfyUI
-    loaded its module under a file-path name (comfy_extras and custom node packs are
-    loaded that way, so plain pickling by reference fails in another process)."""
-
-    def __init__(self, cls: type):
-        self.module = cls.__module__
-        self.qualname = cls.__qualname__
-        module = sys.modules.get(self.module)
-        self.file = getattr(module, "__file__", None)
-
-    def resolve(self) -> type:
-        module = sys.modules.get(self.module)
-        if module is None:
-            try:
-                module = importlib.import_module(self.module)
-            except ImportError:
-                if not self.file:
-                    raise
-                spec = importlib.util.spec_from_file_location(self.module, self.file)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[self.module] = module
-                spec.loader.exec_module(module)
-        obj = module
-        for part in self.qualname.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-
-def portable_guider(guider) -> tuple[ClassRef, dict]:
+def portable_guider(guider) -> tuple[ObjectRef, dict]:
     """The guider's class and plain attributes (cfg etc.), without model or conds."""
     state = {k: v for k, v in guider.__dict__.items() if k not in _GUIDER_LIVE_ATTRS}
-    cls = ClassRef(type(guider))
+    cls = ObjectRef(type(guider))
     _check_picklable(f"the guider ({type(guider).__name__})", (cls, state))
     return cls, state
 
 
-def rebuild_guider(guider_cls: "ClassRef | type", state: dict, model_patcher, conds: dict):
-    if isinstance(guider_cls, ClassRef):
+def rebuild_guider(guider_cls: "ObjectRef | type", state: dict, model_patcher, conds: dict):
+    if isinstance(guider_cls, ObjectRef):
         guider_cls = guider_cls.resolve()
     guider = guider_cls.__new__(guider_cls)
     guider.__dict__.update(state)

@@ -1,6 +1,7 @@
-"""Weights the workers map from shared memory: written once per fingerprint and kept until
-the ComfyUI process exits (the diffusion model for Context Parallel, the VAE for Parallel
-VAE Decode). A model object is fingerprinted once; its weights are not re-read per prompt."""
+"""Weights the workers map from shared memory, written once per fingerprint: the diffusion
+model for Context Parallel, the VAE for Parallel VAE Decode. A file stays until another model
+of the same kind replaces it or the ComfyUI process exits. A model object is fingerprinted
+once; its weights are not re-read per prompt."""
 from __future__ import annotations
 
 import atexit
@@ -14,6 +15,7 @@ import torch
 log = logging.getLogger("comfy_para_attn")
 
 _published: dict[str, object] = {}  # fingerprint -> pool.transfer.TensorHandle
+_latest: dict[str, str] = {}  # label -> fingerprint: one copy per label in /dev/shm
 _fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -27,9 +29,15 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
         fingerprint = transfer.fingerprint_tensors(state, extra={"class": type(module).__name__})
         _fingerprints[module] = fingerprint
         if fingerprint not in _published:
+            # Workers keep one model per kind and have mapped the old file already (unlinking
+            # keeps their mapping valid); holding every model ever used would fill /dev/shm.
+            old = _latest.get(label)
+            if old is not None and old in _published:
+                _published.pop(old).release()
             began = time.monotonic()
             handle = transfer.publish_tensors(state, f"{label}-{fingerprint[:16]}")
             _published[fingerprint] = handle
+            _latest[label] = fingerprint
             log.info("%s weights (%.2f GiB) written to shared memory in %.1f s", label, handle.nbytes / 2**30,
                      time.monotonic() - began)
     return fingerprint, _published[fingerprint]

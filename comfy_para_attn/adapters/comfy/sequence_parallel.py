@@ -57,6 +57,7 @@ class ShardedCall:
         self.first_lens: tuple[int, ...] = ()
         self.second_lens: tuple[int, ...] = ()
         self.family = ""
+        self.clip_tokens = 0
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options
         return self
@@ -74,17 +75,18 @@ class ShardedCall:
         start = sum(lens[: self.rank])
         return x.narrow(dim, start, lens[self.rank]), lens
 
-    def begin(self, first: Tensor, second: Tensor, key_mask: Optional[Tensor] = None, avoid_len: int = -1):
+    def begin(self, first: Tensor, second: Tensor, key_mask: Optional[Tensor] = None, avoid_lens=frozenset()):
         """Shard two token streams (dim 1); the local sequence is [first_r, second_r].
         `key_mask` [B, len(first)+len(second)] in natural order (first then second) is
         permuted to shard order. Returns the two local shards."""
         first_r, first_lens = self.split(first)
         second_r, second_lens = self.split(second)
         self.seq_lens = tuple(a + b for a, b in zip(first_lens, second_lens))
-        if avoid_len in self.seq_lens:
-            raise RuntimeError(  # see WanAdapter: self- vs cross-attention is told apart by length
-                f"a sequence shard of {avoid_len} tokens equals the text length; use another ulysses/ring layout"
-            )
+        clash = set(self.seq_lens) & set(avoid_lens)
+        if clash:
+            raise RuntimeError(  # Wan: self- vs cross-attention is told apart by key length
+                f"a sequence shard of {min(clash)} tokens equals a cross-attention key length; use another "
+                "ulysses/ring layout or resolution")
         self.first_lens, self.second_lens = first_lens, second_lens
         self.key_mask = None if key_mask is None else key_mask[:, self.shard_order(len(first), first.device)]
         self.active = True
