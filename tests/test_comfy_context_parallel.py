@@ -23,3 +23,14 @@ def test_context_parallel_sampling_equals_plain(comfyui_path, family, ulysses, r
         for name, (err, scale) in results.items():
             assert scale > 1e-3, "degenerate output"
             assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
+
+
+@pytest.mark.parametrize("ulysses,ring,cfg", [(2, 2, 1), (2, 1, 2)], ids=["ulysses2xring2", "cfg2xulysses2"])
+def test_four_ranks_unified_and_cfg_layouts(comfyui_path, ulysses, ring, cfg):
+    """4 gloo ranks: unified ulysses x ring, and cfg parallel x ulysses (FLUX, cfg 3)."""
+    cases = [{"name": "four-ranks", "cfg": 3.0, "tokens": 7, "latent": {"height": 6, "width": 10}}]
+    per_rank = run_ranks(sample_both, 4, str(comfyui_path), "flux", ulysses, ring, cfg, cases, timeout=600)
+    for rank, results in enumerate(per_rank):
+        for name, (err, scale) in results.items():
+            assert scale > 1e-3, "degenerate output"
+            assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
