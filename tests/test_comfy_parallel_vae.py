@@ -58,7 +58,7 @@ def test_parallel_decode_equals_comfy_tiled(comfyui_path, pack_nodes, pool_clean
 
 
 def test_same_pool_as_context_parallel_and_vae_cached(comfyui_path, pack_nodes, pool_cleanup):
-    from comfy_para_attn.adapters.comfy import parallel_vae
+    from comfy_para_attn.adapters.comfy import parallel_vae, published
     from comfy_para_attn.testing import comfy_models
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
     from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
@@ -73,10 +73,11 @@ def test_same_pool_as_context_parallel_and_vae_cached(comfyui_path, pack_nodes, 
     vae = tiny_comfy_vae("flux")
     z = latent("flux", height=5, width=6)
     _node(pack_nodes, vae, z, (64, 16, 64, 8), gpus=2)
-    published = len(parallel_vae._published)
+    handles = dict(published._published)
     _node(pack_nodes, vae, z, (64, 16, 64, 8), gpus=2)
     assert parallel_vae.shared_pool(2, "cpu").pids == pids, "the VAE decode started a second pool"
-    assert len(parallel_vae._published) == published, "the VAE weights were published twice"
+    assert published._published == handles, "the VAE weights were published twice"
+    assert any(h.key.startswith("vae-") for h in handles.values())
 
 
 def test_bad_inputs_are_clear_errors(comfyui_path, pack_nodes):

@@ -160,7 +160,8 @@ def test_published_tensors_round_trip_to_workers_and_release_removes_file(pool):
     finally:
         handle.release()
     assert not path.exists()
-    assert not path.parent.exists(), "the per-controller directory should go once empty"
+    # the per-controller directory goes once empty (other publishers in this process may remain)
+    assert not path.parent.exists() or any(path.parent.iterdir()), "an empty per-controller directory was left"
 
 
 def test_sys_path_env_and_init_reach_every_rank(tmp_path):
