@@ -43,3 +43,11 @@ def pack_nodes(comfyui_path):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name].NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="session")
+def cm(comfyui_path):
+    """comfy_para_attn.testing.comfy_models (tiny ComfyUI models), once ComfyUI is importable."""
+    from comfy_para_attn.testing import comfy_models
+
+    return comfy_models

@@ -13,13 +13,6 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def cm(comfyui_path):
-    from comfy_para_attn.testing import comfy_models
-
-    return comfy_models
-
-
-@pytest.fixture(scope="module")
 def fbc(comfyui_path):
     from comfy_para_attn.adapters.comfy import first_block_cache
 

@@ -27,13 +27,6 @@ def _sdpa_attention(func, *args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def cm(comfyui_path):
-    from comfy_para_attn.testing import comfy_models
-
-    return comfy_models
-
-
-@pytest.fixture(scope="module")
 def flux(cm):
     model = cm.build("flux")
     model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention

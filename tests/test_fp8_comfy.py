@@ -14,13 +14,6 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def cm(comfyui_path):
-    from comfy_para_attn.testing import comfy_models
-
-    return comfy_models
-
-
-@pytest.fixture(scope="module")
 def fp8(comfyui_path):
     from comfy_para_attn.adapters.comfy import fp8
 
