@@ -34,3 +34,9 @@ def test_four_ranks_unified_and_cfg_layouts(comfyui_path, ulysses, ring, cfg):
         for name, (err, scale) in results.items():
             assert scale > 1e-3, "degenerate output"
             assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
+
+
+def test_regional_compile_inside_context_parallel_compiles_each_block_class_once(comfyui_path):
+    from comfy_para_attn.testing.comfy_cp_checks import compiled_graphs_under_cp
+
+    assert run_ranks(compiled_graphs_under_cp, 2, str(comfyui_path)) == [2, 2]  # double + single block

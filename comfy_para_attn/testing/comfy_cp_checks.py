@@ -33,3 +33,29 @@ def sample_both(rank, world_size, comfy_path, family, ulysses, ring, cfg_degree,
         err = (parallel - plain).abs().max().item() if ok else float("inf")
         results[case["name"]] = (err, plain.abs().mean().item())
     return results
+
+
+def compiled_graphs_under_cp(rank, world_size, comfy_path):
+    """Regional compile inside context parallelism: dynamo graphs made over two prompts
+    (different seeds). Expect one per block class: no recompile for the first (sharded) block."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=True)
+    torch.set_num_threads(1)
+    from torch._dynamo.utils import counters
+
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+    from comfy_para_attn.adapters.comfy.context_parallel import install_context_parallel
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+    from comfy_para_attn.compile import CompileSettings
+    from comfy_para_attn.testing import comfy_models
+
+    cp = build_parallel_context(ContextParallelConfig(ulysses=world_size))
+    patcher = comfy_models.build("flux", seed=0)
+    model = install_context_parallel(apply_compile(patcher, CompileSettings(backend="eager")), cp)
+    positive = comfy_models.conditioning(patcher, seed=1)
+    latent = torch.zeros(comfy_models.latent_shape("flux"))
+    counters.clear()
+    for seed in (1, 2):
+        comfy_models.sample(model, positive, [], latent, steps=2, cfg=1.0, seed=seed)
+    return int(counters["stats"]["unique_graphs"])

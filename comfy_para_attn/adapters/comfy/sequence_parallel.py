@@ -73,7 +73,10 @@ class ShardedCall:
     def split(self, x: Tensor, dim: int = 1) -> tuple[Tensor, tuple[int, ...]]:
         lens = shard_lengths(x.shape[dim], self.parts)
         start = sum(lens[: self.rank])
-        return x.narrow(dim, start, lens[self.rank]), lens
+        # A fresh tensor with standard strides: a view into the full tensor (even one that
+        # counts as contiguous, at batch 1) would make compiled blocks guard on its strides
+        # and compile the first block twice.
+        return x.narrow(dim, start, lens[self.rank]).clone(memory_format=torch.contiguous_format), lens
 
     def begin(self, first: Tensor, second: Tensor, key_mask: Optional[Tensor] = None, avoid_lens=frozenset()):
         """Shard two token streams (dim 1); the local sequence is [first_r, second_r].
