@@ -1,0 +1,132 @@
+"""Where does a context-parallel ComfyUI step spend its time? Profile one rank.
+
+    python bench/profile_context_parallel.py --comfyui PATH [--gpus 2] [--steps 8]
+        [--layouts ulysses,ring] [--compile] [--fp8] [--tiny]
+
+Spawns the ranks directly (no pool: this isolates the per-step cost from pool overhead),
+each builds the same seeded FLUX.1-dev-sized ComfyUI model (random weights, bf16,
+1024x1024) and samples with `install_context_parallel`. A 1-GPU run of the same code
+without context parallelism is the baseline. For each configuration it prints ms/step
+(`comfy.sample.sample`, median-free: total / steps after a warm-up prompt), then a
+profile of one step on rank 0: GPU busy time (sum of kernel time), NCCL kernel time,
+attention kernel time, and the top kernels, so CPU-bound steps (wall >> GPU busy) and
+exposed communication show up. `--tiny`: a tiny model on 2 CPU gloo ranks (smoke test).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from comfy_para_attn.testing.distributed import run_ranks  # noqa: E402
+
+
+def _kernel_summary(prof, steps: int) -> dict:
+    events = [e for e in prof.key_averages() if e.device_type.name in ("CUDA", "PrivateUse1")]
+    if not events:  # CPU run: nothing to split
+        return {"gpu_busy": float("nan"), "nccl": float("nan"), "attention": float("nan"), "top": []}
+    total = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e3 / steps
+    attn = sum(e.self_device_time_total for e in events
+               if any(s in e.key.lower() for s in ("flash", "fmha", "cudnn", "attention", "sdpa"))) / 1e3 / steps
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    return {"gpu_busy": total, "nccl": nccl, "attention": attn,
+            "top": [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]}
+
+
+def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False):
+    device = "cpu" if tiny else "cuda"
+    if not tiny:
+        torch.cuda.set_device(rank)
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=tiny)
+    from comfy_para_attn.adapters.comfy.context_parallel import install_context_parallel
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+    from comfy_para_attn.testing import comfy_models
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    patcher = comfy_models.build("flux", dtype=dtype, device=device, seed=0,
+                                 **({} if tiny else comfy_models.flux_config("dev")))
+    positive = comfy_models.conditioning(patcher, tokens=16 if tiny else 512, seed=1, device=device)
+    latent = torch.zeros(comfy_models.latent_shape("flux", height=16 if tiny else 128, width=16 if tiny else 128))
+    model = patcher
+    if fp8:
+        from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+        from comfy_para_attn.quant import FP8Settings
+
+        model = apply_fp8(model, FP8Settings())
+    if compile_blocks:
+        from comfy_para_attn.adapters.comfy.compile import apply_compile
+        from comfy_para_attn.compile import CompileSettings
+
+        model = apply_compile(model, CompileSettings(backend="eager" if tiny else "inductor"))
+    if world_size > 1:
+        model = install_context_parallel(model, build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring)))
+
+    def sample(n):
+        if not tiny:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        out = comfy_models.sample(model, positive, [], latent, steps=n, cfg=1.0, seed=7)
+        if not tiny:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - began
+
+    began = time.perf_counter()
+    sample(2)
+    warmup = time.perf_counter() - began
+    out, seconds = sample(steps)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([] if tiny else [torch.profiler.ProfilerActivity.CUDA])
+    with torch.profiler.profile(activities=activities) as prof:
+        sample(2)
+    if rank != 0:
+        return None
+    return {"ms_per_step": seconds / steps * 1e3, "warmup_s": warmup, "out": out.float().cpu().numpy(),  # by value: a shared tensor dies with the rank
+           
+            **_kernel_summary(prof, 2)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--layouts", default="ulysses,ring")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    backend = "gloo" if args.tiny else "nccl"
+    print(f"device: {'cpu' if args.tiny else torch.cuda.get_device_name(0)} | torch {torch.__version__} | "
+          f"compile {args.compile} | fp8 {args.fp8} | steps {args.steps}", flush=True)
+    configs = [("1 GPU", 1, 1, 1)]
+    layouts = {"ulysses": (args.gpus, 1), "ring": (1, args.gpus)}
+    configs += [(f"{name} x{args.gpus}", args.gpus, *layouts[name]) for name in args.layouts.split(",") if name]
+    rows, base, ref = [], None, None
+    for name, world, ulysses, ring in configs:
+        result = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
+                           args.fp8, backend=backend, timeout=900)[0]
+        base = base or result["ms_per_step"]
+        result["out"] = torch.from_numpy(result["out"])
+        ref = result["out"] if ref is None else ref
+        err = (result["out"] - ref).abs().max().item()
+        rows.append((name, result, base / result["ms_per_step"], err))
+        print(f"\n## {name}: {result['ms_per_step']:.1f} ms/step ({base / result['ms_per_step']:.2f}x), warm-up "
+              f"{result['warmup_s']:.1f} s, GPU busy {result['gpu_busy']:.1f} ms/step, NCCL {result['nccl']:.1f}, "
+              f"attention {result['attention']:.1f}, max diff {err:.3g}", flush=True)
+        for key, ms, count in result["top"]:
+            print(f"  {ms:7.2f} ms  x{count:<4d} {key}")
+    print("\n| config | ms/step | speedup | GPU busy | NCCL | attention | warm-up s |\n|---|---|---|---|---|---|---|")
+    for name, r, speedup, _ in rows:
+        print(f"| {name} | {r['ms_per_step']:.1f} | {speedup:.2f}x | {r['gpu_busy']:.1f} | {r['nccl']:.1f} | "
+              f"{r['attention']:.1f} | {r['warmup_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
