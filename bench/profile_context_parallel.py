@@ -27,29 +27,37 @@ from comfy_para_attn.testing.distributed import run_ranks  # noqa: E402
 
 
 def _kernel_summary(prof, steps: int) -> dict:
-    events = [e for e in prof.key_averages() if e.device_type.name in ("CUDA", "PrivateUse1")]
+    """Per-step GPU kernel time split into NCCL / attention / rest, the top kernels, and
+    the top CPU ops by self time (host syncs such as cudaStreamSynchronize show up there)."""
+    averages = prof.key_averages()
+    cpu = sorted((e for e in averages if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)[:10]
+    cpu_top = [(e.key[:90], e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in cpu]
+    events = [e for e in averages if e.device_type.name in ("CUDA", "PrivateUse1") and not e.key.startswith("nccl:")]
     if not events:  # CPU run: nothing to split
-        return {"gpu_busy": float("nan"), "nccl": float("nan"), "attention": float("nan"), "top": []}
+        return {"gpu_busy": float("nan"), "nccl": float("nan"), "attention": float("nan"), "top": [], "cpu_top": cpu_top}
     total = sum(e.self_device_time_total for e in events) / 1e3 / steps
     nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e3 / steps
     attn = sum(e.self_device_time_total for e in events
-               if any(s in e.key.lower() for s in ("flash", "fmha", "cudnn", "attention", "sdpa"))) / 1e3 / steps
+               if any(s in e.key.lower() for s in ("flash", "fmha", "sdpa"))) / 1e3 / steps
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
-    return {"gpu_busy": total, "nccl": nccl, "attention": attn,
+    return {"gpu_busy": total, "nccl": nccl, "attention": attn, "cpu_top": cpu_top,
             "top": [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]}
 
 
-def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False):
+def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None):
     device = "cpu" if tiny else "cuda"
-    if not tiny:
-        torch.cuda.set_device(rank)
+    if not tiny:  # like the pool: each rank sees only its own GPU (set before CUDA starts)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
     from comfy_para_attn.adapters.comfy.env import make_importable
 
     make_importable(comfy_path, cpu=tiny)
     from comfy_para_attn.adapters.comfy.context_parallel import install_context_parallel
     from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+    from comfy_para_attn.attention import parallel
     from comfy_para_attn.testing import comfy_models
 
+    if chunks is not None:
+        parallel.ULYSSES_CHUNKS = chunks
     dtype = torch.float32 if tiny else torch.bfloat16
     patcher = comfy_models.build("flux", dtype=dtype, device=device, seed=0,
                                  **({} if tiny else comfy_models.flux_config("dev")))
@@ -85,11 +93,17 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     activities = [torch.profiler.ProfilerActivity.CPU] + ([] if tiny else [torch.profiler.ProfilerActivity.CUDA])
     with torch.profiler.profile(activities=activities) as prof:
         sample(2)
+    from torch._dynamo.utils import counters
+
+    summary = _kernel_summary(prof, 2)
+    dynamo = {"graphs": counters["stats"].get("unique_graphs", 0),
+              "graph_breaks": sum(counters["graph_break"].values())}
     if rank != 0:
-        return None
-    return {"ms_per_step": seconds / steps * 1e3, "warmup_s": warmup, "out": out.float().cpu().numpy(),  # by value: a shared tensor dies with the rank
+        return {"ms_per_step": seconds / steps * 1e3, "gpu_busy": summary["gpu_busy"], "nccl": summary["nccl"],
+                **dynamo}
+    return {"ms_per_step": seconds / steps * 1e3, "warmup_s": warmup, **dynamo, "out": out.float().cpu().numpy(),  # by value: a shared tensor dies with the rank
            
-            **_kernel_summary(prof, 2)}
+            **summary}
 
 
 def main():
@@ -97,7 +111,7 @@ def main():
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--layouts", default="ulysses,ring")
+    parser.add_argument("--layouts", default="ulysses,ring", help="ulysses, ring; 'ulysses:C' pipelines C head chunks")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")
     parser.add_argument("--tiny", action="store_true")
@@ -105,13 +119,16 @@ def main():
     backend = "gloo" if args.tiny else "nccl"
     print(f"device: {'cpu' if args.tiny else torch.cuda.get_device_name(0)} | torch {torch.__version__} | "
           f"compile {args.compile} | fp8 {args.fp8} | steps {args.steps}", flush=True)
-    configs = [("1 GPU", 1, 1, 1)]
+    configs = [("1 GPU", 1, 1, 1, None)]
     layouts = {"ulysses": (args.gpus, 1), "ring": (1, args.gpus)}
-    configs += [(f"{name} x{args.gpus}", args.gpus, *layouts[name]) for name in args.layouts.split(",") if name]
+    for spec in filter(None, args.layouts.split(",")):  # e.g. "ulysses:1" = ulysses, 1 head chunk
+        name, _, chunks = spec.partition(":")
+        configs.append((f"{spec} x{args.gpus}", args.gpus, *layouts[name], int(chunks) if chunks else None))
     rows, base, ref = [], None, None
-    for name, world, ulysses, ring in configs:
-        result = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                           args.fp8, backend=backend, timeout=900)[0]
+    for name, world, ulysses, ring, chunks in configs:
+        results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
+                            args.fp8, chunks, backend=backend, timeout=900)
+        result = results[0]
         base = base or result["ms_per_step"]
         result["out"] = torch.from_numpy(result["out"])
         ref = result["out"] if ref is None else ref
@@ -120,7 +137,14 @@ def main():
         print(f"\n## {name}: {result['ms_per_step']:.1f} ms/step ({base / result['ms_per_step']:.2f}x), warm-up "
               f"{result['warmup_s']:.1f} s, GPU busy {result['gpu_busy']:.1f} ms/step, NCCL {result['nccl']:.1f}, "
               f"attention {result['attention']:.1f}, max diff {err:.3g}", flush=True)
+        for r, other in enumerate(results):
+            print(f"  rank {r}: {other['ms_per_step']:.1f} ms/step, GPU busy {other['gpu_busy']:.1f}, NCCL "
+                  f"{other['nccl']:.1f}, dynamo graphs {other['graphs']}, graph breaks {other['graph_breaks']}")
+        print("  top GPU kernels (ms/step, calls/step):")
         for key, ms, count in result["top"]:
+            print(f"  {ms:7.2f} ms  x{count:<4d} {key}")
+        print("  top CPU ops by self time:")
+        for key, ms, count in result["cpu_top"]:
             print(f"  {ms:7.2f} ms  x{count:<4d} {key}")
     print("\n| config | ms/step | speedup | GPU busy | NCCL | attention | warm-up s |\n|---|---|---|---|---|---|---|")
     for name, r, speedup, _ in rows:

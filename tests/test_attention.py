@@ -28,6 +28,16 @@ def test_shards_match_full_attention(world, ulysses, ring):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("world,ulysses,ring", [(2, 2, 1), (4, 2, 2)])
+def test_unpipelined_ulysses_matches_full_attention(world, ulysses, ring, monkeypatch):
+    """The default pipelines Ulysses over head chunks; one chunk is the plain exchange."""
+    monkeypatch.setenv("PARA_ATTN_ULYSSES_CHUNKS", "1")  # read by each spawned rank at import
+    for rank, errors in enumerate(run_ranks(check_parallel_attention, world, ulysses, ring, (False,))):
+        for case, err in errors.items():
+            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
+            assert err < tol, f"rank {rank} {case}: max abs err {err:.3g} >= {tol}"
+
+
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
 def test_compile_captures_without_graph_breaks(ulysses, ring):
     for graphs, breaks in run_ranks(count_graph_breaks, 2, ulysses, ring):

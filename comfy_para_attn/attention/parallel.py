@@ -15,6 +15,7 @@ as long as every token keeps its own rotary embedding and the mask follows the s
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +24,12 @@ from torch import Tensor
 from .config import ParallelContext
 from .local import key_padding_bias, local_attention
 from .ring import ring_attention
-from .ulysses import gather_heads, scatter_heads
+from .ulysses import ulysses_attention
+
+
+# Head chunks the Ulysses exchange is pipelined over (communication of one chunk overlaps
+# the attention of another); 1 turns the pipelining off.
+ULYSSES_CHUNKS = int(os.environ.get("PARA_ATTN_ULYSSES_CHUNKS", "2"))
 
 
 def shard_lengths(total: int, parts: int) -> tuple[int, ...]:
@@ -79,18 +85,14 @@ def parallel_attention(
     ulysses_lens = seq_lens[ring_rank * ulysses : (ring_rank + 1) * ulysses]
     block_lens = tuple(sum(seq_lens[i * ulysses : (i + 1) * ulysses]) for i in range(ring))
 
-    if ulysses > 1:
-        batch = q.shape[0]
-        qkv = scatter_heads(torch.cat([q, k, v], dim=0), cp.ulysses_group, ulysses_lens, ulysses_rank)
-        q, k, v = qkv.split(batch, dim=0)
+    def attend(q, k, v):
+        if ring > 1:
+            return ring_attention(
+                q, k, v, group=cp.ring_group, rank=ring_rank, block_lens=block_lens, bias=bias, scale=scale
+            )
+        return local_attention(q, k, v, bias, scale)[0]
 
-    if ring > 1:
-        out = ring_attention(
-            q, k, v, group=cp.ring_group, rank=ring_rank, block_lens=block_lens, bias=bias, scale=scale
-        )
-    else:
-        out = local_attention(q, k, v, bias, scale)[0]
-
-    if ulysses > 1:
-        out = gather_heads(out, cp.ulysses_group, ulysses_lens, ulysses_rank)
-    return out
+    if ulysses == 1:
+        return attend(q, k, v)
+    return ulysses_attention(q, k, v, attend, group=cp.ulysses_group, seq_lens=ulysses_lens, rank=ulysses_rank,
+                             chunks=ULYSSES_CHUNKS)

@@ -165,19 +165,27 @@ class AgreedMemoryEstimate:
     """Object patch for `BaseModel.memory_required`: ComfyUI batches cond and uncond together
     only if the estimate fits this GPU's free memory, which differs between GPUs. Every rank
     must batch alike (the collectives need the same shapes), so the ranks agree: the batch is
-    taken only if it fits on all of them."""
+    taken only if it fits on all of them. The agreement (a collective, and a host sync) is
+    made once per input shape: ComfyUI asks on every step."""
 
     def __init__(self, estimate, cp: ParallelContext):
         self.estimate = estimate
         self.cp = cp
+        self.agreed: dict = {}
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, input_shape, cond_shapes={}):
+        need = self.estimate(input_shape, cond_shapes=cond_shapes)
+        key = (tuple(input_shape), need)
+        if key not in self.agreed:
+            self.agreed[key] = self._agree(need)
+        return self.agreed[key]
+
+    def _agree(self, need) -> float:
         import comfy.model_management
 
-        need = self.estimate(input_shape, cond_shapes=cond_shapes)
         device = comfy.model_management.get_torch_device()
         fits = need * 1.5 < comfy.model_management.get_free_memory(device)
         flag = torch.tensor([0.0 if fits else 1.0], device=device)
