@@ -46,8 +46,6 @@ def _kernel_summary(prof, steps: int) -> dict:
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None):
     device = "cpu" if tiny else "cuda"
-    if not tiny:  # like the pool: each rank sees only its own GPU (set before CUDA starts)
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
     from comfy_para_attn.adapters.comfy.env import make_importable
 
     make_importable(comfy_path, cpu=tiny)
@@ -127,7 +125,8 @@ def main():
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, backend=backend, timeout=900)
+                            args.fp8, chunks, backend=backend, timeout=900,
+                            one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
         base = base or result["ms_per_step"]
         result["out"] = torch.from_numpy(result["out"])

@@ -20,7 +20,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank, world_size, port, backend, fn_ref, args, queue):
+def _entry(rank, world_size, port, backend, fn_ref, args, queue, one_gpu_per_rank=False):
+    if one_gpu_per_rank:  # like the pool's workers; must precede CUDA's start (the NCCL group starts it)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(world_size)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[rank]
     import torch
     import torch.distributed as dist
 
@@ -39,10 +43,12 @@ def _entry(rank, world_size, port, backend, fn_ref, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 300.0) -> list:
+def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 300.0,
+              one_gpu_per_rank: bool = False) -> list:
     """Call `fn(rank, world_size, *args)` on `world_size` spawned ranks; return results by rank.
 
-    `fn` must be importable (module-level). Raises RuntimeError with the failing rank's
+    `fn` must be importable (module-level). `one_gpu_per_rank`: rank r sees only the r-th
+    visible GPU (as cuda:0), as in the pool. Raises RuntimeError with the failing rank's
     traceback if any rank fails or the group does not finish within `timeout` seconds.
     """
     ctx = mp.get_context("spawn")
@@ -50,7 +56,7 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float 
     port = free_port()
     fn_ref = ObjectRef(fn)  # test modules too: ComfyUI's `tests` package may shadow ours
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, backend, fn_ref, args, queue), daemon=True)
+        ctx.Process(target=_entry, args=(r, world_size, port, backend, fn_ref, args, queue, one_gpu_per_rank), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
