@@ -113,11 +113,12 @@ def main():
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--skip-baseline", action="store_true", help="no 1-GPU run (ratios then refer to the first row)")
     args = parser.parse_args()
     backend = "gloo" if args.tiny else "nccl"
     print(f"device: {'cpu' if args.tiny else torch.cuda.get_device_name(0)} | torch {torch.__version__} | "
           f"compile {args.compile} | fp8 {args.fp8} | steps {args.steps}", flush=True)
-    configs = [("1 GPU", 1, 1, 1, None)]
+    configs = [] if args.skip_baseline else [("1 GPU", 1, 1, 1, None)]
     layouts = {"ulysses": (args.gpus, 1), "ring": (1, args.gpus)}
     for spec in filter(None, args.layouts.split(",")):  # e.g. "ulysses:1" = ulysses, 1 head chunk
         name, _, chunks = spec.partition(":")

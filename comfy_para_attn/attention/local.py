@@ -94,6 +94,11 @@ register_backend("sdpa-cudnn", _cuda_cudnn)
 register_backend("sdpa-efficient", _cuda_efficient)
 
 
+# Read once at import: on CUDA builds `cudnn.is_available()` is a Python call that
+# torch.compile cannot trace (a graph break in every attention call).
+_CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
+
+
 def _sdpa_choice(q: Tensor, bias: Optional[Tensor]) -> str:
     """PyTorch's kernel for these inputs (the behaviour of "auto" before calibration)."""
     if q.device.type == "cpu":
@@ -101,7 +106,7 @@ def _sdpa_choice(q: Tensor, bias: Optional[Tensor]) -> str:
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
         if bias is not None:
             return "sdpa-efficient"
-        return "sdpa-cudnn" if torch.backends.cudnn.is_available() else "sdpa-flash"
+        return "sdpa-cudnn" if _CUDNN_AVAILABLE else "sdpa-flash"
     if q.device.type == "cuda":
         return "sdpa-efficient"
     return "math"
