@@ -29,9 +29,9 @@ def test_shards_match_full_attention(world, ulysses, ring):
 
 
 @pytest.mark.parametrize("world,ulysses,ring", [(2, 2, 1), (4, 2, 2)])
-def test_unpipelined_ulysses_matches_full_attention(world, ulysses, ring, monkeypatch):
-    """The default pipelines Ulysses over head chunks; one chunk is the plain exchange."""
-    monkeypatch.setenv("PARA_ATTN_ULYSSES_CHUNKS", "1")  # read by each spawned rank at import
+def test_pipelined_ulysses_matches_full_attention(world, ulysses, ring, monkeypatch):
+    """Ulysses pipelined over 2 head chunks (opt-in) gives the same shards."""
+    monkeypatch.setenv("PARA_ATTN_ULYSSES_CHUNKS", "2")  # read by each spawned rank at import
     for rank, errors in enumerate(run_ranks(check_parallel_attention, world, ulysses, ring, (False,))):
         for case, err in errors.items():
             tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
