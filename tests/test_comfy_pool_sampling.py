@@ -79,3 +79,25 @@ def test_inpaint_mask_and_partial_schedule(comfyui_path, pack_nodes, pool_cleanu
         assert torch.isfinite(parallel).all() and plain.abs().mean() > 1e-3
         err = (parallel - plain).abs().max().item()
         assert err < TOL, f"{list(case)}: max abs err {err:.3g}"
+
+
+def test_second_prompt_reuses_workers_model_and_logs_phases(comfyui_path, pack_nodes, pool_cleanup):
+    """Every rank logs where its time went; the second prompt finds the weights cached (the
+    first may too: earlier tests in this module sent the same weights to a pool of this layout)."""
+    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    model = _cp(pack_nodes, patcher, ulysses_degree=2)
+    phases = []
+    for seed in (1, 2):
+        out = comfy_models.sample(model, pos, neg, latent, steps=3, cfg=1.0, seed=seed)
+        assert torch.isfinite(out).all()
+        phases.append([[line for line in lines if line.startswith(f"Context Parallel rank {rank}: model")]
+                       for rank, lines in enumerate(pool_sampling.last_run_logs)])
+    for prompt, states in zip(phases, (("loaded", "cached"), ("cached",))):
+        assert len(prompt) == 2 and all(len(lines) == 1 for lines in prompt), prompt
+        for lines in prompt:
+            assert any(f"model {state} in" in lines[0] for state in states), lines
+            assert "first step" in lines[0] and "2 more in" in lines[0], lines

@@ -9,6 +9,7 @@ final latent; every rank checks the interrupt flag at each step boundary (collec
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -80,13 +81,16 @@ def sample(ctx, payload):
     from .context_parallel import install_context_parallel
     from .portable import rebuild_guider, rebuild_object_patches
 
+    began = time.monotonic()
     settings = payload["settings"]
     cp_key = ("cp", settings.config)
     if cp_key not in ctx.cache:  # process groups are created once per layout
         ctx.cache[cp_key] = build_parallel_context(settings.config)
     cp = ctx.cache[cp_key]
 
+    cached = ("model", payload["fingerprint"]) in ctx.cache
     patcher = _base_model(ctx, payload).clone()
+    model_ready = time.monotonic()
     patcher.patches = {k: list(v) for k, v in payload["patches"].items()}
     patcher.patches_uuid = payload["patches_uuid"]
     patcher.object_patches = rebuild_object_patches(payload["object_patches"])
@@ -103,6 +107,13 @@ def sample(ctx, payload):
         if ctx.rank == 0:
             ctx.report_progress(step, total_steps, x0=x0.detach().cpu() if x0 is not None else None)
 
+    first_step = []
+
+    def timed_callback(step, x0, x, total_steps):
+        if not first_step:
+            first_step.append(time.monotonic())
+        callback(step, x0, x, total_steps)
+
     captured = _Captured()
     root = logging.getLogger()
     root.addHandler(captured)
@@ -110,10 +121,18 @@ def sample(ctx, payload):
     root.setLevel(min(old_level, logging.INFO))
     try:
         samples = guider.sample(payload["noise"], payload["latent_image"], payload["sampler"], payload["sigmas"],
-                                payload["denoise_mask"], callback, True, payload["seed"])
+                                payload["denoise_mask"], timed_callback, True, payload["seed"])
     finally:
         root.removeHandler(captured)
         root.setLevel(old_level)
+    done = time.monotonic()
+    steps = max(1, len(payload["sigmas"]) - 1)
+    first = first_step[0] if first_step else done
+    # Where a slow first prompt goes: weights from shm, then the first step (moving weights to
+    # the GPU, compiling, autotuning), then the rest.
+    captured.lines.append(
+        f"Context Parallel rank {ctx.rank}: model {'cached' if cached else 'loaded'} in {model_ready - began:.2f} s, "
+        f"first step {first - model_ready:.2f} s, {steps - 1} more in {done - first:.2f} s")
     rank_logs = [captured.lines]
     if ctx.world_size > 1:  # every rank's log (e.g. each rank's cache summary) goes back
         import torch.distributed as dist
