@@ -74,6 +74,13 @@ def main():
     parser.add_argument("--skip-eager", action="store_true")
     parser.add_argument("--half-tokens", action="store_true", help="also time 1 GPU on half the tokens")
     args = parser.parse_args()
+    # Workers log at INFO with timestamps (model load, each rank's phase timings), so a slow or
+    # stuck first prompt shows where it is.
+    os.environ.setdefault("COMFY_PARA_ATTN_WORKER_LOG_LEVEL", "INFO")
+    began_all = time.perf_counter()
+
+    def stamp(what):
+        print(f"[{time.perf_counter() - began_all:7.1f} s] {what}", flush=True)
 
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -122,9 +129,15 @@ def main():
         for name, layout in layouts:
             settings = make_settings(model, args.gpus, layout["ulysses"], layout["ring"], False, 900.0, auto=False)
             cp_model = apply_context_parallel(model, settings)
+            stamp(f"{mode}/{name}: first prompt (pool start, transfer, load{', compile' if mode == 'compiled' else ''})")
             began = time.perf_counter()
             run(cp_model, positive, negative, image, 2, args.cfg)  # first prompt: pool start, transfer, load
             first = time.perf_counter() - began
+            from comfy_para_attn.adapters.comfy.pool_sampling import last_run_logs
+
+            for lines in last_run_logs:
+                stamp("; ".join(line for line in lines if line.startswith("Context Parallel rank")))
+            stamp(f"{mode}/{name}: timed prompt")
             out, seconds = run(cp_model, positive, negative, image, args.steps, args.cfg)
             _, one = run(cp_model, positive, negative, image, 1, args.cfg)
             per_step = seconds / args.steps
