@@ -79,6 +79,8 @@ def test_bad_layouts_say_what_to_change(config, kwargs, message):
 
 
 def test_auto_layout_prefers_ulysses_within_heads():
+    assert ContextParallelConfig.auto(2, num_heads=24) == ContextParallelConfig(ring=2)
+    assert ContextParallelConfig.auto(4, num_heads=24, use_cfg=True) == ContextParallelConfig(ring=2, cfg=2)
+    assert ContextParallelConfig.auto(4, num_heads=24) == ContextParallelConfig(ulysses=4)
     assert ContextParallelConfig.auto(8, num_heads=24) == ContextParallelConfig(ulysses=8)
     assert ContextParallelConfig.auto(8, num_heads=12) == ContextParallelConfig(ulysses=4, ring=2)
-    assert ContextParallelConfig.auto(4, num_heads=24, use_cfg=True) == ContextParallelConfig(ulysses=2, cfg=2)

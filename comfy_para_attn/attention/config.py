@@ -54,10 +54,15 @@ class ContextParallelConfig:
 
     @staticmethod
     def auto(world_size: int, num_heads: Optional[int] = None, use_cfg: bool = False) -> "ContextParallelConfig":
-        """A good default layout: cfg parallel when guidance has two halves, then as much
-        ulysses as the heads allow (cheapest communication on NVLink), ring for the rest."""
+        """A good default layout: cfg parallel when guidance has two halves; a sequence
+        group of 2 uses ring (at degree 2 ring moves as many bytes as Ulysses but overlaps
+        them with attention: 80 vs 85 ms/step compiled, 107 vs 134 eager, FLUX on 2 H200s);
+        larger groups take as much ulysses as the heads allow (its traffic per rank falls
+        with the degree, ring's does not), ring for the rest."""
         cfg = 2 if use_cfg and world_size % 2 == 0 else 1
         remaining = world_size // cfg
+        if remaining == 2:
+            return ContextParallelConfig(ring=2, cfg=cfg)
         ulysses = remaining
         while ulysses > 1 and (remaining % ulysses or (num_heads is not None and num_heads % ulysses)):
             ulysses -= 1
