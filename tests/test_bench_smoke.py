@@ -1,0 +1,45 @@
+"""The benchmarks' CPU smoke modes still run end to end (comfyui tier).
+
+GPU time is scarce: a benchmark that breaks on a renamed helper wastes it. These run each
+script's `--tiny` mode as a subprocess (2 CPU gloo ranks where it is parallel) and check
+that it finishes, prints its table, and that the parallel results equal the 1-rank ones.
+No timing is asserted: speed belongs to the GPU runs.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(comfyui_path, *args, timeout=600):
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_profile_context_parallel_tiny(comfyui_path):
+    out = _run(comfyui_path, "bench/profile_context_parallel.py", "--tiny", "--steps", "1",
+               "--layouts", "ulysses,ulysses:2,ring")
+    diffs = [float(d) for d in re.findall(r"max diff ([0-9.eE+-]+|nan)", out)]
+    assert len(diffs) == 4, out  # 1 rank + three 2-rank layouts
+    assert all(d < 1e-4 for d in diffs), out  # fp32: the parallel latent equals the 1-rank one
+    assert "| ring x2 |" in out and "top CPU ops" in out
+
+
+def test_bench_context_parallel_tiny(comfyui_path):
+    out = _run(comfyui_path, "bench/bench_context_parallel.py", "--tiny", "--steps", "2", "--layouts", "ring")
+    row = re.search(r"\| 2 GPUs ring x2 \(eager\) \| [0-9.]+ \| [0-9.]+x \| ([0-9.eE+-]+) \|", out)
+    assert row and float(row.group(1)) < 1e-4, out
+    assert re.search(r"Context Parallel rank 1: model loaded in", out), out
+
+
+def test_bench_first_block_cache_tiny(comfyui_path):
+    out = _run(comfyui_path, "bench/bench_first_block_cache.py", "--size", "tiny")
+    assert "| threshold 0 (off) | 0 / 6 |" in out and "overhead at threshold 0:" in out, out
+    assert "NON-FINITE" not in out
