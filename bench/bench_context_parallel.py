@@ -21,26 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FLUX_DEV_LATENT = dict(height=128, width=128)
-HUNYUAN_13B = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-                   mlp_ratio=4.0, num_heads=24, depth=20, depth_single_blocks=40, axes_dim=[16, 56, 56],
-                   theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False)
-HUNYUAN_544P = dict(frames=9, height=68, width=120)
-
 
 def build(args):
     from comfy_para_attn.testing import comfy_models
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    if args.family == "flux":
-        config = {} if args.tiny else comfy_models.flux_config("dev")
-        latent = dict(height=16, width=16) if args.tiny else FLUX_DEV_LATENT
-        tokens = 16 if args.tiny else 512
-    else:
-        config = {} if args.tiny else HUNYUAN_13B
-        latent = dict(frames=3, height=8, width=12) if args.tiny else HUNYUAN_544P
-        tokens = 16 if args.tiny else 256
+    config, latent, tokens = comfy_models.benchmark_size(args.family, args.tiny)
     patcher = comfy_models.build(args.family, dtype=dtype, device=device, **config)
     positive = comfy_models.conditioning(patcher, tokens=tokens, seed=1, device=device)
     negative = comfy_models.conditioning(patcher, tokens=tokens, seed=2, device=device)

@@ -4,8 +4,8 @@
         [--layouts ulysses,ring] [--compile] [--fp8] [--tiny]
 
 Spawns the ranks directly (no pool: this isolates the per-step cost from pool overhead),
-each builds the same seeded FLUX.1-dev-sized ComfyUI model (random weights, bf16,
-1024x1024) and samples with `install_context_parallel`. A 1-GPU run of the same code
+each builds the same seeded full-size ComfyUI model (random weights, bf16; FLUX.1-dev at
+1024x1024, or `--family hunyuan_video`: 13B at 544x960 x 33 frames) and samples with `install_context_parallel`. A 1-GPU run of the same code
 without context parallelism is the baseline. For each configuration it prints ms/step
 (`comfy.sample.sample`, median-free: total / steps after a warm-up prompt), then a
 profile of one step on rank 0: GPU busy time (sum of kernel time), NCCL kernel time,
@@ -44,7 +44,8 @@ def _kernel_summary(prof, steps: int) -> dict:
             "top": [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]}
 
 
-def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None):
+def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
+                 family="flux"):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -57,10 +58,10 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     if chunks is not None:
         parallel.ULYSSES_CHUNKS = chunks
     dtype = torch.float32 if tiny else torch.bfloat16
-    patcher = comfy_models.build("flux", dtype=dtype, device=device, seed=0,
-                                 **({} if tiny else comfy_models.flux_config("dev")))
-    positive = comfy_models.conditioning(patcher, tokens=16 if tiny else 512, seed=1, device=device)
-    latent = torch.zeros(comfy_models.latent_shape("flux", height=16 if tiny else 128, width=16 if tiny else 128))
+    config, latent_size, tokens = comfy_models.benchmark_size(family, tiny)
+    patcher = comfy_models.build(family, dtype=dtype, device=device, seed=0, **config)
+    positive = comfy_models.conditioning(patcher, tokens=tokens, seed=1, device=device)
+    latent = torch.zeros(comfy_models.latent_shape(family, **latent_size))
     model = patcher
     if fp8:
         from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
@@ -107,6 +108,7 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    parser.add_argument("--family", default="flux", choices=["flux", "hunyuan_video"])
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--layouts", default="ulysses,ring", help="ulysses, ring; 'ulysses:C' pipelines C head chunks")
@@ -117,7 +119,7 @@ def main():
     args = parser.parse_args()
     backend = "gloo" if args.tiny else "nccl"
     print(f"device: {'cpu' if args.tiny else torch.cuda.get_device_name(0)} | torch {torch.__version__} | "
-          f"compile {args.compile} | fp8 {args.fp8} | steps {args.steps}", flush=True)
+          f"{args.family} | compile {args.compile} | fp8 {args.fp8} | steps {args.steps}", flush=True)
     configs = [] if args.skip_baseline else [("1 GPU", 1, 1, 1, None)]
     layouts = {"ulysses": (args.gpus, 1), "ring": (1, args.gpus)}
     for spec in filter(None, args.layouts.split(",")):  # e.g. "ulysses:1" = ulysses, 1 head chunk
@@ -126,7 +128,7 @@ def main():
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, backend=backend, timeout=900,
+                            args.fp8, chunks, args.family, backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
         base = base or result["ms_per_step"]

@@ -24,6 +24,18 @@ WAN_TINY = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, 
                 freq_dim=32, text_dim=32, out_dim=16, num_heads=4, num_layers=3, window_size=(-1, -1),
                 qk_norm=True, cross_attn_norm=True, eps=1e-6)
 
+HUNYUAN_13B = dict(HUNYUAN_TINY, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, num_heads=24, depth=20,
+                   depth_single_blocks=40, axes_dim=[16, 56, 56])
+
+# family -> (unet config, latent size, text tokens) of the full-size benchmark models:
+# FLUX.1-dev at 1024x1024 (4096 image tokens); HunyuanVideo 13B at 544x960 x 33 frames
+# (latent 9 x 68 x 120 -> 18,360 image tokens).
+BENCHMARK_SIZES = {
+    "flux": (FLUX_DEV, dict(height=128, width=128), 512),
+    "hunyuan_video": (HUNYUAN_13B, dict(frames=9, height=68, width=120), 256),
+}
+TINY_SIZES = {"flux": (dict(height=16, width=16), 16), "hunyuan_video": (dict(frames=3, height=8, width=12), 16)}
+
 _FAMILIES = {  # family -> (supported_models class name, image_model, tiny config)
     "flux": ("Flux", "flux", FLUX_TINY),
     "hunyuan_video": ("HunyuanVideo", "hunyuan_video", HUNYUAN_TINY),
@@ -34,6 +46,15 @@ _FAMILIES = {  # family -> (supported_models class name, image_model, tiny confi
 def flux_config(size: str = "tiny", **overrides) -> dict:
     """Flux unet config: "tiny" (2+2 blocks, width 64) or "dev" (FLUX.1-dev shapes)."""
     return dict({"tiny": FLUX_TINY, "dev": FLUX_DEV}[size], **overrides)
+
+
+def benchmark_size(family: str, tiny: bool = False) -> tuple[dict, dict, int]:
+    """(unet config overrides, `latent_shape` kwargs, text tokens) for the benchmarks: the
+    full-size model, or with `tiny` the tiny one on a small latent (CPU smoke runs)."""
+    if tiny:
+        latent, tokens = TINY_SIZES[family]
+        return {}, latent, tokens
+    return BENCHMARK_SIZES[family]
 
 
 @torch.no_grad()
