@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Run the GPU benchmarks in one go, each under its own time limit, and print their tables last.
+#
+#   bench/device_suite.sh [SECTION ...]      (default: every section; ~25 min on 2 H200s)
+#
+# Sections: cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers
+# Needs COMFYUI_PATH (a ComfyUI source tree), torch with CUDA, triton, diffusers, torchao.
+# Logs go to $OUT (the device tool's output folder) or ./bench-logs.
+set -u
+cd "$(dirname "$0")/.."
+LOGS="${OUT:-bench-logs}"
+mkdir -p "$LOGS"
+QUIET="-e Warning -e return.func -e USDT -e _warn_once"
+SECTIONS=("$@")
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers)
+
+run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes to $LOGS/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "[$(date +%T)] $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" 2>&1 | grep -v $QUIET > "$LOGS/$name.txt"
+    echo "[$(date +%T)] $name: exit ${PIPESTATUS[0]}"
+}
+
+for section in "${SECTIONS[@]}"; do
+    case $section in
+        cp-flux) run cp-flux 330 python bench/profile_context_parallel.py --steps 8 --compile --layouts ulysses,ring ;;
+        cp-hunyuan) run cp-hunyuan 420 python bench/profile_context_parallel.py --family hunyuan_video --steps 4 \
+                        --compile --layouts ulysses,ring ;;
+        cp-pool) run cp-pool 400 python bench/bench_context_parallel.py --steps 28 --layouts ring ;;
+        fbc) run fbc 300 python bench/bench_first_block_cache.py --device cuda --size dev --repeats 2 ;;
+        fp8) run fp8 600 python bench/bench_fp8_compile.py --device cuda ;;
+        vae) run vae 300 python bench/bench_parallel_vae.py --gpus 2 ;;
+        kernels) run kernels 200 python bench/bench_attention_kernels.py ;;
+        diffusers) run diffusers 400 python bench/bench_diffusers_context_parallel.py ;;
+        *) echo "unknown section $section" >&2; exit 2 ;;
+    esac
+done
+
+for section in "${SECTIONS[@]}"; do
+    echo; echo "=== $section"
+    tail -n 20 "$LOGS/$section.txt"  # every bench ends with its table
+done
