@@ -3,7 +3,7 @@
 #
 #   bench/device_suite.sh [SECTION ...]      (default: every section; ~25 min on 2 H200s)
 #
-# Sections: cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers
+# Sections: nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers
 # Needs COMFYUI_PATH (a ComfyUI source tree), torch with CUDA, triton, diffusers, torchao.
 # Logs go to $OUT (the device tool's output folder) or ./bench-logs.
 set -u
@@ -12,7 +12,7 @@ LOGS="${OUT:-bench-logs}"
 mkdir -p "$LOGS"
 QUIET="-e Warning -e return.func -e USDT -e _warn_once"
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers)
 
 run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes to $LOGS/NAME.txt
     local name=$1 limit=$2
@@ -24,6 +24,7 @@ run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes t
 
 for section in "${SECTIONS[@]}"; do
     case $section in
+        nccl) run nccl 300 python -m pytest -q -rs tests/test_attention_nccl.py tests/test_pool_gpu.py ;;
         cp-flux) run cp-flux 330 python bench/profile_context_parallel.py --steps 8 --compile --layouts ulysses,ring ;;
         cp-hunyuan) run cp-hunyuan 420 python bench/profile_context_parallel.py --family hunyuan_video --steps 4 \
                         --compile --layouts ulysses,ring ;;

@@ -62,8 +62,9 @@ def _plain_case(cp, dtype, masked, uneven, seed, heads=4, dim=16, batch=2):
     return q, k, v, (keep if masked else None), seq_lens, ref[:, :, rows]
 
 
-def check_parallel_attention(rank, world_size, ulysses, ring, compile_modes=(False, True)):
-    """Return {case name: max abs error} for every dtype/mask/length/compile combination."""
+def check_parallel_attention(rank, world_size, ulysses, ring, compile_modes=(False, True), device="cpu"):
+    """Return {case name: max abs error} for every dtype/mask/length/compile combination.
+    `device` "cuda": the shards live on this rank's GPU (NCCL group, one GPU per rank)."""
     cp = build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring), num_heads=4)
 
     def attend(q, k, v, mask, seq_lens):
@@ -77,6 +78,8 @@ def check_parallel_attention(rank, world_size, ulysses, ring, compile_modes=(Fal
             q, k, v, mask, seq_lens, ref = _joint_case(cp, dtype, masked, seed)
         else:
             q, k, v, mask, seq_lens, ref = _plain_case(cp, dtype, masked, layout == "uneven", seed)
+        q, k, v = (t.to(device) for t in (q, k, v))
+        mask = None if mask is None else mask.to(device)
         if use_compile:
             torch._dynamo.reset()  # a fresh graph per shape; the test counts no recompiles
         fn = compiled if use_compile else attend
@@ -85,7 +88,7 @@ def check_parallel_attention(rank, world_size, ulysses, ring, compile_modes=(Fal
         if not torch.isfinite(out).all() or out.shape != ref.shape or out.dtype != dtype:
             errors[name] = float("inf")
         else:
-            errors[name] = (out.float() - ref).abs().max().item()
+            errors[name] = (out.float().cpu() - ref).abs().max().item()
     return errors
 
 

@@ -1,0 +1,26 @@
+"""The attention engine's shard checks on 2 GPUs with NCCL (gpu tier; skipped without 2 GPUs):
+each rank's shard equals the matching slice of full attention computed on the CPU."""
+import pytest
+import torch
+
+from comfy_para_attn.testing.attention_checks import TOLERANCE, check_parallel_attention
+from comfy_para_attn.testing.distributed import run_ranks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"),
+]
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
+def test_shards_match_full_attention_over_nccl(ulysses, ring):
+    per_rank = run_ranks(check_parallel_attention, 2, ulysses, ring, (False, True), "cuda", backend="nccl",
+                         one_gpu_per_rank=True, timeout=600)
+    failures = []
+    for rank, errors in enumerate(per_rank):
+        assert len(errors) == 24
+        for case, err in errors.items():
+            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
+            if not err < tol:
+                failures.append(f"rank {rank} {case}: max abs err {err:.3g} >= {tol}")
+    assert not failures, "\n".join(failures)
