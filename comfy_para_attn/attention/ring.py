@@ -31,13 +31,16 @@ def _shift(kv: Tensor, group: str, rank: int, block_lens: Sequence[int], step: i
     return start_all_to_all(kv.reshape(-1, dim), recv_rows, send_rows, group)
 
 
-def merge_partial(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor):
+def merge_partial(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor, need_lse: bool = True):
     """Combine two softmax-normalised partial results over disjoint key sets (fp32).
 
     new_lse = logaddexp(lse, block_lse); the block's weight exp(block_lse - new_lse) is
-    sigmoid(block_lse - lse), which needs fewer kernels and never overflows."""
+    sigmoid(block_lse - lse), which needs fewer kernels and never overflows. The last merge
+    of a ring skips the lse (`need_lse=False` returns None for it)."""
     weight = torch.sigmoid(block_lse - lse)
     out = torch.lerp(out, block_out.float(), weight.unsqueeze(-1))
+    if not need_lse:
+        return out, None
     lse = lse - torch.nn.functional.logsigmoid(lse - block_lse)
     return out, lse
 
@@ -73,7 +76,7 @@ def ring_attention(
         if out is None:
             out, lse = blk_out.float(), blk_lse
         else:
-            out, lse = merge_partial(out, lse, blk_out, blk_lse)
+            out, lse = merge_partial(out, lse, blk_out, blk_lse, need_lse=step + 1 < world)
         if pending is not None:
             kv = finish(pending)
     return out.to(q.dtype)
