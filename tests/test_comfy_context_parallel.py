@@ -40,3 +40,21 @@ def test_regional_compile_inside_context_parallel_compiles_each_block_class_once
     from comfy_para_attn.testing.comfy_cp_checks import compiled_graphs_under_cp
 
     assert run_ranks(compiled_graphs_under_cp, 2, str(comfyui_path)) == [2, 2]  # double + single block
+
+
+def test_memory_estimate_is_agreed_only_while_batching(comfyui_path):
+    """Inside calc_cond_batch the ranks' answer is agreed (0: fits everywhere, inf: does
+    not); outside (ComfyUI's load decision) it is ComfyUI's real estimate, so a batch that
+    does not fit never makes the next prompt unload the model into low-VRAM mode."""
+    from comfy_para_attn.adapters.comfy.context_parallel import AgreedMemoryEstimate, AgreeWhileBatching
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+
+    def estimate(input_shape, cond_shapes={}):
+        return 1e6 * input_shape[0]  # bytes, growing with the batch
+
+    agreed = AgreedMemoryEstimate(estimate, build_parallel_context(ContextParallelConfig()))
+    small, huge = [2, 16, 8, 8], [10**15, 16, 8, 8]
+    assert agreed(small) == 2e6 and agreed(huge) == 1e21
+    while_batching = AgreeWhileBatching(agreed)(lambda shapes: [agreed(s) for s in shapes], [small, huge])
+    assert while_batching == [0.0, float("inf")]
+    assert agreed(huge) == 1e21 and not agreed.batching

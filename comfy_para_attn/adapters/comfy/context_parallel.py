@@ -162,22 +162,28 @@ class CfgSplitWrapper:
 
 
 class AgreedMemoryEstimate:
-    """Object patch for `BaseModel.memory_required`: ComfyUI batches cond and uncond together
-    only if the estimate fits this GPU's free memory, which differs between GPUs. Every rank
-    must batch alike (the collectives need the same shapes), so the ranks agree: the batch is
-    taken only if it fits on all of them. The agreement (a collective, and a host sync) is
-    made once per input shape: ComfyUI asks on every step."""
+    """Object patch for `BaseModel.memory_required`. While ComfyUI batches conds
+    (`calc_cond_batch`) it takes cond and uncond together only if the estimate fits this
+    GPU's free memory, which differs between GPUs; every rank must batch alike (the
+    collectives need the same shapes), so there the ranks agree: 0 (fits on all) or inf.
+    The agreement (a collective and a host sync) is made once per input shape; ComfyUI asks
+    on every step. Everywhere else (the load decision before sampling, which each rank may
+    take on its own) it answers ComfyUI's real estimate: inf there would unload the model
+    and load it in low-VRAM mode."""
 
     def __init__(self, estimate, cp: ParallelContext):
         self.estimate = estimate
         self.cp = cp
         self.agreed: dict = {}
+        self.batching = False  # set by `AgreeWhileBatching` around calc_cond_batch
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, input_shape, cond_shapes={}):
         need = self.estimate(input_shape, cond_shapes=cond_shapes)
+        if not self.batching:
+            return need
         key = (tuple(input_shape), need)
         if key not in self.agreed:
             self.agreed[key] = self._agree(need)
@@ -191,6 +197,23 @@ class AgreedMemoryEstimate:
         flag = torch.tensor([0.0 if fits else 1.0], device=device)
         misfits = self.cp.all_reduce_sum(flag)
         return 0.0 if float(misfits.item()) == 0.0 else float("inf")
+
+
+class AgreeWhileBatching:
+    """CALC_COND_BATCH wrapper: the memory estimate is agreed across ranks only in there."""
+
+    def __init__(self, estimate: AgreedMemoryEstimate):
+        self.estimate = estimate
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        self.estimate.batching = True
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.estimate.batching = False
 
 
 # Models whose blocks add residuals by token index (like ControlNet): not sharded yet.
@@ -219,7 +242,9 @@ def install_context_parallel(model_patcher, cp: ParallelContext):
         # Wan image-to-video: cross-attention keys are the CLIP tokens and the text tokens.
         call.clip_tokens = 257 if getattr(dm, "img_emb", None) is not None else 0
     if cp.config.world_size > 1:
-        patcher.add_object_patch("memory_required",
-                                 AgreedMemoryEstimate(patcher.get_model_object("memory_required"), cp))
+        estimate = AgreedMemoryEstimate(patcher.get_model_object("memory_required"), cp)
+        patcher.add_object_patch("memory_required", estimate)
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                                     AgreeWhileBatching(estimate))
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, CfgSplitWrapper(call))
     return patcher
