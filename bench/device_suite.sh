@@ -4,11 +4,16 @@
 #   bench/device_suite.sh [SECTION ...]      (default: every section; ~25 min on 2 H200s)
 #
 # Sections: nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers
+# One device call may run 10 minutes: pass groups that fit (limits below), e.g.
+#   nccl cp-flux | cp-hunyuan kernels | cp-pool vae | fbc diffusers | fp8
+# Each section's table is printed as soon as it ends, so a killed call keeps what ran.
 # Needs COMFYUI_PATH (a ComfyUI source tree), torch with CUDA, triton, diffusers, torchao.
 # Logs go to $OUT (the device tool's output folder) or ./bench-logs.
 set -u
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-bench-logs}"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1  # a section killed by its time limit still leaves its output
 mkdir -p "$LOGS"
 QUIET="-e Warning -e return.func -e USDT -e _warn_once"
 SECTIONS=("$@")
@@ -20,25 +25,23 @@ run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes t
     echo "[$(date +%T)] $name (limit ${limit}s): $*"
     timeout "$limit" "$@" 2>&1 | grep -v $QUIET > "$LOGS/$name.txt"
     echo "[$(date +%T)] $name: exit ${PIPESTATUS[0]}"
+    tail -n 20 "$LOGS/$name.txt"  # every bench ends with its table
+    echo
 }
 
 for section in "${SECTIONS[@]}"; do
     case $section in
-        nccl) run nccl 300 python -m pytest -q -rs tests/test_attention_nccl.py tests/test_pool_gpu.py ;;
-        cp-flux) run cp-flux 330 python bench/profile_context_parallel.py --steps 8 --compile --layouts ulysses,ring ;;
-        cp-hunyuan) run cp-hunyuan 420 python bench/profile_context_parallel.py --family hunyuan_video --steps 4 \
+        nccl) run nccl 200 $PY -m pytest -q -rs tests/test_attention_nccl.py tests/test_pool_gpu.py ;;
+        cp-flux) run cp-flux 330 $PY bench/profile_context_parallel.py --steps 8 --compile --layouts ulysses,ring ;;
+        cp-hunyuan) run cp-hunyuan 420 $PY bench/profile_context_parallel.py --family hunyuan_video --steps 4 \
                         --compile --layouts ulysses,ring ;;
-        cp-pool) run cp-pool 400 python bench/bench_context_parallel.py --steps 28 --layouts ring ;;
-        fbc) run fbc 300 python bench/bench_first_block_cache.py --device cuda --size dev --repeats 2 ;;
-        fp8) run fp8 600 python bench/bench_fp8_compile.py --device cuda ;;
-        vae) run vae 300 python bench/bench_parallel_vae.py --gpus 2 ;;
-        kernels) run kernels 200 python bench/bench_attention_kernels.py ;;
-        diffusers) run diffusers 400 python bench/bench_diffusers_context_parallel.py ;;
+        cp-pool) run cp-pool 400 $PY bench/bench_context_parallel.py --steps 28 --layouts ring ;;
+        fbc) run fbc 240 $PY bench/bench_first_block_cache.py --device cuda --size dev --repeats 2 ;;
+        fp8) run fp8 540 $PY bench/bench_fp8_compile.py --device cuda ;;
+        vae) run vae 180 $PY bench/bench_parallel_vae.py --gpus 2 ;;
+        kernels) run kernels 150 $PY bench/bench_attention_kernels.py ;;
+        diffusers) run diffusers 330 $PY bench/bench_diffusers_context_parallel.py ;;
         *) echo "unknown section $section" >&2; exit 2 ;;
     esac
 done
 
-for section in "${SECTIONS[@]}"; do
-    echo; echo "=== $section"
-    tail -n 20 "$LOGS/$section.txt"  # every bench ends with its table
-done

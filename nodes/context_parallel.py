@@ -13,8 +13,9 @@ class ParaAttnContextParallel:
                                  "GPUs to sample on (one background worker each). 0 = all visible GPUs. Without "
                                  "a GPU (or with --cpu) the workers are 2 CPU processes."}),
                 "layout": (["auto", "manual"], {"default": "auto", "tooltip":
-                           "auto: cfg parallel if enabled, then as much Ulysses as the heads allow, ring for the "
-                           "rest (logged). manual: use the degrees below."}),
+                           "auto: cfg parallel if enabled; then ring for 2 GPUs (measured fastest there), as much "
+                           "Ulysses as the heads allow for more, ring for the rest (logged). manual: use the "
+                           "degrees below."}),
                 "ulysses_degree": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
                                            "Ulysses group size (manual layout): heads are split across these GPUs. "
                                            "Must divide the model's attention heads (24 for FLUX and HunyuanVideo)."}),

@@ -78,7 +78,7 @@ def test_bad_layouts_say_what_to_change(config, kwargs, message):
         config.validate(**kwargs)
 
 
-def test_auto_layout_prefers_ulysses_within_heads():
+def test_auto_layout_ring_for_two_then_ulysses_within_heads():
     assert ContextParallelConfig.auto(2, num_heads=24) == ContextParallelConfig(ring=2)
     assert ContextParallelConfig.auto(4, num_heads=24, use_cfg=True) == ContextParallelConfig(ring=2, cfg=2)
     assert ContextParallelConfig.auto(4, num_heads=24) == ContextParallelConfig(ulysses=4)

@@ -101,5 +101,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, attend: Callable[[Tensor,
             pending.append(_start_scatter(qkv[:, :, c + 1], group, seq_lens))
         qc, kc, vc = finish_scatter_heads(pending[c]).split(batch, dim=0)
         returning.append(start_gather_heads(attend(qc, kc, vc), group, seq_lens, rank))
+    if chunks == 1:
+        return finish_gather_heads(returning[0])
     outs = [finish_gather_heads(p).view(batch, world, 1, per_chunk, seq, dim) for p in returning]
     return torch.cat(outs, dim=2).reshape(batch, heads, seq, dim)

@@ -51,6 +51,10 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float 
     visible GPU (as cuda:0), as in the pool. Raises RuntimeError with the failing rank's
     traceback if any rank fails or the group does not finish within `timeout` seconds.
     """
+    if one_gpu_per_rank:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and len(visible.split(",")) < world_size:
+            raise ValueError(f"{world_size} ranks need {world_size} GPUs; CUDA_VISIBLE_DEVICES={visible!r}")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
