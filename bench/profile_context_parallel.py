@@ -97,12 +97,11 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     summary = _kernel_summary(prof, 2)
     dynamo = {"graphs": counters["stats"].get("unique_graphs", 0),
               "graph_breaks": sum(counters["graph_break"].values())}
+    result = {"ms_per_step": seconds / steps * 1e3, "gpu_busy": summary["gpu_busy"], "nccl": summary["nccl"], **dynamo}
     if rank != 0:
-        return {"ms_per_step": seconds / steps * 1e3, "gpu_busy": summary["gpu_busy"], "nccl": summary["nccl"],
-                **dynamo}
-    return {"ms_per_step": seconds / steps * 1e3, "warmup_s": warmup, **dynamo, "out": out.float().cpu().numpy(),  # by value: a shared tensor dies with the rank
-           
-            **summary}
+        return result
+    # The latent goes back as numpy (by value): a shared-memory tensor dies with the rank.
+    return {**result, **summary, "warmup_s": warmup, "out": out.float().cpu().numpy()}
 
 
 def main():

@@ -17,16 +17,9 @@ from torch import Tensor
 from .collectives import finish, start_all_to_all
 
 
-def start_scatter_heads(x: Tensor, group: str, seq_lens: Sequence[int], rank: int):
-    """Begin [B, H, S_rank, D] sequence shard -> [B, H/U, sum(seq_lens), D] head shard;
-    `finish_scatter_heads(handle)` returns it."""
-    batch, heads, seq, dim = x.shape
-    world = len(seq_lens)
-    return _start_scatter(x.reshape(batch, world, heads // world, seq, dim), group, seq_lens)
-
-
-def _start_scatter(x: Tensor, group: str, seq_lens: Sequence[int]):
-    """`x` [B, U, H/U, S, D]: the heads bound for rank j at [:, j]."""
+def start_scatter_heads(x: Tensor, group: str, seq_lens: Sequence[int]):
+    """Begin turning a sequence shard into a head shard: `x` [B, U, H/U, S_rank, D] holds the
+    heads bound for rank j at [:, j]; `finish_scatter_heads` returns [B, H/U, sum(seq_lens), D]."""
     batch, world, heads_local, seq, dim = x.shape
     send = x.transpose(0, 1).reshape(-1, dim)  # rows bound for rank j are contiguous
     even = len(set(seq_lens)) == 1
@@ -69,14 +62,6 @@ def finish_gather_heads(pending) -> Tensor:
     return recv.reshape(batch, world * heads_local, seq, dim)
 
 
-def scatter_heads(x: Tensor, group: str, seq_lens: Sequence[int], rank: int) -> Tensor:
-    return finish_scatter_heads(start_scatter_heads(x, group, seq_lens, rank))
-
-
-def gather_heads(x: Tensor, group: str, seq_lens: Sequence[int], rank: int) -> Tensor:
-    return finish_gather_heads(start_gather_heads(x, group, seq_lens, rank))
-
-
 def head_chunks(heads_local: int, wanted: int) -> int:
     """The largest chunk count <= `wanted` that divides this rank's heads."""
     return max(c for c in range(1, max(1, wanted) + 1) if heads_local % c == 0)
@@ -94,11 +79,11 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, attend: Callable[[Tensor,
     # scatter is an ordinary scatter of U*h heads and its output slots back into place.
     qkv = torch.cat([q, k, v], dim=0).view(3 * batch, world, chunks, per_chunk, seq, dim)
 
-    pending = [_start_scatter(qkv[:, :, 0], group, seq_lens)]
+    pending = [start_scatter_heads(qkv[:, :, 0], group, seq_lens)]
     returning = []
     for c in range(chunks):
         if c + 1 < chunks:  # issue the next chunk's transfer before this chunk's compute
-            pending.append(_start_scatter(qkv[:, :, c + 1], group, seq_lens))
+            pending.append(start_scatter_heads(qkv[:, :, c + 1], group, seq_lens))
         qc, kc, vc = finish_scatter_heads(pending[c]).split(batch, dim=0)
         returning.append(start_gather_heads(attend(qc, kc, vc), group, seq_lens, rank))
     if chunks == 1:

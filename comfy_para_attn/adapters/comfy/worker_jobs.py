@@ -102,17 +102,14 @@ def sample(ctx, payload):
     guider_cls, guider_state = payload["guider"]
     guider = rebuild_guider(guider_cls, guider_state, patcher, payload["conds"])
 
+    first_step = []
+
     def callback(step, x0, x, total_steps):
+        if not first_step:
+            first_step.append(time.monotonic())
         ctx.check_interrupt()  # collective: every rank stops at the same step
         if ctx.rank == 0:
             ctx.report_progress(step, total_steps, x0=x0.detach().cpu() if x0 is not None else None)
-
-    first_step = []
-
-    def timed_callback(step, x0, x, total_steps):
-        if not first_step:
-            first_step.append(time.monotonic())
-        callback(step, x0, x, total_steps)
 
     captured = _Captured()
     root = logging.getLogger()
@@ -121,7 +118,7 @@ def sample(ctx, payload):
     root.setLevel(min(old_level, logging.INFO))
     try:
         samples = guider.sample(payload["noise"], payload["latent_image"], payload["sampler"], payload["sigmas"],
-                                payload["denoise_mask"], timed_callback, True, payload["seed"])
+                                payload["denoise_mask"], callback, True, payload["seed"])
     finally:
         root.removeHandler(captured)
         root.setLevel(old_level)
