@@ -101,3 +101,30 @@ def test_second_prompt_reuses_workers_model_and_logs_phases(comfyui_path, pack_n
         for lines in prompt:
             assert any(f"model {state} in" in lines[0] for state in states), lines
             assert "first step" in lines[0] and "2 more in" in lines[0], lines
+
+
+@pytest.mark.parametrize("previews", [False, True])
+def test_progress_carries_denoised_latent_for_previews_and_last_step(comfyui_path, pack_nodes, pool_cleanup,
+                                                                      monkeypatch, previews):
+    """Every step reaches ComfyUI's callback; the denoised latent (x0) travels on every step
+    only with previews on (copying it syncs the GPU), and always on the last step, where it
+    equals in-process sampling's (SamplerCustomAdvanced outputs it)."""
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Auto if previews else LatentPreviewMethod.NoPreviews)
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    seen = {"plain": [], "parallel": []}
+    for name, model in (("plain", patcher), ("parallel", _cp(pack_nodes, patcher))):
+        def callback(step, x0, x, total, into=seen[name]):
+            into.append((step, total, None if x0 is None else x0.detach().float().cpu().clone()))
+        comfy_models.sample(model, pos, neg, latent, steps=4, cfg=1.0, callback=callback)
+    plain, parallel = seen["plain"], seen["parallel"]
+    assert [(s, t) for s, t, _ in parallel] == [(s, t) for s, t, _ in plain] == [(i, 4) for i in range(4)]
+    carried = [x0 is not None for _, _, x0 in parallel]
+    assert carried == ([True] * 4 if previews else [False, False, False, True])
+    last_plain, last_parallel = plain[-1][2], parallel[-1][2]
+    assert torch.isfinite(last_parallel).all() and last_plain.abs().mean() > 1e-3
+    assert (last_parallel - last_plain).abs().max().item() < TOL

@@ -36,6 +36,7 @@ class WorkerContext:
         job_id: int,
         post: Callable[[Any], None],
         interrupt_flag: InterruptFlag,
+        cpu_group=None,
     ):
         self.rank = rank
         self.world_size = world_size
@@ -45,6 +46,7 @@ class WorkerContext:
         self.job_id = job_id
         self._post = post
         self._interrupt_flag = interrupt_flag
+        self._cpu_group = cpu_group  # host-side collectives (gloo) when the main group is NCCL
 
     def report_progress(self, step: int, total: int, **extra) -> None:
         """Tell the controller that `step` of `total` is done; also resets its hang timer.
@@ -75,8 +77,10 @@ class WorkerContext:
             import torch
             import torch.distributed as dist
 
-            flag = torch.tensor([requested], dtype=torch.int32, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            # On the host group the flag never touches the GPU: no device sync per step.
+            device = "cpu" if self._cpu_group is not None else self.device
+            flag = torch.tensor([requested], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
             requested = int(flag.item())
         if requested:
             raise JobInterrupted(f"job {self.job} (id {self.job_id}) interrupted on request")

@@ -142,10 +142,23 @@ def join_group(config: protocol.WorkerConfig):
     return device, {"import_torch_s": imported - began, "join_group_s": joined - imported}
 
 
+def host_group(config: protocol.WorkerConfig):
+    """A gloo group over the same ranks for decisions taken on the host (the per-step
+    interrupt check): agreeing through NCCL would need a device-to-host copy, a sync that
+    drains the GPU's queue at every sampling step. Made on CPU ranks too (where the main
+    group is gloo already), so the tests run the same path."""
+    if config.world_size == 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
+
+
 class Worker:
-    def __init__(self, config: protocol.WorkerConfig, device, outbox: Outbox):
+    def __init__(self, config: protocol.WorkerConfig, device, outbox: Outbox, cpu_group=None):
         self.config = config
         self.device = device
+        self.cpu_group = cpu_group
         self.outbox = outbox
         self.cache: dict = {}
         self.interrupt_flag = InterruptFlag()
@@ -191,6 +204,7 @@ class Worker:
             job_id=message.job_id,
             post=self.outbox.post,
             interrupt_flag=self.interrupt_flag,
+            cpu_group=self.cpu_group,
         )
         try:
             function = resolve_job(message.job)
@@ -234,12 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     outbox = Outbox(Connection(config.events_fd, readable=False))
     try:
         device, timings = join_group(config)
+        cpu_group = host_group(config)
     except BaseException as exc:
         outbox.post(failure_message(None, config.rank, exc))
         outbox.flush(timeout_s=10.0)
         os._exit(1)
     outbox.post(protocol.Ready(config.rank, os.getpid(), timings))
-    Worker(config, device, outbox).serve(Connection(config.commands_fd, writable=False))
+    Worker(config, device, outbox, cpu_group).serve(Connection(config.commands_fd, writable=False))
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit skips interpreter teardown, where CUDA/NCCL destructors can hang.

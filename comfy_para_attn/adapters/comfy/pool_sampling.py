@@ -178,7 +178,18 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         "sigmas": sigmas.cpu(),
         "denoise_mask": None if denoise_mask is None else denoise_mask.cpu(),
         "seed": seed,
+        "x0_every_step": _previews_enabled(),
     }
+
+
+def _previews_enabled() -> bool:
+    """Whether ComfyUI draws latent previews (then the denoised latent travels every step;
+    otherwise only the last one does, for SamplerCustomAdvanced's denoised output)."""
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+    except ImportError:
+        return True
+    return getattr(args, "preview_method", None) != LatentPreviewMethod.NoPreviews
 
 
 def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,

@@ -104,12 +104,18 @@ def sample(ctx, payload):
 
     first_step = []
 
+    x0_every_step = payload.get("x0_every_step", True)
+
     def callback(step, x0, x, total_steps):
         if not first_step:
             first_step.append(time.monotonic())
-        ctx.check_interrupt()  # collective: every rank stops at the same step
+        ctx.check_interrupt()  # collective on the host: every rank stops at the same step
         if ctx.rank == 0:
-            ctx.report_progress(step, total_steps, x0=x0.detach().cpu() if x0 is not None else None)
+            # Copying the denoised latent to the host waits for the GPU to finish the step, and
+            # a drained GPU then idles while the next step's first kernels are launched: only
+            # for previews, or the last step (SamplerCustomAdvanced outputs it).
+            wanted = x0 is not None and (x0_every_step or step + 1 == total_steps)
+            ctx.report_progress(step, total_steps, x0=x0.detach().cpu() if wanted else None)
 
     captured = _Captured()
     root = logging.getLogger()
