@@ -1,7 +1,7 @@
 """Where does a context-parallel ComfyUI step spend its time? Profile one rank.
 
     python bench/profile_context_parallel.py --comfyui PATH [--gpus 2] [--steps 8]
-        [--layouts ulysses,ring] [--compile] [--fp8] [--tiny]
+        [--layouts ulysses,ring] [--compile] [--fp8] [--sync-debug] [--tiny]
 
 Spawns the ranks directly (no pool: this isolates the per-step cost from pool overhead),
 each builds the same seeded full-size ComfyUI model (random weights, bf16; FLUX.1-dev at
@@ -44,8 +44,51 @@ def _kernel_summary(prof, steps: int) -> dict:
             "top": [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]}
 
 
+def _idle_gaps(prof, steps: int, threshold_us: float = 10.0) -> list[tuple[str, float, int]]:
+    """Where the GPU sits idle: gaps (> threshold) in the union of all kernels on all
+    streams, each put down to the kernel that ended last before it; (kernel, ms/step,
+    gaps/step), largest first. Idle after NCCL means waiting on the other rank's launch or
+    on the host; idle after the step's last kernel means the host (a sync, then launches)."""
+    from collections import defaultdict
+
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type.name in ("CUDA", "PrivateUse1")), key=lambda k: k[0])
+    idle, count = defaultdict(float), defaultdict(int)
+    end, last = None, ""
+    for start, stop, name in kernels:
+        if end is not None and start - end > threshold_us:
+            idle[last] += start - end
+            count[last] += 1
+        if end is None or stop > end:
+            end, last = stop, name
+    top = sorted(idle, key=lambda k: -idle[k])[:8]
+    return [(name[:80], idle[name] / 1e3 / steps, count[name] // steps) for name in top]
+
+
+def host_syncs(run) -> list[tuple[str, int]]:
+    """Run `run()` with CUDA's sync debug mode on; return the (call site, count) of each place
+    that made the host wait for the GPU (a drained queue idles the GPU while the next
+    kernels are launched). A warning raised in C++ names the Python line that called the op."""
+    import warnings
+    from collections import Counter
+
+    sites = Counter()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for warning in caught:
+        if "synchroniz" in str(warning.message).lower():
+            sites[f"{warning.filename}:{warning.lineno}"] += 1
+    return sites.most_common(12)
+
+
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
-                 family="flux"):
+                 family="flux", sync_debug=False):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -88,6 +131,7 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     began = time.perf_counter()
     sample(2)
     warmup = time.perf_counter() - began
+    syncs = host_syncs(lambda: sample(1)) if sync_debug and not tiny else []
     out, seconds = sample(steps)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([] if tiny else [torch.profiler.ProfilerActivity.CUDA])
     with torch.profiler.profile(activities=activities) as prof:
@@ -95,9 +139,11 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     from torch._dynamo.utils import counters
 
     summary = _kernel_summary(prof, 2)
+    gaps = [] if tiny else _idle_gaps(prof, 2)
     dynamo = {"graphs": counters["stats"].get("unique_graphs", 0),
               "graph_breaks": sum(counters["graph_break"].values())}
-    result = {"ms_per_step": seconds / steps * 1e3, "gpu_busy": summary["gpu_busy"], "nccl": summary["nccl"], **dynamo}
+    result = {"ms_per_step": seconds / steps * 1e3, "gpu_busy": summary["gpu_busy"], "nccl": summary["nccl"],
+              "syncs": syncs, "gaps": gaps, **dynamo}
     if rank != 0:
         return result
     # The latent goes back as numpy (by value): a shared-memory tensor dies with the rank.
@@ -114,6 +160,7 @@ def main():
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU")
     parser.add_argument("--skip-baseline", action="store_true", help="no 1-GPU run (ratios then refer to the first row)")
     args = parser.parse_args()
     backend = "gloo" if args.tiny else "nccl"
@@ -127,7 +174,7 @@ def main():
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, args.family, backend=backend, timeout=900,
+                            args.fp8, chunks, args.family, args.sync_debug, backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
         base = base or result["ms_per_step"]
@@ -141,6 +188,11 @@ def main():
         for r, other in enumerate(results):
             print(f"  rank {r}: {other['ms_per_step']:.1f} ms/step, GPU busy {other['gpu_busy']:.1f}, NCCL "
                   f"{other['nccl']:.1f}, dynamo graphs {other['graphs']}, graph breaks {other['graph_breaks']}")
+        for r, other in enumerate(results):
+            for site, count in other["syncs"]:
+                print(f"  rank {r} host sync x{count} per step at {site}")
+            for name, ms, count in other["gaps"]:
+                print(f"  rank {r} GPU idle {ms:6.2f} ms/step in {count} gaps after {name}")
         print("  top GPU kernels (ms/step, calls/step):")
         for key, ms, count in result["top"]:
             print(f"  {ms:7.2f} ms  x{count:<4d} {key}")

@@ -56,6 +56,10 @@ def portable_model_options(model_options: dict) -> dict:
     """model_options without our hooks (the worker re-applies features from
     `transformer_options["para_attn"]`), checked to be picklable."""
     options = copy.copy(model_options)
+    # ComfyUI's per-run copy of every wrapper and callback (`prepare_model_patcher` fills it
+    # in, also in the worker). It holds ours too: Compile Model's wrapper references the
+    # compiled blocks, so keeping it pickled the whole model's weights into every payload.
+    options.pop("to_load_options", None)
     to = dict(options.get("transformer_options", {}))
     options["transformer_options"] = to
     for kind in ("wrappers", "callbacks"):
