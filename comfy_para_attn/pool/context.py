@@ -63,6 +63,11 @@ class WorkerContext:
             self._post(protocol.Heartbeat(self.job_id))
 
     @property
+    def host_group(self):
+        """A gloo group of all ranks for host-side collectives (None at world size 1)."""
+        return self._cpu_group
+
+    @property
     def interrupt_requested(self) -> bool:
         """Whether THIS rank has seen an interrupt. Local and unagreed: do not branch on
         it around collectives; use `check_interrupt()` for that."""

@@ -161,6 +161,14 @@ class CfgSplitWrapper:
         return all_gather(out, 0, cp.cfg_group)
 
 
+_agreed_estimates: dict = {}  # ParallelContext -> {(input shape, need): agreed answer}
+
+
+def forget_memory_agreements() -> None:
+    """Called when a worker loads another model: free memory changes with it."""
+    _agreed_estimates.clear()
+
+
 class AgreedMemoryEstimate:
     """Object patch for `BaseModel.memory_required`. While ComfyUI batches conds
     (`calc_cond_batch`) it takes cond and uncond together only if the estimate fits this
@@ -174,7 +182,7 @@ class AgreedMemoryEstimate:
     def __init__(self, estimate, cp: ParallelContext):
         self.estimate = estimate
         self.cp = cp
-        self.agreed: dict = {}
+        self.agreed = _agreed_estimates.setdefault(cp, {})  # outlives the prompt: workers keep cp
         self.batching = False  # set by `AgreeWhileBatching` around calc_cond_batch
 
     def __deepcopy__(self, memo):

@@ -48,8 +48,11 @@ def _base_model(ctx, payload):
     cached = ctx.cache.get(key)
     if cached is not None:
         return cached
+    from .context_parallel import forget_memory_agreements
+
     for old in [k for k in ctx.cache if isinstance(k, tuple) and k[0] == "model"]:
         del ctx.cache[old]  # one model at a time: free the previous one's memory
+    forget_memory_agreements()
     comfy.model_management.cleanup_models()
     ctx.heartbeat()
     weights = transfer.load_tensors(payload["weights"])
@@ -101,6 +104,7 @@ def sample(ctx, payload):
     patcher = install_context_parallel(patcher, cp)
     guider_cls, guider_state = payload["guider"]
     guider = rebuild_guider(guider_cls, guider_state, patcher, payload["conds"])
+    prepared = time.monotonic()
 
     first_step = []
 
@@ -135,13 +139,14 @@ def sample(ctx, payload):
     # the GPU, compiling, autotuning), then the rest.
     captured.lines.append(
         f"Context Parallel rank {ctx.rank}: model {'cached' if cached else 'loaded'} in {model_ready - began:.2f} s, "
-        f"first step {first - model_ready:.2f} s, {steps - 1} more in {done - first:.2f} s")
+        f"features installed in {prepared - model_ready:.3f} s, first step {first - prepared:.2f} s, "
+        f"{steps - 1} more in {done - first:.2f} s")
     rank_logs = [captured.lines]
     if ctx.world_size > 1:  # every rank's log (e.g. each rank's cache summary) goes back
         import torch.distributed as dist
 
         rank_logs = [None] * ctx.world_size
-        dist.all_gather_object(rank_logs, captured.lines)
+        dist.all_gather_object(rank_logs, captured.lines, group=ctx.host_group)  # host group: no GPU sync
     if ctx.rank != 0:
         return None
     return {"samples": samples.detach().to("cpu", torch.float32), "log": captured.lines, "rank_logs": rank_logs}
