@@ -151,3 +151,29 @@ def test_workflow_fp8_compile_first_block_cache_ksampler(cm, flux, dynamo, pack_
     diff = (out["samples"] - plain["samples"]).abs().mean() / plain["samples"].abs().mean()
     assert 0 < diff < 0.1, diff  # fp8 rounding and cache reuse: close to, not equal to, the plain model
     assert _graphs(dynamo) == 2, dict(dynamo["stats"])
+
+
+def _attention_with_graph_break(func, *args, **kwargs):
+    """Stands for a kernel dynamo cannot trace (ComfyUI's CPU sub-quadratic attention, some
+    packs' kernels): the block's graph breaks inside attention."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    torch._dynamo.graph_break()
+    return attention_pytorch(*args, **kwargs)
+
+
+def test_step_count_change_does_not_recompile_when_attention_breaks_the_graph(cm, dynamo):
+    """Blocks receive transformer_options, which holds the whole sigma schedule; at a graph
+    break dynamo guarded on its length, so every new step count recompiled every block."""
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+
+    model = cm.build("flux")
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = \
+        _attention_with_graph_break
+    compiled = apply_compile(model, CompileSettings(backend="eager"))
+    _run(cm, compiled, steps=2)
+    first = _graphs(dynamo)
+    assert first >= 4, dict(dynamo["stats"])  # the break split each block class's graph
+    for steps in (3, 4, 6):
+        assert torch.isfinite(_run(cm, compiled, steps=steps)).all()
+    assert _graphs(dynamo) == first, dict(dynamo["stats"])

@@ -37,6 +37,7 @@ class CompiledModulesWrapper:
     def __call__(self, executor, *args, **kwargs):
         import comfy.utils
 
+        _unspecialize_schedule(args[5] if len(args) > 5 else kwargs.get("transformer_options"))
         base_model = executor.class_obj
         originals = {}
         try:
@@ -50,6 +51,19 @@ class CompiledModulesWrapper:
 
     def __repr__(self):
         return f"CompiledModulesWrapper({len(self.compiled)} modules)"
+
+
+def _unspecialize_schedule(transformer_options) -> None:
+    """Blocks get `transformer_options`, which holds the prompt's whole sigma schedule. Where
+    attention breaks the graph (ComfyUI's sub-quadratic kernel on CPU, some other packs'
+    kernels) dynamo guards on that tensor's length, so every new step count compiled every
+    block class again, and after 8 counts the blocks silently ran eager. Its length is
+    marked dynamic: no block reads it."""
+    import torch
+
+    sigmas = transformer_options.get("sample_sigmas") if isinstance(transformer_options, dict) else None
+    if isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1:
+        torch._dynamo.maybe_mark_dynamic(sigmas, 0)
 
 
 def compile_targets(model_patcher, scope: str) -> list[str]:
