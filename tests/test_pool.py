@@ -164,6 +164,45 @@ def test_published_tensors_round_trip_to_workers_and_release_removes_file(pool):
     assert not path.parent.exists() or any(path.parent.iterdir()), "an empty per-controller directory was left"
 
 
+def test_published_layout_keeps_dtypes_views_and_odd_shapes_and_loaded_copies_stay_private():
+    """Raw storages at aligned offsets: every dtype (fp8 too), views sharing a storage (still
+    sharing after loading), scalars and empty tensors come back bit-exact; the mapping
+    outlives the handle's caller; writing to a loaded tensor never reaches the file."""
+    import gc
+
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(33, 17, generator=generator) + 2.0
+    state_dict = {
+        "f32": base,
+        "row_view": base[5],  # shares base's storage, at an element offset
+        "t_view": base.t(),
+        "bf16": (torch.rand(7, 3, generator=generator) + 0.5).to(torch.bfloat16),
+        "f16": (torch.rand(5, generator=generator) + 0.5).half(),
+        "fp8": (torch.rand(16, 16, generator=generator) + 0.25).to(torch.float8_e4m3fn),
+        "int64": torch.randint(1, 10**9, (9,), generator=generator),
+        "bool": torch.rand(11, generator=generator) > 0.5,
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+    }
+    handle = publish_tensors(state_dict, "layout test")
+    try:
+        loaded = load_tensors(handle)
+        gc.collect()
+        assert sorted(loaded) == sorted(state_dict)
+        for name, tensor in state_dict.items():
+            got = loaded[name]
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape and got.stride() == tensor.stride(), name
+            assert torch.equal(got.view(torch.uint8) if got.is_floating_point() and got.element_size() == 1
+                               else got, tensor.view(torch.uint8) if tensor.is_floating_point()
+                               and tensor.element_size() == 1 else tensor), name
+        assert loaded["row_view"].untyped_storage().data_ptr() == loaded["f32"].untyped_storage().data_ptr()
+        loaded["f32"].add_(1.0)  # copy-on-write: this process's pages only
+        assert torch.equal(loaded["row_view"], state_dict["row_view"] + 1.0)
+        assert torch.equal(load_tensors(handle)["f32"], base)
+    finally:
+        handle.release()
+
+
 def test_sys_path_env_and_init_reach_every_rank(tmp_path):
     (tmp_path / "pool_test_extra_jobs.py").write_text(textwrap.dedent("""
         import os
@@ -355,6 +394,29 @@ def test_space_check_says_needed_available_and_how_to_fix():
     assert "'huge model'" in message and "GiB" in message and "free" in message
     assert "--shm-size" in message
 
+
+
+def test_a_tmpfs_filling_up_mid_write_is_a_space_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """The space check passed, then another process filled the directory: the write's ENOSPC
+    (a real full tmpfs cannot be arranged in CI, so pwrite raises it) becomes ShmSpaceError."""
+    import errno
+
+    from comfy_para_attn.pool import transfer
+
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite_until_full(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(transfer.os, "pwrite", pwrite_until_full)
+    monkeypatch.setattr(transfer, "WRITE_THREADS", 1)
+    weights = {f"w{i}": torch.full((64,), float(i + 1)) for i in range(3)}
+    with pytest.raises(ShmSpaceError, match="filled up"):
+        transfer.publish_tensors(weights, "full", directory=tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 def test_published_files_are_removed_when_the_controller_exits():
     script = textwrap.dedent("""
