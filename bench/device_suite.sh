@@ -35,7 +35,7 @@ for section in "${SECTIONS[@]}"; do
         cp-flux) run cp-flux 330 $PY bench/profile_context_parallel.py --steps 8 --compile --layouts ulysses,ring ;;
         cp-hunyuan) run cp-hunyuan 420 $PY bench/profile_context_parallel.py --family hunyuan_video --steps 4 \
                         --compile --layouts ulysses,ring ;;
-        cp-pool) run cp-pool 400 $PY bench/bench_context_parallel.py --steps 28 --layouts ring ;;
+        cp-pool) run cp-pool 400 $PY bench/bench_context_parallel.py --steps 28 --layouts ring --compile ;;
         fbc) run fbc 240 $PY bench/bench_first_block_cache.py --device cuda --size dev --repeats 2 ;;
         fp8) run fp8 540 $PY bench/bench_fp8_compile.py --device cuda ;;
         vae) run vae 180 $PY bench/bench_parallel_vae.py --gpus 2 ;;
