@@ -183,6 +183,7 @@ def test_published_layout_keeps_dtypes_views_and_odd_shapes_and_loaded_copies_st
         "bool": torch.rand(11, generator=generator) > 0.5,
         "scalar": torch.tensor(3.5),
         "empty": torch.empty(0, 4),
+        "conj": torch.complex(torch.rand(4, generator=generator), torch.rand(4, generator=generator) + 1).conj(),
     }
     handle = publish_tensors(state_dict, "layout test")
     try:
@@ -196,11 +197,16 @@ def test_published_layout_keeps_dtypes_views_and_odd_shapes_and_loaded_copies_st
                                else got, tensor.view(torch.uint8) if tensor.is_floating_point()
                                and tensor.element_size() == 1 else tensor), name
         assert loaded["row_view"].untyped_storage().data_ptr() == loaded["f32"].untyped_storage().data_ptr()
+        assert loaded["bf16"].untyped_storage().nbytes() < handle.file_bytes  # a storage each, not the file
+        assert not loaded["conj"].is_conj() and torch.equal(loaded["conj"], state_dict["conj"].resolve_conj())
         loaded["f32"].add_(1.0)  # copy-on-write: this process's pages only
         assert torch.equal(loaded["row_view"], state_dict["row_view"] + 1.0)
         assert torch.equal(load_tensors(handle)["f32"], base)
     finally:
         handle.release()
+    for odd in (base.to_sparse(), torch.empty(3, device="meta")):
+        with pytest.raises(TypeError, match="only dense tensors"):
+            publish_tensors({"odd": odd}, "odd")
 
 
 def test_sys_path_env_and_init_reach_every_rank(tmp_path):

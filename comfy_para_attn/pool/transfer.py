@@ -133,7 +133,7 @@ def _storage_bytes(tensors: dict[str, torch.Tensor]) -> int:
     seen, total = set(), 0
     for tensor in tensors.values():
         storage = tensor.untyped_storage()
-        identity = (storage.device, storage.data_ptr())
+        identity = _storage_identity(storage)
         if identity not in seen:
             seen.add(identity)
             total += storage.nbytes()
@@ -170,6 +170,21 @@ ALIGNMENT = 64  # bytes; every storage starts at a multiple (any dtype's element
 WRITE_THREADS = 4
 
 
+def _storage_identity(storage: torch.UntypedStorage) -> tuple:
+    return storage.device, storage.data_ptr(), storage.nbytes()
+
+
+def _plain(name: str, value) -> torch.Tensor:
+    """A dense tensor whose raw bytes mean what it holds (conj/neg views resolved)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"publish_tensors: {name!r} is a {type(value).__name__}, not a tensor")
+    if type(value) not in (torch.Tensor, torch.nn.Parameter) or value.is_quantized or \
+            value.layout != torch.strided or value.device.type == "meta":
+        raise TypeError(f"publish_tensors: {name!r} is a {type(value).__name__} ({value.layout}, "
+                        f"{value.device.type}); only dense tensors with data can be published")
+    return value.detach().resolve_conj().resolve_neg()
+
+
 def _uint8_view(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
@@ -181,7 +196,10 @@ def _write_storage(fd: int, storage: torch.UntypedStorage, offset: int) -> None:
         piece = data[start : start + step].cpu().numpy()
         written = 0
         while written < piece.nbytes:  # pwrite may write less than asked
-            written += os.pwrite(fd, memoryview(piece)[written:], offset + start + written)
+            count = os.pwrite(fd, memoryview(piece)[written:], offset + start + written)
+            if count <= 0:
+                raise OSError(f"pwrite wrote nothing at offset {offset + start + written}")
+            written += count
 
 
 def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
@@ -192,11 +210,7 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    tensors = {}
-    for name, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"publish_tensors: {name!r} is a {type(value).__name__}, not a tensor")
-        tensors[name] = value.detach()
+    tensors = {name: _plain(name, value) for name, value in state_dict.items()}
     root = Path(directory) if directory is not None else shm_root()
     sweep_stale_dirs(root)
     nbytes = _storage_bytes(tensors)
@@ -204,7 +218,7 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
     storages, offsets, entries, size = [], {}, [], 0
     for name, tensor in tensors.items():
         storage = tensor.untyped_storage()
-        identity = (storage.device, storage.data_ptr(), storage.nbytes())
+        identity = _storage_identity(storage)
         if identity not in offsets:
             offsets[identity] = size
             storages.append((storage, size))
@@ -238,17 +252,21 @@ def load_tensors(handle: TensorHandle, device="cpu") -> dict[str, torch.Tensor]:
     so writing to one never reaches the file), on another device they are copied there."""
     import mmap
 
-    storage = torch.UntypedStorage(0)  # a file of empty tensors only
+    mapped = None
     if handle.file_bytes:
         with open(handle.path, "rb") as file:
             mapped = mmap.mmap(file.fileno(), handle.file_bytes, access=mmap.ACCESS_COPY)
-        storage = torch.frombuffer(mapped, dtype=torch.uint8).untyped_storage()  # holds the mapping
+    ends = sorted({e.storage_byte_offset for e in handle.entries}) + [handle.file_bytes]
+    storages = {}  # byte offset -> its own storage over the mapping (each holds the mapping)
+    for start, end in zip(ends, ends[1:]):
+        storages[start] = (torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
+                           if end > start else torch.empty(0, dtype=torch.uint8)).untyped_storage()
     tensors = {}
     for entry in handle.entries:
         dtype = getattr(torch, entry.dtype)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        offset = entry.storage_byte_offset // itemsize + entry.element_offset
-        tensors[entry.name] = torch.empty(0, dtype=dtype).set_(storage, offset, entry.shape, entry.stride)
+        storage = storages.get(entry.storage_byte_offset, torch.UntypedStorage(0))
+        tensors[entry.name] = torch.empty(0, dtype=dtype).set_(storage, entry.element_offset, entry.shape,
+                                                               entry.stride)
     device = torch.device(device)
     if device.type == "cpu":
         return tensors

@@ -24,6 +24,7 @@ from .portable import (
     portable_guider,
     portable_model_options,
     portable_object_patches,
+    portable_sampler,
 )
 
 FEATURE = "context_parallel"
@@ -172,7 +173,7 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         "model_options": portable_model_options(guider.model_options),
         "conds": portable("the conditioning", guider.original_conds),
         "guider": (guider_cls, guider_state),
-        "sampler": portable("the sampler", sampler),
+        "sampler": portable_sampler(sampler),
         "noise": noise.cpu(),
         "latent_image": latent_image.cpu(),
         "sigmas": sigmas.cpu(),

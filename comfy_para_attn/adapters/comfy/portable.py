@@ -148,6 +148,45 @@ def rebuild_guider(guider_cls: "ObjectRef | type", state: dict, model_patcher, c
     return guider
 
 
+class PortableLocalSampler:
+    """ComfyUI builds dpm_fast and dpm_adaptive as functions local to `comfy.samplers.ksampler`,
+    which pickle cannot name: sent as the sampler's name and options, rebuilt by `ksampler`."""
+
+    _SUFFIX = "_function"
+
+    def __init__(self, sampler):
+        function = sampler.sampler_function
+        self.name = function.__name__[: -len(self._SUFFIX)]
+        self.extra_options = sampler.extra_options
+        self.inpaint_options = sampler.inpaint_options
+
+    @classmethod
+    def applies_to(cls, sampler) -> bool:
+        function = getattr(sampler, "sampler_function", None)
+        qualname = getattr(function, "__qualname__", "")
+        return (getattr(function, "__module__", "") == "comfy.samplers" and qualname.startswith("ksampler.<locals>.")
+                and qualname.endswith(cls._SUFFIX))
+
+    def rebuild(self):
+        import comfy.samplers
+
+        return comfy.samplers.ksampler(self.name, self.extra_options, self.inpaint_options)
+
+
+def portable_sampler(sampler):
+    """The sampler itself where it pickles, else a recipe the worker rebuilds it from."""
+    if not PortableLocalSampler.applies_to(sampler):
+        _check_picklable("the sampler", sampler)
+        return sampler
+    recipe = PortableLocalSampler(sampler)
+    _check_picklable(f"the options of sampler {recipe.name!r}", recipe)
+    return recipe
+
+
+def rebuild_sampler(sampler):
+    return sampler.rebuild() if isinstance(sampler, PortableLocalSampler) else sampler
+
+
 def portable(what: str, value: Any) -> Any:
     _check_picklable(what, value)
     return value

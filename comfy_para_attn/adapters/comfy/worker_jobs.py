@@ -82,7 +82,7 @@ def sample(ctx, payload):
     from ...attention import build_parallel_context
     from ...attention.local import select_backend
     from .context_parallel import install_context_parallel
-    from .portable import rebuild_guider, rebuild_object_patches
+    from .portable import rebuild_guider, rebuild_object_patches, rebuild_sampler
 
     began = time.monotonic()
     settings = payload["settings"]
@@ -109,6 +109,7 @@ def sample(ctx, payload):
     first_step = []
 
     x0_every_step = payload.get("x0_every_step", True)
+    unsent = {}  # the latest denoised latent not yet sent (rank 0, previews off)
 
     def callback(step, x0, x, total_steps):
         if not first_step:
@@ -116,9 +117,12 @@ def sample(ctx, payload):
         ctx.check_interrupt()  # collective on the host: every rank stops at the same step
         if ctx.rank == 0:
             # Copying the denoised latent to the host waits for the GPU to finish the step, and
-            # a drained GPU then idles while the next step's first kernels are launched: only
-            # for previews, or the last step (SamplerCustomAdvanced outputs it).
-            wanted = x0 is not None and (x0_every_step or step + 1 == total_steps)
+            # a drained GPU then idles while the next step's first kernels are launched: every
+            # step only for previews; otherwise once, after sampling (below).
+            wanted = x0 is not None and x0_every_step
+            unsent.clear()
+            if x0 is not None and not wanted:
+                unsent.update(step=step, total=total_steps, x0=x0.detach())
             ctx.report_progress(step, total_steps, x0=x0.detach().cpu() if wanted else None)
 
     captured = _Captured()
@@ -127,11 +131,14 @@ def sample(ctx, payload):
     old_level = root.level
     root.setLevel(min(old_level, logging.INFO))
     try:
-        samples = guider.sample(payload["noise"], payload["latent_image"], payload["sampler"], payload["sigmas"],
+        samples = guider.sample(payload["noise"], payload["latent_image"], rebuild_sampler(payload["sampler"]),
+                                payload["sigmas"],
                                 payload["denoise_mask"], callback, True, payload["seed"])
     finally:
         root.removeHandler(captured)
         root.setLevel(old_level)
+    if unsent:  # the last callback's latent: SamplerCustom(Advanced) outputs it as "denoised"
+        ctx.report_progress(unsent["step"], unsent["total"], x0=unsent["x0"].cpu())
     done = time.monotonic()
     steps = max(1, len(payload["sigmas"]) - 1)
     first = first_step[0] if first_step else done
