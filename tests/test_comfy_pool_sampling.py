@@ -21,7 +21,7 @@ def pool_cleanup():
     shutdown_pool()
 
 
-@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video", "wan"])
 def test_pool_sampling_equals_in_process(comfyui_path, pack_nodes, pool_cleanup, family):
     from comfy_para_attn.testing import comfy_models
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs

@@ -12,6 +12,8 @@ from torch import Tensor
 
 # torch >= 2.13 renames all_gather_tensor (any dim) to all_gather_single (dim 0).
 _gather_dim0 = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+# Eager c10d: torch 2.14 deprecates all_gather_into_tensor in favour of all_gather_single.
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _groups: dict[str, dist.ProcessGroup] = {}
 
 
@@ -62,7 +64,7 @@ def all_gather(x: Tensor, dim: int, group: str) -> Tensor:
     else:
         pg = _process_group(group)
         gathered = x.new_empty((x.shape[0] * pg.size(),) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(gathered, x, group=pg)
+        _gather_into(gathered, x, group=pg)
     return gathered.movedim(0, dim) if dim else gathered
 
 
