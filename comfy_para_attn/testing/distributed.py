@@ -1,11 +1,12 @@
 """Run a function on N real processes joined in a gloo (or NCCL) process group.
 
 Tests use this for the unit and diffusers tiers: each rank is a spawned Python process,
-the collectives are real. Results come back per rank through a queue.
+the collectives are real. Results come back per rank, pickled by value, through a queue.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -35,7 +36,9 @@ def _entry(rank, world_size, port, backend, fn_ref, args, queue, one_gpu_per_ran
         fn = fn_ref.resolve()
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # By value: the queue would share a tensor's storage through a file this process
+        # removes when it exits, sometimes before the parent has opened it.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure with its traceback to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -70,7 +73,7 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float 
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
