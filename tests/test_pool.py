@@ -139,6 +139,18 @@ def test_exception_in_on_progress_interrupts_and_is_reraised(pool):
     assert pool.alive
 
 
+
+def test_a_large_payload_runs_and_warns_that_tensors_belong_in_shared_memory(pool, monkeypatch, caplog):
+    from comfy_para_attn.pool import controller
+
+    monkeypatch.setattr(controller, "LARGE_PAYLOAD_BYTES", 1 << 20)
+    big = {"key": "big", "value": torch.rand(600_000)}  # 2.4 MB pickled
+    with caplog.at_level("WARNING", logger="comfy_para_attn.pool"):
+        assert isinstance(pool.run(f"{JOBS}:remember", big, timeout_s=30), int)  # the job still runs
+        pool.run(f"{JOBS}:remember", {"key": "small", "value": 1}, timeout_s=30)
+    warnings = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
+    assert len(warnings) == 1 and "'comfy_para_attn.testing.pool_jobs:remember'" in warnings[0], warnings
+
 def test_published_tensors_round_trip_to_workers_and_release_removes_file(pool):
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(64, 48, generator=generator) + 3.0  # nonzero everywhere

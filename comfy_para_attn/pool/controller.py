@@ -25,6 +25,9 @@ from .errors import PoolError, PoolInterrupted, PoolStartError
 from .launch import PoolLayout, WorkerProcess, free_port, spawn_worker, worker_env
 
 logger = logging.getLogger("comfy_para_attn.pool")
+# A payload this large was almost always an accident (Compile Model's compiled blocks once
+# rode along and pickled a whole 12B model per prompt); the job still runs.
+LARGE_PAYLOAD_BYTES = 256 << 20
 
 POLL_S = 0.1
 FAILURE_GRACE_S = 0.5  # after one rank fails, look this long for a rank that died meanwhile
@@ -158,6 +161,11 @@ class Pool:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         payload_bytes = protocol.encode(payload)  # an unpicklable payload leaves the pool alone
+        if len(payload_bytes) > LARGE_PAYLOAD_BYTES:
+            logger.warning(
+                "worker pool: job %r sends %.0f MiB through the pipe to each of %d ranks; large tensors "
+                "belong in shared memory (pool.transfer.publish_tensors), not in the payload",
+                job, len(payload_bytes) / 2**20, self.layout.world_size)
         if not self._run_lock.acquire(timeout=timeout_s):
             raise RuntimeError("Pool.run: another job is still running on this pool")
         try:
