@@ -26,6 +26,21 @@ def _process_group(name: str) -> dist.ProcessGroup:
     return group
 
 
+_gloo_groups: dict = {}
+
+
+def cpu_group(group=None):
+    """A gloo group over the same ranks as `group` (the default group when None), for CPU
+    tensors; created once per group (collective: every rank must call this together)."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    key = id(group)
+    if key not in _gloo_groups:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        _gloo_groups[key] = dist.new_group(ranks=ranks, backend="gloo")
+    return _gloo_groups[key]
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 

@@ -64,7 +64,8 @@ class WorkerContext:
 
     @property
     def host_group(self):
-        """A gloo group of all ranks for host-side collectives (None at world size 1)."""
+        """The group for host-side (CPU tensor) collectives: a gloo group of all ranks, or None
+        for the default group (world size 1, or a gloo pool)."""
         return self._cpu_group
 
     @property

@@ -143,15 +143,15 @@ def join_group(config: protocol.WorkerConfig):
 
 
 def host_group(config: protocol.WorkerConfig):
-    """A gloo group over the same ranks for decisions taken on the host (the per-step
-    interrupt check): agreeing through NCCL would need a device-to-host copy, a sync that
-    drains the GPU's queue at every sampling step. Made on CPU ranks too (where the main
-    group is gloo already), so the tests run the same path."""
+    """A gloo group over all ranks for decisions taken on the host (the per-step interrupt
+    check): agreeing through NCCL would need a device-to-host copy, a sync that drains the
+    GPU's queue at every sampling step. None at world size 1, or where the main group is
+    gloo already (the default group serves). Jobs asking `cpu_group()` get the same group."""
     if config.world_size == 1:
         return None
-    import torch.distributed as dist
+    from ..attention.collectives import cpu_group
 
-    return dist.new_group(backend="gloo")
+    return cpu_group()
 
 
 class Worker:

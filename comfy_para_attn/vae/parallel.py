@@ -13,28 +13,13 @@ from typing import Callable
 
 import torch
 
+from ..attention.collectives import cpu_group  # noqa: F401  (re-exported by comfy_para_attn.vae)
 from .blend import Blender, feather_mask
 from .tiling import TilePlan, assign_tiles
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 # on_round(round, rounds, tiles decoded on all ranks so far, tiles in the plan)
 RoundFn = Callable[[int, int, int, int], None]
-
-_gloo_groups: dict = {}
-
-
-def cpu_group(group=None):
-    """A gloo group over the same ranks as `group` (the default group when None), for CPU
-    tensors; created once per group (collective: every rank must call this together)."""
-    import torch.distributed as dist
-
-    if dist.get_backend(group) == "gloo":
-        return group
-    key = id(group)
-    if key not in _gloo_groups:
-        ranks = None if group is None else dist.get_process_group_ranks(group)
-        _gloo_groups[key] = dist.new_group(ranks=ranks, backend="gloo")
-    return _gloo_groups[key]
 
 
 def rounds_done(owners: tuple[int, ...], world_size: int, rounds_finished: int) -> int:
