@@ -128,18 +128,6 @@ def check_shm_space(required_bytes: int, *, directory: Path | str | None = None,
             f"host memory (unload other models), add RAM, or use fewer/smaller models.")
 
 
-def _storage_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Bytes a publish writes: each distinct storage once (views share theirs)."""
-    seen, total = set(), 0
-    for tensor in tensors.values():
-        storage = tensor.untyped_storage()
-        identity = _storage_identity(storage)
-        if identity not in seen:
-            seen.add(identity)
-            total += storage.nbytes()
-    return total
-
-
 def _controller_dir(root: Path) -> Path:
     directory = root / f"{DIR_PREFIX}{os.getpid()}"
     directory.mkdir(mode=0o700, exist_ok=True)
@@ -206,25 +194,27 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
                     directory: Path | str | None = None) -> TensorHandle:
     """Write `state_dict` (name -> tensor) once for every worker to map; returns its handle.
 
-    Checks the space first (`ShmSpaceError` with needed vs available). Call `handle.release()` when the workers no longer need the file.
+    Checks the space first (`ShmSpaceError` with needed vs available). Call
+    `handle.release()` when the workers no longer need the file.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    tensors = {name: _plain(name, value) for name, value in state_dict.items()}
-    root = Path(directory) if directory is not None else shm_root()
-    sweep_stale_dirs(root)
-    nbytes = _storage_bytes(tensors)
-    check_shm_space(nbytes, directory=root, what=f"{key!r}")
-    storages, offsets, entries, size = [], {}, [], 0
-    for name, tensor in tensors.items():
+    # Layout: each distinct storage once (views share theirs), at aligned offsets.
+    storages, offsets, entries, size, nbytes = [], {}, [], 0, 0
+    for name, value in state_dict.items():
+        tensor = _plain(name, value)
         storage = tensor.untyped_storage()
         identity = _storage_identity(storage)
         if identity not in offsets:
             offsets[identity] = size
             storages.append((storage, size))
+            nbytes += storage.nbytes()
             size += -(-storage.nbytes() // ALIGNMENT) * ALIGNMENT
         entries.append(TensorEntry(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape),
                                    tuple(tensor.stride()), offsets[identity], tensor.storage_offset()))
+    root = Path(directory) if directory is not None else shm_root()
+    sweep_stale_dirs(root)
+    check_shm_space(nbytes, directory=root, what=f"{key!r}")
     safe_key = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80]
     path = _controller_dir(root) / f"{safe_key}-{uuid.uuid4().hex[:12]}.bin"
     partial = path.with_suffix(".partial")
@@ -264,9 +254,8 @@ def load_tensors(handle: TensorHandle, device="cpu") -> dict[str, torch.Tensor]:
     tensors = {}
     for entry in handle.entries:
         dtype = getattr(torch, entry.dtype)
-        storage = storages.get(entry.storage_byte_offset, torch.UntypedStorage(0))
-        tensors[entry.name] = torch.empty(0, dtype=dtype).set_(storage, entry.element_offset, entry.shape,
-                                                               entry.stride)
+        tensors[entry.name] = torch.empty(0, dtype=dtype).set_(storages[entry.storage_byte_offset],
+                                                               entry.element_offset, entry.shape, entry.stride)
     device = torch.device(device)
     if device.type == "cpu":
         return tensors
