@@ -6,7 +6,8 @@ import torch
 from comfy_para_attn.testing.distributed import run_ranks
 from comfy_para_attn.testing.vae_models import nearest_decoder
 from comfy_para_attn.vae import (TiledDecodeSettings, TileGrid, assign_tiles, blend_tiles, comfy_grids,
-                                 decode_tiles, decode_tiles_reduced, feather_mask, latent_tile_sizes, plan_tiles)
+                                 decode_tiles, decode_tiles_partial, feather_mask, latent_tile_sizes, plan_tiles,
+                                 sum_partials)
 
 CAUSAL = (lambda d, n: max(0, 4 * n - 3) if d == 0 else 8 * n), (lambda d, p: (4, 8, 8)[d] * p)
 IMAGE = (lambda d, n: 8 * n), None
@@ -94,19 +95,32 @@ VIDEO = ((2, 16, 3, 5, 7), [TileGrid((2, 4, 4), (1, 1, 1))], True)
 IMAGE_CASE = ((1, 16, 11, 9), comfy_grids(2, (4, 4), (1, 1)), False)
 
 
-def _rank_decode(rank, world_size, cases, reduced=False):
+def _rank_decode(rank, world_size, cases, partial_dir=None):
+    """Each case decoded on this rank: with `partial_dir`, the pool's way (own partial in a
+    shared file, barrier, every rank sums a slice), returning rank 0's summed file."""
+    import torch.distributed as dist
+
+    from comfy_para_attn.pool import transfer
+
     results = []
-    for shape, grids, video in cases:
+    for case, (shape, grids, video) in enumerate(cases):
         z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
         decoder = nearest_decoder(8, temporal=4 if video else None)
         plan = _plan(shape, grids, CAUSAL if video else IMAGE)
         rounds = []
         record = lambda r, n, done, total: rounds.append((r, done, total))  # noqa: E731
-        if reduced:
-            out = decode_tiles_reduced(z, plan, decoder, rank=rank, world_size=world_size, device="cpu",
-                                       on_round=record)
-        else:
+        if partial_dir is None:
             out = decode_tiles(z, plan, decoder, rank=rank, world_size=world_size, on_round=record)
+        else:
+            partials = [transfer.map_float32(f"{partial_dir}/{case}-{r}", plan.out_shape) for r in range(world_size)]
+            decode_tiles_partial(z, plan, decoder, partials[rank], rank=rank, world_size=world_size,
+                                 on_round=record)
+            if world_size > 1:
+                dist.barrier()
+            sum_partials(partials, rank, world_size)
+            if world_size > 1:
+                dist.barrier()
+            out = partials[0].clone() if rank == 0 else None
         results.append((out, rounds))
     return results
 
@@ -122,13 +136,43 @@ def test_two_gloo_ranks_equal_one():
         assert rounds0[-1][1:] == single_rounds[-1][1:]  # progress ends at all tiles
 
 
-def test_two_gloo_ranks_blend_locally_and_reduce():
-    """The pool's path: each rank blends its own tiles, one sum-reduce; equal to the
-    single-process blend up to float summation order."""
+def _zero_files(directory, cases, world_size):
+    for case, (shape, grids, video) in enumerate(cases):
+        out_shape = _plan(shape, grids, CAUSAL if video else IMAGE).out_shape
+        for r in range(world_size):
+            (directory / f"{case}-{r}").write_bytes(bytes(4 * torch.Size(out_shape).numel()))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_partial_images_summed_in_shared_files_equal_the_blend(tmp_path, world_size):
+    """The pool's path: each rank blends its tiles, pre-divided by the weights, into its own
+    shared file; the ranks sum slices. Equal to the ComfyUI-order blend up to float order."""
     cases = [IMAGE_CASE, VIDEO]
     singles = _rank_decode(0, 1, cases)
-    ranks = run_ranks(_rank_decode, 2, cases, True, timeout=120)
-    for (single, _), (out0, rounds0), (out1, rounds1) in zip(singles, *ranks):
-        assert out1 is None and torch.isfinite(out0).all() and single.abs().mean() > 1e-3
+    _zero_files(tmp_path, cases, world_size)
+    if world_size == 1:
+        ranks = [_rank_decode(0, 1, cases, str(tmp_path))]
+    else:
+        ranks = run_ranks(_rank_decode, 2, cases, str(tmp_path), timeout=120)
+    for (single, _), *per_rank in zip(singles, *ranks):
+        out0, rounds0 = per_rank[0]
+        assert torch.isfinite(out0).all() and single.abs().mean() > 1e-3
         assert (out0 - single).abs().max().item() < 1e-5
-        assert len(rounds0) == len(rounds1)
+        assert all(rounds == rounds0 for _, rounds in per_rank)  # same rounds on every rank
+
+
+def test_sum_partials_slices_cover_everything_once():
+    parts = [torch.randn(2, 3, 7, 5) for _ in range(3)]
+    expected = parts[0] + parts[1] + parts[2]
+    for part in range(4):  # 4 slices of 210 elements: the last is shorter
+        sum_partials(parts, part, 4)
+    torch.testing.assert_close(parts[0], expected, rtol=0, atol=1e-6)
+
+
+def test_partial_decode_rejects_a_decoder_that_does_not_fit_the_plan():
+    shape, grids, _ = IMAGE_CASE
+    plan = _plan(shape, grids, IMAGE)
+    z = torch.randn(shape)
+    wrong = nearest_decoder(4)  # upscales by 4, the plan says 8
+    with pytest.raises(ValueError, match="plan does not fit this VAE"):
+        decode_tiles_partial(z, plan, wrong, torch.zeros(plan.out_shape), rank=0, world_size=1)

@@ -134,6 +134,33 @@ def _controller_dir(root: Path) -> Path:
     return directory
 
 
+def zeroed_float32_files(shape: tuple[int, ...], count: int, *, what: str) -> list[str]:
+    """`count` new float32 files of `shape` in the publish directory, reading as zeros
+    (sparse), for processes to map with `map_float32` and fill in place. Callers unlink them."""
+    nbytes = 4 * _numel(shape)
+    check_shm_space(count * nbytes, what=what)
+    directory = _controller_dir(shm_root())
+    paths = []
+    for _ in range(count):
+        path = directory / f"f32-{uuid.uuid4().hex[:12]}.bin"
+        with open(path, "wb") as handle:
+            handle.truncate(nbytes)
+        paths.append(str(path))
+    return paths
+
+
+def map_float32(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor of `shape` backed by the file `path`, shared with other mappings."""
+    return torch.from_file(path, shared=True, size=_numel(shape), dtype=torch.float32).view(shape)
+
+
+def _numel(shape) -> int:
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    return numel
+
+
 def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
     """Remove publish directories left by controllers that no longer run (killed ones)."""
     root = root or shm_root()

@@ -7,6 +7,8 @@ count), so a decode blended here equals ComfyUI's bit for bit when the tiles do.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .tiling import Tile, TilePlan
@@ -42,6 +44,7 @@ class Blender:
         self._next = 0
         self._acc: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._remaining: dict[tuple[int, int], int] = {}
+        self._masks: dict = {}
         for tile in plan.tiles:
             key = (tile.grid, tile.batch)
             self._remaining[key] = self._remaining.get(key, 0) + 1
@@ -64,7 +67,10 @@ class Blender:
             self._acc[key] = (torch.zeros(shape, dtype=torch.float32),
                               torch.zeros((1, 1) + self.plan.out_spatial, dtype=torch.float32))
         out, out_div = self._acc[key]
-        mask = feather_mask(tuple(decoded.shape[2:]), self.plan.feather[tile.grid])
+        mask_key = (tuple(decoded.shape[2:]), self.plan.feather[tile.grid])
+        if mask_key not in self._masks:
+            self._masks[mask_key] = feather_mask(*mask_key)
+        mask = self._masks[mask_key]
         for d, start in enumerate(tile.out_start, start=2):
             out = out.narrow(d, start, decoded.shape[d])
             out_div = out_div.narrow(d, start, decoded.shape[d])
@@ -88,6 +94,24 @@ class Blender:
         if len(self.plan.grids) > 1:
             self.output.copy_(self.output / float(len(self.plan.grids)))
         return self.output
+
+
+@functools.lru_cache(maxsize=4)
+def blend_weights(plan: TilePlan) -> dict[int, torch.Tensor]:
+    """Per grid (of those not decoded whole), the summed feather weights of its tiles over
+    one item, [1, 1, *out_spatial] float32: what ComfyUI divides that grid's sum by."""
+    weights: dict[int, torch.Tensor] = {}
+    for tile in plan.tiles:
+        if tile.whole or tile.batch != 0:
+            continue
+        if tile.grid not in weights:
+            weights[tile.grid] = torch.zeros((1, 1) + plan.out_spatial, dtype=torch.float32)
+        size = tile.out_size
+        total = weights[tile.grid]
+        for d, (start, n) in enumerate(zip(tile.out_start, size), start=2):
+            total = total.narrow(d, start, n)
+        total.add_(feather_mask(size, plan.feather[tile.grid]))
+    return weights
 
 
 def blend_tiles(plan: TilePlan, decoded: list[torch.Tensor]) -> torch.Tensor:

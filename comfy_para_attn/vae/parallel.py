@@ -1,21 +1,29 @@
-"""Decode a tile plan on every rank of a torch.distributed group; rank `dst` blends.
+"""Decode a tile plan on every rank of a torch.distributed group.
 
-Call `decode_tiles` on every rank with the same plan and latent. Work goes in rounds: in
-round r each rank decodes its r-th tile (`assign_tiles`), then `on_round` runs on every
-rank (a place for collective interrupt checks and progress), then ranks other than `dst`
-send their tile to `dst` (non-blocking, CPU tensors over gloo) and `dst` receives and
-blends, in plan order, every tile decoded so far, while the others decode the next round.
-With world size 1 it is a plain tiled decode, with the same blending.
+Work goes in rounds: in round r each rank decodes its r-th tile (`assign_tiles`), then
+`on_round` runs on every rank (a place for collective interrupt checks and progress).
+Tiles are decoded one ahead (`_Lookahead`): while the host blends tile r, the GPU already
+works on tile r+1, so the GPU never waits for the CPU's blending or for a host sync.
+
+Two ways to put the tiles together:
+- `decode_tiles`: ranks send their tiles to rank `dst` (gloo), which blends them in plan
+  order with ComfyUI's float order: bit for bit ComfyUI's tiled decode. Rank `dst`'s
+  blending is serial, so this scales only while the blend is cheap next to the decode.
+- `decode_tiles_partial` + `sum_partials`: every rank blends its own tiles, already
+  divided by the summed weights, into a full-size float32 partial image on the host (a
+  shared-memory file in the pool); the ranks then sum the partials, each a slice of them.
+  Nothing travels per tile and no full-size buffer lives on a GPU (a GPU's peak stays that
+  of one tile). Equal to `decode_tiles` up to float summation order (~1e-7 relative).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..attention.collectives import cpu_group  # noqa: F401  (re-exported by comfy_para_attn.vae)
-from .blend import Blender, feather_mask
-from .tiling import TilePlan, assign_tiles
+from .blend import Blender, blend_weights, feather_mask
+from .tiling import Tile, TilePlan, assign_tiles
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 # on_round(round, rounds, tiles decoded on all ranks so far, tiles in the plan)
@@ -28,33 +36,75 @@ def rounds_done(owners: tuple[int, ...], world_size: int, rounds_finished: int) 
     return sum(min(rounds_finished, c) for c in counts)
 
 
-def decode_tiles(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, *, rank: int = 0,
-                 world_size: int = 1, group=None, dst: int = 0, output: torch.Tensor | None = None,
-                 on_round: RoundFn | None = None) -> torch.Tensor | None:
-    """The blended decode [B, C, *out_spatial] (float32, CPU) on rank `dst`, None elsewhere.
+class _Lookahead:
+    """This rank's decoded tiles, in order, as CPU float32; `get(i)` launches tile i+1 before
+    waiting for tile i. On CUDA the copy to the host is asynchronous (pinned buffer + event)
+    and the latent moves to the device once, so no tile forces a host sync."""
 
-    `decode(latent_tile)` returns the decoded tile [1, C, *spatial] (any device/dtype; it is
-    moved to CPU float32). `group`: a gloo group of `world_size` ranks (None: the default
-    group); `rank` and `dst` are ranks within it. `output`: an optional float32 tensor to blend into.
-    """
-    if tuple(samples.shape) != plan.latent_shape:
-        raise ValueError(f"latent has shape {tuple(samples.shape)}, the plan was made for {plan.latent_shape}")
+    def __init__(self, samples: torch.Tensor, plan: TilePlan, tiles: Sequence[Tile], decode: DecodeFn, device=None):
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self.samples = samples.to(device) if self.cuda else samples
+        self.plan, self.tiles, self.decode = plan, tiles, decode
+        self.launched: dict[int, tuple[torch.Tensor, object]] = {}
+        self.next = 0
+
+    def _launch(self, i: int) -> None:
+        decoded = self.decode(self.samples[self.plan.latent_slices(self.tiles[i])])
+        if self.cuda and decoded.is_cuda:
+            host = torch.empty(decoded.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(decoded, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.launched[i] = (host, done)
+        else:
+            self.launched[i] = (decoded.to(device="cpu", dtype=torch.float32), None)
+
+    def get(self, i: int) -> torch.Tensor:
+        while self.next <= min(i + 1, len(self.tiles) - 1):
+            self._launch(self.next)
+            self.next += 1
+        host, done = self.launched.pop(i)
+        if done is not None:
+            done.synchronize()
+        return host
+
+
+def _my_tiles(plan: TilePlan, rank: int, world_size: int):
     owners = assign_tiles(plan, world_size)
     mine = [tile for tile, owner in zip(plan.tiles, owners) if owner == rank]
+    rounds = max(owners.count(r) for r in range(world_size))
+    return owners, mine, rounds
+
+
+def _check_latent(samples: torch.Tensor, plan: TilePlan) -> None:
+    if tuple(samples.shape) != plan.latent_shape:
+        raise ValueError(f"latent has shape {tuple(samples.shape)}, the plan was made for {plan.latent_shape}")
+
+
+def decode_tiles(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, *, rank: int = 0,
+                 world_size: int = 1, group=None, dst: int = 0, output: torch.Tensor | None = None,
+                 on_round: RoundFn | None = None, device=None) -> torch.Tensor | None:
+    """The blended decode [B, C, *out_spatial] (float32, CPU) on rank `dst`, None elsewhere.
+
+    `decode(latent_tile)` returns the decoded tile [1, C, *spatial] (any device/dtype).
+    `group`: a gloo group of `world_size` ranks (None: the default group); `rank` and `dst`
+    are ranks within it. `output`: an optional float32 tensor to blend into. `device`: where
+    `decode` runs (a CUDA device enables the asynchronous lookahead).
+    """
+    _check_latent(samples, plan)
+    owners, mine, rounds = _my_tiles(plan, rank, world_size)
     ordinal = {}  # tile index -> round in which its owner decodes it
     seen = [0] * world_size
     for tile, owner in zip(plan.tiles, owners):
         ordinal[tile.index] = seen[owner]
         seen[owner] += 1
-    rounds = max(seen)
+    tiles = _Lookahead(samples, plan, mine, decode, device)
     blender = Blender(plan, output) if rank == dst else None
     held: dict[int, torch.Tensor] = {}
     sends = []
     cursor = 0
     for r in range(rounds):
-        decoded = None
-        if r < len(mine):
-            decoded = decode(samples[plan.latent_slices(mine[r])]).to(device="cpu", dtype=torch.float32)
+        decoded = tiles.get(r) if r < len(mine) else None
         # Before any send of this round: a rank that stops here (interrupt) leaves no send
         # unmatched, since dst received every earlier round's tiles in that round.
         if on_round is not None:
@@ -105,67 +155,51 @@ def _recv(src: int, ndim: int, group) -> torch.Tensor:
     return tensor
 
 
-def decode_tiles_reduced(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, *, rank: int, world_size: int,
-                         device, group=None, dst: int = 0, output: torch.Tensor | None = None,
-                         on_round: RoundFn | None = None) -> torch.Tensor | None:
-    """Like `decode_tiles`, but every rank blends its own tiles into full-size partial sums
-    (weighted tiles and weights, per grid and batch item) on `device`, and one sum-reduce
-    brings them to `dst`. Blending runs on all ranks at once and nothing travels per tile,
-    so it scales; the result equals `decode_tiles` up to float summation order (~1e-6).
-    `group` is a group of `world_size` ranks for `device` (NCCL on CUDA, gloo on CPU)."""
-    import torch.distributed as dist
-
-    if tuple(samples.shape) != plan.latent_shape:
-        raise ValueError(f"latent has shape {tuple(samples.shape)}, the plan was made for {plan.latent_shape}")
-    owners = assign_tiles(plan, world_size)
-    mine = [tile for tile, owner in zip(plan.tiles, owners) if owner == rank]
-    rounds = max(owners.count(r) for r in range(world_size))
-    keys = sorted({(tile.grid, tile.batch) for tile in plan.tiles})
-    channels, spatial = plan.out_channels, plan.out_spatial
-    pixels = 1
-    for n in spatial:
-        pixels *= n
-    per_key = (channels + 1) * pixels
-    sums = torch.zeros(len(keys) * per_key, dtype=torch.float32, device=device)  # one buffer: one reduce
-    views = {}
-    for i, key in enumerate(keys):
-        base = i * per_key
-        views[key] = (sums[base: base + channels * pixels].view((1, channels) + spatial),
-                      sums[base + channels * pixels: base + per_key].view((1, 1) + spatial))
+def decode_tiles_partial(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, partial: torch.Tensor, *,
+                         rank: int, world_size: int, on_round: RoundFn | None = None, device=None) -> None:
+    """Add this rank's share of the blended decode into `partial` (float32 [B, C, *out_spatial],
+    zeros, on the host): each of its tiles times feather / (summed feathers of its grid there)
+    / (number of grids). The sum of every rank's partial is the blended decode. Every rank
+    runs the same number of rounds (`on_round` may be collective)."""
+    _check_latent(samples, plan)
+    if tuple(partial.shape) != plan.out_shape or partial.dtype != torch.float32:
+        raise ValueError(f"partial must be float32 {plan.out_shape}, got {partial.dtype} {tuple(partial.shape)}")
+    owners, mine, rounds = _my_tiles(plan, rank, world_size)
+    weights = blend_weights(plan)
+    tiles = _Lookahead(samples, plan, mine, decode, device)
+    scale = 1.0 / len(plan.grids)
     masks: dict = {}
     for r in range(rounds):
         if r < len(mine):
             tile = mine[r]
-            decoded = decode(samples[plan.latent_slices(tile)]).to(device=device, dtype=torch.float32)
-            total, weights = views[(tile.grid, tile.batch)]
+            decoded = tiles.get(r)
+            if tuple(decoded.shape[2:]) != tile.out_size:
+                raise ValueError(f"the VAE decoded a tile of latent size {tile.size} to {tuple(decoded.shape[2:])}, "
+                                 f"but its scale factors say {tile.out_size}: the plan does not fit this VAE")
+            target = partial[tile.batch: tile.batch + 1]
             if tile.whole:  # the item is this tile as decoded (ComfyUI applies no weights)
-                total.copy_(decoded)
-                weights.fill_(1.0)
+                target.add_(decoded, alpha=scale)
             else:
                 mask_key = (tuple(decoded.shape[2:]), plan.feather[tile.grid])
                 if mask_key not in masks:
-                    masks[mask_key] = feather_mask(*mask_key).to(device)
-                mask = masks[mask_key]
+                    masks[mask_key] = feather_mask(*mask_key)
+                total = weights[tile.grid]
                 for d, start in enumerate(tile.out_start, start=2):
+                    target = target.narrow(d, start, decoded.shape[d])
                     total = total.narrow(d, start, decoded.shape[d])
-                    weights = weights.narrow(d, start, decoded.shape[d])
-                total.add_(decoded * mask)
-                weights.add_(mask)
-        if on_round is not None:  # collective: every rank runs the same number of rounds
+                target.add_(decoded * (masks[mask_key] / total), alpha=scale)
+        if on_round is not None:
             on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles))
-    if world_size > 1:
-        dist.reduce(sums, dst, group=group)
-    if rank != dst:
-        return None
-    if output is None:
-        output = torch.empty(plan.out_shape, dtype=torch.float32)
-    for batch in range(plan.out_shape[0]):
-        item = None
-        for grid in range(len(plan.grids)):  # ComfyUI sums whole grids in order, then averages
-            total, weights = views[(grid, batch)]
-            blended = total / weights
-            item = blended if item is None else item + blended
-        if len(plan.grids) > 1:
-            item = item / float(len(plan.grids))
-        output[batch: batch + 1].copy_(item.cpu())
-    return output
+
+
+def sum_partials(partials: Sequence[torch.Tensor], part: int, parts: int) -> None:
+    """partials[0] += partials[1:], on the `part`-th of `parts` equal slices (flattened), so
+    that `parts` processes sharing the tensors (shared memory) sum them together."""
+    flat = [p.view(-1) for p in partials]
+    size = -(-flat[0].numel() // parts)
+    begin, end = part * size, min((part + 1) * size, flat[0].numel())
+    if begin >= end:
+        return
+    target = flat[0][begin:end]
+    for other in flat[1:]:
+        target.add_(other[begin:end])

@@ -38,6 +38,7 @@ class Tile:
     size: tuple[int, ...]         # latent length per spatial dimension
     out_start: tuple[int, ...]    # output start per spatial dimension
     whole: bool                   # the item fits one tile: copied as decoded, no weights
+    out_size: tuple[int, ...] = ()  # decoded length per spatial dimension (scale of `size`)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def plan_tiles(latent_shape: Sequence[int], grids: Sequence[TileGrid], *, scale:
             for start in itertools.product(*starts):
                 size = tuple(min(t, n - s) for s, t, n in zip(start, grid.tile, spatial))
                 out_start = tuple(int(round(position(d, s))) for d, s in enumerate(start))
-                tiles.append(Tile(len(tiles), g, b, tuple(start), size, out_start, whole))
+                out_size = tuple(int(round(scale(d, n))) for d, n in enumerate(size))
+                tiles.append(Tile(len(tiles), g, b, tuple(start), size, out_start, whole, out_size))
     return TilePlan(latent_shape, out_spatial, int(out_channels), tuple(grids), tuple(feathers),
                     tuple(tiles))
 

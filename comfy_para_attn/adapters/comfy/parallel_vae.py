@@ -1,19 +1,19 @@
 """Parallel tiled VAE decode for ComfyUI: the tiles of `VAE.decode_tiled` spread over the
-worker pool's ranks, blended on rank 0 with ComfyUI's weights.
+worker pool's ranks, blended with ComfyUI's weights.
 
 The output equals ComfyUI's `VAEDecodeTiled` node (`VAE.decode_tiled`): 2D latents use
 `decode_tiled_` (three tile grids, averaged), video latents `decode_tiled_3d`. Controller
 side (the ComfyUI process): validate, plan the tiles, publish the VAE's weights once per
 fingerprint, run one job on the same pool as Context Parallel (same layout and init job),
-and read the image from a shared-memory file rank 0 blended into. With one rank the
-decode runs here, in-process, with the same tiles and blending. Worker side: `vae_jobs.py`.
+and read the image from shared memory, where the ranks blended and summed it (equal to
+ComfyUI's up to float summation order). With one rank the decode runs here, in-process,
+with the same tiles and blending, bit for bit ComfyUI's. Worker side: `vae_jobs.py`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-import uuid
 
 import torch
 
@@ -103,7 +103,7 @@ def decode_in_process(vae, samples: torch.Tensor, plan: TilePlan) -> torch.Tenso
         pbar.update_absolute(done, total)
 
     with torch.inference_mode():
-        return decode_tiles(samples, plan, tile_decoder(vae), on_round=on_round)
+        return decode_tiles(samples, plan, tile_decoder(vae), on_round=on_round, device=vae.device)
 
 
 def _publish_vae(vae) -> tuple[str, object]:
@@ -130,46 +130,35 @@ def shared_pool(world: int, device: str):
     return comfy_pool(world, device)
 
 
-def _shared_output(shape: tuple[int, ...]) -> tuple[str, torch.Tensor]:
-    """A float32 tensor backed by a file in shared memory that rank 0 maps and blends into,
-    so the image does not travel through the result pipe."""
-    from ...pool import transfer
-
-    numel = 1
-    for n in shape:
-        numel *= n
-    transfer.check_shm_space(numel * 4, what="the decoded image")
-    directory = transfer.shm_root() / f"{transfer.DIR_PREFIX}{os.getpid()}"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    path = directory / f"vae-output-{uuid.uuid4().hex[:12]}.f32"
-    with open(path, "wb") as handle:
-        handle.truncate(numel * 4)
-    return str(path), torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(shape)
-
-
 def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, device: str,
                    timeout_s: float = 600.0) -> torch.Tensor:
     import comfy.model_management
     import comfy.utils
 
-    from ...pool import PoolInterrupted
+    from ...pool import PoolInterrupted, transfer
 
     payload = {"vae": vae_recipe(vae), "samples": samples.detach().to("cpu"), "plan": plan}
     pool = shared_pool(world, device)
     pbar = comfy.utils.ProgressBar(len(plan.tiles))
-    path, output = _shared_output(plan.out_shape)
-    payload["output_path"] = path
+    # One partial image per rank in shared memory; the ranks sum them into the first, which
+    # becomes the output: nothing image-sized travels through the pipe.
+    paths = payload["partial_paths"] = transfer.zeroed_float32_files(
+        plan.out_shape, world, what="the decoded image (one partial per GPU)")
     began = time.monotonic()
     try:
         result = pool.run(JOB, payload, timeout_s=timeout_s,
                           on_progress=lambda step, total, extra: pbar.update_absolute(step, total),
                           should_interrupt=comfy.model_management.processing_interrupted)
+        output = transfer.map_float32(paths[0], plan.out_shape)  # valid after the unlink below
     except PoolInterrupted:
         raise comfy.model_management.InterruptProcessingException()
     finally:
-        os.unlink(path)  # the mapping stays valid; the pages go with the last tensor using them
-    log.info("Parallel VAE Decode: %d tiles on %d %s rank(s) in %.2f s (tiles per rank %s)",
-             len(plan.tiles), world, device, time.monotonic() - began, result["tiles_per_rank"])
+        for path in paths:
+            os.unlink(path)
+    phases = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in p.items())
+                       for r, p in enumerate(result["phases"]))
+    log.info("Parallel VAE Decode: %d tiles on %d %s rank(s) in %.2f s (tiles per rank %s; %s)",
+             len(plan.tiles), world, device, time.monotonic() - began, result["tiles_per_rank"], phases)
     return output
 
 

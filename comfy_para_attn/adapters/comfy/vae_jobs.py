@@ -2,14 +2,17 @@
 (the pool's init job, `worker_jobs.init_worker`, has made ComfyUI importable).
 
 `decode` rebuilds the VAE (cached by weight fingerprint, next to Context Parallel's model),
-decodes this rank's tiles, sends them to rank 0 over gloo, and rank 0 blends them into the
-controller's shared-memory output file. Every rank checks the interrupt once per round.
+decodes this rank's tiles and blends them into its own shared-memory partial image (one
+file per rank, made by the controller); then the ranks sum the partials into rank 0's file,
+each a slice. Every rank checks the interrupt once per round.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
-from ...vae import cpu_group, decode_tiles_reduced
+from ...vae import cpu_group, decode_tiles_partial, sum_partials
 from ...vae.tiling import assign_tiles
 
 
@@ -44,31 +47,38 @@ def _cached_vae(ctx, recipe: dict):
 
 
 def decode(ctx, payload):
+    import torch.distributed as dist
+
+    from ...pool import transfer
     from .parallel_vae import load_for_tiles, tile_decoder
 
+    began = time.perf_counter()
     plan = payload["plan"]
     vae = _cached_vae(ctx, payload["vae"])
     load_for_tiles(vae, plan)
-    output = None
-    if ctx.rank == 0:
-        numel = 1
-        for n in plan.out_shape:
-            numel *= n
-        output = torch.from_file(payload["output_path"], shared=True, size=numel,
-                                 dtype=torch.float32).view(plan.out_shape)
+    partials = [transfer.map_float32(path, plan.out_shape) for path in payload["partial_paths"]]
 
     def on_round(r, rounds, done, total):
         ctx.check_interrupt()  # collective: every rank stops in the same round
         ctx.report_progress(done, total)
 
+    loaded = time.perf_counter()
     with torch.inference_mode():
-        # Each rank blends its own tiles on its device; one reduce (NCCL/gloo) to rank 0.
-        decode_tiles_reduced(payload["samples"], plan, tile_decoder(vae), rank=ctx.rank,
-                             world_size=ctx.world_size, device=ctx.device, output=output, on_round=on_round)
+        decode_tiles_partial(payload["samples"], plan, tile_decoder(vae), partials[ctx.rank], rank=ctx.rank,
+                             world_size=ctx.world_size, on_round=on_round, device=ctx.device)
+    decoded = time.perf_counter()
+    ctx.check_interrupt()  # every partial is complete before anyone sums
+    waited = time.perf_counter()
+    sum_partials(partials, ctx.rank, ctx.world_size)
+    summed = time.perf_counter()
+    phases = {"load_s": loaded - began, "decode_s": decoded - loaded, "wait_s": waited - decoded,
+              "sum_s": summed - waited}
+    every = [None] * ctx.world_size
+    dist.all_gather_object(every, phases, group=ctx.host_group)
     if ctx.rank != 0:
         return None
     owners = assign_tiles(plan, ctx.world_size)
-    return {"tiles_per_rank": [owners.count(r) for r in range(ctx.world_size)]}
+    return {"tiles_per_rank": [owners.count(r) for r in range(ctx.world_size)], "phases": every}
 
 
 def cuda_peak_memory(ctx, payload):
