@@ -89,9 +89,9 @@ def worker_env(layout: PoolLayout, port: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                WORLD_SIZE=str(layout.world_size), PYTHONUNBUFFERED="1")
-    if layout.device == "cpu" and "OMP_NUM_THREADS" not in env:
-        # N ranks share the host's cores; torch's default of one thread per core each
-        # would oversubscribe them N times.
+    if "OMP_NUM_THREADS" not in env:
+        # N ranks share the host's cores; torch's default of one thread per core each would
+        # oversubscribe them N times (GPU ranks do host work too: VAE tile blending).
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // layout.world_size))
     env.update(dict(layout.env))
     return env

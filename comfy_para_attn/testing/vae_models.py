@@ -148,7 +148,8 @@ def nearest_decoder(spatial: int = 8, temporal: int | None = None):
             x = x.repeat_interleave(spatial, dim=x.ndim - 1 - d)
         if temporal is not None:
             frames = x.shape[2]
-            index = torch.tensor([math.ceil(j / temporal) for j in range(max(0, frames * temporal - temporal + 1))])
+            index = torch.tensor([math.ceil(j / temporal) for j in range(max(0, frames * temporal - temporal + 1))],
+                                 device=x.device)
             x = x.index_select(2, index)
         return x
 
