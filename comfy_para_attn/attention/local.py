@@ -79,8 +79,13 @@ def _cuda_cudnn(q, k, v, bias, scale):
 
 def _cuda_efficient(q, k, v, bias, scale):
     if bias is not None:
-        # The efficient kernel wants a dense, aligned bias.
-        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        # The efficient kernel wants the bias's rows 16-byte aligned: pad the key dimension
+        # of the storage to a multiple of 16 and view the first k.shape[2] columns (as
+        # PyTorch's own SDPA does); then expand to the full shape.
+        keys = k.shape[2]
+        if keys % 16:
+            bias = torch.nn.functional.pad(bias, (0, 16 - keys % 16))[..., :keys]
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], keys)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, True, 0.0, False, scale=scale
     )[:2]

@@ -90,7 +90,8 @@ def parallel_tiled_decode(vae, latents: torch.Tensor, *, tile_size: int = 512, o
         return vae.decode(z.to(device=device, dtype=dtype), return_dict=False)[0]
 
     with torch.no_grad(), _untiled(vae):
-        out = decode_tiles(latents.detach().cpu(), plan, decode, rank=rank, world_size=world, group=gloo, dst=dst)
+        out = decode_tiles(latents.detach().cpu(), plan, decode, rank=rank, world_size=world, group=gloo, dst=dst,
+                           device=device)
     if all_ranks and distributed:
         if out is None:
             out = torch.empty(plan.out_shape, dtype=torch.float32)
