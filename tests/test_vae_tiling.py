@@ -93,6 +93,15 @@ def test_node_units_convert_like_vae_decode_tiled():
 
 VIDEO = ((2, 16, 3, 5, 7), [TileGrid((2, 4, 4), (1, 1, 1))], True)
 IMAGE_CASE = ((1, 16, 11, 9), comfy_grids(2, (4, 4), (1, 1)), False)
+# Two items that fit the square grid whole but not the tall and wide ones.
+WHOLE_AND_TILED = ((2, 16, 3, 3), comfy_grids(2, (4, 4), (1, 1)), False)
+
+
+def tile_dependent(decoder):
+    """`decoder` plus a term that depends on the whole tile: overlapping tiles disagree, so
+    the result depends on the blending weights (a local decoder agrees everywhere and would
+    hide wrong weights)."""
+    return lambda z: decoder(z) + z.mean() * 0.5
 
 
 def _rank_decode(rank, world_size, cases, partial_dir=None):
@@ -105,7 +114,7 @@ def _rank_decode(rank, world_size, cases, partial_dir=None):
     results = []
     for case, (shape, grids, video) in enumerate(cases):
         z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
-        decoder = nearest_decoder(8, temporal=4 if video else None)
+        decoder = tile_dependent(nearest_decoder(8, temporal=4 if video else None))
         plan = _plan(shape, grids, CAUSAL if video else IMAGE)
         rounds = []
         record = lambda r, n, done, total: rounds.append((r, done, total))  # noqa: E731
@@ -126,7 +135,7 @@ def _rank_decode(rank, world_size, cases, partial_dir=None):
 
 
 def test_two_gloo_ranks_equal_one():
-    cases = [IMAGE_CASE, VIDEO]
+    cases = [IMAGE_CASE, VIDEO, WHOLE_AND_TILED]
     singles = _rank_decode(0, 1, cases)
     ranks = run_ranks(_rank_decode, 2, cases, timeout=120)  # one spawn for both cases
     for (single, single_rounds), (out0, rounds0), (out1, rounds1) in zip(singles, *ranks):
@@ -147,7 +156,7 @@ def _zero_files(directory, cases, world_size):
 def test_partial_images_summed_in_shared_files_equal_the_blend(tmp_path, world_size):
     """The pool's path: each rank blends its tiles, pre-divided by the weights, into its own
     shared file; the ranks sum slices. Equal to the ComfyUI-order blend up to float order."""
-    cases = [IMAGE_CASE, VIDEO]
+    cases = [IMAGE_CASE, VIDEO, WHOLE_AND_TILED]
     singles = _rank_decode(0, 1, cases)
     _zero_files(tmp_path, cases, world_size)
     if world_size == 1:
@@ -181,15 +190,26 @@ def test_partial_decode_rejects_a_decoder_that_does_not_fit_the_plan():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_lookahead_equals_the_cpu_decode():
-    """On CUDA tiles travel asynchronously (pinned copies, events, one tile ahead): the
-    result must not change, for the exact blend and for the partial image."""
-    for shape, grids, video in [IMAGE_CASE, VIDEO]:
+    """On CUDA tiles travel asynchronously (pinned copies, events, one tile ahead): the result
+    must not change, for the exact blend and for the partial image. The decoder keeps the GPU
+    busy before each tile (a missing wait would read unfinished copies), and runs on the last
+    GPU without making it current (events must be recorded on the tile's device)."""
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+
+    def slow(decoder):
+        def decode(z):
+            with torch.cuda.device(z.device):
+                torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time before the tile is produced
+            return decoder(z)
+        return decode
+
+    for shape, grids, video in [IMAGE_CASE, VIDEO, WHOLE_AND_TILED]:
         z = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-        decoder = nearest_decoder(8, temporal=4 if video else None)
+        decoder = tile_dependent(nearest_decoder(8, temporal=4 if video else None))
         plan = _plan(shape, grids, CAUSAL if video else IMAGE)
         on_cpu = decode_tiles(z, plan, decoder)
-        on_cuda = decode_tiles(z, plan, decoder, device="cuda")
-        torch.testing.assert_close(on_cuda, on_cpu, rtol=0, atol=1e-6)  # CUDA's tanh may differ by an ulp
+        on_cuda = decode_tiles(z, plan, slow(decoder), device=device)
+        torch.testing.assert_close(on_cuda, on_cpu, rtol=0, atol=1e-5)  # CUDA's tanh may differ by an ulp
         partial = torch.zeros(plan.out_shape)
-        decode_tiles_partial(z, plan, decoder, partial, rank=0, world_size=1, device="cuda")
+        decode_tiles_partial(z, plan, slow(decoder), partial, rank=0, world_size=1, device=device)
         assert torch.isfinite(partial).all() and (partial - on_cpu).abs().max().item() < 1e-5

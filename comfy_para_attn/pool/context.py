@@ -77,7 +77,9 @@ class WorkerContext:
     def check_interrupt(self) -> None:
         """Collective: all ranks agree whether any of them saw an interrupt, and if so all
         raise `JobInterrupted` here, at the same step. Every rank must call it at the same
-        points (for example once per sampling step)."""
+        points (for example once per sampling step). It is always a collective, also when no
+        rank saw an interrupt: jobs use it as a barrier (Parallel VAE Decode sums the ranks'
+        images only after it)."""
         requested = 1 if self.interrupt_requested else 0
         if self.world_size > 1:
             import torch

@@ -13,6 +13,8 @@ killed, when the next controller publishes (stale directories of dead pids are s
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -141,12 +143,33 @@ def zeroed_float32_files(shape: tuple[int, ...], count: int, *, what: str) -> li
     check_shm_space(count * nbytes, what=what)
     directory = _controller_dir(shm_root())
     paths = []
-    for _ in range(count):
-        path = directory / f"f32-{uuid.uuid4().hex[:12]}.bin"
-        with open(path, "wb") as handle:
-            handle.truncate(nbytes)
-        paths.append(str(path))
+    try:
+        for _ in range(count):
+            path = directory / f"f32-{uuid.uuid4().hex[:12]}.bin"
+            paths.append(str(path))
+            with open(path, "wb") as handle:
+                # Reserve the pages now: a mapping written past a full tmpfs dies of SIGBUS.
+                _reserve(handle.fileno(), nbytes, what)
+    except BaseException:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
     return paths
+
+
+def _reserve(fd: int, nbytes: int, what: str) -> None:
+    """Allocate `nbytes` (zeros) for the file; a full filesystem is a ShmSpaceError."""
+    if nbytes == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ShmSpaceError(f"no space left in shared memory for {what} ({_gib(nbytes)} per file)") from exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, nbytes)  # a filesystem without fallocate: sparse, as before
 
 
 def map_float32(path: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -96,7 +96,7 @@ class Blender:
         return self.output
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)  # one image-sized map per grid: keep only the latest plan's
 def blend_weights(plan: TilePlan) -> dict[int, torch.Tensor]:
     """Per grid (of those not decoded whole), the summed feather weights of its tiles over
     one item, [1, 1, *out_spatial] float32: what ComfyUI divides that grid's sum by."""

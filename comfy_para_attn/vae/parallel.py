@@ -54,7 +54,7 @@ class _Lookahead:
             host = torch.empty(produced.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(produced, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(produced.device))  # the copy's stream, not cuda:0's
             self.launched[i] = (host, done)
         else:
             self.launched[i] = (produced.to(device="cpu", dtype=torch.float32), None)
@@ -77,7 +77,9 @@ def _tile_latents(samples: torch.Tensor, plan: TilePlan, device):
 
     def latent_of(tile: Tile) -> torch.Tensor:
         z = samples[plan.latent_slices(tile)]
-        return z.contiguous().pin_memory().to(device, non_blocking=True) if cuda else z
+        if not cuda or z.device.type != "cpu":
+            return z if not cuda else z.to(device)
+        return z.contiguous().pin_memory().to(device, non_blocking=True)
 
     return latent_of, cuda
 
@@ -127,7 +129,8 @@ def decode_tiles(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, *, ran
             if rank == dst:
                 held[mine[r].index] = decoded
             else:
-                sends += _send(decoded.contiguous(), dst, group)
+                # Keep only sends in flight: their (pinned) buffers go back as they complete.
+                sends = [s for s in sends if not s[0].is_completed()] + _send(decoded.contiguous(), dst, group)
         if blender is None:
             continue
         while cursor < len(plan.tiles) and ordinal[cursor] <= r:

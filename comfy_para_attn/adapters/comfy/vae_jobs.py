@@ -67,7 +67,9 @@ def decode(ctx, payload):
         decode_tiles_partial(payload["samples"], plan, tile_decoder(vae), partials[ctx.rank], rank=ctx.rank,
                              world_size=ctx.world_size, on_round=on_round, device=ctx.device)
     decoded = time.perf_counter()
-    ctx.check_interrupt()  # every partial is complete before anyone sums
+    # A collective (it stays one: see WorkerContext.check_interrupt): the barrier that makes
+    # every partial complete before anyone sums.
+    ctx.check_interrupt()
     waited = time.perf_counter()
     sum_partials(partials, ctx.rank, ctx.world_size)
     summed = time.perf_counter()
