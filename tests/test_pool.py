@@ -436,34 +436,44 @@ def test_a_tmpfs_filling_up_mid_write_is_a_space_error_and_leaves_no_file(tmp_pa
         transfer.publish_tensors(weights, "full", directory=tmp_path)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
-def test_zeroed_float32_files_are_shared_zeros_and_a_full_tmpfs_leaves_none(tmp_path, monkeypatch):
-    """Parallel VAE Decode's per-rank images: zeros, shared between mappings; when the space
-    runs out on the second file (fallocate's ENOSPC, raised here: a real full tmpfs cannot be
-    arranged in CI) the error is ShmSpaceError and the first file is removed too."""
+def test_float32_files_are_shared_zeros_and_reserving_on_a_full_tmpfs_is_a_space_error(tmp_path, monkeypatch):
+    """Parallel VAE Decode's per-rank images: zeros, shared between mappings. The writer
+    reserves the pages; when the space has run out (fallocate's ENOSPC, raised here: a full
+    tmpfs cannot be arranged in CI) that is ShmSpaceError, not a SIGBUS on the first write.
+    A failure while creating the files leaves none behind."""
     import errno
 
     from comfy_para_attn.pool import transfer
 
     monkeypatch.setenv("COMFY_PARA_ATTN_SHM_DIR", str(tmp_path))
-    paths = transfer.zeroed_float32_files((2, 3, 5), 2, what="a test image")
-    first, again = transfer.map_float32(paths[0], (2, 3, 5)), transfer.map_float32(paths[0], (2, 3, 5))
-    assert torch.equal(first, torch.zeros(2, 3, 5))
+    paths = transfer.float32_files((2, 3, 5), 2, what="a test image")
+    first = transfer.map_float32(paths[0], (2, 3, 5), reserve=True)
+    again = transfer.map_float32(paths[0], (2, 3, 5))
+    assert torch.equal(first, torch.zeros(2, 3, 5)) and torch.equal(transfer.map_float32(paths[1], (2, 3, 5)),
+                                                                    torch.zeros(2, 3, 5))
     first[1, 2, 4] = 7.0
     assert again[1, 2, 4].item() == 7.0  # one file, two views of it
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transfer.os, "posix_fallocate", full)
+    with pytest.raises(ShmSpaceError, match="a test image"):
+        transfer.map_float32(paths[1], (2, 3, 5), reserve=True, what="a test image")
     for path in paths:
         os.unlink(path)
 
-    real, calls = os.posix_fallocate, []
+    real, calls = os.ftruncate, []
 
-    def fallocate_until_full(fd, offset, length):
+    def truncate_once(fd, length):
         calls.append(fd)
         if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, offset, length)
+            raise OSError(errno.EIO, "I/O error")
+        return real(fd, length)
 
-    monkeypatch.setattr(transfer.os, "posix_fallocate", fallocate_until_full)
-    with pytest.raises(ShmSpaceError, match="a test image"):
-        transfer.zeroed_float32_files((64,), 3, what="a test image")
+    monkeypatch.setattr(transfer.os, "ftruncate", truncate_once)
+    with pytest.raises(OSError, match="I/O error"):
+        transfer.float32_files((64,), 3, what="a test image")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 

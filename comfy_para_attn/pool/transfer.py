@@ -136,9 +136,10 @@ def _controller_dir(root: Path) -> Path:
     return directory
 
 
-def zeroed_float32_files(shape: tuple[int, ...], count: int, *, what: str) -> list[str]:
-    """`count` new float32 files of `shape` in the publish directory, reading as zeros
-    (sparse), for processes to map with `map_float32` and fill in place. Callers unlink them."""
+def float32_files(shape: tuple[int, ...], count: int, *, what: str) -> list[str]:
+    """`count` new float32 files of `shape` in the publish directory, reading as zeros, for
+    processes to map with `map_float32` and fill in place (the writer of each reserves its
+    pages: `map_float32(..., reserve=True)`). Callers unlink them."""
     nbytes = 4 * _numel(shape)
     check_shm_space(count * nbytes, what=what)
     directory = _controller_dir(shm_root())
@@ -148,14 +149,23 @@ def zeroed_float32_files(shape: tuple[int, ...], count: int, *, what: str) -> li
             path = directory / f"f32-{uuid.uuid4().hex[:12]}.bin"
             paths.append(str(path))
             with open(path, "wb") as handle:
-                # Reserve the pages now: a mapping written past a full tmpfs dies of SIGBUS.
-                _reserve(handle.fileno(), nbytes, what)
+                os.ftruncate(handle.fileno(), nbytes)  # sparse: no pages yet
     except BaseException:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         raise
     return paths
+
+
+def map_float32(path: str, shape: tuple[int, ...], *, reserve: bool = False, what: str = "tensors") -> torch.Tensor:
+    """A float32 tensor of `shape` backed by the file `path`, shared with other mappings.
+    `reserve`: allocate the file's pages first (as zeros), so that a full tmpfs is a
+    ShmSpaceError here rather than a SIGBUS when the mapping is written."""
+    if reserve:
+        with open(path, "r+b") as handle:
+            _reserve(handle.fileno(), 4 * _numel(shape), what)
+    return torch.from_file(path, shared=True, size=_numel(shape), dtype=torch.float32).view(shape)
 
 
 def _reserve(fd: int, nbytes: int, what: str) -> None:
@@ -166,15 +176,10 @@ def _reserve(fd: int, nbytes: int, what: str) -> None:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise ShmSpaceError(f"no space left in shared memory for {what} ({_gib(nbytes)} per file)") from exc
+            raise ShmSpaceError(f"no space left in shared memory for {what} ({_gib(nbytes)}); free host "
+                                f"memory or enlarge /dev/shm") from exc
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        os.ftruncate(fd, nbytes)  # a filesystem without fallocate: sparse, as before
-
-
-def map_float32(path: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 tensor of `shape` backed by the file `path`, shared with other mappings."""
-    return torch.from_file(path, shared=True, size=_numel(shape), dtype=torch.float32).view(shape)
+            raise  # a filesystem without fallocate stays sparse
 
 
 def _numel(shape) -> int:

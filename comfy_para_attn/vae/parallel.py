@@ -230,9 +230,11 @@ class _TileFactors:
         return factor.pin_memory() if self.pin else factor
 
 
-def sum_partials(partials: Sequence[torch.Tensor], part: int, parts: int) -> None:
+def sum_partials(partials: Sequence[torch.Tensor], part: int, parts: int,
+                 finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """partials[0] += partials[1:], on the `part`-th of `parts` equal slices (flattened), so
-    that `parts` processes sharing the tensors (shared memory) sum them together."""
+    that `parts` processes sharing the tensors (shared memory) sum them together; then
+    `finish` (an elementwise function, e.g. the VAE's output scaling) replaces the slice."""
     flat = [p.view(-1) for p in partials]
     size = -(-flat[0].numel() // parts)
     begin, end = part * size, min((part + 1) * size, flat[0].numel())
@@ -241,3 +243,5 @@ def sum_partials(partials: Sequence[torch.Tensor], part: int, parts: int) -> Non
     target = flat[0][begin:end]
     for other in flat[1:]:
         target.add_(other[begin:end])
+    if finish is not None:
+        target.copy_(finish(target))

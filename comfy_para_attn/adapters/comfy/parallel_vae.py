@@ -82,9 +82,10 @@ def load_for_tiles(vae, plan: TilePlan) -> None:
                                            force_full_load=vae.disable_offload)
 
 
-def to_image(vae, blended: torch.Tensor) -> torch.Tensor:
-    """VAEDecodeTiled's output: process_output, channels last, video frames as a batch."""
-    images = vae.process_output(blended).movedim(1, -1)
+def to_image(vae, blended: torch.Tensor, processed: bool = False) -> torch.Tensor:
+    """VAEDecodeTiled's output: process_output (unless `processed`), channels last, video
+    frames as a batch."""
+    images = (blended if processed else vae.process_output(blended)).movedim(1, -1)
     if images.ndim == 5:
         images = images.reshape(-1, *images.shape[-3:])
     return images
@@ -142,7 +143,7 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
     pbar = comfy.utils.ProgressBar(len(plan.tiles))
     # One partial image per rank in shared memory; the ranks sum them into the first, which
     # becomes the output: nothing image-sized travels through the pipe.
-    paths = payload["partial_paths"] = transfer.zeroed_float32_files(
+    paths = payload["partial_paths"] = transfer.float32_files(
         plan.out_shape, world, what="the decoded image (one partial per GPU)")
     began = time.monotonic()
     try:
@@ -174,7 +175,6 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
     if device == "cuda" and world > visible:
         raise ValueError(f"gpus={world} but only {visible} GPU(s) are visible; set gpus to at most {visible}.")
     if world == 1:
-        blended = decode_in_process(vae, samples, plan)
-    else:
-        blended = decode_in_pool(vae, samples, plan, world, device, timeout_s)
-    return to_image(vae, blended)
+        return to_image(vae, decode_in_process(vae, samples, plan))
+    # The ranks applied process_output already, each to its slice of the image.
+    return to_image(vae, decode_in_pool(vae, samples, plan, world, device, timeout_s), processed=True)

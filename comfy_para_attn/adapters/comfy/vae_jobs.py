@@ -3,8 +3,9 @@
 
 `decode` rebuilds the VAE (cached by weight fingerprint, next to Context Parallel's model),
 decodes this rank's tiles and blends them into its own shared-memory partial image (one
-file per rank, made by the controller); then the ranks sum the partials into rank 0's file,
-each a slice. Every rank checks the interrupt once per round.
+file per rank, made by the controller); then the ranks sum the partials into rank 0's file
+and apply the VAE's output scaling, each a slice. Every rank checks the interrupt once per
+round.
 """
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ def decode(ctx, payload):
     plan = payload["plan"]
     vae = _cached_vae(ctx, payload["vae"])
     load_for_tiles(vae, plan)
-    partials = [transfer.map_float32(path, plan.out_shape) for path in payload["partial_paths"]]
+    # This rank reserves its own image's pages (in parallel with the other ranks).
+    partials = [transfer.map_float32(path, plan.out_shape, reserve=rank == ctx.rank, what="the decoded image")
+                for rank, path in enumerate(payload["partial_paths"])]
 
     def on_round(r, rounds, done, total):
         ctx.check_interrupt()  # collective: every rank stops in the same round
@@ -71,7 +74,8 @@ def decode(ctx, payload):
     # every partial complete before anyone sums.
     ctx.check_interrupt()
     waited = time.perf_counter()
-    sum_partials(partials, ctx.rank, ctx.world_size)
+    # process_output is elementwise for image and video VAEs: each rank scales its slice.
+    sum_partials(partials, ctx.rank, ctx.world_size, finish=vae.process_output)
     summed = time.perf_counter()
     phases = {"load_s": loaded - began, "decode_s": decoded - loaded, "wait_s": waited - decoded,
               "sum_s": summed - waited}
