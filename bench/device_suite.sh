@@ -3,9 +3,9 @@
 #
 #   bench/device_suite.sh [SECTION ...]      (default: every section; ~25 min on 2 H200s)
 #
-# Sections: nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers
+# Sections: nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae transfer kernels diffusers
 # One device call may run 10 minutes: pass groups that fit (limits below), e.g.
-#   nccl cp-flux | cp-hunyuan kernels | cp-pool vae | fbc diffusers | fp8
+#   nccl cp-flux | cp-hunyuan kernels | cp-pool vae transfer | fbc diffusers | fp8
 # Each section's table is printed as soon as it ends, so a killed call keeps what ran.
 # Needs COMFYUI_PATH (a ComfyUI source tree), torch with CUDA, triton, diffusers, torchao.
 # Logs go to $OUT (the device tool's output folder) or ./bench-logs.
@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1  # a section killed by its time limit still leaves its
 mkdir -p "$LOGS"
 QUIET="-e Warning -e return.func -e USDT -e _warn_once"
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae kernels diffusers)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae transfer kernels diffusers)
 
 run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes to $LOGS/NAME.txt
     local name=$1 limit=$2
@@ -39,7 +39,8 @@ for section in "${SECTIONS[@]}"; do
         cp-pool) run cp-pool 400 $PY bench/bench_context_parallel.py --steps 28 --layouts ring --compile ;;
         fbc) run fbc 240 $PY bench/bench_first_block_cache.py --device cuda --size dev --repeats 2 ;;
         fp8) run fp8 540 $PY bench/bench_fp8_compile.py --device cuda ;;
-        vae) run vae 180 $PY bench/bench_parallel_vae.py --gpus 2 ;;
+        vae) run vae 240 $PY bench/bench_parallel_vae.py --gpus 2 ;;
+        transfer) run transfer 150 $PY bench/bench_transfer.py ;;
         kernels) run kernels 150 $PY bench/bench_attention_kernels.py ;;
         diffusers) run diffusers 330 $PY bench/bench_diffusers_context_parallel.py ;;
         *) echo "unknown section $section" >&2; exit 2 ;;

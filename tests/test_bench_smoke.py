@@ -43,3 +43,13 @@ def test_bench_first_block_cache_tiny(comfyui_path):
     out = _run(comfyui_path, "bench/bench_first_block_cache.py", "--size", "tiny")
     assert "| threshold 0 (off) | 0 / 6 |" in out and "overhead at threshold 0:" in out, out
     assert "NON-FINITE" not in out
+
+
+def test_bench_transfer_tiny():
+    """Needs no ComfyUI: publishes a small FLUX-shaped state dict both ways and loads it back
+    (the script itself checks the file holds the weights)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "bench/bench_transfer.py", "--tiny"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pinned staging" in done.stdout and "load to cpu" in done.stdout

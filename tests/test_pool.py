@@ -526,3 +526,24 @@ def test_fingerprint_follows_content_names_shapes_dtypes_and_extra():
     edited = {"a": weights["a"].clone(), "b": weights["b"]}
     edited["a"][17, 33] += 1.0
     assert fingerprint_tensors(edited, full=True) != fingerprint_tensors(weights, full=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_weights_publish_through_pinned_staging_in_pieces(monkeypatch):
+    """GPU storages come to the host in pieces through per-thread pinned buffers: pieces
+    smaller than a storage, views sharing a storage, and odd sizes must all land intact."""
+    from comfy_para_attn.pool import transfer
+
+    monkeypatch.setattr(transfer, "STAGING_BYTES", 1 << 16)  # several pieces per storage
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = torch.randn(300, 257, generator=g, device="cuda", dtype=torch.bfloat16)
+    weights = {"big": big, "view": big[7:9], "odd": torch.randn(13, generator=g, device="cuda")}
+    handle = transfer.publish_tensors(weights, "pinned-staging")
+    try:
+        loaded = transfer.load_tensors(handle)
+        for name, tensor in weights.items():
+            assert torch.equal(loaded[name], tensor.cpu()), name
+    finally:
+        transfer.release_tensors(handle)
+    assert not transfer._staging_buffers  # the pinned buffers were handed back
