@@ -16,8 +16,10 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
                         (max-autotune-no-cudagraphs), ours_fp8_regional_cudagraphs (max-autotune)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
-compilation) minus one steady run. Needs torch (+triton), torchao and a ComfyUI source tree
-(COMFYUI_PATH or --comfyui). Random weights: speed and memory only, not image quality.
+compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
+time FP8 Quantize spent quantizing at load (the rest is mostly moving the weights to the GPU).
+Needs torch (+triton), torchao and a ComfyUI source tree (COMFYUI_PATH or --comfyui). Random
+weights: speed and memory only, not image quality.
 """
 from __future__ import annotations
 
@@ -108,6 +110,7 @@ def run_one(args) -> dict:
     model = comfy.model_patcher.ModelPatcher(built.model, load_device=device,
                                              offload_device=comfy.model_management.unet_offload_device())
     build_s = time.perf_counter() - t0
+    quantize_s = _time_quantization()
     m = _configure(args.only, model, device, cm)
     positive = cm.conditioning(model, tokens=tokens, seed=1)
     latent = torch.zeros(cm.latent_shape("flux", height=side, width=side))
@@ -128,12 +131,34 @@ def run_one(args) -> dict:
     times = [run()[0] for _ in range(args.repeats)]
     steady = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    from torch._dynamo.utils import compilation_time_metrics
+
+    compile_s = sum(compilation_time_metrics.get("_compile.compile_inner", []))
     return dict(config=args.only, ms_per_step=steady / steps * 1e3, warmup_s=first - steady, first_run_s=first,
+                compile_s=compile_s, quantize_s=sum(quantize_s),
                 peak_gib=peak, first_peak_gib=first_peak, finite=bool(torch.isfinite(out).all()),
                 build_s=build_s, steps=steps, side=side * 8,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, attention=comfy_attention.optimized_attention.__name__,
                 sdpa=_sdpa_backends() if device.type == "cuda" else "-")
+
+
+def _time_quantization() -> list:
+    """Seconds spent quantizing at each model load (FP8 Quantize's ON_LOAD work), appended to
+    the returned list: wraps the function the callback calls."""
+    from comfy_para_attn.adapters.comfy import fp8
+
+    seconds, quantize = [], fp8.quantize_loaded_model
+
+    def timed(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return quantize(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - began)
+
+    fp8.quantize_loaded_model = timed
+    return seconds
 
 
 def _sdpa_backends() -> str:
@@ -193,15 +218,16 @@ def main(argv=None):
     print(f"model: ComfyUI Flux {'tiny' if args.tiny else 'FLUX.1-dev size'} (random weights), "
           f"{r0['side']}x{r0['side']}, {r0['steps']} steps, cfg 1, euler\n")
     base = next((r["ms_per_step"] for r in ok if r["config"] == "comfy_bf16"), None)
-    print("| configuration | ms/step | vs ComfyUI bf16 | warm-up (s) | first run (s) | peak GiB (steady) "
-          "| peak GiB (first run) | finite |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | ms/step | vs ComfyUI bf16 | warm-up (s) | of it: compile / fp8 quantize (s) "
+          "| first run (s) | peak GiB (steady) | peak GiB (first run) | finite |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.get("failed"):
-            print(f"| {r['config']} | FAILED | | | | | | |")
+            print(f"| {r['config']} | FAILED | | | | | | | |")
             continue
         ratio = f"{r['ms_per_step'] / base:.3f}" if base else "-"
-        print(f"| {r['config']} | {r['ms_per_step']:.1f} | {ratio} | {r['warmup_s']:.1f} | {r['first_run_s']:.1f} "
+        print(f"| {r['config']} | {r['ms_per_step']:.1f} | {ratio} | {r['warmup_s']:.1f} "
+              f"| {r.get('compile_s', 0):.1f} / {r.get('quantize_s', 0):.2f} | {r['first_run_s']:.1f} "
               f"| {r['peak_gib']:.2f} | {r['first_peak_gib']:.2f} | {r['finite']} |")
     print("\nTargets: ours_fp8_regional <= 0.48 of comfy_bf16, warm-up <= 30 s.")
 
