@@ -4,7 +4,9 @@ ComfyUI: `tiny_comfy_vae("flux")` is a `comfy.sd.VAE` whose model is ComfyUI's
 AutoencodingEngine with its 2D Decoder (the FLUX VAE's classes, 16 latent channels, 8x);
 `tiny_comfy_vae("hunyuan_video")` uses AutoencoderKL with the causal 3D decoder (conv3d,
 time_compress 4: the HunyuanVideo VAE's classes, 16 channels, 4x time, 8x space). Both at
-32 channels (GroupNorm's 32 groups are the minimum) with one res block per level. ComfyUI
+32 channels (GroupNorm's 32 groups are the minimum) with one res block per level.
+`tiny_comfy_vae("wan")` is ComfyUI's Wan 2.1 WanVAE (causal 3D with a per-frame feature
+cache, RMS norms; 16 channels, 4x time, 8x space) at 8 base channels. ComfyUI
 picks full-size configs from state-dict keys, so a tiny VAE carries its own rebuild
 recipe (`para_attn_rebuild`), which the parallel decode uses to rebuild it in the workers.
 Nothing is downloaded.
@@ -16,7 +18,8 @@ import math
 
 import torch
 
-KINDS = ("flux", "hunyuan_video")
+KINDS = ("flux", "hunyuan_video", "wan")
+VIDEO_KINDS = ("hunyuan_video", "wan")
 LATENT_CHANNELS = 16
 
 
@@ -40,6 +43,11 @@ def _first_stage_model(kind: str, ch: int):
             decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
     if kind == "hunyuan_video":  # comfy.sd.VAE's branch for "decoder.conv_in.conv.weight"
         return AutoencoderKL(ddconfig=ddconfig, embed_dim=LATENT_CHANNELS)
+    if kind == "wan":  # comfy.sd.VAE's Wan 2.1 branch, at ch // 4 base channels
+        from comfy.ldm.wan.vae import WanVAE
+
+        return WanVAE(dim=max(4, ch // 4), z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                      attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
     raise ValueError(f"unknown tiny VAE kind {kind!r}; expected one of {KINDS}")
 
 
@@ -77,7 +85,7 @@ def tiny_comfy_vae(kind: str, *, ch: int = 32, seed: int = 0, state_dict: dict |
             vae = comfy.sd.VAE(sd={}, dtype=dtype, config=config)
         finally:
             logging.disable(logging.NOTSET)
-    if kind == "flux":
+    if kind in ("flux", "wan"):
         import comfy.model_patcher
 
         model.load_state_dict(state, strict=True)
@@ -88,6 +96,7 @@ def tiny_comfy_vae(kind: str, *, ch: int = 32, seed: int = 0, state_dict: dict |
     else:
         vae.first_stage_model.load_state_dict(state, strict=True)
         vae.first_stage_model.to(vae.vae_dtype)
+    if kind in VIDEO_KINDS:  # the scale factors comfy.sd.VAE sets for these video VAEs
         vae.upscale_ratio = (lambda a: max(0, a * 4 - 3), 8, 8)
         vae.upscale_index_formula = (4, 8, 8)
         vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 8, 8)
@@ -106,7 +115,7 @@ def rebuild_tiny_comfy_vae(state_dict, dtype=torch.float32, *, kind: str, ch: in
 
 def latent(kind: str, *, batch: int = 1, frames: int = 3, height: int = 5, width: int = 7, seed: int = 0):
     """A random latent for a VAE of `kind` (frames only for video)."""
-    shape = (batch, LATENT_CHANNELS) + ((frames,) if kind == "hunyuan_video" else ()) + (height, width)
+    shape = (batch, LATENT_CHANNELS) + ((frames,) if kind in VIDEO_KINDS else ()) + (height, width)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
