@@ -10,7 +10,7 @@ class ParaAttnParallelVAEDecode:
                 "samples": ("LATENT", {"tooltip": "The latent to decode: an image (FLUX) or a video "
                                                   "(HunyuanVideo, Wan) latent, any size."}),
                 "vae": ("VAE", {"tooltip": "The VAE that belongs to the latent's model (FLUX VAE, "
-                                           "HunyuanVideo VAE, Wan 2.1 VAE, ...)."}),
+                                           "HunyuanVideo VAE, Wan 2.1 / 2.2 VAE, ...)."}),
                 "gpus": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
                                  "GPUs to decode on (one background worker each, shared with Context Parallel). "
                                  "0 = all visible GPUs; 1 = tiled decode in this process. Without a GPU (or "

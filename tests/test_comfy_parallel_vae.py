@@ -1,6 +1,6 @@
 """Parallel VAE Decode in real ComfyUI (comfyui tier): tiny random VAEs built from ComfyUI's
-own classes (FLUX: AutoencodingEngine 2D; HunyuanVideo: causal 3D AutoencoderKL; Wan 2.1:
-WanVAE), decoded on 2 CPU pool ranks, in-process, and by ComfyUI's own VAEDecodeTiled."""
+own classes (FLUX: AutoencodingEngine 2D; HunyuanVideo: causal 3D AutoencoderKL; Wan 2.1
+and 2.2: WanVAE), decoded on 2 CPU pool ranks, in-process, and by ComfyUI's own VAEDecodeTiled."""
 import pytest
 import torch
 
@@ -11,6 +11,7 @@ CASES = {
     "flux": (dict(height=9, width=11), (64, 16, 64, 8)),
     "hunyuan_video": (dict(frames=4, height=6, width=7), (32, 8, 8, 4)),
     "wan": (dict(frames=4, height=6, width=7), (32, 8, 8, 4)),
+    "wan22": (dict(frames=4, height=5, width=6), (64, 16, 8, 4)),  # 16 px per latent element
 }
 
 

@@ -6,7 +6,8 @@ AutoencodingEngine with its 2D Decoder (the FLUX VAE's classes, 16 latent channe
 time_compress 4: the HunyuanVideo VAE's classes, 16 channels, 4x time, 8x space). Both at
 32 channels (GroupNorm's 32 groups are the minimum) with one res block per level.
 `tiny_comfy_vae("wan")` is ComfyUI's Wan 2.1 WanVAE (causal 3D with a per-frame feature
-cache, RMS norms; 16 channels, 4x time, 8x space) at 8 base channels. ComfyUI
+cache, RMS norms; 16 channels, 4x time, 8x space) at 8 base channels; `"wan22"` the Wan 2.2
+VAE (48 channels, 4x time, 16x space: 2x2 patches) at 8/16 base channels. ComfyUI
 picks full-size configs from state-dict keys, so a tiny VAE carries its own rebuild
 recipe (`para_attn_rebuild`), which the parallel decode uses to rebuild it in the workers.
 Nothing is downloaded.
@@ -18,9 +19,15 @@ import math
 
 import torch
 
-KINDS = ("flux", "hunyuan_video", "wan")
-VIDEO_KINDS = ("hunyuan_video", "wan")
+KINDS = ("flux", "hunyuan_video", "wan", "wan22")
+VIDEO_KINDS = ("hunyuan_video", "wan", "wan22")
 LATENT_CHANNELS = 16
+CHANNELS = {"wan22": 48}  # latent channels where not LATENT_CHANNELS
+SPATIAL = {"wan22": 16}  # spatial compression where not 8
+
+
+def latent_channels(kind: str) -> int:
+    return CHANNELS.get(kind, LATENT_CHANNELS)
 
 
 def _ddconfig(kind: str, ch: int) -> dict:
@@ -48,6 +55,12 @@ def _first_stage_model(kind: str, ch: int):
 
         return WanVAE(dim=max(4, ch // 4), z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                       attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    if kind == "wan22":  # comfy.sd.VAE's Wan 2.2 branch, tiny
+        from comfy.ldm.wan.vae2_2 import WanVAE as Wan22VAE
+
+        return Wan22VAE(dim=max(4, ch // 4), dec_dim=max(4, ch // 2), z_dim=latent_channels(kind),
+                        dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                        temperal_downsample=[False, True, True], dropout=0.0)
     raise ValueError(f"unknown tiny VAE kind {kind!r}; expected one of {KINDS}")
 
 
@@ -85,24 +98,25 @@ def tiny_comfy_vae(kind: str, *, ch: int = 32, seed: int = 0, state_dict: dict |
             vae = comfy.sd.VAE(sd={}, dtype=dtype, config=config)
         finally:
             logging.disable(logging.NOTSET)
-    if kind in ("flux", "wan"):
+    if kind in ("flux", "wan", "wan22"):
         import comfy.model_patcher
 
         model.load_state_dict(state, strict=True)
         vae.first_stage_model = model.eval().to(vae.vae_dtype)
         vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.device,
                                                        offload_device=vae.patcher.offload_device)
-        vae.latent_channels = LATENT_CHANNELS
+        vae.latent_channels = latent_channels(kind)
     else:
         vae.first_stage_model.load_state_dict(state, strict=True)
         vae.first_stage_model.to(vae.vae_dtype)
     if kind in VIDEO_KINDS:  # the scale factors comfy.sd.VAE sets for these video VAEs
-        vae.upscale_ratio = (lambda a: max(0, a * 4 - 3), 8, 8)
-        vae.upscale_index_formula = (4, 8, 8)
-        vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 8, 8)
-        vae.downscale_index_formula = (4, 8, 8)
+        space = SPATIAL.get(kind, 8)
+        vae.upscale_ratio = (lambda a: max(0, a * 4 - 3), space, space)
+        vae.upscale_index_formula = (4, space, space)
+        vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), space, space)
+        vae.downscale_index_formula = (4, space, space)
         vae.latent_dim = 3
-        vae.latent_channels = LATENT_CHANNELS
+        vae.latent_channels = latent_channels(kind)
     vae.para_attn_rebuild = ("comfy_para_attn.testing.vae_models:rebuild_tiny_comfy_vae",
                              {"kind": kind, "ch": ch})
     return vae
@@ -115,7 +129,7 @@ def rebuild_tiny_comfy_vae(state_dict, dtype=torch.float32, *, kind: str, ch: in
 
 def latent(kind: str, *, batch: int = 1, frames: int = 3, height: int = 5, width: int = 7, seed: int = 0):
     """A random latent for a VAE of `kind` (frames only for video)."""
-    shape = (batch, LATENT_CHANNELS) + ((frames,) if kind in VIDEO_KINDS else ()) + (height, width)
+    shape = (batch, latent_channels(kind)) + ((frames,) if kind in VIDEO_KINDS else ()) + (height, width)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
