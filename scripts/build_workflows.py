@@ -78,6 +78,9 @@ vae/hunyuan_video_vae_bf16.safetensors, text_encoders/clip_l.safetensors + llava
 848x480, 73 frames, 20 steps, shift 7, guidance 6 as in ComfyUI's example.
 First Block Cache: residual_diff_threshold 0.10 suits HunyuanVideo (about 1.6x on 20 steps); 0 = off.
 {multi_note}"""
+HUNYUAN_SINGLE_NOTE = """Parallel VAE Decode with gpus 1: VAE Decode (Tiled)'s tiles and output, decoded in this
+process with the GPU one tile ahead of the blending (faster); gpus 0 spreads the tiles over
+all GPUs (tile 256 / overlap 64 / 64 frames as in ComfyUI's example)."""
 HUNYUAN_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers); auto layout splits
 the 24 heads (Ulysses) and the rest of the sequence (Ring).
 Parallel VAE Decode: tiled 3D VAE decode with the tiles spread over the same workers
@@ -180,15 +183,16 @@ def hunyuan(multi: bool) -> list:
         node(13, "SamplerCustomAdvanced", (1620, 100), [],
              [("noise", "NOISE", (12, 0)), ("guider", "GUIDER", (9, 0)), ("sampler", "SAMPLER", (10, 0)),
               ("sigmas", "SIGMAS", (11, 0)), ("latent_image", "LATENT", (6, 0))], size=(270, 330)),
-        (node(14, "ParaAttnParallelVAEDecode", (1950, 100), dict(gpus=0, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
-              [("samples", "LATENT", (13, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)) if multi else
-         node(14, "VAEDecodeTiled", (1950, 100), [256, 64, 64, 8],
-              [("samples", "LATENT", (13, 0)), ("vae", "VAE", (5, 0))], size=(315, 150))),
+        # One GPU: the same node with gpus 1 decodes in-process, ComfyUI's tiles and output bit
+        # for bit, 1.3-1.5x faster than VAE Decode (Tiled) (the GPU decodes one tile ahead).
+        node(14, "ParaAttnParallelVAEDecode", (1950, 100),
+             dict(gpus=0 if multi else 1, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
+             [("samples", "LATENT", (13, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)),
         node(15, "SaveAnimatedWEBP", (2300, 100),
              ["para_attn_hunyuan_video" + ("_multi_gpu" if multi else ""), 24.0, False, 80, "default"],
              [("images", "IMAGE", (14, 0))], size=(400, 440)),
         node(17, "Note", (0, -330), [HUNYUAN_NOTE.format(multi=" (multi-GPU)" if multi else " (one GPU)",
-                                                         multi_note=HUNYUAN_MULTI_NOTE if multi else "")],
+                                                         multi_note=HUNYUAN_MULTI_NOTE if multi else HUNYUAN_SINGLE_NOTE)],
              title="How to use (comfy-para-attn)", size=(360, 300)),
     ]
     return nodes

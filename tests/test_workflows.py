@@ -14,6 +14,7 @@ real ComfyUI server started with the pack.
   run their Context Parallel and Parallel VAE Decode on 2 CPU worker ranks here.
 """
 import copy
+import re
 
 import pytest
 
@@ -28,7 +29,7 @@ PACK_NODES = {"ParaAttnFirstBlockCache", "ParaAttnFP8Quantize", "ParaAttnCompile
 EXPECTED = {
     "flux1_dev_single_gpu": ({"ParaAttnFP8Quantize", "ParaAttnCompile", "ParaAttnFirstBlockCache"}, 0.12),
     "flux1_dev_multi_gpu": (PACK_NODES, 0.12),
-    "hunyuan_video_single_gpu": ({"ParaAttnFirstBlockCache"}, 0.10),
+    "hunyuan_video_single_gpu": ({"ParaAttnFirstBlockCache", "ParaAttnParallelVAEDecode"}, 0.10),
     "hunyuan_video_multi_gpu": ({"ParaAttnFirstBlockCache", "ParaAttnContextParallel",
                                  "ParaAttnParallelVAEDecode"}, 0.10),
 }
@@ -64,8 +65,9 @@ def test_workflow_has_our_nodes_files_and_recommended_settings(name):
     types = {n["class_type"] for n in api.values()}
     nodes, threshold = EXPECTED[name]
     assert nodes <= types, f"missing {nodes - types}"
-    if "multi" not in name:
-        assert not types & {"ParaAttnContextParallel", "ParaAttnParallelVAEDecode"}
+    if "multi" not in name:  # one GPU: no workers (Parallel VAE Decode, if there, decodes in-process)
+        assert "ParaAttnContextParallel" not in types
+        assert all(n["inputs"]["gpus"] == 1 for n in api.values() if n["class_type"] == "ParaAttnParallelVAEDecode")
     (cache,) = [n for n in api.values() if n["class_type"] == "ParaAttnFirstBlockCache"]
     assert cache["inputs"]["residual_diff_threshold"] == threshold
     files = {v for n in api.values() for v in n["inputs"].values() if isinstance(v, str) and v.endswith(".safetensors")}
@@ -131,5 +133,6 @@ def test_workflow_runs_headless_on_tiny_models(name, server, object_info):
     assert "First Block Cache: reused" in log, log[-3000:]
     if "multi" in name:  # sampling and decode really went to the worker pool
         assert "Context Parallel: 4 steps on 2 cpu rank(s)" in log, log[-3000:]
+        assert re.search(r"Parallel VAE Decode: \d+ tiles on 2 cpu rank\(s\)", log), log[-3000:]
     else:
-        assert "Context Parallel:" not in log
+        assert "Context Parallel:" not in log and "Parallel VAE Decode:" not in log
