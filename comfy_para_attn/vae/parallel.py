@@ -4,7 +4,7 @@ Work goes in rounds: in round r each rank decodes its r-th tile (`assign_tiles`)
 `on_round` runs on every rank (a place for collective interrupt checks and progress).
 Tiles are decoded one ahead (`_Lookahead`): while the host blends tile r, the GPU already
 works on tile r+1, and copies to and from the GPU are asynchronous, so the GPU never waits
-for the host's blending (one tile ahead made the 1-GPU decode 1.3-1.4x faster than ComfyUI's).
+for the host's blending (one tile ahead made the 1-GPU decode 1.2-1.5x faster than ComfyUI's).
 
 Two ways to put the tiles together:
 - `decode_tiles`: ranks send their tiles to rank `dst` (gloo), which blends them in plan
