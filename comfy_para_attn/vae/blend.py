@@ -31,6 +31,20 @@ def feather_mask(shape: tuple[int, ...], feather: tuple[int, ...]) -> torch.Tens
     return mask
 
 
+@functools.lru_cache(maxsize=64)
+def shared_feather_mask(shape: tuple[int, ...], feather: tuple[int, ...]) -> torch.Tensor:
+    """`feather_mask`, built once per (shape, feather) and shared: callers must not modify it."""
+    return feather_mask(shape, feather)
+
+
+def tile_region(full: torch.Tensor, tile: Tile, size: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The view of `full` [N, C, *out_spatial] that `tile` covers (`size`: its decoded
+    spatial size, default the plan's `tile.out_size`)."""
+    for d, (start, n) in enumerate(zip(tile.out_start, size or tile.out_size), start=2):
+        full = full.narrow(d, start, n)
+    return full
+
+
 class Blender:
     """Accumulates decoded tiles (added in plan order) into `output` [B, C, *out_spatial]."""
 
@@ -44,7 +58,6 @@ class Blender:
         self._next = 0
         self._acc: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._remaining: dict[tuple[int, int], int] = {}
-        self._masks: dict = {}
         for tile in plan.tiles:
             key = (tile.grid, tile.batch)
             self._remaining[key] = self._remaining.get(key, 0) + 1
@@ -66,14 +79,9 @@ class Blender:
             shape = (1, self.plan.out_channels) + self.plan.out_spatial
             self._acc[key] = (torch.zeros(shape, dtype=torch.float32),
                               torch.zeros((1, 1) + self.plan.out_spatial, dtype=torch.float32))
-        out, out_div = self._acc[key]
-        mask_key = (tuple(decoded.shape[2:]), self.plan.feather[tile.grid])
-        if mask_key not in self._masks:
-            self._masks[mask_key] = feather_mask(*mask_key)
-        mask = self._masks[mask_key]
-        for d, start in enumerate(tile.out_start, start=2):
-            out = out.narrow(d, start, decoded.shape[d])
-            out_div = out_div.narrow(d, start, decoded.shape[d])
+        size = tuple(decoded.shape[2:])
+        mask = shared_feather_mask(size, self.plan.feather[tile.grid])
+        out, out_div = (tile_region(t, tile, size) for t in self._acc[key])
         out.add_(decoded * mask)
         out_div.add_(mask)
         self._remaining[key] -= 1
@@ -106,11 +114,7 @@ def blend_weights(plan: TilePlan) -> dict[int, torch.Tensor]:
             continue
         if tile.grid not in weights:
             weights[tile.grid] = torch.zeros((1, 1) + plan.out_spatial, dtype=torch.float32)
-        size = tile.out_size
-        total = weights[tile.grid]
-        for d, (start, n) in enumerate(zip(tile.out_start, size), start=2):
-            total = total.narrow(d, start, n)
-        total.add_(feather_mask(size, plan.feather[tile.grid]))
+        tile_region(weights[tile.grid], tile).add_(shared_feather_mask(tile.out_size, plan.feather[tile.grid]))
     return weights
 
 

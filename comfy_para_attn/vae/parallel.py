@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..attention.collectives import cpu_group  # noqa: F401  (re-exported by comfy_para_attn.vae)
-from .blend import Blender, blend_weights, feather_mask
+from .blend import Blender, blend_weights, shared_feather_mask, tile_region
 from .tiling import Tile, TilePlan, assign_tiles
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -77,8 +77,10 @@ def _tile_latents(samples: torch.Tensor, plan: TilePlan, device):
 
     def latent_of(tile: Tile) -> torch.Tensor:
         z = samples[plan.latent_slices(tile)]
-        if not cuda or z.device.type != "cpu":
-            return z if not cuda else z.to(device)
+        if not cuda:
+            return z
+        if z.device.type != "cpu":  # a latent already on a GPU
+            return z.to(device)
         return z.contiguous().pin_memory().to(device, non_blocking=True)
 
     return latent_of, cuda
@@ -197,10 +199,7 @@ def decode_tiles_partial(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn
     for r in range(rounds):
         if r < len(mine):
             tile = mine[r]
-            target = partial[tile.batch: tile.batch + 1]
-            for d, (start, n) in enumerate(zip(tile.out_start, tile.out_size), start=2):
-                target = target.narrow(d, start, n)
-            target.add_(tiles.get(r))
+            tile_region(partial[tile.batch: tile.batch + 1], tile).add_(tiles.get(r))
         if on_round is not None:
             on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles))
 
@@ -213,20 +212,14 @@ class _TileFactors:
     def __init__(self, plan: TilePlan, pin: bool):
         self.plan, self.pin = plan, pin
         self.weights = blend_weights(plan)
-        self.masks: dict = {}
 
     def of(self, tile: Tile) -> torch.Tensor:
         scale = 1.0 / len(self.plan.grids)
         if tile.whole:
             factor = torch.full((1, 1) + tile.out_size, scale, dtype=torch.float32)
         else:
-            key = (tile.out_size, self.plan.feather[tile.grid])
-            if key not in self.masks:
-                self.masks[key] = feather_mask(*key)
-            total = self.weights[tile.grid]
-            for d, (start, n) in enumerate(zip(tile.out_start, tile.out_size), start=2):
-                total = total.narrow(d, start, n)
-            factor = self.masks[key] / total * scale
+            mask = shared_feather_mask(tile.out_size, self.plan.feather[tile.grid])
+            factor = mask / tile_region(self.weights[tile.grid], tile) * scale
         return factor.pin_memory() if self.pin else factor
 
 
