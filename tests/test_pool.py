@@ -536,6 +536,15 @@ def test_cuda_weights_publish_through_pinned_staging_in_pieces(monkeypatch):
     from comfy_para_attn.pool import transfer
 
     monkeypatch.setattr(transfer, "STAGING_BYTES", 1 << 16)  # several pieces per storage
+    pinned_at_close = []
+
+    class Recorded(transfer._PinnedStaging):
+        def close(self):
+            pinned_at_close.append(len(self.buffers))
+            super().close()
+            assert not self.buffers  # the pinned buffers were handed back
+
+    monkeypatch.setattr(transfer, "_PinnedStaging", Recorded)
     g = torch.Generator(device="cuda").manual_seed(0)
     big = torch.randn(300, 257, generator=g, device="cuda", dtype=torch.bfloat16)
     weights = {"big": big, "view": big[7:9], "odd": torch.randn(13, generator=g, device="cuda")}
@@ -546,4 +555,4 @@ def test_cuda_weights_publish_through_pinned_staging_in_pieces(monkeypatch):
             assert torch.equal(loaded[name], tensor.cpu()), name
     finally:
         transfer.release_tensors(handle)
-    assert not transfer._staging_buffers  # the pinned buffers were handed back
+    assert len(pinned_at_close) == 1 and pinned_at_close[0] >= 1  # pieces went through pinned buffers

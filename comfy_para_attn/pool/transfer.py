@@ -18,6 +18,7 @@ import errno
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -141,7 +142,7 @@ def float32_files(shape: tuple[int, ...], count: int, *, what: str) -> list[str]
     """`count` new float32 files of `shape` in the publish directory, reading as zeros, for
     processes to map with `map_float32` and fill in place (the writer of each reserves its
     pages: `map_float32(..., reserve=True)`). Callers unlink them."""
-    nbytes = 4 * _numel(shape)
+    nbytes = 4 * math.prod(shape)
     check_shm_space(count * nbytes, what=what)
     directory = _controller_dir(shm_root())
     paths = []
@@ -165,8 +166,8 @@ def map_float32(path: str, shape: tuple[int, ...], *, reserve: bool = False, wha
     ShmSpaceError here rather than a SIGBUS when the mapping is written."""
     if reserve:
         with open(path, "r+b") as handle:
-            _reserve(handle.fileno(), 4 * _numel(shape), what)
-    return torch.from_file(path, shared=True, size=_numel(shape), dtype=torch.float32).view(shape)
+            _reserve(handle.fileno(), 4 * math.prod(shape), what)
+    return torch.from_file(path, shared=True, size=math.prod(shape), dtype=torch.float32).view(shape)
 
 
 def _reserve(fd: int, nbytes: int, what: str) -> None:
@@ -181,13 +182,6 @@ def _reserve(fd: int, nbytes: int, what: str) -> None:
                                 f"memory or enlarge /dev/shm") from exc
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise  # a filesystem without fallocate stays sparse
-
-
-def _numel(shape) -> int:
-    numel = 1
-    for n in shape:
-        numel *= int(n)
-    return numel
 
 
 def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
@@ -237,7 +231,6 @@ def _uint8_view(storage: torch.UntypedStorage) -> torch.Tensor:
 # writer thread: a fresh pageable buffer per piece paid page faults and a slower copy.
 STAGING_BYTES = 128 << 20
 PINNED_STAGING = True  # False: pageable copies (the old way; benchmarks compare the two)
-_staging = threading.local()
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -249,41 +242,45 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         written += count
 
 
-def _host_piece(piece: torch.Tensor) -> torch.Tensor:
-    """`piece` (uint8) on the host: itself on the CPU, else copied into this thread's pinned
-    staging buffer (valid until the thread's next piece)."""
-    if piece.device.type == "cpu":
-        return piece
-    if not PINNED_STAGING or piece.device.type != "cuda":
-        return piece.cpu()
-    buffer = getattr(_staging, "buffer", None)
-    if buffer is None:
-        buffer = _staging.buffer = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
-        _staging_buffers.append(buffer)
-    host = buffer[: piece.numel()]
-    host.copy_(piece)  # synchronous: the pwrite below reads it
-    return host
+class _PinnedStaging:
+    """The pinned buffers of one publish, one per writer thread; `close()` drops them and
+    hands the memory back (torch caches pinned blocks)."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self.buffers: list[torch.Tensor] = []
+
+    def host(self, piece: torch.Tensor) -> torch.Tensor:
+        """`piece` (uint8) on the host: itself on the CPU, else copied into this thread's
+        pinned buffer (valid until the thread's next piece)."""
+        if piece.device.type == "cpu":
+            return piece
+        if not PINNED_STAGING or piece.device.type != "cuda":
+            return piece.cpu()
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+            self.buffers.append(buffer)
+        host = buffer[: piece.numel()]
+        host.copy_(piece)  # synchronous: the pwrite reads it next
+        return host
+
+    def close(self) -> None:
+        if not self.buffers:
+            return  # nothing pinned (CPU tensors, or a build without an accelerator)
+        self.buffers.clear()
+        self._local = threading.local()
+        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+            empty = getattr(torch._C, name, None)
+            if empty is not None:
+                empty()
+                return
 
 
-_staging_buffers: list[torch.Tensor] = []
-
-
-def _release_staging() -> None:
-    """Drop the pinned buffers and hand their memory back (torch caches pinned blocks)."""
-    if not _staging_buffers:
-        return  # nothing pinned (CPU tensors, or a build without an accelerator)
-    _staging_buffers.clear()
-    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
-        empty = getattr(torch._C, name, None)
-        if empty is not None:
-            empty()
-            return
-
-
-def _write_storage(fd: int, storage: torch.UntypedStorage, offset: int) -> None:
+def _write_storage(fd: int, storage: torch.UntypedStorage, offset: int, staging: _PinnedStaging) -> None:
     data = _uint8_view(storage)
     for start in range(0, data.numel(), STAGING_BYTES):
-        _pwrite_all(fd, _host_piece(data[start: start + STAGING_BYTES]).numpy(), offset + start)
+        _pwrite_all(fd, staging.host(data[start: start + STAGING_BYTES]).numpy(), offset + start)
 
 
 def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
@@ -316,18 +313,18 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
     partial = path.with_suffix(".partial")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        staging = _PinnedStaging()
         try:  # pwrite, not a writable mapping: a full tmpfs is an ENOSPC error, not SIGBUS
             os.ftruncate(fd, size)  # the full length (sparse: pages come with the writes)
-            # Fresh threads each time: their thread-local staging buffers go with them.
             with ThreadPoolExecutor(WRITE_THREADS) as pool:  # copies and pwrite release the GIL
-                list(pool.map(lambda item: _write_storage(fd, *item), storages))
+                list(pool.map(lambda item: _write_storage(fd, *item, staging), storages))
         finally:
             os.close(fd)
-            _release_staging()
+            staging.close()
         os.replace(partial, path)  # workers never see a half-written file
     except BaseException as exc:
         partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC: it filled up meanwhile
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # it filled up meanwhile
             raise ShmSpaceError(f"{root} filled up while writing {_gib(nbytes)} for {key!r}") from exc
         raise
     handle = TensorHandle(str(path), key, nbytes, os.getpid(), tuple(entries), size)
