@@ -2,7 +2,6 @@
 
     python bench/profile_context_parallel.py --comfyui PATH [--gpus 2] [--steps 8]
         [--layouts ulysses,ring] [--compile] [--fp8] [--sync-debug] [--tiny]
-        [--overlap on|off|both]
 
 Spawns the ranks directly (no pool: this isolates the per-step cost from pool overhead),
 each builds the same seeded full-size ComfyUI model (random weights, bf16; FLUX.1-dev at
@@ -89,7 +88,7 @@ def host_syncs(run) -> list[tuple[str, int]]:
 
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
-                 family="flux", sync_debug=False, overlap=True):
+                 family="flux", sync_debug=False):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -99,11 +98,8 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     from comfy_para_attn.attention import parallel
     from comfy_para_attn.testing import comfy_models
 
-    from comfy_para_attn.adapters.comfy import overlapped_blocks
-
     if chunks is not None:
         parallel.ULYSSES_CHUNKS = chunks
-    overlapped_blocks.ENABLED = overlap
     dtype = torch.float32 if tiny else torch.bfloat16
     config, latent_size, tokens = comfy_models.benchmark_size(family, tiny)
     patcher = comfy_models.build(family, dtype=dtype, device=device, seed=0, **config)
@@ -165,25 +161,20 @@ def main():
     parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU")
-    parser.add_argument("--overlap", default="on", choices=["on", "off", "both"],
-                        help="single-stream blocks with the exchange under their MLP GEMMs (both: each layout twice)")
     parser.add_argument("--skip-baseline", action="store_true", help="no 1-GPU run (ratios then refer to the first row)")
     args = parser.parse_args()
     backend = "gloo" if args.tiny else "nccl"
     print(f"device: {'cpu' if args.tiny else torch.cuda.get_device_name(0)} | torch {torch.__version__} | "
           f"{args.family} | compile {args.compile} | fp8 {args.fp8} | steps {args.steps}", flush=True)
-    configs = [] if args.skip_baseline else [("1 GPU", 1, 1, 1, None, True)]
+    configs = [] if args.skip_baseline else [("1 GPU", 1, 1, 1, None)]
     layouts = {"ulysses": (args.gpus, 1), "ring": (1, args.gpus)}
-    overlaps = {"on": [True], "off": [False], "both": [False, True]}[args.overlap]
     for spec in filter(None, args.layouts.split(",")):  # e.g. "ulysses:1" = ulysses, 1 head chunk
         name, _, chunks = spec.partition(":")
-        for overlap in overlaps:
-            label = f"{spec} x{args.gpus}" + ("" if len(overlaps) == 1 else " overlapped" if overlap else " plain")
-            configs.append((label, args.gpus, *layouts[name], int(chunks) if chunks else None, overlap))
+        configs.append((f"{spec} x{args.gpus}", args.gpus, *layouts[name], int(chunks) if chunks else None))
     rows, base, ref = [], None, None
-    for name, world, ulysses, ring, chunks, overlap in configs:
+    for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, args.family, args.sync_debug, overlap, backend=backend, timeout=900,
+                            args.fp8, chunks, args.family, args.sync_debug, backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
         base = base or result["ms_per_step"]

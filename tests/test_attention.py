@@ -38,21 +38,9 @@ def test_pipelined_ulysses_matches_full_attention(world, ulysses, ring, monkeypa
             assert err < tol, f"rank {rank} {case}: max abs err {err:.3g} >= {tol}"
 
 
-@pytest.mark.parametrize("world,ulysses,ring", [(2, 2, 1), (2, 1, 2), (4, 2, 2)], ids=["ulysses2", "ring2", "2x2"])
-def test_phased_attention_matches_full_attention(world, ulysses, ring):
-    """The three-phase split (exchange / kernel / way back, with other work in the gaps)
-    that single-stream blocks use gives the same shards, eager and compiled."""
-    for rank, errors in enumerate(run_ranks(check_parallel_attention, world, ulysses, ring, (False, True), "cpu", True)):
-        assert len(errors) == 24
-        for case, err in errors.items():
-            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
-            assert err < tol, f"rank {rank} {case}: max abs err {err:.3g} >= {tol}"
-
-
-@pytest.mark.parametrize("phased", [False, True], ids=["parallel_attention", "phased"])
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
-def test_compile_captures_without_graph_breaks(ulysses, ring, phased):
-    for graphs, breaks in run_ranks(count_graph_breaks, 2, ulysses, ring, phased):
+def test_compile_captures_without_graph_breaks(ulysses, ring):
+    for graphs, breaks in run_ranks(count_graph_breaks, 2, ulysses, ring):
         assert (graphs, breaks) == (1, 0)
 
 

@@ -20,9 +20,6 @@ def test_context_parallel_sampling_equals_plain(comfyui_path, family, ulysses, r
     cases = CASES if cfg == 1 else [{"name": "cfg-parallel", "cfg": 3.0}]
     per_rank = run_ranks(sample_both, 2, str(comfyui_path), family, ulysses, ring, cfg, cases)
     for rank, results in enumerate(per_rank):
-        # FLUX and HunyuanVideo single-stream blocks put the exchange under their MLP GEMMs.
-        overlapped = results.pop("phased attention calls")
-        assert (overlapped > 0) == (family != "wan" and cfg == 1), overlapped
         for name, (err, scale) in results.items():
             assert scale > 1e-3, "degenerate output"
             assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
@@ -34,7 +31,6 @@ def test_four_ranks_unified_and_cfg_layouts(comfyui_path, ulysses, ring, cfg):
     cases = [{"name": "four-ranks", "cfg": 3.0, "tokens": 7, "latent": {"height": 6, "width": 10}}]
     per_rank = run_ranks(sample_both, 4, str(comfyui_path), "flux", ulysses, ring, cfg, cases, timeout=600)
     for rank, results in enumerate(per_rank):
-        assert results.pop("phased attention calls") > 0
         for name, (err, scale) in results.items():
             assert scale > 1e-3, "degenerate output"
             assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"

@@ -16,7 +16,7 @@ as long as every token keeps its own rotary embedding and the mask follows the s
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -47,46 +47,6 @@ def shard_sequence(x: Tensor, cp: ParallelContext, dim: int = 1) -> Tensor:
     return torch.tensor_split(x, parts, dim=dim)[cp.sequence_rank]
 
 
-class SequencePlan(NamedTuple):
-    """Static lengths of one parallel attention call (Python ints: no graph inputs)."""
-
-    seq_lens: tuple[int, ...]      # every sequence rank's local length
-    ulysses_lens: tuple[int, ...]  # the lengths inside this rank's ulysses group
-    block_lens: tuple[int, ...]    # one ring block per ring rank (a ulysses group's total)
-
-
-def plan_sequence(q: Tensor, bias: Optional[Tensor], cp: ParallelContext,
-                  seq_lens: Optional[Sequence[int]]) -> SequencePlan:
-    """Check the shards against the layout and work out the group lengths."""
-    config = cp.config
-    ulysses, ring = config.ulysses, config.ring
-    if seq_lens is None:
-        seq_lens = (q.shape[2],) * config.sequence_size
-    seq_lens = tuple(int(s) for s in seq_lens)
-    if len(seq_lens) != config.sequence_size or q.shape[2] != seq_lens[cp.sequence_rank]:
-        raise ValueError(
-            f"seq_lens {seq_lens} do not fit a sequence group of {config.sequence_size} ranks "
-            f"where this rank ({cp.sequence_rank}) holds {q.shape[2]} tokens"
-        )
-    if q.shape[1] % ulysses:
-        raise ValueError(f"ulysses degree {ulysses} does not divide the {q.shape[1]} attention heads")
-    if bias is not None and bias.shape[-1] != sum(seq_lens):
-        raise ValueError(f"mask covers {bias.shape[-1]} keys but the sequence has {sum(seq_lens)} tokens")
-    ring_rank = cp.ring_rank
-    ulysses_lens = seq_lens[ring_rank * ulysses : (ring_rank + 1) * ulysses]
-    block_lens = tuple(sum(seq_lens[i * ulysses : (i + 1) * ulysses]) for i in range(ring))
-    return SequencePlan(seq_lens, ulysses_lens, block_lens)
-
-
-def ring_or_local(q: Tensor, k: Tensor, v: Tensor, cp: ParallelContext, plan: SequencePlan,
-                  bias: Optional[Tensor], scale: Optional[float]) -> Tensor:
-    """The attention inside a ulysses group: over the ring when there is one."""
-    if cp.config.ring > 1:
-        return ring_attention(q, k, v, group=cp.ring_group, rank=cp.ring_rank, block_lens=plan.block_lens,
-                              bias=bias, scale=scale)
-    return local_attention(q, k, v, bias, scale)[0]
-
-
 def parallel_attention(
     q: Tensor,
     k: Tensor,
@@ -107,12 +67,33 @@ def parallel_attention(
     bias = key_padding_bias(mask, q.dtype)
     if cp is None or cp.config.sequence_size == 1:
         return local_attention(q, k, v, bias, scale)[0]
-    plan = plan_sequence(q, bias, cp, seq_lens)
+    config = cp.config
+    ulysses, ring = config.ulysses, config.ring
+    if seq_lens is None:
+        seq_lens = (q.shape[2],) * config.sequence_size
+    seq_lens = tuple(int(s) for s in seq_lens)
+    if len(seq_lens) != config.sequence_size or q.shape[2] != seq_lens[cp.sequence_rank]:
+        raise ValueError(
+            f"seq_lens {seq_lens} do not fit a sequence group of {config.sequence_size} ranks "
+            f"where this rank ({cp.sequence_rank}) holds {q.shape[2]} tokens"
+        )
+    if q.shape[1] % ulysses:
+        raise ValueError(f"ulysses degree {ulysses} does not divide the {q.shape[1]} attention heads")
+    if bias is not None and bias.shape[-1] != sum(seq_lens):
+        raise ValueError(f"mask covers {bias.shape[-1]} keys but the sequence has {sum(seq_lens)} tokens")
+
+    ring_rank, ulysses_rank = cp.ring_rank, cp.ulysses_rank
+    ulysses_lens = seq_lens[ring_rank * ulysses : (ring_rank + 1) * ulysses]
+    block_lens = tuple(sum(seq_lens[i * ulysses : (i + 1) * ulysses]) for i in range(ring))
 
     def attend(q, k, v):
-        return ring_or_local(q, k, v, cp, plan, bias, scale)
+        if ring > 1:
+            return ring_attention(
+                q, k, v, group=cp.ring_group, rank=ring_rank, block_lens=block_lens, bias=bias, scale=scale
+            )
+        return local_attention(q, k, v, bias, scale)[0]
 
-    if cp.config.ulysses == 1:
+    if ulysses == 1:
         return attend(q, k, v)
-    return ulysses_attention(q, k, v, attend, group=cp.ulysses_group, seq_lens=plan.ulysses_lens,
-                             rank=cp.ulysses_rank, chunks=ULYSSES_CHUNKS)
+    return ulysses_attention(q, k, v, attend, group=cp.ulysses_group, seq_lens=ulysses_lens, rank=ulysses_rank,
+                             chunks=ULYSSES_CHUNKS)

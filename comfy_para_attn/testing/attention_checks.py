@@ -17,7 +17,6 @@ from comfy_para_attn.attention import (
     parallel_attention,
     shard_lengths,
 )
-from comfy_para_attn.attention.phased import PhasedAttention
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -63,25 +62,13 @@ def _plain_case(cp, dtype, masked, uneven, seed, heads=4, dim=16, batch=2):
     return q, k, v, (keep if masked else None), seq_lens, ref[:, :, rows]
 
 
-def _phased(q, k, v, *, mask, cp, seq_lens):
-    """`PhasedAttention` with independent work in both gaps (as a parallel-MLP block has)."""
-    attention = PhasedAttention(q, k, v, cp=cp, mask=mask, seq_lens=seq_lens)
-    work = q.float() @ k.float().transpose(-1, -2)
-    attention.attend()
-    work = work.sum() * 0
-    return attention.result() + work.to(q.dtype)
-
-
-def check_parallel_attention(rank, world_size, ulysses, ring, compile_modes=(False, True), device="cpu",
-                             phased=False):
+def check_parallel_attention(rank, world_size, ulysses, ring, compile_modes=(False, True), device="cpu"):
     """Return {case name: max abs error} for every dtype/mask/length/compile combination.
-    `device` "cuda": the shards live on this rank's GPU (NCCL group, one GPU per rank).
-    `phased`: run `PhasedAttention` instead of `parallel_attention`."""
+    `device` "cuda": the shards live on this rank's GPU (NCCL group, one GPU per rank)."""
     cp = build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring), num_heads=4)
-    engine = _phased if phased else parallel_attention
 
     def attend(q, k, v, mask, seq_lens):
-        return engine(q, k, v, mask=mask, cp=cp, seq_lens=seq_lens)
+        return parallel_attention(q, k, v, mask=mask, cp=cp, seq_lens=seq_lens)
 
     compiled = torch.compile(attend, backend="aot_eager", fullgraph=True, dynamic=False)
     errors = {}
@@ -105,18 +92,16 @@ def check_parallel_attention(rank, world_size, ulysses, ring, compile_modes=(Fal
     return errors
 
 
-def count_graph_breaks(rank, world_size, ulysses, ring, phased=False):
-    """torch._dynamo.explain on a parallel_attention (or PhasedAttention) call: (graph count,
-    break count)."""
+def count_graph_breaks(rank, world_size, ulysses, ring):
+    """torch._dynamo.explain on a parallel_attention call: (graph count, break count)."""
     import torch._dynamo
 
     cp = build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring), num_heads=4)
     q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
     mask = torch.ones(1, 8 * world_size, dtype=torch.bool)
-    engine = _phased if phased else parallel_attention
 
     def attend(q, k, v, mask):
-        return engine(q, k, v, mask=mask, cp=cp, seq_lens=None)
+        return parallel_attention(q, k, v, mask=mask, cp=cp)
 
     explanation = torch._dynamo.explain(attend)(q, k, v, mask)
     return explanation.graph_count, explanation.graph_break_count

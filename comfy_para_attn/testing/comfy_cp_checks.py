@@ -18,7 +18,6 @@ def sample_both(rank, world_size, comfy_path, family, ulysses, ring, cfg_degree,
     from comfy_para_attn.testing import comfy_models
 
     cp = build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring, cfg=cfg_degree))
-    phased = _count_phased_attention()
     results = {}
     for case in cases:
         patcher = comfy_models.build(family, seed=0)
@@ -33,23 +32,7 @@ def sample_both(rank, world_size, comfy_path, family, ulysses, ring, cfg_degree,
         ok = bool(torch.isfinite(parallel).all()) and parallel.shape == plain.shape
         err = (parallel - plain).abs().max().item() if ok else float("inf")
         results[case["name"]] = (err, plain.abs().mean().item())
-    results["phased attention calls"] = phased.calls
     return results
-
-
-def _count_phased_attention():
-    """Count the single-stream blocks that ran overlapped (the real class, counted)."""
-    from comfy_para_attn.adapters.comfy import overlapped_blocks
-
-    class Counted(overlapped_blocks.PhasedAttention):
-        calls = 0
-
-        def __init__(self, *args, **kwargs):
-            type(self).calls += 1
-            super().__init__(*args, **kwargs)
-
-    overlapped_blocks.PhasedAttention = Counted
-    return Counted
 
 
 def compiled_graphs_under_cp(rank, world_size, comfy_path):

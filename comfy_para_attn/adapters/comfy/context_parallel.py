@@ -17,7 +17,6 @@ from torch import Tensor
 
 from ...attention import ParallelContext
 from ...attention.collectives import all_gather
-from .overlapped_blocks import install_overlapped_blocks
 from .patches import block_counts, chain_block_patch, model_family
 from .sequence_parallel import ContextParallelAttention, ShardedCall
 
@@ -248,7 +247,6 @@ def install_context_parallel(model_patcher, cp: ParallelContext):
     options["para_attn_cp"] = cp
     if cp.config.sequence_size > 1:
         _install_block_patches(patcher, call, family)
-        install_overlapped_blocks(patcher)  # FLUX / HunyuanVideo single-stream blocks
         # Wan image-to-video: cross-attention keys are the CLIP tokens and the text tokens.
         call.clip_tokens = 257 if getattr(dm, "img_emb", None) is not None else 0
     if cp.config.world_size > 1:
