@@ -2,6 +2,7 @@
 
     python bench/profile_context_parallel.py --comfyui PATH [--gpus 2] [--steps 8]
         [--layouts ulysses,ring] [--compile] [--fp8] [--sync-debug] [--tiny]
+        [--attention-backend auto|sdpa-cudnn|sdpa-flash|...]
 
 Spawns the ranks directly (no pool: this isolates the per-step cost from pool overhead),
 each builds the same seeded full-size ComfyUI model (random weights, bf16; FLUX.1-dev at
@@ -88,7 +89,7 @@ def host_syncs(run) -> list[tuple[str, int]]:
 
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
-                 family="flux", sync_debug=False):
+                 family="flux", sync_debug=False, attention_backend="auto"):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -100,6 +101,9 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
 
     if chunks is not None:
         parallel.ULYSSES_CHUNKS = chunks
+    from comfy_para_attn.attention.local import set_backend
+
+    set_backend(attention_backend)  # ComfyUI's own attention stays as it is (1 GPU baseline)
     dtype = torch.float32 if tiny else torch.bfloat16
     config, latent_size, tokens = comfy_models.benchmark_size(family, tiny)
     patcher = comfy_models.build(family, dtype=dtype, device=device, seed=0, **config)
@@ -161,11 +165,13 @@ def main():
     parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="our local kernel: auto, sdpa, sdpa-cudnn, sdpa-flash, sdpa-efficient, triton")
     parser.add_argument("--skip-baseline", action="store_true", help="no 1-GPU run (ratios then refer to the first row)")
     args = parser.parse_args()
     backend = "gloo" if args.tiny else "nccl"
     print(f"device: {'cpu' if args.tiny else torch.cuda.get_device_name(0)} | torch {torch.__version__} | "
-          f"{args.family} | compile {args.compile} | fp8 {args.fp8} | steps {args.steps}", flush=True)
+          f"{args.family} | compile {args.compile} | fp8 {args.fp8} | attention {args.attention_backend} | steps {args.steps}", flush=True)
     configs = [] if args.skip_baseline else [("1 GPU", 1, 1, 1, None)]
     layouts = {"ulysses": (args.gpus, 1), "ring": (1, args.gpus)}
     for spec in filter(None, args.layouts.split(",")):  # e.g. "ulysses:1" = ulysses, 1 head chunk
@@ -174,7 +180,7 @@ def main():
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, args.family, args.sync_debug, backend=backend, timeout=900,
+                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
         base = base or result["ms_per_step"]

@@ -72,6 +72,41 @@ def test_weight_only_fallback_and_default_exclusions(cm, fp8, flux, caplog):
     assert all(torch.equal(before[k], after[k]) and type(after[k]) is torch.Tensor for k in before)
 
 
+def test_backup_is_the_held_host_weight_not_a_copy(cm, fp8, flux):
+    """The bf16 originals kept for unloading are the host tensors the weights were loaded
+    from, held before each prompt's load, not copies made after it (11 s for FLUX.1-dev on
+    an H100); a held tensor that no longer matches its weight is not used."""
+    import comfy.patcher_extension
+
+    before = _weights(flux)
+    model = fp8.apply_fp8(flux, FP8Settings())
+    stale = {}
+
+    def make_one_stale(executor, *args, **kwargs):  # runs inside FP8 Quantize's wrapper
+        held = fp8._host_originals[flux.model]
+        key = sorted(held)[0]
+        stale[key] = held[key]
+        held[key] = held[key].clone()
+        held[key][0] += 1  # looks like the weight, but its first row differs
+        return executor(*args, **kwargs)
+
+    model.add_wrapper(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, make_one_stale)
+    seen = {}
+    model.add_callback(_on_load(), lambda p, *a: seen.update(
+        held=dict(fp8._host_originals[p.model]), backups={k: b.weight for k, b in p.backup.items()}))
+    for _ in range(2):  # the second prompt holds the weights the first one's unload restored
+        _run(cm, model)
+        held, backups = seen.pop("held"), seen.pop("backups")
+        assert len(held) == 20  # 2 double blocks x 8 + 2 single blocks x 2 linear layers
+        (key, original), = stale.items()
+        assert all(backups[k] is held[k] for k in held if k != key)
+        assert backups[key] is not held[key] and torch.equal(backups[key], original)
+        _run(cm, flux)  # switch to the plain clone: the FP8 clone's weights are restored
+        after = _weights(flux)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        stale.clear()
+
+
 def test_custom_exclusions_and_off(cm, fp8, flux):
     plain = _run(cm, flux)
     singles_only = fp8.apply_fp8(flux, FP8Settings(exclude="double_blocks, *_in, final_layer, *mod*"))
