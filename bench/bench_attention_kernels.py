@@ -76,7 +76,7 @@ def main():
     cap = torch.cuda.get_device_capability()
     print(f"device: {torch.cuda.get_device_name()} (sm{cap[0]}{cap[1]}), torch {torch.__version__}, "
           f"triton {triton.__version__}, cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}")
-    print(f"dtype {args.dtype}, mask {args.mask}, median of {args.iters} runs after warmup (incl. autotune); "
+    print(f"dtype {args.dtype}, mask {args.mask}, mean of {args.iters} back-to-back runs after warmup (incl. autotune); "
           f"accuracy on {SAMPLE_ROWS} sampled query rows vs fp32")
     bar_text = (f"bar: bf16 rel_l2<={FLASH_BAR['rel_l2']} lse<={FLASH_BAR['lse_abs']}; quantized "
                 f"cos>={QUANTIZED_BAR['cosine']} rel_l2<={QUANTIZED_BAR['rel_l2']} lse<={QUANTIZED_BAR['lse_abs']}")
