@@ -26,6 +26,7 @@ from ._runtime import interpreting
 from .triton_flash import LOG2E, seq_bucket
 
 FP8_MAX = 448.0
+LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448)
 
 
 @triton.jit
@@ -107,18 +108,27 @@ def _attend_quantized_block(
     else:
         k = tl.load(k_ptrs + start_n * HEAD_DIM)
         k_scale = tl.load(k_scale_ptrs + offs_n)
-    qk = tl.dot(q, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]  # int32 -> log2 units
+    # Scores in log2 units are dot * k_scale * q_scale. q_scale > 0 factors out of the row max,
+    # and multiplying it in fuses with the shift (one FMA), as does e4m3's 448 (a shift of
+    # log2(448)): P comes out scaled for the fp8 cast; row_sum and acc carry the same factor.
+    qk = tl.dot(q, tl.trans(k)).to(tl.float32) * k_scale[None, :]
     if HAS_BIAS:
         if MASK_KEYS:
             bias = tl.load(bias_ptrs + offs_n * stride_bias_s, mask=key_valid, other=0.0)
         else:
             bias = tl.load(bias_ptrs + offs_n * stride_bias_s)
-        qk += bias.to(tl.float32)[None, :] * 1.4426950408889634
+        qk = qk * q_scale[:, None] + bias.to(tl.float32)[None, :] * 1.4426950408889634
     if MASK_KEYS:
         qk = tl.where(key_valid[None, :], qk, float("-inf"))
-    new_max = tl.maximum(row_max, tl.max(qk, 1))
+    if HAS_BIAS:
+        new_max = tl.maximum(row_max, tl.max(qk, 1))
+    else:
+        new_max = tl.maximum(row_max, tl.max(qk, 1) * q_scale)
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    p = tl.math.exp2(qk - shift[:, None])
+    if HAS_BIAS:
+        p = tl.math.exp2(qk - (shift - LOG2_FP8_MAX)[:, None])
+    else:
+        p = tl.math.exp2(qk * q_scale[:, None] - (shift - LOG2_FP8_MAX)[:, None])
     rescale = tl.math.exp2(row_max - shift)
     row_sum = row_sum * rescale + tl.sum(p, 1)
     if MASK_KEYS:
@@ -127,9 +137,9 @@ def _attend_quantized_block(
         v = tl.load(v_ptrs + start_n)
     acc = acc * rescale[:, None]
     if EMULATE_FP8:
-        acc += tl.dot(_round_to_e4m3(p * 448.0).to(tl.float16), v)
+        acc += tl.dot(_round_to_e4m3(p).to(tl.float16), v)
     else:
-        acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc, max_num_imprecise_acc=BLOCK_N)
+        acc = tl.dot(p.to(tl.float8e4nv), v, acc, max_num_imprecise_acc=BLOCK_N)
     return acc, row_sum, new_max
 
 
@@ -175,10 +185,10 @@ def quantized_attention_kernel(
 
     safe_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
     v_scale = tl.load(VScale + batch_head * HEAD_DIM + offs_d)
-    out = acc * v_scale[None, :] / (448.0 * safe_sum[:, None])
+    out = acc * v_scale[None, :] / safe_sum[:, None]
     out_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
-    lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453 + tl.load(LseOffset + q_rows, mask=row_valid, other=0.0)
+    lse = (row_max + tl.math.log2(row_sum) - LOG2_FP8_MAX) * 0.6931471805599453 + tl.load(LseOffset + q_rows, mask=row_valid, other=0.0)
     tl.store(Lse + q_rows, lse, mask=row_valid)
 
 
