@@ -25,6 +25,20 @@ def test_context_parallel_sampling_equals_plain(comfyui_path, family, ulysses, r
             assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
 
 
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
+def test_hunyuan_video_image_to_video_token_modulation(comfyui_path, ulysses, ring):
+    """HunyuanVideo image-to-video ("v2 (replace)": guiding_frame_index) modulates the first
+    frame's tokens with their own vector; with 3 latent frames the first frame ends inside
+    rank 0's shard, so each rank needs the ranges moved to its own tokens."""
+    cases = [{"name": "i2v", "cond": {"guiding_frame_index": 0}, "tokens": 7, "cfg": 1.0,
+              "latent": {"frames": 3, "height": 6, "width": 10}}]
+    per_rank = run_ranks(sample_both, 2, str(comfyui_path), "hunyuan_video", ulysses, ring, 1, cases)
+    for rank, results in enumerate(per_rank):
+        err, scale = results["i2v"]
+        assert scale > 1e-3, "degenerate output"
+        assert err < TOL, f"rank {rank}: max abs err {err:.3g}"
+
+
 @pytest.mark.parametrize("ulysses,ring,cfg", [(2, 2, 1), (2, 1, 2)], ids=["ulysses2xring2", "cfg2xulysses2"])
 def test_four_ranks_unified_and_cfg_layouts(comfyui_path, ulysses, ring, cfg):
     """4 gloo ranks: unified ulysses x ring, and cfg parallel x ulysses (FLUX, cfg 3)."""

@@ -42,6 +42,25 @@ def test_pool_sampling_equals_in_process(comfyui_path, pack_nodes, pool_cleanup,
         assert err < TOL, f"{family} {case} {layout}: max abs err {err:.3g}"
 
 
+def test_hunyuan_video_image_to_video_in_the_pool(comfyui_path, pack_nodes, pool_cleanup):
+    """HunyuanVideo image-to-video (guiding_frame_index: the first frame's tokens have their own
+    modulation) through the node: the cond reaches the workers and each rank modulates its own
+    tokens (the first frame ends inside rank 0's shard)."""
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("hunyuan_video", tokens=7, latent=dict(frames=3, height=6, width=10))
+    without = comfy_models.sample(patcher, pos, neg, latent, steps=3, cfg=1.0)
+    pos = [[t, {**extra, "guiding_frame_index": 0}] for t, extra in pos]
+    plain = comfy_models.sample(patcher, pos, neg, latent, steps=3, cfg=1.0)
+    parallel = comfy_models.sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2), pos, neg, latent,
+                                   steps=3, cfg=1.0)
+    assert torch.isfinite(parallel).all() and plain.abs().mean() > 1e-3
+    assert (plain - without).abs().max() > 1e-2  # the first frame's own modulation matters
+    err = (parallel - plain).abs().max().item()
+    assert err < TOL, f"max abs err {err:.3g}"
+
+
 def test_bad_layouts_are_rejected_before_sampling(comfyui_path, pack_nodes):
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
 

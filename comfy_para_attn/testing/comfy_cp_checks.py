@@ -23,6 +23,8 @@ def sample_both(rank, world_size, comfy_path, family, ulysses, ring, cfg_degree,
         patcher = comfy_models.build(family, seed=0)
         positive = comfy_models.conditioning(patcher, tokens=case.get("tokens", 8), seed=1)
         negative = comfy_models.conditioning(patcher, tokens=case.get("tokens", 8), seed=2)
+        if case.get("cond"):  # e.g. HunyuanVideo image-to-video's guiding_frame_index
+            positive, negative = ([[t, {**extra, **case["cond"]}] for t, extra in c] for c in (positive, negative))
         shape = comfy_models.latent_shape(family, **case.get("latent", {}))
         latent = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.5
         kwargs = dict(steps=case.get("steps", 3), cfg=case.get("cfg", 1.0), sampler_name=case.get("sampler", "euler"),

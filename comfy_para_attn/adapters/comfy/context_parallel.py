@@ -59,8 +59,33 @@ def _flux_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
 
 # --- HunyuanVideo and Wan: the first block shards, every block gets its pe slice -----------
 
+def _local_ranges(dims, segments) -> list:
+    """Token-wise modulation ranges `(start, end or None, index)` over a global sequence, for
+    this rank's local one; `segments`: (global start, length, local start) of each piece."""
+    local = []
+    for start, end, index in dims:
+        for first, length, at in segments:
+            lo = max(start, first)
+            hi = min(first + length if end is None else end, first + length)
+            if hi > lo:
+                local.append((at + lo - first, at + hi - first, index))
+    return local
+
+
+def _local_modulation(call: ShardedCall, args: dict) -> dict:
+    """HunyuanVideo image-to-video modulates the first frame's tokens with their own vector
+    (`modulation_dims*`: token ranges of the image stream, the text stream or, in single
+    blocks, of [image, text]); the ranges move to this rank's tokens [image_r, text_r]."""
+    rank, img_lens, txt_lens = call.rank, call.first_lens, call.second_lens
+    img = (sum(img_lens[:rank]), img_lens[rank])
+    txt = (sum(txt_lens[:rank]), txt_lens[rank])
+    segments = {"modulation_dims_img": [(*img, 0)], "modulation_dims_txt": [(*txt, 0)],
+                "modulation_dims": [(*img, 0), (sum(img_lens) + txt[0], txt[1], img[1])]}
+    return {key: _local_ranges(args[key], pieces) for key, pieces in segments.items() if args.get(key) is not None}
+
+
 def _local_args(call: ShardedCall, args: dict) -> dict:
-    args = dict(args, pe=call.pe)
+    args = dict(args, pe=call.pe, **_local_modulation(call, args))
     if "attention_mask" in args:
         args["attention_mask"] = None  # the global key mask lives in `call`
     return args
@@ -68,8 +93,6 @@ def _local_args(call: ShardedCall, args: dict) -> dict:
 
 def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
     img, txt = args["img"], args.get("txt")
-    if args.get("modulation_dims_img") is not None:
-        raise ValueError("Context Parallel does not support HunyuanVideo image-to-video token modulation yet.")
     if call.family == "wan":
         # Only image tokens are sharded; Wan's cross-attention keys are the (unsharded) text.
         avoid = set()
