@@ -1,0 +1,60 @@
+"""FP8 Quantize on a CUDA ComfyUI (gpu tier): run in a spawned process, since the comfyui
+tier's own process imports ComfyUI with `--cpu`."""
+from __future__ import annotations
+
+import torch
+
+
+def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
+    """A tiny bf16 Flux that loads from the host to the GPU, and its plain twin. FP8, plain,
+    FP8 again: the FP8 loads back up the host tensors the weights came from (no copies back
+    from the GPU), the plain clone gets the exact weights and output back. Then the twin runs
+    plain first, so its FP8 load has no host tensors held and copies; same output."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=cpu)  # cpu=True: a smoke run of the same steps on CPU
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.patcher_extension
+
+    from comfy_para_attn.adapters.comfy import fp8
+    from comfy_para_attn.quant import FP8Settings
+    from comfy_para_attn.testing import comfy_models as cm
+
+    def patcher():
+        built = cm.build("flux", dtype=torch.bfloat16, device="cpu", seed=0, **cm.flux_config("tiny"))
+        return comfy.model_patcher.ModelPatcher(built.model, load_device=comfy.model_management.get_torch_device(),
+                                                offload_device=torch.device("cpu"))
+
+    plain, twin = patcher(), patcher()
+    before = {k: v.clone() for k, v in plain.model.diffusion_model.state_dict().items()}
+    positive = cm.conditioning(plain, seed=1)
+    latent = torch.zeros(cm.latent_shape("flux"))
+    loads = []
+
+    def look(patcher, *args):
+        held = fp8._host_originals.get(patcher.model, {})
+        loads.append({"held_backups": sum(patcher.backup[k].weight is t for k, t in held.items()),
+                      "device": str(next(iter(patcher.model.diffusion_model.parameters())).device)})
+
+    def quantize(base):
+        model = fp8.apply_fp8(base, FP8Settings())
+        model.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, look)
+        return model
+
+    def run(model):
+        return cm.sample(model, positive, [], latent, steps=3, cfg=1.0, seed=0)
+
+    model = quantize(plain)
+    quantized = run(model)
+    restored = run(plain)
+    quantized_again = run(model)
+    reference = run(twin)
+    twin_quantized = run(quantize(twin))
+    comfy.model_management.unload_all_models()
+    same = all(torch.equal(before[k], m.model.diffusion_model.state_dict()[k].cpu()) for m in (plain, twin)
+               for k in before)
+    return {"loads": loads, "same_weights": same, "same_output": bool(torch.equal(restored, reference)),
+            "fp8_repeats": bool(torch.equal(quantized, quantized_again) and torch.equal(quantized, twin_quantized)),
+            "fp8_differs": float((quantized - reference).abs().mean() / reference.abs().mean()),
+            "finite": bool(torch.isfinite(quantized).all())}
