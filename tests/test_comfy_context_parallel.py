@@ -1,6 +1,7 @@
 """ComfyUI sampling with context parallelism on 2 spawned gloo ranks equals plain sampling
 (comfyui tier: real ComfyUI model classes and sampling code; tiny random weights, fp32)."""
 import pytest
+import torch
 
 from comfy_para_attn.testing.comfy_cp_checks import sample_both
 from comfy_para_attn.testing.distributed import run_ranks
@@ -26,17 +27,23 @@ def test_context_parallel_sampling_equals_plain(comfyui_path, family, ulysses, r
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
-def test_hunyuan_video_image_to_video_token_modulation(comfyui_path, ulysses, ring):
-    """HunyuanVideo image-to-video ("v2 (replace)": guiding_frame_index) modulates the first
+def test_hunyuan_video_image_to_video(comfyui_path, ulysses, ring):
+    """HunyuanVideo image-to-video. "v2 (replace)" (guiding_frame_index) modulates the first
     frame's tokens with their own vector; with 3 latent frames the first frame ends inside
-    rank 0's shard, so each rank needs the ranges moved to its own tokens."""
-    cases = [{"name": "i2v", "cond": {"guiding_frame_index": 0}, "tokens": 7, "cfg": 1.0,
-              "latent": {"frames": 3, "height": 6, "width": 10}}]
+    rank 0's shard, so each rank needs the ranges moved to its own tokens. "custom" puts a
+    reference frame's tokens in front of the image tokens."""
+    latent = {"frames": 3, "height": 6, "width": 10}
+    reference = torch.randn(1, 16, 1, 6, 10, generator=torch.Generator().manual_seed(4))
+    cases = [{"name": "v2 (replace)", "cond": {"guiding_frame_index": 0}, "tokens": 7, "cfg": 1.0, "latent": latent},
+             # "custom": the reference frame's tokens go in front of the image tokens
+             {"name": "custom (ref_latent)", "cond": {"ref_latent": reference}, "tokens": 7, "cfg": 1.0,
+              "latent": latent}]
     per_rank = run_ranks(sample_both, 2, str(comfyui_path), "hunyuan_video", ulysses, ring, 1, cases)
     for rank, results in enumerate(per_rank):
-        err, scale = results["i2v"]
-        assert scale > 1e-3, "degenerate output"
-        assert err < TOL, f"rank {rank}: max abs err {err:.3g}"
+        for name in ("v2 (replace)", "custom (ref_latent)"):
+            err, scale = results[name]
+            assert scale > 1e-3, "degenerate output"
+            assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
 
 
 @pytest.mark.parametrize("ulysses,ring,cfg", [(2, 2, 1), (2, 1, 2)], ids=["ulysses2xring2", "cfg2xulysses2"])
