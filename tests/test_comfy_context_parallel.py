@@ -46,6 +46,19 @@ def test_hunyuan_video_image_to_video(comfyui_path, ulysses, ring):
             assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
 
 
+@pytest.mark.parametrize("ulysses,ring,cfg", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["ulysses2", "ring2", "cfg2"])
+def test_flux_kontext_reference_latents(comfyui_path, ulysses, ring, cfg):
+    """FLUX Kontext: the reference image's tokens join the image tokens (sharded with them)
+    and are cut off after the last block; with cfg parallelism each half takes its own."""
+    reference = torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(4))
+    cases = [{"name": "kontext", "cond": {"reference_latents": [reference]}, "tokens": 7, "cfg": 3.0,
+              "latent": {"height": 6, "width": 10}}]
+    for rank, results in enumerate(run_ranks(sample_both, 2, str(comfyui_path), "flux", ulysses, ring, cfg, cases)):
+        err, scale = results["kontext"]
+        assert scale > 1e-3, "degenerate output"
+        assert err < TOL, f"rank {rank}: max abs err {err:.3g}"
+
+
 @pytest.mark.parametrize("ulysses,ring,cfg", [(2, 2, 1), (2, 1, 2)], ids=["ulysses2xring2", "cfg2xulysses2"])
 def test_four_ranks_unified_and_cfg_layouts(comfyui_path, ulysses, ring, cfg):
     """4 gloo ranks: unified ulysses x ring, and cfg parallel x ulysses (FLUX, cfg 3)."""
