@@ -46,6 +46,20 @@ def test_hunyuan_video_image_to_video(comfyui_path, ulysses, ring):
             assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
 
 
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
+def test_wan22_per_frame_timesteps(comfyui_path, ulysses, ring):
+    """Wan 2.2 (5B, 48-channel latents) image-to-video keeps the first latent frame: every
+    frame gets its own timestep and its tokens their own modulation. A rank's slice of the
+    tokens does not start at a frame boundary (3 frames of 15 tokens over 2 ranks)."""
+    latent = {"frames": 3, "height": 6, "width": 10}
+    cases = [{"name": "image-to-video", "keep_first_frame": True, "tokens": 7, "cfg": 3.0, "latent": latent},
+             {"name": "text-to-video", "tokens": 7, "cfg": 3.0, "latent": latent}]
+    for rank, results in enumerate(run_ranks(sample_both, 2, str(comfyui_path), "wan22", ulysses, ring, 1, cases)):
+        for name, (err, scale) in results.items():
+            assert scale > 1e-3, "degenerate output"
+            assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
+
+
 @pytest.mark.parametrize("ulysses,ring,cfg", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["ulysses2", "ring2", "cfg2"])
 def test_flux_kontext_reference_latents(comfyui_path, ulysses, ring, cfg):
     """FLUX Kontext: the reference image's tokens join the image tokens (sharded with them)

@@ -29,6 +29,10 @@ def sample_both(rank, world_size, comfy_path, family, ulysses, ring, cfg_degree,
         latent = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.5
         kwargs = dict(steps=case.get("steps", 3), cfg=case.get("cfg", 1.0), sampler_name=case.get("sampler", "euler"),
                       denoise=case.get("denoise", 1.0), seed=5)
+        if case.get("keep_first_frame"):  # image-to-video: the first latent frame is given, not denoised
+            mask = torch.ones((1, 1) + tuple(shape[2:]))
+            mask[:, :, 0] = 0.0
+            kwargs["noise_mask"] = mask
         plain = comfy_models.sample(patcher, positive, negative, latent, **kwargs)
         parallel = comfy_models.sample(install_context_parallel(patcher, cp), positive, negative, latent, **kwargs)
         ok = bool(torch.isfinite(parallel).all()) and parallel.shape == plain.shape

@@ -24,6 +24,8 @@ WAN_TINY = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, 
                 freq_dim=32, text_dim=32, out_dim=16, num_heads=4, num_layers=3, window_size=(-1, -1),
                 qk_norm=True, cross_attn_norm=True, eps=1e-6)
 
+WAN22_TINY = dict(WAN_TINY, in_dim=48, out_dim=48)  # Wan 2.2 5B's layout: 48-channel latents
+
 HUNYUAN_13B = dict(HUNYUAN_TINY, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, num_heads=24, depth=20,
                    depth_single_blocks=40, axes_dim=[16, 56, 56])
 
@@ -40,6 +42,7 @@ _FAMILIES = {  # family -> (supported_models class name, image_model, tiny confi
     "flux": ("Flux", "flux", FLUX_TINY),
     "hunyuan_video": ("HunyuanVideo", "hunyuan_video", HUNYUAN_TINY),
     "wan": ("WAN21_T2V", "wan2.1", WAN_TINY),
+    "wan22": ("WAN22_T2V", "wan2.1", WAN22_TINY),  # text/image-to-video 5B: per-frame timesteps
 }
 
 
@@ -78,7 +81,7 @@ def init_random_weights(module: torch.nn.Module, seed: int = 0) -> None:
 
 def build(family: str, *, dtype=torch.float32, device="cpu", seed: int = 0, **config):
     """A ModelPatcher around a random-weight ComfyUI model of `family` ("flux",
-    "hunyuan_video", "wan"); `config` overrides the tiny unet config."""
+    "hunyuan_video", "wan", "wan22"); `config` overrides the tiny unet config."""
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -99,7 +102,7 @@ def latent_shape(family: str, *, batch: int = 1, height: int = 8, width: int = 8
     """Latent shape (pixel size / 8): 4D for Flux, 5D [B, C, T, H, W] for the video models."""
     if family == "flux":
         return (batch, 16, height, width)
-    return (batch, 16, frames, height, width)
+    return (batch, 48 if family == "wan22" else 16, frames, height, width)
 
 
 def conditioning(patcher, *, tokens: int = 8, seed: int = 1, strength: float = 1.0, device="cpu") -> list:

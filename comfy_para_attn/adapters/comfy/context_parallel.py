@@ -12,6 +12,8 @@ outermost, so the cache sees this rank's shards and agrees with the other ranks 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -84,8 +86,24 @@ def _local_modulation(call: ShardedCall, args: dict) -> dict:
     return {key: _local_ranges(args[key], pieces) for key, pieces in segments.items() if args.get(key) is not None}
 
 
+def _frame_rows(call: ShardedCall, vec: Tensor, tokens: int) -> Optional[Tensor]:
+    """Wan 2.2 gives every latent frame its own timestep (image-to-video keeps the first
+    frame): `vec` [B, frames, 6, dim] modulates a frame's tokens, which its blocks find by
+    dividing the token count by the frame count, wrong for a rank's slice of the tokens.
+    Returns the frame of each of this rank's tokens (None when there is one timestep)."""
+    frames = vec.shape[1] if vec.ndim == 4 else 1
+    if frames == 1:
+        return None
+    if tokens % frames:
+        raise RuntimeError(f"{tokens} image tokens do not split into {frames} frames")
+    start = sum(call.first_lens[: call.rank])
+    return torch.arange(start, start + call.first_lens[call.rank], device=vec.device) // (tokens // frames)
+
+
 def _local_args(call: ShardedCall, args: dict) -> dict:
     args = dict(args, pe=call.pe, **_local_modulation(call, args))
+    if call.vec_rows is not None:  # per-token modulation vectors for this rank's tokens
+        args["vec"] = args["vec"].index_select(1, call.vec_rows)
     if "attention_mask" in args:
         args["attention_mask"] = None  # the global key mask lives in `call`
     return args
@@ -100,7 +118,8 @@ def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
             avoid = {txt.shape[1], call.clip_tokens, txt.shape[1] - call.clip_tokens} - {0}
         img_r, _ = call.begin(img, img[:, :0], avoid_lens=avoid)
         call.pe = call.local_rows(args["pe"], img.shape[1], dim=1)
-        return extra["original_block"](dict(args, img=img_r, pe=call.pe))
+        call.vec_rows = _frame_rows(call, args["vec"], img.shape[1])
+        return extra["original_block"](_local_args(call, dict(args, img=img_r)))
     mask = args.get("attention_mask")
     key_mask = None if mask is None else mask.reshape(mask.shape[0], -1)
     img_r, txt_r = call.begin(img, txt, key_mask)  # local sequence: [img_r, txt_r]

@@ -54,6 +54,7 @@ class ShardedCall:
         self.seq_lens: tuple[int, ...] = ()
         self.key_mask: Optional[Tensor] = None
         self.pe: Optional[Tensor] = None
+        self.vec_rows: Optional[Tensor] = None  # Wan 2.2: the frame of each local token
         self.first_lens: tuple[int, ...] = ()
         self.second_lens: tuple[int, ...] = ()
         self.family = ""
@@ -125,6 +126,7 @@ class ShardedCall:
         self.active = False
         self.key_mask = None
         self.pe = None
+        self.vec_rows = None
 
 
 class ContextParallelAttention:
