@@ -106,3 +106,19 @@ def test_memory_estimate_is_agreed_only_while_batching(comfyui_path):
     while_batching = AgreeWhileBatching(agreed)(lambda shapes: [agreed(s) for s in shapes], [small, huge])
     assert while_batching == [0.0, float("inf")]
     assert agreed(huge) == 1e21 and not agreed.batching
+
+
+@pytest.mark.parametrize("variant,message", [
+    ("wan_vace", "does not support Wan VACE yet"), ("wan_humo", "does not support Wan HuMo yet"),
+    ("wan_animate", "does not support Wan Animate yet"), ("wan_s2v", r"does not support this model .*WanModel_S2V")])
+def test_wan_variants_that_need_every_token_are_refused(comfyui_path, variant, message):
+    """VACE adds residuals by token index; HuMo's audio attention and Animate's face adapter
+    group the tokens by frame; S2V's block loop is not patchable. A rank holds a slice of the
+    tokens: refused by name rather than sampled wrong."""
+    from comfy_para_attn.adapters.comfy.context_parallel import install_context_parallel
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+    from comfy_para_attn.testing import comfy_models
+
+    with pytest.raises(ValueError, match=message):
+        install_context_parallel(comfy_models.build(variant), build_parallel_context(ContextParallelConfig()))
+

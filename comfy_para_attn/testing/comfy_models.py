@@ -46,6 +46,12 @@ _FAMILIES = {  # family -> (supported_models class name, image_model, tiny confi
 }
 
 
+# Wan variants Context Parallel refuses, built tiny through ComfyUI's own model config classes.
+_WAN_VARIANTS = {f"wan_{kind}": (cls, "wan2.1", dict(WAN_TINY, model_type=kind))
+                 for kind, cls in (("vace", "WAN21_Vace"), ("s2v", "WAN22_S2V"), ("humo", "WAN21_HuMo"),
+                                   ("animate", "WAN22_Animate"))}
+
+
 def flux_config(size: str = "tiny", **overrides) -> dict:
     """Flux unet config: "tiny" (2+2 blocks, width 64) or "dev" (FLUX.1-dev shapes)."""
     return dict({"tiny": FLUX_TINY, "dev": FLUX_DEV}[size], **overrides)
@@ -81,11 +87,12 @@ def init_random_weights(module: torch.nn.Module, seed: int = 0) -> None:
 
 def build(family: str, *, dtype=torch.float32, device="cpu", seed: int = 0, **config):
     """A ModelPatcher around a random-weight ComfyUI model of `family` ("flux",
-    "hunyuan_video", "wan", "wan22"); `config` overrides the tiny unet config."""
+    "hunyuan_video", "wan", "wan22", or a Wan variant "wan_vace", "wan_s2v", "wan_humo",
+    "wan_animate"); `config` overrides the tiny unet config."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    cls_name, image_model, tiny = _FAMILIES[family]
+    cls_name, image_model, tiny = _FAMILIES[family] if family in _FAMILIES else _WAN_VARIANTS[family]
     unet_config = dict(tiny, **config, image_model=image_model)
     model_config = getattr(comfy.supported_models, cls_name)(unet_config)
     model_config.set_inference_dtype(dtype, None)

@@ -266,8 +266,12 @@ class AgreeWhileBatching:
             self.estimate.batching = False
 
 
-# Models whose blocks add residuals by token index (like ControlNet): not sharded yet.
-_UNSHARDABLE = {"VaceWanModel": "Wan VACE", "WanModel_S2V": "Wan S2V"}
+# Models whose blocks need all tokens of the sequence, where a rank holds a slice: not sharded yet.
+_UNSHARDABLE = {
+    "VaceWanModel": ("Wan VACE", "it adds residuals by token index"),
+    "HumoWanModel": ("Wan HuMo", "its audio attention groups the tokens by frame"),
+    "AnimateWanModel": ("Wan Animate", "its face adapter groups the tokens by frame"),
+}
 
 
 def install_context_parallel(model_patcher, cp: ParallelContext):
@@ -277,8 +281,9 @@ def install_context_parallel(model_patcher, cp: ParallelContext):
     family = model_family(model_patcher)
     dm = model_patcher.model.diffusion_model
     if type(dm).__name__ in _UNSHARDABLE:
-        raise ValueError(f"Context Parallel does not support {_UNSHARDABLE[type(dm).__name__]} yet (it adds "
-                         "residuals by token index); remove the Context Parallel node for this model.")
+        name, why = _UNSHARDABLE[type(dm).__name__]
+        raise ValueError(f"Context Parallel does not support {name} yet ({why}); remove the Context Parallel "
+                         "node for this model.")
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
     cp.config.validate(num_heads=heads)
     patcher = model_patcher.clone()
