@@ -89,7 +89,7 @@ def host_syncs(run) -> list[tuple[str, int]]:
 
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
-                 family="flux", sync_debug=False, attention_backend="auto"):
+                 family="flux", sync_debug=False, attention_backend="auto", compile_mode="default"):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -119,7 +119,7 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
         from comfy_para_attn.adapters.comfy.compile import apply_compile
         from comfy_para_attn.compile import CompileSettings
 
-        model = apply_compile(model, CompileSettings(backend="eager" if tiny else "inductor"))
+        model = apply_compile(model, CompileSettings(backend="eager" if tiny else "inductor", mode=compile_mode))
     if world_size > 1:
         model = install_context_parallel(model, build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring)))
 
@@ -162,6 +162,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--layouts", default="ulysses,ring", help="ulysses, ring; 'ulysses:C' pipelines C head chunks")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU")
@@ -180,7 +181,7 @@ def main():
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, backend=backend, timeout=900,
+                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, args.compile_mode, backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
         base = base or result["ms_per_step"]

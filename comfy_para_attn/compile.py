@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 
 SCOPES = ("regional", "whole", "off")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays these as CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class CompileSettings:
     def enabled(self) -> bool:
         return self.scope != "off"
 
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.backend == "inductor" and self.mode in CUDA_GRAPH_MODES
+
     def compile_kwargs(self) -> dict:
         # dynamic on -> torch's automatic dynamic shapes (None): the first shape compiles a
         # specialized graph, the first change of shape one shape-generic graph, then no more.
@@ -60,6 +65,25 @@ def repeated_block_names(root: torch.nn.Module) -> list[str]:
         if isinstance(child, torch.nn.ModuleList) and len(child) >= 2 and len({type(b) for b in child}) == 1:
             names += [f"{list_name}.{i}" for i in range(len(child))]
     return names
+
+
+class GraphSafeInputs(torch.nn.Module):
+    """Calls a block with copies of its tensor arguments, inside the compiled region.
+
+    Inductor replays a graph as a CUDA graph only if it mutates none of its inputs, and
+    ComfyUI's FLUX / HunyuanVideo blocks add their residual in place (`x += ...`). With the
+    copy inside the graph, the mutation is of a graph-internal buffer. Only used for the
+    CUDA-graph modes.
+    """
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return self.block(*args, **kwargs)
 
 
 class DetachedInputs(torch.nn.Module):
@@ -95,7 +119,8 @@ def compile_modules(root: torch.nn.Module, names: list[str], settings: CompileSe
     cached = _compiled_cache.setdefault(root, {})
     if key not in cached:
         kwargs = settings.compile_kwargs()
-        compiled = {name: torch.compile(root.get_submodule(name), **kwargs) for name in names}
+        wrap = GraphSafeInputs if settings.cuda_graphs else (lambda module: module)
+        compiled = {name: torch.compile(wrap(root.get_submodule(name)), **kwargs) for name in names}
         if settings.dynamic:
             compiled = {name: DetachedInputs(module) for name, module in compiled.items()}
         cached[key] = compiled

@@ -177,3 +177,21 @@ def test_step_count_change_does_not_recompile_when_attention_breaks_the_graph(cm
     for steps in (3, 4, 6):
         assert torch.isfinite(_run(cm, compiled, steps=steps)).all()
     assert _graphs(dynamo) == first, dict(dynamo["stats"])
+
+
+def test_node_modes_and_cuda_graph_modes_copy_block_inputs(cm, flux, pack_nodes):
+    """The node offers the engine's modes; the CUDA-graph ones compile each block behind a copy
+    of its inputs (ComfyUI's blocks add their residual in place, which keeps inductor from
+    replaying a graph) and start a new replay per model call. The GPU tier runs them."""
+    from comfy_para_attn.adapters.comfy.compile import WRAPPER_KEY, apply_compile
+    from comfy_para_attn.compile import COMPILE_MODES, GraphSafeInputs
+    import comfy.patcher_extension
+
+    choices = pack_nodes["ParaAttnCompile"].INPUT_TYPES()["required"]["mode"][0]
+    assert tuple(choices) == COMPILE_MODES
+    for mode, graphs in (("default", False), ("max-autotune-no-cudagraphs", False), ("reduce-overhead", True),
+                         ("max-autotune", True)):
+        model = apply_compile(flux, CompileSettings(mode=mode))
+        (wrapper,) = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+        compiled = next(iter(wrapper.compiled.values()))
+        assert isinstance(compiled._orig_mod, GraphSafeInputs) == graphs and wrapper.cuda_graphs == graphs, mode

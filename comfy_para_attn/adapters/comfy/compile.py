@@ -31,11 +31,16 @@ log = logging.getLogger(__name__)
 class CompiledModulesWrapper:
     """APPLY_MODEL wrapper: `{attribute path on BaseModel: compiled module}` swapped in per call."""
 
-    def __init__(self, compiled: dict):
+    def __init__(self, compiled: dict, cuda_graphs: bool = False):
         self.compiled = compiled
+        self.cuda_graphs = cuda_graphs
 
     def __call__(self, executor, *args, **kwargs):
         import comfy.utils
+        import torch
+
+        if self.cuda_graphs:  # each model call is a new replay of the blocks' CUDA graphs
+            torch.compiler.cudagraph_mark_step_begin()
 
         _unspecialize_schedule(args[5] if len(args) > 5 else kwargs.get("transformer_options"))
         base_model = executor.class_obj
@@ -103,6 +108,6 @@ def apply_compile(model_patcher, settings: CompileSettings):
     compiled = compile_modules(dm, names, settings) if names else compile_modules(model.model, ["diffusion_model"],
                                                                                  settings)
     prefixed = {name if not names else f"diffusion_model.{name}": module for name, module in compiled.items()}
-    model.add_wrapper_with_key(apply_model, WRAPPER_KEY, CompiledModulesWrapper(prefixed))
+    model.add_wrapper_with_key(apply_model, WRAPPER_KEY, CompiledModulesWrapper(prefixed, settings.cuda_graphs))
     log.debug("Compile Model: %s (%s)", describe(dm if names else None, names), settings)
     return model

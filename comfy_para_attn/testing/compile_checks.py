@@ -1,0 +1,50 @@
+"""Compile Model's CUDA-graph modes on a CUDA ComfyUI (gpu tier): run in a spawned process,
+since the comfyui tier's own process imports ComfyUI with `--cpu`."""
+from __future__ import annotations
+
+import torch
+
+
+def cuda_graphs_with_first_block_cache(rank, world_size, comfy_path):
+    """A tiny Flux on the GPU, First Block Cache (reusing steps) over Compile Model: mode
+    "default" against "reduce-overhead" (CUDA graphs), two resolutions. Returns the largest
+    difference, the cache's reuse count, and inductor's count of skipped CUDA graphs."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=False)
+    import comfy.model_management
+    from torch._dynamo.utils import counters
+
+    from comfy_para_attn.adapters.comfy import features
+    from comfy_para_attn.cache.state import FirstBlockCacheSettings
+    from comfy_para_attn.compile import CompileSettings
+    from comfy_para_attn.testing import comfy_models as cm
+
+    import logging
+
+    reuse = []
+
+    class Reuse(logging.Handler):
+        def emit(self, record):
+            if "reused" in record.getMessage():
+                reuse.append(record.getMessage())
+
+    logging.getLogger().addHandler(Reuse(logging.INFO))
+    logging.getLogger().setLevel(logging.INFO)
+    device = comfy.model_management.get_torch_device()
+    base = cm.build("flux", dtype=torch.bfloat16, device=device, seed=0)
+    positive = cm.conditioning(base, seed=1, device=device)
+    cache = FirstBlockCacheSettings(residual_diff_threshold=1.0)  # random weights: reuse most steps
+    outputs = {}
+    for mode in ("default", "reduce-overhead"):
+        model = features.apply("first_block_cache", features.apply("compile", base, CompileSettings(mode=mode)), cache)
+        for side in (8, 12):
+            latent = torch.randn(cm.latent_shape("flux", height=side, width=side),
+                                 generator=torch.Generator().manual_seed(side))
+            outputs[mode, side] = cm.sample(model, positive, [], latent, steps=6, cfg=1.0, seed=0).float()
+        comfy.model_management.unload_all_models()
+    diff = max(float((outputs["default", s] - outputs["reduce-overhead", s]).abs().max()) for s in (8, 12))
+    scale = min(float(outputs["default", s].abs().mean()) for s in (8, 12))
+    finite = all(bool(torch.isfinite(o).all()) for o in outputs.values())
+    return {"max_diff": diff, "scale": scale, "finite": finite, "reuse": reuse,
+            "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
