@@ -100,8 +100,15 @@ def _frame_rows(call: ShardedCall, vec: Tensor, tokens: int) -> Optional[Tensor]
     return torch.arange(start, start + call.first_lens[call.rank], device=vec.device) // (tokens // frames)
 
 
+_LOCAL = "para_attn_local"  # marks block args already moved to this rank's tokens
+
+
 def _local_args(call: ShardedCall, args: dict) -> dict:
-    args = dict(args, pe=call.pe, **_local_modulation(call, args))
+    """The block's args for this rank's tokens. Once only: with a single block, the sharding
+    patch hands its args to the gathering patch (ComfyUI's block wrappers read only their own keys)."""
+    if args.get(_LOCAL):
+        return args
+    args = dict(args, pe=call.pe, **_local_modulation(call, args), **{_LOCAL: True})
     if call.vec_rows is not None:  # per-token modulation vectors for this rank's tokens
         args["vec"] = args["vec"].index_select(1, call.vec_rows)
     if "attention_mask" in args:
