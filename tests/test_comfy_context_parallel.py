@@ -53,7 +53,10 @@ def test_wan22_per_frame_timesteps(comfyui_path, ulysses, ring):
     tokens does not start at a frame boundary (3 frames of 15 tokens over 2 ranks)."""
     latent = {"frames": 3, "height": 6, "width": 10}
     cases = [{"name": "image-to-video", "keep_first_frame": True, "tokens": 7, "cfg": 3.0, "latent": latent},
-             {"name": "text-to-video", "tokens": 7, "cfg": 3.0, "latent": latent}]
+             {"name": "text-to-video", "tokens": 7, "cfg": 3.0, "latent": latent},
+             # one block: the sharding patch calls the gathering patch directly (it once gathered twice)
+             {"name": "one block", "keep_first_frame": True, "tokens": 7, "cfg": 3.0, "latent": latent,
+              "config": {"num_layers": 1}}]
     for rank, results in enumerate(run_ranks(sample_both, 2, str(comfyui_path), "wan22", ulysses, ring, 1, cases)):
         for name, (err, scale) in results.items():
             assert scale > 1e-3, "degenerate output"

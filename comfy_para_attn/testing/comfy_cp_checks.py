@@ -20,7 +20,7 @@ def sample_both(rank, world_size, comfy_path, family, ulysses, ring, cfg_degree,
     cp = build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring, cfg=cfg_degree))
     results = {}
     for case in cases:
-        patcher = comfy_models.build(family, seed=0)
+        patcher = comfy_models.build(family, seed=0, **case.get("config", {}))
         positive = comfy_models.conditioning(patcher, tokens=case.get("tokens", 8), seed=1)
         negative = comfy_models.conditioning(patcher, tokens=case.get("tokens", 8), seed=2)
         if case.get("cond"):  # e.g. HunyuanVideo image-to-video's guiding_frame_index

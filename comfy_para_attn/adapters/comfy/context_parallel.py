@@ -162,9 +162,8 @@ def _install_block_patches(patcher, call: ShardedCall, family: str) -> None:
             chain_block_patch(patcher, *key, _Patch(call, _video_gather))
         elif key != first:
             chain_block_patch(patcher, *key, _Patch(call, _video_block))
-    # Registered last = outermost: it sees the full sequence before anything else does.
-    if first == last:
-        chain_block_patch(patcher, *first, _Patch(call, _video_gather))
+    # Registered last = outermost: it sees the full sequence before anything else does (with a
+    # single block, the loop above has already put the gathering patch under it).
     chain_block_patch(patcher, *first, _Patch(call, _video_shard))
 
 
