@@ -17,6 +17,7 @@ The recipe (after SageAttention 2), each step for accuracy at 2x tensor-core rat
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -26,7 +27,7 @@ from ._runtime import interpreting
 from .triton_flash import LOG2E, seq_bucket
 
 FP8_MAX = 448.0
-LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448)
+LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))
 
 
 @triton.jit

@@ -15,15 +15,20 @@ CASES = [
 ]
 
 
+def _assert_equals_plain(per_rank, cases):
+    """Every rank reports every case, each equal to plain sampling within TOL (not degenerate)."""
+    for rank, results in enumerate(per_rank):
+        assert set(results) == {case["name"] for case in cases}
+        for name, (err, scale) in results.items():
+            assert scale > 1e-3, "degenerate output"
+            assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
+
+
 @pytest.mark.parametrize("family", ["flux", "hunyuan_video", "wan"])
 @pytest.mark.parametrize("ulysses,ring,cfg", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["ulysses2", "ring2", "cfg2"])
 def test_context_parallel_sampling_equals_plain(comfyui_path, family, ulysses, ring, cfg):
     cases = CASES if cfg == 1 else [{"name": "cfg-parallel", "cfg": 3.0}]
-    per_rank = run_ranks(sample_both, 2, str(comfyui_path), family, ulysses, ring, cfg, cases)
-    for rank, results in enumerate(per_rank):
-        for name, (err, scale) in results.items():
-            assert scale > 1e-3, "degenerate output"
-            assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
+    _assert_equals_plain(run_ranks(sample_both, 2, str(comfyui_path), family, ulysses, ring, cfg, cases), cases)
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
@@ -38,12 +43,7 @@ def test_hunyuan_video_image_to_video(comfyui_path, ulysses, ring):
              # "custom": the reference frame's tokens go in front of the image tokens
              {"name": "custom (ref_latent)", "cond": {"ref_latent": reference}, "tokens": 7, "cfg": 1.0,
               "latent": latent}]
-    per_rank = run_ranks(sample_both, 2, str(comfyui_path), "hunyuan_video", ulysses, ring, 1, cases)
-    for rank, results in enumerate(per_rank):
-        for name in ("v2 (replace)", "custom (ref_latent)"):
-            err, scale = results[name]
-            assert scale > 1e-3, "degenerate output"
-            assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
+    _assert_equals_plain(run_ranks(sample_both, 2, str(comfyui_path), "hunyuan_video", ulysses, ring, 1, cases), cases)
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
@@ -57,10 +57,7 @@ def test_wan22_per_frame_timesteps(comfyui_path, ulysses, ring):
              # one block: the sharding patch calls the gathering patch directly (it once gathered twice)
              {"name": "one block", "keep_first_frame": True, "tokens": 7, "cfg": 3.0, "latent": latent,
               "config": {"num_layers": 1}}]
-    for rank, results in enumerate(run_ranks(sample_both, 2, str(comfyui_path), "wan22", ulysses, ring, 1, cases)):
-        for name, (err, scale) in results.items():
-            assert scale > 1e-3, "degenerate output"
-            assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
+    _assert_equals_plain(run_ranks(sample_both, 2, str(comfyui_path), "wan22", ulysses, ring, 1, cases), cases)
 
 
 @pytest.mark.parametrize("ulysses,ring,cfg", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["ulysses2", "ring2", "cfg2"])
@@ -70,21 +67,15 @@ def test_flux_kontext_reference_latents(comfyui_path, ulysses, ring, cfg):
     reference = torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(4))
     cases = [{"name": "kontext", "cond": {"reference_latents": [reference]}, "tokens": 7, "cfg": 3.0,
               "latent": {"height": 6, "width": 10}}]
-    for rank, results in enumerate(run_ranks(sample_both, 2, str(comfyui_path), "flux", ulysses, ring, cfg, cases)):
-        err, scale = results["kontext"]
-        assert scale > 1e-3, "degenerate output"
-        assert err < TOL, f"rank {rank}: max abs err {err:.3g}"
+    _assert_equals_plain(run_ranks(sample_both, 2, str(comfyui_path), "flux", ulysses, ring, cfg, cases), cases)
 
 
 @pytest.mark.parametrize("ulysses,ring,cfg", [(2, 2, 1), (2, 1, 2)], ids=["ulysses2xring2", "cfg2xulysses2"])
 def test_four_ranks_unified_and_cfg_layouts(comfyui_path, ulysses, ring, cfg):
     """4 gloo ranks: unified ulysses x ring, and cfg parallel x ulysses (FLUX, cfg 3)."""
     cases = [{"name": "four-ranks", "cfg": 3.0, "tokens": 7, "latent": {"height": 6, "width": 10}}]
-    per_rank = run_ranks(sample_both, 4, str(comfyui_path), "flux", ulysses, ring, cfg, cases, timeout=600)
-    for rank, results in enumerate(per_rank):
-        for name, (err, scale) in results.items():
-            assert scale > 1e-3, "degenerate output"
-            assert err < TOL, f"rank {rank} {name}: max abs err {err:.3g}"
+    _assert_equals_plain(run_ranks(sample_both, 4, str(comfyui_path), "flux", ulysses, ring, cfg, cases, timeout=600),
+                         cases)
 
 
 def test_regional_compile_inside_context_parallel_compiles_each_block_class_once(comfyui_path):

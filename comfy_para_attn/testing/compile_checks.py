@@ -2,6 +2,8 @@
 since the comfyui tier's own process imports ComfyUI with `--cpu`."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 
@@ -19,8 +21,6 @@ def cuda_graphs_with_first_block_cache(rank, world_size, comfy_path):
     from comfy_para_attn.cache.state import FirstBlockCacheSettings
     from comfy_para_attn.compile import CompileSettings
     from comfy_para_attn.testing import comfy_models as cm
-
-    import logging
 
     reuse = []
 
