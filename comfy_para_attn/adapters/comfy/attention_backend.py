@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ...attention.local import BACKEND_CHOICES, calibrate_auto, key_padding_bias, local_attention
+from .device_conds import keep_conds_on_device
 
 FEATURE = "attention_backend"
 
@@ -51,6 +52,7 @@ def apply_attention_backend(model_patcher, name: str):
     if name == "auto":
         calibrate_auto()  # measures once per process on a GPU; nothing on CPU
     model = model_patcher.clone()
+    keep_conds_on_device(model)
     to = model.model_options.setdefault("transformer_options", {})
     to["para_attn"] = {**to.get("para_attn", {}), FEATURE: name}
     previous = to.get("optimized_attention_override")

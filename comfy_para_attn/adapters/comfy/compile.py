@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 from ...compile import CompileSettings, compile_modules, describe, repeated_block_names
+from .device_conds import keep_conds_on_device
 
 FEATURE = "compile"
 WRAPPER_KEY = "para_attn_compile"
@@ -95,6 +96,7 @@ def apply_compile(model_patcher, settings: CompileSettings):
 
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     model = model_patcher.clone()
+    keep_conds_on_device(model)
     to = model.model_options.setdefault("transformer_options", {})
     to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
     model.remove_wrappers_with_key(apply_model, WRAPPER_KEY)

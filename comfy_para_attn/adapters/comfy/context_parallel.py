@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ...attention import ParallelContext
 from ...attention.collectives import all_gather
+from .device_conds import keep_conds_on_device
 from .patches import block_counts, chain_block_patch, model_family
 from .sequence_parallel import ContextParallelAttention, ShardedCall
 
@@ -293,6 +294,7 @@ def install_context_parallel(model_patcher, cp: ParallelContext):
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
     cp.config.validate(num_heads=heads)
     patcher = model_patcher.clone()
+    keep_conds_on_device(patcher)
     call = ShardedCall(cp)
     call.family = family
     options = patcher.model_options.setdefault("transformer_options", {})

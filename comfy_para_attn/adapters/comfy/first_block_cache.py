@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ...cache import FirstBlockCache, FirstBlockCacheSettings
+from .device_conds import keep_conds_on_device
 from .patches import block_keys, chain_block_patch, model_family
 
 FEATURE = "first_block_cache"
@@ -168,6 +169,7 @@ def apply_first_block_cache(model_patcher, settings: FirstBlockCacheSettings):
     if len(keys) < 2:
         raise ValueError("First Block Cache needs a model with at least two transformer blocks.")
     model = model_patcher.clone()
+    keep_conds_on_device(model)
     to = model.model_options.setdefault("transformer_options", {})
     to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE

@@ -28,6 +28,7 @@ import torch
 
 from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, plan_for, quantizable_linears,
                       quantize_linear, torchao_config)
+from .device_conds import keep_conds_on_device
 
 FEATURE = "fp8"
 CALLBACK_KEY = "para_attn_fp8"
@@ -184,6 +185,7 @@ def apply_fp8(model_patcher, settings: FP8Settings):
     import comfy.patcher_extension
 
     model = model_patcher.clone()
+    keep_conds_on_device(model)
     to = model.model_options.setdefault("transformer_options", {})
     to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
     on_load = comfy.patcher_extension.CallbacksMP.ON_LOAD
