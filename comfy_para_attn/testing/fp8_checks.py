@@ -18,6 +18,7 @@ def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
     import comfy.patcher_extension
 
     from comfy_para_attn.adapters.comfy import fp8
+    from comfy_para_attn.quant.gelu_fusion import GeluThenLinear
     from comfy_para_attn.quant import FP8Settings
     from comfy_para_attn.testing import comfy_models as cm
 
@@ -32,9 +33,13 @@ def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
     latent = torch.zeros(cm.latent_shape("flux"))
     loads = []
 
+    def fused_sites(patcher):
+        return sum(isinstance(m.__dict__.get("forward"), GeluThenLinear) for m in patcher.model.diffusion_model.modules())
+
     def look(patcher, *args):
         held = fp8._host_originals.get(patcher.model, {})
         loads.append({"held_backups": sum(patcher.backup[k].weight is t for k, t in held.items()),
+                      "fused_gelus": fused_sites(patcher),
                       "device": str(next(iter(patcher.model.diffusion_model.parameters())).device)})
 
     def quantize(base):
@@ -48,13 +53,14 @@ def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
     model = quantize(plain)
     quantized = run(model)
     restored = run(plain)
+    fused_after_restore = fused_sites(plain)
     quantized_again = run(model)
     reference = run(twin)
     twin_quantized = run(quantize(twin))
     comfy.model_management.unload_all_models()
     same = all(torch.equal(before[k], m.model.diffusion_model.state_dict()[k].cpu()) for m in (plain, twin)
                for k in before)
-    return {"loads": loads, "same_weights": same, "same_output": bool(torch.equal(restored, reference)),
+    return {"loads": loads, "fused_after_restore": fused_after_restore, "same_weights": same, "same_output": bool(torch.equal(restored, reference)),
             "fp8_repeats": bool(torch.equal(quantized, quantized_again) and torch.equal(quantized, twin_quantized)),
             "fp8_differs": float((quantized - reference).abs().mean() / reference.abs().mean()),
             "finite": bool(torch.isfinite(quantized).all())}

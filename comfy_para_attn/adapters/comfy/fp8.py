@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 import uuid
 import weakref
@@ -28,6 +29,7 @@ import torch
 
 from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, plan_for, quantizable_linears,
                       quantize_linear, torchao_config)
+from ...quant import gelu_fusion
 from .device_conds import keep_conds_on_device
 
 FEATURE = "fp8"
@@ -120,16 +122,34 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                 model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, weight), False)
             quantize_linear(module, config)
             counts[plan.mode] += 1
+        if counts["dynamic"] or counts["already"]:
+            counts["gelu fused"] = fuse_gelus(model_patcher)
     done = {k: v for k, v in counts.items() if k in ("dynamic", "weight-only")}
     if done:
         plans = ", ".join(f"{n} {mode}" for mode, n in done.items())
         granularity = ", ".join(sorted({p.granularity for p, _ in configs.values()}))
-        logging.info("FP8 Quantize: %s linear layers to fp8 (%s scales) in %.2f s",
-                     plans, granularity, time.perf_counter() - started)
+        fused = f"; {counts['gelu fused']} GELUs fused into the activation quantization" if counts["gelu fused"] else ""
+        logging.info("FP8 Quantize: %s linear layers to fp8 (%s scales) in %.2f s%s",
+                     plans, granularity, time.perf_counter() - started, fused)
     if counts["cast per call"]:
         _log_once(f"{counts['cast per call']} linear layers stay unquantized because ComfyUI casts their "
                   "weights per call (partially loaded model, lowvram, or fp8 weight dtype)")
     return dict(counts)
+
+
+def fuse_gelus(model_patcher) -> int:
+    """Move the tanh GELU in front of each dynamic row-wise fp8 linear layer into its
+    activation quantization (`quant.gelu_fusion`); ComfyUI's unpatch restores the modules
+    (their old values go where it keeps object patches' originals). Returns how many sites
+    are fused. PARA_ATTN_FP8_FUSED_GELU=0 turns it off (for comparisons)."""
+    if os.environ.get("PARA_ATTN_FP8_FUSED_GELU", "1") == "0":
+        return 0
+    dm = model_patcher.model.diffusion_model
+    sites = [s for s in gelu_fusion.fusion_sites(dm)
+             if gelu_fusion.rowwise_dynamic_fp8(gelu_fusion.module_at(dm, s.linear).weight)]
+    for path, value in gelu_fusion.install(dm, sites).items():
+        model_patcher.object_patches_backup.setdefault(f"diffusion_model.{path}", value)
+    return len(sites)
 
 
 class FP8OnLoad:

@@ -1,0 +1,76 @@
+"""Row-wise fp8 quantization of an MLP's hidden activations with the tanh GELU applied on the
+way: one pass over the rows, for the fp8 matmul that follows.
+
+FLUX's and HunyuanVideo's blocks feed `linear2` with `cat(attention, gelu(mlp))` (single
+blocks) or `gelu(mlp)` (the double blocks' MLPs). Under torch.compile with torchao's dynamic
+row-wise fp8, inductor quantizes that input in two passes (row amax, then the cast), each
+recomputing the GELU with libdevice's tanh: 11.2 ms of a 101 ms FLUX.1-dev step on an H200,
+compute-bound at ~1.5 TB/s. This kernel reads each row once, keeps it in registers and
+writes the fp8 row and its scale.
+
+Numerics follow torchao's `Float8Tensor.from_hp` for `PerRow` activations exactly where it
+matters: GELU rounded to bf16 (as the model's own `nn.GELU` output is), scale = amax / 448
+rounded to bf16, then values / scale clamped to +-448 and rounded to
+float8_e4m3fn (times the reciprocal scale: a value can land one fp8 step away where
+division would round the other way). The tanh is computed as 1 - 2 / (1 + exp(2y)) (one exp2, no libdevice), which
+differs from torch's tanh by ~1e-7, far below a bf16 ulp. A row of zeros gets scale > 0 (and
+zeros) where torchao would divide 0 by 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._runtime import interpreting, triton_import_error
+
+FP8_MAX = 448.0  # float8_e4m3fn
+_MIN_SCALE = 1e-12
+
+
+def gelu_tail_rowwise_fp8_reference(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
+    """The plain-torch computation: columns >= `gelu_from` of the 2-D `x` through the tanh
+    GELU, then (fp8 values [M, K], fp32 scales [M, 1]) per row as torchao makes them."""
+    y = torch.cat((x[:, :gelu_from], torch.nn.functional.gelu(x[:, gelu_from:], approximate="tanh")), dim=1)
+    scale = (y.abs().amax(dim=1, keepdim=True) / FP8_MAX).float().clamp(min=_MIN_SCALE)
+    q = (y.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def why_not_triton(x: Tensor) -> str | None:
+    """None when the Triton kernel can quantize `x` here, else the reason."""
+    reason = triton_import_error()
+    if reason:
+        return reason
+    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
+        return f"tensors on {x.device.type}"
+    if x.dtype != torch.bfloat16:
+        return f"dtype {x.dtype} (the kernel rounds like bf16; row-wise fp8 needs bf16 models)"
+    if x.ndim != 2 or x.stride(1) != 1:
+        return "not a row-major matrix"
+    if x.shape[1] > 65536:
+        return f"rows of {x.shape[1]} values do not fit one block"
+    return None
+
+
+def gelu_tail_rowwise_fp8_triton(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
+    """The Triton kernel on a row-major bf16 matrix (see `why_not_triton`)."""
+    from .triton_fp8_rowwise import launch
+
+    return launch(x, gelu_from)
+
+
+@torch.library.custom_op("para_attn::gelu_tail_rowwise_fp8", mutates_args=())
+def gelu_tail_rowwise_fp8(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
+    """(fp8 rows, fp32 row scales) of `x` [M, K] with the tanh GELU on columns >= gelu_from:
+    the Triton kernel where it can run, the plain computation elsewhere."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if why_not_triton(x) is None:
+        return gelu_tail_rowwise_fp8_triton(x, gelu_from)
+    return gelu_tail_rowwise_fp8_reference(x, gelu_from)
+
+
+@gelu_tail_rowwise_fp8.register_fake
+def _(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
+    m, k = x.shape
+    return (torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn),
+            torch.empty((m, 1), device=x.device, dtype=torch.float32))

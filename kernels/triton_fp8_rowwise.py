@@ -1,0 +1,50 @@
+"""Triton kernel of `kernels.fp8_rowwise` (imported only where triton is)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import interpreting
+
+
+@triton.jit
+def _round_to_bf16(v, SOFTWARE: tl.constexpr):
+    """fp32 -> nearest bf16 (ties to even), returned as fp32. Triton's interpreter truncates
+    in `.to(tl.bfloat16)`, so there the rounding is done on the bits."""
+    if SOFTWARE:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return v.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _gelu_tail_rowwise_fp8(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, K, gelu_from,
+                           BLOCK_K: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    inside = cols < K
+    x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    tanh = 1.0 - 2.0 / (1.0 + tl.exp2(inner * (2.0 * 1.4426950408889634)))
+    gelu = _round_to_bf16(0.5 * x * (1.0 + tanh), SOFTWARE_ROUNDING)  # the model's GELU output is bf16
+    y = tl.where(cols >= gelu_from, gelu, x)
+    amax = tl.max(tl.abs(y), axis=0)
+    scale = tl.maximum(_round_to_bf16(amax / 448.0, SOFTWARE_ROUNDING), 1e-12)
+    q = tl.minimum(tl.maximum(y * (1.0 / scale), -448.0), 448.0)  # one reciprocal per row
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
+    tl.store(scale_ptr + row, scale)
+
+
+def launch(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    # The interpreter's fp8 conversion is not round-to-nearest (124.6 became 64): there the
+    # kernel writes the scaled, clamped values in fp32 and torch rounds them to fp8.
+    q = torch.empty((m, k), device=x.device, dtype=torch.float32 if interpreting() else torch.float8_e4m3fn)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    warps = 4 if interpreting() else max(4, min(32, block // 1024))  # ~32 values per thread
+    _gelu_tail_rowwise_fp8[(m,)](x, q, scale, x.stride(0), q.stride(0), k, gelu_from, BLOCK_K=block,
+                                 SOFTWARE_ROUNDING=interpreting(), num_warps=warps)
+    return q.to(torch.float8_e4m3fn), scale

@@ -1,0 +1,199 @@
+"""The tanh GELU fused into row-wise fp8 activation quantization (`kernels.fp8_rowwise`,
+`comfy_para_attn.quant.gelu_fusion`): the Triton kernel against the plain computation (on
+CUDA, or on CPU through Triton's interpreter), and the fused linear layer against torchao's
+own dynamic fp8 linear on the same weights."""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imported
+
+from comfy_para_attn.quant import gelu_fusion  # noqa: E402
+from kernels._runtime import interpreter_unusable_reason, interpreting  # noqa: E402
+from kernels.fp8_rowwise import gelu_tail_rowwise_fp8_reference  # noqa: E402
+
+
+def _kernel_runs_here():
+    if not HAVE_TRITON:
+        return "triton is not installed"
+    if DEVICE == "cpu" and (not interpreting() or interpreter_unusable_reason()):
+        return "no CUDA, and Triton's interpreter is not usable in this process"
+    return None
+
+
+needs_kernel = pytest.mark.skipif(_kernel_runs_here() is not None, reason=str(_kernel_runs_here()))
+
+
+def _activations(rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(rows, 1, generator=g) * 4 + 0.1  # rows of different magnitude
+    return (torch.randn(rows, cols, generator=g) * scale).to(torch.bfloat16).to(DEVICE)
+
+
+@needs_kernel
+@pytest.mark.parametrize("cols,gelu_from", [(3 * 96, 96), (256, 0), (200, 72)])
+def test_kernel_matches_the_plain_quantization(cols, gelu_from):
+    from kernels.fp8_rowwise import gelu_tail_rowwise_fp8_triton
+
+    x = _activations(48, cols)
+    q, scale = gelu_tail_rowwise_fp8_triton(x, gelu_from)
+    q_ref, scale_ref = gelu_tail_rowwise_fp8_reference(x, gelu_from)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and scale.shape == (48, 1)
+    assert torch.equal(scale, scale_ref)  # amax / 448 rounded to bf16, as torchao computes it
+    values, values_ref = q.float(), q_ref.float()
+    assert torch.isfinite(values).all() and values.abs().max() == 448  # each row's max maps to 448
+    differ = values != values_ref
+    # the reciprocal scale (and a GELU one bf16 ulp off) can round a value to the next fp8 step
+    assert differ.float().mean() < 2e-3, differ.float().mean()
+    step = (values_ref[differ].abs() / 8).clamp(min=2.0 ** -9)  # e4m3: 3 mantissa bits
+    assert ((values[differ] - values_ref[differ]).abs() <= step * 1.01).all()
+    dequantized = values * scale
+    reference = torch.cat((x[:, :gelu_from].float(),
+                           torch.nn.functional.gelu(x[:, gelu_from:].float(), approximate="tanh")), 1)
+    rel = (dequantized - reference).norm() / reference.norm()
+    assert rel < 0.05, rel  # fp8's own rounding error
+
+
+@needs_kernel
+def test_a_row_of_zeros_quantizes_to_zeros():
+    from kernels.fp8_rowwise import gelu_tail_rowwise_fp8_triton
+
+    x = _activations(4, 64)
+    x[2] = 0
+    q, scale = gelu_tail_rowwise_fp8_triton(x, 32)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert (q[2].float() == 0).all() and (q[1].float() != 0).any()
+
+
+def _dynamic_fp8_linear(in_features, out_features, seed=1):
+    """A bf16 linear layer whose weight is torchao's dynamic row-wise fp8 tensor, made
+    directly (torchao's quantize_ refuses CPUs; its matmul runs there)."""
+    pytest.importorskip("torchao")
+    from torchao.float8.inference import Float8MMConfig
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows import Float8Tensor, QuantizeTensorToFloat8Kwargs
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features).to(torch.bfloat16).to(DEVICE)
+    weight = Float8Tensor.from_hp(linear.weight.detach(), granularity=PerRow(),
+                                  mm_config=Float8MMConfig(use_fast_accum=True),
+                                  act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=PerRow()))
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+@needs_kernel
+@pytest.mark.parametrize("gelu_from", [0, 96])
+def test_fused_linear_matches_torchao(gelu_from):
+    linear = _dynamic_fp8_linear(288, 64)
+    assert gelu_fusion.rowwise_dynamic_fp8(linear.weight)
+    x = _activations(2 * 24, 288, seed=2).reshape(2, 24, 288)
+    activated = torch.cat((x[..., :gelu_from], torch.nn.functional.gelu(x[..., gelu_from:], approximate="tanh")), -1)
+    expected = linear(activated)  # torchao: quantize the GELU's output, fp8 matmul
+    fused = gelu_fusion.GeluThenLinear(linear, gelu_from)(x)
+    assert fused.shape == expected.shape == (2, 24, 64) and fused.dtype == torch.bfloat16
+    assert torch.isfinite(fused).all() and expected.abs().mean() > 1e-2
+    rel = (fused.float() - expected.float()).norm() / expected.float().norm()
+    assert rel < 1e-2, rel
+
+
+class _SingleStreamLike(torch.nn.Module):
+    """The FLUX single-stream block's GELU -> linear2 shape (the real one is tested in the
+    comfyui tier); its forward contains the call `fusion_sites` looks for."""
+
+    def __init__(self, hidden=32, mlp=64):
+        super().__init__()
+        self.hidden_size = hidden
+        self.linear1 = torch.nn.Linear(hidden, hidden + mlp)
+        self.mlp_act = torch.nn.GELU(approximate="tanh")
+        self.linear2 = torch.nn.Linear(hidden + mlp, hidden)
+
+    def forward(self, x):
+        attn, mlp = torch.split(self.linear1(x), [self.hidden_size, self.linear1.out_features - self.hidden_size], -1)
+        return self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(64, 32))
+        self.plain_gelu = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+        self.single = _SingleStreamLike()
+
+    def forward(self, x):
+        return self.single(self.plain_gelu(self.mlp(x)))
+
+
+def test_sites_install_and_restore_without_changing_a_plain_model():
+    torch.manual_seed(0)
+    model = _Model()
+    sites = gelu_fusion.fusion_sites(model)
+    assert sites == [gelu_fusion.FusionSite("mlp.1", "mlp.2", 0),
+                     gelu_fusion.FusionSite("single.mlp_act", "single.linear2", 32)]  # exact GELU: not fused
+    x = torch.randn(2, 5, 32)
+    expected = model(x)
+    gelus = (model.mlp[1], model.single.mlp_act)
+    previous = gelu_fusion.install(model, sites)
+    assert isinstance(model.mlp[1], torch.nn.Identity) and isinstance(model.single.mlp_act, torch.nn.Identity)
+    assert gelu_fusion.install(model, sites) == {}  # idempotent
+    assert torch.equal(model(x), expected)  # plain weights: the layer applies the GELU itself
+    gelu_fusion.restore(model, previous)
+    assert (model.mlp[1], model.single.mlp_act) == gelus
+    assert model.mlp[2].forward.__func__ is torch.nn.Linear.forward
+    assert torch.equal(model(x), expected)
+    gelu_fusion.install(model, sites)
+    identity, fused = model.mlp[1], model.mlp[2].forward
+    gelu_fusion.restore(model, previous)
+    gelu_fusion.install(model, sites)
+    assert model.mlp[1] is identity and model.mlp[2].forward is fused  # same objects: no recompile
+
+
+@needs_kernel
+def test_fused_site_compiles_as_one_graph():
+    """The fused layer inside a compiled block: no graph break (torchao's weight, the custom
+    op and `_scaled_mm` all trace), same output as eager."""
+    linear = _dynamic_fp8_linear(288, 64)
+    block = torch.nn.Sequential(torch.nn.GELU(approximate="tanh"), linear).to(DEVICE)
+    previous = gelu_fusion.install(block, [gelu_fusion.FusionSite("0", "1", 0)])
+    assert previous and isinstance(block[0], torch.nn.Identity)
+    x = _activations(24, 288, seed=3).reshape(1, 24, 288)
+    eager = block(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    out = compiled(x)
+    assert torch.isfinite(out).all() and torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video", "wan"])
+def test_comfy_models_fusion_sites_and_unchanged_sampling(cm, family):
+    """comfyui tier: the sites in ComfyUI's own blocks (FLUX / HunyuanVideo: both MLPs of each
+    double block and every single block; Wan: each block's feed-forward), and sampling with
+    them installed on plain weights is bit for bit the same as without."""
+    patcher = cm.build(family, seed=0)
+    dm = patcher.model.diffusion_model
+    sites = gelu_fusion.fusion_sites(dm)
+    if family == "wan":
+        expected = {f"blocks.{i}.ffn.2" for i in range(len(dm.blocks))} | {"text_embedding.2"}  # fp8 excludes it
+    else:
+        expected = ({f"double_blocks.{i}.{s}_mlp.2" for i in range(len(dm.double_blocks)) for s in ("img", "txt")}
+                    | {f"single_blocks.{i}.linear2" for i in range(len(dm.single_blocks))})
+    assert {s.linear for s in sites} == expected
+    singles = [s for s in sites if s.linear.endswith("linear2")]
+    assert all(s.gelu_from == dm.single_blocks[0].hidden_size for s in singles)
+    shape = cm.latent_shape(family)
+    latent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    positive = cm.conditioning(patcher, seed=1)
+    reference = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
+    previous = gelu_fusion.install(dm, sites)
+    try:
+        fused = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
+    finally:
+        gelu_fusion.restore(dm, previous)
+    assert torch.isfinite(fused).all() and reference.abs().mean() > 1e-3
+    assert torch.equal(fused, reference)
