@@ -13,7 +13,8 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
   ours_fp8_regional     FP8 Quantize (dynamic, row-wise) + Compile Model, regional
   comfy_fp8_fast        ComfyUI's UNETLoader weight_dtype fp8_e4m3fn_fast (fp8 weights, _scaled_mm)
   extra (--configs):    ours_fp8_eager, ours_fp8_regional_tensorwise, ours_fp8_regional_autotune
-                        (max-autotune-no-cudagraphs), ours_fp8_regional_cudagraphs (max-autotune)
+                        (max-autotune-no-cudagraphs), ours_fp8_regional_cudagraphs (max-autotune),
+                        ours_fp8_regional_graphs (reduce-overhead)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
 compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
@@ -40,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_CONFIGS = ("comfy_bf16", "comfy_torch_compile", "ours_regional_bf16", "ours_fp8_regional", "comfy_fp8_fast")
 EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_regional_autotune",
-                 "ours_fp8_regional_cudagraphs")
+                 "ours_fp8_regional_cudagraphs", "ours_fp8_regional_graphs")
 
 
 def _sync(device):
@@ -80,8 +81,8 @@ def _configure(name, model, device, cm):
     if "fp8" in name:
         m = apply_fp8(m, FP8Settings(granularity=granularity))
     if "regional" in name:
-        mode = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "max-autotune"}.get(name.rsplit("_", 1)[-1],
-                                                                                           "default")
+        mode = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "max-autotune",
+                "graphs": "reduce-overhead"}.get(name.rsplit("_", 1)[-1], "default")
         m = apply_compile(m, CompileSettings(mode=mode))
     return m
 

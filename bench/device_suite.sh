@@ -3,7 +3,7 @@
 #
 #   bench/device_suite.sh [SECTION ...]      (default: every section; ~25 min on 2 H200s)
 #
-# Sections: nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae transfer kernels diffusers
+# Sections: nccl cp-flux cp-hunyuan cp-pool fbc fp8 fp8-gelu vae transfer kernels diffusers
 # One device call may run 10 minutes: pass groups that fit (limits below), e.g.
 #   nccl cp-flux | cp-hunyuan kernels | cp-pool vae transfer | fbc diffusers | fp8
 # Each section's table is printed as soon as it ends, so a killed call keeps what ran.
@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1  # a section killed by its time limit still leaves its
 mkdir -p "$LOGS"
 QUIET="-e Warning -e return.func -e USDT -e _warn_once"
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(nccl cp-flux cp-hunyuan cp-pool fbc fp8 vae transfer kernels diffusers)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(nccl cp-flux cp-hunyuan cp-pool fbc fp8 fp8-gelu vae transfer kernels diffusers)
 
 run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes to $LOGS/NAME.txt
     local name=$1 limit=$2
@@ -32,6 +32,7 @@ run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes t
 for section in "${SECTIONS[@]}"; do
     case $section in
         nccl) run nccl 240 $PY -m pytest -q -rs tests/test_attention_nccl.py tests/test_pool_gpu.py tests/test_fp8_gpu.py \
+                  tests/test_device_conds.py tests/test_compile_gpu.py tests/test_fp8_gelu_fusion.py \
                   tests/test_pool.py::test_cuda_weights_publish_through_pinned_staging_in_pieces \
                   tests/test_vae_tiling.py::test_cuda_lookahead_equals_the_cpu_decode ;;
         cp-flux) run cp-flux 330 $PY bench/profile_context_parallel.py --steps 8 --compile --layouts ulysses,ring ;;
@@ -43,6 +44,7 @@ for section in "${SECTIONS[@]}"; do
         vae) run vae 240 $PY bench/bench_parallel_vae.py --gpus 2 ;;
         transfer) run transfer 150 $PY bench/bench_transfer.py ;;
         kernels) run kernels 150 $PY bench/bench_attention_kernels.py ;;
+        fp8-gelu) run fp8-gelu 120 $PY bench/bench_fp8_gelu_quant.py ;;
         diffusers) run diffusers 330 $PY bench/bench_diffusers_context_parallel.py ;;
         *) echo "unknown section $section" >&2; exit 2 ;;
     esac
