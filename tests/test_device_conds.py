@@ -101,4 +101,5 @@ def test_no_pageable_copy_per_step_on_cuda(comfyui_path):
     (result,) = run_ranks(pageable_copies_per_run, 1, str(comfyui_path), timeout=600)
     assert result["finite"] and result["scale"] > 1e-3 and result["same_output"], result
     assert result["plain_6"] > result["plain_2"], result  # ComfyUI copies the conds in every model call
-    assert result["resident_6"] == result["resident_2"] < result["plain_2"], result
+    # once per run (moving them), none per step
+    assert result["resident_6"] == result["resident_2"] and result["resident_6"] < result["plain_6"], result

@@ -96,7 +96,7 @@ def test_fused_linear_matches_torchao(gelu_from):
     x = _activations(2 * 24, 288, seed=2).reshape(2, 24, 288)
     activated = torch.cat((x[..., :gelu_from], torch.nn.functional.gelu(x[..., gelu_from:], approximate="tanh")), -1)
     expected = linear(activated)  # torchao: quantize the GELU's output, fp8 matmul
-    fused = gelu_fusion.GeluThenLinear(linear, gelu_from)(x)
+    fused = gelu_fusion.fuse_linear(linear, gelu_from)(x)
     assert fused.shape == expected.shape == (2, 24, 64) and fused.dtype == torch.bfloat16
     assert torch.isfinite(fused).all() and expected.abs().mean() > 1e-2
     rel = (fused.float() - expected.float()).norm() / expected.float().norm()
@@ -145,29 +145,36 @@ def test_sites_install_and_restore_without_changing_a_plain_model():
     assert torch.equal(model(x), expected)  # plain weights: the layer applies the GELU itself
     gelu_fusion.restore(model, previous)
     assert (model.mlp[1], model.single.mlp_act) == gelus
-    assert model.mlp[2].forward.__func__ is torch.nn.Linear.forward
+    assert type(model.mlp[2]) is torch.nn.Linear and type(model.single.linear2) is torch.nn.Linear
     assert torch.equal(model(x), expected)
     gelu_fusion.install(model, sites)
-    identity, fused = model.mlp[1], model.mlp[2].forward
+    identity, fused = model.mlp[1], type(model.mlp[2])
     gelu_fusion.restore(model, previous)
     gelu_fusion.install(model, sites)
-    assert model.mlp[1] is identity and model.mlp[2].forward is fused  # same objects: no recompile
+    assert model.mlp[1] is identity and type(model.mlp[2]) is fused  # same objects: no recompile
+    assert type(model.single.linear2) is fused and model.single.linear2._para_attn_gelu_from == 32
 
 
 @needs_kernel
-def test_fused_site_compiles_as_one_graph():
-    """The fused layer inside a compiled block: no graph break (torchao's weight, the custom
-    op and `_scaled_mm` all trace), same output as eager."""
-    linear = _dynamic_fp8_linear(288, 64)
-    block = torch.nn.Sequential(torch.nn.GELU(approximate="tanh"), linear).to(DEVICE)
-    previous = gelu_fusion.install(block, [gelu_fusion.FusionSite("0", "1", 0)])
-    assert previous and isinstance(block[0], torch.nn.Identity)
+def test_fused_sites_compile_as_one_graph_for_every_block():
+    """The fused layer inside compiled blocks: no graph break (torchao's weight, the custom op
+    and `_scaled_mm` all trace), the same output as eager, and one graph for all blocks (a
+    per-layer object in the call path recompiled every block, then ran them eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    blocks = [torch.nn.Sequential(torch.nn.GELU(approximate="tanh"), _dynamic_fp8_linear(288, 64, seed=s))
+              for s in (1, 2, 3)]
+    for block in blocks:
+        assert gelu_fusion.install(block, [gelu_fusion.FusionSite("0", "1", 0)])
+        assert isinstance(block[0], torch.nn.Identity)
     x = _activations(24, 288, seed=3).reshape(1, 24, 288)
-    eager = block(x)
+    eager = [block(x) for block in blocks]
     torch._dynamo.reset()
-    compiled = torch.compile(block, backend="eager", fullgraph=True)
-    out = compiled(x)
-    assert torch.isfinite(out).all() and torch.equal(out, eager)
+    counter = CompileCounter()
+    for block, expected in zip(blocks, eager):
+        out = torch.compile(block, backend=counter, fullgraph=True)(x)
+        assert torch.isfinite(out).all() and torch.equal(out, expected)
+    assert counter.frame_count == 1, counter.frame_count
 
 
 @pytest.mark.parametrize("family", ["flux", "hunyuan_video", "wan"])

@@ -5,8 +5,8 @@ recomputing the GELU).
 Where: `nn.Sequential(Linear, GELU(tanh), Linear)` MLPs (FLUX / HunyuanVideo double blocks,
 Wan's feed-forward) and FLUX-style single-stream blocks, whose `linear2` gets
 `cat(attention, mlp_act(mlp))`. At such a site the GELU module becomes an identity and the
-second linear layer's `forward` applies the GELU to its input's tail (columns >= `gelu_from`)
-first: on the fused path when its weight is torchao's dynamic row-wise fp8 on a CUDA bf16
+second linear layer (its class swapped for a subclass) applies the GELU to its input's tail
+(columns >= `gelu_from`) first: on the fused path when its weight is torchao's dynamic row-wise fp8 on a CUDA bf16
 input, as a plain GELU then the layer's own forward otherwise. So the pair stays correct
 whatever the weight becomes (restored bf16, weight-only fp8, offloaded). Nothing here knows
 about ComfyUI; the adapter installs the sites and restores them.
@@ -78,26 +78,43 @@ def _fusable(x: torch.Tensor) -> bool:
 
 
 class GeluThenLinear:
-    """Installed as a linear layer's `forward`: GELU on the input's tail, then the layer."""
+    """Mixed into a linear layer's class by `install` (the layer's class becomes a subclass of
+    its own): GELU on the input's tail (columns >= `_para_attn_gelu_from`), then the layer.
+    A class, not a per-layer callable: compiled blocks guard on the type of what they call,
+    so every block shares one graph (a callable object per layer recompiled every block)."""
 
-    def __init__(self, linear: torch.nn.Linear, gelu_from: int):
-        self.linear = linear
-        self.gelu_from = gelu_from
+    _para_attn_base: type  # the layer's own class
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weight, start = self.linear.weight, self.gelu_from
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, start = self.weight, self._para_attn_gelu_from
         if _fusable(x) and rowwise_dynamic_fp8(weight):
             rows = x.reshape(-1, x.shape[-1])
             q, scale = torch.ops.para_attn.gelu_tail_rowwise_fp8(rows, start)
-            out = torch._scaled_mm(q, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(),
-                                   bias=self.linear.bias, out_dtype=x.dtype,
-                                   use_fast_accum=weight.mm_config.use_fast_accum)
+            out = torch._scaled_mm(q, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(), bias=self.bias,
+                                   out_dtype=x.dtype, use_fast_accum=weight.mm_config.use_fast_accum)
             return out.reshape(*x.shape[:-1], out.shape[-1])
         tail = F.gelu(x[..., start:], approximate="tanh")
-        return type(self.linear).forward(self.linear, torch.cat((x[..., :start], tail), dim=-1) if start else tail)
+        return self._para_attn_base.forward(self, torch.cat((x[..., :start], tail), dim=-1) if start else tail)
 
-    def __repr__(self):
-        return f"GeluThenLinear(gelu_from={self.gelu_from})"
+
+_fused_classes: dict = {}
+
+
+def fused_class(cls: type) -> type:
+    """`cls` with `GeluThenLinear`'s forward (one subclass per linear class)."""
+    if issubclass(cls, GeluThenLinear):
+        return cls
+    if cls not in _fused_classes:
+        _fused_classes[cls] = type(f"GeluThen{cls.__name__}", (GeluThenLinear, cls),
+                                   {"_para_attn_base": cls, "__module__": __name__})
+    return _fused_classes[cls]
+
+
+def fuse_linear(linear: torch.nn.Linear, gelu_from: int) -> torch.nn.Linear:
+    """Make `linear` apply the tanh GELU to its input's columns >= gelu_from (in place)."""
+    linear._para_attn_gelu_from = gelu_from
+    linear.__class__ = fused_class(type(linear))
+    return linear
 
 
 def module_at(root, path: str):
@@ -106,36 +123,31 @@ def module_at(root, path: str):
     return root
 
 
-# One identity per replaced GELU and one fused forward per linear layer, kept on those
-# modules and reused by every install: compiled blocks guard on these objects, so
-# re-installing after ComfyUI restored the model (a LoRA change, an unload) must not hand
-# them new ones (a recompile each time).
-_CACHED = "_para_attn_fusion"
+# One identity per replaced GELU, kept on that GELU and reused by every install: re-installing
+# after ComfyUI restored the model (a LoRA change, an unload) hands compiled blocks the same
+# objects again.
+_CACHED = "_para_attn_identity"
 
 
 def install(root: torch.nn.Module, sites: list[FusionSite]) -> dict:
     """Fuse `sites` in place; returns {attribute path: previous value} (paths relative to
-    `root`; a linear layer's entry is its `forward`), which setting back undoes it."""
+    `root`; a linear layer's entry is its `__class__`), which setting back undoes it."""
     previous = {}
     for site in sites:
         parent_path, _, attr = site.gelu.rpartition(".")
         parent = module_at(root, parent_path) if parent_path else root
         linear = module_at(root, site.linear)
-        if isinstance(linear.__dict__.get("forward"), GeluThenLinear):
+        if isinstance(linear, GeluThenLinear):
             continue  # already fused
         gelu = getattr(parent, attr)
         previous[site.gelu] = gelu
-        previous[f"{site.linear}.forward"] = linear.forward
+        previous[f"{site.linear}.__class__"] = type(linear)
         identity = gelu.__dict__.get(_CACHED)
         if identity is None:
             identity = torch.nn.Identity()
             object.__setattr__(gelu, _CACHED, identity)  # a plain attribute, not a submodule
-        fused = linear.__dict__.get(_CACHED)
-        if fused is None or fused.gelu_from != site.gelu_from:
-            fused = GeluThenLinear(linear, site.gelu_from)
-            object.__setattr__(linear, _CACHED, fused)
         setattr(parent, attr, identity)  # nn.Sequential keeps its children under "0", "1", ...
-        linear.forward = fused
+        fuse_linear(linear, site.gelu_from)
     return previous
 
 

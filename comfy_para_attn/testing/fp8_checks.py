@@ -34,7 +34,7 @@ def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
     loads = []
 
     def fused_sites(patcher):
-        return sum(isinstance(m.__dict__.get("forward"), GeluThenLinear) for m in patcher.model.diffusion_model.modules())
+        return sum(isinstance(m, GeluThenLinear) for m in patcher.model.diffusion_model.modules())
 
     def look(patcher, *args):
         held = fp8._host_originals.get(patcher.model, {})
