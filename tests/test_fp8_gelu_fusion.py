@@ -96,7 +96,8 @@ def test_fused_linear_matches_torchao(gelu_from):
     x = _activations(2 * 24, 288, seed=2).reshape(2, 24, 288)
     activated = torch.cat((x[..., :gelu_from], torch.nn.functional.gelu(x[..., gelu_from:], approximate="tanh")), -1)
     expected = linear(activated)  # torchao: quantize the GELU's output, fp8 matmul
-    fused = gelu_fusion.fuse_linear(linear, gelu_from)(x)
+    linear.__class__ = gelu_fusion.fused_class(type(linear), gelu_from)
+    fused = linear(x)
     assert fused.shape == expected.shape == (2, 24, 64) and fused.dtype == torch.bfloat16
     assert torch.isfinite(fused).all() and expected.abs().mean() > 1e-2
     rel = (fused.float() - expected.float()).norm() / expected.float().norm()
@@ -130,7 +131,7 @@ class _Model(torch.nn.Module):
         return self.single(self.plain_gelu(self.mlp(x)))
 
 
-def test_sites_install_and_restore_without_changing_a_plain_model():
+def test_patches_apply_and_undo_without_changing_a_plain_model():
     torch.manual_seed(0)
     model = _Model()
     sites = gelu_fusion.fusion_sites(model)
@@ -139,20 +140,19 @@ def test_sites_install_and_restore_without_changing_a_plain_model():
     x = torch.randn(2, 5, 32)
     expected = model(x)
     gelus = (model.mlp[1], model.single.mlp_act)
-    previous = gelu_fusion.install(model, sites)
-    assert isinstance(model.mlp[1], torch.nn.Identity) and isinstance(model.single.mlp_act, torch.nn.Identity)
-    assert gelu_fusion.install(model, sites) == {}  # idempotent
+    changes = gelu_fusion.patches(model, sites)
+    previous = gelu_fusion.apply_patches(model, changes)
+    assert isinstance(model.mlp[1], gelu_fusion.GeluMovedOn) and isinstance(model.single.mlp_act, torch.nn.Identity)
+    assert isinstance(model.single.linear2, gelu_fusion.GeluThenLinear) and model.single.linear2._para_attn_gelu_from == 32
+    assert isinstance(model.mlp[2], torch.nn.Linear) and type(model.mlp[2]) is not type(model.single.linear2)
+    assert gelu_fusion.fusion_sites(model) == sites  # found again on the fused model
+    assert gelu_fusion.patches(model, sites).keys() == changes.keys()
+    assert type(gelu_fusion.patches(model, sites)["mlp.2.__class__"]) is type(changes["mlp.2.__class__"])
     assert torch.equal(model(x), expected)  # plain weights: the layer applies the GELU itself
-    gelu_fusion.restore(model, previous)
+    gelu_fusion.apply_patches(model, previous)
     assert (model.mlp[1], model.single.mlp_act) == gelus
     assert type(model.mlp[2]) is torch.nn.Linear and type(model.single.linear2) is torch.nn.Linear
     assert torch.equal(model(x), expected)
-    gelu_fusion.install(model, sites)
-    identity, fused = model.mlp[1], type(model.mlp[2])
-    gelu_fusion.restore(model, previous)
-    gelu_fusion.install(model, sites)
-    assert model.mlp[1] is identity and type(model.mlp[2]) is fused  # same objects: no recompile
-    assert type(model.single.linear2) is fused and model.single.linear2._para_attn_gelu_from == 32
 
 
 @needs_kernel
@@ -165,7 +165,7 @@ def test_fused_sites_compile_as_one_graph_for_every_block():
     blocks = [torch.nn.Sequential(torch.nn.GELU(approximate="tanh"), _dynamic_fp8_linear(288, 64, seed=s))
               for s in (1, 2, 3)]
     for block in blocks:
-        assert gelu_fusion.install(block, [gelu_fusion.FusionSite("0", "1", 0)])
+        gelu_fusion.apply_patches(block, gelu_fusion.patches(block, [gelu_fusion.FusionSite("0", "1", 0)]))
         assert isinstance(block[0], torch.nn.Identity)
     x = _activations(24, 288, seed=3).reshape(1, 24, 288)
     eager = [block(x) for block in blocks]
@@ -197,10 +197,46 @@ def test_comfy_models_fusion_sites_and_unchanged_sampling(cm, family):
     latent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     positive = cm.conditioning(patcher, seed=1)
     reference = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
-    previous = gelu_fusion.install(dm, sites)
+    previous = gelu_fusion.apply_patches(dm, gelu_fusion.patches(dm, sites))
     try:
         fused = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
     finally:
-        gelu_fusion.restore(dm, previous)
+        gelu_fusion.apply_patches(dm, previous)
     assert torch.isfinite(fused).all() and reference.abs().mean() > 1e-3
     assert torch.equal(fused, reference)
+
+
+def test_fp8_node_fuses_through_object_patches_that_comfy_applies_per_load(cm):
+    """comfyui tier: FP8 Quantize (dynamic row-wise) adds the fusion as object patches, so
+    ComfyUI applies them at every load (also when the loaded model is reused by the next
+    prompt) and undoes them for a plain clone; another mode drops them; they never travel to
+    pool workers (which re-apply FP8 Quantize). On CPU the weights fall back to weight-only
+    fp8, where the fused layers apply the GELU themselves."""
+    import comfy.patcher_extension
+
+    from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+    from comfy_para_attn.adapters.comfy.portable import portable_object_patches
+    from comfy_para_attn.quant import FP8Settings
+
+    patcher = cm.build("flux", dtype=torch.bfloat16, seed=0, **cm.flux_config("tiny"))
+    dm = patcher.model.diffusion_model
+    model = apply_fp8(patcher, FP8Settings())
+    fusion = {k: v for k, v in model.object_patches.items() if "mlp" in k or "linear2" in k}
+    assert len(fusion) == 2 * 6  # 2 double blocks x 2 MLPs + 2 single blocks: a GELU slot and a class each
+    assert portable_object_patches(model.object_patches) == {}
+    assert not [k for k in apply_fp8(model, FP8Settings(mode="weight-only")).object_patches if "mlp" in k]
+    assert not [k for k in apply_fp8(model, FP8Settings(granularity="tensor-wise")).object_patches if "mlp" in k]
+    seen = []
+    model.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN,
+                       lambda p: seen.append(sum(isinstance(m, gelu_fusion.GeluThenLinear) for m in dm.modules())))
+    positive = cm.conditioning(patcher, seed=1)
+    latent = torch.randn(cm.latent_shape("flux"), generator=torch.Generator().manual_seed(3))
+    reference = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
+    assert not any(isinstance(m, gelu_fusion.GeluThenLinear) for m in dm.modules())
+    first = cm.sample(model, positive, [], latent, steps=2, cfg=1.0)
+    second = cm.sample(model, positive, [], latent, steps=2, cfg=1.0)  # the loaded model, reused
+    assert seen == [6, 6], seen
+    plain_again = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
+    assert not any(isinstance(m, gelu_fusion.GeluThenLinear) for m in dm.modules())
+    assert torch.isfinite(first).all() and torch.equal(first, second)
+    assert torch.equal(plain_again, reference) and not torch.equal(first, reference)  # fp8 weights differ

@@ -4,12 +4,14 @@ recomputing the GELU).
 
 Where: `nn.Sequential(Linear, GELU(tanh), Linear)` MLPs (FLUX / HunyuanVideo double blocks,
 Wan's feed-forward) and FLUX-style single-stream blocks, whose `linear2` gets
-`cat(attention, mlp_act(mlp))`. At such a site the GELU module becomes an identity and the
-second linear layer (its class swapped for a subclass) applies the GELU to its input's tail
-(columns >= `gelu_from`) first: on the fused path when its weight is torchao's dynamic row-wise fp8 on a CUDA bf16
-input, as a plain GELU then the layer's own forward otherwise. So the pair stays correct
-whatever the weight becomes (restored bf16, weight-only fp8, offloaded). Nothing here knows
-about ComfyUI; the adapter installs the sites and restores them.
+`cat(attention, mlp_act(mlp))`. At such a site the GELU module becomes an identity
+(`GeluMovedOn`) and the second linear layer's class becomes a subclass of its own that
+applies the GELU to its input's tail (columns >= `gelu_from`) first: on the fused path when
+its weight is torchao's dynamic row-wise fp8 and the input CUDA bf16, as a plain GELU then
+the layer's own forward otherwise (under torch.compile that is one fused elementwise
+kernel). So the pair stays correct whatever the weight becomes (restored bf16, weight-only
+fp8, offloaded). `patches` gives the changes as {attribute path: new value}; the ComfyUI
+adapter makes them object patches, which ComfyUI applies at every load and undoes.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ class FusionSite(NamedTuple):
     gelu_from: int  # first input column of that layer that went through the GELU
 
 
-def _is_tanh_gelu(module) -> bool:
-    return isinstance(module, torch.nn.GELU) and module.approximate == "tanh"
+def _gelu_slot(module) -> bool:
+    """A tanh GELU, or the stand-in a fusion left there (sites are found on a model whose
+    fusion ComfyUI has applied, too)."""
+    return (isinstance(module, torch.nn.GELU) and module.approximate == "tanh") or type(module).__name__ == "GeluMovedOn"
 
 
 def _forward_source(cls) -> str:
@@ -42,15 +46,15 @@ def _forward_source(cls) -> str:
 
 
 def fusion_sites(root: torch.nn.Module) -> list[FusionSite]:
-    """Every GELU -> linear pair under `root` that `install` can fuse."""
+    """Every tanh GELU -> linear pair under `root` that can be fused."""
     sites = []
     for name, module in root.named_modules():
         prefix = f"{name}." if name else ""
         if (isinstance(module, torch.nn.Sequential) and len(module) == 3 and isinstance(module[0], torch.nn.Linear)
-                and _is_tanh_gelu(module[1]) and isinstance(module[2], torch.nn.Linear)):
+                and _gelu_slot(module[1]) and isinstance(module[2], torch.nn.Linear)):
             sites.append(FusionSite(f"{prefix}1", f"{prefix}2", 0))
-        elif (_is_tanh_gelu(getattr(module, "mlp_act", None)) and isinstance(getattr(module, "linear2", None),
-                                                                            torch.nn.Linear)
+        elif (_gelu_slot(getattr(module, "mlp_act", None))
+              and isinstance(getattr(module, "linear2", None), torch.nn.Linear)
               and isinstance(getattr(module, "hidden_size", None), int)
               and _SINGLE_BLOCK_CALL in _forward_source(type(module))):
             sites.append(FusionSite(f"{prefix}mlp_act", f"{prefix}linear2", module.hidden_size))
@@ -77,13 +81,18 @@ def _fusable(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
 
 
+class GeluMovedOn(torch.nn.Identity):
+    """Stands where a tanh GELU was: the next linear layer applies it (see `GeluThenLinear`)."""
+
+
 class GeluThenLinear:
-    """Mixed into a linear layer's class by `install` (the layer's class becomes a subclass of
-    its own): GELU on the input's tail (columns >= `_para_attn_gelu_from`), then the layer.
-    A class, not a per-layer callable: compiled blocks guard on the type of what they call,
-    so every block shares one graph (a callable object per layer recompiled every block)."""
+    """Mixed into a linear layer's class (`fused_class`): GELU on the input's tail (columns
+    >= the class's `_para_attn_gelu_from`), then the layer. A class, not a per-layer callable:
+    compiled blocks guard on the type of what they call, so every block shares one graph (a
+    callable object per layer recompiled every block, then ran them eager)."""
 
     _para_attn_base: type  # the layer's own class
+    _para_attn_gelu_from: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, start = self.weight, self._para_attn_gelu_from
@@ -100,21 +109,14 @@ class GeluThenLinear:
 _fused_classes: dict = {}
 
 
-def fused_class(cls: type) -> type:
-    """`cls` with `GeluThenLinear`'s forward (one subclass per linear class)."""
-    if issubclass(cls, GeluThenLinear):
-        return cls
-    if cls not in _fused_classes:
-        _fused_classes[cls] = type(f"GeluThen{cls.__name__}", (GeluThenLinear, cls),
-                                   {"_para_attn_base": cls, "__module__": __name__})
-    return _fused_classes[cls]
-
-
-def fuse_linear(linear: torch.nn.Linear, gelu_from: int) -> torch.nn.Linear:
-    """Make `linear` apply the tanh GELU to its input's columns >= gelu_from (in place)."""
-    linear._para_attn_gelu_from = gelu_from
-    linear.__class__ = fused_class(type(linear))
-    return linear
+def fused_class(cls: type, gelu_from: int) -> type:
+    """`cls` with `GeluThenLinear`'s forward for `gelu_from` (one subclass per pair)."""
+    base = getattr(cls, "_para_attn_base", cls)
+    if (base, gelu_from) not in _fused_classes:
+        _fused_classes[base, gelu_from] = type(
+            f"GeluThen{base.__name__}", (GeluThenLinear, base),
+            {"_para_attn_base": base, "_para_attn_gelu_from": gelu_from, "__module__": __name__})
+    return _fused_classes[base, gelu_from]
 
 
 def module_at(root, path: str):
@@ -123,36 +125,23 @@ def module_at(root, path: str):
     return root
 
 
-# One identity per replaced GELU, kept on that GELU and reused by every install: re-installing
-# after ComfyUI restored the model (a LoRA change, an unload) hands compiled blocks the same
-# objects again.
-_CACHED = "_para_attn_identity"
-
-
-def install(root: torch.nn.Module, sites: list[FusionSite]) -> dict:
-    """Fuse `sites` in place; returns {attribute path: previous value} (paths relative to
-    `root`; a linear layer's entry is its `__class__`), which setting back undoes it."""
-    previous = {}
+def patches(root: torch.nn.Module, sites: list[FusionSite]) -> dict:
+    """{attribute path under `root`: new value} that fuses `sites`: the GELU's slot gets a
+    `GeluMovedOn`, the linear layer's `__class__` its fused subclass."""
+    out = {}
     for site in sites:
-        parent_path, _, attr = site.gelu.rpartition(".")
-        parent = module_at(root, parent_path) if parent_path else root
         linear = module_at(root, site.linear)
-        if isinstance(linear, GeluThenLinear):
-            continue  # already fused
-        gelu = getattr(parent, attr)
-        previous[site.gelu] = gelu
-        previous[f"{site.linear}.__class__"] = type(linear)
-        identity = gelu.__dict__.get(_CACHED)
-        if identity is None:
-            identity = torch.nn.Identity()
-            object.__setattr__(gelu, _CACHED, identity)  # a plain attribute, not a submodule
-        setattr(parent, attr, identity)  # nn.Sequential keeps its children under "0", "1", ...
-        fuse_linear(linear, site.gelu_from)
-    return previous
+        out[site.gelu] = GeluMovedOn()
+        out[f"{site.linear}.__class__"] = fused_class(type(linear), site.gelu_from)
+    return out
 
 
-def restore(root: torch.nn.Module, previous: dict) -> None:
-    """Undo `install` (the values it returned)."""
-    for path, value in previous.items():
+def apply_patches(root: torch.nn.Module, changes: dict) -> dict:
+    """Set `changes` (from `patches`) on `root`; returns the previous values (for the same)."""
+    previous = {}
+    for path, value in changes.items():
         parent_path, _, attr = path.rpartition(".")
-        setattr(module_at(root, parent_path) if parent_path else root, attr, value)
+        parent = module_at(root, parent_path) if parent_path else root
+        previous[path] = getattr(parent, attr)
+        setattr(parent, attr, value)  # nn.Sequential keeps its children under "0", "1", ...
+    return previous

@@ -122,8 +122,8 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                 model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, weight), False)
             quantize_linear(module, config)
             counts[plan.mode] += 1
-        if counts["dynamic"] or counts["already"]:
-            counts["gelu fused"] = fuse_gelus(model_patcher)
+        counts["gelu fused"] = sum(isinstance(m, gelu_fusion.GeluThenLinear) and gelu_fusion.rowwise_dynamic_fp8(m.weight)
+                                   for m in dm.modules())
     done = {k: v for k, v in counts.items() if k in ("dynamic", "weight-only")}
     if done:
         plans = ", ".join(f"{n} {mode}" for mode, n in done.items())
@@ -137,19 +137,26 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
     return dict(counts)
 
 
-def fuse_gelus(model_patcher) -> int:
-    """Move the tanh GELU in front of each dynamic row-wise fp8 linear layer into its
-    activation quantization (`quant.gelu_fusion`); ComfyUI's unpatch restores the modules
-    (their old values go where it keeps object patches' originals). Returns how many sites
-    are fused. PARA_ATTN_FP8_FUSED_GELU=0 turns it off (for comparisons)."""
-    if os.environ.get("PARA_ATTN_FP8_FUSED_GELU", "1") == "0":
-        return 0
-    dm = model_patcher.model.diffusion_model
-    sites = [s for s in gelu_fusion.fusion_sites(dm)
-             if gelu_fusion.rowwise_dynamic_fp8(gelu_fusion.module_at(dm, s.linear).weight)]
-    for path, value in gelu_fusion.install(dm, sites).items():
-        model_patcher.object_patches_backup.setdefault(f"diffusion_model.{path}", value)
-    return len(sites)
+def _fuse_gelus(model, settings: FP8Settings) -> None:
+    """Object patches that move the tanh GELU in front of each fp8 linear layer into its
+    activation quantization (`quant.gelu_fusion`), for dynamic row-wise settings; ComfyUI
+    applies them at every load and undoes them at unpatch. Other settings drop them.
+    PARA_ATTN_FP8_FUSED_GELU=0 turns them off (for comparisons)."""
+    for key in [k for k, v in model.object_patches.items() if _is_fusion_patch(v)]:
+        del model.object_patches[key]
+    if not (settings.mode == "dynamic" and settings.granularity == "row-wise"
+            and os.environ.get("PARA_ATTN_FP8_FUSED_GELU", "1") != "0"):
+        return
+    dm = model.model.diffusion_model
+    quantized = {name for name, _ in quantizable_linears(dm, settings.patterns)}
+    sites = [s for s in gelu_fusion.fusion_sites(dm) if s.linear in quantized]
+    for path, value in gelu_fusion.patches(dm, sites).items():
+        model.add_object_patch(f"diffusion_model.{path}", value)
+
+
+def _is_fusion_patch(value) -> bool:
+    return isinstance(value, gelu_fusion.GeluMovedOn) or (
+        isinstance(value, type) and issubclass(value, gelu_fusion.GeluThenLinear))
 
 
 class FP8OnLoad:
@@ -214,6 +221,7 @@ def apply_fp8(model_patcher, settings: FP8Settings):
         return model  # nothing to undo: the plain model, untouched
     if settings.enabled:
         _check_quantizable(model, settings)
+    _fuse_gelus(model, settings)
     # A new weight identity, so ComfyUI re-merges (and we re-quantize) when switching between
     # this clone and any other clone of the same model; deterministic, so a pool worker that
     # re-applies the same settings to the same patches reuses its loaded weights.

@@ -106,9 +106,19 @@ class PortableModule:
         return module
 
 
+def _ours_anywhere(value) -> bool:
+    """Defined anywhere in the pack (FP8 Quantize's GELU fusion patches live in comfy_para_attn.quant)."""
+    return (type(value).__module__.startswith("comfy_para_attn.")
+            or str(getattr(value, "__module__", "")).startswith("comfy_para_attn."))
+
+
 def portable_object_patches(object_patches: dict) -> dict:
+    """Other nodes' object patches, made picklable; ours are left out (the worker's features
+    re-create them)."""
     out = {}
     for name, value in object_patches.items():
+        if _ours_anywhere(value):
+            continue
         try:
             pickle.dumps(value)
             out[name] = value
