@@ -18,10 +18,15 @@ zeros) where torchao would divide 0 by 0.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
-from ._runtime import interpreting, triton_import_error
+from ._runtime import interpreting
+
+# Read once: `why_not_triton` runs inside compiled blocks, where a cached call would not trace.
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 FP8_MAX = 448.0  # float8_e4m3fn
 _MIN_SCALE = 1e-12
@@ -38,9 +43,8 @@ def gelu_tail_rowwise_fp8_reference(x: Tensor, gelu_from: int) -> tuple[Tensor, 
 
 def why_not_triton(x: Tensor) -> str | None:
     """None when the Triton kernel can quantize `x` here, else the reason."""
-    reason = triton_import_error()
-    if reason:
-        return reason
+    if not _HAVE_TRITON:
+        return "triton is not installed"
     if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
         return f"tensors on {x.device.type}"
     if x.dtype != torch.bfloat16:
@@ -53,13 +57,14 @@ def why_not_triton(x: Tensor) -> str | None:
 
 
 def gelu_tail_rowwise_fp8_triton(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
-    """The Triton kernel on a row-major bf16 matrix (see `why_not_triton`)."""
-    from .triton_fp8_rowwise import launch
+    """The Triton kernel on a row-major bf16 matrix (see `why_not_triton`), through the op
+    `torch.ops.para_attn.gelu_tail_rowwise_fp8` (a `triton_op`: inside a compiled graph
+    inductor launches the kernel from its own code, no Python dispatch per call)."""
+    from . import triton_fp8_rowwise  # noqa: F401  registers the op
 
-    return launch(x, gelu_from)
+    return torch.ops.para_attn.gelu_tail_rowwise_fp8(x, gelu_from)
 
 
-@torch.library.custom_op("para_attn::gelu_tail_rowwise_fp8", mutates_args=())
 def gelu_tail_rowwise_fp8(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
     """(fp8 rows, fp32 row scales) of `x` [M, K] with the tanh GELU on columns >= gelu_from:
     the Triton kernel where it can run, the plain computation elsewhere."""
@@ -67,10 +72,3 @@ def gelu_tail_rowwise_fp8(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
     if why_not_triton(x) is None:
         return gelu_tail_rowwise_fp8_triton(x, gelu_from)
     return gelu_tail_rowwise_fp8_reference(x, gelu_from)
-
-
-@gelu_tail_rowwise_fp8.register_fake
-def _(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
-    m, k = x.shape
-    return (torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn),
-            torch.empty((m, 1), device=x.device, dtype=torch.float32))

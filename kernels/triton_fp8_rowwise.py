@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from ._runtime import interpreting
 
@@ -37,14 +38,36 @@ def _gelu_tail_rowwise_fp8(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, K, gelu_
     tl.store(scale_ptr + row, scale)
 
 
-def launch(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(x: torch.Tensor, gelu_from: int, launcher) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
+    interpreted = interpreting()
     # The interpreter's fp8 conversion is not round-to-nearest (124.6 became 64): there the
     # kernel writes the scaled, clamped values in fp32 and torch rounds them to fp8.
-    q = torch.empty((m, k), device=x.device, dtype=torch.float32 if interpreting() else torch.float8_e4m3fn)
+    q = torch.empty((m, k), device=x.device, dtype=torch.float32 if interpreted else torch.float8_e4m3fn)
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    warps = 4 if interpreting() else max(4, min(32, block // 1024))  # ~32 values per thread
-    _gelu_tail_rowwise_fp8[(m,)](x, q, scale, x.stride(0), q.stride(0), k, gelu_from, BLOCK_K=block,
-                                 SOFTWARE_ROUNDING=interpreting(), num_warps=warps)
-    return q.to(torch.float8_e4m3fn), scale
+    warps = 4 if interpreted else max(4, min(32, block // 1024))  # ~32 values per thread
+    launcher(_gelu_tail_rowwise_fp8)[(m,)](x, q, scale, x.stride(0), q.stride(0), k, gelu_from, BLOCK_K=block,
+                                          SOFTWARE_ROUNDING=interpreted, num_warps=warps)
+    return (q.to(torch.float8_e4m3fn) if interpreted else q), scale
+
+
+_OP = "para_attn::gelu_tail_rowwise_fp8"
+
+if not interpreting():
+    # A triton_op: inside a compiled graph inductor launches the kernel from its own code.
+    @triton_op(_OP, mutates_args={})
+    def gelu_tail_rowwise_fp8(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(x, gelu_from, wrap_triton)
+else:
+    # Triton's interpreter runs kernels on real CPU tensors, which fake tracing cannot give
+    # it: there the op is opaque, with its output shapes declared.
+    @torch.library.custom_op(_OP, mutates_args=())
+    def gelu_tail_rowwise_fp8(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(x, gelu_from, lambda kernel: kernel)
+
+    @gelu_tail_rowwise_fp8.register_fake
+    def _(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m, k = x.shape
+        return (torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn),
+                torch.empty((m, 1), device=x.device, dtype=torch.float32))

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kernels.fp8_rowwise import gelu_tail_rowwise_fp8
+
 # The single-stream block forward whose `mlp_act` output goes only into `linear2`'s input tail
 # (ComfyUI's FLUX / HunyuanVideo SingleStreamBlock); any other forward is left alone.
 _SINGLE_BLOCK_CALL = "self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))"
@@ -73,9 +75,9 @@ def rowwise_dynamic_fp8(weight) -> bool:
 
 
 def _fusable(x: torch.Tensor) -> bool:
-    """A bf16 input where the fused kernel runs: CUDA, or CPU under Triton's interpreter
-    (the CPU tests)."""
-    import kernels.fp8_rowwise  # noqa: F401  registers torch.ops.para_attn.gelu_tail_rowwise_fp8
+    """A bf16 input where the fused quantization runs: CUDA (the Triton kernel, or where
+    triton is missing the plain computation, which inductor fuses), or CPU under Triton's
+    interpreter (the CPU tests)."""
     from kernels._runtime import interpreting
 
     return x.dtype == torch.bfloat16 and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
@@ -98,7 +100,7 @@ class GeluThenLinear:
         weight, start = self.weight, self._para_attn_gelu_from
         if _fusable(x) and rowwise_dynamic_fp8(weight):
             rows = x.reshape(-1, x.shape[-1])
-            q, scale = torch.ops.para_attn.gelu_tail_rowwise_fp8(rows, start)
+            q, scale = gelu_tail_rowwise_fp8(rows, start)
             out = torch._scaled_mm(q, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(), bias=self.bias,
                                    out_dtype=x.dtype, use_fast_accum=weight.mm_config.use_fast_accum)
             return out.reshape(*x.shape[:-1], out.shape[-1])
