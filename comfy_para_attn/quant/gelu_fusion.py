@@ -15,6 +15,7 @@ adapter makes them object patches, which ComfyUI applies at every load and undoe
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import NamedTuple
 
@@ -40,6 +41,7 @@ def _gelu_slot(module) -> bool:
     return (isinstance(module, torch.nn.GELU) and module.approximate == "tanh") or type(module).__name__ == "GeluMovedOn"
 
 
+@functools.lru_cache(maxsize=None)
 def _forward_source(cls) -> str:
     try:
         return inspect.getsource(cls.forward)
