@@ -37,6 +37,7 @@ def _time_us(fn, repeats: int) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel at 4, 8, 16 and 32 warps")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
     print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__}")
@@ -52,6 +53,18 @@ def main():
         eager = _time_us(lambda: gelu_tail_rowwise_fp8_reference(x, start), args.repeats)
         gbytes = m * k * 3 / 1e9  # bf16 in, fp8 out
         rows.append((name, m, k, ours, inductor, eager, gbytes / (ours * 1e-6), differ, torch.equal(s, s_ref)))
+    if args.sweep:
+        from kernels import triton_fp8_rowwise
+
+        print("\n| input | " + " | ".join(f"{w} warps us" for w in (4, 8, 16, 32)) + " |\n|---|---|---|---|---|")
+        for name, m, k, start in (("single block linear2", 4608, 15360, 3072), ("double block MLP out", 4096, 12288, 0)):
+            x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
+            times = []
+            for warps in (4, 8, 16, 32):
+                triton_fp8_rowwise.NUM_WARPS = warps
+                times.append(_time_us(lambda: gelu_tail_rowwise_fp8_triton(x, start), args.repeats))
+            triton_fp8_rowwise.NUM_WARPS = None
+            print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
     print("\n| input | rows x cols | ours us | inductor us | eager us | ours GB/s | inductor / ours | "
           "fp8 values differing | scales equal |\n|---|---|---|---|---|---|---|---|---|")
     for name, m, k, ours, inductor, eager, rate, differ, same in rows:

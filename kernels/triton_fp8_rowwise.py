@@ -46,13 +46,14 @@ def _launch(x: torch.Tensor, gelu_from: int, launcher) -> tuple[torch.Tensor, to
     q = torch.empty((m, k), device=x.device, dtype=torch.float32 if interpreted else torch.float8_e4m3fn)
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    warps = 4 if interpreted else max(4, min(32, block // 1024))  # ~32 values per thread
+    warps = 4 if interpreted else (NUM_WARPS or max(4, min(32, block // 1024)))  # ~32 values per thread
     launcher(_gelu_tail_rowwise_fp8)[(m,)](x, q, scale, x.stride(0), q.stride(0), k, gelu_from, BLOCK_K=block,
                                           SOFTWARE_ROUNDING=interpreted, num_warps=warps)
     return (q.to(torch.float8_e4m3fn) if interpreted else q), scale
 
 
 _OP = "para_attn::gelu_tail_rowwise_fp8"
+NUM_WARPS = None  # None: by row length; bench/bench_fp8_gelu_quant.py --sweep sets it
 
 if not interpreting():
     # A triton_op: inside a compiled graph inductor launches the kernel from its own code.
