@@ -38,7 +38,7 @@ class FusionSite(NamedTuple):
 def _gelu_slot(module) -> bool:
     """A tanh GELU, or the stand-in a fusion left there (sites are found on a model whose
     fusion ComfyUI has applied, too)."""
-    return (isinstance(module, torch.nn.GELU) and module.approximate == "tanh") or type(module).__name__ == "GeluMovedOn"
+    return isinstance(module, GeluMovedOn) or (isinstance(module, torch.nn.GELU) and module.approximate == "tanh")
 
 
 @functools.lru_cache(maxsize=None)
