@@ -21,8 +21,9 @@ class ParaAttnFP8Quantize:
                 "granularity": (list(_GRANULARITY), {
                     "default": "row-wise",
                     "tooltip": "Scale per output row of each weight and per token of each activation (row-wise: "
-                               "closest to bf16), or one scale per tensor (tensor-wise: slightly faster, less "
-                               "accurate). Row-wise needs bf16 weights; other dtypes use tensor-wise."}),
+                               "closest to bf16; with dynamic mode the MLPs' GELU is also fused into the activation "
+                               "quantization), or one scale per tensor (tensor-wise: less accurate). Row-wise needs "
+                               "bf16 weights; other dtypes use tensor-wise."}),
                 "mode": (list(_MODE), {
                     "default": "dynamic activation + weight",
                     "tooltip": "dynamic activation + weight: fp8 tensor-core matmuls (GPU with compute capability "
