@@ -27,6 +27,7 @@ from ._runtime import interpreting
 
 # Read once: `why_not_triton` runs inside compiled blocks, where a cached call would not trace.
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_HAVE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")  # torch >= 2.6
 
 FP8_MAX = 448.0  # float8_e4m3fn
 _MIN_SCALE = 1e-12
@@ -45,6 +46,8 @@ def why_not_triton(x: Tensor) -> str | None:
     """None when the Triton kernel can quantize `x` here, else the reason."""
     if not _HAVE_TRITON:
         return "triton is not installed"
+    if not _HAVE_TRITON_OP:
+        return f"torch {torch.__version__} has no torch.library.triton_op (needs 2.6 or newer)"
     if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
         return f"tensors on {x.device.type}"
     if x.dtype != torch.bfloat16:
