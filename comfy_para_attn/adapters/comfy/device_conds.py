@@ -1,14 +1,13 @@
 """Conditioning tensors on the model's device for a whole sampling run.
 
 ComfyUI keeps text embeddings, pooled vectors and FLUX's guidance on the CPU and copies them
-to the GPU inside every model call (`BaseModel._apply_model`). A copy from pageable host
-memory first waits for the GPU to finish everything queued (CUDA's rule for pageable
-copies), and the drained GPU then idles while the host prepares the rest of the call: 6.0 ms
-of a 101.1 ms FLUX.1-dev fp8 step on an H200 (`bench/profile_context_parallel.py`, "GPU idle
-after Memcpy HtoD (Pageable -> Device)"). A SAMPLER_SAMPLE wrapper, which runs after ComfyUI
-has encoded this run's conds, moves them to the device once, so the per-call copies become
-no-ops. It replaces the cond objects in the run's own dicts and never touches the graph's
-conditioning, which other nodes share. Every node of the pack installs it (one key: once).
+to the GPU inside every model call (`BaseModel._apply_model`): three pageable copies per FLUX
+call, and CUDA starts a copy from pageable host memory only once the GPU has finished
+everything queued before it. A SAMPLER_SAMPLE wrapper, which runs after ComfyUI has encoded
+this run's conds, moves them to the device once, so the per-call copies become no-ops (GPU
+test: the run's pageable copies no longer grow with its step count). It replaces the cond
+objects in the run's own dicts and never touches the graph's conditioning, which other nodes
+share. Every node of the pack installs it (one key: once).
 """
 from __future__ import annotations
 
