@@ -131,3 +131,29 @@ def test_worker_failure_is_an_error_and_the_next_run_gets_a_fresh_pool(comfyui_p
     assert info.value.rank == 1 and "rebuild_failing_on_rank_1" in info.value.worker_traceback
     good = tiny_comfy_vae("flux")
     assert _node(pack_nodes, good, z, (64, 16, 64, 8), gpus=2).shape == (1, 40, 48, 3)
+
+
+def test_a_first_weight_write_drives_the_running_nodes_progress_bar(comfyui_path):
+    """The one-time write of a model's weights to shared memory (~20 s for FLUX.1-dev) shows
+    on ComfyUI's progress bar of the running node, 0 to 100%, one update per percent at most;
+    a second publish of the same weights writes nothing and shows nothing."""
+    import comfy.utils
+
+    from comfy_para_attn.adapters.comfy import published
+
+    module = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(30)])
+    seen = []
+    old_hook = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    try:
+        first = published.publish_weights(module, module.state_dict, "progress-test")
+        shown = list(seen)
+        again = published.publish_weights(module, module.state_dict, "progress-test")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old_hook)
+        published._published.pop(first[0]).release()
+        published._latest.pop("progress-test", None)
+    assert again[0] == first[0] and len(seen) == len(shown)
+    values = [value for value, _ in shown]
+    assert all(total == 100 for _, total in shown) and values[-1] == 100
+    assert values == sorted(set(values)) and 1 < len(values) <= 101

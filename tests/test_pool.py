@@ -221,6 +221,27 @@ def test_published_layout_keeps_dtypes_views_and_odd_shapes_and_loaded_copies_st
             publish_tensors({"odd": odd}, "odd")
 
 
+def test_publish_reports_its_progress_on_the_calling_thread():
+    """`on_progress(written, total)`: bytes grow to the total of the distinct storages (a view
+    counts once), on the thread that called publish_tensors."""
+    import threading
+
+    generator = torch.Generator().manual_seed(2)
+    state_dict = {f"w{i}": torch.randn(64, 32 + i, generator=generator) for i in range(12)}
+    state_dict["view"] = state_dict["w0"][3]
+    calls = []
+    handle = publish_tensors(state_dict, "progress test",
+                             on_progress=lambda done, total: calls.append((done, total, threading.get_ident())))
+    try:
+        total = sum(t.untyped_storage().nbytes() for k, t in state_dict.items() if k != "view")
+        assert handle.nbytes == total and len(calls) == 12
+        assert [c[0] for c in calls] == sorted(c[0] for c in calls) and calls[-1][:2] == (total, total)
+        assert all(c[1] == total and c[2] == threading.get_ident() for c in calls)
+        assert torch.equal(load_tensors(handle)["w11"], state_dict["w11"])
+    finally:
+        handle.release()
+
+
 def test_sys_path_env_and_init_reach_every_rank(tmp_path):
     (tmp_path / "pool_test_extra_jobs.py").write_text(textwrap.dedent("""
         import os

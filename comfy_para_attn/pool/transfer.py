@@ -27,6 +27,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -284,13 +285,15 @@ def _write_storage(fd: int, storage: torch.UntypedStorage, offset: int, staging:
 
 
 def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
-                    directory: Path | str | None = None) -> TensorHandle:
+                    directory: Path | str | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> TensorHandle:
     """Write `state_dict` (name -> tensor) once for every worker to map; returns its handle.
 
-    Checks the space first (`ShmSpaceError` with needed vs available). Call
-    `handle.release()` when the workers no longer need the file.
+    Checks the space first (`ShmSpaceError` with needed vs available). `on_progress(bytes
+    written, total bytes)` is called on this thread as storages finish (FLUX.1-dev: ~20 s).
+    Call `handle.release()` when the workers no longer need the file.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     # Layout: each distinct storage once (views share theirs), at aligned offsets.
     storages, offsets, entries, size, nbytes = [], {}, [], 0, 0
@@ -317,7 +320,14 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
         try:  # pwrite, not a writable mapping: a full tmpfs is an ENOSPC error, not SIGBUS
             os.ftruncate(fd, size)  # the full length (sparse: pages come with the writes)
             with ThreadPoolExecutor(WRITE_THREADS) as pool:  # copies and pwrite release the GIL
-                list(pool.map(lambda item: _write_storage(fd, *item, staging), storages))
+                writes = {pool.submit(_write_storage, fd, storage, offset, staging): storage.nbytes()
+                          for storage, offset in storages}
+                written = 0
+                for done in as_completed(writes):
+                    done.result()  # a failed write raises here (ENOSPC below)
+                    written += writes[done]
+                    if on_progress is not None:
+                        on_progress(written, nbytes)
         finally:
             os.close(fd)
             staging.close()

@@ -19,8 +19,30 @@ _latest: dict[str, str] = {}  # label -> fingerprint: one copy per label in /dev
 _fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
+def _progress_bar():
+    """`on_progress` for a write: ComfyUI's progress bar of the running node (the sampler or
+    the decode), 0-100%, where ComfyUI's progress hook is set (a server); None elsewhere."""
+    try:
+        import comfy.utils
+    except ImportError:
+        return None
+    if getattr(comfy.utils, "PROGRESS_BAR_HOOK", None) is None:
+        return None
+    bar = comfy.utils.ProgressBar(100)
+    shown = [-1]
+
+    def update(written: int, total: int) -> None:
+        percent = 100 * written // max(1, total)
+        if percent != shown[0]:  # one message per percent, not per tensor
+            shown[0] = percent
+            bar.update_absolute(percent, 100)
+
+    return update
+
+
 def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label: str) -> tuple[str, object]:
-    """(fingerprint, handle) of `module`'s weights (`weights()` gives the state dict to send)."""
+    """(fingerprint, handle) of `module`'s weights (`weights()` gives the state dict to send).
+    A first write shows its progress on the running node's progress bar."""
     from ...pool import transfer
 
     fingerprint = _fingerprints.get(module)
@@ -35,7 +57,7 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
             if old is not None and old in _published:
                 _published.pop(old).release()
             began = time.monotonic()
-            handle = transfer.publish_tensors(state, f"{label}-{fingerprint[:16]}")
+            handle = transfer.publish_tensors(state, f"{label}-{fingerprint[:16]}", on_progress=_progress_bar())
             _published[fingerprint] = handle
             _latest[label] = fingerprint
             log.info("%s weights (%.2f GiB) written to shared memory in %.1f s", label, handle.nbytes / 2**30,
