@@ -29,15 +29,15 @@ from ._runtime import interpreting
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _HAVE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")  # torch >= 2.6
 
-FP8_MAX = 448.0  # float8_e4m3fn
-_MIN_SCALE = 1e-12
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+MIN_SCALE = 1e-12  # a row of zeros quantizes to zeros, not 0 / 0
 
 
 def gelu_tail_rowwise_fp8_reference(x: Tensor, gelu_from: int) -> tuple[Tensor, Tensor]:
     """The plain-torch computation: columns >= `gelu_from` of the 2-D `x` through the tanh
     GELU, then (fp8 values [M, K], fp32 scales [M, 1]) per row as torchao makes them."""
     y = torch.cat((x[:, :gelu_from], torch.nn.functional.gelu(x[:, gelu_from:], approximate="tanh")), dim=1)
-    scale = (y.abs().amax(dim=1, keepdim=True) / FP8_MAX).float().clamp(min=_MIN_SCALE)
+    scale = (y.abs().amax(dim=1, keepdim=True) / FP8_MAX).float().clamp(min=MIN_SCALE)
     q = (y.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 

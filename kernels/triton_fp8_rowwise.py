@@ -1,12 +1,21 @@
 """Triton kernel of `kernels.fp8_rowwise` (imported only where triton is)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._runtime import interpreting
+from .fp8_rowwise import FP8_MAX, MIN_SCALE
+from .triton_flash import LOG2E
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
+_TWO_LOG2E = tl.constexpr(2 * LOG2E)  # tanh(y) = 1 - 2 / (1 + 2^(2 y log2 e))
+_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2 / math.pi))
 
 
 @triton.jit
@@ -27,13 +36,13 @@ def _gelu_tail_rowwise_fp8(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, K, gelu_
     cols = tl.arange(0, BLOCK_K)
     inside = cols < K
     x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
-    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    tanh = 1.0 - 2.0 / (1.0 + tl.exp2(inner * (2.0 * 1.4426950408889634)))
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+    tanh = 1.0 - 2.0 / (1.0 + tl.exp2(inner * _TWO_LOG2E))
     gelu = _round_to_bf16(0.5 * x * (1.0 + tanh), SOFTWARE_ROUNDING)  # the model's GELU output is bf16
     y = tl.where(cols >= gelu_from, gelu, x)
     amax = tl.max(tl.abs(y), axis=0)
-    scale = tl.maximum(_round_to_bf16(amax / 448.0, SOFTWARE_ROUNDING), 1e-12)
-    q = tl.minimum(tl.maximum(y * (1.0 / scale), -448.0), 448.0)  # one reciprocal per row
+    scale = tl.maximum(_round_to_bf16(amax / _FP8_MAX, SOFTWARE_ROUNDING), _MIN_SCALE)
+    q = tl.minimum(tl.maximum(y * (1.0 / scale), -_FP8_MAX), _FP8_MAX)  # one reciprocal per row
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
     tl.store(scale_ptr + row, scale)
 

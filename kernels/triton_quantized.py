@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from ._runtime import interpreting
+from .fp8_rowwise import FP8_MAX
 from .triton_flash import LOG2E, seq_bucket
 
-FP8_MAX = 448.0
 LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))
 
 
