@@ -42,13 +42,19 @@ def gelu_tail_rowwise_fp8_reference(x: Tensor, gelu_from: int) -> tuple[Tensor, 
     return q, scale
 
 
+def quantizes_here(x: Tensor) -> bool:
+    """Where the fused quantization runs: CUDA, or CPU under Triton's interpreter (the CPU
+    tests); elsewhere callers keep the unfused path."""
+    return x.is_cuda or (interpreting() and x.device.type == "cpu")
+
+
 def why_not_triton(x: Tensor) -> str | None:
     """None when the Triton kernel can quantize `x` here, else the reason."""
     if not _HAVE_TRITON:
         return "triton is not installed"
     if not _HAVE_TRITON_OP:
         return f"torch {torch.__version__} has no torch.library.triton_op (needs 2.6 or newer)"
-    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
+    if not quantizes_here(x):
         return f"tensors on {x.device.type}"
     if x.dtype != torch.bfloat16:
         return f"dtype {x.dtype} (the kernel rounds like bf16; row-wise fp8 needs bf16 models)"

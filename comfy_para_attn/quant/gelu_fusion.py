@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8_rowwise import gelu_tail_rowwise_fp8
+from kernels.fp8_rowwise import gelu_tail_rowwise_fp8, quantizes_here
 
 # The single-stream block forward whose `mlp_act` output goes only into `linear2`'s input tail
 # (ComfyUI's FLUX / HunyuanVideo SingleStreamBlock); any other forward is left alone.
@@ -76,15 +76,6 @@ def rowwise_dynamic_fp8(weight) -> bool:
             and kwargs.hp_value_lb is None and kwargs.hp_value_ub is None)
 
 
-def _fusable(x: torch.Tensor) -> bool:
-    """A bf16 input where the fused quantization runs: CUDA (the Triton kernel, or where
-    triton is missing the plain computation, which inductor fuses), or CPU under Triton's
-    interpreter (the CPU tests)."""
-    from kernels._runtime import interpreting
-
-    return x.dtype == torch.bfloat16 and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
-
-
 class GeluMovedOn(torch.nn.Identity):
     """Stands where a tanh GELU was: the next linear layer applies it (see `GeluThenLinear`)."""
 
@@ -100,7 +91,7 @@ class GeluThenLinear:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, start = self.weight, self._para_attn_gelu_from
-        if _fusable(x) and rowwise_dynamic_fp8(weight):
+        if x.dtype == torch.bfloat16 and quantizes_here(x) and rowwise_dynamic_fp8(weight):
             rows = x.reshape(-1, x.shape[-1])
             q, scale = gelu_tail_rowwise_fp8(rows, start)
             out = torch._scaled_mm(q, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(), bias=self.bias,
