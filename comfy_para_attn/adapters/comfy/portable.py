@@ -26,8 +26,10 @@ class NotPortableError(ValueError):
     pass
 
 
-def _is_ours(obj) -> bool:
-    return type(obj).__module__.startswith(_OUR_MODULE) or getattr(obj, "__module__", "").startswith(_OUR_MODULE)
+def _is_ours(obj, package: str = _OUR_MODULE) -> bool:
+    """Defined in `package` (by default where our nodes' hooks live)."""
+    return (type(obj).__module__.startswith(package)
+            or str(getattr(obj, "__module__", "")).startswith(package))
 
 
 def _check_picklable(what: str, obj) -> None:
@@ -106,18 +108,12 @@ class PortableModule:
         return module
 
 
-def _ours_anywhere(value) -> bool:
-    """Defined anywhere in the pack (FP8 Quantize's GELU fusion patches live in comfy_para_attn.quant)."""
-    return (type(value).__module__.startswith("comfy_para_attn.")
-            or str(getattr(value, "__module__", "")).startswith("comfy_para_attn."))
-
-
 def portable_object_patches(object_patches: dict) -> dict:
     """Other nodes' object patches, made picklable; ours are left out (the worker's features
     re-create them)."""
     out = {}
     for name, value in object_patches.items():
-        if _ours_anywhere(value):
+        if _is_ours(value, "comfy_para_attn."):  # FP8 Quantize's GELU fusion lives in comfy_para_attn.quant
             continue
         try:
             pickle.dumps(value)
