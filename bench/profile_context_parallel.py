@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from comfy_para_attn.testing.distributed import run_ranks  # noqa: E402
 
 
-def _kernel_summary(prof, steps: int) -> dict:
+def _kernel_summary(prof, steps: int, top_n: int = 12) -> dict:
     """Per-step GPU kernel time split into NCCL / attention / rest, the top kernels, and
     the top CPU ops by self time (host syncs such as cudaStreamSynchronize show up there)."""
     averages = prof.key_averages()
@@ -40,9 +40,9 @@ def _kernel_summary(prof, steps: int) -> dict:
     nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e3 / steps
     attn = sum(e.self_device_time_total for e in events
                if any(s in e.key.lower() for s in ("flash", "fmha", "sdpa"))) / 1e3 / steps
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:top_n]
     return {"gpu_busy": total, "nccl": nccl, "attention": attn, "cpu_top": cpu_top,
-            "top": [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]}
+            "top": [(e.key[:110], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]}
 
 
 def _idle_gaps(prof, steps: int, threshold_us: float = 10.0) -> list[tuple[str, float, int]]:
@@ -89,7 +89,7 @@ def host_syncs(run) -> list[tuple[str, int]]:
 
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
-                 family="flux", sync_debug=False, attention_backend="auto", compile_mode="default"):
+                 family="flux", sync_debug=False, attention_backend="auto", compile_mode="default", top_n=12):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -142,7 +142,7 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
         sample(2)
     from torch._dynamo.utils import counters
 
-    summary = _kernel_summary(prof, 2)
+    summary = _kernel_summary(prof, 2, top_n)
     gaps = [] if tiny else _idle_gaps(prof, 2)
     dynamo = {"graphs": counters["stats"].get("unique_graphs", 0),
               "graph_breaks": sum(counters["graph_break"].values())}
@@ -168,6 +168,7 @@ def main():
     parser.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU")
     parser.add_argument("--attention-backend", default="auto",
                         help="our local kernel: auto, sdpa, sdpa-cudnn, sdpa-flash, sdpa-efficient, triton")
+    parser.add_argument("--top", type=int, default=12, help="how many of the top GPU kernels to list")
     parser.add_argument("--skip-baseline", action="store_true", help="no 1-GPU run (ratios then refer to the first row)")
     args = parser.parse_args()
     backend = "gloo" if args.tiny else "nccl"
@@ -181,7 +182,7 @@ def main():
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, args.compile_mode, backend=backend, timeout=900,
+                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, args.compile_mode, args.top, backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
         base = base or result["ms_per_step"]

@@ -30,54 +30,75 @@ def _round_to_bf16(v, SOFTWARE: tl.constexpr):
 
 
 @triton.jit
-def _gelu_tail_rowwise_fp8(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, K, gelu_from,
+def _gelu_tail_rowwise_fp8(head_ptr, tail_ptr, q_ptr, scale_ptr, stride_head, stride_tail, stride_q, K, gelu_from,
                            BLOCK_K: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
+    """Row `r` is head[r, :gelu_from] then tail[r, :K - gelu_from] (two pointers: the pieces
+    of a concatenation need not be one tensor); the tail goes through the GELU."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
-    inside = cols < K
-    x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    in_head = cols < gelu_from
+    in_tail = (cols >= gelu_from) & (cols < K)
+    head = tl.load(head_ptr + row * stride_head + cols, mask=in_head, other=0.0)
+    tail = tl.load(tail_ptr + row * stride_tail + (cols - gelu_from), mask=in_tail, other=0.0)
+    x = tl.where(in_head, head, tail).to(tl.float32)
     inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
     tanh = 1.0 - 2.0 / (1.0 + tl.exp2(inner * _TWO_LOG2E))
     gelu = _round_to_bf16(0.5 * x * (1.0 + tanh), SOFTWARE_ROUNDING)  # the model's GELU output is bf16
-    y = tl.where(cols >= gelu_from, gelu, x)
+    y = tl.where(in_head, x, gelu)
     amax = tl.max(tl.abs(y), axis=0)
     scale = tl.maximum(_round_to_bf16(amax / _FP8_MAX, SOFTWARE_ROUNDING), _MIN_SCALE)
     q = tl.minimum(tl.maximum(y * (1.0 / scale), -_FP8_MAX), _FP8_MAX)  # one reciprocal per row
-    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
     tl.store(scale_ptr + row, scale)
 
 
-def _launch(x: torch.Tensor, gelu_from: int, launcher) -> tuple[torch.Tensor, torch.Tensor]:
-    m, k = x.shape
+def _launch(head: torch.Tensor, tail: torch.Tensor, launcher) -> tuple[torch.Tensor, torch.Tensor]:
+    head = head if head.stride(-1) == 1 else head.contiguous()
+    tail = tail if tail.stride(-1) == 1 else tail.contiguous()
+    m, gelu_from = head.shape
+    k = gelu_from + tail.shape[1]
     interpreted = interpreting()
     # The interpreter's fp8 conversion is not round-to-nearest (124.6 became 64): there the
     # kernel writes the scaled, clamped values in fp32 and torch rounds them to fp8.
-    q = torch.empty((m, k), device=x.device, dtype=torch.float32 if interpreted else torch.float8_e4m3fn)
-    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    q = torch.empty((m, k), device=tail.device, dtype=torch.float32 if interpreted else torch.float8_e4m3fn)
+    scale = torch.empty((m, 1), device=tail.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
     warps = 4 if interpreted else (NUM_WARPS or max(4, min(32, block // 1024)))  # ~32 values per thread
-    launcher(_gelu_tail_rowwise_fp8)[(m,)](x, q, scale, x.stride(0), q.stride(0), k, gelu_from, BLOCK_K=block,
-                                          SOFTWARE_ROUNDING=interpreted, num_warps=warps)
+    launcher(_gelu_tail_rowwise_fp8)[(m,)](head, tail, q, scale, head.stride(0), tail.stride(0), q.stride(0), k,
+                                          gelu_from, BLOCK_K=block, SOFTWARE_ROUNDING=interpreted, num_warps=warps)
     return (q.to(torch.float8_e4m3fn) if interpreted else q), scale
 
 
-_OP = "para_attn::gelu_tail_rowwise_fp8"
+def _fake(head: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = tail.shape[0]
+    return (torch.empty((m, head.shape[1] + tail.shape[1]), device=tail.device, dtype=torch.float8_e4m3fn),
+            torch.empty((m, 1), device=tail.device, dtype=torch.float32))
+
+
 NUM_WARPS = None  # None: by row length; bench/bench_fp8_gelu_quant.py --sweep sets it
 
 if not interpreting():
-    # A triton_op: inside a compiled graph inductor launches the kernel from its own code.
-    @triton_op(_OP, mutates_args={})
+    # triton_ops: inside a compiled graph inductor launches the kernel from its own code.
+    @triton_op("para_attn::gelu_tail_rowwise_fp8", mutates_args={})
     def gelu_tail_rowwise_fp8(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch(x, gelu_from, wrap_triton)
+        return _launch(x[:, :gelu_from], x[:, gelu_from:], wrap_triton)
+
+    @triton_op("para_attn::cat_gelu_rowwise_fp8", mutates_args={})
+    def cat_gelu_rowwise_fp8(head: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(head, tail, wrap_triton)
 else:
     # Triton's interpreter runs kernels on real CPU tensors, which fake tracing cannot give
-    # it: there the op is opaque, with its output shapes declared.
-    @torch.library.custom_op(_OP, mutates_args=())
+    # it: there the ops are opaque, with their output shapes declared.
+    @torch.library.custom_op("para_attn::gelu_tail_rowwise_fp8", mutates_args=())
     def gelu_tail_rowwise_fp8(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch(x, gelu_from, lambda kernel: kernel)
+        return _launch(x[:, :gelu_from], x[:, gelu_from:], lambda kernel: kernel)
 
     @gelu_tail_rowwise_fp8.register_fake
     def _(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-        m, k = x.shape
-        return (torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn),
-                torch.empty((m, 1), device=x.device, dtype=torch.float32))
+        return _fake(x[:, :gelu_from], x[:, gelu_from:])
+
+    @torch.library.custom_op("para_attn::cat_gelu_rowwise_fp8", mutates_args=())
+    def cat_gelu_rowwise_fp8(head: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(head, tail, lambda kernel: kernel)
+
+    cat_gelu_rowwise_fp8.register_fake(_fake)

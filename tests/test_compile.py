@@ -29,8 +29,12 @@ class ToyDiT(torch.nn.Module):
 
 
 def test_settings():
-    assert CompileSettings().compile_kwargs() == dict(backend="inductor", fullgraph=False, dynamic=False)
-    assert CompileSettings(mode="max-autotune", dynamic=True).compile_kwargs()["mode"] == "max-autotune"
+    kwargs = CompileSettings().compile_kwargs()
+    assert kwargs == dict(backend="inductor", fullgraph=False, dynamic=False, options=kwargs["options"])
+    assert set(kwargs["options"]) == {"pre_grad_custom_pass", "triton.multi_kernel"}  # ours; "default" adds none
+    graphs = CompileSettings(mode="max-autotune", dynamic=True).compile_kwargs()["options"]
+    assert graphs["triton.cudagraphs"] and graphs["max_autotune"]  # the mode, as inductor options
+    assert CompileSettings(backend="eager").compile_kwargs() == dict(backend="eager", fullgraph=False, dynamic=False)
     assert CompileSettings(dynamic=True).compile_kwargs()["dynamic"] is None  # torch's automatic dynamic
     assert not CompileSettings(scope="off").enabled
     with pytest.raises(ValueError):

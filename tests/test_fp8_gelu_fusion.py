@@ -71,6 +71,24 @@ def test_a_row_of_zeros_quantizes_to_zeros():
     assert (q[2].float() == 0).all() and (q[1].float() != 0).any()
 
 
+@needs_kernel
+@pytest.mark.parametrize("head_cols", [96, 0])
+def test_two_pieces_quantize_like_their_concatenation(head_cols):
+    """`cat_gelu_rowwise_fp8(head, tail)` reads the pieces where they are (here the tail is a
+    strided slice of a wider matrix, as the MLP part of FLUX's linear1 output is) and gives
+    the concatenation's result to the bit."""
+    from kernels.fp8_rowwise import cat_gelu_rowwise_fp8, gelu_tail_rowwise_fp8_triton
+
+    head = _activations(48, head_cols, seed=4)
+    wide = _activations(48, 500, seed=5)
+    tail = wide[:, 300:492]
+    assert tail.stride(0) == 500
+    q, scale = cat_gelu_rowwise_fp8(head, tail)
+    q_cat, scale_cat = gelu_tail_rowwise_fp8_triton(torch.cat((head, tail), 1), head_cols)
+    assert q.shape == (48, head_cols + 192) and torch.isfinite(scale).all() and (q.float() != 0).any()
+    assert torch.equal(scale, scale_cat) and torch.equal(q.view(torch.uint8), q_cat.view(torch.uint8))
+
+
 def _dynamic_fp8_linear(in_features, out_features, seed=1):
     """A bf16 linear layer whose weight is torchao's dynamic row-wise fp8 tensor, made
     directly (torchao's quantize_ refuses CPUs; its matmul runs there)."""
@@ -175,6 +193,64 @@ def test_fused_sites_compile_as_one_graph_for_every_block():
         out = torch.compile(block, backend=counter, fullgraph=True)(x)
         assert torch.isfinite(out).all() and torch.equal(out, expected)
     assert counter.frame_count == 1, counter.frame_count
+
+
+def _fused_single_block(seed=1):
+    """A single-stream-like block (`linear2(cat((attn, gelu(mlp)), 2))`) with dynamic fp8
+    `linear2` and the GELU fused, as FP8 Quantize leaves FLUX's."""
+    block = _SingleStreamLike(hidden=96, mlp=192).to(torch.bfloat16).to(DEVICE)
+    block.linear2 = _dynamic_fp8_linear(288, 96, seed=seed)
+    gelu_fusion.apply_patches(block, gelu_fusion.patches(block, gelu_fusion.fusion_sites(block)))
+    assert isinstance(block.linear2, gelu_fusion.GeluThenLinear)
+    return block
+
+
+@needs_kernel
+def test_cat_fold_pass_rewrites_dynamo_graph_and_keeps_the_output():
+    """The pre-grad pass on dynamo's real graph of a fused single block: the cat and the
+    one-input quantization are replaced by the two-piece op, and the graph computes the same
+    bits as eager."""
+    from comfy_para_attn.quant.cat_fold import FoldCatIntoGeluQuant
+
+    block = _fused_single_block()
+    x = _activations(24, 96, seed=6).reshape(1, 24, 96)
+    expected = block(x)
+    fold, graphs = FoldCatIntoGeluQuant(), []
+
+    def backend(gm, example_inputs):
+        fold(gm.graph)
+        gm.recompile()
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(block, backend=backend, fullgraph=True)(x)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert fold.folded == 1
+    assert "para_attn.cat_gelu_rowwise_fp8.default" in targets and "<built-in method cat" not in " ".join(targets)
+    assert not any("gelu_tail_rowwise_fp8" in t for t in targets)
+    assert torch.isfinite(out).all() and out.abs().mean() > 1e-3 and torch.equal(out, expected)
+
+
+@needs_kernel
+def test_compile_settings_run_the_pass_in_inductor():
+    """`CompileSettings` hands the pass to inductor, which runs it on a fused block."""
+    from comfy_para_attn.compile import CompileSettings, inductor_passes
+
+    block = _fused_single_block(seed=2)
+    x = _activations(24, 96, seed=7).reshape(1, 24, 96)
+    expected = block(x)
+    fold = inductor_passes()["pre_grad_custom_pass"]
+    before = fold.folded
+    from torch._inductor.utils import fresh_cache
+
+    torch._dynamo.reset()
+    with torch.no_grad(), fresh_cache():  # as ComfyUI samples; a cached graph would skip the pass
+        out = torch.compile(block, **CompileSettings(fullgraph=True).compile_kwargs())(x)
+    assert fold.folded == before + 1
+    assert torch.isfinite(out).all()
+    rel = (out.float() - expected.float()).norm() / expected.float().norm()
+    assert rel < 1e-2, rel  # inductor's own linear1 may round differently from eager's
 
 
 @pytest.mark.parametrize("family", ["flux", "hunyuan_video", "wan"])
