@@ -12,6 +12,7 @@ Nothing here knows about ComfyUI; `adapters.comfy.compile` installs the compiled
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -61,17 +62,25 @@ class CompileSettings:
 
 def inductor_passes() -> dict:
     """Our inductor options: the graph pass (one instance per process: compiled graphs keep a
-    reference, and `folded` counts its rewrites) and multi-kernel reductions. With
-    `triton.multi_kernel` inductor also generates a single-pass (persistent) variant of the
-    row reductions over a hidden state (LayerNorm, modulation and fp8 quantization of 3072
-    values), times both at the first call and keeps the faster: 2 ms of a 94 ms FLUX fp8 step
-    on an H100."""
+    reference, and `folded` counts its rewrites) and inductor's multi-kernel reductions
+    (`PARA_ATTN_MULTI_KERNEL`, default 1). With them inductor also makes a single-pass
+    (persistent) variant of the row reductions over a hidden state (LayerNorm, modulation and
+    fp8 quantization of 3072 values) and keeps the faster at the first call (1): 1.5 ms of a
+    94 ms FLUX fp8 step on an H100, for ~9 s more cold compile; 2 always takes the
+    single-pass one, 0 turns them off."""
     global _FOLD_CAT
     if _FOLD_CAT is None:
         from .quant.cat_fold import FoldCatIntoGeluQuant
 
         _FOLD_CAT = FoldCatIntoGeluQuant()
-    return {"pre_grad_custom_pass": _FOLD_CAT, "triton.multi_kernel": 1}
+    return {"pre_grad_custom_pass": _FOLD_CAT, "triton.multi_kernel": _multi_kernel()}
+
+
+def _multi_kernel() -> int:
+    value = os.environ.get("PARA_ATTN_MULTI_KERNEL", "1")
+    if value not in ("0", "1", "2"):
+        raise ValueError(f"PARA_ATTN_MULTI_KERNEL must be 0, 1 or 2, got {value!r}")
+    return int(value)
 
 
 _FOLD_CAT = None
