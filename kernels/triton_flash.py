@@ -34,19 +34,26 @@ def _attend_key_block(
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
         qk = tl.dot(q, tl.trans(k))
-    qk = qk * qk_scale_log2
-    if HAS_BIAS:
+    if HAS_BIAS or MASK_KEYS:
+        qk = qk * qk_scale_log2
+        if HAS_BIAS:
+            if MASK_KEYS:
+                bias = tl.load(bias_ptrs + offs_n * stride_bias_s, mask=key_valid, other=0.0)
+            else:
+                bias = tl.load(bias_ptrs + offs_n * stride_bias_s)
+            qk += bias.to(tl.float32)[None, :] * 1.4426950408889634
         if MASK_KEYS:
-            bias = tl.load(bias_ptrs + offs_n * stride_bias_s, mask=key_valid, other=0.0)
-        else:
-            bias = tl.load(bias_ptrs + offs_n * stride_bias_s)
-        qk += bias.to(tl.float32)[None, :] * 1.4426950408889634
-    if MASK_KEYS:
-        qk = tl.where(key_valid[None, :], qk, float("-inf"))
-    new_max = tl.maximum(row_max, tl.max(qk, 1))
-    # A row that has seen only -inf scores keeps max -inf; shift by 0 to avoid inf - inf.
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    p = tl.math.exp2(qk - shift[:, None])
+            qk = tl.where(key_valid[None, :], qk, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(qk, 1))
+        # A row that has seen only -inf scores keeps max -inf; shift by 0 to avoid inf - inf.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.math.exp2(qk - shift[:, None])
+    else:
+        # Finite scores: the scale goes into the row max (BLOCK_M products, not BLOCK_M x
+        # BLOCK_N) and into the shift as one FMA per score: 0.73x -> 0.79x of cuDNN (H100).
+        shift = tl.maximum(row_max, tl.max(qk, 1) * qk_scale_log2)
+        new_max = shift
+        p = tl.math.exp2(qk * qk_scale_log2 - shift[:, None])
     rescale = tl.math.exp2(row_max - shift)
     row_sum = row_sum * rescale + tl.sum(p, 1)
     if MASK_KEYS:
@@ -117,6 +124,7 @@ _GPU_CONFIGS = [
     for bm, bn, w, s in [
         (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
         (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4),
+        (256, 64, 8, 3),  # long sequences on Hopper: 0.79x -> 0.81-0.84x of cuDNN at 33k tokens
     ]
 ]
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}  # small: the interpreter pays per element
