@@ -116,8 +116,10 @@ def test_quantized_meets_bar(head_dim, kind, with_bias):
     assert metrics["lse_abs"] <= QUANTIZED_LSE_BOUND[kind], metrics
     # The kernel does what its torch reference says (P is quantized per key block in the
     # kernel but per row in the reference, hence not bit-equal).
+    # On a GPU the realistic cases' lse sits 1.7-2.2e-3 from the emulation (H100: large
+    # scores summed in another fp32 order), against up to 0.3 from the fp32 truth above.
     emulated = compare(out, lse, *quantized_attention_reference(q, k, v, bias))
-    assert emulated["rel_l2"] <= 2.5e-2 and emulated["lse_abs"] <= 1e-3, emulated
+    assert emulated["rel_l2"] <= 2.5e-2 and emulated["lse_abs"] <= (5e-3 if DEVICE == "cuda" else 1e-3), emulated
 
 
 def test_quantized_fp16_and_batch():
@@ -151,8 +153,12 @@ def test_selected_backend_runs_the_kernel(name, monkeypatch):
     launch = kernels.flash_attention if name == "triton" else kernels.quantized_attention
     monkeypatch.setattr(local, "_selected", local._selected)  # restored after the test
     assert local.select_backend(name) == name
+
+    def refuse(*_):
+        raise AssertionError("fell back to SDPA")
+
+    for sdpa in [key for key in local._BACKENDS if key.startswith("sdpa")]:  # not silently the fallback
+        monkeypatch.setitem(local._BACKENDS, sdpa, refuse)
     out, lse = local.local_attention(q, k, v, bias)
     direct_out, direct_lse = launch(q, k, v, bias)
     assert torch.equal(out, direct_out) and torch.equal(lse, direct_lse)
-    sdpa_out, _ = kernels.sdpa_attention(q, k, v, bias)
-    assert not torch.equal(out, sdpa_out)  # not silently the fallback
