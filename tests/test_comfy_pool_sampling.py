@@ -210,3 +210,70 @@ def test_every_sampler_comfyui_ships_can_reach_the_workers(comfyui_path):
             assert rebuilt.extra_options == sampler.extra_options, name
             assert rebuilt.inpaint_options == sampler.inpaint_options, name
     assert recipes == 2  # dpm_fast, dpm_adaptive
+
+
+def test_a_replaced_model_is_dropped_by_the_workers_and_another_config_is_another_model(
+        comfyui_path, pack_nodes, pool_cleanup, caplog):
+    """Switching models: the workers drop the old one before the new one is written (their
+    mapping kept the replaced file's pages in /dev/shm, so a /dev/shm sized for one model
+    failed on the switch, and on every prompt after). The same weights under another model
+    config (UNETLoader's fp8_e4m3fn_fast changes only the config) are another model there."""
+    import logging
+    from pathlib import Path
+
+    import psutil
+
+    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    first, pos, neg, latent = sampling_inputs("flux", seed=0)
+    second, *_ = sampling_inputs("flux", seed=5)
+
+    def run(patcher):
+        out = comfy_models.sample(_cp(pack_nodes, patcher, ulysses_degree=2), pos, neg, latent, steps=2, cfg=1.0)
+        states = [line for lines in pool_sampling.last_run_logs for line in lines if ": model " in line]
+        return out, states
+
+    run(first)
+    from comfy_para_attn.adapters.comfy import published
+
+    old_file = published._published[published._latest["model"]].path
+    workers = [p for p in psutil.Process().children(recursive=True) if "comfy_para_attn.pool.worker" in " ".join(p.cmdline())]
+
+    def mapped() -> list[bool]:
+        return [old_file in Path(f"/proc/{worker.pid}/maps").read_text() for worker in workers]
+
+    assert len(workers) == 2 and mapped() == [True, True]  # every rank maps the weights' file
+    assert published.unmap_in_workers("model") == 1 and mapped() == [False, False]
+    run(first)  # loads it again
+    with caplog.at_level(logging.INFO, logger="comfy_para_attn"):
+        caplog.clear()
+        out, states = run(second)
+        assert "workers dropped their cached model (1) before the new one is written" in caplog.text
+        assert mapped() == [False, False]
+        plain = comfy_models.sample(second, pos, neg, latent, steps=2, cfg=1.0)
+        assert torch.isfinite(out).all() and (out - plain).abs().max().item() < TOL
+        assert len(states) == 2 and all("model loaded in" in line for line in states), states
+        _, states = run(second)
+        assert all("model cached in" in line for line in states), states
+        second.model.model_config.manual_cast_dtype = torch.float32  # same weights and ops, another config
+        caplog.clear()
+        out, states = run(second)
+        assert all("model loaded in" in line for line in states), states
+        assert "dropped" not in caplog.text  # the weights did not change: no new file
+        assert (out - plain).abs().max().item() < TOL
+
+
+def test_worker_model_key_follows_the_model_config(comfyui_path):
+    import copy
+
+    from comfy_para_attn.adapters.comfy.worker_jobs import config_key
+    from comfy_para_attn.testing import comfy_models
+
+    config = comfy_models.build("flux", seed=0).model.model_config
+    same = copy.deepcopy(config)
+    fast = copy.deepcopy(config)
+    fast.optimizations = {**config.optimizations, "fp8": True}
+    assert config_key(config, "FLUX") == config_key(same, "FLUX")
+    assert config_key(fast, "FLUX") != config_key(config, "FLUX") != config_key(config, "FLOW")

@@ -577,3 +577,25 @@ def test_cuda_weights_publish_through_pinned_staging_in_pieces(monkeypatch):
     finally:
         transfer.release_tensors(handle)
     assert len(pinned_at_close) == 1 and pinned_at_close[0] >= 1  # pieces went through pinned buffers
+
+
+def test_a_previous_program_under_the_same_pid_leaves_nothing_behind(tmp_path):
+    """ComfyUI-Manager restarts ComfyUI with os.execv: the same pid, and no atexit handler
+    runs. The new program's first write removes what the old one left under that pid."""
+    script = tmp_path / "restart.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import torch
+        from comfy_para_attn.pool.transfer import publish_tensors
+        handle = publish_tensors({"w": torch.ones(1024)}, sys.argv[1])
+        print(os.getpid(), handle.path, flush=True)
+        if sys.argv[1] == "before":
+            os.execv(sys.executable, [sys.executable, __file__, "after", handle.path])
+        print(os.path.exists(sys.argv[2]), flush=True)
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([sys.executable, str(script), "before"], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    (pid, path), (pid_after, path_after), (still_there,) = [line.split() for line in done.stdout.splitlines()]
+    assert pid_after == pid and path_after != path  # the same process, a new program
+    assert still_there == "False" and not Path(path).exists() and not Path(path_after).exists()

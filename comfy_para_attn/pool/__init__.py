@@ -7,7 +7,7 @@ result. See `Pool`, `get_pool`, `WorkerContext` and `transfer` for large tensors
 from .context import WorkerContext
 from .controller import Pool, PoolLayout
 from .errors import JobInterrupted, PoolError, PoolInterrupted, PoolStartError, ShmSpaceError
-from .registry import get_pool, shutdown_pool
+from .registry import current_pool, get_pool, shutdown_pool
 
 __all__ = [
     "JobInterrupted",
@@ -18,6 +18,7 @@ __all__ = [
     "PoolStartError",
     "ShmSpaceError",
     "WorkerContext",
+    "current_pool",
     "get_pool",
     "shutdown_pool",
 ]

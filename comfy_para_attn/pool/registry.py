@@ -42,6 +42,12 @@ def get_pool(
         return _current
 
 
+def current_pool() -> Pool | None:
+    """The live shared pool, or None (no pool started, or the last one failed)."""
+    with _lock:
+        return _current if _current is not None and _current.alive else None
+
+
 def shutdown_pool(timeout_s: float = 10.0) -> None:
     """Shut the shared pool down (if any); the next `get_pool` starts a new one."""
     global _current

@@ -133,8 +133,17 @@ def check_shm_space(required_bytes: int, *, directory: Path | str | None = None,
             f"host memory (unload other models), add RAM, or use fewer/smaller models.")
 
 
+_claimed_dirs: set[Path] = set()
+
+
 def _controller_dir(root: Path) -> Path:
     directory = root / f"{DIR_PREFIX}{os.getpid()}"
+    if directory not in _claimed_dirs:
+        # A directory of our pid that this process did not make is a previous program's under
+        # the same pid: ComfyUI-Manager restarts ComfyUI with os.execv, which runs no atexit
+        # handler, so its files (a whole model) would stay and count against the space check.
+        shutil.rmtree(directory, ignore_errors=True)
+        _claimed_dirs.add(directory)
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory
 

@@ -56,6 +56,7 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
             old = _latest.get(label)
             if old is not None and old in _published:
                 _published.pop(old).release()
+                unmap_in_workers(label)
             began = time.monotonic()
             handle = transfer.publish_tensors(state, f"{label}-{fingerprint[:16]}", on_progress=_progress_bar())
             _published[fingerprint] = handle
@@ -63,6 +64,28 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
             log.info("%s weights (%.2f GiB) written to shared memory in %.1f s", label, handle.nbytes / 2**30,
                      time.monotonic() - began)
     return fingerprint, _published[fingerprint]
+
+
+def unmap_in_workers(kind: str) -> int:
+    """Make the live pool's workers drop their cached `kind` ("model" / "vae"); returns how
+    many each dropped (0 without a pool). Unlinking a replaced file frees nothing while a
+    worker still maps it (any one tensor of it keeps every page: a LoRA's backup of the
+    original weight, say), so without this the next model's write failed on a /dev/shm sized
+    for one model, on every prompt after. A pool that cannot do it is shut down, which
+    unmaps everything."""
+    from ...pool import PoolError, current_pool, shutdown_pool
+
+    pool = current_pool()
+    if pool is None:
+        return 0
+    try:
+        dropped = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:drop_cached", kind, timeout_s=120)
+    except PoolError as exc:
+        log.warning("could not make the workers drop the replaced %s (%s); restarting the pool", kind, exc)
+        shutdown_pool()
+        return 0
+    log.info("workers dropped their cached %s (%d) before the new one is written", kind, dropped)
+    return dropped
 
 
 @atexit.register

@@ -8,6 +8,8 @@ final latent; every rank checks the interrupt flag at each step boundary (collec
 """
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 import time
 
@@ -37,14 +39,47 @@ def _apply_features(patcher, settings: dict):
     return patcher
 
 
+def config_key(model_config, model_type) -> str:
+    """What besides the weights decides the model a worker builds: ComfyUI's model config
+    (its class, unet_config, optimizations such as UNETLoader's fp8_e4m3fn_fast, manual cast
+    dtype, custom operations) and the model type. Same weights, another config: another model."""
+    parts = [type(model_config).__module__, type(model_config).__qualname__]
+    parts += [repr(getattr(model_config, name, None))
+              for name in ("unet_config", "optimizations", "manual_cast_dtype", "custom_operations")]
+    return hashlib.sha1("|".join(parts + [repr(model_type)]).encode()).hexdigest()
+
+
+def _model_key(payload) -> tuple:
+    return "model", payload["fingerprint"], config_key(payload["model_config"], payload["model_type"])
+
+
+def drop_cached(ctx, kind: str) -> int:
+    """Forget this rank's cached `kind` entries ("model" or "vae") and free their memory
+    (`published.unmap_in_workers`); returns how many were dropped."""
+    import comfy.model_management
+
+    dropped = [key for key in ctx.cache if isinstance(key, tuple) and key[0] == kind]
+    for key in dropped:
+        del ctx.cache[key]
+    if kind == "model":
+        from .context_parallel import forget_memory_agreements
+
+        forget_memory_agreements()
+    comfy.model_management.cleanup_models()
+    gc.collect()  # a model's modules hold reference cycles
+    comfy.model_management.soft_empty_cache()
+    return len(dropped)
+
+
 def _base_model(ctx, payload):
-    """The unpatched ModelPatcher for the job's weights, built once per fingerprint."""
+    """The unpatched ModelPatcher for the job's weights and model config, built once per
+    (fingerprint, config)."""
     import comfy.model_management
     import comfy.model_patcher
 
     from ...pool import transfer
 
-    key = ("model", payload["fingerprint"])
+    key = _model_key(payload)
     cached = ctx.cache.get(key)
     if cached is not None:
         return cached
@@ -91,7 +126,7 @@ def sample(ctx, payload):
         ctx.cache[cp_key] = build_parallel_context(settings.config)
     cp = ctx.cache[cp_key]
 
-    cached = ("model", payload["fingerprint"]) in ctx.cache
+    cached = _model_key(payload) in ctx.cache
     patcher = _base_model(ctx, payload).clone()
     model_ready = time.monotonic()
     patcher.patches = {k: list(v) for k, v in payload["patches"].items()}
