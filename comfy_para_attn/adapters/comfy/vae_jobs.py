@@ -25,17 +25,14 @@ def vae_from_state_dict(state_dict, dtype=None):
 
 
 def _cached_vae(ctx, recipe: dict):
-    import comfy.model_management
-
     from ...pool import transfer
     from ...pool.worker import resolve_job
+    from .worker_jobs import drop_cached
 
     key = ("vae", recipe["fingerprint"])
     if key in ctx.cache:
         return ctx.cache[key]
-    for old in [k for k in ctx.cache if isinstance(k, tuple) and k[0] == "vae"]:
-        del ctx.cache[old]  # one VAE at a time
-    comfy.model_management.soft_empty_cache()
+    drop_cached(ctx, "vae")  # one VAE at a time
     ctx.heartbeat()
     builder = resolve_job(recipe["builder"])
     vae = builder(transfer.load_tensors(recipe["weights"]), recipe["dtype"], **recipe["builder_kwargs"])

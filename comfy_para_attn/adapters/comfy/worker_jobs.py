@@ -83,12 +83,7 @@ def _base_model(ctx, payload):
     cached = ctx.cache.get(key)
     if cached is not None:
         return cached
-    from .context_parallel import forget_memory_agreements
-
-    for old in [k for k in ctx.cache if isinstance(k, tuple) and k[0] == "model"]:
-        del ctx.cache[old]  # one model at a time: free the previous one's memory
-    forget_memory_agreements()
-    comfy.model_management.cleanup_models()
+    drop_cached(ctx, "model")  # one model at a time: free the previous one's memory first
     ctx.heartbeat()
     weights = transfer.load_tensors(payload["weights"])
     model_config = payload["model_config"]
