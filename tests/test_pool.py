@@ -599,3 +599,31 @@ def test_a_previous_program_under_the_same_pid_leaves_nothing_behind(tmp_path):
     (pid, path), (pid_after, path_after), (still_there,) = [line.split() for line in done.stdout.splitlines()]
     assert pid_after == pid and path_after != path  # the same process, a new program
     assert still_there == "False" and not Path(path).exists() and not Path(path_after).exists()
+
+
+def test_an_interrupt_from_the_progress_hook_stops_the_write_at_once(tmp_path, monkeypatch):
+    """ComfyUI's Cancel raises from the progress bar's hook: the queued storages are not
+    written any more (before, the write ran to its end first), and no file is left."""
+    import comfy_para_attn.pool.transfer as transfer
+
+    started = []
+    real_write = transfer._write_storage
+
+    def counting_write(*args):
+        started.append(1)
+        return real_write(*args)
+
+    monkeypatch.setattr(transfer, "_write_storage", counting_write)
+    state = {f"w{i}": torch.full((256 * 1024,), float(i)) for i in range(64)}  # 64 storages of 1 MiB
+
+    class Interrupted(Exception):  # as comfy.model_management.InterruptProcessingException
+        pass
+
+    def cancel(written, total):
+        raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        publish_tensors(state, "cancelled", directory=tmp_path, on_progress=cancel)
+    assert 1 <= len(started) < 32, len(started)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+

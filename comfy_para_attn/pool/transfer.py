@@ -331,12 +331,18 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
             with ThreadPoolExecutor(WRITE_THREADS) as pool:  # copies and pwrite release the GIL
                 writes = {pool.submit(_write_storage, fd, storage, offset, staging): storage.nbytes()
                           for storage, offset in storages}
-                written = 0
-                for done in as_completed(writes):
-                    done.result()  # a failed write raises here (ENOSPC below)
-                    written += writes[done]
-                    if on_progress is not None:
-                        on_progress(written, nbytes)
+                try:
+                    written = 0
+                    for done in as_completed(writes):
+                        done.result()  # a failed write raises here (ENOSPC below)
+                        written += writes[done]
+                        if on_progress is not None:
+                            on_progress(written, nbytes)
+                except BaseException:
+                    # Cancel (ComfyUI's interrupt raised by the progress hook) or a failed
+                    # write: stop now, not after every queued storage (~18 s for FLUX.1-dev).
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         finally:
             os.close(fd)
             staging.close()
