@@ -235,12 +235,12 @@ def test_cat_fold_pass_rewrites_dynamo_graph_and_keeps_the_output():
 @needs_kernel
 def test_compile_settings_run_the_pass_in_inductor():
     """`CompileSettings` hands the pass to inductor, which runs it on a fused block."""
-    from comfy_para_attn.compile import CompileSettings, inductor_passes
+    from comfy_para_attn.compile import CompileSettings, inductor_options
 
     block = _fused_single_block(seed=2)
     x = _activations(24, 96, seed=7).reshape(1, 24, 96)
     expected = block(x)
-    fold = inductor_passes()["pre_grad_custom_pass"]
+    fold = inductor_options()["pre_grad_custom_pass"]
     before = fold.folded
     from torch._inductor.utils import fresh_cache
 

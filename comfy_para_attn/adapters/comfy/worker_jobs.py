@@ -71,15 +71,14 @@ def drop_cached(ctx, kind: str) -> int:
     return len(dropped)
 
 
-def _base_model(ctx, payload):
+def _base_model(ctx, payload, key: tuple):
     """The unpatched ModelPatcher for the job's weights and model config, built once per
-    (fingerprint, config)."""
+    (fingerprint, config): `key`, from `_model_key`."""
     import comfy.model_management
     import comfy.model_patcher
 
     from ...pool import transfer
 
-    key = _model_key(payload)
     cached = ctx.cache.get(key)
     if cached is not None:
         return cached
@@ -121,8 +120,9 @@ def sample(ctx, payload):
         ctx.cache[cp_key] = build_parallel_context(settings.config)
     cp = ctx.cache[cp_key]
 
-    cached = _model_key(payload) in ctx.cache
-    patcher = _base_model(ctx, payload).clone()
+    key = _model_key(payload)
+    cached = key in ctx.cache
+    patcher = _base_model(ctx, payload, key).clone()
     model_ready = time.monotonic()
     patcher.patches = {k: list(v) for k, v in payload["patches"].items()}
     patcher.patches_uuid = payload["patches_uuid"]
