@@ -245,7 +245,7 @@ def test_a_replaced_model_is_dropped_by_the_workers_and_another_config_is_anothe
         return [old_file in Path(f"/proc/{worker.pid}/maps").read_text() for worker in workers]
 
     assert len(workers) == 2 and mapped() == [True, True]  # every rank maps the weights' file
-    assert published.unmap_in_workers("model") == 1 and mapped() == [False, False]
+    assert published.unmap_in_workers("model", why="test") == 1 and mapped() == [False, False]
     run(first)  # loads it again
     with caplog.at_level(logging.INFO, logger="comfy_para_attn"):
         caplog.clear()

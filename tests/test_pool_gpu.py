@@ -61,6 +61,8 @@ def test_real_cuda_out_of_memory_is_named_and_pool_is_replaced():
         with pytest.raises(PoolError) as info:
             pool.run(f"{JOBS}:allocate", 1 << 44, timeout_s=60)  # 16 TiB
         assert info.value.reason == "out_of_memory" and "out of memory" in str(info.value)
+        # The rank is named with the controller's GPU index (inside, torch calls each one GPU 0).
+        assert f"rank {info.value.rank} (GPU {info.value.rank})" in str(info.value)
         assert not pool.alive
     finally:
         pool.shutdown()

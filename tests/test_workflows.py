@@ -136,3 +136,66 @@ def test_workflow_runs_headless_on_tiny_models(name, server, object_info):
         assert re.search(r"Parallel VAE Decode: \d+ tiles on 2 cpu rank\(s\)", log), log[-3000:]
     else:
         assert "Context Parallel:" not in log and "Parallel VAE Decode:" not in log
+
+
+def _wait_for(condition, timeout_s: float = 60.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.25)
+    return condition()
+
+
+def test_unload_and_free_memory_reach_the_worker_pool(server):
+    """ComfyUI's "Unload Models" (POST /free unload_models) makes the workers drop their models
+    (the shared-memory copy stays, so the next prompt reloads without a new transfer); "Free
+    model and node cache" (free_memory) also releases the shared-memory copy."""
+    from pathlib import Path
+
+    import psutil
+
+    name = "hunyuan_video_multi_gpu"  # the smaller tiny model of the two multi-GPU workflows
+    _ui, api = workflow_tools.load(name)
+
+    def run(seed: int) -> str:
+        prompt = workflow_tools.tiny_prompt(api, tiny_files.SUBSTITUTES, steps=2, prefix="test_unload",
+                                            overrides={"RandomNoise": {"noise_seed": seed}})
+        before = len(server.log_text())
+        server.run_prompt(prompt, timeout_s=600)
+        return server.log_text()[before:]
+
+    def workers() -> list:
+        return [p for p in psutil.Process(server.pid).children(recursive=True)
+                if "comfy_para_attn.pool.worker" in " ".join(p.cmdline())]
+
+    def mapped_model_files() -> list[set]:
+        return [{line.split()[-1] for line in Path(f"/proc/{w.pid}/maps").read_text().splitlines()
+                 if "/model-" in line} for w in workers()]
+
+    log = run(seed=101)
+    assert "Context Parallel: 2 steps on 2 cpu rank(s)" in log, log[-3000:]
+    pids = sorted(w.pid for w in workers())
+    files = mapped_model_files()
+    assert len(pids) == 2 and all(len(f) == 1 for f in files) and files[0] == files[1], files
+    (shm_file,) = files[0]
+    assert Path(shm_file).exists()
+
+    before = len(server.log_text())
+    server.post("/free", {"unload_models": True})
+    assert _wait_for(lambda: "workers dropped their cached model (1)" in server.log_text()[before:]), \
+        server.log_tail()
+    assert mapped_model_files() == [set(), set()] and sorted(w.pid for w in workers()) == pids
+    assert Path(shm_file).exists()  # kept, as ComfyUI keeps an unloaded model in RAM
+    log = run(seed=102)
+    assert "Context Parallel rank 0: model loaded in" in log and "written to shared memory" not in log, log[-3000:]
+
+    before = len(server.log_text())
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    assert _wait_for(lambda: not Path(shm_file).exists()), server.log_tail()
+    assert "model weights released from shared memory" in server.log_text()[before:]
+    assert mapped_model_files() == [set(), set()]
+    log = run(seed=103)  # the loader runs again, and the weights travel again
+    assert "model weights" in log and "written to shared memory" in log, log[-3000:]

@@ -58,10 +58,22 @@ def _describe_death(rank: int, pid: int, returncode: int | None, during: str) ->
     return text
 
 
-def _describe_failure(event: protocol.JobFailed, job: str | None) -> str:
+def _rank_name(rank: int, layout: PoolLayout | None) -> str:
+    """"rank 1 (GPU 3)" on a CUDA pool: each worker sees only its own GPU, so torch's own
+    messages call every rank's GPU "GPU 0"; the index here is the controller's."""
+    if layout is None or layout.device != "cuda" or layout.gpus is None:
+        return f"rank {rank}"
+    return f"rank {rank} (GPU {layout.gpus[rank]})"
+
+
+def _describe_failure(event: protocol.JobFailed, job: str | None, layout: PoolLayout | None = None) -> str:
     where = f"job {job!r}" if job else "start"
     if event.out_of_memory:
-        head = f"rank {event.rank} ran out of memory in {where}: {event.error_type}: {event.message}"
+        head = (f"{_rank_name(event.rank, layout)} ran out of memory in {where}: {event.error_type}: "
+                f"{event.message}")
+        if layout is not None and layout.device == "cuda":
+            head += ("\n(torch inside a worker calls its GPU 'GPU 0'.) Free memory on that GPU: lower the "
+                     "resolution or frame count, add FP8 Quantize, use more GPUs, or close other programs on it.")
     else:
         head = f"rank {event.rank} raised {event.error_type} in {where}: {event.message}"
     return f"{head}\n\n--- traceback from rank {event.rank} ---\n{event.traceback.rstrip()}"
@@ -237,7 +249,7 @@ class Pool:
                 if isinstance(event, protocol.Ready):
                     ready[rank] = event.timings
                 elif isinstance(event, protocol.JobFailed):
-                    raise PoolStartError(_describe_failure(event, None), rank=rank,
+                    raise PoolStartError(_describe_failure(event, None, self.layout), rank=rank,
                                          worker_traceback=event.traceback)
                 elif isinstance(event, _Died):
                     pid = self._workers[rank].process.pid
@@ -337,7 +349,7 @@ class Pool:
                                    first.returncode, f"during job {job!r}")
             reason, traceback_text = "died", None
         else:
-            text = _describe_failure(first, job)
+            text = _describe_failure(first, job, self.layout)
             reason = "out_of_memory" if first.out_of_memory else "exception"
             traceback_text = first.traceback
         others = [f"rank {r}: {e.error_type}: {e.message}" for r, e in events

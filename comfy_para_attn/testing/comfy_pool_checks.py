@@ -42,3 +42,30 @@ def with_faulty_block(patcher, how: str, rank: int = 1):
     model = patcher.clone()
     model.set_model_patch_replace(FaultyBlock(how, rank), "dit", "double_block", 0)
     return model
+
+
+def room_for_workers_on_a_shared_gpu(rank, world_size, comfy_path):
+    """ComfyUI (CUDA) holds a 2 GiB model on its GPU, as a text encoder stays loaded after
+    CLIPTextEncode: `make_room_for_workers` leaves it there while the GPU has room for what
+    the workers need and unloads it when they need that memory. Returns what it saw."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=False)
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from comfy_para_attn.adapters.comfy.memory import WORKER_MARGIN_BYTES, make_room_for_workers
+
+    device = mm.get_torch_device()
+    encoder = torch.nn.Linear(32768, 16384, bias=False)  # 2 GiB of fp32
+    patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=device, offload_device=torch.device("cpu"))
+    mm.load_models_gpu([patcher])
+    seen = {"loaded_on": encoder.weight.device.type}
+    free = mm.get_free_memory(device)
+    seen["roomy"] = make_room_for_workers(2, free // 2 - WORKER_MARGIN_BYTES, "test")
+    seen["after_roomy"] = encoder.weight.device.type
+    seen["other_gpus_only"] = make_room_for_workers(0, free * 2, "test")  # the pool does not use ComfyUI's GPU
+    seen["after_other"] = encoder.weight.device.type
+    seen["tight"] = make_room_for_workers(2, free + (1 << 30), "test")
+    seen["after_tight"] = encoder.weight.device.type
+    return seen

@@ -107,6 +107,11 @@ class ComfyServer:
     def __exit__(self, *exc):
         self.stop()
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's pid while it runs."""
+        return None if self._proc is None else self._proc.pid
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -124,7 +129,8 @@ class ComfyServer:
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())
+                body = response.read()
+                return json.loads(body) if body.strip() else None  # /free answers with no body
         except urllib.error.HTTPError as exc:  # ComfyUI explains a rejected prompt in the body
             raise RuntimeError(f"POST {route} -> {exc.code}: {exc.read().decode(errors='replace')}") from None
 

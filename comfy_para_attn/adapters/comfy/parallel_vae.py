@@ -70,15 +70,18 @@ def tile_decoder(vae):
     return lambda z: vae.first_stage_model.decode(z.to(vae.vae_dtype).to(vae.device)).float()
 
 
+def tile_memory(vae, plan: TilePlan) -> int:
+    """ComfyUI's estimate of the memory decoding the largest tile takes."""
+    largest = max(plan.tiles, key=tile_cost)
+    return int(vae.memory_used_decode((1, plan.latent_shape[1]) + largest.size, vae.vae_dtype))
+
+
 def load_for_tiles(vae, plan: TilePlan) -> None:
     """Load the VAE on its device, reserving memory for the largest tile (ComfyUI reserves
     for the whole latent, which would push other models off the GPU needlessly)."""
     import comfy.model_management
 
-    largest = max(plan.tiles, key=tile_cost)
-    shape = (1, plan.latent_shape[1]) + largest.size
-    memory = vae.memory_used_decode(shape, vae.vae_dtype)
-    comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory,
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=tile_memory(vae, plan),
                                            force_full_load=vae.disable_offload)
 
 
@@ -138,8 +141,16 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
 
     from ...pool import PoolInterrupted, transfer
 
-    payload = {"vae": vae_recipe(vae), "samples": samples.detach().to("cpu"), "plan": plan}
+    from .memory import make_room_for_workers
+    from .published import is_resident, mark_resident
+
+    recipe = vae_recipe(vae)
+    payload = {"vae": recipe, "samples": samples.detach().to("cpu"), "plan": plan}
     pool = shared_pool(world, device)
+    if device == "cuda":  # rank 0 shares ComfyUI's GPU
+        resident = is_resident(pool, "vae", recipe["fingerprint"])
+        make_room_for_workers(world, tile_memory(vae, plan) + (0 if resident else recipe["weights"].nbytes),
+                              "Parallel VAE Decode")
     pbar = comfy.utils.ProgressBar(len(plan.tiles))
     # One partial image per rank in shared memory; the ranks sum them into the first, which
     # becomes the output: nothing image-sized travels through the pipe.
@@ -151,6 +162,7 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
                           on_progress=lambda step, total, extra: pbar.update_absolute(step, total),
                           should_interrupt=comfy.model_management.processing_interrupted)
         output = transfer.map_float32(paths[0], plan.out_shape)  # valid after the unlink below
+        mark_resident(pool, "vae", recipe["fingerprint"])
     except PoolInterrupted:
         raise comfy.model_management.InterruptProcessingException()
     finally:

@@ -132,8 +132,10 @@ def comfy_pool(world: int, device: str):
     import comfy.model_management
 
     from ...pool import get_pool
+    from . import memory
     from .env import snapshot_cli_args
 
+    memory.install()  # from now on ComfyUI's "unload all models" reaches the workers too
     comfy_dir = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
     cli_args = snapshot_cli_args()
     cli_args["cpu"] = device == "cpu"
@@ -161,6 +163,7 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off for this sampler.")
     fingerprint, handle = _publish_model(patcher)
     guider_cls, guider_state = portable_guider(guider)
+    conds = guider.original_conds
     return {
         "settings": settings,
         "fingerprint": fingerprint,
@@ -171,7 +174,7 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         "patches_uuid": patcher.patches_uuid,
         "object_patches": portable_object_patches(patcher.object_patches),
         "model_options": portable_model_options(guider.model_options),
-        "conds": portable("the conditioning", guider.original_conds),
+        "conds": portable("the conditioning", conds),
         "guider": (guider_cls, guider_state),
         "sampler": portable_sampler(sampler),
         "noise": noise.cpu(),
@@ -191,6 +194,25 @@ def _previews_enabled() -> bool:
     except ImportError:
         return True
     return getattr(args, "preview_method", None) != LatentPreviewMethod.NoPreviews
+
+
+def _make_room(pool, guider, noise, payload, settings) -> None:
+    """Unload ComfyUI's own models (text encoders, VAE) from the pool's GPUs as far as rank 0
+    needs: the weights unless the workers hold them, and its share of the activations."""
+    import comfy.sampler_helpers
+
+    from .memory import make_room_for_workers
+    from .published import is_resident
+
+    try:  # ComfyUI's own estimate for in-process sampling (both CFG halves in one batch)
+        activations = comfy.sampler_helpers.estimate_memory(guider.model_patcher, noise.shape, guider.conds)[0]
+    except Exception as exc:  # another ComfyUI version's signature: make room for the weights only
+        log.debug("Context Parallel: no activation memory estimate (%s)", exc)
+        activations = 0
+    need = int(activations) // max(1, settings.ulysses * settings.ring)
+    if not is_resident(pool, "model", payload["fingerprint"]):
+        need += payload["weights"].nbytes
+    make_room_for_workers(settings.gpus, need, "Context Parallel")
 
 
 def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
@@ -214,11 +236,16 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
             callback(step, x0, extra.get("x"), steps)
 
     log.debug("Context Parallel: job prepared in %.3f s", time.monotonic() - began)
+    if settings.device == "cuda":
+        _make_room(pool, guider, noise, payload, settings)
     try:
         result = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:sample", payload, timeout_s=settings.timeout_s,
                           on_progress=on_progress, should_interrupt=comfy.model_management.processing_interrupted)
     except PoolInterrupted:
         raise comfy.model_management.InterruptProcessingException()
+    from .published import mark_resident
+
+    mark_resident(pool, "model", payload["fingerprint"])
     for line in result["log"]:
         log.info("%s", line)
     last_run_logs[:] = result["rank_logs"]

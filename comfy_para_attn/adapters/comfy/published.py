@@ -17,6 +17,17 @@ log = logging.getLogger("comfy_para_attn")
 _published: dict[str, object] = {}  # fingerprint -> pool.transfer.TensorHandle
 _latest: dict[str, str] = {}  # label -> fingerprint: one copy per label in /dev/shm
 _fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_users: dict[str, int] = {}  # fingerprint -> live model objects with those weights
+_resident: dict[str, tuple[tuple, str]] = {}  # label -> (pool's pids, fingerprint) its workers hold
+
+
+def mark_resident(pool, label: str, fingerprint: str) -> None:
+    """The workers of `pool` hold `label`'s model of `fingerprint` (after a job used it)."""
+    _resident[label] = (tuple(pool.pids), fingerprint)
+
+
+def is_resident(pool, label: str, fingerprint: str) -> bool:
+    return _resident.get(label) == (tuple(pool.pids), fingerprint)
 
 
 def _progress_bar():
@@ -49,14 +60,20 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
     if fingerprint is None or fingerprint not in _published:
         state = weights()
         fingerprint = transfer.fingerprint_tensors(state, extra={"class": type(module).__name__})
+        if module not in _fingerprints:
+            _users[fingerprint] = _users.get(fingerprint, 0) + 1
+            weakref.finalize(module, _module_gone, fingerprint)
         _fingerprints[module] = fingerprint
         if fingerprint not in _published:
             # Workers keep one model per kind and have mapped the old file already (unlinking
             # keeps their mapping valid); holding every model ever used would fill /dev/shm.
+            # A file released when its model was freed may still be mapped by the workers, even
+            # one of these very weights: they drop it too, or /dev/shm would hold two copies.
             old = _latest.get(label)
-            if old is not None and old in _published:
-                _published.pop(old).release()
-                unmap_in_workers(label)
+            if old is not None:
+                if old in _published:
+                    _published.pop(old).release()
+                unmap_in_workers(label, why="before the new one is written")
             began = time.monotonic()
             handle = transfer.publish_tensors(state, f"{label}-{fingerprint[:16]}", on_progress=_progress_bar())
             _published[fingerprint] = handle
@@ -66,7 +83,22 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
     return fingerprint, _published[fingerprint]
 
 
-def unmap_in_workers(kind: str) -> int:
+def _module_gone(fingerprint: str) -> None:
+    """The last model object with these weights was freed (ComfyUI's "Free model and node
+    cache", another checkpoint in the loader): its shared-memory copy goes too, as ComfyUI's
+    RAM copy did. Workers that still map it keep their pages until they drop the model."""
+    _users[fingerprint] -= 1
+    if _users[fingerprint] > 0:
+        return
+    del _users[fingerprint]
+    labels = [label for label, latest in _latest.items() if latest == fingerprint]
+    handle = _published.pop(fingerprint, None)
+    if handle is not None:
+        handle.release()
+        log.info("%s weights released from shared memory (the model was freed)", "/".join(labels) or "model")
+
+
+def unmap_in_workers(kind: str, why: str) -> int:
     """Make the live pool's workers drop their cached `kind` ("model" / "vae"); returns how
     many each dropped (0 without a pool). Unlinking a replaced file frees nothing while a
     worker still maps it (any one tensor of it keeps every page: a LoRA's backup of the
@@ -75,6 +107,7 @@ def unmap_in_workers(kind: str) -> int:
     unmaps everything."""
     from ...pool import PoolError, current_pool, shutdown_pool
 
+    _resident.pop(kind, None)
     pool = current_pool()
     if pool is None:
         return 0
@@ -84,7 +117,8 @@ def unmap_in_workers(kind: str) -> int:
         log.warning("could not make the workers drop the replaced %s (%s); restarting the pool", kind, exc)
         shutdown_pool()
         return 0
-    log.info("workers dropped their cached %s (%d) before the new one is written", kind, dropped)
+    if dropped:
+        log.info("workers dropped their cached %s (%d) %s", kind, dropped, why)
     return dropped
 
 
