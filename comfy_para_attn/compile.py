@@ -64,11 +64,14 @@ class CompileSettings:
 def inductor_options() -> dict:
     """Our inductor options: the graph pass (one instance per process: compiled graphs keep a
     reference, and `folded` counts its rewrites) and inductor's multi-kernel reductions
-    (`PARA_ATTN_MULTI_KERNEL`, default 1). With them inductor also makes a single-pass
+    (`PARA_ATTN_MULTI_KERNEL`, default 0: off). With 1 inductor also makes a single-pass
     (persistent) variant of the row reductions over a hidden state (LayerNorm, modulation and
-    fp8 quantization of 3072 values) and keeps the faster at the first call (1): 1.5 ms of a
-    94 ms FLUX fp8 step on an H100, for ~5 s more cold compile (23.1 -> 28.5 s); 2 always takes the
-    single-pass one, 0 turns them off."""
+    fp8 quantization of 3072 values) and keeps the faster at the first call: 1.5 ms of a 94 ms
+    FLUX fp8 step on an H100, for ~5 s more cold compile (23.1 -> 28.5 s); 2 always takes the
+    single-pass one. Off by default: with torch 2.11 / triton 3.6 a compiled graph with
+    multi-kernels fails to load from inductor's FX graph cache (`MultiKernelCall.cache_file_path`
+    reads a JIT function's `_hash_lock`, None there), so the second process to compile the same
+    blocks (ComfyUI after a restart) crashed."""
     return {"pre_grad_custom_pass": _fold_cat_pass(), "triton.multi_kernel": _multi_kernel()}
 
 
@@ -80,7 +83,7 @@ def _fold_cat_pass():
 
 
 def _multi_kernel() -> int:
-    value = os.environ.get("PARA_ATTN_MULTI_KERNEL", "1")
+    value = os.environ.get("PARA_ATTN_MULTI_KERNEL", "0")
     if value not in ("0", "1", "2"):
         raise ValueError(f"PARA_ATTN_MULTI_KERNEL must be 0, 1 or 2, got {value!r}")
     return int(value)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from comfy_para_attn.testing.compile_checks import cuda_graphs_with_first_block_cache
+from comfy_para_attn.testing.compile_checks import compile_row_reductions, cuda_graphs_with_first_block_cache
 from comfy_para_attn.testing.distributed import run_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -17,3 +17,15 @@ def test_reduce_overhead_replays_cuda_graphs_under_first_block_cache(comfyui_pat
     assert len(result["reuse"]) == 4 and all("reused 0 of" not in line for line in result["reuse"]), result["reuse"]
     assert result["finite"] and result["scale"] > 1e-3
     assert result["max_diff"] < 0.05 * result["scale"] + 1e-2, result
+
+
+def test_compiled_graphs_load_from_inductor_cache_in_the_next_process(tmp_path, monkeypatch):
+    """ComfyUI after a restart: the second process loads Compile Model's graphs from inductor's
+    FX graph cache (with multi-kernel reductions on, torch 2.11 / triton 3.6 crashed there)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the spawned ranks inherit it
+    (first,) = run_ranks(compile_row_reductions, 1, timeout=300)
+    (second,) = run_ranks(compile_row_reductions, 1, timeout=300)
+    assert first["cache_hits"] == 0 and second["cache_hits"] >= 1
+    for result in (first, second):
+        assert torch.isfinite(result["out"]).all() and result["plain"].abs().max() > 0.1
+        assert (result["out"] - result["plain"]).abs().max() < 1e-4

@@ -48,3 +48,25 @@ def cuda_graphs_with_first_block_cache(rank, world_size, comfy_path):
     finite = all(bool(torch.isfinite(o).all()) for o in outputs.values())
     return {"max_diff": diff, "scale": scale, "finite": finite, "reuse": reuse,
             "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
+
+
+def compile_row_reductions(rank, world_size, device="cuda"):
+    """Compile Model's inductor options on LayerNorm + row max over 3072 values (the rows
+    multi-kernel reductions target), in a fresh process: returns the output and inductor's
+    FX graph cache hits (a second process with the same TORCHINDUCTOR_CACHE_DIR loads it)."""
+    import torch.nn.functional as F
+    from torch._dynamo.utils import counters
+
+    from comfy_para_attn.compile import CompileSettings
+
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = True
+
+    def rows(x):
+        y = F.layer_norm(x, (x.shape[-1],))
+        return y * y.abs().amax(-1, keepdim=True).reciprocal()
+
+    x = torch.randn(512, 3072, device=device, generator=torch.Generator(device).manual_seed(0))
+    out = torch.compile(rows, **CompileSettings().compile_kwargs())(x)
+    return {"out": out.cpu(), "plain": rows(x).cpu(), "cache_hits": counters["inductor"]["fxgraph_cache_hit"]}
