@@ -138,14 +138,19 @@ def test_workflow_runs_headless_on_tiny_models(name, server, object_info):
         assert "Context Parallel:" not in log and "Parallel VAE Decode:" not in log
 
 
-def _wait_for(condition, timeout_s: float = 60.0) -> bool:
+def _free_until(server, flags: dict, condition, timeout_s: float = 90.0) -> bool:
+    """POST /free until `condition()` holds. Posted again every few seconds: ComfyUI's prompt
+    loop can miss the wake-up of a flag set while it collects garbage after a prompt, and then
+    sleeps up to 1000 s before it reads the flags."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.25)
+        server.post("/free", flags)
+        for _ in range(12):
+            if condition():
+                return True
+            time.sleep(0.25)
     return condition()
 
 
@@ -184,8 +189,8 @@ def test_unload_and_free_memory_reach_the_worker_pool(server):
     assert Path(shm_file).exists()
 
     before = len(server.log_text())
-    server.post("/free", {"unload_models": True})
-    assert _wait_for(lambda: "workers dropped their cached model (1)" in server.log_text()[before:]), \
+    assert _free_until(server, {"unload_models": True},
+                       lambda: "workers dropped their cached model (1)" in server.log_text()[before:]), \
         server.log_tail()
     assert mapped_model_files() == [set(), set()] and sorted(w.pid for w in workers()) == pids
     assert Path(shm_file).exists()  # kept, as ComfyUI keeps an unloaded model in RAM
@@ -193,8 +198,8 @@ def test_unload_and_free_memory_reach_the_worker_pool(server):
     assert "Context Parallel rank 0: model loaded in" in log and "written to shared memory" not in log, log[-3000:]
 
     before = len(server.log_text())
-    server.post("/free", {"unload_models": True, "free_memory": True})
-    assert _wait_for(lambda: not Path(shm_file).exists()), server.log_tail()
+    assert _free_until(server, {"unload_models": True, "free_memory": True},
+                       lambda: not Path(shm_file).exists()), server.log_tail()
     assert "model weights released from shared memory" in server.log_text()[before:]
     assert mapped_model_files() == [set(), set()]
     log = run(seed=103)  # the loader runs again, and the weights travel again
