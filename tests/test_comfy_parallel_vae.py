@@ -152,7 +152,7 @@ def test_a_first_weight_write_drives_the_running_nodes_progress_bar(comfyui_path
     finally:
         comfy.utils.set_progress_bar_global_hook(old_hook)
         published._published.pop(first[0]).release()
-        published._latest.pop("progress-test", None)
+        published._recent.pop("progress-test", None)
     assert again[0] == first[0] and len(seen) == len(shown)
     values = [value for value, _ in shown]
     assert all(total == 100 for _, total in shown) and values[-1] == 100

@@ -213,17 +213,20 @@ def test_every_sampler_comfyui_ships_can_reach_the_workers(comfyui_path):
 
 
 def test_a_replaced_model_is_dropped_by_the_workers_and_another_config_is_another_model(
-        comfyui_path, pack_nodes, pool_cleanup, caplog):
-    """Switching models: the workers drop the old one before the new one is written (their
-    mapping kept the replaced file's pages in /dev/shm, so a /dev/shm sized for one model
-    failed on the switch, and on every prompt after). The same weights under another model
-    config (UNETLoader's fp8_e4m3fn_fast changes only the config) are another model there."""
+        comfyui_path, pack_nodes, pool_cleanup, caplog, monkeypatch):
+    """Switching models, one kept (PARA_ATTN_KEEP_MODELS=1): the workers drop the old one
+    before the new one is written (their mapping kept the replaced file's pages in /dev/shm, so
+    a /dev/shm sized for one model failed on the switch, and on every prompt after). The same
+    weights under another model config (UNETLoader's fp8_e4m3fn_fast changes only the config)
+    are another model there."""
     import logging
     from pathlib import Path
 
     import psutil
 
-    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.adapters.comfy import pool_sampling, published
+
+    monkeypatch.setitem(published.KEEP, "model", 1)
     from comfy_para_attn.testing import comfy_models
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
 
@@ -238,7 +241,7 @@ def test_a_replaced_model_is_dropped_by_the_workers_and_another_config_is_anothe
     run(first)
     from comfy_para_attn.adapters.comfy import published
 
-    old_file = published._published[published._latest["model"]].path
+    old_file = published._published[published._recent["model"][-1]].path
     workers = [p for p in psutil.Process().children(recursive=True) if "comfy_para_attn.pool.worker" in " ".join(p.cmdline())]
 
     def mapped() -> list[bool]:
@@ -263,6 +266,40 @@ def test_a_replaced_model_is_dropped_by_the_workers_and_another_config_is_anothe
         assert all("model loaded in" in line for line in states), states
         assert "dropped" not in caplog.text  # the weights did not change: no new file
         assert (out - plain).abs().max().item() < TOL
+
+
+def test_two_models_alternating_stay_written_and_loaded(comfyui_path, pack_nodes, pool_cleanup, caplog):
+    """Wan 2.2 samples with two experts in every prompt: both stay in shared memory and in the
+    workers (two are kept by default), so alternating them writes and loads each once; a third
+    model evicts the least recently used one, in /dev/shm and in the workers."""
+    import logging
+
+    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    models = {}
+    models["a"], pos, neg, latent = sampling_inputs("flux", seed=11)
+    models["b"], *_ = sampling_inputs("flux", seed=12)
+    models["c"], *_ = sampling_inputs("flux", seed=13)
+
+    def run(name) -> tuple[int, list[str]]:
+        caplog.clear()
+        out = comfy_models.sample(_cp(pack_nodes, models[name], ulysses_degree=2), pos, neg, latent, steps=2, cfg=1.0)
+        assert torch.isfinite(out).all()
+        states = [line.split(": model ")[1].split(" in ")[0] for lines in pool_sampling.last_run_logs
+                  for line in lines if ": model " in line]
+        assert len(set(states)) == 1, states  # every rank the same
+        return caplog.text.count("written to shared memory"), states[0], caplog.text
+
+    with caplog.at_level(logging.INFO, logger="comfy_para_attn"):
+        assert run("a")[:2] == (1, "loaded") and run("b")[:2] == (1, "loaded")
+        assert run("a")[:2] == (0, "cached") and run("b")[:2] == (0, "cached")
+        written, state, log = run("c")  # "a" is the least recently used
+        assert (written, state) == (1, "loaded")
+        assert "workers dropped their cached model (1) before the new one is written (to keep 2)" in log, log
+        assert run("b")[:2] == (0, "cached")
+        assert run("a")[:2] == (1, "loaded")  # written and loaded again, "c" now goes
 
 
 def test_worker_model_key_follows_the_model_config(comfyui_path):

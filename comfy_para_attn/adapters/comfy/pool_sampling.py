@@ -146,6 +146,12 @@ def comfy_pool(world: int, device: str):
 
 # --- the OUTER_SAMPLE wrapper ---------------------------------------------------------------
 
+def _keep_models() -> int:
+    from .published import KEEP
+
+    return KEEP["model"]
+
+
 def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):
     patcher = guider.model_patcher
     if patcher.hook_mode is not None and getattr(patcher, "hook_patches", None):
@@ -168,6 +174,7 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         "settings": settings,
         "fingerprint": fingerprint,
         "weights": handle,
+        "keep_models": _keep_models(),
         "model_config": portable("the model config", patcher.model.model_config),
         "model_type": patcher.model.model_type,
         "patches": portable("the model's weight patches (LoRA)", patcher.patches),

@@ -1,33 +1,42 @@
 """Weights the workers map from shared memory, written once per fingerprint: the diffusion
-model for Context Parallel, the VAE for Parallel VAE Decode. A file stays until another model
-of the same kind replaces it or the ComfyUI process exits. A model object is fingerprinted
-once; its weights are not re-read per prompt."""
+models for Context Parallel, the VAE for Parallel VAE Decode. Up to `KEEP[kind]` copies of a
+kind stay (two diffusion models: Wan 2.2's two experts alternate within every prompt), the
+least recently used going first, sooner when /dev/shm has no room for a new one; a copy also
+goes when its ComfyUI model is freed, and all go when the ComfyUI process exits. A model
+object is fingerprinted once; its weights are not re-read per prompt. The workers keep the
+same models: whenever a copy goes, they drop theirs (`unmap_in_workers`)."""
 from __future__ import annotations
 
 import atexit
 import logging
+import os
 import time
 import weakref
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 log = logging.getLogger("comfy_para_attn")
 
+KEEP = {"model": max(1, int(os.environ.get("PARA_ATTN_KEEP_MODELS", "2"))), "vae": 1}
 _published: dict[str, object] = {}  # fingerprint -> pool.transfer.TensorHandle
-_latest: dict[str, str] = {}  # label -> fingerprint: one copy per label in /dev/shm
+_recent: dict[str, list[str]] = {}  # label -> fingerprints the workers may hold, least recently used first
 _fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 _users: dict[str, int] = {}  # fingerprint -> live model objects with those weights
-_resident: dict[str, tuple[tuple, str]] = {}  # label -> (pool's pids, fingerprint) its workers hold
+_resident: dict[str, tuple[tuple, set]] = {}  # label -> (pool's pids, fingerprints its workers hold)
 
 
 def mark_resident(pool, label: str, fingerprint: str) -> None:
     """The workers of `pool` hold `label`'s model of `fingerprint` (after a job used it)."""
-    _resident[label] = (tuple(pool.pids), fingerprint)
+    pids, held = _resident.get(label, ((), set()))
+    if pids != tuple(pool.pids):
+        held = set()
+    _resident[label] = (tuple(pool.pids), held | {fingerprint})
 
 
 def is_resident(pool, label: str, fingerprint: str) -> bool:
-    return _resident.get(label) == (tuple(pool.pids), fingerprint)
+    pids, held = _resident.get(label, ((), set()))
+    return pids == tuple(pool.pids) and fingerprint in held
 
 
 def _progress_bar():
@@ -65,22 +74,53 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
             weakref.finalize(module, _module_gone, fingerprint)
         _fingerprints[module] = fingerprint
         if fingerprint not in _published:
-            # Workers keep one model per kind and have mapped the old file already (unlinking
-            # keeps their mapping valid); holding every model ever used would fill /dev/shm.
-            # A file released when its model was freed may still be mapped by the workers, even
-            # one of these very weights: they drop it too, or /dev/shm would hold two copies.
-            old = _latest.get(label)
-            if old is not None:
-                if old in _published:
-                    _published.pop(old).release()
-                unmap_in_workers(label, why="before the new one is written")
+            _write(label, fingerprint, state)
+    recent = _recent.setdefault(label, [])
+    if fingerprint in recent:
+        recent.remove(fingerprint)
+    recent.append(fingerprint)
+    return fingerprint, _published[fingerprint]
+
+
+def _write(label: str, fingerprint: str, state: dict) -> None:
+    """Write `state` for the workers, after making room: the least recently used copies of
+    `label` beyond `KEEP[label] - 1`, and more while /dev/shm has no room. Unlinking a file
+    frees nothing while a worker maps it, so the workers drop each evicted model first."""
+    from ...pool import transfer
+    from ...pool.errors import ShmSpaceError
+
+    recent = _recent.setdefault(label, [])
+    if fingerprint in recent:  # its file was released with its model: the workers may still map it
+        _evict(label, fingerprint, "its old file was released")
+    keep = KEEP.get(label, 1)
+    while len(recent) >= keep:
+        _evict(label, _victim(recent), f"to keep {keep}")
+    while True:
+        try:
             began = time.monotonic()
             handle = transfer.publish_tensors(state, f"{label}-{fingerprint[:16]}", on_progress=_progress_bar())
-            _published[fingerprint] = handle
-            _latest[label] = fingerprint
-            log.info("%s weights (%.2f GiB) written to shared memory in %.1f s", label, handle.nbytes / 2**30,
-                     time.monotonic() - began)
-    return fingerprint, _published[fingerprint]
+            break
+        except ShmSpaceError:
+            if not recent:
+                raise
+            _evict(label, _victim(recent), "for room in shared memory")
+    _published[fingerprint] = handle
+    log.info("%s weights (%.2f GiB) written to shared memory in %.1f s", label, handle.nbytes / 2**30,
+             time.monotonic() - began)
+
+
+def _victim(recent: list[str]) -> str:
+    """What to evict: a model ComfyUI has freed (its file is released already), else the least
+    recently used."""
+    return next((fingerprint for fingerprint in recent if fingerprint not in _published), recent[0])
+
+
+def _evict(label: str, fingerprint: str, why: str) -> None:
+    _recent[label].remove(fingerprint)
+    handle = _published.pop(fingerprint, None)
+    if handle is not None:
+        handle.release()
+    unmap_in_workers(label, why=f"before the new one is written ({why})", fingerprint=fingerprint)
 
 
 def _module_gone(fingerprint: str) -> None:
@@ -91,28 +131,33 @@ def _module_gone(fingerprint: str) -> None:
     if _users[fingerprint] > 0:
         return
     del _users[fingerprint]
-    labels = [label for label, latest in _latest.items() if latest == fingerprint]
+    # The fingerprint stays in `_recent`: the workers may still map the file, and drop it when
+    # it is evicted (so the next writes of that kind make them drop it).
+    labels = [label for label, recent in _recent.items() if fingerprint in recent]
     handle = _published.pop(fingerprint, None)
     if handle is not None:
         handle.release()
         log.info("%s weights released from shared memory (the model was freed)", "/".join(labels) or "model")
 
 
-def unmap_in_workers(kind: str, why: str) -> int:
-    """Make the live pool's workers drop their cached `kind` ("model" / "vae"); returns how
-    many each dropped (0 without a pool). Unlinking a replaced file frees nothing while a
+def unmap_in_workers(kind: str, why: str, fingerprint: Optional[str] = None) -> int:
+    """Make the live pool's workers drop their cached `kind` ("model" / "vae"), only those
+    of `fingerprint` if given; returns how many each dropped (0 without a pool). Unlinking a replaced file frees nothing while a
     worker still maps it (any one tensor of it keeps every page: a LoRA's backup of the
     original weight, say), so without this the next model's write failed on a /dev/shm sized
     for one model, on every prompt after. A pool that cannot do it is shut down, which
     unmaps everything."""
     from ...pool import PoolError, current_pool, shutdown_pool
 
-    _resident.pop(kind, None)
+    pids, held = _resident.pop(kind, ((), set()))
+    if fingerprint is not None and held - {fingerprint}:
+        _resident[kind] = (pids, held - {fingerprint})
     pool = current_pool()
     if pool is None:
         return 0
     try:
-        dropped = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:drop_cached", kind, timeout_s=120)
+        dropped = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:drop_cached", (kind, fingerprint),
+                           timeout_s=120)
     except PoolError as exc:
         log.warning("could not make the workers drop the replaced %s (%s); restarting the pool", kind, exc)
         shutdown_pool()

@@ -53,22 +53,28 @@ def _model_key(payload) -> tuple:
     return "model", payload["fingerprint"], config_key(payload["model_config"], payload["model_type"])
 
 
-def drop_cached(ctx, kind: str) -> int:
-    """Forget this rank's cached `kind` entries ("model" or "vae") and free their memory
-    (`published.unmap_in_workers`); returns how many were dropped."""
+def drop_cached(ctx, spec) -> int:
+    """Forget this rank's cached models of a kind and free their memory; returns how many were
+    dropped. `spec`: "model" / "vae" (all of that kind), or (kind, fingerprint) for one model's
+    weights (`published.unmap_in_workers`)."""
+    kind, fingerprint = (spec, None) if isinstance(spec, str) else spec
+    return _drop(ctx, [key for key in ctx.cache if isinstance(key, tuple) and key[0] == kind
+                       and (fingerprint is None or key[1] == fingerprint)])
+
+
+def _drop(ctx, keys: list) -> int:
     import comfy.model_management
 
-    dropped = [key for key in ctx.cache if isinstance(key, tuple) and key[0] == kind]
-    for key in dropped:
+    for key in keys:
         del ctx.cache[key]
-    if kind == "model":
+    if any(key[0] == "model" for key in keys):
         from .context_parallel import forget_memory_agreements
 
         forget_memory_agreements()
     comfy.model_management.cleanup_models()
     gc.collect()  # a model's modules hold reference cycles
     comfy.model_management.soft_empty_cache()
-    return len(dropped)
+    return len(keys)
 
 
 def _base_model(ctx, payload, key: tuple):
@@ -79,10 +85,14 @@ def _base_model(ctx, payload, key: tuple):
 
     from ...pool import transfer
 
-    cached = ctx.cache.get(key)
+    cached = ctx.cache.pop(key, None)
     if cached is not None:
+        ctx.cache[key] = cached  # most recently used last
         return cached
-    drop_cached(ctx, "model")  # one model at a time: free the previous one's memory first
+    # As many models as the controller keeps in shared memory (it makes us drop the ones it
+    # evicts); the least recently used first should the two ever disagree.
+    models = [k for k in ctx.cache if isinstance(k, tuple) and k[0] == "model"]
+    _drop(ctx, models[:max(0, len(models) - payload.get("keep_models", 1) + 1)])
     ctx.heartbeat()
     weights = transfer.load_tensors(payload["weights"])
     model_config = payload["model_config"]
