@@ -29,8 +29,7 @@ def release_worker_models(reason: str) -> int:
     each rank dropped (0 without a pool). A pool that cannot do it is shut down."""
     from .published import unmap_in_workers
 
-    dropped = unmap_in_workers("model", why=reason) + unmap_in_workers("vae", why=reason)
-    return dropped
+    return unmap_in_workers("model", why=reason) + unmap_in_workers("vae", why=reason)
 
 
 def install() -> bool:

@@ -146,12 +146,6 @@ def comfy_pool(world: int, device: str):
 
 # --- the OUTER_SAMPLE wrapper ---------------------------------------------------------------
 
-def _keep_models() -> int:
-    from .published import KEEP
-
-    return KEEP["model"]
-
-
 def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):
     patcher = guider.model_patcher
     if patcher.hook_mode is not None and getattr(patcher, "hook_patches", None):
@@ -167,21 +161,22 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
                 raise NotPortableError("Context Parallel does not support conditioning hooks yet.")
     if settings.cfg == 2 and (getattr(guider, "cfg", 1.0) == 1.0 or "negative" not in guider.original_conds):
         raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off for this sampler.")
+    from .published import KEEP
+
     fingerprint, handle = _publish_model(patcher)
     guider_cls, guider_state = portable_guider(guider)
-    conds = guider.original_conds
     return {
         "settings": settings,
         "fingerprint": fingerprint,
         "weights": handle,
-        "keep_models": _keep_models(),
+        "keep_models": KEEP["model"],  # the workers keep as many models as /dev/shm does
         "model_config": portable("the model config", patcher.model.model_config),
         "model_type": patcher.model.model_type,
         "patches": portable("the model's weight patches (LoRA)", patcher.patches),
         "patches_uuid": patcher.patches_uuid,
         "object_patches": portable_object_patches(patcher.object_patches),
         "model_options": portable_model_options(guider.model_options),
-        "conds": portable("the conditioning", conds),
+        "conds": portable("the conditioning", guider.original_conds),
         "guider": (guider_cls, guider_state),
         "sampler": portable_sampler(sampler),
         "noise": noise.cpu(),
