@@ -14,7 +14,8 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
   comfy_fp8_fast        ComfyUI's UNETLoader weight_dtype fp8_e4m3fn_fast (fp8 weights, _scaled_mm)
   extra (--configs):    ours_fp8_eager, ours_fp8_regional_tensorwise, ours_fp8_regional_autotune
                         (max-autotune-no-cudagraphs), ours_fp8_regional_cudagraphs (max-autotune),
-                        ours_fp8_regional_graphs (reduce-overhead)
+                        ours_fp8_regional_graphs (reduce-overhead); ..._unfused_norm: the same
+                        without the LayerNorm fold (PARA_ATTN_FP8_FUSED_NORM=0)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
 compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
@@ -41,7 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_CONFIGS = ("comfy_bf16", "comfy_torch_compile", "ours_regional_bf16", "ours_fp8_regional", "comfy_fp8_fast")
 EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_regional_autotune",
-                 "ours_fp8_regional_cudagraphs", "ours_fp8_regional_graphs")
+                 "ours_fp8_regional_cudagraphs", "ours_fp8_regional_graphs", "ours_fp8_regional_unfused_norm",
+                 "ours_fp8_regional_graphs_unfused_norm")
+UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
+ENV_OF_CONFIG = {"ours_fp8_regional_unfused_norm": UNFUSED_NORM, "ours_fp8_regional_graphs_unfused_norm": UNFUSED_NORM}
 
 
 def _sync(device):
@@ -81,8 +85,8 @@ def _configure(name, model, device, cm):
     if "fp8" in name:
         m = apply_fp8(m, FP8Settings(granularity=granularity))
     if "regional" in name:
-        mode = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "max-autotune",
-                "graphs": "reduce-overhead"}.get(name.rsplit("_", 1)[-1], "default")
+        modes = {"_autotune": "max-autotune-no-cudagraphs", "_cudagraphs": "max-autotune", "_graphs": "reduce-overhead"}
+        mode = next((m for key, m in modes.items() if key in name), "default")
         m = apply_compile(m, CompileSettings(mode=mode))
     return m
 
@@ -196,7 +200,8 @@ def main(argv=None):
     for name in configs:
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=shared_cache if args.warm_cache else tmp + "/inductor",
-                       TRITON_CACHE_DIR=(shared_cache if args.warm_cache else tmp) + "/triton")
+                       TRITON_CACHE_DIR=(shared_cache if args.warm_cache else tmp) + "/triton",
+                       **ENV_OF_CONFIG.get(name, {}))
             cmd = [sys.executable, __file__, "--only", name, "--result", tmp + "/r.json", "--device", args.device,
                    "--steps", str(args.steps), "--repeats", str(args.repeats), "--comfyui", str(args.comfyui)]
             cmd += ["--tiny"] if args.tiny else []

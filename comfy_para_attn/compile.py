@@ -72,14 +72,14 @@ def inductor_options() -> dict:
     multi-kernels fails to load from inductor's FX graph cache (`MultiKernelCall.cache_file_path`
     reads a JIT function's `_hash_lock`, None there), so the second process to compile the same
     blocks (ComfyUI after a restart) crashed."""
-    return {"pre_grad_custom_pass": _fold_cat_pass(), "triton.multi_kernel": _multi_kernel()}
+    return {"pre_grad_custom_pass": _fold_pass(), "triton.multi_kernel": _multi_kernel()}
 
 
 @functools.cache
-def _fold_cat_pass():
-    from .quant.cat_fold import FoldCatIntoGeluQuant
+def _fold_pass():
+    from .quant.input_folds import FP8InputFolds
 
-    return FoldCatIntoGeluQuant()
+    return FP8InputFolds()
 
 
 def _multi_kernel() -> int:

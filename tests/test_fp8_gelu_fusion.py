@@ -15,25 +15,11 @@ if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imported
 
 from comfy_para_attn.quant import gelu_fusion  # noqa: E402
-from kernels._runtime import interpreter_unusable_reason, interpreting  # noqa: E402
+from comfy_para_attn.testing.fp8_checks import activations as _activations  # noqa: E402
+from comfy_para_attn.testing.fp8_checks import dynamic_fp8_linear, kernel_unavailable_reason  # noqa: E402
 from kernels.fp8_rowwise import gelu_tail_rowwise_fp8_reference  # noqa: E402
 
-
-def _kernel_runs_here():
-    if not HAVE_TRITON:
-        return "triton is not installed"
-    if DEVICE == "cpu" and (not interpreting() or interpreter_unusable_reason()):
-        return "no CUDA, and Triton's interpreter is not usable in this process"
-    return None
-
-
-needs_kernel = pytest.mark.skipif(_kernel_runs_here() is not None, reason=str(_kernel_runs_here()))
-
-
-def _activations(rows, cols, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.rand(rows, 1, generator=g) * 4 + 0.1  # rows of different magnitude
-    return (torch.randn(rows, cols, generator=g) * scale).to(torch.bfloat16).to(DEVICE)
+needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))
 
 
 @needs_kernel
@@ -90,20 +76,8 @@ def test_two_pieces_quantize_like_their_concatenation(head_cols):
 
 
 def _dynamic_fp8_linear(in_features, out_features, seed=1):
-    """A bf16 linear layer whose weight is torchao's dynamic row-wise fp8 tensor, made
-    directly (torchao's quantize_ refuses CPUs; its matmul runs there)."""
     pytest.importorskip("torchao")
-    from torchao.float8.inference import Float8MMConfig
-    from torchao.quantization import PerRow
-    from torchao.quantization.quantize_.workflows import Float8Tensor, QuantizeTensorToFloat8Kwargs
-
-    torch.manual_seed(seed)
-    linear = torch.nn.Linear(in_features, out_features).to(torch.bfloat16).to(DEVICE)
-    weight = Float8Tensor.from_hp(linear.weight.detach(), granularity=PerRow(),
-                                  mm_config=Float8MMConfig(use_fast_accum=True),
-                                  act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=PerRow()))
-    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-    return linear
+    return dynamic_fp8_linear(in_features, out_features, seed)
 
 
 @needs_kernel
@@ -210,12 +184,12 @@ def test_cat_fold_pass_rewrites_dynamo_graph_and_keeps_the_output():
     """The pre-grad pass on dynamo's real graph of a fused single block: the cat and the
     one-input quantization are replaced by the two-piece op, and the graph computes the same
     bits as eager."""
-    from comfy_para_attn.quant.cat_fold import FoldCatIntoGeluQuant
+    from comfy_para_attn.quant.input_folds import FP8InputFolds
 
     block = _fused_single_block()
     x = _activations(24, 96, seed=6).reshape(1, 24, 96)
     expected = block(x)
-    fold, graphs = FoldCatIntoGeluQuant(), []
+    fold, graphs = FP8InputFolds(), []
 
     def backend(gm, example_inputs):
         fold(gm.graph)
@@ -226,7 +200,7 @@ def test_cat_fold_pass_rewrites_dynamo_graph_and_keeps_the_output():
     torch._dynamo.reset()
     out = torch.compile(block, backend=backend, fullgraph=True)(x)
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert fold.folded == 1
+    assert fold.counts == {"cat": 1, "layer norm": 0}
     assert "para_attn.cat_gelu_rowwise_fp8.default" in targets and "<built-in method cat" not in " ".join(targets)
     assert not any("gelu_tail_rowwise_fp8" in t for t in targets)
     assert torch.isfinite(out).all() and out.abs().mean() > 1e-3 and torch.equal(out, expected)
@@ -269,6 +243,15 @@ def test_comfy_models_fusion_sites_and_unchanged_sampling(cm, family):
     assert {s.linear for s in sites} == expected
     singles = [s for s in sites if s.linear.endswith("linear2")]
     assert all(s.gelu_from == dm.single_blocks[0].hidden_size for s in singles)
+    norm_fed = gelu_fusion.norm_fed_sites(dm)
+    if family == "wan":
+        assert norm_fed == []
+    else:
+        assert {s.linear for s in norm_fed} == (
+            {f"double_blocks.{i}.{s}_{layer}" for i in range(len(dm.double_blocks)) for s in ("img", "txt")
+             for layer in ("attn.qkv", "mlp.0")} | {f"single_blocks.{i}.linear1" for i in range(len(dm.single_blocks))})
+        assert all(s.gelu == "" and s.gelu_from == dm.single_blocks[0].hidden_size for s in norm_fed)
+    sites += norm_fed
     shape = cm.latent_shape(family)
     latent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     positive = cm.conditioning(patcher, seed=1)
@@ -290,18 +273,22 @@ def test_fp8_node_fuses_through_object_patches_that_comfy_applies_per_load(cm):
     fp8, where the fused layers apply the GELU themselves."""
     import comfy.patcher_extension
 
-    from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+    from comfy_para_attn.adapters.comfy.fp8 import _is_fusion_patch, apply_fp8
     from comfy_para_attn.adapters.comfy.portable import portable_object_patches
     from comfy_para_attn.quant import FP8Settings
 
     patcher = cm.build("flux", dtype=torch.bfloat16, seed=0, **cm.flux_config("tiny"))
     dm = patcher.model.diffusion_model
     model = apply_fp8(patcher, FP8Settings())
-    fusion = {k: v for k, v in model.object_patches.items() if "mlp" in k or "linear2" in k}
-    assert len(fusion) == 2 * 6  # 2 double blocks x 2 MLPs + 2 single blocks: a GELU slot and a class each
+    fusion = {k: v for k, v in model.object_patches.items() if _is_fusion_patch(v)}
+    # 2 double blocks x 2 MLPs + 2 single blocks: a GELU slot and a class each; the norm-fed
+    # layers (4 per double block, 1 per single block): a class each
+    assert len(fusion) == 2 * 6 + 10
     assert portable_object_patches(model.object_patches) == {}
-    assert not [k for k in apply_fp8(model, FP8Settings(mode="weight-only")).object_patches if "mlp" in k]
-    assert not [k for k in apply_fp8(model, FP8Settings(granularity="tensor-wise")).object_patches if "mlp" in k]
+    assert not [k for k, v in apply_fp8(model, FP8Settings(mode="weight-only")).object_patches.items()
+                if _is_fusion_patch(v)]
+    assert not [k for k, v in apply_fp8(model, FP8Settings(granularity="tensor-wise")).object_patches.items()
+                if _is_fusion_patch(v)]
     seen = []
     model.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN,
                        lambda p: seen.append(sum(isinstance(m, gelu_fusion.GeluThenLinear) for m in dm.modules())))
@@ -311,7 +298,7 @@ def test_fp8_node_fuses_through_object_patches_that_comfy_applies_per_load(cm):
     assert not any(isinstance(m, gelu_fusion.GeluThenLinear) for m in dm.modules())
     first = cm.sample(model, positive, [], latent, steps=2, cfg=1.0)
     second = cm.sample(model, positive, [], latent, steps=2, cfg=1.0)  # the loaded model, reused
-    assert seen == [6, 6], seen
+    assert seen == [16, 16], seen
     plain_again = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
     assert not any(isinstance(m, gelu_fusion.GeluThenLinear) for m in dm.modules())
     assert torch.isfinite(first).all() and torch.equal(first, second)

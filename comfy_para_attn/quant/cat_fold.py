@@ -13,22 +13,24 @@ into
 
 which reads `b` in place (a strided slice of `linear1`'s output). The result is the same
 to the bit (same kernel, same arithmetic). Anything else in the graph is left alone.
+`quant.input_folds.FP8InputFolds` runs it with the other folds.
 """
 from __future__ import annotations
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-_VIEWS = {"reshape", "view"}
+VIEWS = {"reshape", "view"}
 
 
-def _is_op(node, name: str) -> bool:
+def is_our_op(node, name: str) -> bool:
+    """`node` calls `torch.ops.para_attn.<name>` (any overload)."""
     target = getattr(node, "target", None)
     packet = getattr(target, "_overloadpacket", target)
     return (node.op == "call_function" and getattr(packet, "_qualified_op_name", None) == f"para_attn::{name}")
 
 
-def _shape(node):
+def shape_of(node):
+    """The shape of `node`'s example value in dynamo's graph, None if it has none."""
     value = node.meta.get("example_value", node.meta.get("val")) if hasattr(node, "meta") else None
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
@@ -37,7 +39,7 @@ def _cat_pieces(rows, gelu_from: int):
     """(the cat node, (a, b)) when `rows` is `cat((a, b), last dim)` (or a view of it) with
     a.shape[-1] == gelu_from."""
     cat = rows
-    if cat.op == "call_method" and cat.target in _VIEWS:
+    if cat.op == "call_method" and cat.target in VIEWS:
         cat = cat.args[0]
     if not (cat.op == "call_function" and cat.target is torch.cat):
         return None
@@ -45,7 +47,7 @@ def _cat_pieces(rows, gelu_from: int):
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if not isinstance(pieces, (list, tuple)) or len(pieces) != 2:
         return None
-    shapes = [_shape(p) for p in pieces]
+    shapes = [shape_of(p) for p in pieces]
     if None in shapes or len(shapes[0]) != len(shapes[1]) or dim not in (-1, len(shapes[0]) - 1):
         return None
     if shapes[0][-1] != gelu_from or shapes[0][:-1] != shapes[1][:-1]:
@@ -53,35 +55,26 @@ def _cat_pieces(rows, gelu_from: int):
     return cat, pieces
 
 
-class FoldCatIntoGeluQuant(CustomGraphPass):
-    """Inductor `pre_grad_custom_pass` (see the module docstring); `folded` counts rewrites."""
+def fold_cats(graph: torch.fx.Graph) -> int:
+    """Rewrite every match in `graph` (see the module docstring); returns how many."""
+    from kernels import triton_fp8_rowwise  # noqa: F401  registers the ops
 
-    def __init__(self):
-        self.folded = 0
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        from kernels import triton_fp8_rowwise  # noqa: F401  registers the ops
-
-        for node in list(graph.nodes):
-            if not _is_op(node, "gelu_tail_rowwise_fp8") or len(node.args) != 2:
-                continue
-            rows, gelu_from = node.args
-            found = _cat_pieces(rows, gelu_from) if isinstance(gelu_from, int) else None
-            if found is None:
-                continue
-            cat, pieces = found
-            with graph.inserting_before(node):
-                flat = [graph.call_method("reshape", (p, -1, _shape(p)[-1])) for p in pieces]
-                fused = graph.call_function(torch.ops.para_attn.cat_gelu_rowwise_fp8.default, tuple(flat))
-            node.replace_all_uses_with(fused)
-            graph.erase_node(node)
-            for dead in dict.fromkeys((rows, cat)):  # the view, then the cat (or the cat once)
-                if not dead.users:
-                    graph.erase_node(dead)
-            self.folded += 1
-
-    def uuid(self):
-        return get_hash_for_files((__file__,))
-
-
-__all__ = ["FoldCatIntoGeluQuant"]
+    folded = 0
+    for node in list(graph.nodes):
+        if not is_our_op(node, "gelu_tail_rowwise_fp8") or len(node.args) != 2:
+            continue
+        rows, gelu_from = node.args
+        found = _cat_pieces(rows, gelu_from) if isinstance(gelu_from, int) else None
+        if found is None:
+            continue
+        cat, pieces = found
+        with graph.inserting_before(node):
+            flat = [graph.call_method("reshape", (p, -1, shape_of(p)[-1])) for p in pieces]
+            fused = graph.call_function(torch.ops.para_attn.cat_gelu_rowwise_fp8.default, tuple(flat))
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        for dead in dict.fromkeys((rows, cat)):  # the view, then the cat (or the cat once)
+            if not dead.users:
+                graph.erase_node(dead)
+        folded += 1
+    return folded

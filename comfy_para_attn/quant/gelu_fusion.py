@@ -12,6 +12,12 @@ the layer's own forward otherwise (under torch.compile that is one fused element
 kernel). So the pair stays correct whatever the weight becomes (restored bf16, weight-only
 fp8, offloaded). `patches` gives the changes as {attribute path: new value}; the ComfyUI
 adapter makes them object patches, which ComfyUI applies at every load and undoes.
+
+The layers FLUX-style blocks feed with a modulated LayerNorm (`norm_fed_sites`: the double
+blocks' qkv and first MLP layers, the single blocks' `linear1`) get the same class with the
+GELU on no column (`gelu_from` = their input width): they quantize their input with the
+kernel's op, where `quant.norm_fold` folds the LayerNorm and modulation in under
+torch.compile.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ _SINGLE_BLOCK_CALL = "self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))"
 
 
 class FusionSite(NamedTuple):
-    gelu: str  # dotted path of the GELU module
+    gelu: str  # dotted path of the GELU module ("" for a norm-fed site: no GELU)
     linear: str  # dotted path of the linear layer that consumes its output
     gelu_from: int  # first input column of that layer that went through the GELU
 
@@ -62,6 +68,31 @@ def fusion_sites(root: torch.nn.Module) -> list[FusionSite]:
               and isinstance(getattr(module, "hidden_size", None), int)
               and _SINGLE_BLOCK_CALL in _forward_source(type(module))):
             sites.append(FusionSite(f"{prefix}mlp_act", f"{prefix}linear2", module.hidden_size))
+    return sites
+
+
+# FLUX-style blocks (ComfyUI's flux.layers, which HunyuanVideo uses too): LayerNorm without
+# affine parameters -> the linear layer its modulated output feeds.
+_NORM_FED = {"img_norm1": "img_attn.qkv", "txt_norm1": "txt_attn.qkv", "img_norm2": "img_mlp.0",
+             "txt_norm2": "txt_mlp.0", "pre_norm": "linear1"}
+
+
+def _plain_layer_norm(module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) and not module.elementwise_affine
+
+
+def norm_fed_sites(root: torch.nn.Module) -> list[FusionSite]:
+    """The linear layers under `root` that FLUX-style blocks feed with a modulated LayerNorm."""
+    sites = []
+    for name, module in root.named_modules():
+        prefix = f"{name}." if name else ""
+        for norm, linear in _NORM_FED.items():
+            try:
+                layer = module_at(module, linear)
+            except (AttributeError, IndexError, TypeError):
+                continue
+            if _plain_layer_norm(getattr(module, norm, None)) and isinstance(layer, torch.nn.Linear):
+                sites.append(FusionSite("", f"{prefix}{linear}", layer.in_features))
     return sites
 
 
@@ -97,6 +128,8 @@ class GeluThenLinear:
             out = torch._scaled_mm(q, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(), bias=self.bias,
                                    out_dtype=x.dtype, use_fast_accum=weight.mm_config.use_fast_accum)
             return out.reshape(*x.shape[:-1], out.shape[-1])
+        if start >= x.shape[-1]:  # a norm-fed site: no GELU
+            return self._para_attn_base.forward(self, x)
         tail = F.gelu(x[..., start:], approximate="tanh")
         return self._para_attn_base.forward(self, torch.cat((x[..., :start], tail), dim=-1) if start else tail)
 
@@ -126,7 +159,8 @@ def patches(root: torch.nn.Module, sites: list[FusionSite]) -> dict:
     out = {}
     for site in sites:
         linear = module_at(root, site.linear)
-        out[site.gelu] = GeluMovedOn()
+        if site.gelu:
+            out[site.gelu] = GeluMovedOn()
         out[f"{site.linear}.__class__"] = fused_class(type(linear), site.gelu_from)
     return out
 

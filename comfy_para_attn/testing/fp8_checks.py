@@ -1,8 +1,52 @@
-"""FP8 Quantize on a CUDA ComfyUI (gpu tier): run in a spawned process, since the comfyui
-tier's own process imports ComfyUI with `--cpu`."""
+"""FP8 test helpers: bf16 activations and torchao dynamic fp8 linear layers for the kernel
+tests (on CUDA, or on CPU through Triton's interpreter), and FP8 Quantize on a CUDA ComfyUI
+(gpu tier), run in a spawned process, since the comfyui tier's own process imports ComfyUI
+with `--cpu`."""
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def kernel_unavailable_reason() -> str | None:
+    """Why the fp8 Triton kernels cannot run in this process (None: they can)."""
+    from kernels._runtime import interpreter_unusable_reason, interpreting
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if DEVICE == "cpu" and (not interpreting() or interpreter_unusable_reason()):
+        return "no CUDA, and Triton's interpreter is not usable in this process"
+    return None
+
+
+def activations(rows, cols, seed=0):
+    """bf16 [rows, cols] with rows of different magnitude, on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(rows, 1, generator=g) * 4 + 0.1
+    return (torch.randn(rows, cols, generator=g) * scale).to(torch.bfloat16).to(DEVICE)
+
+
+def make_dynamic_fp8(linear: torch.nn.Linear) -> torch.nn.Linear:
+    """`linear` with its weight replaced by torchao's dynamic row-wise fp8 tensor, made
+    directly (torchao's quantize_ refuses CPUs; its matmul runs there)."""
+    from torchao.float8.inference import Float8MMConfig
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows import Float8Tensor, QuantizeTensorToFloat8Kwargs
+
+    weight = Float8Tensor.from_hp(linear.weight.detach(), granularity=PerRow(),
+                                  mm_config=Float8MMConfig(use_fast_accum=True),
+                                  act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=PerRow()))
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def dynamic_fp8_linear(in_features, out_features, seed=1) -> torch.nn.Linear:
+    """A new bf16 linear layer on DEVICE with a dynamic row-wise fp8 weight."""
+    torch.manual_seed(seed)
+    return make_dynamic_fp8(torch.nn.Linear(in_features, out_features).to(torch.bfloat16).to(DEVICE))
 
 
 def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
@@ -39,7 +83,7 @@ def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
     def look(patcher, *args):
         held = fp8._host_originals.get(patcher.model, {})
         loads.append({"held_backups": sum(patcher.backup[k].weight is t for k, t in held.items()),
-                      "fused_gelus": fused_sites(patcher),
+                      "fused_layers": fused_sites(patcher),
                       "device": str(next(iter(patcher.model.diffusion_model.parameters())).device)})
 
     def quantize(base):

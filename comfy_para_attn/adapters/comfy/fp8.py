@@ -122,13 +122,17 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                 model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, weight), False)
             quantize_linear(module, config)
             counts[plan.mode] += 1
-        counts["gelu fused"] = sum(isinstance(m, gelu_fusion.GeluThenLinear) and gelu_fusion.rowwise_dynamic_fp8(m.weight)
-                                   for m in dm.modules())
+        fused_layers = [m for m in dm.modules()
+                        if isinstance(m, gelu_fusion.GeluThenLinear) and gelu_fusion.rowwise_dynamic_fp8(m.weight)]
+        counts["gelu fused"] = sum(m._para_attn_gelu_from < m.in_features for m in fused_layers)
+        counts["norm fed"] = len(fused_layers) - counts["gelu fused"]
     done = {k: v for k, v in counts.items() if k in ("dynamic", "weight-only")}
     if done:
         plans = ", ".join(f"{n} {mode}" for mode, n in done.items())
         granularity = ", ".join(sorted({p.granularity for p, _ in configs.values()}))
-        fused = f"; {counts['gelu fused']} GELUs fused into the activation quantization" if counts["gelu fused"] else ""
+        fused = "".join(f"; {counts[key]} {what}" for key, what in (
+            ("gelu fused", "GELUs fused into the activation quantization"),
+            ("norm fed", "modulated LayerNorms fused into it under Compile Model")) if counts[key])
         logging.info("FP8 Quantize: %s linear layers to fp8 (%s scales) in %.2f s%s",
                      plans, granularity, time.perf_counter() - started, fused)
     if counts["cast per call"]:
@@ -141,7 +145,10 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
     """Object patches that move the tanh GELU in front of each fp8 linear layer into its
     activation quantization (`quant.gelu_fusion`), for dynamic row-wise settings; ComfyUI
     applies them at every load and undoes them at unpatch. Other settings drop them.
-    PARA_ATTN_FP8_FUSED_GELU=0 turns them off (for comparisons)."""
+    The layers fed by a modulated LayerNorm get the same class without a GELU, so that
+    compiled blocks fold the LayerNorm into the quantization (`quant.norm_fold`).
+    PARA_ATTN_FP8_FUSED_GELU=0 turns all of it off, PARA_ATTN_FP8_FUSED_NORM=0 the LayerNorm
+    part (for comparisons)."""
     for key in [k for k, v in model.object_patches.items() if _is_fusion_patch(v)]:
         del model.object_patches[key]
     if not (settings.mode == "dynamic" and settings.granularity == "row-wise"
@@ -149,7 +156,10 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
         return
     dm = model.model.diffusion_model
     quantized = {name for name, _ in quantizable_linears(dm, settings.patterns)}
-    sites = [s for s in gelu_fusion.fusion_sites(dm) if s.linear in quantized]
+    sites = gelu_fusion.fusion_sites(dm)
+    if os.environ.get("PARA_ATTN_FP8_FUSED_NORM", "1") != "0":
+        sites += gelu_fusion.norm_fed_sites(dm)
+    sites = [s for s in sites if s.linear in quantized]
     for path, value in gelu_fusion.patches(dm, sites).items():
         model.add_object_patch(f"diffusion_model.{path}", value)
 

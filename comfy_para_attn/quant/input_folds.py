@@ -1,0 +1,33 @@
+"""The pre-grad graph pass Compile Model hands inductor: every fold of an fp8 layer's input
+computation into our quantization kernels (`cat_fold`, `norm_fold`)."""
+from __future__ import annotations
+
+import collections
+
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from . import cat_fold, norm_fold
+
+FOLDS = {"cat": cat_fold.fold_cats, "layer norm": norm_fold.fold_norms}
+
+
+class FP8InputFolds(CustomGraphPass):
+    """Inductor `pre_grad_custom_pass`; `counts` has the rewrites per fold, `folded` their sum.
+    Its uuid hashes the folds' source, so inductor's caches key on what the pass does."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    @property
+    def folded(self) -> int:
+        return sum(self.counts.values())
+
+    def __call__(self, graph) -> None:
+        for name, fold in FOLDS.items():
+            self.counts[name] += fold(graph)
+
+    def uuid(self):
+        return get_hash_for_files((__file__, cat_fold.__file__, norm_fold.__file__))
+
+
+__all__ = ["FP8InputFolds"]
