@@ -50,9 +50,10 @@ def _assert_close_to_reference(q, scale, q_ref, scale_ref, x, mul, shift):
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch,features,mod_batch", [(2, 96, 2), (2, 200, 1), (1, 64, 1)])
-def test_kernel_matches_the_plain_computation(batch, features, mod_batch):
-    x, mul, shift = _inputs(batch, 24, features, mod_batch)
+@pytest.mark.parametrize("batch,tokens,features,mod_batch", [(2, 24, 96, 2), (2, 25, 200, 1), (1, 7, 64, 1)])
+def test_kernel_matches_the_plain_computation(batch, tokens, features, mod_batch):
+    """Batches with their own modulation or one shared, odd token counts and widths."""
+    x, mul, shift = _inputs(batch, tokens, features, mod_batch)
     assert why_not_norm_kernel(x, mul, shift) is None and shift.stride(0) == 2 * features
     q, scale = layer_norm_modulate_rowwise_fp8(x, mul, shift, EPS)
     _assert_close_to_reference(q, scale, *layer_norm_modulate_rowwise_fp8_reference(x, mul, shift, EPS), x, mul, shift)
