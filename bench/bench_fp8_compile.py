@@ -14,8 +14,9 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
   comfy_fp8_fast        ComfyUI's UNETLoader weight_dtype fp8_e4m3fn_fast (fp8 weights, _scaled_mm)
   extra (--configs):    ours_fp8_eager, ours_fp8_regional_tensorwise, ours_fp8_regional_autotune
                         (max-autotune-no-cudagraphs), ours_fp8_regional_cudagraphs (max-autotune),
-                        ours_fp8_regional_graphs (reduce-overhead); ..._unfused_norm: the same
-                        without the LayerNorm fold (PARA_ATTN_FP8_FUSED_NORM=0)
+                        ours_fp8_regional_graphs (reduce-overhead); ..._unfused_norm / _rope: the
+                        same without the LayerNorm fold (PARA_ATTN_FP8_FUSED_NORM=0) or the q/k
+                        RMSNorm + rotary fold (PARA_ATTN_FUSED_ROPE=0)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
 compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
@@ -43,9 +44,11 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_CONFIGS = ("comfy_bf16", "comfy_torch_compile", "ours_regional_bf16", "ours_fp8_regional", "comfy_fp8_fast")
 EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_regional_autotune",
                  "ours_fp8_regional_cudagraphs", "ours_fp8_regional_graphs", "ours_fp8_regional_unfused_norm",
-                 "ours_fp8_regional_graphs_unfused_norm")
+                 "ours_fp8_regional_graphs_unfused_norm", "ours_fp8_regional_unfused_rope", "ours_regional_bf16_unfused_rope")
 UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
-ENV_OF_CONFIG = {"ours_fp8_regional_unfused_norm": UNFUSED_NORM, "ours_fp8_regional_graphs_unfused_norm": UNFUSED_NORM}
+UNFUSED_ROPE = {"PARA_ATTN_FUSED_ROPE": "0"}  # the q/k RMSNorm + rotary fold off
+ENV_OF_CONFIG = {"ours_fp8_regional_unfused_norm": UNFUSED_NORM, "ours_fp8_regional_graphs_unfused_norm": UNFUSED_NORM,
+                 "ours_fp8_regional_unfused_rope": UNFUSED_ROPE, "ours_regional_bf16_unfused_rope": UNFUSED_ROPE}
 
 
 def _sync(device):

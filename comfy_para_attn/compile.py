@@ -77,9 +77,9 @@ def inductor_options() -> dict:
 
 @functools.cache
 def _fold_pass():
-    from .quant.input_folds import FP8InputFolds
+    from .graph_folds import GraphFolds
 
-    return FP8InputFolds()
+    return GraphFolds()
 
 
 def _multi_kernel() -> int:

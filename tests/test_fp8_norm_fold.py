@@ -100,9 +100,9 @@ def _fp8_block(affine=False, seed=0):
 def _compiled_with_folds(module, *inputs):
     """(output, folds' counts, call_function targets) of `module` compiled by a backend that
     runs the pass on dynamo's graph and then runs the graph as it is."""
-    from comfy_para_attn.quant.input_folds import FP8InputFolds
+    from comfy_para_attn.graph_folds import GraphFolds
 
-    folds, graphs = FP8InputFolds(), []
+    folds, graphs = GraphFolds(), []
 
     def backend(gm, example_inputs):
         folds(gm.graph)
@@ -123,7 +123,7 @@ def test_fold_rewrites_dynamo_graph_and_keeps_the_output():
     vec = activations(2, 96, seed=4)
     expected = block(x, vec)  # eager: LayerNorm and addcmul in torch, then the quantization kernel
     out, counts, targets = _compiled_with_folds(block, x, vec)
-    assert counts == {"layer norm": 1, "cat": 0}
+    assert counts == {"layer norm": 1, "cat": 0, "rope": 0}
     assert "para_attn.layer_norm_modulate_rowwise_fp8.default" in targets
     assert not any("layer_norm" in t and "para_attn" not in t for t in targets) and "<built-in method addcmul" not in " ".join(targets)
     assert not any("gelu_tail_rowwise_fp8" in t for t in targets)
@@ -141,7 +141,7 @@ def test_a_layer_norm_with_affine_parameters_is_left_alone():
     vec = activations(1, 96, seed=6)
     expected = block(x, vec)
     out, counts, targets = _compiled_with_folds(block, x, vec)
-    assert counts == {"layer norm": 0, "cat": 0} and any("para_attn.gelu_tail_rowwise_fp8" in t for t in targets)
+    assert counts == {"layer norm": 0, "cat": 0, "rope": 0} and any("para_attn.gelu_tail_rowwise_fp8" in t for t in targets)
     assert torch.isfinite(out).all() and torch.equal(out, expected)
 
 
@@ -170,9 +170,9 @@ def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm):
     latent = torch.randn(cm.latent_shape("flux"), generator=torch.Generator().manual_seed(3))
     eager = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
 
-    from comfy_para_attn.quant.input_folds import FP8InputFolds
+    from comfy_para_attn.graph_folds import GraphFolds
 
-    folds = FP8InputFolds()
+    folds = GraphFolds()
 
     def backend(gm, example_inputs):
         folds(gm.graph)
@@ -189,7 +189,8 @@ def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm):
         for block in blocks:
             block._compiled_call_impl = None
         torch._dynamo.reset()
-    assert folds.counts == {"layer norm": 4 + 1, "cat": 1}, folds.counts  # one graph per block class
+    # one graph per block class: 4 norm-fed layers and q, k in a double block, linear1, its cat, q, k in a single one
+    assert folds.counts == {"layer norm": 4 + 1, "cat": 1, "rope": 2 + 2}, folds.counts
     assert torch.isfinite(compiled).all() and eager.abs().mean() > 1e-3
     rel = (compiled.float() - eager.float()).norm() / eager.float().norm()
     assert rel < 2e-2, rel

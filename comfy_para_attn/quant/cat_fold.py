@@ -13,7 +13,7 @@ into
 
 which reads `b` in place (a strided slice of `linear1`'s output). The result is the same
 to the bit (same kernel, same arithmetic). Anything else in the graph is left alone.
-`quant.input_folds.FP8InputFolds` runs it with the other folds.
+`graph_folds.GraphFolds` runs it with the other folds.
 """
 from __future__ import annotations
 

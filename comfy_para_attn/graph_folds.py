@@ -1,17 +1,19 @@
-"""The pre-grad graph pass Compile Model hands inductor: every fold of an fp8 layer's input
-computation into our quantization kernels (`cat_fold`, `norm_fold`)."""
+"""The pre-grad graph pass Compile Model hands inductor: every fold of a computation into
+one of our kernels (`quant.cat_fold`, `quant.norm_fold`: an fp8 layer's input into its
+quantization; `rope_fold`: the q/k RMSNorm and rotary embedding)."""
 from __future__ import annotations
 
 import collections
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import cat_fold, norm_fold
+from . import rope_fold
+from .quant import cat_fold, norm_fold
 
-FOLDS = {"cat": cat_fold.fold_cats, "layer norm": norm_fold.fold_norms}
+FOLDS = {"cat": cat_fold.fold_cats, "layer norm": norm_fold.fold_norms, "rope": rope_fold.fold_rotations}
 
 
-class FP8InputFolds(CustomGraphPass):
+class GraphFolds(CustomGraphPass):
     """Inductor `pre_grad_custom_pass`; `counts` has the rewrites per fold, `folded` their sum.
     Its uuid hashes the folds' source, so inductor's caches key on what the pass does."""
 
@@ -27,7 +29,7 @@ class FP8InputFolds(CustomGraphPass):
             self.counts[name] += fold(graph)
 
     def uuid(self):
-        return get_hash_for_files((__file__, cat_fold.__file__, norm_fold.__file__))
+        return get_hash_for_files((__file__, cat_fold.__file__, norm_fold.__file__, rope_fold.__file__))
 
 
-__all__ = ["FP8InputFolds"]
+__all__ = ["GraphFolds"]

@@ -1,0 +1,149 @@
+"""A graph pass for inductor: the q/k RMSNorm and the rotary embedding in front of FLUX-style
+attention become one kernel (`kernels.qk_norm_rope`).
+
+ComfyUI's FLUX and HunyuanVideo blocks normalize q and k (`QKNorm`: `rms_norm`, then
+`.to(v)`), FLUX's double blocks concatenate the text and image pieces along the sequence,
+and `flux.math.attention` rotates them in fp32:
+
+    pairs = x.to(float32).reshape(..., -1, 1, 2)
+    out = (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(shape).type_as(v)
+
+This pass, on dynamo's graph before inductor lowers it (`pre_grad_custom_pass`), finds that
+chain back from each `type_as` and puts `para_attn::rms_norm_rope(head, tail, ...)` in its
+place when the example values fit the kernel (`why_not_triton`: bf16 pieces on a device where
+it runs, fp32 `pe` of the right shape). Anything else is left alone. PARA_ATTN_FUSED_ROPE=0
+turns it off (for comparisons; with a fresh inductor cache, which keys on this file, not on
+the variable).
+"""
+from __future__ import annotations
+
+import operator
+import os
+
+import torch
+
+from .quant.cat_fold import VIEWS
+
+_RMS_NORMS = (torch.nn.functional.rms_norm, getattr(torch, "rms_norm", None))
+
+
+def _value(node):
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _is_method(node, *names) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in names
+
+
+def _is_function(node, *targets) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _to_float32(node) -> bool:
+    dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+    return _is_method(node, "to") and dtype is torch.float32
+
+
+def _widened_pairs(node) -> bool:
+    """`node` is `x.to(float32).reshape(...)` (the rotation's pairs)."""
+    return _is_method(node, *VIEWS) and _is_method(node.args[0], "to") and _to_float32(node.args[0])
+
+
+def _half_of(product):
+    """(table, pairs, c, nodes) when `product` is `table[..., c] * pairs[..., c]` (either order)."""
+    if not _is_function(product, operator.mul) or len(product.args) != 2:
+        return None
+    picked = []
+    for factor in product.args:
+        if not (_is_function(factor, operator.getitem) and isinstance(factor.args[1], tuple)
+                and len(factor.args[1]) == 2 and factor.args[1][0] is Ellipsis and factor.args[1][1] in (0, 1)):
+            return None
+        picked.append((factor.args[0], factor.args[1][1]))
+    (a, ca), (b, cb) = picked
+    if ca != cb or _widened_pairs(a) == _widened_pairs(b):
+        return None
+    table, pairs = (b, a) if _widened_pairs(a) else (a, b)
+    return table, pairs, ca, [product, *product.args]
+
+
+def _rotation(out):
+    """(pe, source, nodes) when `out` is the rotation's `type_as` (see the module docstring)."""
+    if not _is_method(out, "type_as"):
+        return None
+    shaped = out.args[0]
+    if not _is_method(shaped, *VIEWS) or not _is_function(shaped.args[0], operator.add, torch.add):
+        return None
+    added = shaped.args[0]
+    halves = [_half_of(p) for p in added.args[:2]]
+    if len(added.args) != 2 or None in halves or {c for _, _, c, _ in halves} != {0, 1}:
+        return None
+    (pe, pairs, _, first), (pe_again, pairs_again, _, second) = halves
+    if pe is not pe_again or pairs is not pairs_again:
+        return None
+    widened = pairs.args[0]
+    return pe, widened.args[0], [out, shaped, added, *first, *second, pairs, widened]
+
+
+def _normed_piece(node):
+    """(piece, weight, eps, nodes) when `node` is `rms_norm(piece, (D,), weight, eps)`,
+    possibly followed by `.to(v)`."""
+    nodes = []
+    if _is_method(node, "to") and len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node):
+        nodes.append(node)
+        node = node.args[0]
+    if not _is_function(node, *_RMS_NORMS) or len(node.args) < 3:
+        return None
+    piece, shape, weight = node.args[:3]
+    eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+    value = _value(piece)
+    if value is None or not isinstance(eps, float) or tuple(shape) != (value.shape[-1],):
+        return None
+    return piece, weight, eps, nodes + [node]
+
+
+def _pieces(source):
+    """([(piece, weight, eps, nodes)], extra nodes) for one normed tensor or a cat of two on dim 2."""
+    if _is_function(source, torch.cat):
+        tensors = source.args[0]
+        dim = source.args[1] if len(source.args) > 1 else source.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (2, -2):
+            return None
+        found = [_normed_piece(t) for t in tensors]
+        return (found, [source]) if None not in found else None
+    found = _normed_piece(source)
+    return ([found], []) if found is not None else None
+
+
+def fold_rotations(graph: torch.fx.Graph) -> int:
+    """Rewrite every match in `graph` (see the module docstring); returns how many."""
+    from kernels.qk_norm_rope import why_not_triton
+
+    if os.environ.get("PARA_ATTN_FUSED_ROPE", "1") == "0":
+        return 0
+    folded = 0
+    for node in list(graph.nodes):
+        rotation = _rotation(node)
+        found = _pieces(rotation[1]) if rotation is not None else None
+        if found is None:
+            continue
+        pe, _, chain = rotation
+        pieces, extra = found
+        values = [_value(p) for p, _, _, _ in pieces]
+        weights = [_value(w) for _, w, _, _ in pieces]
+        if (None in values or None in weights or _value(pe) is None or len({e for _, _, e, _ in pieces}) != 1
+                or _value(node).dtype != torch.bfloat16
+                or why_not_triton(values, weights, _value(pe)) is not None):
+            continue
+        from kernels import triton_qk_norm_rope  # noqa: F401  registers the op
+
+        (head, w_head, eps, _), (tail, w_tail, _, _) = pieces[0], pieces[-1]
+        with graph.inserting_before(node):
+            fused = graph.call_function(torch.ops.para_attn.rms_norm_rope.default,
+                                        (head, tail, w_head, w_tail, pe, eps, len(pieces) == 2))
+        node.replace_all_uses_with(fused)
+        for dead in dict.fromkeys(chain + extra + [n for _, _, _, nodes in pieces for n in nodes]):
+            if not dead.users:
+                graph.erase_node(dead)
+        folded += 1
+    return folded

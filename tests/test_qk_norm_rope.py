@@ -1,0 +1,130 @@
+"""The q/k RMSNorm + rotary embedding kernel (`kernels.qk_norm_rope`) against the plain
+computation (on CUDA, or on CPU through Triton's interpreter), and the graph pass that puts it
+in place of FLUX's attention preparation (`comfy_para_attn.rope_fold`; ComfyUI's own blocks
+are checked in tests/test_fp8_norm_fold.py, comfyui tier)."""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imported
+
+from comfy_para_attn.testing.fp8_checks import kernel_unavailable_reason  # noqa: E402
+from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, why_not_triton  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))
+HEADS, DIM, EPS = 3, 16, 1e-6
+
+
+def _qkv(tokens, seed):
+    """(q, k, v) as FLUX splits a qkv projection: strided [1, H, S, D] views of one tensor."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(1, tokens, 3 * HEADS * DIM, generator=g) * 2 + 0.3).to(torch.bfloat16).to(DEVICE)
+    return qkv.view(1, tokens, 3, HEADS, DIM).permute(2, 0, 3, 1, 4)
+
+
+def _weight(seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(DIM, generator=g) + 0.5).to(torch.bfloat16).to(DEVICE)
+
+
+def _pe(tokens, seed=9):
+    """FLUX's rotation table: [1, 1, S, D/2, 2, 2] fp32 rotations by random angles."""
+    g = torch.Generator().manual_seed(seed)
+    angle = torch.rand(1, 1, tokens, DIM // 2, generator=g) * 6
+    table = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], dim=-1)
+    return table.reshape(1, 1, tokens, DIM // 2, 2, 2).to(DEVICE)
+
+
+def _assert_close(out, ref):
+    assert out.shape == ref.shape and out.dtype == ref.dtype == torch.bfloat16 and out.is_contiguous()
+    assert torch.isfinite(out).all() and ref.abs().mean() > 0.1
+    # fp32 products summed in another order can move a bf16 rounding, rarely
+    assert (out.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2 ** -7
+    assert (out != ref).float().mean() < 1e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("lengths", [(5, 70), (70,)])
+def test_kernel_matches_the_plain_computation(lengths):
+    pieces = [_qkv(n, seed=i)[0] for i, n in enumerate(lengths)]
+    weights = [_weight(10 + i) for i in range(len(lengths))]
+    pe = _pe(sum(lengths))
+    assert why_not_triton(pieces, weights, pe) is None and pieces[0].stride(2) == 3 * HEADS * DIM
+    _assert_close(rms_norm_rope(pieces, weights, pe, EPS), rms_norm_rope_reference(pieces, weights, pe, EPS))
+
+
+def test_inputs_the_kernel_cannot_take_fall_back_to_the_plain_computation():
+    q = _qkv(8, seed=1)[0]
+    w, pe = _weight(2), _pe(8)
+    assert "pe" in why_not_triton([q], [w], pe[:, :, :4])
+    assert "float16" in why_not_triton([q.half()], [w], pe)
+    assert "pieces" in why_not_triton([q, q, q], [w, w, w], _pe(24))
+    out = rms_norm_rope([q.half()], [w.half()], pe, EPS)
+    assert torch.equal(out, rms_norm_rope_reference([q.half()], [w.half()], pe, EPS))
+
+
+class _AttentionPrep(torch.nn.Module):
+    """FLUX's double-block attention preparation written out: q of the text and image pieces
+    normalized with their own weights, concatenated, rotated in fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.txt_weight = torch.nn.Parameter(_weight(3), requires_grad=False)
+        self.img_weight = torch.nn.Parameter(_weight(4), requires_grad=False)
+
+    def forward(self, txt_qkv, img_qkv, pe):
+        def split(t):
+            return t.view(t.shape[0], t.shape[1], 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+
+        txt_q, _, txt_v = split(txt_qkv)
+        img_q, _, img_v = split(img_qkv)
+        txt_q = torch.nn.functional.rms_norm(txt_q, (DIM,), self.txt_weight, EPS).to(txt_v)
+        img_q = torch.nn.functional.rms_norm(img_q, (DIM,), self.img_weight, EPS).to(img_v)
+        q, v = torch.cat((txt_q, img_q), dim=2), torch.cat((txt_v, img_v), dim=2)
+        pairs = q.to(dtype=torch.float32).reshape(*q.shape[:-1], -1, 1, 2)
+        return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*q.shape).type_as(v), v
+
+
+def _compiled_with_folds(module, *inputs):
+    from comfy_para_attn.graph_folds import GraphFolds
+
+    folds, graphs = GraphFolds(), []
+
+    def backend(gm, example_inputs):
+        folds(gm.graph)
+        gm.recompile()
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=backend, fullgraph=True)(*inputs)
+    return out, folds.counts, [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+
+
+@needs_kernel
+def test_fold_rewrites_the_attention_preparation_and_keeps_the_output():
+    prep = _AttentionPrep()
+    inputs = (_qkv(5, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 5, -1), _qkv(40, seed=6).permute(1, 3, 0, 2, 4).reshape(1, 40, -1),
+              _pe(45))
+    (expected_q, expected_v) = prep(*inputs)
+    (q, v), counts, targets = _compiled_with_folds(prep, *inputs)
+    assert counts == {"rope": 1, "cat": 0, "layer norm": 0}
+    assert "para_attn.rms_norm_rope.default" in targets and not any("rms_norm" in t and "para_attn" not in t for t in targets)
+    assert torch.equal(v, expected_v)  # v's cat is left alone
+    _assert_close(q, expected_q)
+
+
+@needs_kernel
+def test_fp16_attention_is_left_alone():
+    prep = _AttentionPrep().half()
+    inputs = (_qkv(5, seed=7).half().permute(1, 3, 0, 2, 4).reshape(1, 5, -1),
+              _qkv(40, seed=8).half().permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(45))
+    expected_q, _ = prep(*inputs)
+    (q, _), counts, _ = _compiled_with_folds(prep, *inputs)
+    assert counts["rope"] == 0 and torch.equal(q, expected_q)
