@@ -1,0 +1,76 @@
+"""The q/k RMSNorm + rotary kernel (`kernels.qk_norm_rope`) against inductor's code for the
+same computation, at FLUX.1-dev's shapes (1024x1024: 512 text + 4096 image tokens, 24 heads
+of 128).
+
+    python bench/bench_qk_norm_rope.py [--repeats 50] [--sweep]
+
+Rows: a single block's q (one piece, a strided view of the qkv projection) and a double
+block's q (text and image pieces, each normalized with its own weight, concatenated).
+Columns: our kernel, torch.compile of the plain computation, eager torch; GPU microseconds per
+call (replayed from a CUDA graph), effective GB/s (bf16 in and out), the ratio. `--sweep`
+times tile shapes (tokens per program, heads per program, warps).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_fp8_gelu_quant import _time_us  # noqa: E402
+from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference  # noqa: E402
+
+HEADS, DIM = 24, 128
+
+
+def _inputs(lengths):
+    pieces = []
+    for n in lengths:
+        qkv = (torch.randn(1, n, 3 * HEADS * DIM, device="cuda") * 2).to(torch.bfloat16)
+        pieces.append(qkv.view(1, n, 3, HEADS, DIM).permute(2, 0, 3, 1, 4)[0])
+    weights = [(torch.rand(DIM, device="cuda") + 0.5).to(torch.bfloat16) for _ in lengths]
+    angle = torch.rand(1, 1, sum(lengths), DIM // 2, device="cuda") * 6
+    pe = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], -1).reshape(1, 1, sum(lengths), DIM // 2, 2, 2)
+    return pieces, weights, pe
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "needs CUDA"
+    from kernels import triton_qk_norm_rope as kernel
+
+    print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__}")
+    compiled = torch.compile(rms_norm_rope_reference, dynamic=False)
+    cases = (("single block q", (4608,)), ("double block q (text, image)", (512, 4096)))
+    if args.sweep:
+        default = (kernel.BLOCK_S, kernel.HEADS_PER_PROGRAM, kernel.NUM_WARPS)
+        shapes = [(16, 4, 4), (32, 4, 8), (32, 2, 4), (64, 1, 4), (16, 8, 8), (32, 8, 8), (64, 2, 8)]
+        print("\n| tokens, heads, warps | " + " | ".join(name for name, _ in cases) + " |\n|---|---|---|")
+        inputs = [_inputs(lengths) for _, lengths in cases]
+        for shape in shapes:
+            kernel.BLOCK_S, kernel.HEADS_PER_PROGRAM, kernel.NUM_WARPS = shape
+            times = [_time_us(lambda: rms_norm_rope(*i, 1e-6), args.repeats) for i in inputs]
+            print(f"| {shape} | " + " | ".join(f"{t:.1f} us" for t in times) + " |")
+        kernel.BLOCK_S, kernel.HEADS_PER_PROGRAM, kernel.NUM_WARPS = default
+    print("\n| input | ours us | inductor us | eager us | ours GB/s | inductor / ours | max abs diff vs eager |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, lengths in cases:
+        pieces, weights, pe = _inputs(lengths)
+        out = rms_norm_rope(pieces, weights, pe, 1e-6)
+        diff = (out.float() - rms_norm_rope_reference(pieces, weights, pe, 1e-6).float()).abs().max().item()
+        ours = _time_us(lambda: rms_norm_rope(pieces, weights, pe, 1e-6), args.repeats)
+        inductor = _time_us(lambda: compiled(pieces, weights, pe, 1e-6), args.repeats)
+        eager = _time_us(lambda: rms_norm_rope_reference(pieces, weights, pe, 1e-6), args.repeats)
+        gbytes = 2 * sum(lengths) * HEADS * DIM * 2 / 1e9
+        print(f"| {name} | {ours:.1f} | {inductor:.1f} | {eager:.1f} | {gbytes / (ours * 1e-6):.0f} | "
+              f"{inductor / ours:.2f}x | {diff:.3g} |")
+
+
+if __name__ == "__main__":
+    main()
