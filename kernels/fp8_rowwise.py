@@ -118,11 +118,12 @@ def layer_norm_modulate_rowwise_fp8_reference(x: Tensor, mul: Tensor, shift: Ten
     return gelu_tail_rowwise_fp8_reference(y.reshape(-1, x.shape[-1]), x.shape[-1])
 
 
-def why_not_norm_kernel(x: Tensor, mul: Tensor, shift: Tensor) -> str | None:
-    """None when `layer_norm_modulate_rowwise_fp8` can run the Triton kernel on these inputs."""
+def why_not_norm_kernel(x: Tensor, mul: Tensor, shift: Tensor, any_strides: bool = False) -> str | None:
+    """None when `layer_norm_modulate_rowwise_fp8` can run the Triton kernel on these inputs
+    (`any_strides`: as the op takes them, copying inputs whose features are strided)."""
     if x.ndim != 3:
         return f"x has {x.ndim} dims (the kernel takes [batch, tokens, features])"
-    reason = why_not_triton(x[0])
+    reason = why_not_triton(x[0] if not any_strides or x.stride(2) == 1 else x[0, :1, :1])
     if reason is not None:
         return reason
     for name, t in (("mul", mul), ("shift", shift)):
@@ -130,7 +131,7 @@ def why_not_norm_kernel(x: Tensor, mul: Tensor, shift: Tensor) -> str | None:
             return f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}"
         if t.ndim != 3 or t.shape[1] != 1 or t.shape[2] != x.shape[2] or t.shape[0] not in (1, x.shape[0]):
             return f"{name} of shape {tuple(t.shape)} is not one vector per batch for x {tuple(x.shape)}"
-        if t.stride(2) != 1 and t.shape[2] > 1:
+        if t.stride(2) != 1 and t.shape[2] > 1 and not any_strides:
             return f"{name}'s features are strided"
     return None
 

@@ -106,7 +106,9 @@ def _launch(head: torch.Tensor, tail: torch.Tensor, launcher) -> tuple[torch.Ten
 
 def _launch_norm(x: torch.Tensor, mul: torch.Tensor, shift: torch.Tensor, eps: float,
                  launcher) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, S, K] (rows contiguous), mul and shift [B or 1, 1, K]: see `_layer_norm_modulate_rowwise_fp8`."""
+    """x [B, S, K], mul and shift [B or 1, 1, K]: see `_layer_norm_modulate_rowwise_fp8`. Inputs
+    whose features are strided (HunyuanVideo's first image tokens come transposed) are copied."""
+    x, mul, shift = (t if t.stride(2) == 1 else t.contiguous() for t in (x, mul, shift))
     batch, seq, k = x.shape
     interpreted = interpreting()
     q = torch.empty((batch * seq, k), device=x.device, dtype=torch.float32 if interpreted else torch.float8_e4m3fn)

@@ -59,6 +59,24 @@ def test_kernel_matches_the_plain_computation(batch, tokens, features, mod_batch
     _assert_close_to_reference(q, scale, *layer_norm_modulate_rowwise_fp8_reference(x, mul, shift, EPS), x, mul, shift)
 
 
+@needs_kernel
+def test_the_op_copies_inputs_with_strided_features():
+    """HunyuanVideo's first image tokens come transposed ([B, S, K] with strides (S K, 1, S));
+    the graph pass folds them all the same and the op copies them (reading them as rows gave
+    a 49% error on ComfyUI's HunyuanVideo before it did)."""
+    from kernels import triton_fp8_rowwise  # noqa: F401  registers the op
+
+    x, mul, shift = _inputs(1, 32, 64, 1)
+    transposed = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert transposed.stride() == (64 * 32, 1, 32) and torch.equal(transposed, x)
+    assert "row-major" in why_not_norm_kernel(transposed, mul, shift)
+    assert why_not_norm_kernel(transposed, mul, shift, any_strides=True) is None
+    q, scale = torch.ops.para_attn.layer_norm_modulate_rowwise_fp8(transposed, mul, shift, EPS)
+    q_rows, scale_rows = torch.ops.para_attn.layer_norm_modulate_rowwise_fp8(x, mul, shift, EPS)
+    assert torch.isfinite(scale).all() and (q.float() != 0).any()
+    assert torch.equal(scale, scale_rows) and torch.equal(q.view(torch.uint8), q_rows.view(torch.uint8))
+
+
 def test_inputs_the_kernel_cannot_take_fall_back_to_the_plain_computation():
     x, mul, shift = _inputs(2, 8, 64, 2)
     assert "not one vector per batch" in why_not_norm_kernel(x, mul[:, 0], shift)
@@ -151,14 +169,16 @@ def _sdpa_attention(func, *args, **kwargs):
     return attention_pytorch(*args, **kwargs)
 
 
-def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm):
-    """comfyui tier: ComfyUI's own FLUX blocks with dynamic fp8 weights on the fused layers:
-    compiled, every modulated LayerNorm (4 per double block, 1 per single block) and the
-    single block's cat fold, and sampling gives what the same blocks give eager."""
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm, family):
+    """comfyui tier: ComfyUI's own FLUX / HunyuanVideo blocks with dynamic fp8 weights on the
+    fused layers: compiled, every modulated LayerNorm (4 per double block, 1 per single block),
+    the single block's cat and the q/k RMSNorm + rotary embedding fold, and sampling gives
+    what the same blocks give eager."""
     pytest.importorskip("torchao")
     if DEVICE != "cpu" or kernel_unavailable_reason():  # this tier's ComfyUI runs with --cpu
         pytest.skip(kernel_unavailable_reason() or "the CPU model runs the kernels on Triton's interpreter only")
-    patcher = cm.build("flux", dtype=torch.bfloat16, seed=0, **cm.flux_config("tiny"))
+    patcher = cm.build(family, dtype=torch.bfloat16, seed=0, **(cm.flux_config("tiny") if family == "flux" else {}))
     # ComfyUI's CPU attention asks psutil for free memory (a graph break); SDPA is what CUDA runs
     patcher.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention
     dm = patcher.model.diffusion_model
@@ -167,7 +187,7 @@ def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm):
         make_dynamic_fp8(gelu_fusion.module_at(dm, site.linear))
     gelu_fusion.apply_patches(dm, gelu_fusion.patches(dm, sites))
     positive = cm.conditioning(patcher, seed=1)
-    latent = torch.randn(cm.latent_shape("flux"), generator=torch.Generator().manual_seed(3))
+    latent = torch.randn(cm.latent_shape(family), generator=torch.Generator().manual_seed(3))
     eager = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
 
     from comfy_para_attn.graph_folds import GraphFolds

@@ -13,12 +13,15 @@ lowers it (`pre_grad_custom_pass`), rewrites
 into
     layer_norm_modulate_rowwise_fp8(x, mul, shift, eps)
 
-(one pass: `kernels.fp8_rowwise`). The pieces' shapes are checked on the graph's example
-values (x [B, S, K], mul and shift one vector per batch); anything else is left alone.
+(one pass: `kernels.fp8_rowwise`). The pieces are checked on the graph's example values
+(x [B, S, K] on a device where the kernel runs, mul and shift one vector per batch; inputs
+with strided features are copied by the op); anything else is left alone.
 """
 from __future__ import annotations
 
 import torch
+
+from kernels.fp8_rowwise import why_not_norm_kernel
 
 from .cat_fold import VIEWS, is_our_op, shape_of
 
@@ -69,6 +72,9 @@ def _modulated_norm(rows, features: int):
         return None
     if not (_one_vector_per_batch(mul, x_shape) and _one_vector_per_batch(shift, x_shape)):
         return None
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in (x, mul, shift)]
+    if any(not isinstance(v, torch.Tensor) for v in values) or why_not_norm_kernel(*values, any_strides=True):
+        return None  # a device, dtype or broadcast the kernel does not take: inductor's code stays
     return x, mul, shift, eps, (rows, modulated, normed)
 
 
