@@ -15,7 +15,8 @@ FOLDS = {"cat": cat_fold.fold_cats, "layer norm": norm_fold.fold_norms, "rope": 
 
 class GraphFolds(CustomGraphPass):
     """Inductor `pre_grad_custom_pass`; `counts` has the rewrites per fold, `folded` their sum.
-    Its uuid hashes the folds' source, so inductor's caches key on what the pass does."""
+    Its uuid hashes the folds' source and the rope switch, so inductor's caches key on what the
+    pass does."""
 
     def __init__(self):
         self.counts = collections.Counter()
@@ -29,7 +30,9 @@ class GraphFolds(CustomGraphPass):
             self.counts[name] += fold(graph)
 
     def uuid(self):
-        return get_hash_for_files((__file__, cat_fold.__file__, norm_fold.__file__, rope_fold.__file__))
+        # The rope switch is read when the pass runs: a graph cached with the other setting must not be reused.
+        return (get_hash_for_files((__file__, cat_fold.__file__, norm_fold.__file__, rope_fold.__file__)),
+                rope_fold.enabled())
 
 
 __all__ = ["GraphFolds"]

@@ -12,8 +12,7 @@ This pass, on dynamo's graph before inductor lowers it (`pre_grad_custom_pass`),
 chain back from each `type_as` and puts `para_attn::rms_norm_rope(head, tail, ...)` in its
 place when the example values fit the kernel (`why_not_triton`: bf16 pieces on a device where
 it runs, fp32 `pe` of the right shape). Anything else is left alone. PARA_ATTN_FUSED_ROPE=0
-turns it off (for comparisons; with a fresh inductor cache, which keys on this file, not on
-the variable).
+turns it off (for comparisons; inductor's cache keys on it through the pass's uuid).
 """
 from __future__ import annotations
 
@@ -115,11 +114,19 @@ def _pieces(source):
     return ([found], []) if found is not None else None
 
 
+SWITCH = "PARA_ATTN_FUSED_ROPE"
+
+
+def enabled() -> bool:
+    """False when PARA_ATTN_FUSED_ROPE=0 (for comparisons; `GraphFolds.uuid` includes it)."""
+    return os.environ.get(SWITCH, "1") != "0"
+
+
 def fold_rotations(graph: torch.fx.Graph) -> int:
     """Rewrite every match in `graph` (see the module docstring); returns how many."""
     from kernels.qk_norm_rope import why_not_triton
 
-    if os.environ.get("PARA_ATTN_FUSED_ROPE", "1") == "0":
+    if not enabled():
         return 0
     folded = 0
     for node in list(graph.nodes):

@@ -128,3 +128,20 @@ def test_fp16_attention_is_left_alone():
     expected_q, _ = prep(*inputs)
     (q, _), counts, _ = _compiled_with_folds(prep, *inputs)
     assert counts["rope"] == 0 and torch.equal(q, expected_q)
+
+
+def test_the_switch_turns_the_fold_off_and_changes_the_cache_key(monkeypatch):
+    """PARA_ATTN_FUSED_ROPE=0 (for comparisons): nothing folds, and inductor's cache key
+    (the pass's uuid) differs, so a graph compiled with the fold is not reused."""
+    from comfy_para_attn.graph_folds import GraphFolds
+
+    folds = GraphFolds()
+    key = folds.uuid()
+    monkeypatch.setenv("PARA_ATTN_FUSED_ROPE", "0")
+    assert folds.uuid() != key
+    if kernel_unavailable_reason() is None:
+        prep = _AttentionPrep()
+        inputs = (_qkv(5, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 5, -1),
+                  _qkv(40, seed=6).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(45))
+        (q, _), counts, _ = _compiled_with_folds(prep, *inputs)
+        assert counts["rope"] == 0 and torch.equal(q, prep(*inputs)[0])
