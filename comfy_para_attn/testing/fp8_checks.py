@@ -108,3 +108,53 @@ def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
             "fp8_repeats": bool(torch.equal(quantized, quantized_again) and torch.equal(quantized, twin_quantized)),
             "fp8_differs": float((quantized - reference).abs().mean() / reference.abs().mean()),
             "finite": bool(torch.isfinite(quantized).all())}
+
+
+def folds_against_eager_on_cuda(rank, world_size, comfy_path):
+    """{(family, folds on): {"counts", "rel", "finite"}}: tiny ComfyUI FLUX / HunyuanVideo with
+    dynamic fp8 on the fused layers, sampled eager, then with the blocks compiled by inductor
+    with our graph pass folding everything or nothing (inductor's FX graph cache off, so the
+    second compile is not the first one's graph); "rel" is the compiled latent's relative
+    distance from eager."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=False)
+    import comfy.model_patcher
+
+    from comfy_para_attn import graph_folds
+    from comfy_para_attn.compile import CompileSettings, inductor_options
+    from comfy_para_attn.quant import gelu_fusion
+    from comfy_para_attn.testing import comfy_models as cm
+
+    torch._inductor.config.fx_graph_cache = False
+    every_fold, results = dict(graph_folds.FOLDS), {}
+    try:
+        for family in ("flux", "hunyuan_video"):
+            for folds_on in (True, False):
+                graph_folds.FOLDS.clear()
+                graph_folds.FOLDS.update(every_fold if folds_on else {})
+                built = cm.build(family, dtype=torch.bfloat16, seed=0, **(cm.flux_config("tiny") if family == "flux" else {}))
+                patcher = comfy.model_patcher.ModelPatcher(built.model, load_device=torch.device("cuda"),
+                                                           offload_device=torch.device("cpu"))
+                dm = patcher.model.diffusion_model.cuda()
+                sites = gelu_fusion.fusion_sites(dm) + gelu_fusion.norm_fed_sites(dm)
+                for site in sites:
+                    make_dynamic_fp8(gelu_fusion.module_at(dm, site.linear))
+                gelu_fusion.apply_patches(dm, gelu_fusion.patches(dm, sites))
+                positive = cm.conditioning(patcher, seed=1)
+                latent = torch.randn(cm.latent_shape(family), generator=torch.Generator().manual_seed(3))
+                eager = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
+                folds = inductor_options()["pre_grad_custom_pass"]
+                before = dict(folds.counts)
+                torch._dynamo.reset()
+                for block in list(dm.double_blocks) + list(dm.single_blocks):
+                    block.compile(**CompileSettings().compile_kwargs())
+                out = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
+                results[family, folds_on] = {
+                    "counts": {k: folds.counts[k] - before.get(k, 0) for k in ("cat", "layer norm", "rope")},
+                    "rel": float((out.float() - eager.float()).norm() / eager.float().norm()),
+                    "finite": bool(torch.isfinite(out).all())}
+    finally:
+        graph_folds.FOLDS.clear()
+        graph_folds.FOLDS.update(every_fold)
+    return results
