@@ -302,6 +302,43 @@ def test_two_models_alternating_stay_written_and_loaded(comfyui_path, pack_nodes
         assert run("a")[:2] == (1, "loaded")  # written and loaded again, "c" now goes
 
 
+def test_a_freed_model_leaves_the_workers_at_the_next_run(comfyui_path, pack_nodes, pool_cleanup, caplog):
+    """Two models kept; ComfyUI frees one (another checkpoint, "Free model and node cache"):
+    its shared-memory file goes at once, and the workers drop it at the next run with the other
+    model, instead of holding its weights (VRAM, and the unlinked file's pages) until a third
+    model evicts it."""
+    import gc
+    import logging
+
+    from comfy_para_attn.adapters.comfy import published
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    models = {}
+    models["a"], pos, neg, latent = sampling_inputs("flux", seed=21)
+    models["b"], *_ = sampling_inputs("flux", seed=22)
+
+    def run(name):
+        out = comfy_models.sample(_cp(pack_nodes, models[name], ulysses_degree=2), pos, neg, latent, steps=2, cfg=1.0)
+        assert torch.isfinite(out).all()
+
+    with caplog.at_level(logging.INFO, logger="comfy_para_attn"):
+        run("a")
+        run("b")
+        freed = published._fingerprints[models["a"].model.diffusion_model]
+        assert freed in published._recent["model"] and freed in published._published
+        caplog.clear()
+        del models["a"]
+        gc.collect()
+        assert "weights released from shared memory (the model was freed)" in caplog.text, caplog.text
+        assert freed not in published._published and freed in published._recent["model"]  # workers still hold it
+        caplog.clear()
+        run("b")
+        assert "workers dropped their cached model (1) (its model was freed)" in caplog.text, caplog.text
+        assert "written to shared memory" not in caplog.text
+        assert freed not in published._recent["model"]
+
+
 def test_worker_model_key_follows_the_model_config(comfyui_path):
     import copy
 

@@ -2,7 +2,8 @@
 models for Context Parallel, the VAE for Parallel VAE Decode. Up to `KEEP[kind]` copies of a
 kind stay (two diffusion models: Wan 2.2's two experts alternate within every prompt), the
 least recently used going first, sooner when /dev/shm has no room for a new one; a copy also
-goes when its ComfyUI model is freed, and all go when the ComfyUI process exits. A model
+goes when its ComfyUI model is freed (the workers drop theirs at the next write or use of that
+kind), and all go when the ComfyUI process exits. A model
 object is fingerprinted once; its weights are not re-read per prompt. The workers keep the
 same models: whenever a copy goes, they drop theirs (`unmap_in_workers`)."""
 from __future__ import annotations
@@ -76,6 +77,11 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
         if fingerprint not in _published:
             _write(label, fingerprint, state)
     recent = _recent.setdefault(label, [])
+    for freed in [f for f in recent if f not in _published and f != fingerprint]:
+        # ComfyUI freed that model (its file is released), but the workers still hold it: in
+        # their VRAM, and the file's pages while they map it. Nothing else would drop it
+        # before the next write of this kind evicts it.
+        _evict(label, freed, "(its model was freed)")
     if fingerprint in recent:
         recent.remove(fingerprint)
     recent.append(fingerprint)
@@ -91,10 +97,10 @@ def _write(label: str, fingerprint: str, state: dict) -> None:
 
     recent = _recent.setdefault(label, [])
     if fingerprint in recent:  # its file was released with its model: the workers may still map it
-        _evict(label, fingerprint, "its old file was released")
+        _evict(label, fingerprint, "before the new one is written (its old file was released)")
     keep = KEEP.get(label, 1)
     while len(recent) >= keep:
-        _evict(label, _victim(recent), f"to keep {keep}")
+        _evict(label, _victim(recent), f"before the new one is written (to keep {keep})")
     while True:
         try:
             began = time.monotonic()
@@ -103,7 +109,7 @@ def _write(label: str, fingerprint: str, state: dict) -> None:
         except ShmSpaceError:
             if not recent:
                 raise
-            _evict(label, _victim(recent), "for room in shared memory")
+            _evict(label, _victim(recent), "before the new one is written (for room in shared memory)")
     _published[fingerprint] = handle
     log.info("%s weights (%.2f GiB) written to shared memory in %.1f s", label, handle.nbytes / 2**30,
              time.monotonic() - began)
@@ -120,7 +126,7 @@ def _evict(label: str, fingerprint: str, why: str) -> None:
     handle = _published.pop(fingerprint, None)
     if handle is not None:
         handle.release()
-    unmap_in_workers(label, why=f"before the new one is written ({why})", fingerprint=fingerprint)
+    unmap_in_workers(label, why=why, fingerprint=fingerprint)
 
 
 def _module_gone(fingerprint: str) -> None:
