@@ -7,6 +7,8 @@ import collections
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from kernels import fp8_rowwise, qk_norm_rope
+
 from . import rope_fold
 from .quant import cat_fold, norm_fold
 
@@ -31,8 +33,9 @@ class GraphFolds(CustomGraphPass):
 
     def uuid(self):
         # The rope switch is read when the pass runs: a graph cached with the other setting must not be reused.
-        return (get_hash_for_files((__file__, cat_fold.__file__, norm_fold.__file__, rope_fold.__file__)),
-                rope_fold.enabled())
+        files = (__file__, cat_fold.__file__, norm_fold.__file__, rope_fold.__file__, fp8_rowwise.__file__,
+                 qk_norm_rope.__file__)  # the folds, and the checks that decide where they apply
+        return get_hash_for_files(files), rope_fold.enabled()
 
 
 __all__ = ["GraphFolds"]

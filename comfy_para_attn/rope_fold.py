@@ -74,6 +74,8 @@ def _rotation(out):
     if not _is_method(shaped, *VIEWS) or not _is_function(shaped.args[0], operator.add, torch.add):
         return None
     added = shaped.args[0]
+    if added.kwargs.get("alpha", 1) != 1 or len(added.args) > 2:
+        return None
     halves = [_half_of(p) for p in added.args[:2]]
     if len(added.args) != 2 or None in halves or {c for _, _, c, _ in halves} != {0, 1}:
         return None
@@ -81,7 +83,14 @@ def _rotation(out):
     if pe is not pe_again or pairs is not pairs_again:
         return None
     widened = pairs.args[0]
-    return pe, widened.args[0], [out, shaped, added, *first, *second, pairs, widened]
+    source = widened.args[0]
+    out_value, source_value, pairs_value = _value(out), _value(source), _value(pairs)
+    if out_value is None or source_value is None or pairs_value is None:
+        return None
+    shape = tuple(source_value.shape)
+    if tuple(out_value.shape) != shape or tuple(pairs_value.shape) != (*shape[:-1], shape[-1] // 2, 1, 2):
+        return None  # another reshape than the rotation's: not this computation
+    return pe, source, [out, shaped, added, *first, *second, pairs, widened]
 
 
 def _normed_piece(node):
@@ -104,7 +113,7 @@ def _normed_piece(node):
 def _pieces(source):
     """([(piece, weight, eps, nodes)], extra nodes) for one normed tensor or a cat of two on dim 2."""
     if _is_function(source, torch.cat):
-        tensors = source.args[0]
+        tensors = source.args[0] if source.args else source.kwargs.get("tensors")
         dim = source.args[1] if len(source.args) > 1 else source.kwargs.get("dim", 0)
         if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (2, -2):
             return None
@@ -139,7 +148,7 @@ def fold_rotations(graph: torch.fx.Graph) -> int:
         values = [_value(p) for p, _, _, _ in pieces]
         weights = [_value(w) for _, w, _, _ in pieces]
         if (None in values or None in weights or _value(pe) is None or len({e for _, _, e, _ in pieces}) != 1
-                or _value(node).dtype != torch.bfloat16
+                or _value(node) is None or _value(node).dtype != torch.bfloat16
                 or why_not_triton(values, weights, _value(pe)) is not None):
             continue
         from kernels import triton_qk_norm_rope  # noqa: F401  registers the op

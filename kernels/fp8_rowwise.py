@@ -123,6 +123,8 @@ def why_not_norm_kernel(x: Tensor, mul: Tensor, shift: Tensor, any_strides: bool
     (`any_strides`: as the op takes them, copying inputs whose features are strided)."""
     if x.ndim != 3:
         return f"x has {x.ndim} dims (the kernel takes [batch, tokens, features])"
+    if x.shape[2] > 65536:
+        return f"rows of {x.shape[2]} values do not fit one block"
     reason = why_not_triton(x[0] if not any_strides or x.stride(2) == 1 else x[0, :1, :1])
     if reason is not None:
         return reason

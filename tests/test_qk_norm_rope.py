@@ -73,8 +73,9 @@ class _AttentionPrep(torch.nn.Module):
     """FLUX's double-block attention preparation written out: q of the text and image pieces
     normalized with their own weights, concatenated, rotated in fp32."""
 
-    def __init__(self):
+    def __init__(self, variant="flux"):
         super().__init__()
+        self.variant = variant
         self.txt_weight = torch.nn.Parameter(_weight(3), requires_grad=False)
         self.img_weight = torch.nn.Parameter(_weight(4), requires_grad=False)
 
@@ -86,9 +87,16 @@ class _AttentionPrep(torch.nn.Module):
         img_q, _, img_v = split(img_qkv)
         txt_q = torch.nn.functional.rms_norm(txt_q, (DIM,), self.txt_weight, EPS).to(txt_v)
         img_q = torch.nn.functional.rms_norm(img_q, (DIM,), self.img_weight, EPS).to(img_v)
-        q, v = torch.cat((txt_q, img_q), dim=2), torch.cat((txt_v, img_v), dim=2)
+        if self.variant == "cat keywords":
+            q = torch.cat(tensors=(txt_q, img_q), dim=2)
+        else:
+            q = torch.cat((txt_q, img_q), dim=2)
+        v = torch.cat((txt_v, img_v), dim=2)
         pairs = q.to(dtype=torch.float32).reshape(*q.shape[:-1], -1, 1, 2)
-        return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*q.shape).type_as(v), v
+        first, second = pe[..., 0] * pairs[..., 0], pe[..., 1] * pairs[..., 1]
+        rotated = torch.add(first, second, alpha=2) if self.variant == "alpha" else first + second
+        shape = (*q.shape[:2], -1) if self.variant == "other reshape" else q.shape
+        return rotated.reshape(*shape).type_as(v), v
 
 
 def _compiled_with_folds(module, *inputs):
@@ -145,3 +153,20 @@ def test_the_switch_turns_the_fold_off_and_changes_the_cache_key(monkeypatch):
                   _qkv(40, seed=6).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(45))
         (q, _), counts, _ = _compiled_with_folds(prep, *inputs)
         assert counts["rope"] == 0 and torch.equal(q, prep(*inputs)[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant,folds", [("cat keywords", 1), ("alpha", 0), ("other reshape", 0)])
+def test_look_alike_computations_are_folded_only_when_they_are_the_rotation(variant, folds):
+    """`torch.cat(tensors=...)` is the same computation (folded); an `alpha` on the add or
+    another final shape is not (left alone, and the compiled graph still runs)."""
+    prep = _AttentionPrep(variant)
+    inputs = (_qkv(5, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 5, -1),
+              _qkv(40, seed=6).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(45))
+    expected, _ = prep(*inputs)
+    (q, _), counts, _ = _compiled_with_folds(prep, *inputs)
+    assert counts["rope"] == folds and q.shape == expected.shape
+    if folds:
+        _assert_close(q, expected)
+    else:
+        assert torch.equal(q, expected)

@@ -57,8 +57,6 @@ def _cat_pieces(rows, gelu_from: int):
 
 def fold_cats(graph: torch.fx.Graph) -> int:
     """Rewrite every match in `graph` (see the module docstring); returns how many."""
-    from kernels import triton_fp8_rowwise  # noqa: F401  registers the ops
-
     folded = 0
     for node in list(graph.nodes):
         if not is_our_op(node, "gelu_tail_rowwise_fp8") or len(node.args) != 2:
@@ -68,6 +66,8 @@ def fold_cats(graph: torch.fx.Graph) -> int:
         if found is None:
             continue
         cat, pieces = found
+        from kernels import triton_fp8_rowwise  # noqa: F401  registers the op (only where one matched: triton is there)
+
         with graph.inserting_before(node):
             flat = [graph.call_method("reshape", (p, -1, shape_of(p)[-1])) for p in pieces]
             fused = graph.call_function(torch.ops.para_attn.cat_gelu_rowwise_fp8.default, tuple(flat))

@@ -80,8 +80,6 @@ def _modulated_norm(rows, features: int):
 
 def fold_norms(graph: torch.fx.Graph) -> int:
     """Rewrite every match in `graph` (see the module docstring); returns how many."""
-    from kernels import triton_fp8_rowwise  # noqa: F401  registers the ops
-
     folded = 0
     for node in list(graph.nodes):
         if not is_our_op(node, "gelu_tail_rowwise_fp8") or len(node.args) != 2:
@@ -94,6 +92,8 @@ def fold_norms(graph: torch.fx.Graph) -> int:
         if found is None:
             continue
         x, mul, shift, eps, dead = found
+        from kernels import triton_fp8_rowwise  # noqa: F401  registers the op (only where one matched: triton is there)
+
         with graph.inserting_before(node):
             fused = graph.call_function(torch.ops.para_attn.layer_norm_modulate_rowwise_fp8.default,
                                         (x, mul, shift, eps))
