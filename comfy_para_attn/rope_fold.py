@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .quant.cat_fold import VIEWS
+from .quant.cat_fold import VIEWS, replace_with_call
 
 _RMS_NORMS = (torch.nn.functional.rms_norm, getattr(torch, "rms_norm", None))
 
@@ -154,12 +154,8 @@ def fold_rotations(graph: torch.fx.Graph) -> int:
         from kernels import triton_qk_norm_rope  # noqa: F401  registers the op
 
         (head, w_head, eps, _), (tail, w_tail, _, _) = pieces[0], pieces[-1]
-        with graph.inserting_before(node):
-            fused = graph.call_function(torch.ops.para_attn.rms_norm_rope.default,
-                                        (head, tail, w_head, w_tail, pe, eps, len(pieces) == 2))
-        node.replace_all_uses_with(fused)
-        for dead in dict.fromkeys(chain + extra + [n for _, _, _, nodes in pieces for n in nodes]):
-            if not dead.users:
-                graph.erase_node(dead)
+        replace_with_call(graph, node, torch.ops.para_attn.rms_norm_rope.default,
+                          (head, tail, w_head, w_tail, pe, eps, len(pieces) == 2),
+                          chain[1:] + extra + [n for _, _, _, nodes in pieces for n in nodes])
         folded += 1
     return folded

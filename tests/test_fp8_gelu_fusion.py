@@ -16,7 +16,7 @@ if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
 
 from comfy_para_attn.quant import gelu_fusion  # noqa: E402
 from comfy_para_attn.testing.fp8_checks import activations as _activations  # noqa: E402
-from comfy_para_attn.testing.fp8_checks import dynamic_fp8_linear, kernel_unavailable_reason  # noqa: E402
+from comfy_para_attn.testing.fp8_checks import compiled_with_folds, dynamic_fp8_linear, kernel_unavailable_reason  # noqa: E402
 from kernels.fp8_rowwise import gelu_tail_rowwise_fp8_reference  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))
@@ -184,23 +184,11 @@ def test_cat_fold_pass_rewrites_dynamo_graph_and_keeps_the_output():
     """The pre-grad pass on dynamo's real graph of a fused single block: the cat and the
     one-input quantization are replaced by the two-piece op, and the graph computes the same
     bits as eager."""
-    from comfy_para_attn.graph_folds import GraphFolds
-
     block = _fused_single_block()
     x = _activations(24, 96, seed=6).reshape(1, 24, 96)
     expected = block(x)
-    fold, graphs = GraphFolds(), []
-
-    def backend(gm, example_inputs):
-        fold(gm.graph)
-        gm.recompile()
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(block, backend=backend, fullgraph=True)(x)
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert fold.counts == {"cat": 1, "layer norm": 0, "rope": 0}
+    out, counts, targets = compiled_with_folds(block, x)
+    assert counts == {"cat": 1, "layer norm": 0, "rope": 0}
     assert "para_attn.cat_gelu_rowwise_fp8.default" in targets and "<built-in method cat" not in " ".join(targets)
     assert not any("gelu_tail_rowwise_fp8" in t for t in targets)
     assert torch.isfinite(out).all() and out.abs().mean() > 1e-3 and torch.equal(out, expected)

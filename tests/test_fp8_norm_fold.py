@@ -16,7 +16,8 @@ if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imported
 
 from comfy_para_attn.quant import gelu_fusion  # noqa: E402
-from comfy_para_attn.testing.fp8_checks import activations, kernel_unavailable_reason, make_dynamic_fp8  # noqa: E402
+from comfy_para_attn.testing.fp8_checks import (activations, compiled_with_folds, folding_backend,  # noqa: E402
+                                                kernel_unavailable_reason, make_dynamic_fp8, make_fused_layers_fp8)
 from kernels.fp8_rowwise import (layer_norm_modulate_rowwise_fp8, layer_norm_modulate_rowwise_fp8_reference,  # noqa: E402
                                  why_not_norm_kernel)
 
@@ -115,32 +116,13 @@ def _fp8_block(affine=False, seed=0):
     return block
 
 
-def _compiled_with_folds(module, *inputs):
-    """(output, folds' counts, call_function targets) of `module` compiled by a backend that
-    runs the pass on dynamo's graph and then runs the graph as it is."""
-    from comfy_para_attn.graph_folds import GraphFolds
-
-    folds, graphs = GraphFolds(), []
-
-    def backend(gm, example_inputs):
-        folds(gm.graph)
-        gm.recompile()
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(module, backend=backend, fullgraph=True)(*inputs)
-    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-    return out, folds.counts, targets
-
-
 @needs_kernel
 def test_fold_rewrites_dynamo_graph_and_keeps_the_output():
     block = _fp8_block()
     x = (activations(2 * 24, 96, seed=3) + 0.5).reshape(2, 24, 96)
     vec = activations(2, 96, seed=4)
     expected = block(x, vec)  # eager: LayerNorm and addcmul in torch, then the quantization kernel
-    out, counts, targets = _compiled_with_folds(block, x, vec)
+    out, counts, targets = compiled_with_folds(block, x, vec)
     assert counts == {"layer norm": 1, "cat": 0, "rope": 0}
     assert "para_attn.layer_norm_modulate_rowwise_fp8.default" in targets
     assert not any("layer_norm" in t and "para_attn" not in t for t in targets) and "<built-in method addcmul" not in " ".join(targets)
@@ -158,7 +140,7 @@ def test_a_layer_norm_with_affine_parameters_is_left_alone():
     x = activations(24, 96, seed=5).reshape(1, 24, 96)
     vec = activations(1, 96, seed=6)
     expected = block(x, vec)
-    out, counts, targets = _compiled_with_folds(block, x, vec)
+    out, counts, targets = compiled_with_folds(block, x, vec)
     assert counts == {"layer norm": 0, "cat": 0, "rope": 0} and any("para_attn.gelu_tail_rowwise_fp8" in t for t in targets)
     assert torch.isfinite(out).all() and torch.equal(out, expected)
 
@@ -182,10 +164,7 @@ def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm, family):
     # ComfyUI's CPU attention asks psutil for free memory (a graph break); SDPA is what CUDA runs
     patcher.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention
     dm = patcher.model.diffusion_model
-    sites = gelu_fusion.fusion_sites(dm) + gelu_fusion.norm_fed_sites(dm)
-    for site in sites:
-        make_dynamic_fp8(gelu_fusion.module_at(dm, site.linear))
-    gelu_fusion.apply_patches(dm, gelu_fusion.patches(dm, sites))
+    make_fused_layers_fp8(dm)
     positive = cm.conditioning(patcher, seed=1)
     latent = torch.randn(cm.latent_shape(family), generator=torch.Generator().manual_seed(3))
     eager = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
@@ -193,12 +172,7 @@ def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm, family):
     from comfy_para_attn.graph_folds import GraphFolds
 
     folds = GraphFolds()
-
-    def backend(gm, example_inputs):
-        folds(gm.graph)
-        gm.recompile()
-        return gm.forward
-
+    backend = folding_backend(folds)  # one backend for every block: a new one per block would recompile
     torch._dynamo.reset()
     blocks = list(dm.double_blocks) + list(dm.single_blocks)
     for block in blocks:

@@ -14,7 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imported
 
-from comfy_para_attn.testing.fp8_checks import kernel_unavailable_reason  # noqa: E402
+from comfy_para_attn.testing.fp8_checks import compiled_with_folds, kernel_unavailable_reason  # noqa: E402
 from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, why_not_triton  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))
@@ -99,29 +99,13 @@ class _AttentionPrep(torch.nn.Module):
         return rotated.reshape(*shape).type_as(v), v
 
 
-def _compiled_with_folds(module, *inputs):
-    from comfy_para_attn.graph_folds import GraphFolds
-
-    folds, graphs = GraphFolds(), []
-
-    def backend(gm, example_inputs):
-        folds(gm.graph)
-        gm.recompile()
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(module, backend=backend, fullgraph=True)(*inputs)
-    return out, folds.counts, [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-
-
 @needs_kernel
 def test_fold_rewrites_the_attention_preparation_and_keeps_the_output():
     prep = _AttentionPrep()
     inputs = (_qkv(5, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 5, -1), _qkv(40, seed=6).permute(1, 3, 0, 2, 4).reshape(1, 40, -1),
               _pe(45))
     (expected_q, expected_v) = prep(*inputs)
-    (q, v), counts, targets = _compiled_with_folds(prep, *inputs)
+    (q, v), counts, targets = compiled_with_folds(prep, *inputs)
     assert counts == {"rope": 1, "cat": 0, "layer norm": 0}
     assert "para_attn.rms_norm_rope.default" in targets and not any("rms_norm" in t and "para_attn" not in t for t in targets)
     assert torch.equal(v, expected_v)  # v's cat is left alone
@@ -134,7 +118,7 @@ def test_fp16_attention_is_left_alone():
     inputs = (_qkv(5, seed=7).half().permute(1, 3, 0, 2, 4).reshape(1, 5, -1),
               _qkv(40, seed=8).half().permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(45))
     expected_q, _ = prep(*inputs)
-    (q, _), counts, _ = _compiled_with_folds(prep, *inputs)
+    (q, _), counts, _ = compiled_with_folds(prep, *inputs)
     assert counts["rope"] == 0 and torch.equal(q, expected_q)
 
 
@@ -151,7 +135,7 @@ def test_the_switch_turns_the_fold_off_and_changes_the_cache_key(monkeypatch):
         prep = _AttentionPrep()
         inputs = (_qkv(5, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 5, -1),
                   _qkv(40, seed=6).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(45))
-        (q, _), counts, _ = _compiled_with_folds(prep, *inputs)
+        (q, _), counts, _ = compiled_with_folds(prep, *inputs)
         assert counts["rope"] == 0 and torch.equal(q, prep(*inputs)[0])
 
 
@@ -164,7 +148,7 @@ def test_look_alike_computations_are_folded_only_when_they_are_the_rotation(vari
     inputs = (_qkv(5, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 5, -1),
               _qkv(40, seed=6).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(45))
     expected, _ = prep(*inputs)
-    (q, _), counts, _ = _compiled_with_folds(prep, *inputs)
+    (q, _), counts, _ = compiled_with_folds(prep, *inputs)
     assert counts["rope"] == folds and q.shape == expected.shape
     if folds:
         _assert_close(q, expected)

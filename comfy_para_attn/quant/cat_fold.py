@@ -35,6 +35,18 @@ def shape_of(node):
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def replace_with_call(graph: torch.fx.Graph, node, target, args: tuple, dead=()) -> None:
+    """Put `target(*args)` in `node`'s place, erase `node`, then each of `dead` (users before
+    what they read) that nothing else reads any more."""
+    with graph.inserting_before(node):
+        call = graph.call_function(target, args)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    for unused in dict.fromkeys(dead):
+        if not unused.users:
+            graph.erase_node(unused)
+
+
 def _cat_pieces(rows, gelu_from: int):
     """(the cat node, (a, b)) when `rows` is `cat((a, b), last dim)` (or a view of it) with
     a.shape[-1] == gelu_from."""
@@ -69,12 +81,8 @@ def fold_cats(graph: torch.fx.Graph) -> int:
         from kernels import triton_fp8_rowwise  # noqa: F401  registers the op (only where one matched: triton is there)
 
         with graph.inserting_before(node):
-            flat = [graph.call_method("reshape", (p, -1, shape_of(p)[-1])) for p in pieces]
-            fused = graph.call_function(torch.ops.para_attn.cat_gelu_rowwise_fp8.default, tuple(flat))
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
-        for dead in dict.fromkeys((rows, cat)):  # the view, then the cat (or the cat once)
-            if not dead.users:
-                graph.erase_node(dead)
+            flat = tuple(graph.call_method("reshape", (p, -1, shape_of(p)[-1])) for p in pieces)
+        # then the view and the cat (or the cat once), if nothing else reads them
+        replace_with_call(graph, node, torch.ops.para_attn.cat_gelu_rowwise_fp8.default, flat, (rows, cat))
         folded += 1
     return folded

@@ -23,7 +23,7 @@ import torch
 
 from kernels.fp8_rowwise import why_not_norm_kernel
 
-from .cat_fold import VIEWS, is_our_op, shape_of
+from .cat_fold import VIEWS, is_our_op, replace_with_call, shape_of
 
 _LAYER_NORMS = (torch.nn.functional.layer_norm, torch.layer_norm)
 
@@ -94,13 +94,8 @@ def fold_norms(graph: torch.fx.Graph) -> int:
         x, mul, shift, eps, dead = found
         from kernels import triton_fp8_rowwise  # noqa: F401  registers the op (only where one matched: triton is there)
 
-        with graph.inserting_before(node):
-            fused = graph.call_function(torch.ops.para_attn.layer_norm_modulate_rowwise_fp8.default,
-                                        (x, mul, shift, eps))
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
-        for unused in dict.fromkeys(dead):  # the view, the addcmul, the LayerNorm, if nothing else reads them
-            if not unused.users:
-                graph.erase_node(unused)
+        # then the view, the addcmul and the LayerNorm, if nothing else reads them
+        replace_with_call(graph, node, torch.ops.para_attn.layer_norm_modulate_rowwise_fp8.default,
+                          (x, mul, shift, eps), dead)
         folded += 1
     return folded

@@ -49,6 +49,41 @@ def dynamic_fp8_linear(in_features, out_features, seed=1) -> torch.nn.Linear:
     return make_dynamic_fp8(torch.nn.Linear(in_features, out_features).to(torch.bfloat16).to(DEVICE))
 
 
+def make_fused_layers_fp8(diffusion_model) -> None:
+    """Dynamic fp8 weights on every fused layer of a ComfyUI diffusion model (GELU sites and
+    norm-fed layers), then the fusion's patches, as FP8 Quantize leaves them on a GPU."""
+    from comfy_para_attn.quant import gelu_fusion
+
+    sites = gelu_fusion.fusion_sites(diffusion_model) + gelu_fusion.norm_fed_sites(diffusion_model)
+    for site in sites:
+        make_dynamic_fp8(gelu_fusion.module_at(diffusion_model, site.linear))
+    gelu_fusion.apply_patches(diffusion_model, gelu_fusion.patches(diffusion_model, sites))
+
+
+def folding_backend(folds, graphs=None):
+    """A torch.compile backend that runs `folds` (a `GraphFolds`) on dynamo's graph, then runs
+    the graph as it is (collected in `graphs` if given)."""
+    def backend(gm, example_inputs):
+        folds(gm.graph)
+        gm.recompile()
+        if graphs is not None:
+            graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def compiled_with_folds(module, *inputs):
+    """(output, the folds' counts, call_function targets) of `module` compiled whole through
+    `folding_backend`."""
+    from comfy_para_attn.graph_folds import GraphFolds
+
+    folds, graphs = GraphFolds(), []
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=folding_backend(folds, graphs), fullgraph=True)(*inputs)
+    return out, folds.counts, [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+
+
 def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
     """A tiny bf16 Flux that loads from the host to the GPU, and its plain twin. FP8, plain,
     FP8 again: the FP8 loads back up the host tensors the weights came from (no copies back
@@ -123,7 +158,6 @@ def folds_against_eager_on_cuda(rank, world_size, comfy_path):
 
     from comfy_para_attn import graph_folds
     from comfy_para_attn.compile import CompileSettings, inductor_options
-    from comfy_para_attn.quant import gelu_fusion
     from comfy_para_attn.testing import comfy_models as cm
 
     torch._inductor.config.fx_graph_cache = False
@@ -137,10 +171,7 @@ def folds_against_eager_on_cuda(rank, world_size, comfy_path):
                 patcher = comfy.model_patcher.ModelPatcher(built.model, load_device=torch.device("cuda"),
                                                            offload_device=torch.device("cpu"))
                 dm = patcher.model.diffusion_model.cuda()
-                sites = gelu_fusion.fusion_sites(dm) + gelu_fusion.norm_fed_sites(dm)
-                for site in sites:
-                    make_dynamic_fp8(gelu_fusion.module_at(dm, site.linear))
-                gelu_fusion.apply_patches(dm, gelu_fusion.patches(dm, sites))
+                make_fused_layers_fp8(dm)
                 positive = cm.conditioning(patcher, seed=1)
                 latent = torch.randn(cm.latent_shape(family), generator=torch.Generator().manual_seed(3))
                 eager = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
