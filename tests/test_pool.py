@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -324,6 +325,33 @@ def test_hang_past_timeout_is_reported_with_job_and_timeout():
         assert not hung.alive and all(process_gone(pid) for pid in pids)
     finally:
         hung.shutdown()
+
+
+def test_a_worker_frozen_halfway_through_an_event_is_a_timeout_not_a_hang():
+    """The controller reads events on threads: a partial message blocks a reader, not it."""
+    frozen = Pool(2)
+    pids = frozen.pids
+    outcome = {}
+
+    def run():
+        try:
+            frozen.run(f"{JOBS}:freeze_mid_event", {"seconds": 120}, timeout_s=2)
+        except PoolError as exc:
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=run, daemon=True)
+    began = time.monotonic()
+    caller.start()
+    caller.join(15)
+    try:
+        assert not caller.is_alive(), "the controller blocked on the partial event"
+        assert time.monotonic() - began < 8 and outcome["error"].reason == "timeout"
+        assert not frozen.alive and all(process_gone(pid) for pid in pids)
+    finally:
+        for pid in pids:
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        frozen.shutdown()
 
 
 def test_out_of_memory_is_named_as_such():

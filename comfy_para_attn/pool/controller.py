@@ -2,8 +2,9 @@
 every failure into a `PoolError` within seconds.
 
 The controller (the ComfyUI process) never joins a collective and never waits without a
-deadline: it polls the workers' event pipes with a short timeout, checks that each worker
-process is alive, and enforces a deadline on silence for every job.
+deadline: a reader thread per worker turns its event pipe into a queue, the controller polls
+that queue with a short timeout, checks that each worker process is alive, and enforces a
+deadline on silence for every job.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import itertools
 import logging
 import os
 import pickle
+import queue
 import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from typing import Any, Callable
 
 from . import protocol
@@ -41,6 +42,25 @@ class _Died:
     """Pseudo-event: the worker's process ended (returncode None: it closed its pipe)."""
 
     returncode: int | None
+
+
+_EOF = object()  # a reader thread's last item: its worker closed the event pipe
+EOF_AFTER_DEATH_S = 1.0  # how long a dead worker's reader may take to deliver what is left
+
+
+def _read_events(worker: WorkerProcess, inbox: queue.Queue) -> None:
+    """Reader thread: every event of one worker into `inbox`, then `_EOF`. Reading off the
+    controller's thread means a worker that freezes halfway through writing a large event
+    (a sampled latent, a traceback) blocks only this thread, never the deadlines."""
+    while True:
+        try:
+            event = protocol.recv(worker.events)
+        except (EOFError, OSError):
+            inbox.put((worker.rank, _EOF))
+            return
+        except Exception as exc:  # not unpicklable here: a worker bug, reported to the caller
+            event = exc
+        inbox.put((worker.rank, event))
 
 
 def _describe_death(rank: int, pid: int, returncode: int | None, during: str) -> str:
@@ -105,6 +125,8 @@ class Pool:
             raise PoolStartError("the worker pool needs Linux (inherited pipe descriptors)")
         self.layout = PoolLayout.create(world_size, device, gpus, env, sys_path, init)
         self._workers: list[WorkerProcess] = []
+        self._readers: list[threading.Thread] = []
+        self._inbox: queue.Queue = queue.Queue()
         self._alive = False
         self._run_lock = threading.Lock()
         self._job_ids = itertools.count(1)
@@ -230,14 +252,20 @@ class Pool:
                 raise
             logger.warning("rendezvous port was taken; starting the pool again")
             self._terminate()
-            self._workers = []
+            self._workers, self._readers = [], []
             _live_pools.add(self)
             return self._start(deadline, timeout_s)
 
     def _start(self, deadline: float, timeout_s: float) -> list[dict]:
         env = worker_env(self.layout, free_port())
+        self._inbox = queue.Queue()  # a retry's workers reuse ranks: none of the old events
         for rank in range(self.layout.world_size):
-            self._workers.append(spawn_worker(self.layout, rank, env))
+            worker = spawn_worker(self.layout, rank, env)
+            self._workers.append(worker)
+            reader = threading.Thread(target=_read_events, args=(worker, self._inbox),
+                                      name=f"pool-events-r{rank}", daemon=True)
+            reader.start()
+            self._readers.append(reader)
         self._alive = True
         ready: dict[int, dict] = {}
         while len(ready) < self.layout.world_size:
@@ -364,29 +392,39 @@ class Pool:
 
     def _poll_events(self, timeout_s: float) -> list[tuple[int, Any]]:
         """Events that arrived within `timeout_s`, plus a `_Died` for each worker whose
-        process ended (after draining what it sent before dying)."""
-        open_conns = {w.events: w for w in self._workers if w.events_open}
-        events = []
-        ready = wait(list(open_conns), timeout_s) if open_conns else time.sleep(timeout_s) or []
-        for conn in ready:
-            worker = open_conns[conn]
-            try:
-                events.append((worker.rank, protocol.recv(conn)))
-            except (EOFError, OSError):
-                worker.events_open = False
+        process ended (after what it sent before dying)."""
+        events = self._take_events(timeout_s)
         for worker in self._workers:
             if worker.events_open and worker.process.poll() is None:
                 continue
-            while worker.events_open and worker.events.poll(0):
-                try:
-                    events.append((worker.rank, protocol.recv(worker.events)))
-                except (EOFError, OSError):
-                    worker.events_open = False
+            deadline = time.monotonic() + EOF_AFTER_DEATH_S
+            while worker.events_open and time.monotonic() < deadline:  # its last words first
+                events += self._take_events(0.05)
             try:  # EOF comes with the exit; give the exit status a moment to appear
                 returncode = worker.process.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 returncode = None
             events.append((worker.rank, _Died(returncode)))
+        return events
+
+    def _take_events(self, timeout_s: float) -> list[tuple[int, Any]]:
+        """What the reader threads delivered within `timeout_s` (at least one item, or none
+        at the timeout); an `_EOF` marks its worker's pipe closed."""
+        items = []
+        try:
+            items.append(self._inbox.get(timeout=timeout_s))
+            while True:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        events = []
+        for rank, event in items:
+            if event is _EOF:
+                self._workers[rank].events_open = False
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                events.append((rank, event))
         return events
 
     def _send_all(self, message, timeout_s: float) -> None:
@@ -432,7 +470,12 @@ class Pool:
                 worker.process.wait(REAP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 logger.error("rank %d (pid %d) survived SIGKILL", worker.rank, worker.process.pid)
-            worker.close_channels()
+        for worker, reader in zip(self._workers, self._readers):
+            # The exit closed the pipe, so the reader ends; closing the descriptor under a
+            # reader still blocked (a child of the worker kept the pipe) could hand its
+            # number to an unrelated file, so that one pipe is left open.
+            reader.join(EOF_AFTER_DEATH_S)
+            worker.close_channels(keep_events=reader.is_alive())
         _live_pools.discard(self)
 
 

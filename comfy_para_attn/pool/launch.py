@@ -68,11 +68,12 @@ class WorkerProcess:
     events_open: bool = True
     channels_open: bool = True
 
-    def close_channels(self) -> None:
+    def close_channels(self, keep_events: bool = False) -> None:
         if self.channels_open:
             self.channels_open = False
             self.commands.close()
-            self.events.close()
+            if not keep_events:
+                self.events.close()
             os.close(self.lifeline_fd)
 
 

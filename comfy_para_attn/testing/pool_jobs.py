@@ -109,3 +109,17 @@ def allocate(ctx, payload):
     """Allocates `payload` bytes on the rank's device (a real OOM when too many)."""
     block = torch.empty(int(payload), dtype=torch.uint8, device=ctx.device)
     return block.numel()
+
+
+def freeze_mid_event(ctx, payload):
+    """A worker that freezes halfway through writing an event: the length header of a 1 MiB
+    message and its first bytes go down the event pipe, then nothing (rank 0 only)."""
+    import json
+    import struct
+    import sys
+
+    if ctx.rank == 0:
+        events_fd = json.loads(sys.argv[-1])["events_fd"]
+        os.write(events_fd, struct.pack("!i", 1 << 20) + b"\x80" * 4096)
+    time.sleep(payload["seconds"])
+    return "woke up"
