@@ -38,6 +38,41 @@ def test_pipelined_ulysses_matches_full_attention(world, ulysses, ring, monkeypa
             assert err < tol, f"rank {rank} {case}: max abs err {err:.3g} >= {tol}"
 
 
+@pytest.mark.parametrize("world,ulysses,ring", [(2, 1, 2), (4, 2, 2)])
+def test_overlapping_ring_of_two_matches_full_attention(world, ulysses, ring, monkeypatch):
+    """A ring of two fetches the other block and runs one kernel when blocks are short (every
+    case above); with the threshold at 0 it overlaps and merges by log-sum-exp instead."""
+    monkeypatch.setenv("PARA_ATTN_RING_GATHER_TOKENS", "0")  # read by each spawned rank at import
+    for rank, errors in enumerate(run_ranks(check_parallel_attention, world, ulysses, ring)):
+        assert len(errors) == 24
+        for case, err in errors.items():
+            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
+            assert err < tol, f"rank {rank} {case}: max abs err {err:.3g} >= {tol}"
+
+
+def kernel_calls_of_a_ring_of_two(rank, world_size, tokens):
+    """(local kernel calls, max abs error) of one ring-of-two call with `tokens` keys a rank."""
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context, ring as ring_module
+
+    cp = build_parallel_context(ContextParallelConfig(ring=2), num_heads=2)
+    calls = []
+    plain = ring_module.local_attention
+    ring_module.local_attention = lambda *a, **kw: calls.append(a[1].shape[2]) or plain(*a, **kw)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 2 * tokens, 8, generator=g) for _ in range(3))
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    out = parallel_attention(q[:, :, mine], k[:, :, mine], v[:, :, mine], cp=cp)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)[:, :, mine]
+    return calls, (out - ref).abs().max().item()
+
+
+def test_a_ring_of_two_fetches_short_blocks_and_overlaps_long_ones(monkeypatch):
+    monkeypatch.setenv("PARA_ATTN_RING_GATHER_TOKENS", "16")
+    for tokens, keys_per_call in ((16, [32]), (17, [17, 17])):
+        for calls, err in run_ranks(kernel_calls_of_a_ring_of_two, 2, tokens):
+            assert calls == keys_per_call and err < 1e-5
+
+
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
 def test_compile_captures_without_graph_breaks(ulysses, ring):
     for graphs, breaks in run_ranks(count_graph_breaks, 2, ulysses, ring):

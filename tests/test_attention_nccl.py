@@ -12,8 +12,13 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
-def test_shards_match_full_attention_over_nccl(ulysses, ring):
+@pytest.mark.parametrize("ulysses,ring,gather_tokens", [(2, 1, None), (1, 2, None), (1, 2, "0")],
+                         ids=["ulysses2", "ring2-fetch", "ring2-overlap"])
+def test_shards_match_full_attention_over_nccl(ulysses, ring, gather_tokens, monkeypatch):
+    """Short blocks: a ring of two fetches the other block; ring2-overlap forces the
+    overlapping ring with its log-sum-exp merge."""
+    if gather_tokens is not None:
+        monkeypatch.setenv("PARA_ATTN_RING_GATHER_TOKENS", gather_tokens)  # read by each rank at import
     per_rank = run_ranks(check_parallel_attention, 2, ulysses, ring, (False, True), "cuda", backend="nccl",
                          one_gpu_per_rank=True, timeout=600)
     failures = []
