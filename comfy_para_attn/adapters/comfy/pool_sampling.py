@@ -237,20 +237,24 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
             x0 = extra.get("x0")
             callback(step, x0, extra.get("x"), steps)
 
-    log.debug("Context Parallel: job prepared in %.3f s", time.monotonic() - began)
+    prepared = time.monotonic()
     if settings.device == "cuda":
         _make_room(pool, guider, noise, payload, settings)
+    room_made = time.monotonic()
     try:
         result = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:sample", payload, timeout_s=settings.timeout_s,
                           on_progress=on_progress, should_interrupt=comfy.model_management.processing_interrupted)
     except PoolInterrupted:
         raise comfy.model_management.InterruptProcessingException()
+    returned = time.monotonic()
     from .published import mark_resident
 
     mark_resident(pool, "model", payload["fingerprint"])
     for line in result["log"]:
         log.info("%s", line)
     last_run_logs[:] = result["rank_logs"]
-    log.info("Context Parallel: %d steps on %d %s rank(s) in %.2f s", total, settings.gpus, settings.device,
-             time.monotonic() - began)
+    # Where a prompt's time outside the workers' sampling goes (their own line has the rest).
+    log.info("Context Parallel: %d steps on %d %s rank(s) in %.2f s (job and pool ready in %.3f s, GPU room made in %.3f s, "
+             "workers ran %.3f s)", total, settings.gpus, settings.device, time.monotonic() - began,
+             prepared - began, room_made - prepared, returned - room_made)
     return result["samples"].to(noise.device)
