@@ -354,6 +354,23 @@ def test_a_worker_frozen_halfway_through_an_event_is_a_timeout_not_a_hang():
         frozen.shutdown()
 
 
+def test_a_dead_worker_whose_child_holds_its_pipe_is_reported_and_the_pipe_closed_later():
+    """The event pipe belongs to its reader thread: a worker's child keeping it open delays
+    neither the error nor later shutdowns, and the descriptor is closed once the child exits."""
+    descriptors_before = len(os.listdir("/proc/self/fd"))
+    orphaned = Pool(2)
+    began = time.monotonic()
+    with pytest.raises(PoolError) as info:
+        orphaned.run(f"{JOBS}:die_leaving_a_child_on_the_event_pipe", {"seconds": 4}, timeout_s=30)
+    assert info.value.reason == "died" and info.value.rank == 0
+    assert time.monotonic() - began < 4  # reported while the child still holds the pipe
+    began = time.monotonic()
+    orphaned.shutdown()
+    orphaned.shutdown()
+    assert time.monotonic() - began < 0.5  # nothing waits on the stuck reader again
+    assert wait_until(lambda: len(os.listdir("/proc/self/fd")) == descriptors_before, 15)
+
+
 def test_out_of_memory_is_named_as_such():
     single = Pool(1)
     try:

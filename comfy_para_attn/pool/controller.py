@@ -52,15 +52,20 @@ def _read_events(worker: WorkerProcess, inbox: queue.Queue) -> None:
     """Reader thread: every event of one worker into `inbox`, then `_EOF`. Reading off the
     controller's thread means a worker that freezes halfway through writing a large event
     (a sampled latent, a traceback) blocks only this thread, never the deadlines."""
-    while True:
-        try:
-            event = protocol.recv(worker.events)
-        except (EOFError, OSError):
-            inbox.put((worker.rank, _EOF))
-            return
-        except Exception as exc:  # not unpicklable here: a worker bug, reported to the caller
-            event = exc
-        inbox.put((worker.rank, event))
+    try:
+        while True:
+            try:
+                event = protocol.recv(worker.events)
+            except (EOFError, OSError):
+                inbox.put((worker.rank, _EOF))
+                return
+            except Exception as exc:  # not unpicklable here: a worker bug, reported to the caller
+                event = exc
+            inbox.put((worker.rank, event))
+    finally:
+        # The pipe is this thread's: closed at its end, never under a read still blocked in it
+        # (a child of the worker can keep the pipe open past the worker's death).
+        worker.events.close()
 
 
 def _describe_death(rank: int, pid: int, returncode: int | None, during: str) -> str:
@@ -470,12 +475,15 @@ class Pool:
                 worker.process.wait(REAP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 logger.error("rank %d (pid %d) survived SIGKILL", worker.rank, worker.process.pid)
-        for worker, reader in zip(self._workers, self._readers):
-            # The exit closed the pipe, so the reader ends; closing the descriptor under a
-            # reader still blocked (a child of the worker kept the pipe) could hand its
-            # number to an unrelated file, so that one pipe is left open.
-            reader.join(EOF_AFTER_DEATH_S)
-            worker.close_channels(keep_events=reader.is_alive())
+        deadline = time.monotonic() + EOF_AFTER_DEATH_S
+        for index, worker in enumerate(self._workers):
+            if not worker.channels_open:
+                continue
+            if index < len(self._readers):  # the exit ends the reader, which closes the events pipe
+                self._readers[index].join(max(0.0, deadline - time.monotonic()))
+            else:  # its reader never started
+                worker.events.close()
+            worker.close_channels()
         _live_pools.discard(self)
 
 

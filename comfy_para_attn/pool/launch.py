@@ -68,12 +68,12 @@ class WorkerProcess:
     events_open: bool = True
     channels_open: bool = True
 
-    def close_channels(self, keep_events: bool = False) -> None:
+    def close_channels(self) -> None:
+        """Close the command pipe and the lifeline; the events pipe belongs to the controller's
+        reader thread for this worker, which closes it when the worker's end closes."""
         if self.channels_open:
             self.channels_open = False
             self.commands.close()
-            if not keep_events:
-                self.events.close()
             os.close(self.lifeline_fd)
 
 

@@ -123,3 +123,17 @@ def freeze_mid_event(ctx, payload):
         os.write(events_fd, struct.pack("!i", 1 << 20) + b"\x80" * 4096)
     time.sleep(payload["seconds"])
     return "woke up"
+
+
+def die_leaving_a_child_on_the_event_pipe(ctx, payload):
+    """Rank 0 starts a child that inherits its event pipe (it sleeps `seconds`), then dies;
+    the controller sees the death while the pipe is still open."""
+    import json
+    import subprocess
+    import sys
+
+    if ctx.rank == 0:
+        events_fd = json.loads(sys.argv[-1])["events_fd"]
+        subprocess.Popen(["sleep", str(payload["seconds"])], pass_fds=(events_fd,))
+        os._exit(3)
+    time.sleep(60)
