@@ -73,6 +73,39 @@ def test_a_ring_of_two_fetches_short_blocks_and_overlaps_long_ones(monkeypatch):
             assert calls == keys_per_call and err < 1e-5
 
 
+def compiled_ring_call_order(rank, world_size):
+    """Rank 0's inductor code for a block-like function around ring attention: the lines that
+    issue the transfer, wait for it and launch the attention kernels, in order."""
+    from torch._inductor.utils import run_and_get_code
+
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+
+    cp = build_parallel_context(ContextParallelConfig(ring=2), num_heads=4)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 4, 64, 32, generator=g) for _ in range(3))
+    proj = torch.randn(128, 128, generator=g)
+
+    def block(q, k, v):
+        out = parallel_attention(q * 1.5, k + 1.0, v * 2.0, cp=cp)
+        return out.transpose(1, 2).reshape(1, 64, 128) @ proj
+
+    compiled = torch.compile(block, fullgraph=True)
+    _, (code, *_) = run_and_get_code(compiled, q, k, v)
+    marks = ("all_to_all_single.default(", "wait_tensor.default(", "_scaled_dot_product_flash_attention_for_cpu.default(")
+    return [mark for line in code.splitlines() for mark in marks if mark in line]
+
+
+def test_compiled_ring_issues_the_transfer_before_the_local_kernel(monkeypatch):
+    """In this function inductor's peak-memory reordering moved the transfer behind the local
+    block's kernel (no overlap); building a parallel context turns it off in the process."""
+    monkeypatch.setenv("PARA_ATTN_RING_GATHER_TOKENS", "0")  # the overlapping ring
+    order = run_ranks(compiled_ring_call_order, 2)[0]
+    issue, wait, kernel = ("all_to_all_single.default(", "wait_tensor.default(",
+                           "_scaled_dot_product_flash_attention_for_cpu.default(")
+    assert order.count(kernel) == 2 and order.count(issue) == 1, order
+    assert order.index(issue) < order.index(kernel) < order.index(wait), order
+
+
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
 def test_compile_captures_without_graph_breaks(ulysses, ring):
     for graphs, breaks in run_ranks(count_graph_breaks, 2, ulysses, ring):

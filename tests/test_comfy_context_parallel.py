@@ -84,6 +84,23 @@ def test_regional_compile_inside_context_parallel_compiles_each_block_class_once
     assert run_ranks(compiled_graphs_under_cp, 2, str(comfyui_path)) == [2, 2]  # double + single block
 
 
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_compiled_blocks_issue_the_ring_transfer_before_the_local_kernel(comfyui_path, family, monkeypatch):
+    """ComfyUI's real blocks compiled by inductor (Compile Model) under a ring of two: each
+    block class issues the K/V transfer, then runs the local block's kernel while it travels,
+    then waits for it (inductor's peak-memory reordering once put the transfer last)."""
+    from comfy_para_attn.testing.comfy_cp_checks import ring_call_order_in_compiled_blocks
+
+    monkeypatch.setenv("PARA_ATTN_RING_GATHER_TOKENS", "0")  # the overlapping ring, at any length
+    orders = run_ranks(ring_call_order_in_compiled_blocks, 2, str(comfyui_path), family, timeout=900)[0]
+    issue, wait, kernel = ("all_to_all_single.default(", "wait_tensor.default(",
+                           "_scaled_dot_product_flash_attention_for_cpu.default(")
+    assert len(orders) == 2, orders  # double and single block classes
+    for order in orders:
+        assert order.count(issue) == 1 and order.count(kernel) == 2, order
+        assert order.index(issue) < order.index(kernel) < order.index(wait), order
+
+
 def test_memory_estimate_is_agreed_only_while_batching(comfyui_path):
     """Inside calc_cond_batch the ranks' answer is agreed (0: fits everywhere, inf: does
     not); outside (ComfyUI's load decision) it is ComfyUI's real estimate, so a batch that

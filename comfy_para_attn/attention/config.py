@@ -133,6 +133,18 @@ def _group_ranks(config: ContextParallelConfig):
         yield "cfg", [ci * r * u + si for ci in range(c)]
 
 
+def keep_transfers_ahead_of_compute() -> None:
+    """Turn off inductor's peak-memory reordering in this process (it is a context-parallel
+    rank). The ring issues the next K/V transfer before the local block's attention so the two
+    overlap; that reordering (on by default) can move the transfer, whose output is a new
+    buffer, behind the attention kernel, and NCCL's stream then waits for the kernel: no
+    overlap (it did so in `test_compiled_ring_issues_the_transfer_before_the_local_kernel`)."""
+    import torch._inductor.config as inductor_config
+
+    if getattr(inductor_config, "reorder_for_peak_memory", False):
+        inductor_config.reorder_for_peak_memory = False
+
+
 def build_parallel_context(
     config: ContextParallelConfig, *, num_heads: Optional[int] = None
 ) -> ParallelContext:
@@ -152,6 +164,8 @@ def build_parallel_context(
         group = dist.new_group(ranks) if len(ranks) > 1 else None
         if rank in ranks and group is not None:
             names[kind] = group.group_name
+    if config.sequence_size > 1:
+        keep_transfers_ahead_of_compute()
     world = dist.group.WORLD.group_name if world_size > 1 else None
     return ParallelContext(
         config=config,

@@ -65,3 +65,31 @@ def compiled_graphs_under_cp(rank, world_size, comfy_path):
     for seed in (1, 2):
         comfy_models.sample(model, positive, [], latent, steps=2, cfg=1.0, seed=seed)
     return int(counters["stats"]["unique_graphs"])
+
+
+def ring_call_order_in_compiled_blocks(rank, world_size, comfy_path, family):
+    """Rank 0's inductor code for every compiled block class of a tiny ComfyUI model sampled
+    with Compile Model (inductor) under a ring of two: per graph that holds the ring's
+    transfer, the order in which it issues the transfer, waits for it and launches the
+    attention kernels."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=True)
+    torch.set_num_threads(1)
+    from torch._inductor.utils import run_and_get_code
+
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+    from comfy_para_attn.adapters.comfy.context_parallel import install_context_parallel
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+    from comfy_para_attn.compile import CompileSettings
+    from comfy_para_attn.testing import comfy_models
+
+    cp = build_parallel_context(ContextParallelConfig(ring=world_size))
+    patcher = comfy_models.build(family, seed=0)
+    model = install_context_parallel(apply_compile(patcher, CompileSettings()), cp)
+    positive = comfy_models.conditioning(patcher, seed=1)
+    latent = torch.randn(comfy_models.latent_shape(family), generator=torch.Generator().manual_seed(3))
+    _, codes = run_and_get_code(comfy_models.sample, model, positive, [], latent, steps=1, cfg=1.0, seed=1)
+    marks = ("all_to_all_single.default(", "wait_tensor.default(", "_scaled_dot_product_flash_attention_for_cpu.default(")
+    orders = [[mark for line in code.splitlines() for mark in marks if mark in line] for code in codes]
+    return [order for order in orders if marks[0] in order]
