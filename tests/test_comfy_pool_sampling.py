@@ -81,6 +81,21 @@ def test_cfg_parallel_with_cfg_1_is_rejected(comfyui_path, pack_nodes, pool_clea
         comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0)
 
 
+def test_conditioning_that_cannot_travel_is_named_before_any_worker_runs(comfyui_path, pack_nodes, pool_cleanup):
+    """The payload is pickled once; when that fails, the error names the part that cannot
+    travel (here another pack's lambda in the conds)."""
+    import threading
+
+    from comfy_para_attn.adapters.comfy.portable import NotPortableError
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    pos = [[tensor, {**extra, "some_pack_hook": threading.Lock()}] for tensor, extra in pos]
+    with pytest.raises(NotPortableError, match="cannot send the conditioning"):
+        comfy_models.sample(_cp(pack_nodes, patcher), pos, neg, latent, steps=2, cfg=1.0)
+
+
 def test_inpaint_mask_and_partial_schedule(comfyui_path, pack_nodes, pool_cleanup):
     """KSamplerAdvanced-style partial schedules (start/last step) and a denoise mask."""
     from comfy_para_attn.testing import comfy_models

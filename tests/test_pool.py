@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import select
 import signal
 import subprocess
@@ -369,6 +370,33 @@ def test_a_dead_worker_whose_child_holds_its_pipe_is_reported_and_the_pipe_close
     orphaned.shutdown()
     assert time.monotonic() - began < 0.5  # nothing waits on the stuck reader again
     assert wait_until(lambda: len(os.listdir("/proc/self/fd")) == descriptors_before, 15)
+
+
+def test_a_payload_pickled_by_the_caller_is_sent_as_it_is(pool):
+    from comfy_para_attn.pool.protocol import Pickled, encode
+
+    data = pickle.dumps({"key": "pre", "value": [4, 5]}, protocol=pickle.HIGHEST_PROTOCOL)
+    assert encode(Pickled(data)) == data
+    assert isinstance(pool.run(f"{JOBS}:remember", Pickled(data), timeout_s=20), int)
+    cached = pool.run(f"{JOBS}:gather_from_ranks", ("cache", "pre"), timeout_s=20)
+    assert [entry["value"] for entry in cached] == [[4, 5], [4, 5]]
+
+
+def test_the_payload_is_pickled_once_and_a_part_that_cannot_travel_is_named(monkeypatch):
+    from comfy_para_attn.adapters.comfy import portable
+
+    checked = []
+    monkeypatch.setattr(portable, "_check_picklable", lambda what, obj: checked.append(what))
+    payload = {"conds": [torch.randn(3, 4)], "seed": 5}
+    assert portable.pickle_payload(payload, {"conds": "the conditioning"}) == pickle.dumps(
+        payload, protocol=pickle.HIGHEST_PROTOCOL)
+    assert checked == []  # nothing pickled twice on the way
+    monkeypatch.undo()
+    payload["conds"].append(lambda: None)
+    with pytest.raises(portable.NotPortableError, match="cannot send the conditioning"):
+        portable.pickle_payload(payload, {"seed": "the seed", "conds": "the conditioning"})
+    with pytest.raises(portable.NotPortableError, match="cannot send the job"):
+        portable.pickle_payload(payload, {"seed": "the seed"})
 
 
 def test_out_of_memory_is_named_as_such():

@@ -140,7 +140,14 @@ def parse_job_spec(spec: str) -> tuple[str, str]:
     return module, attribute
 
 
+class Pickled(bytes):
+    """A payload its caller pickled already (with `pickle.HIGHEST_PROTOCOL`): `encode`
+    passes it through, so a large payload is not pickled twice."""
+
+
 def encode(message: Any) -> bytes:
+    if isinstance(message, Pickled):
+        return bytes(message)
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -20,7 +20,7 @@ import torch
 from ...attention import ContextParallelConfig
 from .portable import (
     NotPortableError,
-    portable,
+    pickle_payload,
     portable_guider,
     portable_model_options,
     portable_object_patches,
@@ -146,6 +146,12 @@ def comfy_pool(world: int, device: str):
 
 # --- the OUTER_SAMPLE wrapper ---------------------------------------------------------------
 
+# The payload's parts checked only if the payload does not pickle (then the first that
+# cannot travel is named); the others are checked as they are made portable.
+TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's weight patches (LoRA)",
+                    "conds": "the conditioning"}
+
+
 def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):
     patcher = guider.model_patcher
     if patcher.hook_mode is not None and getattr(patcher, "hook_patches", None):
@@ -170,13 +176,13 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         "fingerprint": fingerprint,
         "weights": handle,
         "keep_models": KEEP["model"],  # the workers keep as many models as /dev/shm does
-        "model_config": portable("the model config", patcher.model.model_config),
+        "model_config": patcher.model.model_config,
         "model_type": patcher.model.model_type,
-        "patches": portable("the model's weight patches (LoRA)", patcher.patches),
+        "patches": patcher.patches,
         "patches_uuid": patcher.patches_uuid,
         "object_patches": portable_object_patches(patcher.object_patches),
         "model_options": portable_model_options(guider.model_options),
-        "conds": portable("the conditioning", guider.original_conds),
+        "conds": guider.original_conds,
         "guider": (guider_cls, guider_state),
         "sampler": portable_sampler(sampler),
         "noise": noise.cpu(),
@@ -222,6 +228,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     import comfy.model_management
 
     from ...pool import PoolInterrupted
+    from ...pool.protocol import Pickled
 
     if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
         raise NotPortableError("Context Parallel does not support nested (packed) latents yet.")
@@ -229,6 +236,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE]
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
+    pickled = Pickled(pickle_payload(payload, TRAVELLING_PARTS))
     pool = comfy_pool(settings.gpus, settings.device)
     total = max(1, len(sigmas) - 1)
 
@@ -242,7 +250,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
         _make_room(pool, guider, noise, payload, settings)
     room_made = time.monotonic()
     try:
-        result = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:sample", payload, timeout_s=settings.timeout_s,
+        result = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:sample", pickled, timeout_s=settings.timeout_s,
                           on_progress=on_progress, should_interrupt=comfy.model_management.processing_interrupted)
     except PoolInterrupted:
         raise comfy.model_management.InterruptProcessingException()

@@ -193,6 +193,15 @@ def rebuild_sampler(sampler):
     return sampler.rebuild() if isinstance(sampler, PortableLocalSampler) else sampler
 
 
-def portable(what: str, value: Any) -> Any:
-    _check_picklable(what, value)
-    return value
+def pickle_payload(payload: dict, parts: dict) -> bytes:
+    """`payload` pickled once, for `Pool.run(job, Pickled(...))`. The conds and a LoRA's
+    patches can be large: checking each part on its own first pickled them twice per prompt.
+    If pickling fails, the first of `parts` ({key: what it is}) that cannot travel is named."""
+    try:
+        return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # pickle raises many types for unpicklable objects
+        for key, what in parts.items():
+            _check_picklable(what, payload[key])
+        raise NotPortableError(
+            f"Context Parallel cannot send the job to its workers ({type(exc).__name__}: {exc})."
+        ) from None
