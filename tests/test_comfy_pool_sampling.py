@@ -1,6 +1,8 @@
 """The Context Parallel node in real ComfyUI: sampling runs in a pool of 2 CPU worker
 processes (gloo) and equals in-process sampling (comfyui tier, fp32, tiny random models)."""
 
+import pickle
+
 import pytest
 import torch
 
@@ -189,7 +191,8 @@ def test_compiled_model_runs_in_the_pool_and_its_weights_never_ride_in_the_paylo
 
     def recording_encode(message):
         data = encode(message)
-        if isinstance(message, dict) and "model_options" in message:
+        if isinstance(message, controller.protocol.Pickled):  # the sampling job's payload
+            assert "model_options" in pickle.loads(data)
             sizes.append(len(data))
         return data
 
