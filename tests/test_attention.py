@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from comfy_para_attn.attention import ContextParallelConfig, local_attention, parallel_attention
-from comfy_para_attn.testing.attention_checks import TOLERANCE, check_parallel_attention, count_graph_breaks
+from comfy_para_attn.testing.attention_checks import (
+    assert_transfer_overlaps_the_local_kernel,
+    check_parallel_attention,
+    count_graph_breaks,
+    ring_call_order,
+    shard_failures,
+)
 from comfy_para_attn.testing.distributed import run_ranks
 
 LAYOUTS = [  # (world, ulysses, ring)
@@ -19,12 +25,7 @@ LAYOUTS = [  # (world, ulysses, ring)
 def test_shards_match_full_attention(world, ulysses, ring):
     per_rank = run_ranks(check_parallel_attention, world, ulysses, ring)
     assert len(per_rank[0]) == 24  # 2 dtypes x 2 masks x 3 layouts x eager/compiled
-    failures = []
-    for rank, errors in enumerate(per_rank):
-        for case, err in errors.items():
-            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
-            if not err < tol:
-                failures.append(f"rank {rank} {case}: max abs err {err:.3g} >= {tol}")
+    failures = shard_failures(per_rank)
     assert not failures, "\n".join(failures)
 
 
@@ -32,10 +33,8 @@ def test_shards_match_full_attention(world, ulysses, ring):
 def test_pipelined_ulysses_matches_full_attention(world, ulysses, ring, monkeypatch):
     """Ulysses pipelined over 2 head chunks (opt-in) gives the same shards."""
     monkeypatch.setenv("PARA_ATTN_ULYSSES_CHUNKS", "2")  # read by each spawned rank at import
-    for rank, errors in enumerate(run_ranks(check_parallel_attention, world, ulysses, ring, (False,))):
-        for case, err in errors.items():
-            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
-            assert err < tol, f"rank {rank} {case}: max abs err {err:.3g} >= {tol}"
+    failures = shard_failures(run_ranks(check_parallel_attention, world, ulysses, ring, (False,)))
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("world,ulysses,ring", [(2, 1, 2), (4, 2, 2)])
@@ -43,11 +42,10 @@ def test_overlapping_ring_of_two_matches_full_attention(world, ulysses, ring, mo
     """A ring of two fetches the other block and runs one kernel when blocks are short (every
     case above); with the threshold at 0 it overlaps and merges by log-sum-exp instead."""
     monkeypatch.setenv("PARA_ATTN_RING_GATHER_TOKENS", "0")  # read by each spawned rank at import
-    for rank, errors in enumerate(run_ranks(check_parallel_attention, world, ulysses, ring)):
-        assert len(errors) == 24
-        for case, err in errors.items():
-            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
-            assert err < tol, f"rank {rank} {case}: max abs err {err:.3g} >= {tol}"
+    per_rank = run_ranks(check_parallel_attention, world, ulysses, ring)
+    assert all(len(errors) == 24 for errors in per_rank)
+    failures = shard_failures(per_rank)
+    assert not failures, "\n".join(failures)
 
 
 def kernel_calls_of_a_ring_of_two(rank, world_size, tokens):
@@ -91,19 +89,14 @@ def compiled_ring_call_order(rank, world_size):
 
     compiled = torch.compile(block, fullgraph=True)
     _, (code, *_) = run_and_get_code(compiled, q, k, v)
-    marks = ("all_to_all_single.default(", "wait_tensor.default(", "_scaled_dot_product_flash_attention_for_cpu.default(")
-    return [mark for line in code.splitlines() for mark in marks if mark in line]
+    return ring_call_order(code)
 
 
 def test_compiled_ring_issues_the_transfer_before_the_local_kernel(monkeypatch):
     """In this function inductor's peak-memory reordering moved the transfer behind the local
     block's kernel (no overlap); building a parallel context turns it off in the process."""
     monkeypatch.setenv("PARA_ATTN_RING_GATHER_TOKENS", "0")  # the overlapping ring
-    order = run_ranks(compiled_ring_call_order, 2)[0]
-    issue, wait, kernel = ("all_to_all_single.default(", "wait_tensor.default(",
-                           "_scaled_dot_product_flash_attention_for_cpu.default(")
-    assert order.count(kernel) == 2 and order.count(issue) == 1, order
-    assert order.index(issue) < order.index(kernel) < order.index(wait), order
+    assert_transfer_overlaps_the_local_kernel(run_ranks(compiled_ring_call_order, 2)[0])
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])

@@ -20,6 +20,33 @@ from comfy_para_attn.attention import (
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
+# What a ring's compiled code does, in order: issue the K/V transfer, wait for it, run a kernel.
+RING_ISSUE, RING_WAIT, RING_KERNEL = ("all_to_all_single.default(", "wait_tensor.default(",
+                                      "_scaled_dot_product_flash_attention_for_cpu.default(")
+
+
+def shard_failures(per_rank: list) -> list[str]:
+    """The cases of `check_parallel_attention` results (one dict per rank) over TOLERANCE."""
+    failures = []
+    for rank, errors in enumerate(per_rank):
+        for case, err in errors.items():
+            tol = TOLERANCE[torch.float32] if case.startswith("float32") else TOLERANCE[torch.bfloat16]
+            if not err < tol:
+                failures.append(f"rank {rank} {case}: max abs err {err:.3g} >= {tol}")
+    return failures
+
+
+def ring_call_order(code: str) -> list[str]:
+    """The RING_* calls in one piece of inductor's generated code, in order."""
+    marks = (RING_ISSUE, RING_WAIT, RING_KERNEL)
+    return [mark for line in code.splitlines() for mark in marks if mark in line]
+
+
+def assert_transfer_overlaps_the_local_kernel(order: list[str]) -> None:
+    """One transfer, issued before the local block's kernel, waited for before the other's."""
+    assert order.count(RING_KERNEL) == 2 and order.count(RING_ISSUE) == 1, order
+    assert order.index(RING_ISSUE) < order.index(RING_KERNEL) < order.index(RING_WAIT), order
+
 
 def _reference(q, k, v, keep):
     """Plain attention in fp32 on the full sequence; keep: bool [B, S] or None."""

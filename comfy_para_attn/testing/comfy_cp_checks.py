@@ -83,6 +83,7 @@ def ring_call_order_in_compiled_blocks(rank, world_size, comfy_path, family):
     from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
     from comfy_para_attn.compile import CompileSettings
     from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.attention_checks import RING_ISSUE, ring_call_order
 
     cp = build_parallel_context(ContextParallelConfig(ring=world_size))
     patcher = comfy_models.build(family, seed=0)
@@ -90,6 +91,4 @@ def ring_call_order_in_compiled_blocks(rank, world_size, comfy_path, family):
     positive = comfy_models.conditioning(patcher, seed=1)
     latent = torch.randn(comfy_models.latent_shape(family), generator=torch.Generator().manual_seed(3))
     _, codes = run_and_get_code(comfy_models.sample, model, positive, [], latent, steps=1, cfg=1.0, seed=1)
-    marks = ("all_to_all_single.default(", "wait_tensor.default(", "_scaled_dot_product_flash_attention_for_cpu.default(")
-    orders = [[mark for line in code.splitlines() for mark in marks if mark in line] for code in codes]
-    return [order for order in orders if marks[0] in order]
+    return [order for order in map(ring_call_order, codes) if RING_ISSUE in order]

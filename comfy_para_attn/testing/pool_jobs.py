@@ -111,16 +111,21 @@ def allocate(ctx, payload):
     return block.numel()
 
 
+def _events_fd() -> int:
+    """This worker's end of its event pipe (from the config on its command line)."""
+    import json
+    import sys
+
+    return json.loads(sys.argv[-1])["events_fd"]
+
+
 def freeze_mid_event(ctx, payload):
     """A worker that freezes halfway through writing an event: the length header of a 1 MiB
     message and its first bytes go down the event pipe, then nothing (rank 0 only)."""
-    import json
     import struct
-    import sys
 
     if ctx.rank == 0:
-        events_fd = json.loads(sys.argv[-1])["events_fd"]
-        os.write(events_fd, struct.pack("!i", 1 << 20) + b"\x80" * 4096)
+        os.write(_events_fd(), struct.pack("!i", 1 << 20) + b"\x80" * 4096)
     time.sleep(payload["seconds"])
     return "woke up"
 
@@ -128,12 +133,9 @@ def freeze_mid_event(ctx, payload):
 def die_leaving_a_child_on_the_event_pipe(ctx, payload):
     """Rank 0 starts a child that inherits its event pipe (it sleeps `seconds`), then dies;
     the controller sees the death while the pipe is still open."""
-    import json
     import subprocess
-    import sys
 
     if ctx.rank == 0:
-        events_fd = json.loads(sys.argv[-1])["events_fd"]
-        subprocess.Popen(["sleep", str(payload["seconds"])], pass_fds=(events_fd,))
+        subprocess.Popen(["sleep", str(payload["seconds"])], pass_fds=(_events_fd(),))
         os._exit(3)
     time.sleep(60)
