@@ -8,7 +8,9 @@ tokens; HunyuanVideo: 13B, 544x960x33 frames = 18,360 image tokens), bf16, sampl
 `comfy.sample.sample` exactly as a KSampler does. Prints the device, torch version,
 attention backend and a table: ms/step, speedup vs 1 GPU in the same mode, max abs
 difference of the final latent vs 1 GPU, plus pool start time, model transfer and
-per-prompt overhead. `--tiny` runs a tiny model on 2 CPU ranks (smoke test).
+per-prompt overhead. `--tiny` runs a tiny model on 2 CPU ranks (smoke test). With
+`PARA_ATTN_PROFILE=N` set, each layout also samples an N-step prompt that the workers profile
+(their summaries print with the rank logs).
 """
 from __future__ import annotations
 
@@ -46,6 +48,14 @@ def run(model, positive, negative, image, steps, cfg):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out.float().cpu(), time.perf_counter() - began
+
+
+def prompt_overhead(seconds: float, one_step_seconds: float, steps: int) -> float:
+    """A prompt's time beyond its steps: a 1-step prompt's time minus the steady per-step time
+    of a `steps`-step prompt (which took `seconds`)."""
+    if steps < 2:
+        return float("nan")
+    return one_step_seconds - (seconds - one_step_seconds) / (steps - 1)
 
 
 def main():
@@ -109,6 +119,9 @@ def main():
         ref, seconds = run(model, positive, negative, image, args.steps, args.cfg)
         base = seconds / args.steps
         rows.append((f"1 GPU in-process ({mode})", base * 1e3, 1.0, 0.0))
+        in_process_overhead = prompt_overhead(seconds, run(model, positive, negative, image, 1, args.cfg)[1], args.steps)
+        extra.append(f"{mode}: in-process 1 GPU per-prompt overhead {in_process_overhead * 1e3:.0f} ms "
+                     "(ComfyUI's own sampler setup; the pool's rows include it too)")
         if args.half_tokens:  # the compute floor of 2 ranks: each holds half the tokens
             half = image[..., : image.shape[-1] // 2]
             run(model, positive, negative, half, 2, args.cfg)
@@ -133,14 +146,17 @@ def main():
             stamp(f"{mode}/{name}: timed prompt")
             out, seconds = run(cp_model, positive, negative, image, args.steps, args.cfg)
             _, one = run(cp_model, positive, negative, image, 1, args.cfg)
+            if os.environ.get("PARA_ATTN_PROFILE", "").isdigit():  # the workers profile a prompt of that many steps
+                run(cp_model, positive, negative, image, int(os.environ["PARA_ATTN_PROFILE"]), args.cfg)
             per_step = seconds / args.steps  # the whole prompt: what a user waits for
             steady = (seconds - one) / (args.steps - 1) if args.steps > 1 else float("nan")
-            overhead = one - steady
+            overhead = prompt_overhead(seconds, one, args.steps)
             err = (out - ref).abs().max().item()
             rows.append((f"{args.gpus} GPUs {name} x{args.gpus} ({mode})", per_step * 1e3, base / per_step, err))
             pool = registry._current
             extra.append(f"{mode}/{name}: first prompt (2 steps incl. pool start/transfer/load) {first:.1f} s; "
-                         f"pool start {pool.start_seconds:.1f} s; per-prompt overhead {overhead * 1e3:.0f} ms; "
+                         f"pool start {pool.start_seconds:.1f} s; per-prompt overhead {overhead * 1e3:.0f} ms "
+                         f"({(overhead - in_process_overhead) * 1e3:.0f} ms over in-process); "
                          f"{steady * 1e3:.1f} ms/step without it ({base / steady:.2f}x)")
     registry.shutdown_pool()
     print("\n".join(extra))

@@ -24,68 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from comfy_para_attn.profiling import host_syncs, idle_gaps, kernel_summary  # noqa: E402
 from comfy_para_attn.testing.distributed import run_ranks  # noqa: E402
-
-
-def _kernel_summary(prof, steps: int, top_n: int = 12) -> dict:
-    """Per-step GPU kernel time split into NCCL / attention / rest, the top kernels, and
-    the top CPU ops by self time (host syncs such as cudaStreamSynchronize show up there)."""
-    averages = prof.key_averages()
-    cpu = sorted((e for e in averages if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)[:10]
-    cpu_top = [(e.key[:90], e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in cpu]
-    events = [e for e in averages if e.device_type.name in ("CUDA", "PrivateUse1") and not e.key.startswith("nccl:")]
-    if not events:  # CPU run: nothing to split
-        return {"gpu_busy": float("nan"), "nccl": float("nan"), "attention": float("nan"), "top": [], "cpu_top": cpu_top}
-    total = sum(e.self_device_time_total for e in events) / 1e3 / steps
-    nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e3 / steps
-    attn = sum(e.self_device_time_total for e in events
-               if any(s in e.key.lower() for s in ("flash", "fmha", "sdpa"))) / 1e3 / steps
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:top_n]
-    return {"gpu_busy": total, "nccl": nccl, "attention": attn, "cpu_top": cpu_top,
-            "top": [(e.key[:110], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]}
-
-
-def _idle_gaps(prof, steps: int, threshold_us: float = 10.0) -> list[tuple[str, float, int]]:
-    """Where the GPU sits idle: gaps (> threshold) in the union of all kernels on all
-    streams, each put down to the kernel that ended last before it; (kernel, ms/step,
-    gaps/step), largest first. Idle after NCCL means waiting on the other rank's launch or
-    on the host; idle after the step's last kernel means the host (a sync, then launches)."""
-    from collections import defaultdict
-
-    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                      if e.device_type.name in ("CUDA", "PrivateUse1")), key=lambda k: k[0])
-    idle, count = defaultdict(float), defaultdict(int)
-    end, last = None, ""
-    for start, stop, name in kernels:
-        if end is not None and start - end > threshold_us:
-            idle[last] += start - end
-            count[last] += 1
-        if end is None or stop > end:
-            end, last = stop, name
-    top = sorted(idle, key=lambda k: -idle[k])[:8]
-    return [(name[:80], idle[name] / 1e3 / steps, count[name] // steps) for name in top]
-
-
-def host_syncs(run) -> list[tuple[str, int]]:
-    """Run `run()` with CUDA's sync debug mode on; return the (call site, count) of each place
-    that made the host wait for the GPU (a drained queue idles the GPU while the next
-    kernels are launched). A warning raised in C++ names the Python line that called the op."""
-    import warnings
-    from collections import Counter
-
-    sites = Counter()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            run()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    for warning in caught:
-        if "synchroniz" in str(warning.message).lower():
-            sites[f"{warning.filename}:{warning.lineno}"] += 1
-    return sites.most_common(12)
 
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
@@ -142,8 +82,8 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
         sample(2)
     from torch._dynamo.utils import counters
 
-    summary = _kernel_summary(prof, 2, top_n)
-    gaps = [] if tiny else _idle_gaps(prof, 2)
+    summary = kernel_summary(prof, 2, top_n)
+    gaps = [] if tiny else idle_gaps(prof, 2)
     dynamo = {"graphs": counters["stats"].get("unique_graphs", 0),
               "graph_breaks": sum(counters["graph_break"].values())}
     result = {"ms_per_step": seconds / steps * 1e3, "gpu_busy": summary["gpu_busy"], "nccl": summary["nccl"],

@@ -137,6 +137,35 @@ def test_second_prompt_reuses_workers_model_and_logs_phases(comfyui_path, pack_n
         for lines in prompt:
             assert any(f"model {state} in" in lines[0] for state in states), lines
             assert "first step" in lines[0] and "2 more in" in lines[0], lines
+            setup = float(lines[0].split("sampler set up in ")[1].split(" s")[0])  # nan if no model call was seen
+            assert 0.0 <= setup < 60.0, lines
+
+
+def test_workers_profile_the_prompts_of_the_asked_length(comfyui_path, pack_nodes, pool_cleanup, monkeypatch):
+    """PARA_ATTN_PROFILE=N (in the environment the pool starts with) makes every rank profile
+    the prompts of N steps and log a summary; other prompts run unprofiled."""
+    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.pool import shutdown_pool
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    model = _cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2)
+    shutdown_pool()
+    monkeypatch.setenv("PARA_ATTN_PROFILE", "3")
+    try:
+        profiled = {}
+        for steps in (3, 2):
+            out = comfy_models.sample(model, pos, neg, latent, steps=steps, cfg=1.0, seed=1)
+            assert torch.isfinite(out).all()
+            profiled[steps] = [[line for line in lines if " profile: " in line] for lines in pool_sampling.last_run_logs]
+        for rank, lines in enumerate(profiled[3]):
+            assert lines and lines[0].startswith(f"Context Parallel rank {rank} profile: "), lines
+            assert float(lines[0].split("profile: ")[1].split(" ms/step")[0]) > 0, lines
+            assert any(" host " in line for line in lines), lines  # the top host ops (no GPU here)
+        assert profiled[2] == [[], []], profiled[2]
+    finally:
+        shutdown_pool()  # later tests get a pool started without the variable
 
 
 @pytest.mark.parametrize("previews,sampler", [(False, "euler"), (True, "euler"), (False, "dpm_fast")])

@@ -8,9 +8,11 @@ final latent; every rank checks the interrupt flag at each step boundary (collec
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
+import os
 import time
 
 import torch
@@ -117,6 +119,30 @@ class _Captured(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+def _profiler_if_asked(steps: int):
+    """A torch profiler over this prompt's sampling when the workers' environment has
+    `PARA_ATTN_PROFILE=N` and the prompt has N steps (a diagnostic: it slows the host)."""
+    if os.environ.get("PARA_ATTN_PROFILE") != str(steps):
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def _note_first_model_call(patcher, first_call: list) -> None:
+    """Append the time of the first model call to `first_call` (an APPLY_MODEL wrapper on
+    this prompt's clone): how long ComfyUI's sampler setup takes shows in the log."""
+    import comfy.patcher_extension
+
+    def wrapper(executor, *args, **kwargs):
+        if not first_call:
+            first_call.append(time.monotonic())
+        return executor(*args, **kwargs)
+
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "para_attn_timing", wrapper)
+
+
 def sample(ctx, payload):
     from ...attention import build_parallel_context
     from ...attention.local import select_backend
@@ -143,6 +169,8 @@ def sample(ctx, payload):
     select_backend(settings.attention_backend)  # the Context Parallel node's choice wins in the workers
     patcher = install_context_parallel(patcher, cp)
     guider_cls, guider_state = payload["guider"]
+    first_call = []  # when ComfyUI's sampler setup (loading the model, conds) ended
+    _note_first_model_call(patcher, first_call)
     guider = rebuild_guider(guider_cls, guider_state, patcher, payload["conds"])
     prepared = time.monotonic()
 
@@ -170,23 +198,31 @@ def sample(ctx, payload):
     root.addHandler(captured)
     old_level = root.level
     root.setLevel(min(old_level, logging.INFO))
+    steps = max(1, len(payload["sigmas"]) - 1)
+    profiler = _profiler_if_asked(steps)
     try:
-        samples = guider.sample(payload["noise"], payload["latent_image"], rebuild_sampler(payload["sampler"]),
-                                payload["sigmas"],
-                                payload["denoise_mask"], callback, True, payload["seed"])
+        with profiler or contextlib.nullcontext():
+            samples = guider.sample(payload["noise"], payload["latent_image"], rebuild_sampler(payload["sampler"]),
+                                    payload["sigmas"],
+                                    payload["denoise_mask"], callback, True, payload["seed"])
     finally:
         root.removeHandler(captured)
         root.setLevel(old_level)
     if unsent:  # the last callback's latent: SamplerCustom(Advanced) outputs it as "denoised"
         ctx.report_progress(unsent["step"], unsent["total"], x0=unsent["x0"].cpu())
     done = time.monotonic()
-    steps = max(1, len(payload["sigmas"]) - 1)
     first = first_step[0] if first_step else done
+    setup = first_call[0] - prepared if first_call else float("nan")
+    if profiler is not None:
+        from ...profiling import describe
+
+        captured.lines += [f"Context Parallel rank {ctx.rank} {line}" for line in describe(profiler, steps, done - prepared)]
     # Where a slow first prompt goes: weights from shm, then the first step (moving weights to
     # the GPU, compiling, autotuning), then the rest.
     captured.lines.append(
         f"Context Parallel rank {ctx.rank}: model {'cached' if cached else 'loaded'} in {model_ready - began:.2f} s, "
-        f"features installed in {prepared - model_ready:.3f} s, first step {first - prepared:.2f} s, "
+        f"features installed in {prepared - model_ready:.3f} s, sampler set up in {setup:.3f} s, "
+        f"first step {first - prepared:.2f} s, "
         f"{steps - 1} more in {done - first:.2f} s")
     rank_logs = [captured.lines]
     if ctx.world_size > 1:  # every rank's log (e.g. each rank's cache summary) goes back
