@@ -3,9 +3,9 @@
 #
 #   bench/device_suite.sh [SECTION ...]      (default: every section; ~25 min on 2 H200s)
 #
-# Sections: nccl cp-flux cp-hunyuan cp-pool fbc fp8 fp8-gelu vae transfer kernels diffusers
+# Sections: nccl gpu-compile cp-flux cp-hunyuan cp-pool fbc fp8 fp8-gelu vae transfer kernels diffusers
 # One device call may run 10 minutes: pass groups that fit (limits below), e.g.
-#   nccl cp-flux | cp-hunyuan kernels | cp-pool vae transfer | fbc diffusers | fp8
+#   nccl cp-flux | gpu-compile | cp-hunyuan kernels | cp-pool vae transfer | fbc diffusers | fp8
 # Each section's table is printed as soon as it ends, so a killed call keeps what ran.
 # Needs COMFYUI_PATH (a ComfyUI source tree), torch with CUDA, triton, diffusers, torchao.
 # Logs go to $OUT (the device tool's output folder) or ./bench-logs.
@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1  # a section killed by its time limit still leaves its
 mkdir -p "$LOGS"
 QUIET="-e Warning -e return.func -e USDT -e _warn_once"
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(nccl cp-flux cp-hunyuan cp-pool fbc fp8 fp8-gelu vae transfer kernels diffusers)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(nccl gpu-compile cp-flux cp-hunyuan cp-pool fbc fp8 fp8-gelu vae transfer kernels diffusers)
 
 run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes to $LOGS/NAME.txt
     local name=$1 limit=$2
@@ -31,10 +31,12 @@ run() {  # run NAME SECONDS CMD...: the command's output (minus warnings) goes t
 
 for section in "${SECTIONS[@]}"; do
     case $section in
-        nccl) run nccl 240 $PY -m pytest -q -rs tests/test_attention_nccl.py tests/test_pool_gpu.py tests/test_fp8_gpu.py \
-                  tests/test_device_conds.py tests/test_compile_gpu.py tests/test_fp8_gelu_fusion.py tests/test_fp8_norm_fold.py tests/test_memory_gpu.py \
+        nccl) run nccl 300 $PY -m pytest -q -rs tests/test_attention_nccl.py tests/test_pool_gpu.py \
+                  tests/test_device_conds.py tests/test_memory_gpu.py \
                   tests/test_pool.py::test_cuda_weights_publish_through_pinned_staging_in_pieces \
                   tests/test_vae_tiling.py::test_cuda_lookahead_equals_the_cpu_decode ;;
+        gpu-compile) run gpu-compile 420 $PY -m pytest -q -rs tests/test_fp8_gpu.py tests/test_compile_gpu.py \
+                         tests/test_fp8_gelu_fusion.py tests/test_fp8_norm_fold.py ;;
         cp-flux) run cp-flux 330 $PY bench/profile_context_parallel.py --steps 8 --compile --layouts ulysses,ring ;;
         cp-hunyuan) run cp-hunyuan 420 $PY bench/profile_context_parallel.py --family hunyuan_video --steps 4 \
                         --compile --layouts ulysses,ring ;;
