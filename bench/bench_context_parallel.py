@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -48,6 +49,12 @@ def run(model, positive, negative, image, steps, cfg):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out.float().cpu(), time.perf_counter() - began
+
+
+def one_step(model, positive, negative, image, cfg, repeats: int = 3) -> float:
+    """Seconds of a 1-step prompt, the median of `repeats` (it is what the per-prompt overhead
+    is computed from, and single prompts vary by tens of ms)."""
+    return statistics.median(run(model, positive, negative, image, 1, cfg)[1] for _ in range(repeats))
 
 
 def prompt_overhead(seconds: float, one_step_seconds: float, steps: int) -> float:
@@ -119,7 +126,7 @@ def main():
         ref, seconds = run(model, positive, negative, image, args.steps, args.cfg)
         base = seconds / args.steps
         rows.append((f"1 GPU in-process ({mode})", base * 1e3, 1.0, 0.0))
-        in_process_overhead = prompt_overhead(seconds, run(model, positive, negative, image, 1, args.cfg)[1], args.steps)
+        in_process_overhead = prompt_overhead(seconds, one_step(model, positive, negative, image, args.cfg), args.steps)
         extra.append(f"{mode}: in-process 1 GPU per-prompt overhead {in_process_overhead * 1e3:.0f} ms "
                      "(ComfyUI's own sampler setup; the pool's rows include it too)")
         if args.half_tokens:  # the compute floor of 2 ranks: each holds half the tokens
@@ -145,7 +152,7 @@ def main():
                 stamp("; ".join(line for line in lines if line.startswith("Context Parallel rank")))
             stamp(f"{mode}/{name}: timed prompt")
             out, seconds = run(cp_model, positive, negative, image, args.steps, args.cfg)
-            _, one = run(cp_model, positive, negative, image, 1, args.cfg)
+            one = one_step(cp_model, positive, negative, image, args.cfg)
             if os.environ.get("PARA_ATTN_PROFILE", "").isdigit():  # the workers profile a prompt of that many steps
                 run(cp_model, positive, negative, image, int(os.environ["PARA_ATTN_PROFILE"]), args.cfg)
             per_step = seconds / args.steps  # the whole prompt: what a user waits for

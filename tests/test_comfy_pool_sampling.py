@@ -209,29 +209,51 @@ def test_compiled_model_runs_in_the_pool_and_its_weights_never_ride_in_the_paylo
     (on 2 H200s, 4 minutes of a 12B model's first compiled prompt)."""
     from comfy_para_attn.adapters.comfy.compile import apply_compile
     from comfy_para_attn.compile import CompileSettings
-    from comfy_para_attn.pool import controller
     from comfy_para_attn.testing import comfy_models
-    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+    from comfy_para_attn.testing.comfy_pool_checks import record_sampling_jobs, sampling_inputs
 
     patcher, pos, neg, latent = sampling_inputs("flux")
     compiled = apply_compile(patcher, CompileSettings(backend="eager"))  # dynamo's graphs; inductor adds minutes on CPU
-    sizes = []
-    encode = controller.protocol.encode
-
-    def recording_encode(message):
-        data = encode(message)
-        if isinstance(message, controller.protocol.Pickled):  # the sampling job's payload
-            assert "model_options" in pickle.loads(data)
-            sizes.append(len(data))
-        return data
-
-    monkeypatch.setattr(controller.protocol, "encode", recording_encode)
+    jobs = record_sampling_jobs(monkeypatch)
     plain = comfy_models.sample(compiled, pos, neg, latent, steps=3, cfg=1.0)  # fills to_load_options
     parallel = comfy_models.sample(_cp(pack_nodes, compiled), pos, neg, latent, steps=3, cfg=1.0)
     weight_bytes = sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters())
-    assert sizes and max(sizes) < weight_bytes / 10, (sizes, weight_bytes)
+    sizes = [len(data) for data, _ in jobs]
+    assert jobs and all("model_options" in payload for _, payload in jobs)
+    assert max(sizes) < weight_bytes / 10, (sizes, weight_bytes)
     assert torch.isfinite(parallel).all() and plain.abs().mean() > 1e-3
     assert (parallel - plain).abs().max().item() < TOL
+
+
+def test_a_lora_samples_in_the_pool_as_in_process_and_its_tensors_travel_once(comfyui_path, pack_nodes, pool_cleanup,
+                                                                             monkeypatch):
+    """LoRA -> Context Parallel equals LoRA in-process at two strengths. The LoRA's matrices
+    and the conds travel with the first job only: later jobs send their tokens (every tensor
+    travels by token here; the real threshold, 16 KiB, is larger than a tiny model's), and a
+    new strength (a new patches_uuid, the same matrices) is applied in the workers."""
+    from comfy_para_attn.pool import sent_once
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import record_sampling_jobs, sampling_inputs
+
+    monkeypatch.setattr(sent_once, "MIN_BYTES", 0)
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    lora = comfy_models.random_lora(patcher, scale=1.0, max_layers=12)
+    jobs = record_sampling_jobs(monkeypatch)
+    outputs = {}
+    for strength, seed in ((1.0, 1), (1.0, 2), (0.5, 2)):
+        with_lora = comfy_models.apply_lora(patcher, lora, strength)
+        plain = comfy_models.sample(with_lora, pos, neg, latent, steps=3, cfg=1.0, seed=seed)
+        parallel = comfy_models.sample(_cp(pack_nodes, with_lora), pos, neg, latent, steps=3, cfg=1.0, seed=seed)
+        assert torch.isfinite(parallel).all()
+        assert (parallel - plain).abs().max().item() < TOL, (strength, seed)
+        outputs[strength, seed] = parallel
+    no_lora = comfy_models.sample(patcher, pos, neg, latent, steps=3, cfg=1.0, seed=2)
+    assert (outputs[1.0, 2] - no_lora).abs().max() > 1e-3 and (outputs[1.0, 2] - outputs[0.5, 2]).abs().max() > 1e-3
+    envelopes = [pickle.loads(data) for data, _ in jobs]
+    lora_tensors = sum(1 for key in lora if not key.endswith(".alpha"))
+    assert len(envelopes[0]["new"]) >= lora_tensors  # with the conds and the model's other tensors
+    assert envelopes[1]["new"] == {} and envelopes[2]["new"] == {}, [list(e["new"]) for e in envelopes]
+    assert len(jobs[1][0]) < len(jobs[0][0]) / 2
 
 
 def test_every_sampler_comfyui_ships_can_reach_the_workers(comfyui_path):

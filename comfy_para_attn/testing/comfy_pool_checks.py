@@ -16,6 +16,29 @@ def sampling_inputs(family: str, *, seed: int = 0, tokens: int = 8, latent: dict
     return patcher, positive, negative, image
 
 
+def record_sampling_jobs(monkeypatch) -> list:
+    """Record every Context Parallel sampling job the controller sends, from now on: a list
+    of (envelope bytes, the payload unpacked as the workers do) in sending order."""
+    import pickle
+
+    from comfy_para_attn.pool import controller
+    from comfy_para_attn.pool.sent_once import is_envelope, unpack
+
+    jobs, cache = [], {}
+    encode = controller.protocol.encode
+
+    def recording_encode(message):
+        data = encode(message)
+        if isinstance(message, controller.protocol.Pickled):  # the sampling job's payload
+            envelope = pickle.loads(data)
+            assert is_envelope(envelope), type(envelope)
+            jobs.append((data, unpack(envelope, cache)))
+        return data
+
+    monkeypatch.setattr(controller.protocol, "encode", recording_encode)
+    return jobs
+
+
 class FaultyBlock:
     """A picklable dit block patch (another pack's, as far as the pool knows) that fails
     inside the workers: `raise` raises on rank `rank`, `hang` sleeps past any timeout."""

@@ -139,3 +139,18 @@ def die_leaving_a_child_on_the_event_pipe(ctx, payload):
         subprocess.Popen(["sleep", str(payload["seconds"])], pass_fds=(_events_fd(),))
         os._exit(3)
     time.sleep(60)
+
+
+def unpack_sent_once(ctx, envelope):
+    """Unpacks a `pool.sent_once` envelope against this rank's cache; returns (rank 0) each
+    tensor's sum and whether it came from the cache, plus every rank's cache size."""
+    import torch.distributed as dist
+
+    from comfy_para_attn.pool.sent_once import unpack
+
+    cache = ctx.cache.setdefault("sent_once", {})
+    before = {id(t) for t in cache.values()}
+    payload = unpack(envelope, cache)
+    sizes = [None] * ctx.world_size
+    dist.all_gather_object(sizes, len(cache), group=ctx.host_group)
+    return {name: (float(t.double().sum()), id(t) in before) for name, t in payload.items()} | {"cache sizes": sizes}

@@ -5,7 +5,9 @@ wrapper. When any sampler node runs, the wrapper does not load the model here; i
 pool one job (noise, latent, sigmas, conds, sampler, guider settings, seed, denoise mask,
 feature settings) and returns the final latent. Weights travel once through shared memory
 and stay cached in the workers under a fingerprint of the weights; LoRA and other weight
-patches travel as ComfyUI patches with every job (ComfyUI's own code applies them there).
+patches travel as ComfyUI patches (ComfyUI's own code applies them there). Large tensors of
+the payload (the conds, a LoRA's patches) travel only when they changed since the last job
+(`pool.sent_once`).
 The worker side is `worker_jobs.py`.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ...attention import ContextParallelConfig
+from ...pool.sent_once import TensorsSentOnce
 from .portable import (
     NotPortableError,
     pickle_payload,
@@ -28,6 +31,8 @@ from .portable import (
 )
 
 FEATURE = "context_parallel"
+# The sampling state (the job may change it in place) always travels in the job's body.
+INLINE_PARTS = ("noise", "latent_image", "sigmas", "denoise_mask")
 WRAPPER_KEY = "para_attn_context_parallel_pool"
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -146,6 +151,8 @@ def comfy_pool(world: int, device: str):
 
 # --- the OUTER_SAMPLE wrapper ---------------------------------------------------------------
 
+_sent_once = TensorsSentOnce()  # the sampling job's large tensors the workers hold
+
 # The payload's parts checked only if the payload does not pickle (then the first that
 # cannot travel is named); the others are checked as they are made portable.
 TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's weight patches (LoRA)",
@@ -236,8 +243,9 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE]
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
-    pickled = Pickled(pickle_payload(payload, TRAVELLING_PARTS))
     pool = comfy_pool(settings.gpus, settings.device)
+    pickled = Pickled(pickle_payload(payload, TRAVELLING_PARTS,
+                                     pack=lambda p: _sent_once.pack(p, pool.pids, inline=INLINE_PARTS)))
     total = max(1, len(sigmas) - 1)
 
     def on_progress(step, steps, extra):
@@ -253,7 +261,12 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
         result = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:sample", pickled, timeout_s=settings.timeout_s,
                           on_progress=on_progress, should_interrupt=comfy.model_management.processing_interrupted)
     except PoolInterrupted:
+        _sent_once.forget()
         raise comfy.model_management.InterruptProcessingException()
+    except BaseException:
+        _sent_once.forget()  # whether the workers kept this job's tensors is not known
+        raise
+    _sent_once.confirm()
     returned = time.monotonic()
     from .published import mark_resident
 

@@ -193,12 +193,13 @@ def rebuild_sampler(sampler):
     return sampler.rebuild() if isinstance(sampler, PortableLocalSampler) else sampler
 
 
-def pickle_payload(payload: dict, parts: dict) -> bytes:
-    """`payload` pickled once, for `Pool.run(job, Pickled(...))`. The conds and a LoRA's
-    patches can be large: checking each part on its own first pickled them twice per prompt.
-    If pickling fails, the first of `parts` ({key: what it is}) that cannot travel is named."""
+def pickle_payload(payload: dict, parts: dict, pack=None) -> bytes:
+    """`payload` pickled once, for `Pool.run(job, Pickled(...))`, as `pack(payload)` (an
+    envelope of `pool.sent_once`) if given. The conds and a LoRA's patches can be large:
+    checking each part on its own first pickled them twice per prompt. If pickling fails,
+    the first of `parts` ({key: what it is}) that cannot travel is named."""
     try:
-        return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(payload if pack is None else pack(payload), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # pickle raises many types for unpicklable objects
         for key, what in parts.items():
             _check_picklable(what, payload[key])

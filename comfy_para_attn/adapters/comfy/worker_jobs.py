@@ -149,7 +149,10 @@ def sample(ctx, payload):
     from .context_parallel import install_context_parallel
     from .portable import rebuild_guider, rebuild_object_patches, rebuild_sampler
 
+    from ...pool.sent_once import unpack
+
     began = time.monotonic()
+    payload = unpack(payload, ctx.cache.setdefault(("sent_once", "sample"), {}))
     settings = payload["settings"]
     cp_key = ("cp", settings.config)
     if cp_key not in ctx.cache:  # process groups are created once per layout
