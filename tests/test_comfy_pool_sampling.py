@@ -256,6 +256,41 @@ def test_a_lora_samples_in_the_pool_as_in_process_and_its_tensors_travel_once(co
     assert len(jobs[1][0]) < len(jobs[0][0]) / 2
 
 
+def test_unloading_all_models_lets_go_of_the_last_prompts_tensors_on_both_sides(comfyui_path, pack_nodes,
+                                                                                pool_cleanup, monkeypatch):
+    """ComfyUI's "Unload Models" / "Free model and node cache" release what the last prompt
+    sent (a LoRA can be hundreds of MiB) in ComfyUI and in every worker; the next prompt sends
+    its tensors again and samples as in-process."""
+    import comfy.model_management
+
+    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.adapters.comfy.worker_jobs import SENT_ONCE_KEY
+    from comfy_para_attn.pool import current_pool, sent_once
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import record_sampling_jobs, sampling_inputs
+
+    monkeypatch.setattr(sent_once, "MIN_BYTES", 0)
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    with_lora = comfy_models.apply_lora(patcher, comfy_models.random_lora(patcher, scale=1.0))
+    model = _cp(pack_nodes, with_lora)
+    jobs = record_sampling_jobs(monkeypatch)
+
+    def held_by_workers():
+        cached = current_pool().run("comfy_para_attn.testing.pool_jobs:gather_from_ranks", ("cache", SENT_ONCE_KEY),
+                                    timeout_s=60)
+        return [None if c is None else len(c) for c in cached]
+
+    comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0, seed=1)
+    sent = len(pickle.loads(jobs[0][0])["new"])
+    assert sent > 0 and held_by_workers() == [sent, sent]
+    comfy.model_management.unload_all_models()
+    assert held_by_workers() == [None, None] and pool_sampling._sent_once._held == {}
+    plain = comfy_models.sample(with_lora, pos, neg, latent, steps=2, cfg=1.0, seed=2)
+    parallel = comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0, seed=2)
+    assert len(pickle.loads(jobs[-1][0])["new"]) == sent
+    assert torch.isfinite(parallel).all() and (parallel - plain).abs().max().item() < TOL
+
+
 def test_every_sampler_comfyui_ships_can_reach_the_workers(comfyui_path):
     """KSampler's whole list: each sampler object pickles or travels as a recipe (dpm_fast and
     dpm_adaptive are functions local to comfy.samplers.ksampler) that rebuilds to the same

@@ -153,6 +153,11 @@ def comfy_pool(world: int, device: str):
 
 _sent_once = TensorsSentOnce()  # the sampling job's large tensors the workers hold
 
+
+def forget_sent_tensors() -> None:
+    """Let go of the last prompt's tensors; the next job sends its own again."""
+    _sent_once.forget()
+
 # The payload's parts checked only if the payload does not pickle (then the first that
 # cannot travel is named); the others are checked as they are made portable.
 TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's weight patches (LoRA)",

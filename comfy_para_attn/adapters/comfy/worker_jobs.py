@@ -17,6 +17,7 @@ import time
 
 import torch
 
+SENT_ONCE_KEY = ("sent_once", "sample")  # the last sampling job's large tensors (pool.sent_once)
 FEATURE_ORDER = ("attention_backend", "fp8", "compile", "first_block_cache")  # context parallelism goes last (outermost)
 
 
@@ -60,6 +61,8 @@ def drop_cached(ctx, spec) -> int:
     dropped. `spec`: "model" / "vae" (all of that kind), or (kind, fingerprint) for one model's
     weights (`published.unmap_in_workers`)."""
     kind, fingerprint = (spec, None) if isinstance(spec, str) else spec
+    if kind == "model" and fingerprint is None:  # ComfyUI unloaded all models: the controller forgot them too
+        ctx.cache.pop(SENT_ONCE_KEY, None)
     return _drop(ctx, [key for key in ctx.cache if isinstance(key, tuple) and key[0] == kind
                        and (fingerprint is None or key[1] == fingerprint)])
 
@@ -152,7 +155,7 @@ def sample(ctx, payload):
     from ...pool.sent_once import unpack
 
     began = time.monotonic()
-    payload = unpack(payload, ctx.cache.setdefault(("sent_once", "sample"), {}))
+    payload = unpack(payload, ctx.cache.setdefault(SENT_ONCE_KEY, {}))
     settings = payload["settings"]
     cp_key = ("cp", settings.config)
     if cp_key not in ctx.cache:  # process groups are created once per layout
