@@ -32,8 +32,11 @@ def build(args):
     dtype = torch.float32 if args.tiny else torch.bfloat16
     config, latent, tokens = comfy_models.benchmark_size(args.family, args.tiny)
     patcher = comfy_models.build(args.family, dtype=dtype, device=device, **config)
-    positive = comfy_models.conditioning(patcher, tokens=tokens, seed=1, device=device)
-    negative = comfy_models.conditioning(patcher, tokens=tokens, seed=2, device=device)
+    # On the CPU by default, where ComfyUI's text encoders leave the conditioning (the pool
+    # then sends it once, `pool.sent_once`; in-process ComfyUI copies it to the GPU per call).
+    conds_device = "cpu" if args.tiny else args.conds_device
+    positive = comfy_models.conditioning(patcher, tokens=tokens, seed=1, device=conds_device)
+    negative = comfy_models.conditioning(patcher, tokens=tokens, seed=2, device=conds_device)
     shape = comfy_models.latent_shape(args.family, **latent)
     image = torch.zeros(shape)  # text-to-image: empty latent, as EmptyLatentImage gives
     return patcher, positive, negative, image
@@ -76,6 +79,9 @@ def main():
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--layouts", default="ulysses,ring")
     parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument("--conds-device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the conditioning lives (cpu: as CLIPTextEncode leaves it; runs before "
+                             "session 11 used cuda)")
     parser.add_argument("--half-tokens", action="store_true", help="also time 1 GPU on half the tokens")
     args = parser.parse_args()
     # Workers log at INFO with timestamps (model load, each rank's phase timings), so a slow or
@@ -105,7 +111,8 @@ def main():
     q = torch.empty(1, 1, 1, 8, dtype=torch.bfloat16, device="cpu" if args.tiny else "cuda")
     device_name = "cpu" if args.tiny else torch.cuda.get_device_name(0)
     print(f"device: {device_name} x{torch.cuda.device_count() if not args.tiny else 0} | torch {torch.__version__} | "
-          f"attention backend: {_auto(q, None)} | family {args.family} | steps {args.steps} | cfg {args.cfg}")
+          f"attention backend: {_auto(q, None)} | family {args.family} | steps {args.steps} | cfg {args.cfg} | "
+          f"conds on {'cpu' if args.tiny else args.conds_device}")
 
     modes = [] if args.skip_eager else [("eager", patcher)]
     if args.compile:
