@@ -116,6 +116,32 @@ def test_interrupt_stops_all_ranks_and_pool_stays(setup):
     assert _current_pool().pids == pids  # same workers: the pool stayed usable
 
 
+def test_an_interrupted_prompt_with_other_conds_leaves_nothing_stale(setup, monkeypatch):
+    """A prompt's tensors travel once (every tensor by token here): prompt A, then an
+    interrupted prompt with other conds (the workers may or may not have swapped their
+    copies), then A again, which must find what it needs and sample as before."""
+    import comfy.model_management
+
+    from comfy_para_attn.pool import sent_once
+    from comfy_para_attn.testing import comfy_models
+
+    monkeypatch.setattr(sent_once, "MIN_BYTES", 0)
+    pack_nodes, patcher, pos, neg, latent, _ = setup
+    _next_prompt_succeeds(setup)
+    other = comfy_models.conditioning(patcher, tokens=8, seed=11)
+
+    def interrupt_at_step(step, x0, x, total):
+        if step == 1:
+            comfy.model_management.interrupt_current_processing(True)
+
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _sample(_cp(pack_nodes, patcher), other, neg, latent, callback=interrupt_at_step)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    _next_prompt_succeeds(setup)
+
+
 def test_layout_change_rebuilds_pool(setup):
     pack_nodes, patcher, pos, neg, latent, reference = setup
     _next_prompt_succeeds(setup)

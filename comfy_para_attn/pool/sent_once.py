@@ -11,28 +11,36 @@ job left in its cache and keeps exactly this job's tensors for the next one.
 Both sides hold the tensors of the last job of that kind and nothing else, so they agree
 without further messages. The controller keeps its tensors alive: a token (the tensor's
 identity, storage address, layout and a sample of its values) can then never be reused by
-another tensor. It forgets everything when a job fails or the pool is replaced.
+another tensor. It forgets everything when a job fails, when the job wrote into a tensor it
+received (each worker checks the version counters after the job), or when the pool is
+replaced; a job and `forget()` (ComfyUI unloading its models) never interleave.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import pickle
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 
 MIN_BYTES = 16 * 1024  # smaller tensors travel inline (a rank-4 LoRA matrix of FLUX is 24 KiB)
-SAMPLED_VALUES = 16  # a sample of the values guards against in-place changes (inference tensors have no version)
+SAMPLED_VALUES = 256  # a sample of the values guards against in-place changes (inference tensors have no version)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor: no version counter
+        return -1
 
 
 def _token(tensor: torch.Tensor) -> str:
     from .transfer import _sample
 
-    try:
-        version = tensor._version
-    except RuntimeError:  # an inference tensor: no version counter
-        version = -1
+    version = _version(tensor)
     sample = _sample(tensor.detach(), SAMPLED_VALUES).contiguous().view(torch.uint8).numpy().tobytes()
     head = (f"{id(tensor)}|{tensor.data_ptr()}|{tuple(tensor.shape)}|{tuple(tensor.stride())}|"
             f"{tensor.storage_offset()}|{tensor.dtype}|{version}|").encode()
@@ -41,7 +49,7 @@ def _token(tensor: torch.Tensor) -> str:
 
 def _travels_by_token(obj: Any) -> bool:
     return (type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter) and obj.device.type == "cpu" \
-        and obj.numel() * obj.element_size() >= MIN_BYTES
+        and obj.layout == torch.strided and obj.numel() * obj.element_size() >= MIN_BYTES
 
 
 class _TokenPickler(pickle.Pickler):
@@ -62,45 +70,97 @@ class _TokenUnpickler(pickle.Unpickler):
         self._tensors = tensors
 
     def persistent_load(self, token):
-        return self._tensors[token]
+        # A new tensor object on the cached storage: the job cannot rebind the cached object
+        # (`.data = ...`, a module's `.to()`), and in-place writes show in the version counter
+        # both share (`unpack` notes it, `changed_since_unpack` checks it).
+        cached = self._tensors[token]
+        if type(cached) is torch.nn.Parameter:
+            return torch.nn.Parameter(cached.detach(), requires_grad=cached.requires_grad)
+        return cached.detach()
 
 
 class TensorsSentOnce:
     """Controller side, one per job kind (e.g. the sampling job)."""
 
     def __init__(self):
+        self._lock = threading.RLock()  # a job, from packing to its outcome, against `forget` from elsewhere
         self._pids: tuple = ()
         self._held: dict[str, torch.Tensor] = {}  # what the workers got with the last successful job
-        self._pending: dict[str, torch.Tensor] = {}  # this job's tensors, held once it succeeds
+        self._job: "SentJob | None" = None
 
-    def pack(self, payload: dict, pids, inline: tuple = ()) -> dict:
-        """The envelope to send instead of `payload` (a dict of bytes, tensors and tokens);
-        pickling errors propagate. The tensors at `payload[key]` for `inline` keys always
-        travel in the body: the job may change them in place (the latent being sampled).
-        Call `confirm()` after the job succeeded, else `forget()`."""
-        if tuple(pids) != self._pids:  # another pool: its workers hold nothing yet
-            self._pids, self._held = tuple(pids), {}
-        used: dict[str, torch.Tensor] = {}
-
-        def token(tensor: torch.Tensor) -> str:
-            key = _token(tensor)
-            used[key] = tensor
-            return key
-
-        buffer = io.BytesIO()
-        _TokenPickler(buffer, token, {id(payload[key]) for key in inline if key in payload}).dump(payload)
-        self._pending = used
-        return {"body": buffer.getvalue(), "held": [k for k in used if k in self._held],
-                "new": {k: t for k, t in used.items() if k not in self._held}}
-
-    def confirm(self) -> None:
-        self._held, self._pending = self._pending, {}
+    @contextlib.contextmanager
+    def job(self, pids) -> Iterator["SentJob"]:
+        """`with sent.job(pool.pids) as job:` then `envelope = job.pack(payload, inline=...)`,
+        send it and run the job inside the block. The workers are taken to hold this job's
+        tensors if the block ends normally and the job did not `spoil()` them, nothing if it
+        raises (whatever the job did with them is not known). `forget()` from another thread
+        waits for the block."""
+        with self._lock:
+            if tuple(pids) != self._pids:  # another pool: its workers hold nothing yet
+                self._pids, self._held = tuple(pids), {}
+            job = self._job = SentJob(dict(self._held))
+            try:
+                yield job
+            except BaseException:
+                self._held = {}
+                raise
+            finally:
+                self._job = None
+            self._held = {} if job.spoiled else dict(job.used)
 
     def forget(self) -> None:
-        self._held, self._pending = {}, {}
+        """Send everything again next time (the workers' copies are being dropped)."""
+        with self._lock:
+            self._held = {}
+            if self._job is not None:  # called from inside a job, on its own thread
+                self._job.spoil()
 
 
-def unpack(envelope: dict, cache: dict) -> Any:
+class SentJob:
+    def __init__(self, held: dict):
+        self._held = held
+        self.used: dict[str, torch.Tensor] = {}
+        self.spoiled = False
+
+    def pack(self, payload: dict, inline: tuple = ()) -> dict:
+        """The envelope to send instead of `payload`; pickling errors propagate. The tensors
+        at `payload[key]` for `inline` keys always travel in the body: the job may change them
+        in place (the latent being sampled)."""
+        def token(tensor: torch.Tensor) -> str:
+            key = _token(tensor)
+            self.used[key] = tensor
+            return key
+
+        self.used = {}
+        buffer = io.BytesIO()
+        _TokenPickler(buffer, token, {id(payload[key]) for key in inline if key in payload}).dump(payload)
+        return {"body": buffer.getvalue(), "held": [k for k in self.used if k in self._held],
+                "new": {k: t for k, t in self.used.items() if k not in self._held}}
+
+    def spoil(self) -> None:
+        """The workers wrote into a tensor they received (they dropped their copies)."""
+        self.spoiled = True
+
+
+class ReceivedTensors(dict):
+    """Worker side: token -> tensor of the last job, and each tensor's version when it was
+    handed to the job (`changed_since_unpack`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.versions: dict[str, int] = {}
+
+    def changed_since_unpack(self) -> bool:
+        """Whether the job wrote into a tensor it received (then our copy no longer matches
+        the controller's: clear this and have the controller `spoil()` its job)."""
+        return any(_version(self[k]) != v for k, v in self.versions.items() if k in self)
+
+    def clear(self) -> None:
+        super().clear()
+        self.versions = {}
+
+
+def unpack(envelope: dict, cache: ReceivedTensors) -> Any:
     """Worker side: the payload of `envelope`; `cache` (this job kind's, kept between jobs)
     ends up holding exactly this job's tensors."""
     missing = [k for k in envelope["held"] if k not in cache]
@@ -110,6 +170,7 @@ def unpack(envelope: dict, cache: dict) -> Any:
     payload = _TokenUnpickler(io.BytesIO(envelope["body"]), tensors).load()
     cache.clear()
     cache.update(tensors)
+    cache.versions = {k: _version(t) for k, t in tensors.items()}
     return payload
 
 

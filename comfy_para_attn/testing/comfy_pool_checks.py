@@ -22,9 +22,9 @@ def record_sampling_jobs(monkeypatch) -> list:
     import pickle
 
     from comfy_para_attn.pool import controller
-    from comfy_para_attn.pool.sent_once import is_envelope, unpack
+    from comfy_para_attn.pool.sent_once import ReceivedTensors, is_envelope, unpack
 
-    jobs, cache = [], {}
+    jobs, cache = [], ReceivedTensors()
     encode = controller.protocol.encode
 
     def recording_encode(message):

@@ -146,11 +146,11 @@ def unpack_sent_once(ctx, envelope):
     tensor's sum and whether it came from the cache, plus every rank's cache size."""
     import torch.distributed as dist
 
-    from comfy_para_attn.pool.sent_once import unpack
+    from comfy_para_attn.pool.sent_once import ReceivedTensors, unpack
 
-    cache = ctx.cache.setdefault("sent_once", {})
-    before = {id(t) for t in cache.values()}
+    cache = ctx.cache.setdefault("sent_once", ReceivedTensors())
+    before = {t.data_ptr() for t in cache.values()}
     payload = unpack(envelope, cache)
     sizes = [None] * ctx.world_size
     dist.all_gather_object(sizes, len(cache), group=ctx.host_group)
-    return {name: (float(t.double().sum()), id(t) in before) for name, t in payload.items()} | {"cache sizes": sizes}
+    return {name: (float(t.double().sum()), t.data_ptr() in before) for name, t in payload.items()} | {"cache sizes": sizes}

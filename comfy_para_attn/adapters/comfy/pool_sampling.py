@@ -249,8 +249,6 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
     pool = comfy_pool(settings.gpus, settings.device)
-    pickled = Pickled(pickle_payload(payload, TRAVELLING_PARTS,
-                                     pack=lambda p: _sent_once.pack(p, pool.pids, inline=INLINE_PARTS)))
     total = max(1, len(sigmas) - 1)
 
     def on_progress(step, steps, extra):
@@ -258,20 +256,20 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
             x0 = extra.get("x0")
             callback(step, x0, extra.get("x"), steps)
 
-    prepared = time.monotonic()
-    if settings.device == "cuda":
-        _make_room(pool, guider, noise, payload, settings)
-    room_made = time.monotonic()
-    try:
-        result = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:sample", pickled, timeout_s=settings.timeout_s,
-                          on_progress=on_progress, should_interrupt=comfy.model_management.processing_interrupted)
-    except PoolInterrupted:
-        _sent_once.forget()
-        raise comfy.model_management.InterruptProcessingException()
-    except BaseException:
-        _sent_once.forget()  # whether the workers kept this job's tensors is not known
-        raise
-    _sent_once.confirm()
+    with _sent_once.job(pool.pids) as sent:  # what the workers hold follows this block's outcome
+        pickled = Pickled(pickle_payload(payload, TRAVELLING_PARTS, pack=lambda p: sent.pack(p, inline=INLINE_PARTS)))
+        prepared = time.monotonic()
+        if settings.device == "cuda":
+            _make_room(pool, guider, noise, payload, settings)
+        room_made = time.monotonic()
+        try:
+            result = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:sample", pickled,
+                              timeout_s=settings.timeout_s, on_progress=on_progress,
+                              should_interrupt=comfy.model_management.processing_interrupted)
+        except PoolInterrupted:
+            raise comfy.model_management.InterruptProcessingException()
+        if result["sent_tensors_changed"]:
+            sent.spoil()
     returned = time.monotonic()
     from .published import mark_resident
 

@@ -152,10 +152,13 @@ def sample(ctx, payload):
     from .context_parallel import install_context_parallel
     from .portable import rebuild_guider, rebuild_object_patches, rebuild_sampler
 
-    from ...pool.sent_once import unpack
+    from ...pool.sent_once import ReceivedTensors, unpack
 
     began = time.monotonic()
-    payload = unpack(payload, ctx.cache.setdefault(SENT_ONCE_KEY, {}))
+    received = ctx.cache.get(SENT_ONCE_KEY)
+    if received is None:
+        received = ctx.cache[SENT_ONCE_KEY] = ReceivedTensors()
+    payload = unpack(payload, received)
     settings = payload["settings"]
     cp_key = ("cp", settings.config)
     if cp_key not in ctx.cache:  # process groups are created once per layout
@@ -222,7 +225,8 @@ def sample(ctx, payload):
     if profiler is not None:
         from ...profiling import describe
 
-        captured.lines += [f"Context Parallel rank {ctx.rank} {line}" for line in describe(profiler, steps, done - prepared)]
+        sampling = done - (first_call[0] if first_call else prepared)  # not the sampler setup (a first load)
+        captured.lines += [f"Context Parallel rank {ctx.rank} {line}" for line in describe(profiler, steps, sampling)]
     # Where a slow first prompt goes: weights from shm, then the first step (moving weights to
     # the GPU, compiling, autotuning), then the rest.
     captured.lines.append(
@@ -230,12 +234,17 @@ def sample(ctx, payload):
         f"features installed in {prepared - model_ready:.3f} s, sampler set up in {setup:.3f} s, "
         f"first step {first - prepared:.2f} s, "
         f"{steps - 1} more in {done - first:.2f} s")
-    rank_logs = [captured.lines]
+    reports = [(captured.lines, received.changed_since_unpack())]
     if ctx.world_size > 1:  # every rank's log (e.g. each rank's cache summary) goes back
         import torch.distributed as dist
 
-        rank_logs = [None] * ctx.world_size
-        dist.all_gather_object(rank_logs, captured.lines, group=ctx.host_group)  # host group: no GPU sync
+        reports = [None] * ctx.world_size
+        dist.all_gather_object(reports, (captured.lines, received.changed_since_unpack()),
+                               group=ctx.host_group)  # host group: no GPU sync
+    changed = any(report[1] for report in reports)
+    if changed:  # something wrote into a tensor the controller still holds as it sent it
+        received.clear()
     if ctx.rank != 0:
         return None
-    return {"samples": samples.detach().to("cpu", torch.float32), "log": captured.lines, "rank_logs": rank_logs}
+    return {"samples": samples.detach().to("cpu", torch.float32), "log": captured.lines,
+            "rank_logs": [report[0] for report in reports], "sent_tensors_changed": changed}
