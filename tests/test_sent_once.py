@@ -115,6 +115,26 @@ def test_forget_waits_for_a_running_job_and_spoils_one_on_its_own_thread():
     assert _sizes(_send(sender, payload, [1])[0])[:2] == (5, 0)
 
 
+def test_no_job_packs_while_the_workers_drop_their_copies():
+    """ComfyUI unloading its models (another thread) forgets and has the workers drop their
+    copies in one block: a job starting meanwhile waits, then sends everything."""
+    payload, sender = _payload(), TensorsSentOnce()
+    _send(sender, payload, [1])
+    sizes, order = [], []
+
+    def prompt():
+        sizes.append(_sizes(_send(sender, payload, [1])[0])[:2])
+        order.append("job")
+
+    with sender.forgetting():
+        other = threading.Thread(target=prompt)
+        other.start()
+        time.sleep(0.2)
+        order.append("workers dropped")
+    other.join(5)
+    assert order == ["workers dropped", "job"] and sizes == [(5, 0)]
+
+
 def test_sparse_and_small_tensors_travel_inline():
     sparse = torch.eye(256).to_sparse()
     sender = TensorsSentOnce()

@@ -108,6 +108,14 @@ class TensorsSentOnce:
                 self._job = None
             self._held = {} if job.spoiled else dict(job.used)
 
+    @contextlib.contextmanager
+    def forgetting(self) -> Iterator[None]:
+        """Forget, and keep jobs out while the block makes the workers drop their copies (a
+        job packed in between would count on copies about to go)."""
+        with self._lock:
+            self.forget()
+            yield
+
     def forget(self) -> None:
         """Send everything again next time (the workers' copies are being dropped)."""
         with self._lock:

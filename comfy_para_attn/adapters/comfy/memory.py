@@ -28,11 +28,11 @@ def release_worker_models(reason: str) -> int:
     """Make the live pool's workers drop their cached models and VAEs, and the last prompt's
     tensors (a LoRA's matrices, the conds) on both sides; returns how many models each rank
     dropped (0 without a pool). A pool that cannot do it is shut down."""
-    from .pool_sampling import forget_sent_tensors
+    from .pool_sampling import forgetting_sent_tensors
     from .published import unmap_in_workers
 
-    forget_sent_tensors()  # the workers' copies go with their models (worker_jobs.drop_cached)
-    return unmap_in_workers("model", why=reason) + unmap_in_workers("vae", why=reason)
+    with forgetting_sent_tensors():  # the workers' copies go with their models (worker_jobs.drop_cached)
+        return unmap_in_workers("model", why=reason) + unmap_in_workers("vae", why=reason)
 
 
 def install() -> bool:

@@ -154,9 +154,10 @@ def comfy_pool(world: int, device: str):
 _sent_once = TensorsSentOnce()  # the sampling job's large tensors the workers hold
 
 
-def forget_sent_tensors() -> None:
-    """Let go of the last prompt's tensors; the next job sends its own again."""
-    _sent_once.forget()
+def forgetting_sent_tensors():
+    """Context manager: let go of the last prompt's tensors, no sampling job running or
+    starting while its block makes the workers drop theirs; the next job sends its own again."""
+    return _sent_once.forgetting()
 
 # The payload's parts checked only if the payload does not pickle (then the first that
 # cannot travel is named); the others are checked as they are made portable.
