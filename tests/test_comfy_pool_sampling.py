@@ -1,6 +1,7 @@
 """The Context Parallel node in real ComfyUI: sampling runs in a pool of 2 CPU worker
 processes (gloo) and equals in-process sampling (comfyui tier, fp32, tiny random models)."""
 
+import logging
 import pickle
 
 import pytest
@@ -226,7 +227,7 @@ def test_compiled_model_runs_in_the_pool_and_its_weights_never_ride_in_the_paylo
 
 
 def test_a_lora_samples_in_the_pool_as_in_process_and_its_tensors_travel_once(comfyui_path, pack_nodes, pool_cleanup,
-                                                                             monkeypatch):
+                                                                             monkeypatch, caplog):
     """LoRA -> Context Parallel equals LoRA in-process at two strengths. The LoRA's matrices
     and the conds travel with the first job only: later jobs send their tokens (every tensor
     travels by token here; the real threshold, 16 KiB, is larger than a tiny model's), and a
@@ -239,6 +240,7 @@ def test_a_lora_samples_in_the_pool_as_in_process_and_its_tensors_travel_once(co
     patcher, pos, neg, latent = sampling_inputs("flux")
     lora = comfy_models.random_lora(patcher, scale=1.0, max_layers=12)
     jobs = record_sampling_jobs(monkeypatch)
+    caplog.set_level(logging.INFO, logger="comfy_para_attn")
     outputs = {}
     for strength, seed in ((1.0, 1), (1.0, 2), (0.5, 2)):
         with_lora = comfy_models.apply_lora(patcher, lora, strength)
@@ -254,6 +256,9 @@ def test_a_lora_samples_in_the_pool_as_in_process_and_its_tensors_travel_once(co
     assert len(envelopes[0]["new"]) >= lora_tensors  # with the conds and the model's other tensors
     assert envelopes[1]["new"] == {} and envelopes[2]["new"] == {}, [list(e["new"]) for e in envelopes]
     assert len(jobs[1][0]) < len(jobs[0][0]) / 2
+    kept = [int(r.getMessage().split(" tensor(s) the workers kept")[0].rsplit(" ", 1)[1]) for r in caplog.records
+            if " tensor(s) the workers kept" in r.getMessage()]
+    assert kept == [0, len(envelopes[0]["new"]), len(envelopes[0]["new"])], kept  # the log says what was reused
 
 
 def test_unloading_all_models_lets_go_of_the_last_prompts_tensors_on_both_sides(comfyui_path, pack_nodes,

@@ -128,6 +128,7 @@ class SentJob:
     def __init__(self, held: dict):
         self._held = held
         self.used: dict[str, torch.Tensor] = {}
+        self.reused = 0  # tensors sent as tokens alone
         self.spoiled = False
 
     def pack(self, payload: dict, inline: tuple = ()) -> dict:
@@ -142,7 +143,9 @@ class SentJob:
         self.used = {}
         buffer = io.BytesIO()
         _TokenPickler(buffer, token, {id(payload[key]) for key in inline if key in payload}).dump(payload)
-        return {"body": buffer.getvalue(), "held": [k for k in self.used if k in self._held],
+        held = [k for k in self.used if k in self._held]
+        self.reused = len(held)
+        return {"body": buffer.getvalue(), "held": held,
                 "new": {k: t for k, t in self.used.items() if k not in self._held}}
 
     def spoil(self) -> None:

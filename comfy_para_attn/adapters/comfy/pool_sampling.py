@@ -279,7 +279,8 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
         log.info("%s", line)
     last_run_logs[:] = result["rank_logs"]
     # Where a prompt's time outside the workers' sampling goes (their own line has the rest).
-    log.info("Context Parallel: %d steps on %d %s rank(s) in %.2f s (job and pool ready in %.3f s, GPU room made in %.3f s, "
-             "workers ran %.3f s)", total, settings.gpus, settings.device, time.monotonic() - began,
+    log.info("Context Parallel: %d steps on %d %s rank(s) in %.2f s (job of %.1f MiB, %d tensor(s) the workers kept "
+             "from the last prompt; job and pool ready in %.3f s, GPU room made in %.3f s, workers ran %.3f s)",
+             total, settings.gpus, settings.device, time.monotonic() - began, len(pickled) / 2**20, sent.reused,
              prepared - began, room_made - prepared, returned - room_made)
     return result["samples"].to(noise.device)
