@@ -10,7 +10,8 @@ attention backend and a table: ms/step, speedup vs 1 GPU in the same mode, max a
 difference of the final latent vs 1 GPU, plus pool start time, model transfer and
 per-prompt overhead. `--tiny` runs a tiny model on 2 CPU ranks (smoke test). With
 `PARA_ATTN_PROFILE=N` set, each layout also samples an N-step prompt that the workers profile
-(their summaries print with the rank logs).
+(their summaries print with the rank logs). `--worker-threads default,1` compares the workers'
+intra-op thread counts, each with its own pool, in one run.
 """
 from __future__ import annotations
 
@@ -54,6 +55,19 @@ def run(model, positive, negative, image, steps, cfg):
     return out.float().cpu(), time.perf_counter() - began
 
 
+_ORIGINAL_OMP = os.environ.get("OMP_NUM_THREADS")
+
+
+def with_worker_threads(threads: str) -> None:
+    """OMP_NUM_THREADS for pools started from now on (workers inherit this process's
+    environment; the pool sets cores / ranks only where it is unset)."""
+    value = _ORIGINAL_OMP if threads == "default" else threads
+    if value is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = value
+
+
 def one_step(model, positive, negative, image, cfg, repeats: int = 3) -> float:
     """Seconds of a 1-step prompt, the median of `repeats` (it is what the per-prompt overhead
     is computed from, and single prompts vary by tens of ms)."""
@@ -79,6 +93,9 @@ def main():
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--layouts", default="ulysses,ring")
     parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument("--worker-threads", default="default",
+                        help="comma-separated OMP_NUM_THREADS for the workers, each with a pool of its own in "
+                             "this run ('default': the pool's cores / ranks), e.g. default,1")
     parser.add_argument("--conds-device", default="cpu", choices=["cpu", "cuda"],
                         help="where the conditioning lives (cpu: as CLIPTextEncode leaves it; runs before "
                              "session 11 used cuda)")
@@ -146,7 +163,12 @@ def main():
         layouts = [(name, kw) for name, kw in layouts if name in args.layouts.split(",")]
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
-        for name, layout in layouts:
+        thread_settings = args.worker_threads.split(",")
+        for (name, layout), threads in [(lay, t) for lay in layouts for t in thread_settings]:
+            if len(thread_settings) > 1:  # each setting gets a pool started with it
+                registry.shutdown_pool()
+                with_worker_threads(threads)
+                name = f"{name}, worker threads {threads}"
             settings = make_settings(model, args.gpus, layout["ulysses"], layout["ring"], False, 900.0, auto=False)
             cp_model = apply_context_parallel(model, settings)
             stamp(f"{mode}/{name}: first prompt (pool start, transfer, load{', compile' if mode == 'compiled' else ''})")
@@ -166,7 +188,8 @@ def main():
             steady = (seconds - one) / (args.steps - 1) if args.steps > 1 else float("nan")
             overhead = prompt_overhead(seconds, one, args.steps)
             err = (out - ref).abs().max().item()
-            rows.append((f"{args.gpus} GPUs {name} x{args.gpus} ({mode})", per_step * 1e3, base / per_step, err))
+            rows.append((f"{args.gpus} GPUs {name.replace(',', f' x{args.gpus},', 1) if ',' in name else f'{name} x{args.gpus}'} "
+                         f"({mode})", per_step * 1e3, base / per_step, err))
             pool = registry._current
             extra.append(f"{mode}/{name}: first prompt (2 steps incl. pool start/transfer/load) {first:.1f} s; "
                          f"pool start {pool.start_seconds:.1f} s; per-prompt overhead {overhead * 1e3:.0f} ms "
