@@ -74,12 +74,17 @@ def one_step(model, positive, negative, image, cfg, repeats: int = 3) -> float:
     return statistics.median(run(model, positive, negative, image, 1, cfg)[1] for _ in range(repeats))
 
 
-def prompt_overhead(seconds: float, one_step_seconds: float, steps: int) -> float:
-    """A prompt's time beyond its steps: a 1-step prompt's time minus the steady per-step time
-    of a `steps`-step prompt (which took `seconds`)."""
+def steady_step(seconds: float, one_step_seconds: float, steps: int) -> float:
+    """Seconds per step of a `steps`-step prompt (which took `seconds`) without the prompt's
+    fixed cost: what it took beyond a 1-step prompt, per extra step."""
     if steps < 2:
         return float("nan")
-    return one_step_seconds - (seconds - one_step_seconds) / (steps - 1)
+    return (seconds - one_step_seconds) / (steps - 1)
+
+
+def prompt_overhead(seconds: float, one_step_seconds: float, steps: int) -> float:
+    """A prompt's time beyond its steps: a 1-step prompt's time minus the steady step."""
+    return one_step_seconds - steady_step(seconds, one_step_seconds, steps)
 
 
 def main():
@@ -164,11 +169,13 @@ def main():
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
         thread_settings = args.worker_threads.split(",")
-        for (name, layout), threads in [(lay, t) for lay in layouts for t in thread_settings]:
+        for (layout_name, layout), threads in [(lay, t) for lay in layouts for t in thread_settings]:
+            threads_label = ""
             if len(thread_settings) > 1:  # each setting gets a pool started with it
                 registry.shutdown_pool()
                 with_worker_threads(threads)
-                name = f"{name}, worker threads {threads}"
+                threads_label = f", worker threads {threads}"
+            name = layout_name + threads_label
             settings = make_settings(model, args.gpus, layout["ulysses"], layout["ring"], False, 900.0, auto=False)
             cp_model = apply_context_parallel(model, settings)
             stamp(f"{mode}/{name}: first prompt (pool start, transfer, load{', compile' if mode == 'compiled' else ''})")
@@ -185,11 +192,11 @@ def main():
             if os.environ.get("PARA_ATTN_PROFILE", "").isdigit():  # the workers profile a prompt of that many steps
                 run(cp_model, positive, negative, image, int(os.environ["PARA_ATTN_PROFILE"]), args.cfg)
             per_step = seconds / args.steps  # the whole prompt: what a user waits for
-            steady = (seconds - one) / (args.steps - 1) if args.steps > 1 else float("nan")
+            steady = steady_step(seconds, one, args.steps)
             overhead = prompt_overhead(seconds, one, args.steps)
             err = (out - ref).abs().max().item()
-            rows.append((f"{args.gpus} GPUs {name.replace(',', f' x{args.gpus},', 1) if ',' in name else f'{name} x{args.gpus}'} "
-                         f"({mode})", per_step * 1e3, base / per_step, err))
+            rows.append((f"{args.gpus} GPUs {layout_name} x{args.gpus}{threads_label} ({mode})", per_step * 1e3,
+                         base / per_step, err))
             pool = registry._current
             extra.append(f"{mode}/{name}: first prompt (2 steps incl. pool start/transfer/load) {first:.1f} s; "
                          f"pool start {pool.start_seconds:.1f} s; per-prompt overhead {overhead * 1e3:.0f} ms "

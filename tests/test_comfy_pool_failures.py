@@ -43,6 +43,25 @@ def _next_prompt_succeeds(setup):
     assert (out - reference).abs().max().item() < TOL
 
 
+def _sample_interrupted_at_step_1(model, pos, neg, latent) -> list:
+    """Sample with ComfyUI's interrupt raised at step 1; the steps the callback saw."""
+    import comfy.model_management
+
+    seen = []
+
+    def interrupt_at_step(step, x0, x, total):
+        seen.append(step)
+        if step == 1:
+            comfy.model_management.interrupt_current_processing(True)
+
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _sample(model, pos, neg, latent, callback=interrupt_at_step)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    return seen
+
+
 def _current_pool():
     from comfy_para_attn.pool import registry
 
@@ -94,23 +113,10 @@ def test_hang_past_timeout(setup):
 
 
 def test_interrupt_stops_all_ranks_and_pool_stays(setup):
-    import comfy.model_management
-
     pack_nodes, patcher, pos, neg, latent, _ = setup
     _next_prompt_succeeds(setup)
     pids = list(_current_pool().pids)
-    seen = []
-
-    def interrupt_at_step(step, x0, x, total):
-        seen.append(step)
-        if step == 1:
-            comfy.model_management.interrupt_current_processing(True)
-
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            _sample(_cp(pack_nodes, patcher), pos, neg, latent, callback=interrupt_at_step)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
+    seen = _sample_interrupted_at_step_1(_cp(pack_nodes, patcher), pos, neg, latent)
     assert max(seen) < 3, f"sampling ran on after the interrupt: steps {seen}"
     _next_prompt_succeeds(setup)
     assert _current_pool().pids == pids  # same workers: the pool stayed usable
@@ -120,8 +126,6 @@ def test_an_interrupted_prompt_with_other_conds_leaves_nothing_stale(setup, monk
     """A prompt's tensors travel once (every tensor by token here): prompt A, then an
     interrupted prompt with other conds (the workers may or may not have swapped their
     copies), then A again, which must find what it needs and sample as before."""
-    import comfy.model_management
-
     from comfy_para_attn.pool import sent_once
     from comfy_para_attn.testing import comfy_models
 
@@ -129,16 +133,7 @@ def test_an_interrupted_prompt_with_other_conds_leaves_nothing_stale(setup, monk
     pack_nodes, patcher, pos, neg, latent, _ = setup
     _next_prompt_succeeds(setup)
     other = comfy_models.conditioning(patcher, tokens=8, seed=11)
-
-    def interrupt_at_step(step, x0, x, total):
-        if step == 1:
-            comfy.model_management.interrupt_current_processing(True)
-
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            _sample(_cp(pack_nodes, patcher), other, neg, latent, callback=interrupt_at_step)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
+    _sample_interrupted_at_step_1(_cp(pack_nodes, patcher), other, neg, latent)
     _next_prompt_succeeds(setup)
 
 

@@ -159,6 +159,7 @@ def forgetting_sent_tensors():
     starting while its block makes the workers drop theirs; the next job sends its own again."""
     return _sent_once.forgetting()
 
+
 # The payload's parts checked only if the payload does not pickle (then the first that
 # cannot travel is named); the others are checked as they are made portable.
 TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's weight patches (LoRA)",

@@ -234,13 +234,13 @@ def sample(ctx, payload):
         f"features installed in {prepared - model_ready:.3f} s, sampler set up in {setup:.3f} s, "
         f"first step {first - prepared:.2f} s, "
         f"{steps - 1} more in {done - first:.2f} s")
-    reports = [(captured.lines, received.changed_since_unpack())]
+    report = (captured.lines, received.changed_since_unpack())
+    reports = [report]
     if ctx.world_size > 1:  # every rank's log (e.g. each rank's cache summary) goes back
         import torch.distributed as dist
 
         reports = [None] * ctx.world_size
-        dist.all_gather_object(reports, (captured.lines, received.changed_since_unpack()),
-                               group=ctx.host_group)  # host group: no GPU sync
+        dist.all_gather_object(reports, report, group=ctx.host_group)  # host group: no GPU sync
     changed = any(report[1] for report in reports)
     if changed:  # something wrote into a tensor the controller still holds as it sent it
         received.clear()
