@@ -29,6 +29,7 @@ from comfy_para_attn.pool import (
     get_pool,
     shutdown_pool,
 )
+from comfy_para_attn.pool.launch import HOST_THREADS_ENV, PoolLayout, worker_env
 from comfy_para_attn.pool.transfer import (
     check_shm_space,
     fingerprint_tensors,
@@ -259,6 +260,26 @@ def test_sys_path_env_and_init_reach_every_rank(tmp_path):
                           "payload": "hello"}
         inits = extra.run(f"{JOBS}:gather_from_ranks", ("cache", "init"), timeout_s=20)
         assert inits == [{"payload": {"settings": 7}, "rank": rank} for rank in (0, 1)]
+
+
+def test_cuda_ranks_sample_on_one_host_thread_and_cpu_ranks_take_their_share(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(HOST_THREADS_ENV, raising=False)
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    cuda = worker_env(PoolLayout.create(2, device="cuda"), 1234)
+    assert (cuda["OMP_NUM_THREADS"], cuda[HOST_THREADS_ENV]) == ("1", share)
+    cpu = worker_env(PoolLayout.create(2), 1234)
+    assert (cpu["OMP_NUM_THREADS"], cpu[HOST_THREADS_ENV]) == (share, share)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's setting wins everywhere
+    cuda = worker_env(PoolLayout.create(2, device="cuda"), 1234)
+    assert (cuda["OMP_NUM_THREADS"], cuda[HOST_THREADS_ENV]) == ("5", "5")
+
+
+def test_host_threads_raises_the_thread_count_for_a_block_and_restores_it():
+    share = max(1, (os.cpu_count() or 1) // 2)
+    with Pool(2, env={HOST_THREADS_ENV: "3"}) as threaded:
+        counts = threaded.run(f"{JOBS}:thread_counts", None, timeout_s=20)
+    assert counts == {"before": share, "inside": 3, "after": share}
 
 
 # -- failures ------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Job modules may import this for type hints; it imports torch only when a collect
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any, Callable
 
 from . import protocol
@@ -47,6 +49,23 @@ class WorkerContext:
         self._post = post
         self._interrupt_flag = interrupt_flag
         self._cpu_group = cpu_group  # host-side collectives (gloo) when the main group is NCCL
+
+    @contextlib.contextmanager
+    def host_threads(self):
+        """Run the block with this rank's share of the host's cores as torch's intra-op
+        threads (or the user's OMP_NUM_THREADS), then go back to the worker's setting: CUDA
+        ranks sample with one host thread (see launch.worker_env), while blending VAE tiles
+        on the host is real CPU work."""
+        import torch
+
+        from .launch import HOST_THREADS_ENV
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(os.environ.get(HOST_THREADS_ENV) or before)))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def report_progress(self, step: int, total: int, **extra) -> None:
         """Tell the controller that `step` of `total` is done; also resets its hang timer.

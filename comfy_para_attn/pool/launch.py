@@ -77,6 +77,9 @@ class WorkerProcess:
             os.close(self.lifeline_fd)
 
 
+HOST_THREADS_ENV = "PARA_ATTN_HOST_THREADS"  # threads for a worker's host-heavy phases
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -90,10 +93,16 @@ def worker_env(layout: PoolLayout, port: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                WORLD_SIZE=str(layout.world_size), PYTHONUNBUFFERED="1")
+    share = str(max(1, (os.cpu_count() or 1) // layout.world_size))
+    # Host-heavy phases (VAE tile blending, see context.host_threads) use the user's
+    # OMP_NUM_THREADS or this rank's share of the cores.
+    env.setdefault(HOST_THREADS_ENV, env.get("OMP_NUM_THREADS", share))
     if "OMP_NUM_THREADS" not in env:
-        # N ranks share the host's cores; torch's default of one thread per core each would
-        # oversubscribe them N times (GPU ranks do host work too: VAE tile blending).
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // layout.world_size))
+        # CPU ranks compute on the host: each takes its share of the cores (torch's default of
+        # one thread per core would oversubscribe them N times). CUDA ranks sample with one
+        # host thread: with cores / ranks each, FLUX ring x2 took 103.3 against 83.5 ms/step
+        # (bench_context_parallel.py --worker-threads default,1, 2 H200s, 32 cores).
+        env["OMP_NUM_THREADS"] = "1" if layout.device == "cuda" else share
     env.update(dict(layout.env))
     return env
 

@@ -154,3 +154,11 @@ def unpack_sent_once(ctx, envelope):
     sizes = [None] * ctx.world_size
     dist.all_gather_object(sizes, len(cache), group=ctx.host_group)
     return {name: (float(t.double().sum()), t.data_ptr() in before) for name, t in payload.items()} | {"cache sizes": sizes}
+
+
+def thread_counts(ctx, payload):
+    """torch's intra-op threads on this rank before, inside and after ctx.host_threads()."""
+    before = torch.get_num_threads()
+    with ctx.host_threads():
+        inside = torch.get_num_threads()
+    return {"before": before, "inside": inside, "after": torch.get_num_threads()}

@@ -63,7 +63,7 @@ def decode(ctx, payload):
         ctx.report_progress(done, total)
 
     loaded = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), ctx.host_threads():
         decode_tiles_partial(payload["samples"], plan, tile_decoder(vae), partials[ctx.rank], rank=ctx.rank,
                              world_size=ctx.world_size, on_round=on_round, device=ctx.device)
     decoded = time.perf_counter()
@@ -72,7 +72,8 @@ def decode(ctx, payload):
     ctx.check_interrupt()
     waited = time.perf_counter()
     # process_output is elementwise for image and video VAEs: each rank scales its slice.
-    sum_partials(partials, ctx.rank, ctx.world_size, finish=vae.process_output)
+    with ctx.host_threads():
+        sum_partials(partials, ctx.rank, ctx.world_size, finish=vae.process_output)
     summed = time.perf_counter()
     phases = {"load_s": loaded - began, "decode_s": decoded - loaded, "wait_s": waited - decoded,
               "sum_s": summed - waited}
