@@ -100,7 +100,8 @@ def main():
     parser.add_argument("--skip-eager", action="store_true")
     parser.add_argument("--worker-threads", default="default",
                         help="comma-separated OMP_NUM_THREADS for the workers, each with a pool of its own in "
-                             "this run ('default': the pool's cores / ranks), e.g. default,1")
+                             "this run ('default': the pool's own choice, one thread a CUDA rank since session 12; "
+                             "before, cores / ranks), e.g. default,16")
     parser.add_argument("--conds-device", default="cpu", choices=["cpu", "cuda"],
                         help="where the conditioning lives (cpu: as CLIPTextEncode leaves it; runs before "
                              "session 11 used cuda)")

@@ -99,8 +99,11 @@ def worker(rank, world, port, args, results):
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    # Our pool's CUDA workers run with one host thread (pool.launch.worker_env); 0 keeps
+    # torch's default (one per core in every rank). CPU ranks share the cores.
+    threads = args.host_threads if use_cuda else max(1, (os.cpu_count() or 2) // world)
+    if threads:
+        torch.set_num_threads(threads)
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                             device_id=device if use_cuda else None)
     rows = []  # (mode, name, ms, relative error vs 1 GPU)
@@ -173,7 +176,8 @@ def describe(args) -> list[str]:
         lines.append("device: CPU (tiny model, 2 gloo ranks; timings are a smoke test only)")
         probe = torch.zeros(1, 1, 1, 8)
     else:
-        lines.append(f"device: 2 x {torch.cuda.get_device_name(0)}")
+        lines.append(f"device: 2 x {torch.cuda.get_device_name(0)}, host threads per rank: "
+                     f"{args.host_threads or 'torch default'}")
         probe = torch.zeros(1, 1, 1, 8, device="cuda", dtype=torch.bfloat16)
     ours = local.get_backend() if local.get_backend() != "auto" else local._auto(probe, None)
     lines.append(f"attention: 1 GPU and diffusers CP use diffusers' NATIVE backend (torch SDPA); "
@@ -188,6 +192,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--host-threads", type=int, default=1,
+                        help="torch intra-op threads per CUDA rank (0: torch's default; runs before "
+                             "session 12 used the default)")
     parser.add_argument("--fullgraph", action="store_true", help="compile blocks with fullgraph=True")
     args = parser.parse_args()
     world = 2
