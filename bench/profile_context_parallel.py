@@ -29,7 +29,8 @@ from comfy_para_attn.testing.distributed import run_ranks  # noqa: E402
 
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
-                 family="flux", sync_debug=False, attention_backend="auto", compile_mode="default", top_n=12):
+                 family="flux", sync_debug=False, attention_backend="auto", compile_mode="default", top_n=12,
+                 profile_steps=2):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -79,11 +80,11 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     out, seconds = sample(steps)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([] if tiny else [torch.profiler.ProfilerActivity.CUDA])
     with torch.profiler.profile(activities=activities) as prof:
-        sample(2)
+        sample(profile_steps)
     from torch._dynamo.utils import counters
 
-    summary = kernel_summary(prof, 2, top_n)
-    gaps = [] if tiny else idle_gaps(prof, 2)
+    summary = kernel_summary(prof, profile_steps, top_n)
+    gaps = [] if tiny else idle_gaps(prof, profile_steps)
     dynamo = {"graphs": counters["stats"].get("unique_graphs", 0),
               "graph_breaks": sum(counters["graph_break"].values())}
     result = {"ms_per_step": seconds / steps * 1e3, "gpu_busy": summary["gpu_busy"], "nccl": summary["nccl"],
@@ -108,6 +109,8 @@ def main():
     parser.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU")
     parser.add_argument("--attention-backend", default="auto",
                         help="our local kernel: auto, sdpa, sdpa-cudnn, sdpa-flash, sdpa-efficient, triton")
+    parser.add_argument("--profile-steps", type=int, default=2,
+                        help="steps of the profiled prompt (its per-prompt work is spread over them)")
     parser.add_argument("--top", type=int, default=12, help="how many of the top GPU kernels to list")
     parser.add_argument("--skip-baseline", action="store_true", help="no 1-GPU run (ratios then refer to the first row)")
     args = parser.parse_args()
@@ -122,7 +125,8 @@ def main():
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, args.compile_mode, args.top, backend=backend, timeout=900,
+                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, args.compile_mode, args.top, args.profile_steps,
+                            backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
         base = base or result["ms_per_step"]
