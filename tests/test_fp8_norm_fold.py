@@ -113,7 +113,6 @@ def _fp8_block(affine=False, seed=0):
     assert affine or gelu_fusion.norm_fed_sites(block) == sites
     gelu_fusion.apply_patches(block, gelu_fusion.patches(block, sites))
     assert isinstance(block.linear1, gelu_fusion.GeluThenLinear)
-    assert gelu_fusion.unwrap_rowwise_fp8(block.linear1)  # as FP8 Quantize leaves it
     return block
 
 

@@ -161,10 +161,7 @@ def torchao_config(mode: str, granularity: str):
 
 
 def is_quantized(tensor) -> bool:
-    """True for a torchao quantized tensor (what `quantize_linear` leaves as the weight) or
-    a plain fp8 one (what `gelu_fusion.unwrap_rowwise_fp8` leaves)."""
-    if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return True
+    """True for a torchao quantized tensor (what `quantize_linear` leaves as the weight)."""
     try:
         _, base = _torchao()
     except FP8UnavailableError:

@@ -96,14 +96,6 @@ def norm_fed_sites(root: torch.nn.Module) -> list[FusionSite]:
     return sites
 
 
-def other_sites(root: torch.nn.Module, names, taken: list[FusionSite]) -> list[FusionSite]:
-    """Sites without GELU or LayerNorm for the linear layers `names` under `root` that
-    `taken` does not cover (attention output projections, ...): they get the fused class
-    too, so that every fp8 layer holds plain tensors (`unwrap_rowwise_fp8`)."""
-    covered = {site.linear for site in taken}
-    return [FusionSite("", name, module_at(root, name).in_features) for name in names if name not in covered]
-
-
 def rowwise_dynamic_fp8(weight) -> bool:
     """torchao's fp8 weight with row-wise scales whose activations are quantized per row
     at each call (Float8DynamicActivationFloat8WeightConfig(PerRow()))."""
@@ -119,64 +111,27 @@ class GeluMovedOn(torch.nn.Identity):
     """Stands where a tanh GELU was: the next linear layer applies it (see `GeluThenLinear`)."""
 
 
-def unwrap_rowwise_fp8(module: torch.nn.Module) -> bool:
-    """Replace `module`'s torchao dynamic row-wise fp8 weight by its plain parts: the fp8
-    matrix as the weight parameter and the per-row scales as a buffer beside it (not in the
-    state dict). A compiled block then takes plain tensors: dynamo guards a tensor subclass
-    input and flattens it at every call in Python (in a CPU test 4x the guard time of a
-    plain weight; an H100 FLUX fp8 step spent 7.5 ms of host time in dynamo's guards).
-    Returns False (and changes nothing) for any other weight."""
-    weight = module.weight
-    if not rowwise_dynamic_fp8(weight):
-        return False
-    module.register_buffer("_para_attn_weight_scale", weight.scale.detach(), persistent=False)
-    module._para_attn_fast_accum = bool(weight.mm_config.use_fast_accum)
-    module.weight = torch.nn.Parameter(weight.qdata.detach(), requires_grad=False)
-    return True
-
-
-def holds_plain_fp8(module: torch.nn.Module) -> bool:
-    """`module` holds its row-wise fp8 weight as plain tensors (`unwrap_rowwise_fp8`)."""
-    return (isinstance(module, GeluThenLinear) and module.weight.dtype == torch.float8_e4m3fn
-            and getattr(module, "_para_attn_weight_scale", None) is not None)
-
-
 class GeluThenLinear:
     """Mixed into a linear layer's class (`fused_class`): GELU on the input's tail (columns
     >= the class's `_para_attn_gelu_from`), then the layer. A class, not a per-layer callable:
     compiled blocks guard on the type of what they call, so every block shares one graph (a
-    callable object per layer recompiled every block, then ran them eager).
-
-    With a plain fp8 weight (`unwrap_rowwise_fp8`) the input is quantized per row by the
-    kernel's op (GELU included) and multiplied on fp8 tensor cores; any other weight (bf16
-    restored at unload, weight-only fp8) runs the layer's own forward after the GELU."""
+    callable object per layer recompiled every block, then ran them eager)."""
 
     _para_attn_base: type  # the layer's own class
     _para_attn_gelu_from: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, start = self.weight, self._para_attn_gelu_from
-        if weight.dtype == torch.float8_e4m3fn:  # unwrapped: the scales are beside it
-            scale_b = self._para_attn_weight_scale
-            if x.dtype == torch.bfloat16 and quantizes_here(x):
-                rows = x.reshape(-1, x.shape[-1])
-                q, scale = gelu_tail_rowwise_fp8(rows, start)
-                out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=scale_b.t(), bias=self.bias,
-                                       out_dtype=x.dtype, use_fast_accum=self._para_attn_fast_accum)
-                return out.reshape(*x.shape[:-1], out.shape[-1])
-            # No fp8 matmul here (a CPU or non-bf16 input): the dequantized weight.
-            dequantized = (weight.to(torch.float32) * scale_b).to(x.dtype)
-            return F.linear(self._gelu_tail(x, start), dequantized, self.bias)
-        if start >= x.shape[-1]:  # a site without GELU
+        if x.dtype == torch.bfloat16 and quantizes_here(x) and rowwise_dynamic_fp8(weight):
+            rows = x.reshape(-1, x.shape[-1])
+            q, scale = gelu_tail_rowwise_fp8(rows, start)
+            out = torch._scaled_mm(q, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(), bias=self.bias,
+                                   out_dtype=x.dtype, use_fast_accum=weight.mm_config.use_fast_accum)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        if start >= x.shape[-1]:  # a norm-fed site: no GELU
             return self._para_attn_base.forward(self, x)
-        return self._para_attn_base.forward(self, self._gelu_tail(x, start))
-
-    @staticmethod
-    def _gelu_tail(x: torch.Tensor, start: int) -> torch.Tensor:
-        if start >= x.shape[-1]:
-            return x
         tail = F.gelu(x[..., start:], approximate="tanh")
-        return torch.cat((x[..., :start], tail), dim=-1) if start else tail
+        return self._para_attn_base.forward(self, torch.cat((x[..., :start], tail), dim=-1) if start else tail)
 
 
 _fused_classes: dict = {}

@@ -121,13 +121,11 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
             if key not in model_patcher.backup:  # a LoRA'd weight's backup already holds its original
                 model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, weight), False)
             quantize_linear(module, config)
-            if isinstance(module, gelu_fusion.GeluThenLinear):
-                gelu_fusion.unwrap_rowwise_fp8(module)
             counts[plan.mode] += 1
-        fused_layers = [m for m in dm.modules() if gelu_fusion.holds_plain_fp8(m)]
+        fused_layers = [m for m in dm.modules()
+                        if isinstance(m, gelu_fusion.GeluThenLinear) and gelu_fusion.rowwise_dynamic_fp8(m.weight)]
         counts["gelu fused"] = sum(m._para_attn_gelu_from < m.in_features for m in fused_layers)
-        counts["norm fed"] = len({site.linear for site in gelu_fusion.norm_fed_sites(dm)}
-                                 & {name for name, m in dm.named_modules() if gelu_fusion.holds_plain_fp8(m)})
+        counts["norm fed"] = len(fused_layers) - counts["gelu fused"]
     done = {k: v for k, v in counts.items() if k in ("dynamic", "weight-only")}
     if done:
         plans = ", ".join(f"{n} {mode}" for mode, n in done.items())
@@ -147,10 +145,8 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
     """Object patches that move the tanh GELU in front of each fp8 linear layer into its
     activation quantization (`quant.gelu_fusion`), for dynamic row-wise settings; ComfyUI
     applies them at every load and undoes them at unpatch. Other settings drop them.
-    Every other layer to quantize gets the same class without a GELU: its weight is then
-    unwrapped into plain tensors at load (`gelu_fusion.unwrap_rowwise_fp8`), and where a
-    modulated LayerNorm feeds it, compiled blocks fold that into the quantization
-    (`quant.norm_fold`).
+    The layers fed by a modulated LayerNorm get the same class without a GELU, so that
+    compiled blocks fold the LayerNorm into the quantization (`quant.norm_fold`).
     PARA_ATTN_FP8_FUSED_GELU=0 turns all of it off, PARA_ATTN_FP8_FUSED_NORM=0 the LayerNorm
     part (for comparisons)."""
     for key in [k for k, v in model.object_patches.items() if _is_fusion_patch(v)]:
@@ -164,7 +160,6 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
     if os.environ.get("PARA_ATTN_FP8_FUSED_NORM", "1") != "0":
         sites += gelu_fusion.norm_fed_sites(dm)
     sites = [s for s in sites if s.linear in quantized]
-    sites += gelu_fusion.other_sites(dm, sorted(quantized), sites)
     for path, value in gelu_fusion.patches(dm, sites).items():
         model.add_object_patch(f"diffusion_model.{path}", value)
 
