@@ -106,6 +106,9 @@ def main():
                         help="where the conditioning lives (cpu: as CLIPTextEncode leaves it; runs before "
                              "session 11 used cuda)")
     parser.add_argument("--half-tokens", action="store_true", help="also time 1 GPU on half the tokens")
+    parser.add_argument("--ours-baseline", action="store_true",
+                        help="also time 1 GPU with its attention on our local kernel (the workers' choice, e.g. "
+                             "cuDNN), not only with ComfyUI's own (torch SDPA's default choice)")
     args = parser.parse_args()
     # Workers log at INFO with timestamps (model load, each rank's phase timings), so a slow or
     # stuck first prompt shows where it is.
@@ -159,6 +162,16 @@ def main():
         in_process_overhead = prompt_overhead(seconds, one_step(model, positive, negative, image, args.cfg), args.steps)
         extra.append(f"{mode}: in-process 1 GPU per-prompt overhead {in_process_overhead * 1e3:.0f} ms "
                      "(ComfyUI's own sampler setup; the pool's rows include it too)")
+        ours_base = None
+        if args.ours_baseline:  # the same attention kernel as the workers, on one GPU
+            from comfy_para_attn.adapters.comfy.attention_backend import apply_attention_backend
+
+            ours = apply_attention_backend(model, "auto")
+            run(ours, positive, negative, image, 2, args.cfg)
+            ours_out, seconds = run(ours, positive, negative, image, args.steps, args.cfg)
+            ours_base = seconds / args.steps
+            rows.append((f"1 GPU in-process, attention on our kernel ({mode})", ours_base * 1e3, base / ours_base,
+                         (ours_out - ref).abs().max().item()))
         if args.half_tokens:  # the compute floor of 2 ranks: each holds half the tokens
             half = image[..., : image.shape[-1] // 2]
             run(model, positive, negative, half, 2, args.cfg)
@@ -202,7 +215,9 @@ def main():
             extra.append(f"{mode}/{name}: first prompt (2 steps incl. pool start/transfer/load) {first:.1f} s; "
                          f"pool start {pool.start_seconds:.1f} s; per-prompt overhead {overhead * 1e3:.0f} ms "
                          f"({(overhead - in_process_overhead) * 1e3:.0f} ms over in-process); "
-                         f"{steady * 1e3:.1f} ms/step without it ({base / steady:.2f}x)")
+                         f"{steady * 1e3:.1f} ms/step without it ({base / steady:.2f}x)"
+                         + (f"; against 1 GPU with our attention kernel {ours_base / per_step:.2f}x, "
+                            f"{ours_base / steady:.2f}x without the overhead" if ours_base else ""))
     registry.shutdown_pool()
     print("\n".join(extra))
     print(f"\n| configuration | ms/step | speedup vs 1 GPU | max abs diff vs 1 GPU |\n|---|---|---|---|")
