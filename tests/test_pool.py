@@ -502,6 +502,24 @@ def test_get_pool_reuses_until_the_layout_changes(clean_registry):
     assert flagged.run(f"{JOBS}:gather_from_ranks", ("env", "POOL_TEST_FLAG"), timeout_s=20) == ["x"]
 
 
+def test_alternating_layouts_warn_once_that_each_switch_restarts_the_pool(clean_registry, caplog):
+    """Two nodes asking for different rank counts (Context Parallel on 2, Parallel VAE Decode
+    on 1) restart the pool at every switch: the first return to a replaced layout warns,
+    once, naming both; a plain change of layout does not."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="comfy_para_attn.pool"):
+        get_pool(2)
+        get_pool(1)
+        assert "keeps switching" not in caplog.text  # one change: nothing to say
+        get_pool(2)
+        get_pool(1)
+        get_pool(2)
+    warnings = [r.getMessage() for r in caplog.records if "keeps switching" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "1 CPU rank(s)" in warnings[0] and "2 CPU rank(s)" in warnings[0] and "gpus" in warnings[0]
+
+
 def test_shutdown_exits_cleanly_reaps_and_closes_descriptors():
     descriptors_before = len(os.listdir("/proc/self/fd"))
     single = Pool(1)

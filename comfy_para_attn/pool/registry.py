@@ -11,6 +11,25 @@ logger = logging.getLogger("comfy_para_attn.pool")
 
 _lock = threading.Lock()
 _current: Pool | None = None
+_replaced: PoolLayout | None = None  # the layout the current pool replaced (alternation check)
+_warned_alternating: set = set()
+
+
+def _describe(layout: PoolLayout) -> str:
+    return f"{layout.world_size} {layout.device.upper()} rank(s)" + (f" (GPUs {list(layout.gpus)})" if layout.gpus else "")
+
+
+def _warn_if_alternating(old: PoolLayout, new: PoolLayout) -> None:
+    """A pool replaced by the layout it had replaced: two nodes (Context Parallel and Parallel
+    VAE Decode, or two Context Parallel nodes) ask for different GPUs, so every prompt pays
+    for restarts; say so once per pair."""
+    pair = frozenset((old, new))
+    if _replaced != new or pair in _warned_alternating:
+        return
+    _warned_alternating.add(pair)
+    logger.warning("the worker pool keeps switching between %s and %s: each switch restarts the workers and "
+                   "reloads the model (seconds per prompt). Give the Context Parallel and Parallel VAE Decode "
+                   "nodes of this workflow the same gpus setting to keep one pool.", _describe(old), _describe(new))
 
 
 def get_pool(
@@ -27,7 +46,7 @@ def get_pool(
     else a fresh one; the old pool is shut down first so two never hold the GPUs at once.
     A pool that failed (any `PoolError`) is dead, so the next call after a failure starts
     a new one. Arguments are those of `Pool`."""
-    global _current
+    global _current, _replaced
     layout = PoolLayout.create(world_size, device, gpus, env, sys_path, init)
     with _lock:
         if _current is not None and _current.alive and _current.layout == layout:
@@ -35,6 +54,8 @@ def get_pool(
         if _current is not None:
             if _current.alive:
                 logger.info("worker pool layout changed; restarting it")
+                _warn_if_alternating(_current.layout, layout)
+                _replaced = _current.layout
             _current.shutdown()
             _current = None
         _current = Pool(world_size, device=device, gpus=gpus, env=env, init=init,
@@ -50,8 +71,9 @@ def current_pool() -> Pool | None:
 
 def shutdown_pool(timeout_s: float = 10.0) -> None:
     """Shut the shared pool down (if any); the next `get_pool` starts a new one."""
-    global _current
+    global _current, _replaced
     with _lock:
+        _replaced = None  # a deliberate shutdown starts the alternation check afresh
         if _current is not None:
             _current.shutdown(timeout_s)
             _current = None
