@@ -518,6 +518,12 @@ def test_alternating_layouts_warn_once_that_each_switch_restarts_the_pool(clean_
     warnings = [r.getMessage() for r in caplog.records if "keeps switching" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "1 CPU rank(s)" in warnings[0] and "2 CPU rank(s)" in warnings[0] and "gpus" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="comfy_para_attn.pool"):
+        for flag in ("a", "b", "a"):  # same ranks, another environment
+            get_pool(1, env={"POOL_TEST_FLAG": flag})
+    warnings = [r.getMessage() for r in caplog.records if "keeps switching" in r.getMessage()]
+    assert len(warnings) == 1 and "environment" in warnings[0] and "gpus" not in warnings[0], warnings
 
 
 def test_shutdown_exits_cleanly_reaps_and_closes_descriptors():

@@ -27,9 +27,13 @@ def _warn_if_alternating(old: PoolLayout, new: PoolLayout) -> None:
     if _replaced != new or pair in _warned_alternating:
         return
     _warned_alternating.add(pair)
+    if (old.world_size, old.gpus) != (new.world_size, new.gpus):
+        advice = ("Give the Context Parallel and Parallel VAE Decode nodes of this workflow the same gpus setting "
+                  "to keep one pool.")
+    else:
+        advice = "The two differ in the workers' environment or start settings."
     logger.warning("the worker pool keeps switching between %s and %s: each switch restarts the workers and "
-                   "reloads the model (seconds per prompt). Give the Context Parallel and Parallel VAE Decode "
-                   "nodes of this workflow the same gpus setting to keep one pool.", _describe(old), _describe(new))
+                   "reloads the model (seconds per prompt). %s", _describe(old), _describe(new), advice)
 
 
 def get_pool(
