@@ -460,3 +460,85 @@ def test_worker_model_key_follows_the_model_config(comfyui_path):
     fast.optimizations = {**config.optimizations, "fp8": True}
     assert config_key(config, "FLUX") == config_key(same, "FLUX")
     assert config_key(fast, "FLUX") != config_key(config, "FLUX") != config_key(config, "FLOW")
+
+
+def _with_control(conds, control):
+    return [[t, {**extra, "control": control, "control_apply_to_uncond": True}] for t, extra in conds]
+
+
+@pytest.mark.parametrize("encoder", ["vae", "own"])
+def test_a_flux_controlnet_samples_in_the_pool_as_in_process(comfyui_path, pack_nodes, pool_cleanup, encoder):
+    """FLUX with a ControlNet (InstantX-style, its hint encoded by a VAE, and XLabs-style, its
+    own conv encoder) through the node equals in-process sampling: the ControlNet and its VAE
+    reach the workers, and each rank adds the residuals to its own image tokens (ulysses, ring,
+    and cfg parallel, where the residuals split with the batch)."""
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+    from comfy_para_attn.testing.vae_models import tiny_comfy_vae
+
+    patcher, pos, neg, latent = sampling_inputs("flux", latent=dict(height=6, width=10))
+    vae = tiny_comfy_vae("flux", seed=4) if encoder == "vae" else None
+    hint = torch.rand(1, 3, 6 * 8, 10 * 8, generator=torch.Generator().manual_seed(5))
+    control = comfy_models.flux_controlnet(vae=vae, seed=6).copy().set_cond_hint(hint, 1.0, (0.0, 1.0), vae=vae)
+    pos_c, neg_c = _with_control(pos, control), _with_control(neg, control)
+    cases = [
+        dict(cfg=1.0, layout=dict(ulysses_degree=2)),
+        dict(cfg=3.0, layout=dict(ulysses_degree=1, ring_degree=2)),
+        dict(cfg=3.0, layout=dict(ulysses_degree=1, cfg_parallel=True)),
+    ]
+    for case in cases:
+        layout = case.pop("layout")
+        without = comfy_models.sample(patcher, pos, neg, latent, steps=3, **case)
+        plain = comfy_models.sample(patcher, pos_c, neg_c, latent, steps=3, **case)
+        assert (plain - without).abs().max() > 1e-2  # the ControlNet steers the result
+        parallel = comfy_models.sample(_cp(pack_nodes, patcher, **layout), pos_c, neg_c, latent, steps=3, **case)
+        assert torch.isfinite(parallel).all()
+        err = (parallel - plain).abs().max().item()
+        assert err < TOL, f"{encoder} {case} {layout}: max abs err {err:.3g}"
+
+
+def test_a_controlnet_on_a_video_model_is_refused_before_any_worker_runs(comfyui_path, pack_nodes, pool_cleanup):
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("hunyuan_video")
+    control = comfy_models.flux_controlnet(seed=6)
+    with pytest.raises(Exception, match="ControlNet under Context Parallel works with FLUX models only"):
+        comfy_models.sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2), _with_control(pos, control),
+                            neg, latent, steps=2, cfg=1.0)
+
+
+def test_a_controlnet_chain_travels_once_and_the_graphs_objects_stay_as_they_are(comfyui_path, pack_nodes,
+                                                                                pool_cleanup, monkeypatch):
+    """Two chained ControlNets (the first with a VAE), shared by both prompts: the pool's
+    output equals in-process sampling; the chain reaches the workers as one object with
+    stand-ins for the VAE and the class's lambda, with the first job only (the next sends
+    tokens); the graph's own objects keep their VAE and lambda."""
+    from comfy_para_attn.adapters.comfy.controlnets import ClassDefault, PublishedVAE
+    from comfy_para_attn.pool import sent_once
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import record_sampling_jobs, sampling_inputs
+    from comfy_para_attn.testing.vae_models import tiny_comfy_vae
+
+    monkeypatch.setattr(sent_once, "MIN_BYTES", 0)
+    patcher, pos, neg, latent = sampling_inputs("flux", latent=dict(height=6, width=10))
+    vae = tiny_comfy_vae("flux", seed=4)
+    hint = torch.rand(1, 3, 6 * 8, 10 * 8, generator=torch.Generator().manual_seed(5))
+    first = comfy_models.flux_controlnet(vae=vae, seed=6).copy().set_cond_hint(hint, 0.7, (0.0, 1.0), vae=vae)
+    second = comfy_models.flux_controlnet(seed=7).copy().set_cond_hint(hint, 0.5, (0.0, 0.6))
+    second.set_previous_controlnet(first)
+    lambda_before = first.preprocess_image
+    pos_c, neg_c = _with_control(pos, second), _with_control(neg, second)
+    plain = comfy_models.sample(patcher, pos_c, neg_c, latent, steps=3, cfg=2.0)
+    jobs = record_sampling_jobs(monkeypatch)
+    model = _cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2)
+    parallel = comfy_models.sample(model, pos_c, neg_c, latent, steps=3, cfg=2.0)
+    assert torch.isfinite(parallel).all() and (parallel - plain).abs().max().item() < TOL
+    comfy_models.sample(model, pos_c, neg_c, latent, steps=3, cfg=2.0, seed=1)
+    assert first.preprocess_image is lambda_before and first.vae is vae and second.previous_controlnet is first
+    envelopes = [pickle.loads(data) for data, _ in jobs]
+    assert envelopes[0]["new"] and envelopes[1]["new"] == {}, [len(e["new"]) for e in envelopes]
+    sent = [cond["control"] for conds in jobs[0][1]["conds"].values() for cond in conds]
+    assert len(sent) == 2 and sent[0] is sent[1] and sent[0] is not second
+    assert isinstance(sent[0].previous_controlnet.vae, PublishedVAE) and sent[0].vae is None
+    assert isinstance(sent[0].previous_controlnet.preprocess_image, ClassDefault)

@@ -44,11 +44,34 @@ class _Patch:
 
 def _flux_post_input(call: ShardedCall, args: dict) -> dict:
     txt_r, img_r = call.begin(args["txt"], args["img"])  # local sequence: [txt_r, img_r]
+    if call.control is not None:
+        _local_control(call, call.control)
     out = {"img": img_r, "txt": txt_r, "img_ids": args["img_ids"], "txt_ids": args["txt_ids"]}
     if args["img_ids"] is not None:
         out["img_ids"] = call.split(args["img_ids"])[0]
         out["txt_ids"] = call.split(args["txt_ids"])[0]
     return out
+
+
+def _local_control(call: ShardedCall, control: dict) -> None:
+    """ControlNet residuals [B, S, C] meet the image tokens by index: FLUX adds one to
+    `img[:, :S]` after each double block and to the image part of [txt, img] after each single
+    block. Each becomes this rank's slice of the image tokens (the first S of the image stream:
+    with FLUX Kontext the reference tokens follow them), in place in `control`, the dict
+    forward_orig reads. The last single block's stays whole: its patch gathers the image
+    before ComfyUI adds it."""
+    lens = call.second_lens
+    start = sum(lens[: call.rank])
+    stop = start + lens[call.rank]
+
+    def local(residual):
+        if residual is None:
+            return None
+        covered = residual.shape[1]
+        return residual[:, min(start, covered): min(stop, covered)]
+
+    control["input"] = [local(r) for r in control.get("input") or ()]
+    control["output"] = [r if i == call.last_single else local(r) for i, r in enumerate(control.get("output") or ())]
 
 
 def _flux_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
@@ -155,6 +178,7 @@ def _install_block_patches(patcher, call: ShardedCall, family: str) -> None:
     keys = [(kind, i) for kind in ("double_block", "single_block") for i in range(counts[kind])]
     first, last = keys[0], keys[-1]
     if family == "flux":
+        call.last_single = counts["single_block"] - 1  # the gathering block (see _local_control)
         patcher.set_model_post_input_patch(_Patch(call, _flux_post_input))
         chain_block_patch(patcher, *last, _Patch(call, _flux_gather))
         return
@@ -181,32 +205,42 @@ class CfgSplitWrapper:
         return self
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        if control is not None:
+        if control is not None and self.call.family != "flux":
             raise ValueError(
-                "ControlNet is not supported under Context Parallel yet (its residuals are added by token "
-                "index); remove the ControlNet or the Context Parallel node."
+                "ControlNet under Context Parallel works with FLUX models only (its residuals are added by "
+                "token index); remove the ControlNet or the Context Parallel node."
             )
         if kwargs.get("attention_mask") is not None and self.call.family == "flux":
             raise ValueError("Context Parallel does not support FLUX attention masks yet.")
         cp = self.call.cp
         parts = transformer_options.get("cond_or_uncond") or []
         batch = x.shape[0]
-        if cp.config.cfg == 1 or len(parts) != cp.config.cfg or batch % cp.config.cfg:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        per, r = batch // cp.config.cfg, cp.cfg_rank
+        split = not (cp.config.cfg == 1 or len(parts) != cp.config.cfg or batch % cp.config.cfg)
+        per, r = (batch // cp.config.cfg, cp.cfg_rank) if split else (batch, 0)
 
         def half(v):
+            if not split:
+                return v
             if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch:
                 return v[r * per : (r + 1) * per]
-            if isinstance(v, (list, tuple)):  # e.g. FLUX Kontext's ref_latents
+            if isinstance(v, (list, tuple)):  # e.g. FLUX Kontext's ref_latents, ControlNet residuals
                 return type(v)(half(e) for e in v)
             return v
 
-        options = dict(transformer_options, cond_or_uncond=parts[r : r + 1])
-        if "uuids" in options and len(options["uuids"]) == len(parts):
-            options["uuids"] = options["uuids"][r : r + 1]
-        out = executor(half(x), half(t), half(c_concat), half(c_crossattn), control, options,
-                       **{k: half(v) for k, v in kwargs.items()})
+        # A copy of ControlNet's residual lists: the post-input patch slices them in place.
+        control = None if control is None else {k: half(v) if isinstance(v, (list, tuple)) else v
+                                                for k, v in control.items()}
+        self.call.control = control
+        try:
+            if not split:
+                return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            options = dict(transformer_options, cond_or_uncond=parts[r : r + 1])
+            if "uuids" in options and len(options["uuids"]) == len(parts):
+                options["uuids"] = options["uuids"][r : r + 1]
+            out = executor(half(x), half(t), half(c_concat), half(c_crossattn), control, options,
+                           **{k: half(v) for k, v in kwargs.items()})
+        finally:
+            self.call.control = None
         return all_gather(out, 0, cp.cfg_group)
 
 

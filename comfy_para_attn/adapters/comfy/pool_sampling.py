@@ -167,18 +167,24 @@ TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's 
 
 
 def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):
+    from .controlnets import has_controls, portable_controls
+    from .parallel_vae import vae_recipe
+    from .patches import model_family
+
     patcher = guider.model_patcher
     if patcher.hook_mode is not None and getattr(patcher, "hook_patches", None):
         raise NotPortableError("Context Parallel does not support hooks (CreateHook nodes) yet.")
     for name, conds in guider.original_conds.items():
         for cond in conds:
-            if cond.get("control") is not None:
-                raise NotPortableError(
-                    "ControlNet is not supported under Context Parallel yet (its residuals are added by "
-                    "token index); remove the ControlNet or the Context Parallel node."
-                )
             if cond.get("hooks") is not None:
                 raise NotPortableError("Context Parallel does not support conditioning hooks yet.")
+    conds = guider.original_conds
+    if has_controls(conds):
+        if model_family(patcher) != "flux":
+            raise NotPortableError(
+                "ControlNet under Context Parallel works with FLUX models only (its residuals are added by "
+                "token index); remove the ControlNet or the Context Parallel node.")
+        conds = portable_controls(conds, vae_recipe)
     if settings.cfg == 2 and (getattr(guider, "cfg", 1.0) == 1.0 or "negative" not in guider.original_conds):
         raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off for this sampler.")
     from .published import KEEP
@@ -196,7 +202,7 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         "patches_uuid": patcher.patches_uuid,
         "object_patches": portable_object_patches(patcher.object_patches),
         "model_options": portable_model_options(guider.model_options),
-        "conds": guider.original_conds,
+        "conds": conds,
         "guider": (guider_cls, guider_state),
         "sampler": portable_sampler(sampler),
         "noise": noise.cpu(),

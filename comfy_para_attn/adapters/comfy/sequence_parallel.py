@@ -59,6 +59,8 @@ class ShardedCall:
         self.second_lens: tuple[int, ...] = ()
         self.family = ""
         self.clip_tokens = 0
+        self.control: Optional[dict] = None  # this model call's ControlNet residuals (FLUX)
+        self.last_single = -1  # FLUX: the single block whose patch gathers the tokens
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options
         return self

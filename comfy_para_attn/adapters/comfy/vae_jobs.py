@@ -24,7 +24,7 @@ def vae_from_state_dict(state_dict, dtype=None):
     return comfy.sd.VAE(sd=dict(state_dict), dtype=dtype)
 
 
-def _cached_vae(ctx, recipe: dict):
+def cached_vae(ctx, recipe: dict):
     from ...pool import transfer
     from ...pool.worker import resolve_job
     from .worker_jobs import drop_cached
@@ -52,7 +52,7 @@ def decode(ctx, payload):
 
     began = time.perf_counter()
     plan = payload["plan"]
-    vae = _cached_vae(ctx, payload["vae"])
+    vae = cached_vae(ctx, payload["vae"])
     load_for_tiles(vae, plan)
     # This rank reserves its own image's pages (in parallel with the other ranks).
     partials = [transfer.map_float32(path, plan.out_shape, reserve=rank == ctx.rank, what="the decoded image")

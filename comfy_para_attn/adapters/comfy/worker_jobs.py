@@ -150,7 +150,9 @@ def sample(ctx, payload):
     from ...attention import build_parallel_context
     from ...attention.local import select_backend
     from .context_parallel import install_context_parallel
+    from .controlnets import rebuild_controls
     from .portable import rebuild_guider, rebuild_object_patches, rebuild_sampler
+    from .vae_jobs import cached_vae
 
     from ...pool.sent_once import ReceivedTensors, unpack
 
@@ -180,7 +182,8 @@ def sample(ctx, payload):
     guider_cls, guider_state = payload["guider"]
     first_call = []  # when ComfyUI's sampler setup (loading the model, conds) ended
     _note_first_model_call(patcher, first_call)
-    guider = rebuild_guider(guider_cls, guider_state, patcher, payload["conds"])
+    guider = rebuild_guider(guider_cls, guider_state, patcher,
+                            rebuild_controls(payload["conds"], lambda recipe: cached_vae(ctx, recipe)))
     prepared = time.monotonic()
 
     first_step = []
