@@ -514,7 +514,7 @@ def test_a_controlnet_chain_travels_once_and_the_graphs_objects_stay_as_they_are
     output equals in-process sampling; the chain reaches the workers as one object with
     stand-ins for the VAE and the class's lambda, with the first job only (the next sends
     tokens); the graph's own objects keep their VAE and lambda."""
-    from comfy_para_attn.adapters.comfy.controlnets import ClassDefault, PublishedVAE
+    from comfy_para_attn.adapters.comfy.controlnets import ClassDefault, PublishedVAE, controls_model_bytes
     from comfy_para_attn.pool import sent_once
     from comfy_para_attn.testing import comfy_models
     from comfy_para_attn.testing.comfy_pool_checks import record_sampling_jobs, sampling_inputs
@@ -542,3 +542,7 @@ def test_a_controlnet_chain_travels_once_and_the_graphs_objects_stay_as_they_are
     assert len(sent) == 2 and sent[0] is sent[1] and sent[0] is not second
     assert isinstance(sent[0].previous_controlnet.vae, PublishedVAE) and sent[0].vae is None
     assert isinstance(sent[0].previous_controlnet.preprocess_image, ClassDefault)
+    weights = sum(p.numel() * p.element_size() for c in (first, second) for p in c.control_model.parameters())
+    from comfy.sampler_helpers import convert_cond  # the guider's form of the conds
+
+    assert controls_model_bytes({"positive": convert_cond(pos_c), "negative": convert_cond(neg_c)}) == weights  # once each

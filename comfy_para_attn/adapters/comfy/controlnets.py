@@ -95,6 +95,18 @@ def has_controls(conds: dict) -> bool:
                for items in conds.values() for cond in items)
 
 
+def controls_model_bytes(conds: dict) -> int:
+    """Bytes of the ControlNet models sampling `conds` loads (each model once): the workers
+    load them at every prompt, next to the diffusion model."""
+    patchers = {}
+    for items in conds.values():
+        for cond in items:
+            control = cond.get("control") if isinstance(cond, dict) else None
+            for patcher in control.get_models() if control is not None else ():  # the whole chain's
+                patchers[id(patcher)] = patcher
+    return sum(patcher.model_size() for patcher in patchers.values())
+
+
 def rebuild_controls(conds: dict, load_vae: Callable) -> dict:
     """Worker side: put back what `portable_controls` replaced, in place; `load_vae(recipe)`
     returns the rebuilt VAE. Returns `conds`."""

@@ -226,9 +226,11 @@ def _previews_enabled() -> bool:
 
 def _make_room(pool, guider, noise, payload, settings) -> None:
     """Unload ComfyUI's own models (text encoders, VAE) from the pool's GPUs as far as rank 0
-    needs: the weights unless the workers hold them, and its share of the activations."""
+    needs: the weights unless the workers hold them, its share of the activations, and the
+    ControlNets' weights (loaded at every prompt)."""
     import comfy.sampler_helpers
 
+    from .controlnets import controls_model_bytes
     from .memory import make_room_for_workers
     from .published import is_resident
 
@@ -237,7 +239,7 @@ def _make_room(pool, guider, noise, payload, settings) -> None:
     except Exception as exc:  # another ComfyUI version's signature: make room for the weights only
         log.debug("Context Parallel: no activation memory estimate (%s)", exc)
         activations = 0
-    need = int(activations) // max(1, settings.ulysses * settings.ring)
+    need = int(activations) // max(1, settings.ulysses * settings.ring) + controls_model_bytes(guider.original_conds)
     if not is_resident(pool, "model", payload["fingerprint"]):
         need += payload["weights"].nbytes
     make_room_for_workers(settings.gpus, need, "Context Parallel")
