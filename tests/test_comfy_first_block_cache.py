@@ -274,3 +274,36 @@ def test_node_and_errors(cm, fbc, setups, comfyui_path):
     with pytest.raises(ValueError, match="Supported: FLUX .*HunyuanVideo.*Wan"):
         fbc.apply_first_block_cache(type("P", (), {"model": type("B", (), {"diffusion_model": Other()})()})(),
                                     Settings())
+
+
+@pytest.mark.comfyui
+def test_a_reused_step_with_a_controlnet_counts_its_residuals_once(cm, fbc):
+    """ComfyUI adds ControlNet residuals in place after every block. A step whose input barely
+    changed (sigmas 0.9, 0.9 - 1e-5) reuses the cache and must stay as close to the computed
+    step as without a ControlNet; when the first block's output aliased the cached base, the
+    double blocks' residuals were counted twice."""
+    import comfy.sample
+    import comfy.samplers
+
+    model = cm.build("flux")
+    pos, neg = cm.conditioning(model, seed=1), cm.conditioning(model, seed=2)
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    control = cm.flux_controlnet(seed=6).copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+    latent = torch.zeros(cm.latent_shape("flux"))
+    noise = comfy.sample.prepare_noise(latent, 0)
+    sigmas = torch.tensor([0.9, 0.9 - 1e-5, 0.0])
+
+    def second_step(settings, positive):
+        denoised = []
+        comfy.sample.sample_custom(fbc.apply_first_block_cache(model, settings), noise, 1.0,
+                                   comfy.samplers.sampler_object("euler"), sigmas, positive, neg, latent,
+                                   callback=lambda step, x0, x, total: denoised.append(x0.clone()),
+                                   disable_pbar=True, seed=0)
+        return denoised[1]
+
+    errors = {}
+    for name, positive in (("plain", pos), ("controlnet", [[t, {**e, "control": control}] for t, e in pos])):
+        computed, reused = second_step(Settings(0.0), positive), second_step(Settings(1.0), positive)
+        assert torch.isfinite(reused).all() and computed.abs().mean() > 1e-3
+        errors[name] = (reused - computed).abs().max().item()
+    assert errors["controlnet"] < 10 * errors["plain"] + 1e-5, errors

@@ -530,12 +530,20 @@ def test_a_controlnet_chain_travels_once_and_the_graphs_objects_stay_as_they_are
     lambda_before = first.preprocess_image
     pos_c, neg_c = _with_control(pos, second), _with_control(neg, second)
     plain = comfy_models.sample(patcher, pos_c, neg_c, latent, steps=3, cfg=2.0)
+    import comfy.model_management as mm
+
+    def loaded_here():  # ControlNet models ComfyUI holds loaded in this process
+        return [m for m in mm.current_loaded_models if m.model in (first.control_model_wrapped,
+                                                                   second.control_model_wrapped)]
+
+    assert len(loaded_here()) == 2  # the in-process run left them loaded
     jobs = record_sampling_jobs(monkeypatch)
     model = _cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2)
     parallel = comfy_models.sample(model, pos_c, neg_c, latent, steps=3, cfg=2.0)
     assert torch.isfinite(parallel).all() and (parallel - plain).abs().max().item() < TOL
     comfy_models.sample(model, pos_c, neg_c, latent, steps=3, cfg=2.0, seed=1)
     assert first.preprocess_image is lambda_before and first.vae is vae and second.previous_controlnet is first
+    assert loaded_here() == []  # unloaded here: they travel as plain modules, with no load state
     envelopes = [pickle.loads(data) for data, _ in jobs]
     assert envelopes[0]["new"] and envelopes[1]["new"] == {}, [len(e["new"]) for e in envelopes]
     sent = [cond["control"] for conds in jobs[0][1]["conds"].values() for cond in conds]
@@ -546,3 +554,22 @@ def test_a_controlnet_chain_travels_once_and_the_graphs_objects_stay_as_they_are
     from comfy.sampler_helpers import convert_cond  # the guider's form of the conds
 
     assert controls_model_bytes({"positive": convert_cond(pos_c), "negative": convert_cond(neg_c)}) == weights  # once each
+
+
+def test_controlnets_with_two_vaes_are_refused_before_any_worker_runs(comfyui_path, pack_nodes, pool_cleanup):
+    """The workers keep one VAE in /dev/shm: a prompt whose ControlNets encode their hints
+    with two different VAEs is refused with a message saying what to change."""
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+    from comfy_para_attn.testing.vae_models import tiny_comfy_vae
+
+    patcher, pos, neg, latent = sampling_inputs("flux", latent=dict(height=6, width=10))
+    hint = torch.rand(1, 3, 6 * 8, 10 * 8, generator=torch.Generator().manual_seed(5))
+    controls = []
+    for seed in (4, 8):
+        vae = tiny_comfy_vae("flux", seed=seed)
+        controls.append(comfy_models.flux_controlnet(vae=vae, seed=seed).copy().set_cond_hint(hint, 0.5, vae=vae))
+    controls[1].set_previous_controlnet(controls[0])
+    with pytest.raises(Exception, match="one VAE per prompt; give every ControlNet of this prompt the same VAE"):
+        comfy_models.sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2), _with_control(pos, controls[1]),
+                            neg, latent, steps=2, cfg=1.0)

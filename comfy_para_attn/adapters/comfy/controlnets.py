@@ -18,7 +18,12 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
 
 
 class ClassDefault:
@@ -59,10 +64,38 @@ def _chain(control):
         control = getattr(control, "previous_controlnet", None)
 
 
+def _unload_here(patcher) -> None:
+    """Take a ControlNet's model off ComfyUI's GPU (it runs in the workers now; an earlier
+    in-process run left it loaded): ComfyUI's own unload, as its `free_memory` does, returns
+    the module to its offload device with no load state, as the workers must get it."""
+    import comfy.model_management as mm
+
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        if mm.current_loaded_models[i].model is patcher and mm.current_loaded_models[i].model_unload():
+            mm.current_loaded_models.pop(i)
+
+
+def _check_on_host(control) -> None:
+    model = getattr(control, "control_model", None)
+    if not isinstance(model, torch.nn.Module):
+        return
+    on_gpu = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "cpu")
+    if on_gpu and id(model) not in _warned_on_gpu:
+        _warned_on_gpu.add(id(model))
+        log.warning("Context Parallel: this ControlNet's weights stay on the GPU (ComfyUI's --highvram or "
+                    "--gpu-only keep models there), so %.2f GiB travel to the workers with every prompt "
+                    "instead of once.", on_gpu / 2**30)
+
+
+_warned_on_gpu: set = set()
+
+
 def portable_controls(conds: dict, vae_recipe: Callable) -> dict:
     """`conds` (prompt type -> list of cond dicts) with every ControlNet chain made portable;
     `vae_recipe(vae)` publishes a VAE and returns its recipe. New dicts; cond dicts without a
-    ControlNet are passed on as they are."""
+    ControlNet are passed on as they are. Raises NotPortableError for what cannot travel."""
+    from .portable import NotPortableError
+
     copies: dict = {}  # id(original) -> portable copy: shared objects stay shared
     recipes: dict = {}  # id(vae) -> its recipe (published once per job)
 
@@ -71,6 +104,11 @@ def portable_controls(conds: dict, vae_recipe: Callable) -> dict:
             return None
         if id(control) in copies:
             return copies[id(control)]
+        if getattr(control, "extra_hooks", None) is not None:
+            raise NotPortableError("Context Parallel does not support ControlNet hooks yet.")
+        for patcher in control.get_models():
+            _unload_here(patcher)
+        _check_on_host(control)
         clone = copies[id(control)] = copy.copy(control)
         for name, default in lambda_defaults(type(control)).items():
             if getattr(clone, name, None) is default:
@@ -79,6 +117,10 @@ def portable_controls(conds: dict, vae_recipe: Callable) -> dict:
         if vae is not None:
             if id(vae) not in recipes:
                 recipes[id(vae)] = PublishedVAE(vae_recipe(vae))
+                if len({r.recipe["fingerprint"] for r in recipes.values()}) > 1:
+                    # The workers keep one VAE in /dev/shm: publishing the second evicts the first.
+                    raise NotPortableError("Context Parallel supports ControlNets with one VAE per prompt; give "
+                                           "every ControlNet of this prompt the same VAE.")
             clone.vae = recipes[id(vae)]
         if getattr(clone, "cond_hint", None) is not None:
             clone.cond_hint = None

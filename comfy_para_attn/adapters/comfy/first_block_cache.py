@@ -81,9 +81,11 @@ class FirstBlockCacheRun:
         reduce_sum = getattr(to.get(CP_KEY), "all_reduce_sum", None)
         hit = self.cache.begin_call(part, sigma, out["img"] - args["img"],
                                     allowed=allowed, reduce_sum=reduce_sum)
-        # On a miss the next blocks run, and ComfyUI's blocks update their inputs in place
-        # (`txt += ...` in DoubleStreamBlock): keep a copy to measure the tail against.
-        streams = {k: out[k] if hit else out[k].clone() for k in ("img", "txt") if k in out}
+        # A copy to measure the tail against (on a miss) or to add it to (on a hit): ComfyUI
+        # updates these tensors in place after this block, its blocks (`txt += ...` in
+        # DoubleStreamBlock) on a miss and ControlNet residuals on both; aliased, a hit counted
+        # the double blocks' residuals twice.
+        streams = {k: out[k].clone() for k in ("img", "txt") if k in out}
         self.current = _Call(part, streams, hit)
         return out
 
