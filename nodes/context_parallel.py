@@ -41,7 +41,8 @@ class ParaAttnContextParallel:
     FUNCTION = "apply"
     CATEGORY = "para_attn"
     DESCRIPTION = ("Samples on several GPUs at once with context parallelism (Ulysses x Ring), in a pool of "
-                   "background workers that stays alive between prompts. No special sampler or loader needed.")
+                   "background workers that stays alive between prompts. No special sampler or loader needed. "
+                   "FLUX ControlNets work too (each GPU runs the whole ControlNet).")
 
     def apply(self, model, gpus, layout, ulysses_degree, ring_degree, cfg_parallel, timeout_s, attention_backend="sdpa"):
         from comfy_para_attn.adapters.comfy.pool_sampling import apply_context_parallel, make_settings
