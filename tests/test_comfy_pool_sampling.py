@@ -550,7 +550,8 @@ def test_a_controlnet_chain_travels_once_and_the_graphs_objects_stay_as_they_are
     assert len(sent) == 2 and sent[0] is sent[1] and sent[0] is not second
     assert isinstance(sent[0].previous_controlnet.vae, PublishedVAE) and sent[0].vae is None
     assert isinstance(sent[0].previous_controlnet.preprocess_image, ClassDefault)
-    weights = sum(p.numel() * p.element_size() for c in (first, second) for p in c.control_model.parameters())
+    modules = (first.control_model, second.control_model, vae.first_stage_model)
+    weights = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
     from comfy.sampler_helpers import convert_cond  # the guider's form of the conds
 
     assert controls_model_bytes({"positive": convert_cond(pos_c), "negative": convert_cond(neg_c)}) == weights  # once each

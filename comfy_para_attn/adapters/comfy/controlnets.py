@@ -138,14 +138,18 @@ def has_controls(conds: dict) -> bool:
 
 
 def controls_model_bytes(conds: dict) -> int:
-    """Bytes of the ControlNet models sampling `conds` loads (each model once): the workers
-    load them at every prompt, next to the diffusion model."""
+    """Bytes of the ControlNet models and hint VAEs sampling `conds` loads (each once): the
+    workers load them at every prompt, next to the diffusion model."""
     patchers = {}
     for items in conds.values():
         for cond in items:
             control = cond.get("control") if isinstance(cond, dict) else None
             for patcher in control.get_models() if control is not None else ():  # the whole chain's
                 patchers[id(patcher)] = patcher
+            for link in _chain(control):
+                vae_patcher = getattr(getattr(link, "vae", None), "patcher", None)
+                if vae_patcher is not None:
+                    patchers[id(vae_patcher)] = vae_patcher
     return sum(patcher.model_size() for patcher in patchers.values())
 
 
