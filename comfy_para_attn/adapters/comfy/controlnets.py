@@ -75,6 +75,9 @@ def _unload_here(patcher) -> None:
             mm.current_loaded_models.pop(i)
 
 
+_warned_on_gpu: set = set()
+
+
 def _check_on_host(control) -> None:
     model = getattr(control, "control_model", None)
     if not isinstance(model, torch.nn.Module):
@@ -87,7 +90,15 @@ def _check_on_host(control) -> None:
                     "instead of once.", on_gpu / 2**30)
 
 
-_warned_on_gpu: set = set()
+def _model_patchers(conds: dict) -> dict:
+    """{id: ModelPatcher} of every ControlNet model in `conds`' chains, each once."""
+    patchers = {}
+    for items in conds.values():
+        for cond in items:
+            control = cond.get("control") if isinstance(cond, dict) else None
+            for patcher in control.get_models() if control is not None else ():  # the whole chain's
+                patchers[id(patcher)] = patcher
+    return patchers
 
 
 def portable_controls(conds: dict, vae_recipe: Callable) -> dict:
@@ -106,8 +117,6 @@ def portable_controls(conds: dict, vae_recipe: Callable) -> dict:
             return copies[id(control)]
         if getattr(control, "extra_hooks", None) is not None:
             raise NotPortableError("Context Parallel does not support ControlNet hooks yet.")
-        for patcher in control.get_models():
-            _unload_here(patcher)
         _check_on_host(control)
         clone = copies[id(control)] = copy.copy(control)
         for name, default in lambda_defaults(type(control)).items():
@@ -127,6 +136,8 @@ def portable_controls(conds: dict, vae_recipe: Callable) -> dict:
         clone.previous_controlnet = portable(getattr(control, "previous_controlnet", None))
         return clone
 
+    for patcher in _model_patchers(conds).values():
+        _unload_here(patcher)
     return {kind: [dict(cond, control=portable(cond["control"]))
                    if isinstance(cond, dict) and cond.get("control") is not None else cond for cond in items]
             for kind, items in conds.items()}
@@ -140,13 +151,10 @@ def has_controls(conds: dict) -> bool:
 def controls_model_bytes(conds: dict) -> int:
     """Bytes of the ControlNet models and hint VAEs sampling `conds` loads (each once): the
     workers load them at every prompt, next to the diffusion model."""
-    patchers = {}
+    patchers = _model_patchers(conds)
     for items in conds.values():
         for cond in items:
-            control = cond.get("control") if isinstance(cond, dict) else None
-            for patcher in control.get_models() if control is not None else ():  # the whole chain's
-                patchers[id(patcher)] = patcher
-            for link in _chain(control):
+            for link in _chain(cond.get("control") if isinstance(cond, dict) else None):
                 vae_patcher = getattr(getattr(link, "vae", None), "patcher", None)
                 if vae_patcher is not None:
                     patchers[id(vae_patcher)] = vae_patcher
