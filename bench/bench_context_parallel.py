@@ -1,7 +1,7 @@
 """Context Parallel in ComfyUI: in-process 1 GPU vs the worker pool on N GPUs, same run.
 
     python bench/bench_context_parallel.py --comfyui PATH [--family flux|hunyuan_video]
-        [--steps 28] [--gpus 2] [--compile] [--tiny]
+        [--steps 28] [--gpus 2] [--compile] [--tiny] [--controlnet]
 
 Random weights at the real model size (FLUX.1-dev: 12B, 1024x1024 = 4096 image + 512 text
 tokens; HunyuanVideo: 13B, 544x960x33 frames = 18,360 image tokens), bf16, sampled through
@@ -40,7 +40,24 @@ def build(args):
     negative = comfy_models.conditioning(patcher, tokens=tokens, seed=2, device=conds_device)
     shape = comfy_models.latent_shape(args.family, **latent)
     image = torch.zeros(shape)  # text-to-image: empty latent, as EmptyLatentImage gives
+    if args.controlnet:
+        positive, negative = with_controlnet(args, config, shape, positive, negative)
     return patcher, positive, negative, image
+
+
+def with_controlnet(args, config, shape, positive, negative):
+    """The conds with an XLabs-style FLUX ControlNet (its own hint encoder; XLabs' FLUX
+    ControlNets have 2 double blocks) at the model's width, random weights, on a random hint."""
+    from comfy_para_attn.testing import comfy_models
+
+    if args.family != "flux":
+        raise SystemExit("--controlnet: FLUX only")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    control = comfy_models.flux_controlnet(seed=6, dtype=dtype, **dict(config, depth=2, depth_single_blocks=0))
+    hint = torch.rand(1, 3, shape[-2] * 8, shape[-1] * 8, generator=torch.Generator().manual_seed(5))
+    control = control.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+    return [[[t, {**extra, "control": control, "control_apply_to_uncond": True}] for t, extra in conds]
+            for conds in (positive, negative)]
 
 
 def run(model, positive, negative, image, steps, cfg):
@@ -106,6 +123,8 @@ def main():
                         help="where the conditioning lives (cpu: as CLIPTextEncode leaves it; runs before "
                              "session 11 used cuda)")
     parser.add_argument("--half-tokens", action="store_true", help="also time 1 GPU on half the tokens")
+    parser.add_argument("--controlnet", action="store_true",
+                        help="FLUX: sample with an XLabs-style ControlNet (2 double blocks, random weights)")
     parser.add_argument("--ours-baseline", action="store_true",
                         help="also time 1 GPU with its attention on our local kernel (the workers' choice, e.g. "
                              "cuDNN), not only with ComfyUI's own (torch SDPA's default choice)")
@@ -138,7 +157,7 @@ def main():
     device_name = "cpu" if args.tiny else torch.cuda.get_device_name(0)
     print(f"device: {device_name} x{torch.cuda.device_count() if not args.tiny else 0} | torch {torch.__version__} | "
           f"attention backend: {_auto(q, None)} | family {args.family} | steps {args.steps} | cfg {args.cfg} | "
-          f"conds on {'cpu' if args.tiny else args.conds_device}")
+          f"conds on {'cpu' if args.tiny else args.conds_device} | controlnet {args.controlnet}")
 
     modes = [] if args.skip_eager else [("eager", patcher)]
     if args.compile:

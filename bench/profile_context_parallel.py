@@ -40,7 +40,12 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     from comfy_para_attn.attention import parallel
     from comfy_para_attn.testing import comfy_models
 
-    if chunks is not None:
+    if chunks is not None and ring > 1:  # "ring:C": gather the keys in C head groups; "ring:0": overlap
+        from comfy_para_attn.attention import ring as ring_module
+
+        ring_module.GATHER_MAX_TOKENS = 1 << 30 if chunks else 0
+        ring_module.FETCH_CHUNKS = max(chunks, 1)
+    elif chunks is not None:
         parallel.ULYSSES_CHUNKS = chunks
     from comfy_para_attn.attention.local import set_backend
 
@@ -101,7 +106,8 @@ def main():
     parser.add_argument("--family", default="flux", choices=["flux", "hunyuan_video"])
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--layouts", default="ulysses,ring", help="ulysses, ring; 'ulysses:C' pipelines C head chunks")
+    parser.add_argument("--layouts", default="ulysses,ring", help="ulysses, ring; 'ulysses:C' pipelines C head chunks; 'ring:C' gathers the keys "
+                        "in C head groups at any length, 'ring:0' overlaps")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")

@@ -48,6 +48,26 @@ def test_overlapping_ring_of_two_matches_full_attention(world, ulysses, ring, mo
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("world,ulysses,ring", [(2, 1, 2), (4, 2, 2)])
+def test_ring_of_two_gathering_head_groups_matches_full_attention(world, ulysses, ring, monkeypatch):
+    """The gather pipelined over head groups (3 of 4 heads: groups of 2, 1, 1; under ulysses 2
+    each rank has 2 heads left, so 2 groups) gives the same shards, uneven lengths included."""
+    monkeypatch.setenv("PARA_ATTN_RING_FETCH_CHUNKS", "3")  # read by each spawned rank at import
+    per_rank = run_ranks(check_parallel_attention, world, ulysses, ring)
+    assert all(len(errors) == 24 for errors in per_rank)
+    failures = shard_failures(per_rank)
+    assert not failures, "\n".join(failures)
+
+
+def test_head_groups_cover_every_head_once():
+    from comfy_para_attn.attention.ring import head_groups
+
+    assert head_groups(24, 1) == [(0, 24)]
+    assert head_groups(24, 4) == [(0, 6), (6, 12), (12, 18), (18, 24)]
+    assert head_groups(4, 3) == [(0, 2), (2, 3), (3, 4)]
+    assert head_groups(2, 3) == [(0, 1), (1, 2)]
+
+
 def kernel_calls_of_a_ring_of_two(rank, world_size, tokens):
     """(local kernel calls, max abs error) of one ring-of-two call with `tokens` keys a rank."""
     from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context, ring as ring_module

@@ -12,13 +12,15 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("ulysses,ring,gather_tokens", [(2, 1, None), (1, 2, None), (1, 2, "0")],
-                         ids=["ulysses2", "ring2-fetch", "ring2-overlap"])
-def test_shards_match_full_attention_over_nccl(ulysses, ring, gather_tokens, monkeypatch):
-    """Short blocks: a ring of two fetches the other block; ring2-overlap forces the
-    overlapping ring with its log-sum-exp merge."""
-    if gather_tokens is not None:
-        monkeypatch.setenv("PARA_ATTN_RING_GATHER_TOKENS", gather_tokens)  # read by each rank at import
+@pytest.mark.parametrize("ulysses,ring,env", [
+    (2, 1, {}), (1, 2, {}), (1, 2, {"PARA_ATTN_RING_FETCH_CHUNKS": "3"}), (1, 2, {"PARA_ATTN_RING_GATHER_TOKENS": "0"}),
+], ids=["ulysses2", "ring2-fetch", "ring2-fetch-head-groups", "ring2-overlap"])
+def test_shards_match_full_attention_over_nccl(ulysses, ring, env, monkeypatch):
+    """Short blocks: a ring of two gathers the keys (in one piece, or in head groups, read by
+    the attention kernel as strided views); ring2-overlap forces the overlapping ring with its
+    log-sum-exp merge."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # read by each rank at import
     per_rank = run_ranks(check_parallel_attention, 2, ulysses, ring, (False, True), "cuda", backend="nccl",
                          one_gpu_per_rank=True, timeout=600)
     assert all(len(errors) == 24 for errors in per_rank)

@@ -25,15 +25,16 @@ def _run(comfyui_path, *args, timeout=600):
 
 def test_profile_context_parallel_tiny(comfyui_path):
     out = _run(comfyui_path, "bench/profile_context_parallel.py", "--tiny", "--steps", "1",
-               "--layouts", "ulysses,ulysses:2,ring")
+               "--layouts", "ulysses,ulysses:2,ring,ring:2,ring:0")
     diffs = [float(d) for d in re.findall(r"max diff ([0-9.eE+-]+|nan)", out)]
-    assert len(diffs) == 4, out  # 1 rank + three 2-rank layouts
+    assert len(diffs) == 6, out  # 1 rank + five 2-rank layouts
     assert all(d < 1e-4 for d in diffs), out  # fp32: the parallel latent equals the 1-rank one
     assert "| ring x2 |" in out and "top CPU ops" in out
 
 
-def test_bench_context_parallel_tiny(comfyui_path):
-    out = _run(comfyui_path, "bench/bench_context_parallel.py", "--tiny", "--steps", "2", "--layouts", "ring")
+@pytest.mark.parametrize("extra", [[], ["--controlnet"]], ids=["plain", "controlnet"])
+def test_bench_context_parallel_tiny(comfyui_path, extra):
+    out = _run(comfyui_path, "bench/bench_context_parallel.py", "--tiny", "--steps", "2", "--layouts", "ring", *extra)
     row = re.search(r"\| 2 GPUs ring x2 \(eager\) \| [0-9.]+ \| [0-9.]+x \| ([0-9.eE+-]+) \|", out)
     assert row and float(row.group(1)) < 1e-4, out
     assert re.search(r"Context Parallel rank 1: model loaded in", out), out

@@ -71,15 +71,20 @@ def all_to_all(x: Tensor, out_splits, in_splits, group: str) -> Tensor:
     return finish(start_all_to_all(x, out_splits, in_splits, group))
 
 
+def start_all_gather(x: Tensor, group: str):
+    """Begin concatenating every rank's `x` along dim 0 (same shape on every rank);
+    `finish(handle)` returns the result."""
+    x = x.contiguous()
+    if _compiling():
+        return _gather_dim0(x, 0, group), None
+    pg = _process_group(group)
+    gathered = x.new_empty((x.shape[0] * pg.size(),) + tuple(x.shape[1:]))
+    return gathered, _gather_into(gathered, x, group=pg, async_op=True)
+
+
 def all_gather(x: Tensor, dim: int, group: str) -> Tensor:
     """Concatenate every rank's `x` along `dim` (same shape on every rank)."""
-    x = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
-    if _compiling():
-        gathered = _gather_dim0(x, 0, group)
-    else:
-        pg = _process_group(group)
-        gathered = x.new_empty((x.shape[0] * pg.size(),) + tuple(x.shape[1:]))
-        _gather_into(gathered, x, group=pg)
+    gathered = finish(start_all_gather(x.movedim(dim, 0) if dim else x, group))
     return gathered.movedim(0, dim) if dim else gathered
 
 

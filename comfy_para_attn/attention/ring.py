@@ -4,12 +4,15 @@ log-sum-exp in fp32.
 The next block's transfer is issued before the current block is computed, so (with async
 functional collectives, eager or compiled) communication overlaps compute.
 
-A ring of two with short blocks takes another way: fetch the other rank's K/V, then one
+A ring of two with short blocks takes another way: gather both ranks' K/V, then one
 kernel over all keys. There the transfer takes about as long as the local block's attention,
 so overlapping it hides little, while two half-size kernels, the NCCL kernel taking SMs from
 the first one, and the merge cost more (FLUX at 1024x1024, 2304 tokens a rank, 2 H200s,
-three A/B runs: 2.0-2.2 ms a step less). Long blocks (video) measured the same either way and
-keep the overlap, which needs no full-size K/V buffer.
+three A/B runs: 2.0-2.2 ms a step less). The gather lands in the global key order, token-
+major, and the kernel reads K and V from it as strided views: nothing is unpacked. With
+`PARA_ATTN_RING_FETCH_CHUNKS` = C > 1 the heads travel in C groups, each issued up front, and
+attention on one group runs while the next travels. Long blocks (video) measured the same
+either way and keep the overlap, which needs no full-size K/V buffer.
 """
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .collectives import finish, start_all_to_all
+from .collectives import finish, start_all_gather, start_all_to_all
 from .local import local_attention
 
 # A ring of two whose largest block has at most this many tokens fetches the other block
 # and runs one kernel (see above); 0 always overlaps. Read at import.
 GATHER_MAX_TOKENS = int(os.environ.get("PARA_ATTN_RING_GATHER_TOKENS") or 4096)
+# Head groups that gather is pipelined over (see above). Read at import.
+FETCH_CHUNKS = int(os.environ.get("PARA_ATTN_RING_FETCH_CHUNKS") or 1)
 
 
 def _shift(kv: Tensor, group: str, rank: int, block_lens: Sequence[int], step: int, rows_per_token: int) -> Tensor:
@@ -73,10 +78,10 @@ def ring_attention(
     world = len(block_lens)
     batch, heads, _, dim = k.shape
     offsets = [sum(block_lens[:i]) for i in range(world)]
+    if world == 2 and max(block_lens) <= GATHER_MAX_TOKENS:
+        return _gather_then_attend(q, k, v, group, block_lens, bias, scale, FETCH_CHUNKS)
     rows_per_token = 2 * batch * heads  # k and v travel together
     kv = torch.cat([k.reshape(-1, dim), v.reshape(-1, dim)], dim=0)
-    if world == 2 and max(block_lens) <= GATHER_MAX_TOKENS:
-        return _fetch_then_attend(q, k, v, kv, group, rank, block_lens, rows_per_token, bias, scale)
     out = lse = None
     for step in range(world):
         origin = (rank - step) % world
@@ -96,14 +101,42 @@ def ring_attention(
     return out.to(q.dtype)
 
 
-def _fetch_then_attend(q, k, v, kv, group, rank, block_lens, rows_per_token, bias, scale) -> Tensor:
-    """Ring of two: receive the other rank's K/V, then one kernel over the keys in global
-    order (so `bias` applies as it is); no merge."""
-    batch, heads, _, dim = k.shape
-    remote = finish(_shift(kv, group, rank, block_lens, 0, rows_per_token))
-    remote_k, remote_v = (t.reshape(batch, heads, -1, dim) for t in remote.split(batch * heads * block_lens[1 - rank]))
+def head_groups(heads: int, chunks: int) -> list[tuple[int, int]]:
+    """`chunks` (at most `heads`) contiguous head ranges, the first ones one head larger."""
+    chunks = max(1, min(chunks, heads))
+    base, extra = divmod(heads, chunks)
+    bounds, start = [], 0
+    for i in range(chunks):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
-    def in_order(mine: Tensor, theirs: Tensor) -> Tensor:
-        return torch.cat([mine, theirs] if rank == 0 else [theirs, mine], dim=2)
 
-    return local_attention(q, in_order(k, remote_k), in_order(v, remote_v), bias, scale)[0]
+def _start_key_gather(k: Tensor, v: Tensor, group: str, block_lens: Sequence[int]):
+    """Begin gathering every ring rank's k and v ([B, h, n_rank, D]) into rows [S, 2, B, h, D]:
+    token-major, so the blocks of the ranks in rank order are the global key order.
+
+    Equal blocks go by all-gather. Uneven ones by an all-to-all in which each rank sends its
+    block to every rank, itself included; on 2 H200s that was slower for equal blocks (FLUX:
+    14.9 ms of NCCL kernels a step against 9.5-11.0 for the all-gather, whose NCCL kernel
+    copies our own block itself)."""
+    rows = torch.stack([k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)], dim=1).flatten(1)
+    if len(set(block_lens)) == 1:
+        return start_all_gather(rows, group)
+    world = len(block_lens)
+    return start_all_to_all(rows.repeat(world, 1), list(block_lens), [rows.shape[0]] * world, group)
+
+
+def _gather_then_attend(q, k, v, group, block_lens, bias, scale, chunks) -> Tensor:
+    """Every rank of the ring gets all keys in global order (so `bias` applies as it is),
+    then one kernel over them per head group; no merge."""
+    batch, _, _, dim = k.shape
+    groups = head_groups(k.shape[1], chunks)
+    pending = [_start_key_gather(k[:, a:b], v[:, a:b], group, block_lens) for a, b in groups]
+    outs = []
+    for (a, b), handle in zip(groups, pending):
+        rows = finish(handle).view(-1, 2, batch, b - a, dim)
+        keys, values = (rows[:, i].permute(1, 2, 0, 3) for i in (0, 1))  # [B, h, S, D] views
+        outs.append(local_attention(q[:, a:b], keys, values, bias, scale)[0])
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -159,10 +159,11 @@ def apply_lora(patcher, lora: dict, strength: float = 1.0):
     return comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)[0]
 
 
-def flux_controlnet(*, vae=None, seed: int = 0, **config):
-    """A ComfyUI ControlNet around a random-weight ControlNetFlux of the tiny FLUX config: with
-    `vae` (a comfy VAE), InstantX-style (the hint is encoded by the VAE given to
-    `set_cond_hint`); without, XLabs-style (the hint image goes through its own conv encoder)."""
+def flux_controlnet(*, vae=None, seed: int = 0, dtype=torch.float32, **config):
+    """A ComfyUI ControlNet around a random-weight ControlNetFlux of the tiny FLUX config
+    (`config` overrides it): with `vae` (a comfy VAE), InstantX-style (the hint is encoded by
+    the VAE given to `set_cond_hint`); without, XLabs-style (the hint image goes through its
+    own conv encoder)."""
     import comfy.controlnet
     import comfy.latent_formats
     import comfy.ldm.flux.controlnet
@@ -172,7 +173,7 @@ def flux_controlnet(*, vae=None, seed: int = 0, **config):
     latent = vae is not None
     model = comfy.ldm.flux.controlnet.ControlNetFlux(
         latent_input=latent, control_latent_channels=16 if latent else None, operations=comfy.ops.disable_weight_init,
-        device="cpu", dtype=torch.float32, **dict(FLUX_TINY, **config))
+        device="cpu", dtype=dtype, **dict(FLUX_TINY, **config))
     init_random_weights(model, seed)
     load_device = comfy.model_management.get_torch_device()
     if latent:
