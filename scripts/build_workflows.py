@@ -39,6 +39,10 @@ WIDGETS = {
     "VAEDecodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
     "SaveImage": ["filename_prefix"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
+    "ControlNetLoader": ["control_net_name"],
+    "LoadImage": ["image", None],  # None: the frontend's upload button
+    "Canny": ["low_threshold", "high_threshold"],
+    "ControlNetApplyAdvanced": ["strength", "start_percent", "end_percent"],
 }
 OUTPUTS = {
     "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPTextEncode": ["CONDITIONING"],
@@ -48,9 +52,10 @@ OUTPUTS = {
     "SamplerCustomAdvanced": ["LATENT", "LATENT"], "VAEDecode": ["IMAGE"], "VAEDecodeTiled": ["IMAGE"],
     "SaveImage": [], "SaveAnimatedWEBP": [], "ParaAttnFP8Quantize": ["MODEL"], "ParaAttnCompile": ["MODEL"],
     "ParaAttnFirstBlockCache": ["MODEL"], "ParaAttnContextParallel": ["MODEL"], "ParaAttnParallelVAEDecode": ["IMAGE"],
-    "Note": [],
+    "Note": [], "ControlNetLoader": ["CONTROL_NET"], "LoadImage": ["IMAGE", "MASK"], "Canny": ["IMAGE"],
+    "ControlNetApplyAdvanced": ["CONDITIONING", "CONDITIONING"],
 }
-OUTPUT_NAMES = {"SamplerCustomAdvanced": ["output", "denoised_output"]}
+OUTPUT_NAMES = {"SamplerCustomAdvanced": ["output", "denoised_output"], "ControlNetApplyAdvanced": ["positive", "negative"]}
 PROMPT_FLUX = "a red fox reading a newspaper in a sunlit cafe, detailed fur, 35mm photo"
 PROMPT_HUNYUAN = "a cat walks on the grass, realistic style, slow camera pan"
 
@@ -65,10 +70,14 @@ Compile Model: regional = each transformer block class compiled once (seconds of
 first run is slower). dynamic on if you often change resolution.
 First Block Cache: residual_diff_threshold 0.12 is a good FLUX default (about 2x on 28 steps);
 lower (0.08) = closer to the plain model, higher = faster. 0 = off.
-{multi_note}Any order of these nodes works; threshold 0 / mode off / scope off give the plain model."""
+{multi_note}{controlnet_note}Any order of these nodes works; threshold 0 / mode off / scope off give the plain model."""
 FLUX_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers). auto layout picks
 Ulysses x Ring from the 24 heads. The workers stay alive between prompts.
 Parallel VAE Decode: VAE Decode (Tiled) with the tiles spread over the same workers.
+"""
+FLUX_CONTROLNET_NOTE = """ControlNet: XLabs' flux-canny-controlnet-v3 in models/controlnet; load your own image in Load
+Image (Canny turns it into edges). Under Context Parallel every GPU runs the whole ControlNet and
+adds its residuals to its own tokens; FLUX ControlNets only (XLabs and InstantX styles).
 """
 HUNYUAN_NOTE = """comfy-para-attn on HunyuanVideo{multi}
 
@@ -116,8 +125,8 @@ def node(id, type, pos, widgets=(), inputs=(), title=None, size=(315, 110)):
                 title=title)
 
 
-def flux(multi: bool) -> list:
-    model_out = (10, 0)
+def flux(multi: bool, controlnet: bool = False) -> list:
+    model_out, conds = (10, 0), ((4, 0), (5, 0))
     nodes = [
         node(1, "UNETLoader", (0, 0), ["flux1-dev.safetensors", "default"]),
         node(2, "DualCLIPLoader", (0, 150), ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]),
@@ -134,22 +143,34 @@ def flux(multi: bool) -> list:
         node(10, "ParaAttnFirstBlockCache", (1120, -250), dict(residual_diff_threshold=0.12, start_percent=0.0, end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (9, 0))],
              size=(340, 130)),
     ]
+    if controlnet:
+        nodes += [
+            node(16, "ControlNetLoader", (0, 520), ["flux-canny-controlnet-v3.safetensors"], size=(315, 58)),
+            node(17, "LoadImage", (0, 620), ["example.png", "image"], title="Control image", size=(315, 314)),
+            node(18, "Canny", (380, 620), [0.4, 0.8], [("image", "IMAGE", (17, 0))], size=(315, 82)),
+            node(19, "ControlNetApplyAdvanced", (820, 450), [0.7, 0.0, 1.0],
+                 [("positive", "CONDITIONING", (4, 0)), ("negative", "CONDITIONING", (5, 0)),
+                  ("control_net", "CONTROL_NET", (16, 0)), ("image", "IMAGE", (18, 0))], size=(315, 186)),
+        ]
+        conds = ((19, 0), (19, 1))
     if multi:
         nodes.append(node(15, "ParaAttnContextParallel", (1500, -250), dict(gpus=0, layout="auto", cfg_parallel=False),
                           [("model", "MODEL", (10, 0))], size=(315, 200)))
         model_out = (15, 0)
     nodes += [
         node(11, "KSampler", (1250, 100), [42, "fixed", 28, 1.0, "euler", "simple", 1.0],
-             [("model", "MODEL", model_out), ("positive", "CONDITIONING", (4, 0)),
-              ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (7, 0))], size=(315, 262)),
+             [("model", "MODEL", model_out), ("positive", "CONDITIONING", conds[0]),
+              ("negative", "CONDITIONING", conds[1]), ("latent_image", "LATENT", (7, 0))], size=(315, 262)),
         (node(12, "ParaAttnParallelVAEDecode", (1620, 100), dict(gpus=0, tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8),
               [("samples", "LATENT", (11, 0)), ("vae", "VAE", (6, 0))], size=(315, 180)) if multi else
          node(12, "VAEDecode", (1620, 100), [], [("samples", "LATENT", (11, 0)), ("vae", "VAE", (6, 0))],
               size=(210, 46))),
-        node(13, "SaveImage", (1980, 100), ["para_attn_flux" + ("_multi_gpu" if multi else "")],
+        node(13, "SaveImage", (1980, 100),
+             ["para_attn_flux" + ("_controlnet" if controlnet else "") + ("_multi_gpu" if multi else "")],
              [("images", "IMAGE", (12, 0))], size=(400, 440)),
-        node(14, "Note", (0, -330), [FLUX_NOTE.format(multi=" (multi-GPU)" if multi else " (one GPU)",
-                                                      multi_note=FLUX_MULTI_NOTE if multi else "")],
+        node(14, "Note", (0, -330), [FLUX_NOTE.format(
+            multi=(" with a ControlNet" if controlnet else "") + (" (multi-GPU)" if multi else " (one GPU)"),
+            multi_note=FLUX_MULTI_NOTE if multi else "", controlnet_note=FLUX_CONTROLNET_NOTE if controlnet else "")],
              title="How to use (comfy-para-attn)", size=(360, 300)),
     ]
     return nodes
@@ -201,6 +222,7 @@ def hunyuan(multi: bool) -> list:
 WORKFLOWS = {
     "flux1_dev_single_gpu": flux(False),
     "flux1_dev_multi_gpu": flux(True),
+    "flux1_dev_controlnet_multi_gpu": flux(True, controlnet=True),
     "hunyuan_video_single_gpu": hunyuan(False),
     "hunyuan_video_multi_gpu": hunyuan(True),
 }

@@ -29,6 +29,7 @@ PACK_NODES = {"ParaAttnFirstBlockCache", "ParaAttnFP8Quantize", "ParaAttnCompile
 EXPECTED = {
     "flux1_dev_single_gpu": ({"ParaAttnFP8Quantize", "ParaAttnCompile", "ParaAttnFirstBlockCache"}, 0.12),
     "flux1_dev_multi_gpu": (PACK_NODES, 0.12),
+    "flux1_dev_controlnet_multi_gpu": (PACK_NODES | {"ControlNetLoader", "ControlNetApplyAdvanced"}, 0.12),
     "hunyuan_video_single_gpu": ({"ParaAttnFirstBlockCache", "ParaAttnParallelVAEDecode"}, 0.10),
     "hunyuan_video_multi_gpu": ({"ParaAttnFirstBlockCache", "ParaAttnContextParallel",
                                  "ParaAttnParallelVAEDecode"}, 0.10),
@@ -71,7 +72,8 @@ def test_workflow_has_our_nodes_files_and_recommended_settings(name):
     (cache,) = [n for n in api.values() if n["class_type"] == "ParaAttnFirstBlockCache"]
     assert cache["inputs"]["residual_diff_threshold"] == threshold
     files = {v for n in api.values() for v in n["inputs"].values() if isinstance(v, str) and v.endswith(".safetensors")}
-    assert files == REAL_FILES["flux" if name.startswith("flux") else "hunyuan_video"]
+    controlnet_files = {"flux-canny-controlnet-v3.safetensors"} if "controlnet" in name else set()
+    assert files == REAL_FILES["flux" if name.startswith("flux") else "hunyuan_video"] | controlnet_files
     notes = [n for n in ui["nodes"] if n["type"] == "Note"]
     assert notes and "residual_diff_threshold" in notes[0]["widgets_values"][0]
 
@@ -111,8 +113,8 @@ def test_checks_catch_broken_workflows(object_info):
 # ComfyUI only detects full-width FLUX files (2.6 GiB in fp32 here): two CPU workers that
 # each quantize and compile it exceed this 23 GiB machine (OOM-killed), so the multi-GPU FLUX
 # run turns FP8 and Compile off on CPU. The single-GPU FLUX run keeps both.
-CPU_OVERRIDES = {"flux1_dev_multi_gpu": {"ParaAttnFP8Quantize": {"mode": "off"},
-                                         "ParaAttnCompile": {"scope": "off"}}}
+CPU_OVERRIDES = {name: {"ParaAttnFP8Quantize": {"mode": "off"}, "ParaAttnCompile": {"scope": "off"}}
+                 for name in ("flux1_dev_multi_gpu", "flux1_dev_controlnet_multi_gpu")}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -136,6 +138,8 @@ def test_workflow_runs_headless_on_tiny_models(name, server, object_info):
         assert re.search(r"Parallel VAE Decode: \d+ tiles on 2 cpu rank\(s\)", log), log[-3000:]
     else:
         assert "Context Parallel:" not in log and "Parallel VAE Decode:" not in log
+    if "controlnet" in name:  # the ControlNet went to the workers with the prompt
+        assert "Context Parallel: 1 ControlNet(s) go with this prompt" in log, log[-3000:]
 
 
 def _free_until(server, flags: dict, condition, timeout_s: float = 90.0) -> bool:

@@ -161,14 +161,16 @@ TEST_NODES_DIR = PACK_ROOT / "tests" / "comfy_test_nodes"
 
 def pack_server(comfy_path, base_dir, tiny_models_dir=None, **kwargs) -> ComfyServer:
     """A server with this pack, the test-only nodes (ParaAttnTestConditioning), the tiny
-    model files, and empty placeholders named like the real files of the shipped workflows
-    (so the loaders list them; they are never loaded). Not started yet."""
+    model files, empty placeholders named like the real files of the shipped workflows
+    (so the loaders list them; they are never loaded) and test pictures under the names their
+    LoadImage nodes read. Not started yet."""
     from comfy_para_attn.testing import tiny_files, workflow_tools
 
     models = {}
     for name, (kind, _real) in (tiny_files.TINY_FILES.items() if tiny_models_dir else ()):
         folder = tiny_files.FOLDERS[kind]
         models.setdefault(folder, []).append(Path(tiny_models_dir) / folder / name)
+    workflow_tools.write_input_images(Path(base_dir) / "input")  # LoadImage's pictures (a ControlNet's)
     return ComfyServer(comfy_path, base_dir, custom_nodes={"comfy-para-attn": PACK_ROOT,
                                                            "para_attn_test_nodes": TEST_NODES_DIR},
                        models=models, placeholders=workflow_tools.shipped_model_files(), **kwargs)

@@ -1,5 +1,6 @@
-"""Random-weight model FILES that ComfyUI's own loaders (UNETLoader, VAELoader) detect as
-FLUX.1-dev, HunyuanVideo, the FLUX VAE and the HunyuanVideo 3D VAE.
+"""Random-weight model FILES that ComfyUI's own loaders (UNETLoader, VAELoader,
+ControlNetLoader) detect as FLUX.1-dev, HunyuanVideo, the FLUX VAE, the HunyuanVideo 3D VAE
+and an XLabs-style FLUX ControlNet.
 
 Each file has the real key layout, so ComfyUI's detection (`comfy.model_detection`,
 `comfy.sd.VAE`) picks the real model class from it. Sizes are as small as that detection
@@ -10,6 +11,8 @@ allows (ComfyUI 0.3.64):
   only counts blocks, so the file is full width with 1 double + 2 single blocks (687M
   parameters, 1.4 GB in bf16; two single blocks so that regional Compile finds a repeated
   block class).
+- FLUX ControlNet (XLabs layout, its own hint encoder): full width for the same reason, 1
+  double block (395M parameters, 0.8 GB in bf16).
 - VAEs: ComfyUI builds both VAEs at full width (ch 128) from their keys, so they are
   full-size random VAEs (FLUX 2D: 84M, HunyuanVideo 3D: 250M parameters).
 Shapes come from ComfyUI's own classes built on the meta device; values from a seeded
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 # Bump when the recipe changes: cached files of another version are rewritten.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "2"  # a new kind of file needs no bump: missing files are written
 
 # Tiny file name -> (kind, real file name it stands in for in the shipped workflows).
 TINY_FILES = {
@@ -33,9 +36,10 @@ TINY_FILES = {
     "tiny_random_hunyuan_video_t2v.safetensors": ("hunyuan_video", "hunyuan_video_t2v_720p_bf16.safetensors"),
     "tiny_random_flux_ae.safetensors": ("flux_vae", "ae.safetensors"),
     "tiny_random_hunyuan_video_vae.safetensors": ("hunyuan_video_vae", "hunyuan_video_vae_bf16.safetensors"),
+    "tiny_random_flux_controlnet.safetensors": ("flux_controlnet", "flux-canny-controlnet-v3.safetensors"),
 }
 FOLDERS = {"flux": "diffusion_models", "hunyuan_video": "diffusion_models",
-           "flux_vae": "vae", "hunyuan_video_vae": "vae"}
+           "flux_vae": "vae", "hunyuan_video_vae": "vae", "flux_controlnet": "controlnet"}
 # Real name -> tiny name, for rewriting a shipped workflow.
 SUBSTITUTES = {real: tiny for tiny, (_, real) in TINY_FILES.items()}
 
@@ -60,6 +64,19 @@ def _diffusion_model_shapes(kind: str) -> dict:
     with torch.device("meta"):
         model = model_config.get_model({}, device=torch.device("meta"))
     return {k: v.shape for k, v in model.diffusion_model.state_dict().items()}
+
+
+def _controlnet_shapes() -> dict:
+    """An XLabs FLUX ControlNet's keys: ComfyUI's ControlNetFlux with the detected FLUX config,
+    its own conv hint encoder, 1 double block (the detection counts the blocks)."""
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    config = dict(_FLUX_DETECTED, depth_single_blocks=0)
+    with torch.device("meta"):
+        model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, device="meta",
+                                                        dtype=torch.float32, **config)
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def _vae_shapes(kind: str) -> dict:
@@ -97,6 +114,8 @@ def random_state_dict(shapes: dict, *, seed: int, dtype=torch.bfloat16) -> dict:
 
 
 def shapes_of(kind: str) -> dict:
+    if kind == "flux_controlnet":
+        return _controlnet_shapes()
     return _diffusion_model_shapes(kind) if kind in ("flux", "hunyuan_video") else _vae_shapes(kind)
 
 

@@ -191,7 +191,8 @@ def node_ids(prompt: dict, class_type: str) -> list[str]:
 # Loader inputs naming model files, and the models/ folder each reads from.
 _MODEL_FILE_INPUTS = {("UNETLoader", "unet_name"): "diffusion_models", ("VAELoader", "vae_name"): "vae",
                       ("DualCLIPLoader", "clip_name1"): "text_encoders",
-                      ("DualCLIPLoader", "clip_name2"): "text_encoders"}
+                      ("DualCLIPLoader", "clip_name2"): "text_encoders",
+                      ("ControlNetLoader", "control_net_name"): "controlnet"}
 
 
 def shipped_model_files() -> dict:
@@ -204,3 +205,28 @@ def shipped_model_files() -> dict:
                 if folder and value not in files.setdefault(folder, []):
                     files[folder].append(value)
     return files
+
+
+def shipped_input_images() -> list[str]:
+    """Image names the shipped workflows' LoadImage nodes read from ComfyUI's input/ folder."""
+    return sorted({node["inputs"]["image"] for name in workflow_names() for node in load(name)[1].values()
+                   if node["class_type"] == "LoadImage"})
+
+
+def write_input_images(input_dir: Path | str, size: tuple[int, int] = (96, 64)) -> None:
+    """A test picture (rectangles and a disc on a gradient: Canny finds edges in it) under each
+    name `shipped_input_images` lists, where no file of that name exists."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    picture = np.stack([x / width, y / height, 0.5 + 0 * x], axis=-1)
+    picture[height // 4: height // 2, width // 5: width // 2] = (0.9, 0.1, 0.1)
+    picture[(x - 0.7 * width) ** 2 + (y - 0.6 * height) ** 2 < (height / 4) ** 2] = (0.1, 0.2, 0.9)
+    for name in shipped_input_images():
+        path = Path(input_dir) / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((picture * 255).astype(np.uint8)).save(path)
+

@@ -138,9 +138,12 @@ def portable_controls(conds: dict, vae_recipe: Callable) -> dict:
 
     for patcher in _model_patchers(conds).values():
         _unload_here(patcher)
-    return {kind: [dict(cond, control=portable(cond["control"]))
-                   if isinstance(cond, dict) and cond.get("control") is not None else cond for cond in items]
-            for kind, items in conds.items()}
+    out = {kind: [dict(cond, control=portable(cond["control"]))
+                  if isinstance(cond, dict) and cond.get("control") is not None else cond for cond in items]
+           for kind, items in conds.items()}
+    log.info("Context Parallel: %d ControlNet(s)%s go with this prompt; every rank runs them on the whole latent",
+             len(copies), f" and {len(recipes)} hint VAE(s)" if recipes else "")
+    return out
 
 
 def has_controls(conds: dict) -> bool:
