@@ -557,6 +557,45 @@ def test_a_controlnet_chain_travels_once_and_the_graphs_objects_stay_as_they_are
     assert controls_model_bytes({"positive": convert_cond(pos_c), "negative": convert_cond(neg_c)}) == weights  # once each
 
 
+def test_the_workers_keep_a_controlnet_loaded_between_prompts(comfyui_path, pack_nodes, pool_cleanup, monkeypatch):
+    """As ComfyUI keeps a ControlNet loaded between prompts in-process, the workers keep the
+    model of the last prompt's ControlNets: a copy of the same ControlNet (another strength and
+    hint, as Apply ControlNet makes) gets it, with its own strength; another ControlNet, or a
+    prompt without one, does not. Every output equals in-process sampling."""
+    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.pool import sent_once
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    monkeypatch.setattr(sent_once, "MIN_BYTES", 0)  # nothing inline: what stays the same goes as tokens
+    patcher, pos, neg, latent = sampling_inputs("flux", latent=dict(height=6, width=10))
+    g = torch.Generator().manual_seed(5)
+    hints = [torch.rand(1, 3, 6 * 8, 10 * 8, generator=g) for _ in range(2)]
+    loaded = comfy_models.flux_controlnet(seed=6)
+    other = comfy_models.flux_controlnet(seed=7)
+    prompts = [  # (ControlNet applied, what the workers should say about its model)
+        (loaded.copy().set_cond_hint(hints[0], 1.0), "0 kept from the last prompt (0 still loaded), 1 new"),
+        (loaded.copy().set_cond_hint(hints[1], 0.5, (0.0, 0.7)), "1 kept from the last prompt (1 still loaded), 0 new"),
+        (other.copy().set_cond_hint(hints[0], 1.0), "0 kept from the last prompt (0 still loaded), 1 new"),
+        (None, None),
+        (other.copy().set_cond_hint(hints[1], 0.8), "0 kept from the last prompt (0 still loaded), 1 new"),
+    ]
+    model = _cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2)
+    outputs = []
+    for control, expected in prompts:
+        conds = _with_control(pos, control) if control is not None else pos
+        plain = comfy_models.sample(patcher, conds, neg, latent, steps=2, cfg=1.0)
+        parallel = comfy_models.sample(model, conds, neg, latent, steps=2, cfg=1.0)
+        assert torch.isfinite(parallel).all() and (parallel - plain).abs().max().item() < TOL
+        lines = [line for rank in pool_sampling.last_run_logs for line in rank if "ControlNet models" in line]
+        if expected is None:
+            assert lines == []
+        else:
+            assert len(lines) == 2 and all(expected in line for line in lines), lines
+        outputs.append(parallel)
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-3  # the kept model ran with the second prompt's strength
+
+
 def test_controlnets_with_two_vaes_are_refused_before_any_worker_runs(comfyui_path, pack_nodes, pool_cleanup):
     """The workers keep one VAE in /dev/shm: a prompt whose ControlNets encode their hints
     with two different VAEs is refused with a message saying what to change."""

@@ -10,7 +10,11 @@ pickle as they are but for two parts, which `portable_controls` replaces in shal
   that VAE), rebuilt and cached by the worker.
 A hint cached from an earlier in-process run is dropped (the workers compute their own); the
 control model's weights travel with the job, once (`pool.sent_once`). A ControlNet shared by
-several conds stays one object in the worker. How the residuals then meet each rank's tokens:
+several conds stays one object in the worker. Each control model gets a key that names the
+controller's module object (a token per live module, its patches and weight versions):
+a worker keeps the model of the last prompt's ControlNets, loaded on its GPU, and gives it to
+the next prompt's ControlNets with the same key (`keep_loaded_models`), as ComfyUI keeps a
+ControlNet loaded between prompts in-process. How the residuals then meet each rank's tokens:
 `context_parallel._local_control`.
 """
 from __future__ import annotations
@@ -19,6 +23,8 @@ import copy
 import functools
 import inspect
 import logging
+import uuid
+import weakref
 from typing import Callable
 
 import torch
@@ -31,6 +37,29 @@ class ClassDefault:
 
     def __init__(self, name: str):
         self.name = name
+
+
+MODEL_KEY = "_para_attn_model_key"  # attribute of a travelling ControlNet: `_model_key`
+_model_tokens: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def _model_key(control):
+    """What names a ControlNet's model across prompts: a token for the module object (new for
+    every module, even one at a dead module's address), its patches and weight versions."""
+    model = getattr(control, "control_model", None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    token = _model_tokens.get(model)
+    if token is None:
+        token = _model_tokens[model] = uuid.uuid4().hex
+    versions = 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        try:
+            versions += tensor._version
+        except RuntimeError:  # an inference tensor: no version counter
+            pass
+    wrapped = getattr(control, "control_model_wrapped", None)
+    return token, str(getattr(wrapped, "patches_uuid", "")), versions
 
 
 class PublishedVAE:
@@ -119,6 +148,7 @@ def portable_controls(conds: dict, vae_recipe: Callable) -> dict:
             raise NotPortableError("Context Parallel does not support ControlNet hooks yet.")
         _check_on_host(control)
         clone = copies[id(control)] = copy.copy(control)
+        setattr(clone, MODEL_KEY, _model_key(control))
         for name, default in lambda_defaults(type(control)).items():
             if getattr(clone, name, None) is default:
                 setattr(clone, name, ClassDefault(name))
@@ -164,9 +194,8 @@ def controls_model_bytes(conds: dict) -> int:
     return sum(patcher.model_size() for patcher in patchers.values())
 
 
-def rebuild_controls(conds: dict, load_vae: Callable) -> dict:
-    """Worker side: put back what `portable_controls` replaced, in place; `load_vae(recipe)`
-    returns the rebuilt VAE. Returns `conds`."""
+def _each_control(conds: dict):
+    """Every ControlNet object of `conds`' chains, once."""
     seen = set()
     for items in conds.values():
         for cond in items:
@@ -174,9 +203,42 @@ def rebuild_controls(conds: dict, load_vae: Callable) -> dict:
                 if id(control) in seen:
                     break
                 seen.add(id(control))
-                for name, value in list(vars(control).items()):
-                    if isinstance(value, ClassDefault):
-                        setattr(control, name, lambda_defaults(type(control))[value.name])
-                    elif isinstance(value, PublishedVAE):
-                        setattr(control, name, load_vae(value.recipe))
+                yield control
+
+
+def rebuild_controls(conds: dict, load_vae: Callable) -> dict:
+    """Worker side: put back what `portable_controls` replaced, in place; `load_vae(recipe)`
+    returns the rebuilt VAE. Returns `conds`."""
+    for control in _each_control(conds):
+        for name, value in list(vars(control).items()):
+            if isinstance(value, ClassDefault):
+                setattr(control, name, lambda_defaults(type(control))[value.name])
+            elif isinstance(value, PublishedVAE):
+                setattr(control, name, load_vae(value.recipe))
     return conds
+
+
+def keep_loaded_models(conds: dict, kept: dict) -> tuple[int, int, int]:
+    """Worker side: give each ControlNet of `conds` the model (module and ModelPatcher) kept
+    from the last prompt under the same key, instead of the copy this job brought; then keep
+    this prompt's models in `kept` (the worker's cache) and nothing else. Returns (models kept
+    from the last prompt, of them still loaded in ComfyUI here, models new to this worker)."""
+    import comfy.model_management as mm
+
+    used, reused = {}, set()
+    for control in _each_control(conds):
+        key = vars(control).pop(MODEL_KEY, None)
+        if key is None:
+            continue
+        entry = used.get(key) or kept.get(key)
+        if entry is None:
+            entry = (control.control_model, control.control_model_wrapped)
+        elif key in kept:
+            reused.add(key)
+        control.control_model, control.control_model_wrapped = entry
+        used[key] = control.control_model, control.control_model_wrapped
+    kept.clear()
+    kept.update(used)
+    loaded = {id(m.model) for m in mm.current_loaded_models}
+    still_loaded = sum(id(used[key][1]) in loaded for key in reused)
+    return len(reused), still_loaded, len(used) - len(reused)

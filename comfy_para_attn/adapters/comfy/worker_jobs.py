@@ -18,6 +18,7 @@ import time
 import torch
 
 SENT_ONCE_KEY = ("sent_once", "sample")  # the last sampling job's large tensors (pool.sent_once)
+CONTROLNETS_KEY = ("controlnets", "loaded")  # the last prompt's ControlNet models (controlnets.keep_loaded_models)
 FEATURE_ORDER = ("attention_backend", "fp8", "compile", "first_block_cache")  # context parallelism goes last (outermost)
 
 
@@ -63,6 +64,7 @@ def drop_cached(ctx, spec) -> int:
     kind, fingerprint = (spec, None) if isinstance(spec, str) else spec
     if kind == "model" and fingerprint is None:  # ComfyUI unloaded all models: the controller forgot them too
         ctx.cache.pop(SENT_ONCE_KEY, None)
+        ctx.cache.pop(CONTROLNETS_KEY, None)
     return _drop(ctx, [key for key in ctx.cache if isinstance(key, tuple) and key[0] == kind
                        and (fingerprint is None or key[1] == fingerprint)])
 
@@ -150,7 +152,7 @@ def sample(ctx, payload):
     from ...attention import build_parallel_context
     from ...attention.local import select_backend
     from .context_parallel import install_context_parallel
-    from .controlnets import rebuild_controls
+    from .controlnets import keep_loaded_models, rebuild_controls
     from .portable import rebuild_guider, rebuild_object_patches, rebuild_sampler
     from .vae_jobs import cached_vae
 
@@ -182,8 +184,9 @@ def sample(ctx, payload):
     guider_cls, guider_state = payload["guider"]
     first_call = []  # when ComfyUI's sampler setup (loading the model, conds) ended
     _note_first_model_call(patcher, first_call)
-    guider = rebuild_guider(guider_cls, guider_state, patcher,
-                            rebuild_controls(payload["conds"], lambda recipe: cached_vae(ctx, recipe)))
+    conds = rebuild_controls(payload["conds"], lambda recipe: cached_vae(ctx, recipe))
+    controlnets = keep_loaded_models(conds, ctx.cache.setdefault(CONTROLNETS_KEY, {}))
+    guider = rebuild_guider(guider_cls, guider_state, patcher, conds)
     prepared = time.monotonic()
 
     first_step = []
@@ -236,7 +239,9 @@ def sample(ctx, payload):
         f"Context Parallel rank {ctx.rank}: model {'cached' if cached else 'loaded'} in {model_ready - began:.2f} s, "
         f"features installed in {prepared - model_ready:.3f} s, sampler set up in {setup:.3f} s, "
         f"first step {first - prepared:.2f} s, "
-        f"{steps - 1} more in {done - first:.2f} s")
+        f"{steps - 1} more in {done - first:.2f} s"
+        + (", ControlNet models: {} kept from the last prompt ({} still loaded), {} new".format(*controlnets)
+           if any(controlnets) else ""))
     report = (captured.lines, received.changed_since_unpack())
     reports = [report]
     if ctx.world_size > 1:  # every rank's log (e.g. each rank's cache summary) goes back
