@@ -127,6 +127,8 @@ def main():
     layouts = {"ulysses": (args.gpus, 1), "ring": (1, args.gpus)}
     for spec in filter(None, args.layouts.split(",")):  # e.g. "ulysses:1" = ulysses, 1 head chunk
         name, _, chunks = spec.partition(":")
+        if name == "ring" and chunks and args.gpus != 2:
+            raise SystemExit(f"{spec}: the gather (and its head groups) is for a ring of two; use --gpus 2")
         configs.append((f"{spec} x{args.gpus}", args.gpus, *layouts[name], int(chunks) if chunks else None))
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:

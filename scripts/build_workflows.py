@@ -114,7 +114,7 @@ def pack_widgets(node_type: str) -> dict:
 
 def node(id, type, pos, widgets=(), inputs=(), title=None, size=(315, 110)):
     """widgets: values in widget order, or for our nodes {name: value} (defaults fill the
-    rest); inputs: (name, type, (source id, source slot))."""
+    rest); inputs: (name, type, (source id, source slot) or None: an optional input left unlinked)."""
     if isinstance(widgets, dict):
         defaults = pack_widgets(type)
         unknown = set(widgets) - set(defaults)
@@ -150,7 +150,8 @@ def flux(multi: bool, controlnet: bool = False) -> list:
             node(18, "Canny", (380, 620), [0.4, 0.8], [("image", "IMAGE", (17, 0))], size=(315, 82)),
             node(19, "ControlNetApplyAdvanced", (820, 450), [0.7, 0.0, 1.0],
                  [("positive", "CONDITIONING", (4, 0)), ("negative", "CONDITIONING", (5, 0)),
-                  ("control_net", "CONTROL_NET", (16, 0)), ("image", "IMAGE", (18, 0))], size=(315, 186)),
+                  ("control_net", "CONTROL_NET", (16, 0)), ("image", "IMAGE", (18, 0)),
+                  ("vae", "VAE", None)], size=(315, 186)),  # InstantX-style ControlNets: link the VAE
         ]
         conds = ((19, 0), (19, 1))
     if multi:
@@ -233,6 +234,8 @@ def to_ui(nodes: list) -> dict:
     links, out_links = [], {}
     for n in nodes:
         for slot, (_name, type_, src) in enumerate(n["inputs"]):
+            if src is None:  # an optional input left unlinked
+                continue
             link_id = len(links) + 1
             links.append([link_id, src[0], src[1], n["id"], slot, type_])
             out_links.setdefault(src, []).append(link_id)
@@ -243,7 +246,8 @@ def to_ui(nodes: list) -> dict:
                    for i, t in enumerate(OUTPUTS[n["type"]])]
         ui = {"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n["size"], "flags": {}, "order": order,
               "mode": 0, "inputs": [{"name": name, "type": t, "link": links_for(links, n["id"], slot)}
-                                    for slot, (name, t, _src) in enumerate(n["inputs"])],
+                                    if src is not None else {"name": name, "type": t, "shape": 7, "link": None}
+                                    for slot, (name, t, src) in enumerate(n["inputs"])],
               "outputs": outputs, "properties": {"Node name for S&R": n["type"]}, "widgets_values": n["widgets"]}
         if n["title"]:
             ui["title"] = n["title"]
@@ -266,7 +270,7 @@ def to_api(nodes: list) -> dict:
         if n["type"] == "Note":  # frontend-only node: not part of the prompt
             continue
         inputs = {name: value for name, value in zip(WIDGETS[n["type"]], n["widgets"]) if name is not None}
-        inputs.update({name: [str(src[0]), src[1]] for name, _type, src in n["inputs"]})
+        inputs.update({name: [str(src[0]), src[1]] for name, _type, src in n["inputs"] if src is not None})
         prompt[str(n["id"])] = {"inputs": inputs, "class_type": n["type"],
                                 "_meta": {"title": n["title"] or n["type"]}}
     return prompt

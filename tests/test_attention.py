@@ -68,6 +68,15 @@ def test_head_groups_cover_every_head_once():
     assert head_groups(2, 3) == [(0, 1), (1, 2)]
 
 
+def test_tuning_knobs_fall_back_to_their_default_on_bad_values(monkeypatch, caplog):
+    from comfy_para_attn.attention.config import env_int
+
+    for value, expected in (("3", 3), ("", 1), ("two", 1), ("0", 1)):
+        monkeypatch.setenv("PARA_ATTN_TEST_KNOB", value)
+        assert env_int("PARA_ATTN_TEST_KNOB", 1, minimum=1) == expected
+    assert "PARA_ATTN_TEST_KNOB='two' is not an integer >= 1; using 1" in caplog.text
+
+
 def kernel_calls_of_a_ring_of_two(rank, world_size, tokens):
     """(local kernel calls, max abs error) of one ring-of-two call with `tokens` keys a rank."""
     from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context, ring as ring_module

@@ -560,8 +560,9 @@ def test_a_controlnet_chain_travels_once_and_the_graphs_objects_stay_as_they_are
 def test_the_workers_keep_a_controlnet_loaded_between_prompts(comfyui_path, pack_nodes, pool_cleanup, monkeypatch):
     """As ComfyUI keeps a ControlNet loaded between prompts in-process, the workers keep the
     model of the last prompt's ControlNets: a copy of the same ControlNet (another strength and
-    hint, as Apply ControlNet makes) gets it, with its own strength; another ControlNet, or a
-    prompt without one, does not. Every output equals in-process sampling."""
+    hint, as Apply ControlNet makes) gets it, with its own strength; the same ControlNet after an
+    in-place change of its weights, another ControlNet, or a prompt without one, does not.
+    Every output equals in-process sampling."""
     from comfy_para_attn.adapters.comfy import pool_sampling
     from comfy_para_attn.pool import sent_once
     from comfy_para_attn.testing import comfy_models
@@ -576,6 +577,8 @@ def test_the_workers_keep_a_controlnet_loaded_between_prompts(comfyui_path, pack
     prompts = [  # (ControlNet applied, what the workers should say about its model)
         (loaded.copy().set_cond_hint(hints[0], 1.0), "0 kept from the last prompt (0 still loaded), 1 new"),
         (loaded.copy().set_cond_hint(hints[1], 0.5, (0.0, 0.7)), "1 kept from the last prompt (1 still loaded), 0 new"),
+        ("scale the weights in place", None),
+        (loaded.copy().set_cond_hint(hints[1], 0.5, (0.0, 0.7)), "0 kept from the last prompt (0 still loaded), 1 new"),
         (other.copy().set_cond_hint(hints[0], 1.0), "0 kept from the last prompt (0 still loaded), 1 new"),
         (None, None),
         (other.copy().set_cond_hint(hints[1], 0.8), "0 kept from the last prompt (0 still loaded), 1 new"),
@@ -583,6 +586,10 @@ def test_the_workers_keep_a_controlnet_loaded_between_prompts(comfyui_path, pack
     model = _cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2)
     outputs = []
     for control, expected in prompts:
+        if isinstance(control, str):  # what a custom node could do to a loaded ControlNet's weights
+            with torch.inference_mode():
+                next(loaded.control_model.parameters()).mul_(1.5)
+            continue
         conds = _with_control(pos, control) if control is not None else pos
         plain = comfy_models.sample(patcher, conds, neg, latent, steps=2, cfg=1.0)
         parallel = comfy_models.sample(model, conds, neg, latent, steps=2, cfg=1.0)

@@ -8,8 +8,27 @@ usually the NVLink-closest GPUs.
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer tuning knob from the environment; a value that is not one is logged and the
+    default used (a typo must not stop the pack from loading)."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        logging.getLogger("comfy_para_attn.attention").warning(
+            "%s=%r is not an integer >= %d; using %d", name, value, minimum, default)
+        return default
+    return number
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,12 @@ as long as every token keeps its own rotary embedding and the mask follows the s
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .config import ParallelContext
+from .config import ParallelContext, env_int
 from .local import key_padding_bias, local_attention
 from .ring import ring_attention
 from .ulysses import ulysses_attention
@@ -30,7 +29,7 @@ from .ulysses import ulysses_attention
 # Head chunks the Ulysses exchange is pipelined over (communication of one chunk overlaps
 # the attention of another). Off (1) by default: on 2 H200s it sped up ComfyUI eager FLUX
 # (134 -> 108 ms/step) but slowed compiled blocks (85 -> 134) and diffusers eager.
-ULYSSES_CHUNKS = int(os.environ.get("PARA_ATTN_ULYSSES_CHUNKS", "1"))
+ULYSSES_CHUNKS = env_int("PARA_ATTN_ULYSSES_CHUNKS", 1, minimum=1)
 
 
 def shard_lengths(total: int, parts: int) -> tuple[int, ...]:

@@ -16,20 +16,20 @@ either way and keep the overlap, which needs no full-size K/V buffer.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .collectives import finish, start_all_gather, start_all_to_all
+from .config import env_int
 from .local import local_attention
 
 # A ring of two whose largest block has at most this many tokens fetches the other block
 # and runs one kernel (see above); 0 always overlaps. Read at import.
-GATHER_MAX_TOKENS = int(os.environ.get("PARA_ATTN_RING_GATHER_TOKENS") or 4096)
+GATHER_MAX_TOKENS = env_int("PARA_ATTN_RING_GATHER_TOKENS", 4096)
 # Head groups that gather is pipelined over (see above). Read at import.
-FETCH_CHUNKS = int(os.environ.get("PARA_ATTN_RING_FETCH_CHUNKS") or 1)
+FETCH_CHUNKS = env_int("PARA_ATTN_RING_FETCH_CHUNKS", 1, minimum=1)
 
 
 def _shift(kv: Tensor, group: str, rank: int, block_lens: Sequence[int], step: int, rows_per_token: int) -> Tensor:

@@ -37,7 +37,8 @@ def _version(tensor: torch.Tensor) -> int:
         return -1
 
 
-def _token(tensor: torch.Tensor) -> str:
+def tensor_token(tensor: torch.Tensor) -> str:
+    """Names this tensor object with these values: identity, layout, version and a sample."""
     from .transfer import _sample
 
     version = _version(tensor)
@@ -136,7 +137,7 @@ class SentJob:
         at `payload[key]` for `inline` keys always travel in the body: the job may change them
         in place (the latent being sampled)."""
         def token(tensor: torch.Tensor) -> str:
-            key = _token(tensor)
+            key = tensor_token(tensor)
             self.used[key] = tensor
             return key
 

@@ -11,7 +11,7 @@ pickle as they are but for two parts, which `portable_controls` replaces in shal
 A hint cached from an earlier in-process run is dropped (the workers compute their own); the
 control model's weights travel with the job, once (`pool.sent_once`). A ControlNet shared by
 several conds stays one object in the worker. Each control model gets a key that names the
-controller's module object (a token per live module, its patches and weight versions):
+controller's module object (a token per live module, its patches, a token of each weight):
 a worker keeps the model of the last prompt's ControlNets, loaded on its GPU, and gives it to
 the next prompt's ControlNets with the same key (`keep_loaded_models`), as ComfyUI keeps a
 ControlNet loaded between prompts in-process. How the residuals then meet each rank's tokens:
@@ -45,21 +45,24 @@ _model_tokens: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakK
 
 def _model_key(control):
     """What names a ControlNet's model across prompts: a token for the module object (new for
-    every module, even one at a dead module's address), its patches and weight versions."""
+    every module, even one at a dead module's address), its patches, and a token of each
+    weight (`sent_once.tensor_token`: identity, layout and a sample of values, since ComfyUI
+    loads models under inference mode, where tensors have no version counter)."""
+    import hashlib
+
+    from ...pool.sent_once import tensor_token
+
     model = getattr(control, "control_model", None)
     if not isinstance(model, torch.nn.Module):
         return None
     token = _model_tokens.get(model)
     if token is None:
         token = _model_tokens[model] = uuid.uuid4().hex
-    versions = 0
-    for tensor in model.state_dict(keep_vars=True).values():
-        try:
-            versions += tensor._version
-        except RuntimeError:  # an inference tensor: no version counter
-            pass
+    weights = hashlib.sha1()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        weights.update(f"{name}|{tensor_token(tensor)}|".encode())
     wrapped = getattr(control, "control_model_wrapped", None)
-    return token, str(getattr(wrapped, "patches_uuid", "")), versions
+    return token, str(getattr(wrapped, "patches_uuid", "")), weights.hexdigest()
 
 
 class PublishedVAE:
@@ -182,8 +185,9 @@ def has_controls(conds: dict) -> bool:
 
 
 def controls_model_bytes(conds: dict) -> int:
-    """Bytes of the ControlNet models and hint VAEs sampling `conds` loads (each once): the
-    workers load them at every prompt, next to the diffusion model."""
+    """Bytes of the ControlNet models and hint VAEs sampling `conds` loads (each once), next to
+    the diffusion model. Counted at every prompt, although the workers keep the last prompt's
+    ControlNet models loaded (`keep_loaded_models`): room made for them may be room they have."""
     patchers = _model_patchers(conds)
     for items in conds.values():
         for cond in items:
@@ -228,7 +232,7 @@ def keep_loaded_models(conds: dict, kept: dict) -> tuple[int, int, int]:
     used, reused = {}, set()
     for control in _each_control(conds):
         key = vars(control).pop(MODEL_KEY, None)
-        if key is None:
+        if key is None or getattr(control, "control_model_wrapped", None) is None:
             continue
         entry = used.get(key) or kept.get(key)
         if entry is None:
