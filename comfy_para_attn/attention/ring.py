@@ -77,9 +77,9 @@ def ring_attention(
     bias [B, 1, 1, sum(block_lens)] over the whole ring sequence (or None)."""
     world = len(block_lens)
     batch, heads, _, dim = k.shape
-    offsets = [sum(block_lens[:i]) for i in range(world)]
     if world == 2 and max(block_lens) <= GATHER_MAX_TOKENS:
         return _gather_then_attend(q, k, v, group, block_lens, bias, scale, FETCH_CHUNKS)
+    offsets = [sum(block_lens[:i]) for i in range(world)]
     rows_per_token = 2 * batch * heads  # k and v travel together
     kv = torch.cat([k.reshape(-1, dim), v.reshape(-1, dim)], dim=0)
     out = lse = None

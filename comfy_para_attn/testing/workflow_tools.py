@@ -229,4 +229,3 @@ def write_input_images(input_dir: Path | str, size: tuple[int, int] = (96, 64)) 
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray((picture * 255).astype(np.uint8)).save(path)
-

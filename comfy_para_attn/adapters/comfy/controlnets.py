@@ -189,12 +189,10 @@ def controls_model_bytes(conds: dict) -> int:
     the diffusion model. Counted at every prompt, although the workers keep the last prompt's
     ControlNet models loaded (`keep_loaded_models`): room made for them may be room they have."""
     patchers = _model_patchers(conds)
-    for items in conds.values():
-        for cond in items:
-            for link in _chain(cond.get("control") if isinstance(cond, dict) else None):
-                vae_patcher = getattr(getattr(link, "vae", None), "patcher", None)
-                if vae_patcher is not None:
-                    patchers[id(vae_patcher)] = vae_patcher
+    for control in _each_control(conds):
+        vae_patcher = getattr(getattr(control, "vae", None), "patcher", None)
+        if vae_patcher is not None:
+            patchers[id(vae_patcher)] = vae_patcher
     return sum(patcher.model_size() for patcher in patchers.values())
 
 

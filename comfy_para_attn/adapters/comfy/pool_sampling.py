@@ -227,7 +227,7 @@ def _previews_enabled() -> bool:
 def _make_room(pool, guider, noise, payload, settings) -> None:
     """Unload ComfyUI's own models (text encoders, VAE) from the pool's GPUs as far as rank 0
     needs: the weights unless the workers hold them, its share of the activations, and the
-    ControlNets' and their hint VAEs' weights (loaded at every prompt)."""
+    ControlNets' and their hint VAEs' weights (counted even where the workers kept them)."""
     import comfy.sampler_helpers
 
     from .controlnets import controls_model_bytes
