@@ -35,7 +35,15 @@ class ParaAttnFP8Quantize:
                     "tooltip": "Comma-separated glob patterns of layer names (relative to the diffusion model) "
                                "that stay in bf16; a pattern also covers everything below a matching module. The "
                                "default keeps embedders, modulation and the final layer in bf16."}),
-            }
+            },
+            "optional": {
+                "modulation": (["original", "int8"], {
+                    "default": "original",
+                    "tooltip": "The modulation (adaLN) layers that exclude keeps out of fp8, about a quarter of "
+                               "FLUX's weights. original: leave them as loaded. int8: 8-bit weights with a scale per "
+                               "row, ~1% weight error (less than fp8's): 3 GiB less GPU memory for FLUX.1-dev, no "
+                               "faster steps (measured on an H100)."}),
+            },
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -45,11 +53,12 @@ class ParaAttnFP8Quantize:
     DESCRIPTION = ("Quantizes the transformer's linear layers to fp8 with torchao each time the model is loaded, "
                    "after LoRA patches are merged (a LoRA change re-quantizes). Pair with Compile Model for speed.")
 
-    def apply(self, model, granularity, mode, exclude):
+    def apply(self, model, granularity, mode, exclude, modulation="original"):
         from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
         from comfy_para_attn.quant import FP8Settings
 
-        settings = FP8Settings(granularity=_GRANULARITY[granularity], mode=_MODE[mode], exclude=exclude)
+        settings = FP8Settings(granularity=_GRANULARITY[granularity], mode=_MODE[mode], exclude=exclude,
+                               modulation=modulation)
         return (apply_fp8(model, settings),)
 
 

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from comfy_para_attn.quant import FP8Settings, FP8UnavailableError
+from comfy_para_attn.quant import FP8Settings, FP8UnavailableError, modulation
 
 pytest.importorskip("torchao", reason="FP8 Quantize needs torchao (a runtime dependency in pyproject)")
 
@@ -37,6 +37,15 @@ def _quantized_names(model):
             if isinstance(m, torch.nn.Linear) and is_quantized(m.weight)}
 
 
+MODULATION = {f"double_blocks.{i}.{s}_mod.lin" for i in range(2) for s in ("img", "txt")} | {
+    f"single_blocks.{i}.modulation.lin" for i in range(2)} | {"final_layer.adaLN_modulation.1"}
+
+
+def _int8_names(model):
+    return {n for n, m in model.model.diffusion_model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.int8}
+
+
 def _on_load():
     import comfy.patcher_extension
 
@@ -52,7 +61,7 @@ def test_weight_only_fallback_and_default_exclusions(cm, fp8, flux, caplog):
     model = fp8.apply_fp8(flux, FP8Settings())
     seen = {}
     model.add_callback(_on_load(),
-                       lambda p, *a: seen.setdefault("names", _quantized_names(p)))
+                       lambda p, *a: seen.setdefault("names", (_quantized_names(p), _int8_names(p))))
     fp8._said_once.clear()
     with caplog.at_level(logging.INFO):
         out = _run(cm, model)
@@ -63,7 +72,7 @@ def test_weight_only_fallback_and_default_exclusions(cm, fp8, flux, caplog):
     blocks = {f"double_blocks.{i}.{s}_{p}" for i in range(2) for s in ("img", "txt")
               for p in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
     blocks |= {f"single_blocks.{i}.linear{j}" for i in range(2) for j in (1, 2)}
-    assert seen["names"] == blocks  # embedders, modulation and final layer stay bf16
+    assert seen["names"] == (blocks, set())  # embedders, modulation and final layer stay bf16
     rel = (out - plain).abs().mean() / plain.abs().mean()
     assert 0 < rel < 0.1, rel
     assert torch.equal(out, again)
@@ -123,6 +132,30 @@ def test_custom_exclusions_and_off(cm, fp8, flux):
         fp8.apply_fp8(flux, FP8Settings(exclude="*"))
 
 
+def test_modulation_int8_or_original(cm, fp8, flux, caplog):
+    """Int8 modulation weights move the output a little; "original" (the default) leaves those
+    layers as loaded; switching between the two clones restores and converts again."""
+    names = []
+    int8 = fp8.apply_fp8(flux, FP8Settings(modulation="int8"))
+    original = fp8.apply_fp8(flux, FP8Settings())
+    for model in (int8, original):
+        model.add_callback(_on_load(), lambda p, *a: names.append((_quantized_names(p), _int8_names(p))))
+    assert int8.patches_uuid != original.patches_uuid
+    with caplog.at_level(logging.INFO):
+        with_int8, without = _run(cm, int8), _run(cm, original)
+    assert "7 modulation layers to int8 weights" in caplog.text
+    assert names[0][1] == MODULATION and names[1][1] == set() and names[0][0] == names[1][0]
+    rel = (with_int8 - without).abs().mean() / without.abs().mean()
+    assert 0 < rel < 0.05, rel
+    assert torch.equal(_run(cm, int8), with_int8)  # converted again from the restored weights
+    lin = flux.model.diffusion_model.double_blocks[0].img_mod.lin
+    assert lin.weight.dtype == torch.int8 and isinstance(lin, modulation.Int8WeightLinear)
+    _run(cm, flux)  # the plain clone: ComfyUI undoes the class patch and restores the weight
+    assert not isinstance(lin, modulation.Int8WeightLinear) and lin.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="modulation"):
+        FP8Settings(modulation="fp4")
+
+
 @pytest.mark.parametrize("lora_first", [True, False])
 def test_lora_change_requantizes(cm, fp8, flux, lora_first):
     lora = cm.random_lora(flux, scale=1.0, max_layers=40)
@@ -142,9 +175,12 @@ def test_lora_change_requantizes(cm, fp8, flux, lora_first):
 def test_node(cm, flux, pack_nodes):
     node = pack_nodes["ParaAttnFP8Quantize"]
     inputs = node.INPUT_TYPES()["required"]
-    assert list(inputs) == ["model", "granularity", "mode", "exclude"]
-    assert all(opts.get("tooltip") for _, opts in inputs.values())
+    optional = node.INPUT_TYPES()["optional"]
+    assert list(inputs) == ["model", "granularity", "mode", "exclude"] and list(optional) == ["modulation"]
+    assert all(opts.get("tooltip") for _, opts in [*inputs.values(), *optional.values()])
     (model,) = node().apply(flux, "tensor-wise", "weight-only", "img_in")
     assert model.model_options["transformer_options"]["para_attn"]["fp8"] == FP8Settings("tensor-wise",
                                                                                          "weight-only", "img_in")
+    (model,) = node().apply(flux, "row-wise", "weight-only", "img_in", modulation="int8")
+    assert model.model_options["transformer_options"]["para_attn"]["fp8"].modulation == "int8"
     assert torch.isfinite(_run(cm, model)).all()

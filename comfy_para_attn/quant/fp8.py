@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 GRANULARITIES = ("row-wise", "tensor-wise")
 MODES = ("dynamic", "weight-only", "off")
+MODULATIONS = ("original", "int8")  # what the excluded modulation layers get (quant.modulation)
 
 # Layers that stay in the original precision by default: input embedders, timestep / guidance
 # / pooled-text MLPs, modulation (adaLN) projections and the final layer. They are small, run
@@ -47,17 +48,24 @@ class FP8Settings:
     granularity: str = "row-wise"
     mode: str = "dynamic"
     exclude: str = DEFAULT_EXCLUDE
+    modulation: str = "original"
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.modulation not in MODULATIONS:
+            raise ValueError(f"modulation must be one of {MODULATIONS}, got {self.modulation!r}")
         parse_patterns(self.exclude)  # fail at the node, not at sampling time
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
+
+    @property
+    def int8_modulation(self) -> bool:
+        return self.enabled and self.modulation == "int8"
 
     @property
     def patterns(self) -> tuple[str, ...]:

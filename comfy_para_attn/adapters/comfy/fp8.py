@@ -11,6 +11,10 @@ Hooks (no forward function is copied):
   weights only when `patches_uuid` changes; without it, a plain clone and the FP8 clone of
   one model would share whatever weights happened to be loaded.
 
+With `modulation="int8"`, the modulation layers the exclude patterns keep out of fp8 get
+int8 weights the same way (`quant.modulation`: a class object patch, the conversion at
+ON_LOAD, the original in `backup`).
+
 Settings live in `transformer_options["para_attn"]["fp8"]` (a picklable `FP8Settings`); the
 callback reads them at load time. Layers ComfyUI casts per call (lowvram, fp8 weight dtypes)
 are left alone. Pool workers load plain weights and re-apply this from the settings; the
@@ -29,7 +33,7 @@ import torch
 
 from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, plan_for, quantizable_linears,
                       quantize_linear, torchao_config)
-from ...quant import gelu_fusion
+from ...quant import gelu_fusion, modulation
 from .device_conds import keep_conds_on_device
 
 FEATURE = "fp8"
@@ -68,16 +72,21 @@ def _cast_per_call(module) -> bool:
 _host_originals: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _int8_layers(diffusion_model, settings: FP8Settings) -> list:
+    return modulation.modulation_linears(diffusion_model, settings.patterns) if settings.int8_modulation else []
+
+
 def hold_host_originals(model_patcher, settings: FP8Settings) -> int:
     """Hold the host tensors of the layers FP8 Quantize will quantize, where they are on the
     offload device now; returns how many are held (0 leaves what was held)."""
     if getattr(model_patcher, "weight_inplace_update", False):
         return 0  # patches would be merged into the very tensors held here
     offload = torch.device(model_patcher.offload_device)
+    dm = model_patcher.model.diffusion_model
     held = {}
-    for name, module in quantizable_linears(model_patcher.model.diffusion_model, settings.patterns):
+    for name, module in quantizable_linears(dm, settings.patterns) + _int8_layers(dm, settings):
         weight = module.weight
-        if weight.device == offload and not is_quantized(weight):
+        if weight.device == offload and not is_quantized(weight) and weight.dtype != torch.int8:
             held[f"diffusion_model.{name}.weight"] = weight.detach()  # survives the module's move
     if held:
         _host_originals[model_patcher.model] = held
@@ -122,6 +131,15 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                 model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, weight), False)
             quantize_linear(module, config)
             counts[plan.mode] += 1
+        for name, module in _int8_layers(dm, settings):
+            if modulation.is_int8(module) or _cast_per_call(module):
+                counts["int8 already" if modulation.is_int8(module) else "cast per call"] += 1
+                continue
+            key = f"diffusion_model.{name}.weight"
+            if key not in model_patcher.backup:
+                model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, module.weight), False)
+            modulation.to_int8(module)
+            counts["int8"] += 1
         fused_layers = [m for m in dm.modules()
                         if isinstance(m, gelu_fusion.GeluThenLinear) and gelu_fusion.rowwise_dynamic_fp8(m.weight)]
         counts["gelu fused"] = sum(m._para_attn_gelu_from < m.in_features for m in fused_layers)
@@ -131,6 +149,7 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
         plans = ", ".join(f"{n} {mode}" for mode, n in done.items())
         granularity = ", ".join(sorted({p.granularity for p, _ in configs.values()}))
         fused = "".join(f"; {counts[key]} {what}" for key, what in (
+            ("int8", "modulation layers to int8 weights"),
             ("gelu fused", "GELUs fused into the activation quantization"),
             ("norm fed", "modulated LayerNorms fused into it under Compile Model")) if counts[key])
         logging.info("FP8 Quantize: %s linear layers to fp8 (%s scales) in %.2f s%s",
@@ -167,6 +186,16 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
 def _is_fusion_patch(value) -> bool:
     return isinstance(value, gelu_fusion.GeluMovedOn) or (
         isinstance(value, type) and issubclass(value, gelu_fusion.GeluThenLinear))
+
+
+def _int8_modulation(model, settings: FP8Settings) -> None:
+    """Object patches that give the modulation layers the int8 forward (`quant.modulation`);
+    settings without it drop them."""
+    for key in [k for k, v in model.object_patches.items()
+                if isinstance(v, type) and issubclass(v, modulation.Int8WeightLinear)]:
+        del model.object_patches[key]
+    for path, value in modulation.patches(_int8_layers(model.model.diffusion_model, settings)).items():
+        model.add_object_patch(f"diffusion_model.{path}", value)
 
 
 class FP8OnLoad:
@@ -232,6 +261,7 @@ def apply_fp8(model_patcher, settings: FP8Settings):
     if settings.enabled:
         _check_quantizable(model, settings)
     _fuse_gelus(model, settings)
+    _int8_modulation(model, settings)
     # A new weight identity, so ComfyUI re-merges (and we re-quantize) when switching between
     # this clone and any other clone of the same model; deterministic, so a pool worker that
     # re-applies the same settings to the same patches reuses its loaded weights.
