@@ -20,22 +20,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels.int8_linear import int8_linear, quantize_weight_int8  # noqa: E402
+from kernels.selection import time_ms as _time_ms  # noqa: E402
 
 HIDDEN = 3072
 LAYERS = [(6 * HIDDEN, 38), (3 * HIDDEN, 38), (2 * HIDDEN, 1)]  # (out features, count) per step
 
 
 def time_ms(fn, iters):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    return _time_ms(fn, iters=iters)
 
 
 def graph_ms(fn, iters):

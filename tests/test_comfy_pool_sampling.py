@@ -620,3 +620,27 @@ def test_controlnets_with_two_vaes_are_refused_before_any_worker_runs(comfyui_pa
     with pytest.raises(Exception, match="one VAE per prompt; give every ControlNet of this prompt the same VAE"):
         comfy_models.sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2), _with_control(pos, controls[1]),
                             neg, latent, steps=2, cfg=1.0)
+
+
+def test_fp8_quantize_is_applied_in_the_workers_as_in_process(comfyui_path, pack_nodes, pool_cleanup):
+    """FP8 Quantize -> Context Parallel: the workers quantize their own copy of the weights
+    from the settings (on CPU torchao's weight-only fp8; int8 modulation weights when asked)
+    and sample what in-process FP8 sampling does: each setting's own output, not the plain
+    model's nor the other setting's."""
+    pytest.importorskip("torchao")
+    from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+    from comfy_para_attn.quant import FP8Settings
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    outputs = {"plain": comfy_models.sample(patcher, pos, neg, latent, steps=3, cfg=1.0)}
+    for modulation in ("original", "int8"):
+        quantized = apply_fp8(patcher, FP8Settings(modulation=modulation))
+        in_process = comfy_models.sample(quantized, pos, neg, latent, steps=3, cfg=1.0)
+        parallel = comfy_models.sample(_cp(pack_nodes, quantized), pos, neg, latent, steps=3, cfg=1.0)
+        assert torch.isfinite(parallel).all() and in_process.abs().mean() > 1e-3
+        assert (parallel - in_process).abs().max().item() < TOL, modulation
+        outputs[modulation] = in_process
+    assert (outputs["original"] - outputs["plain"]).abs().max().item() > 10 * TOL  # fp8 shows in the output
+    assert (outputs["int8"] - outputs["original"]).abs().max().item() > 10 * TOL  # and so do int8 modulation weights
