@@ -24,14 +24,21 @@ from torch import Tensor
 from .fp8_rowwise import _HAVE_TRITON, _HAVE_TRITON_OP, quantizes_here
 
 INT8_MAX = 127.0
-MAX_ROWS_PER_TILE = 4  # rows of x that share one read of a weight tile (more rows: more tiles)
+MAX_ROWS_PER_TILE = 4  # rows of x that share one read of a weight tile
+MAX_KERNEL_ROWS = 8  # more rows dequantize the weight for one matmul instead (each tile of 4 re-reads it)
+_QUANTIZE_ROWS = 2048  # rows converted at a time: fp32 temporaries of a slice, not of the whole weight
 
 
 def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(int8 [N, K], fp32 [N]): symmetric per-row scale amax / 127, values rounded to nearest."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(1e-12)
-    w8 = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    weight = weight.detach()
+    w8 = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _QUANTIZE_ROWS):
+        w = weight[start:start + _QUANTIZE_ROWS].float()
+        s = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(1e-12)
+        w8[start:start + _QUANTIZE_ROWS] = torch.round(w / s[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        scale[start:start + _QUANTIZE_ROWS] = s
     return w8, scale
 
 
@@ -49,6 +56,11 @@ def why_not_triton(x: Tensor, w8: Tensor, scale: Tensor, bias: Tensor | None) ->
         return "triton (and torch.library.triton_op) are needed"
     if not quantizes_here(x):
         return f"tensors on {x.device.type}"
+    if any(t is not None and t.device != x.device for t in (w8, scale, bias)):
+        return "weight, scale or bias on another device than the input"
+    rows = x.numel() // max(1, x.shape[-1])
+    if not 0 < rows <= MAX_KERNEL_ROWS:
+        return f"{rows} input rows (the kernel takes 1 to {MAX_KERNEL_ROWS})"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"input dtype {x.dtype} (bf16 or fp16)"
     if w8.dtype != torch.int8 or w8.ndim != 2 or not w8.is_contiguous() or x.shape[-1] != w8.shape[1]:
@@ -72,4 +84,9 @@ def int8_linear(x: Tensor, w8: Tensor, scale: Tensor, bias: Tensor | None = None
         else:  # eager: the launch without the custom op's dispatch (host time per call)
             out = triton_int8_linear.launch(rows, w8, scale, bias)
         return out.reshape(*x.shape[:-1], w8.shape[0])
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel():
+        # many rows: one pass to dequantize, then the library's matmul (int8 values are exact in
+        # bf16 / fp16; the row scale after, in fp32)
+        out = torch.nn.functional.linear(x, w8.to(x.dtype)).float() * scale
+        return (out + bias.float() if bias is not None else out).to(x.dtype)
     return int8_linear_reference(x, w8, scale, bias)

@@ -43,7 +43,7 @@ def _int8_linear(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
 # One configuration, no autotuning (which added ~5 s to a compiled FLUX model's warm-up): small
 # column tiles so that every SM holds several programs (FLUX's 9216- and 18432-row layers
 # make 576 / 1152 programs). Best of six on an H100 for both (bench/bench_int8_linear.py).
-GPU_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256}
+GPU_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 256}  # for one row; BLOCK_K shrinks with more rows (registers)
 GPU_LAUNCH = {"num_warps": 4, "num_stages": 3}
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32}
 
@@ -58,6 +58,8 @@ def _launch(x, w8, scale, bias, launcher):
     flags = dict(HAS_BIAS=bias is not None, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m,
                  SOFTWARE_ROUNDING=interpreting())
     blocks, launch_options = (INTERPRETER_BLOCKS, {}) if interpreting() else (GPU_BLOCKS, GPU_LAUNCH)
+    # the accumulator holds BLOCK_M x BLOCK_N x BLOCK_K fp32 values: keep it at one row's size
+    blocks = dict(blocks, BLOCK_K=max(32, blocks["BLOCK_K"] // block_m))
     grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(M, block_m))
     launcher(_int8_linear)[grid](*args, **flags, **blocks, **launch_options)
     return out

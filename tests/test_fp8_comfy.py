@@ -149,9 +149,9 @@ def test_modulation_int8_or_original(cm, fp8, flux, caplog):
     assert 0 < rel < 0.05, rel
     assert torch.equal(_run(cm, int8), with_int8)  # converted again from the restored weights
     lin = flux.model.diffusion_model.double_blocks[0].img_mod.lin
-    assert lin.weight.dtype == torch.int8 and isinstance(lin, modulation.Int8WeightLinear)
+    assert lin.weight.dtype == torch.int8 and isinstance(lin, modulation.Int8Forward)
     _run(cm, flux)  # the plain clone: ComfyUI undoes the class patch and restores the weight
-    assert not isinstance(lin, modulation.Int8WeightLinear) and lin.weight.dtype == torch.bfloat16
+    assert not isinstance(lin, modulation.Int8Forward) and lin.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="modulation"):
         FP8Settings(modulation="fp4")
 
@@ -184,3 +184,63 @@ def test_node(cm, flux, pack_nodes):
     (model,) = node().apply(flux, "row-wise", "weight-only", "img_in", modulation="int8")
     assert model.model_options["transformer_options"]["para_attn"]["fp8"].modulation == "int8"
     assert torch.isfinite(_run(cm, model)).all()
+
+
+def test_loaded_memory_count_follows_the_smaller_weights(cm, fp8, flux):
+    """ComfyUI counts a model's loaded bytes before ON_LOAD converts the weights; the bytes
+    conversion frees come off that count, so unloading every layer leaves what it leaves for
+    the plain model (it left more by what int8 had saved: phantom memory ComfyUI kept free)."""
+    left = {}
+    for name, model in (("plain", flux), ("fp8", fp8.apply_fp8(flux, FP8Settings(modulation="int8")))):
+        _run(cm, model)
+        left[name, "loaded"] = model.model.model_loaded_weight_memory
+        model.partially_unload(model.offload_device, 1e30)
+        left[name] = model.model.model_loaded_weight_memory
+    assert left["fp8", "loaded"] < left["plain", "loaded"]  # the int8 weights' saving is counted
+    assert left["fp8"] == left["plain"], left  # ComfyUI's own remainder (buffers outside its load list)
+    _run(cm, flux)
+
+
+def test_a_load_for_saving_reads_the_unquantized_weights(cm, fp8, flux):
+    """A load with force_patch_weights (ComfyUI's checkpoint save, model merge and LoRA
+    extraction) leaves the weights as merged: the saved file holds no fp8 or int8 values."""
+    import comfy.model_management
+
+    plain = _weights(flux)
+    model = fp8.apply_fp8(flux, FP8Settings(modulation="int8"))
+    _run(cm, model)
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+    saved = model.model_state_dict("diffusion_model.")
+    assert set(saved) == {f"diffusion_model.{k}" for k in plain}
+    assert all(type(saved[f"diffusion_model.{k}"]) is torch.Tensor
+               and torch.equal(saved[f"diffusion_model.{k}"].cpu(), v) for k, v in plain.items())
+    _run(cm, flux)
+
+
+def test_in_place_restore_and_hooked_layers_keep_their_weights_right(cm, fp8, flux, caplog):
+    """With `weight_inplace_update` ComfyUI restores a LoRA'd weight by copying into the
+    parameter: a converted layer's backup becomes a replacement instead (a copy into the int8
+    or fp8 tensor would scramble it; the next load would then skip it as converted). Layers a
+    hook LoRA patches after ON_LOAD are not converted."""
+    lora = cm.random_lora(flux, scale=1.0, max_layers=40)  # every 2-D weight of the tiny model
+    assert any("img_mod.lin" in key for key in lora)
+    with_lora = cm.apply_lora(flux, lora, 0.5)
+    reference = _run(cm, fp8.apply_fp8(with_lora, FP8Settings(modulation="int8")))
+    in_place = fp8.apply_fp8(with_lora, FP8Settings(modulation="int8"))
+    in_place.weight_inplace_update = True
+    for _ in range(2):  # switching away restores in place; coming back converts again
+        assert torch.equal(_run(cm, in_place), reference)
+        _run(cm, flux)
+        lin = flux.model.diffusion_model.double_blocks[0].img_mod.lin
+        assert lin.weight.dtype == torch.bfloat16 and not isinstance(lin, modulation.Int8Forward)
+    hooked = fp8.apply_fp8(flux, FP8Settings(modulation="int8"))
+    key = "diffusion_model.double_blocks.0.img_mod.lin.weight"
+    hooked.hook_patches = {"a hook": {key: []}}  # what a hook LoRA registers (not applied here)
+    names = []
+    hooked.add_callback(_on_load(), lambda p, *a: names.append(_int8_names(p)))
+    fp8._said_once.clear()
+    with caplog.at_level(logging.WARNING):
+        _run(cm, hooked)
+    assert names[0] == MODULATION - {"double_blocks.0.img_mod.lin"}
+    assert "because hooks (hook LoRAs) patch them" in caplog.text
+    _run(cm, flux)

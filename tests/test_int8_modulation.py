@@ -32,7 +32,10 @@ def _input(m, k, seed=1, dtype=torch.bfloat16):
     return (torch.randn(m, k, generator=g) * 1.5 + 0.2).to(dtype)
 
 
-def test_weight_quantization_error_is_a_percent_of_each_row():
+def test_weight_quantization_error_is_a_percent_of_each_row(monkeypatch):
+    from kernels import int8_linear as module
+
+    monkeypatch.setattr(module, "_QUANTIZE_ROWS", 7)  # slices that do not divide the rows
     w = _weight(48, 96).float()
     w8, scale = quantize_weight_int8(w)
     assert w8.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (48,)
@@ -45,7 +48,7 @@ def test_weight_quantization_error_is_a_percent_of_each_row():
 
 @needs_kernel
 @pytest.mark.parametrize("rows,bias,dtype", [(1, True, torch.bfloat16), (2, False, torch.bfloat16),
-                                             (9, True, torch.bfloat16), (3, True, torch.float16)])
+                                             (8, True, torch.bfloat16), (3, True, torch.float16)])
 def test_kernel_matches_the_plain_computation(rows, bias, dtype):
     n, k = 80, 112  # neither a multiple of the kernel's tiles
     w8, scale = quantize_weight_int8(_weight(n, k))
@@ -79,9 +82,15 @@ def test_leading_dims_are_kept():
 
 def test_inputs_the_kernel_cannot_take_use_the_plain_computation():
     w8, scale = quantize_weight_int8(_weight(16, 32))
-    x = _input(2, 32, dtype=torch.float32)
-    assert "dtype" in why_not_triton(x.to(DEVICE), w8.to(DEVICE), scale.to(DEVICE), None)
+    w8, scale = w8.to(DEVICE), scale.to(DEVICE)
+    x = _input(2, 32, dtype=torch.float32).to(DEVICE)
+    assert "dtype" in why_not_triton(x, w8, scale, None)
     assert torch.equal(int8_linear(x, w8, scale), int8_linear_reference(x, w8, scale))
+    many = _input(20, 32).to(DEVICE)  # more rows than the kernel takes: dequantize, then one matmul
+    assert "rows" in why_not_triton(many, w8, scale, None)
+    out, ref = int8_linear(many, w8, scale), int8_linear_reference(many, w8, scale)
+    assert torch.allclose(out.float(), ref.float(), rtol=2 ** -6, atol=1e-2)
+    assert int8_linear(many[:0], w8, scale).shape == (0, 16)
 
 
 class _Block(torch.nn.Module):

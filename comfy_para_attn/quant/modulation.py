@@ -12,7 +12,7 @@ FP8 Quantize's opt-in `modulation="int8"`, for memory, not the default.
 Where: the linear layers whose names match `MODULATION_PATTERNS` (FLUX / HunyuanVideo
 `img_mod.lin`, `txt_mod.lin`, single blocks' `modulation.lin`, the final layer's
 `adaLN_modulation`) and that the fp8 exclude patterns keep out of fp8. Each such layer's
-class becomes a subclass of its own (`Int8WeightLinear`, an object patch ComfyUI applies at
+class becomes a subclass of its own (with `Int8Forward`, an object patch ComfyUI applies at
 every load and undoes) whose forward takes the int8 path while its weight is int8 and is the
 layer's own otherwise; `to_int8` converts the loaded, patch-merged weight in place.
 """
@@ -47,7 +47,7 @@ def is_int8(module: torch.nn.Module) -> bool:
     return module.weight.dtype == torch.int8 and getattr(module, SCALE_ATTR, None) is not None
 
 
-class Int8WeightLinear:
+class Int8Forward:
     """Mixed into a linear layer's class (`int8_class`). A class, not a per-layer callable,
     so that compiled blocks, which guard on the type of what they call, share one graph."""
 
@@ -65,7 +65,7 @@ _int8_classes: dict = {}
 def int8_class(cls: type) -> type:
     base = getattr(cls, "_para_attn_base", cls)
     if base not in _int8_classes:
-        _int8_classes[base] = type(f"Int8Weight{base.__name__}", (Int8WeightLinear, base),
+        _int8_classes[base] = type(f"Int8Weight{base.__name__}", (Int8Forward, base),
                                    {"_para_attn_base": base, "__module__": __name__})
     return _int8_classes[base]
 

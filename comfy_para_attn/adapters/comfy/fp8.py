@@ -103,20 +103,58 @@ def _original_of(model_patcher, key: str, weight: torch.Tensor) -> torch.Tensor:
     return weight.to(device=model_patcher.offload_device)
 
 
+def _back_up(model_patcher, key: str, weight: torch.Tensor) -> None:
+    """Keep the original of a weight about to be replaced, for ComfyUI to restore at unpatch.
+    A LoRA'd weight's backup already holds it; one ComfyUI would restore by copying into the
+    parameter (`weight_inplace_update`) is made a replacement: a copy into the quantized
+    tensor would scramble it."""
+    backup = model_patcher.backup.get(key)
+    if backup is None:
+        model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, weight), False)
+    elif backup.inplace_update:
+        model_patcher.backup[key] = _Backup(backup.weight, False)
+
+
+def _hooked_keys(model_patcher) -> set:
+    """Weight keys that ComfyUI's hooks (hook LoRAs) patch after ON_LOAD: they add to the
+    current weight, which must stay the one they were made for."""
+    return {key for patches in (getattr(model_patcher, "hook_patches", None) or {}).values() for key in patches}
+
+
+def _tensor_bytes(module) -> int:
+    """A layer's bytes as ComfyUI counts them when it unloads (its state dict)."""
+    import comfy.model_management
+
+    return comfy.model_management.module_size(module)
+
+
 def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
     """Quantize the loaded, patch-merged weights of `model_patcher` in place; return counts.
-    Idempotent: layers already quantized are skipped."""
+    Idempotent: layers already quantized are skipped. ComfyUI counted the loaded weights at
+    their size before this; the bytes freed on the GPU come off that count, or a later
+    partial unload (which counts the smaller tensors) leaves phantom loaded memory."""
     dm = model_patcher.model.diffusion_model
     counts = collections.Counter()
     configs = {}  # (device, dtype) -> (plan, torchao config)
+    hooked = _hooked_keys(model_patcher)
+    load_device = torch.device(model_patcher.load_device)
+    freed = 0
     started = time.perf_counter()
+
+    def convertible(name, module, already) -> bool:
+        if already:
+            counts["already"] += 1
+        elif _cast_per_call(module):
+            counts["cast per call"] += 1
+        elif f"diffusion_model.{name}.weight" in hooked:
+            counts["hooked"] += 1
+        else:
+            return True
+        return False
+
     with torch.no_grad():
         for name, module in quantizable_linears(dm, settings.patterns):
-            if is_quantized(module.weight):
-                counts["already"] += 1
-                continue
-            if _cast_per_call(module):
-                counts["cast per call"] += 1
+            if not convertible(name, module, is_quantized(module.weight)):
                 continue
             weight = module.weight
             where = (weight.device, weight.dtype)
@@ -126,38 +164,49 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                     _log_once(plan.note)
                 configs[where] = (plan, plan.torchao_config())
             plan, config = configs[where]
-            key = f"diffusion_model.{name}.weight"
-            if key not in model_patcher.backup:  # a LoRA'd weight's backup already holds its original
-                model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, weight), False)
+            before = _tensor_bytes(module)
+            _back_up(model_patcher, f"diffusion_model.{name}.weight", weight)
             quantize_linear(module, config)
             counts[plan.mode] += 1
-        for name, module in _int8_layers(dm, settings):
-            if modulation.is_int8(module) or _cast_per_call(module):
-                counts["int8 already" if modulation.is_int8(module) else "cast per call"] += 1
+            freed += (before - _tensor_bytes(module)) if weight.device == load_device else 0
+        int8_layers = _int8_layers(dm, settings)
+        if settings.int8_modulation and not int8_layers:
+            _log_once(f"no modulation layer of {type(dm).__name__} matches {', '.join(modulation.MODULATION_PATTERNS)}: "
+                      "modulation 'int8' changes nothing")
+        for name, module in int8_layers:
+            if not convertible(name, module, modulation.is_int8(module)):
                 continue
-            key = f"diffusion_model.{name}.weight"
-            if key not in model_patcher.backup:
-                model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, module.weight), False)
+            before = _tensor_bytes(module)
+            _back_up(model_patcher, f"diffusion_model.{name}.weight", module.weight)
             modulation.to_int8(module)
             counts["int8"] += 1
+            freed += (before - _tensor_bytes(module)) if module.weight.device == load_device else 0
         fused_layers = [m for m in dm.modules()
                         if isinstance(m, gelu_fusion.GeluThenLinear) and gelu_fusion.rowwise_dynamic_fp8(m.weight)]
         counts["gelu fused"] = sum(m._para_attn_gelu_from < m.in_features for m in fused_layers)
         counts["norm fed"] = len(fused_layers) - counts["gelu fused"]
-    done = {k: v for k, v in counts.items() if k in ("dynamic", "weight-only")}
-    if done:
-        plans = ", ".join(f"{n} {mode}" for mode, n in done.items())
-        granularity = ", ".join(sorted({p.granularity for p, _ in configs.values()}))
-        fused = "".join(f"; {counts[key]} {what}" for key, what in (
-            ("int8", "modulation layers to int8 weights"),
-            ("gelu fused", "GELUs fused into the activation quantization"),
-            ("norm fed", "modulated LayerNorms fused into it under Compile Model")) if counts[key])
-        logging.info("FP8 Quantize: %s linear layers to fp8 (%s scales) in %.2f s%s",
-                     plans, granularity, time.perf_counter() - started, fused)
+    model = model_patcher.model
+    if freed and hasattr(model, "model_loaded_weight_memory"):
+        model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - freed)
+    _log_counts(counts, configs, time.perf_counter() - started)
+    return dict(counts)
+
+
+def _log_counts(counts, configs, seconds: float) -> None:
+    done = [f"{counts[mode]} {mode} linear layers to fp8" for mode in ("dynamic", "weight-only") if counts[mode]]
+    if done and configs:
+        done[-1] += f" ({', '.join(sorted({p.granularity for p, _ in configs.values()}))} scales)"
+    done += [f"{counts[key]} {what}" for key, what in (
+        ("int8", "modulation layers to int8 weights"),
+        ("gelu fused", "GELUs fused into the activation quantization"),
+        ("norm fed", "modulated LayerNorms fused into it under Compile Model")) if counts[key]]
+    if counts["dynamic"] or counts["weight-only"] or counts["int8"]:
+        logging.info("FP8 Quantize: %s in %.2f s", "; ".join(done), seconds)
     if counts["cast per call"]:
         _log_once(f"{counts['cast per call']} linear layers stay unquantized because ComfyUI casts their "
                   "weights per call (partially loaded model, lowvram, or fp8 weight dtype)")
-    return dict(counts)
+    if counts["hooked"]:
+        _log_once(f"{counts['hooked']} linear layers stay unquantized because hooks (hook LoRAs) patch them")
 
 
 def _fuse_gelus(model, settings: FP8Settings) -> None:
@@ -192,7 +241,7 @@ def _int8_modulation(model, settings: FP8Settings) -> None:
     """Object patches that give the modulation layers the int8 forward (`quant.modulation`);
     settings without it drop them."""
     for key in [k for k, v in model.object_patches.items()
-                if isinstance(v, type) and issubclass(v, modulation.Int8WeightLinear)]:
+                if isinstance(v, type) and issubclass(v, modulation.Int8Forward)]:
         del model.object_patches[key]
     for path, value in modulation.patches(_int8_layers(model.model.diffusion_model, settings)).items():
         model.add_object_patch(f"diffusion_model.{path}", value)
@@ -203,8 +252,12 @@ class FP8OnLoad:
 
     def __call__(self, model_patcher, device_to, lowvram_model_memory, force_patch_weights, full_load):
         settings = _settings_of(model_patcher)
-        if settings is not None and settings.enabled:
-            quantize_loaded_model(model_patcher, settings)
+        if settings is None or not settings.enabled:
+            return
+        if force_patch_weights:  # a load for saving, merging or extracting: they read the weights
+            _log_once("weights loaded to be read (saving, merging, LoRA extraction) stay unquantized")
+            return
+        quantize_loaded_model(model_patcher, settings)
 
     def __repr__(self):
         return "FP8OnLoad()"
