@@ -644,3 +644,29 @@ def test_fp8_quantize_is_applied_in_the_workers_as_in_process(comfyui_path, pack
         outputs[modulation] = in_process
     assert (outputs["original"] - outputs["plain"]).abs().max().item() > 10 * TOL  # fp8 shows in the output
     assert (outputs["int8"] - outputs["original"]).abs().max().item() > 10 * TOL  # and so do int8 modulation weights
+
+
+def test_enum_settings_such_as_fast_reach_the_workers(comfyui_path, pool_cleanup):
+    """ComfyUI's `--fast` (a set of PerformanceFeature) and `--preview-method` (an enum) were
+    dropped from the settings the workers get (not JSON): `--fast` changed in-process sampling
+    (fp16 accumulation, fp8 matmuls, cuBLAS ops) but not the pool's."""
+    import comfy.cli_args
+
+    from comfy_para_attn.adapters.comfy.pool_sampling import comfy_pool
+    from comfy_para_attn.pool import shutdown_pool
+
+    args = comfy.cli_args.args
+    fast, preview = args.fast, args.preview_method
+    chosen = {list(comfy.cli_args.PerformanceFeature)[0], list(comfy.cli_args.PerformanceFeature)[-1]}
+    shutdown_pool()  # a pool starts with the settings of its start
+    try:
+        args.fast, args.preview_method = chosen, comfy.cli_args.LatentPreviewMethod.Latent2RGB
+        pool = comfy_pool(2, "cpu")
+        job = "comfy_para_attn.testing.pool_jobs:comfy_cli_setting"
+        seen_fast = pool.run(job, "fast", timeout_s=60)
+        seen_preview = pool.run(job, "preview_method", timeout_s=60)
+    finally:
+        args.fast, args.preview_method = fast, preview
+        shutdown_pool()
+    assert sorted(seen_fast["values"]) == sorted(m.value for m in chosen)
+    assert seen_preview["values"] == [comfy.cli_args.LatentPreviewMethod.Latent2RGB.value]

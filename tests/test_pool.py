@@ -431,12 +431,17 @@ def test_out_of_memory_is_named_as_such():
         single.shutdown()
 
 
-def test_workers_exit_when_the_controller_is_killed():
+def test_workers_exit_when_the_controller_is_killed_and_remove_its_published_files():
+    """kill -9 runs no atexit handler in the controller: the workers remove the files it
+    published (for a real model, gigabytes of host memory in /dev/shm) as they exit."""
     script = textwrap.dedent("""
         import json, time
+        import torch
         from comfy_para_attn.pool import Pool
+        from comfy_para_attn.pool.transfer import publish_tensors
         pool = Pool(2)
-        print(json.dumps(pool.pids), flush=True)
+        handle = publish_tensors({"w": torch.ones(1024)}, "killed-controller")
+        print(json.dumps([pool.pids, handle.path]), flush=True)
         time.sleep(300)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -446,14 +451,16 @@ def test_workers_exit_when_the_controller_is_killed():
     try:
         ready, _, _ = select.select([controller.stdout], [], [], 60)
         assert ready, "the controller did not start its pool within 60 s"
-        worker_pids = json.loads(controller.stdout.readline())
+        worker_pids, published = json.loads(controller.stdout.readline())
         assert len(worker_pids) == 2 and not any(process_gone(pid) for pid in worker_pids)
+        assert Path(published).exists()
         controller.kill()
         controller.wait(10)
         killed = time.monotonic()
         assert wait_until(lambda: all(process_gone(pid) for pid in worker_pids), 5.0), \
             "workers outlived their controller by more than 5 s"
         assert time.monotonic() - killed < 5
+        assert wait_until(lambda: not Path(published).parent.exists(), 5.0), "the published files stayed"
     finally:
         controller.kill()
         controller.wait(10)

@@ -194,6 +194,35 @@ def _reserve(fd: int, nbytes: int, what: str) -> None:
             raise  # a filesystem without fallocate stays sparse
 
 
+def process_gone(pid: int) -> bool:
+    """True when no process `pid` runs (or only its zombie, which holds no files open)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # another user's live process
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1][:1] in ("Z", "X")
+    except OSError:
+        return False
+
+
+def remove_dir_of_dead_controller(pid: int, root: Path | None = None) -> bool:
+    """Remove the publish directory of controller `pid` if that process is gone (True: none is
+    left). A controller
+    killed by a signal runs no atexit handler, and its files (a whole model) would hold host
+    memory until some later controller swept them. A live process of that pid (ComfyUI
+    restarted by exec) is left to claim its directory itself."""
+    directory = (root or shm_root()) / f"{DIR_PREFIX}{pid}"
+    if not directory.exists():
+        return True  # nothing left (the controller exited normally)
+    if not process_gone(pid):
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
 def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
     """Remove publish directories left by controllers that no longer run (killed ones)."""
     root = root or shm_root()
@@ -202,13 +231,8 @@ def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
         match = re.fullmatch(re.escape(DIR_PREFIX) + r"(\d+)", entry.name)
         if not match or int(match.group(1)) == os.getpid():
             continue
-        try:
-            os.kill(int(match.group(1)), 0)
+        if not process_gone(int(match.group(1))):
             continue  # its controller still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # another user's live process
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed

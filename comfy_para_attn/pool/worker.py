@@ -33,11 +33,24 @@ WATCHDOG_PERIOD_S = 0.5
 ORPHAN_EXIT_CODE = 3  # the controller went away; nothing left to serve
 
 
+_controller_pid: list[int] = []  # set by start_watchdog
+
+
 def _exit_orphaned(why: str) -> None:
     try:
         sys.stderr.write(f"[para-attn worker {os.getpid()}] {why}; exiting\n")
         sys.stderr.flush()
     except Exception:  # stderr may be gone with the controller's terminal
+        pass
+    try:  # a controller killed by a signal left its published files (a whole model) behind
+        from .transfer import remove_dir_of_dead_controller
+
+        deadline = time.monotonic() + 2.0  # the lifeline closes as the controller dies; wait out its exit
+        while _controller_pid and time.monotonic() < deadline:
+            if remove_dir_of_dead_controller(_controller_pid[0]):
+                break
+            time.sleep(0.1)
+    except Exception:
         pass
     os._exit(ORPHAN_EXIT_CODE)
 
@@ -46,6 +59,7 @@ def start_watchdog(lifeline_fd: int, parent_pid: int) -> None:
     """Exit when the controller dies, even by SIGKILL: the controller never writes to the
     lifeline, so it becomes readable only at EOF, when the controller's end closes. The
     parent-pid check covers a lifeline end leaked into another process by a fork."""
+    _controller_pid[:] = [parent_pid]
 
     def watch():
         while True:

@@ -162,3 +162,13 @@ def thread_counts(ctx, payload):
     with ctx.host_threads():
         inside = torch.get_num_threads()
     return {"before": before, "inside": inside, "after": torch.get_num_threads()}
+
+
+def comfy_cli_setting(ctx, name):
+    """A ComfyUI command-line setting as this worker has it (enums encoded as the controller
+    sends them)."""
+    import comfy.cli_args
+
+    from comfy_para_attn.adapters.comfy.env import _encode_enums
+
+    return _encode_enums(getattr(comfy.cli_args.args, name))

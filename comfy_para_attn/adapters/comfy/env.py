@@ -5,6 +5,7 @@ own module and must find the same ComfyUI as the server that launched them.
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sys
@@ -62,17 +63,43 @@ def make_importable(path: Path | str, *, cpu: bool | None = None, cli_args: dict
 
     args = comfy.cli_args.args
     for key, value in (cli_args or {}).items():
-        setattr(args, key, value)
+        setattr(args, key, _decode_enums(comfy.cli_args, value))
     if cpu is not None:
         args.cpu = cpu
 
 
+_ENUM, _ENUM_SET = "__cli_enum__", "__cli_enum_set__"
+
+
+def _encode_enums(value):
+    """ComfyUI's enum settings (`--fast` is a set of PerformanceFeature, `--preview-method` a
+    LatentPreviewMethod) as JSON: {marker: class name, "values": [member values]}. They are
+    decoded where `comfy.cli_args` is importable (the worker imports it after this payload)."""
+    members = list(value) if isinstance(value, (set, frozenset, list, tuple)) else [value]
+    if not members or not all(isinstance(m, enum.Enum) for m in members):
+        return value
+    if len({type(m) for m in members}) != 1:
+        return value
+    return {_ENUM_SET if isinstance(value, (set, frozenset)) else _ENUM: type(members[0]).__name__,
+            "values": [m.value for m in members]}
+
+
+def _decode_enums(module, value):
+    if not isinstance(value, dict) or not ({_ENUM, _ENUM_SET} & set(value)):
+        return value
+    cls = getattr(module, value.get(_ENUM) or value.get(_ENUM_SET))
+    members = [cls(v) for v in value["values"]]
+    return set(members) if _ENUM_SET in value else members[0]
+
+
 def snapshot_cli_args() -> dict:
-    """The ComfyUI settings of this process that a worker must share (JSON-safe values)."""
+    """The ComfyUI settings of this process that a worker must share (JSON-safe values;
+    enum settings encoded, see `_encode_enums`)."""
     import comfy.cli_args
 
     out = {}
     for key, value in vars(comfy.cli_args.args).items():
+        value = _encode_enums(value)
         try:
             json.dumps(value)
         except TypeError:
