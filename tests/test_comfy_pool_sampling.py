@@ -670,3 +670,29 @@ def test_enum_settings_such_as_fast_reach_the_workers(comfyui_path, pool_cleanup
         shutdown_pool()
     assert sorted(seen_fast["values"]) == sorted(m.value for m in chosen)
     assert seen_preview["values"] == [comfy.cli_args.LatentPreviewMethod.Latent2RGB.value]
+
+
+def test_a_published_model_file_removed_by_another_process_is_written_again(comfyui_path, pack_nodes, pool_cleanup,
+                                                                          caplog):
+    """Another ComfyUI sharing /dev/shm from another PID namespace can take our publish
+    directory for a dead controller's and remove it. The cached handle then failed every
+    new pool until the model was freed; now the weights are written again."""
+    import shutil
+    from pathlib import Path
+
+    from comfy_para_attn.adapters.comfy import published
+    from comfy_para_attn.pool import shutdown_pool
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    model = _cp(pack_nodes, patcher)
+    first = comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0)
+    fingerprint = published._fingerprints[patcher.model.diffusion_model]
+    path = Path(published._published[fingerprint].path)
+    shutdown_pool()  # a new pool maps the file again (a live one may hold the model already)
+    shutil.rmtree(path.parent)
+    with caplog.at_level(logging.WARNING):
+        again = comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0)
+    assert "shared-memory file" in caplog.text and "writing it again" in caplog.text
+    assert torch.equal(again, first) and Path(published._published[fingerprint].path).exists()

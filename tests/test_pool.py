@@ -295,6 +295,17 @@ def test_init_failure_is_a_start_error_with_the_worker_traceback():
     assert child_pids() <= before, "a failed start left worker processes behind"
 
 
+def test_a_failure_while_a_worker_sets_up_reaches_the_controller_with_its_message():
+    """A bad worker setting failed before the worker could report: the error said only
+    "exited with code 1 while starting"."""
+    before = child_pids()
+    with pytest.raises(PoolStartError) as info:
+        Pool(1, env={"COMFY_PARA_ATTN_WORKER_LOG_LEVEL": "verbose"})
+    assert "COMFY_PARA_ATTN_WORKER_LOG_LEVEL='VERBOSE' is no logging level" in str(info.value)
+    assert "Traceback" in str(info.value)
+    assert child_pids() <= before
+
+
 def test_worker_exception_reports_its_traceback_and_next_get_pool_is_fresh(clean_registry):
     first = get_pool(2)
     old_pids = first.pids
@@ -493,6 +504,19 @@ def test_worker_that_died_between_jobs_fails_the_next_run_and_is_replaced(clean_
         first.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)
     assert info.value.reason == "died" and "between jobs" in str(info.value)
     assert get_pool(1) is not first
+
+
+def test_a_pool_whose_worker_died_idle_is_replaced_with_a_warning(clean_registry, caplog):
+    """The host's OOM killer takes a worker between prompts: the next prompt starts a new
+    pool (and loads the model again) and the log says why it is slower."""
+    first = get_pool(1)
+    os.kill(first.pids[0], signal.SIGKILL)
+    assert wait_until(lambda: not first.alive, 5.0)
+    with caplog.at_level("WARNING", logger="comfy_para_attn.pool"):
+        second = get_pool(1)
+    assert second is not first and second.alive
+    assert "was killed by SIGKILL" in caplog.text and "between jobs" in caplog.text
+    assert "starting a new pool" in caplog.text
 
 
 def test_get_pool_reuses_until_the_layout_changes(clean_registry):

@@ -353,6 +353,16 @@ class Pool:
                     interrupt_sent = True
         return result, stopped or interrupt_sent, caller_error
 
+    def idle_death(self) -> str | None:
+        """Why the pool is not alive although it was never shut down nor failed a job: a
+        worker that died between jobs (the host's OOM killer, say), as `_describe_death` says it."""
+        if not self._alive:
+            return None
+        for worker in self._workers:
+            if worker.process.poll() is not None:
+                return _describe_death(worker.rank, worker.process.pid, worker.process.returncode, "between jobs")
+        return None
+
     def _dead_error(self, job: str) -> PoolError:
         """The error for a run on a pool that was shut down, or whose worker died idle."""
         dead = [w for w in self._workers if w.process.poll() is not None] if self._alive else []

@@ -56,6 +56,9 @@ def get_pool(
         if _current is not None and _current.alive and _current.layout == layout:
             return _current
         if _current is not None:
+            died = _current.idle_death()
+            if died:  # else the next prompt is slower (a new pool, the model again) and nobody says why
+                logger.warning("worker pool: %s; starting a new pool", died)
             if _current.alive:
                 logger.info("worker pool layout changed; restarting it")
                 _warn_if_alternating(_current.layout, layout)

@@ -10,6 +10,7 @@ job code never blocks on the pipe); a watchdog exits the process when the contro
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import logging
 import os
@@ -238,6 +239,9 @@ def configure_logging(rank: int) -> None:
     """Worker logs go to the inherited stderr (the ComfyUI console) with the rank in front;
     WARNING by default so that N workers do not repeat the server's INFO lines."""
     level = os.environ.get("COMFY_PARA_ATTN_WORKER_LOG_LEVEL", "WARNING").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError(f"COMFY_PARA_ATTN_WORKER_LOG_LEVEL={level!r} is no logging level "
+                         "(DEBUG, INFO, WARNING, ERROR)")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s [para-attn rank {rank}] %(levelname)s %(name)s: %(message)s")
@@ -258,9 +262,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.path.insert(0, entry)
     for fd in (config.commands_fd, config.events_fd, config.lifeline_fd):
         os.set_inheritable(fd, False)  # keep them out of subprocesses that jobs start
-    configure_logging(config.rank)
+    # A crash in native code (a segfault in a kernel or a library) prints every thread's
+    # Python stack to the console, where the controller's "killed by SIGSEGV" points.
+    faulthandler.enable(all_threads=True)
     outbox = Outbox(Connection(config.events_fd, readable=False))
-    try:
+    try:  # from here on a failure reaches the controller with its traceback
+        configure_logging(config.rank)
         device, timings = join_group(config)
         cpu_group = host_group(config)
     except BaseException as exc:

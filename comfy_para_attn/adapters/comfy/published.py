@@ -67,6 +67,17 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
     from ...pool import transfer
 
     fingerprint = _fingerprints.get(module)
+    handle = _published.get(fingerprint) if fingerprint is not None else None
+    if handle is not None and not os.path.exists(handle.path):
+        # Another process removed it (a second ComfyUI in another PID namespace sharing
+        # /dev/shm took our directory for a dead controller's; systemd's RemoveIPC): the
+        # handle would fail every new pool's workers until this model was freed.
+        log.warning("%s weights' shared-memory file %s is gone (removed by another process); writing it again",
+                    label, handle.path)
+        if fingerprint in _recent.get(label, []):
+            _evict(label, fingerprint, "(its shared-memory file was removed)")
+        else:
+            _published.pop(fingerprint, None)
     if fingerprint is None or fingerprint not in _published:
         state = weights()
         fingerprint = transfer.fingerprint_tensors(state, extra={"class": type(module).__name__})
