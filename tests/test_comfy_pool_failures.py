@@ -106,9 +106,10 @@ def test_hang_past_timeout(setup):
     pack_nodes, patcher, pos, neg, latent, _ = setup
     _next_prompt_succeeds(setup)
     began = time.monotonic()
-    with pytest.raises(PoolError, match="(?i)timeout|timed out|silent|no message"):
+    with pytest.raises(PoolError, match="(?i)timeout|timed out|silent|no message") as info:
         _sample(_cp(pack_nodes, with_faulty_block(patcher, "hang"), timeout_s=5.0), pos, neg, latent)
     assert time.monotonic() - began < 30
+    assert "raise timeout_s on the Context Parallel node (now 5 s)" in str(info.value)  # what the user can do
     _next_prompt_succeeds(setup)
 
 

@@ -776,3 +776,21 @@ def test_an_interrupt_from_the_progress_hook_stops_the_write_at_once(tmp_path, m
     assert 1 <= len(started) < 32, len(started)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
+
+
+def test_an_event_the_controller_cannot_read_is_a_pool_error_naming_the_rank(tmp_path, clean_registry):
+    """A job whose progress carries a class only the workers can import: the controller's
+    unpickling error escaped raw (a ModuleNotFoundError naming neither rank nor pool)."""
+    (tmp_path / "worker_only_jobs.py").write_text(textwrap.dedent("""
+        class OnlyHere:
+            pass
+
+        def report_it(ctx, payload):
+            ctx.report_progress(1, 2, thing=OnlyHere())
+            return "done"
+    """))
+    pool = get_pool(1, sys_path=[str(tmp_path)])
+    with pytest.raises(PoolError) as info:
+        pool.run("worker_only_jobs:report_it", timeout_s=30, on_progress=lambda *a: None)
+    assert info.value.rank == 0 and "cannot read" in str(info.value) and "worker_only_jobs" in str(info.value)
+    assert get_pool(1).run(f"{JOBS}:all_reduce_ranks", timeout_s=30)["sum"] == 1.0  # a fresh pool works

@@ -31,6 +31,7 @@ logger = logging.getLogger("comfy_para_attn.pool")
 LARGE_PAYLOAD_BYTES = 256 << 20
 
 POLL_S = 0.1
+INIT_MIN_TIMEOUT_S = 60.0  # the init job's time limit at least, whatever the start left
 FAILURE_GRACE_S = 0.5  # after one rank fails, look this long for a rank that died meanwhile
 REAP_TIMEOUT_S = 5.0
 
@@ -140,9 +141,9 @@ class Pool:
         _live_pools.add(self)
         try:
             timings = self._start_with_retry(began + start_timeout_s, start_timeout_s)
-            if init is not None:
+            if init is not None:  # its own floor: a slow process start must not leave it a second
                 self._run(init[0], protocol.encode(init[1]),
-                          max(1.0, began + start_timeout_s - time.monotonic()), None, None)
+                          max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
         except PoolStartError:
             self._terminate()
             raise
@@ -436,8 +437,12 @@ class Pool:
         for rank, event in items:
             if event is _EOF:
                 self._workers[rank].events_open = False
-            elif isinstance(event, Exception):
-                raise event
+            elif isinstance(event, Exception):  # the reader could not unpickle what the worker sent
+                raise PoolError(
+                    f"worker pool failed: rank {rank} sent a result or progress event this process cannot "
+                    f"read ({type(event).__name__}: {event}); a job may send only values whose classes the "
+                    "controller can import\n(the pool was shut down; the next run starts a fresh one)",
+                    reason="exception", rank=rank) from event
             else:
                 events.append((rank, event))
         return events

@@ -131,12 +131,16 @@ def _publish_model(model_patcher) -> tuple[str, object]:
     return publish_weights(model_patcher.model.diffusion_model, lambda: _base_weights(model_patcher), "model")
 
 
+START_TIMEOUT_ENV = "COMFY_PARA_ATTN_POOL_START_TIMEOUT_S"
+
+
 def comfy_pool(world: int, device: str):
     """The worker pool for `world` ranks, its workers set up with this server's ComfyUI
     settings. Context Parallel and Parallel VAE Decode share it (same arguments, same pool)."""
     import comfy.model_management
 
-    from ...pool import get_pool
+    from ...attention.config import env_int
+    from ...pool import PoolStartError, get_pool
     from . import memory
     from .env import snapshot_cli_args
 
@@ -144,9 +148,17 @@ def comfy_pool(world: int, device: str):
     comfy_dir = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
     cli_args = snapshot_cli_args()
     cli_args["cpu"] = device == "cpu"
-    return get_pool(world, device=device, sys_path=[comfy_dir, PACK_ROOT],
-                    init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
-                          {"comfy_path": comfy_dir, "cli_args": cli_args}))
+    start_timeout_s = env_int(START_TIMEOUT_ENV, 120, minimum=1)
+    try:
+        return get_pool(world, device=device, sys_path=[comfy_dir, PACK_ROOT], start_timeout_s=start_timeout_s,
+                        init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
+                              {"comfy_path": comfy_dir, "cli_args": cli_args}))
+    except PoolStartError as exc:
+        if "did not start within" in str(exc) or exc.reason == "timeout" or "sent nothing for" in str(exc):
+            raise PoolStartError(f"{exc}\nA first start on a slow disk or with many GPUs can take longer: set "
+                                 f"{START_TIMEOUT_ENV} (seconds, now {start_timeout_s}) in ComfyUI's environment.",
+                                 rank=exc.rank, job=exc.job, worker_traceback=exc.worker_traceback) from exc
+        raise
 
 
 # --- the OUTER_SAMPLE wrapper ---------------------------------------------------------------
@@ -249,7 +261,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
                           disable_pbar=False, seed=None, latent_shapes=None, **kwargs):
     import comfy.model_management
 
-    from ...pool import PoolInterrupted
+    from ...pool import PoolError, PoolInterrupted
     from ...pool.protocol import Pickled
 
     if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
@@ -278,6 +290,13 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
                               should_interrupt=comfy.model_management.processing_interrupted)
         except PoolInterrupted:
             raise comfy.model_management.InterruptProcessingException()
+        except PoolError as exc:
+            if exc.reason != "timeout":
+                raise
+            raise PoolError(f"{exc}\nIf one model call really takes longer (the first call compiles under Compile "
+                            f"Model; long videos), raise timeout_s on the Context Parallel node (now "
+                            f"{settings.timeout_s:g} s).", reason=exc.reason, rank=exc.rank, job=exc.job,
+                            worker_traceback=exc.worker_traceback) from exc
         if result["sent_tensors_changed"]:
             sent.spoil()
     returned = time.monotonic()
