@@ -673,6 +673,32 @@ def test_stale_publish_dirs_of_dead_controllers_are_swept(tmp_path):
     assert not stale.exists() and mine.exists()
 
 
+def test_loading_the_pack_sweeps_what_killed_controllers_left(tmp_path):
+    """A ComfyUI stopped together with its workers (systemd stops the whole group) leaves its
+    published weights; the next ComfyUI removes them when it loads the pack, not at its
+    first Context Parallel prompt."""
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = tmp_path / f"comfy_para_attn-{finished.pid}"
+    stale.mkdir()
+    (stale / "model.bin").write_bytes(b"x" * 4096)
+    script = textwrap.dedent(f"""
+        import importlib.util, logging, sys
+        logging.basicConfig(level=logging.INFO)
+        spec = importlib.util.spec_from_file_location(
+            "comfy_para_attn_pack", {str(REPO_ROOT / "__init__.py")!r}, submodule_search_locations=[{str(REPO_ROOT)!r}])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules["comfy_para_attn_pack"] = pack
+        spec.loader.exec_module(pack)
+        print(len(pack.NODE_CLASS_MAPPINGS))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), COMFY_PARA_ATTN_SHM_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) > 0 and not stale.exists()
+    assert "removed 1 shared-memory folder(s)" in done.stderr
+
+
 def test_fingerprint_follows_content_names_shapes_dtypes_and_extra():
     generator = torch.Generator().manual_seed(1)
     weights = {"a": torch.randn(256, 128, generator=generator),

@@ -18,6 +18,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -32,6 +33,8 @@ from typing import Callable
 import torch
 
 from .errors import ShmSpaceError
+
+logger = logging.getLogger("comfy_para_attn.pool")
 
 DIR_PREFIX = "comfy_para_attn-"
 # Room kept free beyond the tensor bytes: zip headers and pickled metadata, plus slack so
@@ -223,18 +226,23 @@ def remove_dir_of_dead_controller(pid: int, root: Path | None = None) -> bool:
     return True
 
 
-def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
-    """Remove publish directories left by controllers that no longer run (killed ones)."""
+def sweep_stale_dirs(root: Path | None = None, log: bool = False) -> list[Path]:
+    """Remove publish directories left by controllers that no longer run (killed ones); with
+    `log`, say what was freed."""
     root = root or shm_root()
-    removed = []
+    removed, freed = [], 0
     for entry in root.glob(f"{DIR_PREFIX}*"):
         match = re.fullmatch(re.escape(DIR_PREFIX) + r"(\d+)", entry.name)
         if not match or int(match.group(1)) == os.getpid():
             continue
         if not process_gone(int(match.group(1))):
             continue  # its controller still runs
+        freed += sum(f.stat().st_size for f in entry.glob("*") if f.is_file())
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
+    if log and removed:
+        logger.info("removed %d shared-memory folder(s) (%s) left in %s by ComfyUI processes that were killed",
+                    len(removed), _gib(freed), root)
     return removed
 
 
