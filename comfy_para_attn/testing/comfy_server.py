@@ -88,15 +88,28 @@ class ComfyServer:
         raise TimeoutError(f"ComfyUI did not answer within {self._start_timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
+        """Stop the server as a service manager stops one process: SIGTERM to ComfyUI alone.
+        Its pool workers then exit on their own and remove its /dev/shm folder (SIGTERM to
+        the whole group killed them with it and left the folder); what is left after 10 s
+        is killed."""
         if self._proc is not None and self._proc.poll() is None:
             import signal
 
-            os.killpg(self._proc.pid, signal.SIGTERM)
+            self._proc.terminate()
             try:
                 self._proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(self._proc.pid, 0)  # anything of its group (its workers) still running?
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            else:
+                os.killpg(self._proc.pid, signal.SIGKILL)
         if self._proc is not None:
             self._log.close()
         self._proc = None
