@@ -213,10 +213,9 @@ def process_gone(pid: int) -> bool:
 
 def remove_dir_of_dead_controller(pid: int, root: Path | None = None) -> bool:
     """Remove the publish directory of controller `pid` if that process is gone (True: none is
-    left). A controller
-    killed by a signal runs no atexit handler, and its files (a whole model) would hold host
-    memory until some later controller swept them. A live process of that pid (ComfyUI
-    restarted by exec) is left to claim its directory itself."""
+    left). A controller killed by a signal runs no atexit handler, and its files (a whole
+    model) would hold host memory until some later controller swept them. A live process of
+    that pid (ComfyUI restarted by exec) is left to claim its directory itself."""
     directory = (root or shm_root()) / f"{DIR_PREFIX}{pid}"
     if not directory.exists():
         return True  # nothing left (the controller exited normally)
