@@ -150,7 +150,8 @@ class Pool:
         except PoolError as exc:
             self._terminate()
             raise PoolStartError(f"pool init failed: {exc}", rank=exc.rank, job=exc.job,
-                                 worker_traceback=exc.worker_traceback) from exc
+                                 worker_traceback=exc.worker_traceback,
+                                 reason="timeout" if exc.reason == "timeout" else "start") from exc
         except BaseException:
             self._terminate()
             raise
@@ -278,7 +279,7 @@ class Pool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PoolStartError(
-                    f"workers did not start within {timeout_s:g} s (ready ranks: {sorted(ready)})")
+                    f"workers did not start within {timeout_s:g} s (ready ranks: {sorted(ready)})", reason="timeout")
             for rank, event in self._poll_events(min(POLL_S, remaining)):
                 if isinstance(event, protocol.Ready):
                     ready[rank] = event.timings

@@ -11,7 +11,8 @@ class PoolError(RuntimeError):
     """A worker raised, died, hung or ran out of memory; the pool has been shut down.
 
     Attributes say what happened, for callers that want more than the message:
-    `reason` is one of "exception", "out_of_memory", "died", "timeout", "start", "dead";
+    `reason` is one of "exception", "out_of_memory", "died", "timeout", "start", "dead" (a
+    start that ran out of time is a `PoolStartError` with reason "timeout");
     `rank` is the failing rank (None when not one rank); `worker_traceback` is the worker's
     own traceback text when it could send one; `job` is the "module:function" that ran.
     """

@@ -152,6 +152,13 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
             return True
         return False
 
+    def replace(name, module, convert) -> int:
+        """Back up the layer's weight, convert it in place; the GPU bytes that freed."""
+        weight, before = module.weight, _tensor_bytes(module)
+        _back_up(model_patcher, f"diffusion_model.{name}.weight", weight)
+        convert(module)
+        return before - _tensor_bytes(module) if weight.device == load_device else 0
+
     with torch.no_grad():
         for name, module in quantizable_linears(dm, settings.patterns):
             if not convertible(name, module, is_quantized(module.weight)):
@@ -164,11 +171,8 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                     _log_once(plan.note)
                 configs[where] = (plan, plan.torchao_config())
             plan, config = configs[where]
-            before = _tensor_bytes(module)
-            _back_up(model_patcher, f"diffusion_model.{name}.weight", weight)
-            quantize_linear(module, config)
+            freed += replace(name, module, lambda m: quantize_linear(m, config))
             counts[plan.mode] += 1
-            freed += (before - _tensor_bytes(module)) if weight.device == load_device else 0
         int8_layers = _int8_layers(dm, settings)
         if settings.int8_modulation and not int8_layers:
             _log_once(f"no modulation layer of {type(dm).__name__} matches {', '.join(modulation.MODULATION_PATTERNS)}: "
@@ -176,11 +180,8 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
         for name, module in int8_layers:
             if not convertible(name, module, modulation.is_int8(module)):
                 continue
-            before = _tensor_bytes(module)
-            _back_up(model_patcher, f"diffusion_model.{name}.weight", module.weight)
-            modulation.to_int8(module)
+            freed += replace(name, module, modulation.to_int8)
             counts["int8"] += 1
-            freed += (before - _tensor_bytes(module)) if module.weight.device == load_device else 0
         fused_layers = [m for m in dm.modules()
                         if isinstance(m, gelu_fusion.GeluThenLinear) and gelu_fusion.rowwise_dynamic_fp8(m.weight)]
         counts["gelu fused"] = sum(m._para_attn_gelu_from < m.in_features for m in fused_layers)
@@ -217,8 +218,7 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
     compiled blocks fold the LayerNorm into the quantization (`quant.norm_fold`).
     PARA_ATTN_FP8_FUSED_GELU=0 turns all of it off, PARA_ATTN_FP8_FUSED_NORM=0 the LayerNorm
     part (for comparisons)."""
-    for key in [k for k, v in model.object_patches.items() if _is_fusion_patch(v)]:
-        del model.object_patches[key]
+    _drop_object_patches(model, _is_fusion_patch)
     if not (settings.mode == "dynamic" and settings.granularity == "row-wise"
             and os.environ.get("PARA_ATTN_FP8_FUSED_GELU", "1") != "0"):
         return
@@ -232,6 +232,13 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
         model.add_object_patch(f"diffusion_model.{path}", value)
 
 
+def _drop_object_patches(model, ours) -> None:
+    """Remove the object patches `ours(value)` claims (an earlier FP8 Quantize's), so that
+    applying it again replaces them."""
+    for key in [k for k, v in model.object_patches.items() if ours(v)]:
+        del model.object_patches[key]
+
+
 def _is_fusion_patch(value) -> bool:
     return isinstance(value, gelu_fusion.GeluMovedOn) or (
         isinstance(value, type) and issubclass(value, gelu_fusion.GeluThenLinear))
@@ -240,9 +247,7 @@ def _is_fusion_patch(value) -> bool:
 def _int8_modulation(model, settings: FP8Settings) -> None:
     """Object patches that give the modulation layers the int8 forward (`quant.modulation`);
     settings without it drop them."""
-    for key in [k for k, v in model.object_patches.items()
-                if isinstance(v, type) and issubclass(v, modulation.Int8Forward)]:
-        del model.object_patches[key]
+    _drop_object_patches(model, lambda v: isinstance(v, type) and issubclass(v, modulation.Int8Forward))
     for path, value in modulation.patches(_int8_layers(model.model.diffusion_model, settings)).items():
         model.add_object_patch(f"diffusion_model.{path}", value)
 

@@ -154,10 +154,11 @@ def comfy_pool(world: int, device: str):
                         init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
                               {"comfy_path": comfy_dir, "cli_args": cli_args}))
     except PoolStartError as exc:
-        if "did not start within" in str(exc) or exc.reason == "timeout" or "sent nothing for" in str(exc):
+        if exc.reason == "timeout":
             raise PoolStartError(f"{exc}\nA first start on a slow disk or with many GPUs can take longer: set "
                                  f"{START_TIMEOUT_ENV} (seconds, now {start_timeout_s}) in ComfyUI's environment.",
-                                 rank=exc.rank, job=exc.job, worker_traceback=exc.worker_traceback) from exc
+                                 reason=exc.reason, rank=exc.rank, job=exc.job,
+                                 worker_traceback=exc.worker_traceback) from exc
         raise
 
 
