@@ -17,7 +17,9 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
                         ours_fp8_regional_graphs (reduce-overhead); ..._unfused_norm / _rope: the
                         same without the LayerNorm fold (PARA_ATTN_FP8_FUSED_NORM=0) or the q/k
                         RMSNorm + rotary fold (PARA_ATTN_FUSED_ROPE=0); ours_fp8_regional_int8_modulation:
-                        the modulation layers with int8 weights (FP8 Quantize's modulation="int8")
+                        the modulation layers with int8 weights (FP8 Quantize's modulation="int8");
+                        ..._call_graph: Compile Model's cuda_graph "model call" (each model call
+                        replayed as one CUDA graph)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
 compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
@@ -46,7 +48,8 @@ DEFAULT_CONFIGS = ("comfy_bf16", "comfy_torch_compile", "ours_regional_bf16", "o
 EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_regional_autotune",
                  "ours_fp8_regional_cudagraphs", "ours_fp8_regional_graphs", "ours_fp8_regional_unfused_norm",
                  "ours_fp8_regional_graphs_unfused_norm", "ours_fp8_regional_unfused_rope", "ours_regional_bf16_unfused_rope",
-                 "ours_fp8_regional_int8_modulation")
+                 "ours_fp8_regional_int8_modulation", "ours_fp8_regional_call_graph",
+                 "ours_fp8_regional_call_graph_int8_modulation", "ours_regional_bf16_call_graph")
 UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
 UNFUSED_ROPE = {"PARA_ATTN_FUSED_ROPE": "0"}  # the q/k RMSNorm + rotary fold off
 ENV_OF_CONFIG = {"ours_fp8_regional_unfused_norm": UNFUSED_NORM, "ours_fp8_regional_graphs_unfused_norm": UNFUSED_NORM,
@@ -88,12 +91,12 @@ def _configure(name, model, device, cm):
     granularity = "tensor-wise" if name.endswith("tensorwise") else "row-wise"
     m = model
     if "fp8" in name:
-        modulation = "int8" if name.endswith("int8_modulation") else "original"
+        modulation = "int8" if "int8_modulation" in name else "original"
         m = apply_fp8(m, FP8Settings(granularity=granularity, modulation=modulation))
     if "regional" in name:
         modes = {"_autotune": "max-autotune-no-cudagraphs", "_cudagraphs": "max-autotune", "_graphs": "reduce-overhead"}
         mode = next((m for key, m in modes.items() if key in name), "default")
-        m = apply_compile(m, CompileSettings(mode=mode))
+        m = apply_compile(m, CompileSettings(mode=mode, cuda_graph="model call" if "call_graph" in name else "off"))
     return m
 
 

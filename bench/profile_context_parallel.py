@@ -30,7 +30,7 @@ from comfy_para_attn.testing.distributed import run_ranks  # noqa: E402
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
                  family="flux", sync_debug=False, attention_backend="auto", compile_mode="default", top_n=12,
-                 profile_steps=2):
+                 profile_steps=2, cuda_graph="off"):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -65,7 +65,8 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
         from comfy_para_attn.adapters.comfy.compile import apply_compile
         from comfy_para_attn.compile import CompileSettings
 
-        model = apply_compile(model, CompileSettings(backend="eager" if tiny else "inductor", mode=compile_mode))
+        model = apply_compile(model, CompileSettings(backend="eager" if tiny else "inductor", mode=compile_mode,
+                                                       cuda_graph=cuda_graph))
     if world_size > 1:
         model = install_context_parallel(model, build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring)))
 
@@ -110,6 +111,7 @@ def main():
                         "in C head groups at any length, 'ring:0' overlaps")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--cuda-graph", default="off", help="Compile Model's cuda_graph: off or 'model call'")
     parser.add_argument("--fp8", action="store_true", help="FP8 Quantize (row-wise dynamic) first")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU")
@@ -133,7 +135,7 @@ def main():
     rows, base, ref = [], None, None
     for name, world, ulysses, ring, chunks in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
-                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, args.compile_mode, args.top, args.profile_steps,
+                            args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, args.compile_mode, args.top, args.profile_steps, args.cuda_graph,
                             backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]

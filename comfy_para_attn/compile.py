@@ -23,6 +23,7 @@ import torch
 SCOPES = ("regional", "whole", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays these as CUDA graphs
+CALL_GRAPHS = ("off", "model call")  # ours: each whole model call replayed as one CUDA graph
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,20 @@ class CompileSettings:
     dynamic: bool = False
     fullgraph: bool = False
     backend: str = "inductor"  # tests use "eager"/"aot_eager" to check guards without inductor's cost
+    cuda_graph: str = "off"
 
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.mode not in COMPILE_MODES:
             raise ValueError(f"mode must be one of {COMPILE_MODES}, got {self.mode!r}")
+        if self.cuda_graph not in CALL_GRAPHS:
+            raise ValueError(f"cuda_graph must be one of {CALL_GRAPHS}, got {self.cuda_graph!r}")
+        if self.cuda_graph != "off" and self.mode in CUDA_GRAPH_MODES:
+            raise ValueError(
+                f"cuda_graph {self.cuda_graph!r} replays the whole model call as one CUDA graph, and mode "
+                f"{self.mode!r} replays each block as its own: pick one (set mode to 'default', or cuda_graph "
+                "to 'off').")
 
     @property
     def enabled(self) -> bool:
@@ -48,6 +57,10 @@ class CompileSettings:
     @property
     def cuda_graphs(self) -> bool:
         return self.backend == "inductor" and self.mode in CUDA_GRAPH_MODES
+
+    @property
+    def call_graphs(self) -> bool:
+        return self.enabled and self.cuda_graph == "model call"
 
     def compile_kwargs(self) -> dict:
         # dynamic on -> torch's automatic dynamic shapes (None): the first shape compiles a

@@ -32,7 +32,17 @@ class ParaAttnCompile:
                     "default": False,
                     "tooltip": "On: fail with an error on any graph break instead of running that part eager "
                                "(to check that a block compiles as one graph)."}),
-            }
+            },
+            "optional": {
+                "cuda_graph": (["off", "model call"], {
+                    "default": "off",
+                    "tooltip": "model call: from the second step, each whole model call replays as one CUDA graph "
+                               "(no Python or kernel launch cost between the blocks). Only on a GPU, and only where "
+                               "nothing decides per step on the host: calls with First Block Cache, Context "
+                               "Parallel, a ControlNet, LoRA hooks or other packs' model patches run normally (the "
+                               "log says why). Holds one more copy of a step's activations while the model is "
+                               "loaded. Use with mode default."}),
+            },
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -43,11 +53,11 @@ class ParaAttnCompile:
                    "warm-up takes seconds. No recompile when prompt, seed, LoRA strength or cache threshold "
                    "change. Works with FP8 Quantize, First Block Cache and Context Parallel in any order.")
 
-    def apply(self, model, scope, mode, dynamic, fullgraph):
+    def apply(self, model, scope, mode, dynamic, fullgraph, cuda_graph="off"):
         from comfy_para_attn.adapters.comfy.compile import apply_compile
         from comfy_para_attn.compile import CompileSettings
 
-        settings = CompileSettings(scope=scope, mode=mode, dynamic=dynamic, fullgraph=fullgraph)
+        settings = CompileSettings(scope=scope, mode=mode, dynamic=dynamic, fullgraph=fullgraph, cuda_graph=cuda_graph)
         return (apply_compile(model, settings),)
 
 

@@ -39,6 +39,12 @@ def test_settings():
     assert not CompileSettings(scope="off").enabled
     with pytest.raises(ValueError):
         CompileSettings(scope="everything")
+    assert CompileSettings(cuda_graph="model call").call_graphs and not CompileSettings().call_graphs
+    assert not CompileSettings(scope="off", cuda_graph="model call").call_graphs
+    with pytest.raises(ValueError, match="pick one"):  # two kinds of CUDA graph at once
+        CompileSettings(mode="reduce-overhead", cuda_graph="model call")
+    with pytest.raises(ValueError, match="cuda_graph must be one of"):
+        CompileSettings(cuda_graph="blocks")
 
 
 def test_regional_compile_once_per_class():

@@ -195,3 +195,57 @@ def test_node_modes_and_cuda_graph_modes_copy_block_inputs(cm, flux, pack_nodes)
         (wrapper,) = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
         compiled = next(iter(wrapper.compiled.values()))
         assert isinstance(compiled._orig_mod, GraphSafeInputs) == graphs and wrapper.cuda_graphs == graphs, mode
+
+
+def test_model_call_graphs_say_why_a_call_runs_without_one(cm, flux, dynamo, caplog):
+    """cuda_graph "model call" on ComfyUI's real sampling: the result is the compiled model's,
+    and the log names what keeps the calls from a CUDA graph (here the CPU; with First Block
+    Cache its patches; another pack's wrapper by its key). ControlNet, lowvram and gradients
+    are checked on the arguments themselves. The GPU tier replays the graphs."""
+    import comfy.patcher_extension
+    from comfy_para_attn.adapters.comfy.call_graphs import why_not_graphed
+    from comfy_para_attn.adapters.comfy.compile import WRAPPER_KEY, apply_compile
+    from comfy_para_attn.adapters.comfy.first_block_cache import apply_first_block_cache
+    from comfy_para_attn.cache.state import FirstBlockCacheSettings
+
+    positive = cm.conditioning(flux, seed=1)
+    latent = torch.randn(cm.latent_shape("flux"), generator=torch.Generator().manual_seed(0))
+    plain = cm.sample(apply_compile(flux, CompileSettings(backend="eager")), positive, [], latent, steps=STEPS)
+    graphed = apply_compile(flux, CompileSettings(backend="eager", cuda_graph="model call"))
+    seen = []
+
+    def watch(executor, *args, **kwargs):  # another pack's APPLY_MODEL wrapper, outside ours
+        seen.append(why_not_graphed(executor.class_obj, args, kwargs, WRAPPER_KEY))
+        return executor(*args, **kwargs)
+
+    other = graphed.clone()
+    other.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", watch)
+    with caplog.at_level(logging.INFO):
+        out = cm.sample(graphed, positive, [], latent, steps=STEPS)
+        cm.sample(apply_first_block_cache(graphed, FirstBlockCacheSettings(residual_diff_threshold=0.1)),
+                  positive, [], latent, steps=STEPS)
+        cm.sample(other, positive, [], latent, steps=STEPS)
+    assert torch.equal(out, plain)
+    reasons = [r.getMessage() for r in caplog.records if "run without a CUDA graph" in r.getMessage()]
+    assert any("CUDA device" in r for r in reasons), reasons
+    assert any("block patches" in r for r in reasons), reasons
+    assert any("other nodes wrap the model call (other_pack)" in r for r in reasons), reasons
+    assert len(reasons) == 3  # each reason once per wrapper, not once per step
+    # The arguments of a real call, varied: each blocker is named (before the device).
+    assert seen and seen[0] == "other nodes wrap the model call (other_pack)"
+    x = torch.ones(1, 16, 8, 8)
+    options = {"cond_or_uncond": [0]}
+    base = flux.model
+    with torch.no_grad():  # as ComfyUI samples
+        assert why_not_graphed(base, (x, x[:, 0, 0, 0], None, x, object(), options), {}, WRAPPER_KEY) == \
+            "a ControlNet is applied"
+        assert why_not_graphed(base, (x, x, None, x, None, options), {}, WRAPPER_KEY) == \
+            "the model does not run on a CUDA device"
+        with torch.enable_grad():
+            assert why_not_graphed(base, (x, x, None, x, None, options), {}, WRAPPER_KEY) == "gradients are enabled"
+        base.model_lowvram = True
+        try:
+            assert "lowvram" in why_not_graphed(base, (x, x, None, x, None, options), {}, WRAPPER_KEY)
+        finally:
+            base.model_lowvram = False
+        assert why_not_graphed(base, (x, x), {}, WRAPPER_KEY) == "an unexpected apply_model call"

@@ -29,3 +29,22 @@ def test_compiled_graphs_load_from_inductor_cache_in_the_next_process(tmp_path, 
     for result in (first, second):
         assert torch.isfinite(result["out"]).all() and result["plain"].abs().max() > 0.1
         assert (result["out"] - result["plain"]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_model_call_graphs_match_compiled_sampling(comfyui_path, fp8):
+    """cuda_graph "model call": the same images as the compiled model without graphs, in a
+    second run (replayed from the first run's graph), after a LoRA changed the weights
+    (recaptured: the LoRA shows in the output) and under First Block Cache (not graphed)."""
+    if fp8:
+        pytest.importorskip("torchao")
+    from comfy_para_attn.testing.compile_checks import call_graphs_match_compiled
+
+    (result,) = run_ranks(call_graphs_match_compiled, 1, str(comfyui_path), fp8, timeout=600)
+    assert result["finite"], result
+    for case, diff in result["diff"].items():
+        assert result["scale"][case] > 1e-2, result
+        assert diff <= 1e-3 * result["scale"][case], (case, result)
+    assert result["lora_effect"] > 1e-2, result
+    # run 1: a normal call, then a capture; run 2 replays all; the LoRA's new weights recapture.
+    assert result["captures"] >= 2 and result["replays"] >= 16, result

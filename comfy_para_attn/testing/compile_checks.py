@@ -70,3 +70,57 @@ def compile_row_reductions(rank, world_size, device="cuda"):
     x = torch.randn(512, 3072, device=device, generator=torch.Generator(device).manual_seed(0))
     out = torch.compile(rows, **CompileSettings().compile_kwargs())(x)
     return {"out": out.cpu(), "plain": rows(x).cpu(), "cache_hits": counters["inductor"]["fxgraph_cache_hit"]}
+
+
+def call_graphs_match_compiled(rank, world_size, comfy_path, fp8=False):
+    """A tiny Flux on the GPU through Compile Model with and without cuda_graph "model call",
+    cfg 2 (cond and uncond in one call): two runs, a LoRA applied after the graphs were
+    captured, and First Block Cache on top (its calls stay ungraphed). Returns each case's
+    largest difference and scale, and the graphs' capture / replay counts."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=False)
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    from comfy_para_attn.adapters.comfy import features
+    from comfy_para_attn.adapters.comfy.compile import WRAPPER_KEY
+    from comfy_para_attn.cache.state import FirstBlockCacheSettings
+    from comfy_para_attn.compile import CompileSettings
+    from comfy_para_attn.testing import comfy_models as cm
+
+    device = comfy.model_management.get_torch_device()
+    base = cm.build("flux", dtype=torch.bfloat16, device=device, seed=0)
+    if fp8:
+        from comfy_para_attn.quant import FP8Settings
+
+        base = features.apply("fp8", base, FP8Settings())
+    positive = cm.conditioning(base, seed=1, device=device)
+    negative = cm.conditioning(base, seed=2, device=device)
+    latent = torch.randn(cm.latent_shape("flux", height=16, width=16), generator=torch.Generator().manual_seed(5))
+    lora = cm.random_lora(base, max_layers=6)
+    cache = FirstBlockCacheSettings(residual_diff_threshold=0.5)
+
+    def graphs_of(model):
+        (wrapper,) = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+        return wrapper.call_graphs.graphs
+
+    def sample(model):
+        return cm.sample(model, positive, negative, latent, steps=6, cfg=2.0, seed=0).float()
+
+    outputs, counts = {}, {}
+    for name, graph in (("compiled", "off"), ("graphed", "model call")):
+        model = features.apply("compile", base, CompileSettings(cuda_graph=graph))
+        outputs[name, "run 1"] = sample(model)
+        outputs[name, "run 2"] = sample(model)
+        with_lora = cm.apply_lora(model, lora, strength=0.8)
+        outputs[name, "lora"] = sample(with_lora)
+        outputs[name, "cache"] = sample(features.apply("first_block_cache", model, cache))
+        if graph != "off":
+            counts = {"captures": graphs_of(model).captures, "replays": graphs_of(model).replays}
+        comfy.model_management.unload_all_models()
+    cases = ("run 1", "run 2", "lora", "cache")
+    return {"diff": {c: float((outputs["graphed", c] - outputs["compiled", c]).abs().max()) for c in cases},
+            "scale": {c: float(outputs["compiled", c].abs().mean()) for c in cases},
+            "lora_effect": float((outputs["compiled", "lora"] - outputs["compiled", "run 1"]).abs().max()),
+            "finite": all(bool(torch.isfinite(o).all()) for o in outputs.values()), **counts}

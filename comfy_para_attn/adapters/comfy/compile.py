@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 from ...compile import CompileSettings, compile_modules, describe, repeated_block_names
+from .call_graphs import ModelCallGraphs, unregister as unregister_call_graphs
 from .device_conds import keep_conds_on_device
 
 FEATURE = "compile"
@@ -32,11 +33,17 @@ log = logging.getLogger(__name__)
 class CompiledModulesWrapper:
     """APPLY_MODEL wrapper: `{attribute path on BaseModel: compiled module}` swapped in per call."""
 
-    def __init__(self, compiled: dict, cuda_graphs: bool = False):
+    def __init__(self, compiled: dict, cuda_graphs: bool = False, call_graphs=None):
         self.compiled = compiled
         self.cuda_graphs = cuda_graphs
+        self.call_graphs = call_graphs  # a ModelCallGraphs: whole calls replayed as CUDA graphs
 
     def __call__(self, executor, *args, **kwargs):
+        if self.call_graphs is not None:
+            return self.call_graphs(lambda *a, **k: self._run(executor, *a, **k), executor.class_obj, args, kwargs)
+        return self._run(executor, *args, **kwargs)
+
+    def _run(self, executor, *args, **kwargs):
         import comfy.utils
         import torch
 
@@ -100,6 +107,7 @@ def apply_compile(model_patcher, settings: CompileSettings):
     to = model.model_options.setdefault("transformer_options", {})
     to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
     model.remove_wrappers_with_key(apply_model, WRAPPER_KEY)
+    unregister_call_graphs(model)
     if not settings.enabled:
         return model
     if model.get_wrappers(apply_model, COMFY_COMPILE_KEY):
@@ -110,6 +118,9 @@ def apply_compile(model_patcher, settings: CompileSettings):
     compiled = compile_modules(dm, names, settings) if names else compile_modules(model.model, ["diffusion_model"],
                                                                                  settings)
     prefixed = {name if not names else f"diffusion_model.{name}": module for name, module in compiled.items()}
-    model.add_wrapper_with_key(apply_model, WRAPPER_KEY, CompiledModulesWrapper(prefixed, settings.cuda_graphs))
+    graphs = ModelCallGraphs(WRAPPER_KEY) if settings.call_graphs else None
+    if graphs is not None:
+        graphs.register(model)
+    model.add_wrapper_with_key(apply_model, WRAPPER_KEY, CompiledModulesWrapper(prefixed, settings.cuda_graphs, graphs))
     log.debug("Compile Model: %s (%s)", describe(dm if names else None, names), settings)
     return model

@@ -1,0 +1,116 @@
+"""Compile Model's `cuda_graph = "model call"`: ComfyUI model calls replayed as CUDA graphs.
+
+A graph replays what the capture did, so a call is graphed only when nothing in it decides
+per step on the host. `why_not_graphed` names what keeps a call eager: block patches (First
+Block Cache's reuse decision, Context Parallel, other packs' patches), a ControlNet, other
+wrappers of the model call (EasyCache and the like), LoRA hooks (they change weights during
+sampling), a partly offloaded model (lowvram casts weights per layer from host memory). The
+reason is logged once per wrapper.
+
+The weights are checked at the first call of every sampling run (ComfyUI's ON_PRE_RUN) and
+the graphs dropped when they moved (a different LoRA, a reload); ComfyUI unloading the model
+(ON_DETACH with `unpatch_all`) frees the graphs' memory.
+"""
+from __future__ import annotations
+
+import logging
+
+from ...call_graphs import CallGraphs, NotGraphable, weights_token
+
+CALLBACK_KEY = "para_attn_call_graphs"
+APPLY_MODEL_ARGS = ("x", "t", "c_concat", "c_crossattn", "control", "transformer_options")
+
+log = logging.getLogger(__name__)
+
+
+def _nonempty(value) -> bool:
+    if isinstance(value, dict):
+        return any(_nonempty(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0
+    return value is not None
+
+
+def why_not_graphed(base_model, args: tuple, kwargs: dict, own_wrapper_key: str):
+    """None if this APPLY_MODEL call can be replayed as a CUDA graph, else the reason."""
+    import torch
+
+    if len(args) != len(APPLY_MODEL_ARGS):
+        return "an unexpected apply_model call"
+    x, _, _, _, control, options = args
+    if control is not None:
+        return "a ControlNet is applied"
+    options = options if isinstance(options, dict) else {}
+    if _nonempty(options.get("patches")) or _nonempty(options.get("patches_replace")):
+        return "block patches are installed (First Block Cache, Context Parallel or another node's)"
+    wrappers = options.get("wrappers", {})
+    others = [key for key, fns in wrappers.get("apply_model", {}).items() if fns and key != own_wrapper_key]
+    others += [key for key, fns in wrappers.get("diffusion_model", {}).items() if fns]
+    if others:
+        return f"other nodes wrap the model call ({', '.join(map(str, others))})"
+    if getattr(base_model, "model_lowvram", False):
+        return "the model is partly offloaded to the CPU (lowvram)"
+    patcher = getattr(base_model, "current_patcher", None)
+    if patcher is not None and getattr(patcher, "current_hooks", None) is not None:
+        return "hooks (scheduled LoRAs) can change the weights during sampling"
+    if torch.is_grad_enabled():
+        return "gradients are enabled"
+    if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+        return "the model does not run on a CUDA device"
+    return None
+
+
+class ModelCallGraphs:
+    """Graphs of one compiled model's APPLY_MODEL calls, with ComfyUI's run boundaries."""
+
+    def __init__(self, own_wrapper_key: str):
+        self.own_wrapper_key = own_wrapper_key
+        self.graphs = CallGraphs("Compile Model (cuda_graph 'model call')")
+        self._check_weights = True
+        self._logged = set()
+
+    def on_pre_run(self, model_patcher) -> None:
+        self._check_weights = True
+
+    def on_detach(self, model_patcher, unpatch_all=True) -> None:
+        # Every run detaches the loaded model with unpatch_all=False and loads it again, weights
+        # in place (the weights check at the run's first call covers that); True unloads it.
+        if unpatch_all:
+            self.graphs.reset()
+        self._check_weights = True
+
+    def __call__(self, run, base_model, args: tuple, kwargs: dict):
+        """`run(*args, **kwargs)`, from a CUDA graph where the call allows it."""
+        reason = why_not_graphed(base_model, args, kwargs, self.own_wrapper_key)
+        if reason is None:
+            if self._check_weights:
+                self.graphs.check_weights(weights_token(base_model.diffusion_model))
+                self._check_weights = False
+            x, t, c_concat, c_crossattn, control, options = args
+
+            def call(positional, extra_conds):
+                return run(*positional, control, options, **extra_conds)
+
+            try:
+                return self.graphs(call, ((x, t, c_concat, c_crossattn), kwargs),
+                                   extra=(tuple(options.get("cond_or_uncond", ())),))
+            except NotGraphable as e:  # raised before anything ran
+                reason = str(e)
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.info("Compile Model: model calls run without a CUDA graph: %s", reason)
+        return run(*args, **kwargs)
+
+    def register(self, model_patcher) -> None:
+        import comfy.patcher_extension as ext
+
+        for kind, fn in ((ext.CallbacksMP.ON_PRE_RUN, self.on_pre_run), (ext.CallbacksMP.ON_DETACH, self.on_detach)):
+            model_patcher.remove_callbacks_with_key(kind, CALLBACK_KEY)
+            model_patcher.add_callback_with_key(kind, CALLBACK_KEY, fn)
+
+
+def unregister(model_patcher) -> None:
+    import comfy.patcher_extension as ext
+
+    for kind in (ext.CallbacksMP.ON_PRE_RUN, ext.CallbacksMP.ON_DETACH):
+        model_patcher.remove_callbacks_with_key(kind, CALLBACK_KEY)

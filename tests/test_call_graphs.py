@@ -1,0 +1,69 @@
+"""Unit tier (CPU): what keys a whole-call CUDA graph and what invalidates it. The replays
+themselves need CUDA: `tests/test_compile_gpu.py` samples with them."""
+import pytest
+import torch
+
+from comfy_para_attn.call_graphs import CallGraphs, NotGraphable, weights_token
+
+
+def test_key_is_the_layout_of_the_arguments_not_their_values():
+    graphs = CallGraphs()
+    x = torch.randn(2, 4, 8)
+    key = graphs.key(((x, torch.ones(2)), {"guidance": torch.full((2,), 3.5), "method": "offset"}))
+    same = graphs.key(((torch.randn(2, 4, 8), torch.zeros(2)), {"guidance": torch.ones(2), "method": "offset"}))
+    assert key == same
+    others = [
+        ((torch.randn(1, 4, 8), torch.ones(2)), {"guidance": torch.ones(2), "method": "offset"}),  # shape
+        ((x.half(), torch.ones(2)), {"guidance": torch.ones(2), "method": "offset"}),  # dtype
+        ((x.transpose(1, 2).contiguous().transpose(1, 2), torch.ones(2)),
+         {"guidance": torch.ones(2), "method": "offset"}),  # strides
+        ((x, torch.ones(2)), {"guidance": torch.ones(2), "method": "index"}),  # a non-tensor argument
+        ((x, torch.ones(2)), {"guidance": None, "method": "offset"}),  # an argument missing
+        ((x, torch.ones(2)), {"guidance": torch.ones(2), "method": "offset", "extra": torch.ones(1)}),
+    ]
+    for inputs in others:
+        assert graphs.key(inputs) != key
+    assert graphs.key(((x, torch.ones(2)), {}), extra=((0, 1),)) != graphs.key(((x, torch.ones(2)), {}), extra=((0,),))
+    with pytest.raises(NotGraphable):
+        graphs.key(((x,), {"options": {1, 2}}))  # a set: a leaf, and unhashable
+
+
+def test_a_call_that_cannot_key_a_graph_raises_before_running():
+    ran = []
+    with pytest.raises(NotGraphable):
+        CallGraphs()(lambda *a: ran.append(a), (torch.ones(2),), extra=([],))
+    assert not ran
+
+
+def test_weights_token_follows_replaced_weights_not_values():
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    module.register_buffer("scale", torch.ones(8))
+    token = weights_token(module)
+    assert len(token) == 5
+    with torch.no_grad():
+        module[0].weight.mul_(2.0)  # in place: a graph reads the new values at replay
+    assert weights_token(module) == token
+    module[0].weight = torch.nn.Parameter(module[0].weight.detach().clone())  # what a LoRA patch does
+    assert weights_token(module) != token
+    module[0].weight = torch.nn.Parameter(module[0].weight.detach().half())
+    assert weights_token(module)[0][1:] != token[0][1:]  # dtype is part of it
+
+
+def test_weights_token_looks_inside_fp8_weights():
+    pytest.importorskip("torchao")
+    from comfy_para_attn.testing.fp8_checks import make_dynamic_fp8
+
+    linear = make_dynamic_fp8(torch.nn.Linear(32, 32).to(torch.bfloat16))
+    token = weights_token(linear)
+    assert len(token) >= 3  # the fp8 values, their scales, the bias
+    assert {entry[-2] for entry in token} >= {torch.float8_e4m3fn, torch.float32}
+
+
+def test_graph_state_resets_when_weights_move():
+    graphs = CallGraphs()
+    graphs.check_weights((1, 2))
+    graphs._graphs["k"] = object()
+    graphs.check_weights((1, 2))
+    assert graphs._graphs
+    graphs.check_weights((1, 3))
+    assert not graphs._graphs
