@@ -19,7 +19,8 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
                         RMSNorm + rotary fold (PARA_ATTN_FUSED_ROPE=0); ours_fp8_regional_int8_modulation:
                         the modulation layers with int8 weights (FP8 Quantize's modulation="int8");
                         ..._call_graph: Compile Model's cuda_graph "model call" (each model call
-                        replayed as one CUDA graph)
+                        replayed as one CUDA graph); ..._unpaired_rope: q and k rotated by two
+                        kernel calls (PARA_ATTN_ROPE_PAIRS=0)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
 compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
@@ -49,11 +50,14 @@ EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_reg
                  "ours_fp8_regional_cudagraphs", "ours_fp8_regional_graphs", "ours_fp8_regional_unfused_norm",
                  "ours_fp8_regional_graphs_unfused_norm", "ours_fp8_regional_unfused_rope", "ours_regional_bf16_unfused_rope",
                  "ours_fp8_regional_int8_modulation", "ours_fp8_regional_call_graph",
-                 "ours_fp8_regional_call_graph_int8_modulation", "ours_regional_bf16_call_graph")
+                 "ours_fp8_regional_call_graph_int8_modulation", "ours_regional_bf16_call_graph",
+                 "ours_fp8_regional_call_graph_unpaired_rope")
 UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
 UNFUSED_ROPE = {"PARA_ATTN_FUSED_ROPE": "0"}  # the q/k RMSNorm + rotary fold off
+UNPAIRED_ROPE = {"PARA_ATTN_ROPE_PAIRS": "0"}  # q and k rotated by two calls, not one
 ENV_OF_CONFIG = {"ours_fp8_regional_unfused_norm": UNFUSED_NORM, "ours_fp8_regional_graphs_unfused_norm": UNFUSED_NORM,
-                 "ours_fp8_regional_unfused_rope": UNFUSED_ROPE, "ours_regional_bf16_unfused_rope": UNFUSED_ROPE}
+                 "ours_fp8_regional_unfused_rope": UNFUSED_ROPE, "ours_regional_bf16_unfused_rope": UNFUSED_ROPE,
+                 "ours_fp8_regional_call_graph_unpaired_rope": UNPAIRED_ROPE}
 
 
 def _sync(device):

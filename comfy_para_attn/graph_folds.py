@@ -12,7 +12,8 @@ from kernels import fp8_rowwise, qk_norm_rope
 from . import rope_fold
 from .quant import cat_fold, norm_fold
 
-FOLDS = {"cat": cat_fold.fold_cats, "layer norm": norm_fold.fold_norms, "rope": rope_fold.fold_rotations}
+FOLDS = {"cat": cat_fold.fold_cats, "layer norm": norm_fold.fold_norms, "rope": rope_fold.fold_rotations,
+         "rope pairs": rope_fold.pair_rotations}  # in this order: the pairs are of the rope fold's calls
 
 
 class GraphFolds(CustomGraphPass):
@@ -32,10 +33,10 @@ class GraphFolds(CustomGraphPass):
             self.counts[name] += fold(graph)
 
     def uuid(self):
-        # The rope switch is read when the pass runs: a graph cached with the other setting must not be reused.
+        # The rope switches are read when the pass runs: a graph cached with the other setting must not be reused.
         files = (__file__, cat_fold.__file__, norm_fold.__file__, rope_fold.__file__, fp8_rowwise.__file__,
                  qk_norm_rope.__file__)  # the folds, and the checks that decide where they apply
-        return get_hash_for_files(files), rope_fold.enabled()
+        return get_hash_for_files(files), rope_fold.enabled(), rope_fold.pairs_enabled()
 
 
 __all__ = ["GraphFolds"]

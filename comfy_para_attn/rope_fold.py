@@ -11,13 +11,16 @@ and `flux.math.attention` rotates them in fp32:
 This pass, on dynamo's graph before inductor lowers it (`pre_grad_custom_pass`), finds that
 chain back from each `type_as` and puts `para_attn::rms_norm_rope(head, tail, ...)` in its
 place when the example values fit the kernel (`why_not_triton`: bf16 pieces on a device where
-it runs, fp32 `pe` of the right shape). Anything else is left alone. PARA_ATTN_FUSED_ROPE=0
-turns it off (for comparisons; inductor's cache keys on it through the pass's uuid).
+it runs, fp32 `pe` of the right shape). Anything else is left alone. Then `pair_rotations`
+makes each q and k call that share a table one `rms_norm_rope_pair` call (the table read once
+for both). PARA_ATTN_FUSED_ROPE=0 turns both off, PARA_ATTN_ROPE_PAIRS=0 only the pairing (for
+comparisons; inductor's cache keys on them through the pass's uuid).
 """
 from __future__ import annotations
 
 import operator
 import os
+from collections import defaultdict
 
 import torch
 
@@ -124,11 +127,17 @@ def _pieces(source):
 
 
 SWITCH = "PARA_ATTN_FUSED_ROPE"
+PAIRS_SWITCH = "PARA_ATTN_ROPE_PAIRS"
 
 
 def enabled() -> bool:
     """False when PARA_ATTN_FUSED_ROPE=0 (for comparisons; `GraphFolds.uuid` includes it)."""
     return os.environ.get(SWITCH, "1") != "0"
+
+
+def pairs_enabled() -> bool:
+    """False when PARA_ATTN_ROPE_PAIRS=0 or the fold is off (`GraphFolds.uuid` includes it)."""
+    return enabled() and os.environ.get(PAIRS_SWITCH, "1") != "0"
 
 
 def fold_rotations(graph: torch.fx.Graph) -> int:
@@ -159,3 +168,49 @@ def fold_rotations(graph: torch.fx.Graph) -> int:
                           chain[1:] + extra + [n for _, _, _, nodes in pieces for n in nodes])
         folded += 1
     return folded
+
+
+def pair_rotations(graph: torch.fx.Graph) -> int:
+    """Our `rms_norm_rope` calls on one table (same `pe` node, eps and piece count), taken two
+    at a time in graph order (a block's q, then its k), become one `rms_norm_rope_pair` call
+    placed at the second, where the pair kernel takes them and nothing reads the first before
+    that point. Returns how many pairs."""
+    from kernels.qk_norm_rope import why_not_triton_pair
+
+    if not pairs_enabled():
+        return 0
+    single = getattr(getattr(torch.ops, "para_attn", None), "rms_norm_rope", None)
+    if single is None:
+        return 0
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    groups = defaultdict(list)
+    for node in graph.nodes:
+        if _is_function(node, single.default):
+            head, tail, _, _, pe, eps, two_pieces = node.args
+            groups[(pe, eps, two_pieces)].append(node)
+    paired = 0
+    for (pe, eps, two_pieces), calls in groups.items():
+        for first, second in zip(calls[0::2], calls[1::2]):
+            q, k = first.args, second.args
+            q_pieces = [_value(q[0])] + ([_value(q[1])] if two_pieces else [])
+            k_pieces = [_value(k[0])] + ([_value(k[1])] if two_pieces else [])
+            weights = [_value(w) for w in (q[2], q[3], k[2], k[3])]
+            if (None in q_pieces + k_pieces + weights or _value(pe) is None
+                    or any(order[user] < order[second] for user in first.users)
+                    or why_not_triton_pair(q_pieces, k_pieces, weights[:len(q_pieces)], weights[2:2 + len(k_pieces)],
+                                           _value(pe)) is not None):
+                continue
+            from kernels import triton_qk_norm_rope  # noqa: F401  registers the op
+
+            with graph.inserting_after(second):
+                pair = graph.call_function(torch.ops.para_attn.rms_norm_rope_pair.default,
+                                           (q[0], q[1], k[0], k[1], q[2], q[3], k[2], k[3], pe, eps, two_pieces))
+            with graph.inserting_after(pair):
+                k_out = graph.call_function(operator.getitem, (pair, 1))
+                q_out = graph.call_function(operator.getitem, (pair, 0))
+            first.replace_all_uses_with(q_out)
+            second.replace_all_uses_with(k_out)
+            graph.erase_node(first)
+            graph.erase_node(second)
+            paired += 1
+    return paired

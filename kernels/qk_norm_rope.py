@@ -3,6 +3,7 @@ possibly in two pieces (FLUX's double blocks normalize text and image queries wi
 own weights, then concatenate them along the sequence before the rotation).
 
     rms_norm_rope(pieces, weights, pe, eps) -> [B, H, sum(S_i), D] bf16, contiguous
+    rms_norm_rope_pair(q_pieces, k_pieces, q_weights, k_weights, pe, eps) -> (q, k)
 
 Each piece is [B, H, S_i, D] bf16 with any strides but the last (the q/k/v split of a qkv
 projection is a strided view), each weight [D]; `pe` is FLUX's fp32 rotation table
@@ -10,7 +11,9 @@ projection is a strided view), each weight [D]; `pe` is FLUX's fp32 rotation tab
 eps)` rounded to bf16, the pieces concatenated, then in fp32 out[2i + r] = pe[i, r, 0] *
 x[2i] + pe[i, r, 1] * x[2i + 1], rounded to bf16. Under torch.compile inductor made this
 four to six passes per block (FLUX.1-dev fp8 step on an H100: 3.0 ms for the single blocks,
-3.3 ms for the double blocks); `comfy_para_attn.rope_fold` puts this op in its place.
+3.3 ms for the double blocks); `comfy_para_attn.rope_fold` puts this op in its place, and
+the pair op where a block's q and k share the table: the kernel reads the table (in FLUX as
+many bytes per token as four heads of queries) once per token for all heads of both.
 """
 from __future__ import annotations
 
@@ -63,3 +66,24 @@ def rms_norm_rope(pieces: list[Tensor], weights: list[Tensor], pe: Tensor, eps: 
         head, tail = pieces[0], pieces[-1]
         return torch.ops.para_attn.rms_norm_rope(head, tail, weights[0], weights[-1], pe, eps, len(pieces) == 2)
     return rms_norm_rope_reference(pieces, weights, pe, eps)
+
+
+def why_not_triton_pair(q_pieces, k_pieces, q_weights, k_weights, pe) -> str | None:
+    """None when the pair kernel can take q and k together, else the reason."""
+    reason = why_not_triton(q_pieces, q_weights, pe) or why_not_triton(k_pieces, k_weights, pe)
+    if reason is None and [tuple(p.shape) for p in q_pieces] != [tuple(p.shape) for p in k_pieces]:
+        reason = "q and k pieces of different shapes"
+    return reason
+
+
+def rms_norm_rope_pair(q_pieces: list[Tensor], k_pieces: list[Tensor], q_weights: list[Tensor],
+                       k_weights: list[Tensor], pe: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`rms_norm_rope` of q and of k, in one kernel where it can run."""
+    if why_not_triton_pair(q_pieces, k_pieces, q_weights, k_weights, pe) is None:
+        from . import triton_qk_norm_rope  # noqa: F401  registers the op
+
+        return torch.ops.para_attn.rms_norm_rope_pair(q_pieces[0], q_pieces[-1], k_pieces[0], k_pieces[-1],
+                                                      q_weights[0], q_weights[-1], k_weights[0], k_weights[-1], pe,
+                                                      eps, len(q_pieces) == 2)
+    return (rms_norm_rope_reference(q_pieces, q_weights, pe, eps),
+            rms_norm_rope_reference(k_pieces, k_weights, pe, eps))

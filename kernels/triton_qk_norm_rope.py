@@ -9,26 +9,20 @@ from torch.library import triton_op, wrap_triton
 from ._runtime import interpreting
 from .triton_fp8_rowwise import _round_to_bf16
 
-BLOCK_S = 16  # tokens per program (bench/bench_qk_norm_rope.py --sweep: 16 tokens x 4 heads, 4 warps was best on an H100)
-HEADS_PER_PROGRAM = 4  # one load of the rotation table serves this many heads
+BLOCK_S = 16  # tokens per program
+HEADS_PER_STEP = 4  # heads normalized and rotated at once (registers: BLOCK_S x HEADS_PER_STEP x D values)
+HEAD_SLICES = 1  # programs per token block, each looping over its share of the heads
 NUM_WARPS = 4
 
 
 @triton.jit
-def _rms_norm_rope(head_ptr, tail_ptr, w_head_ptr, w_tail_ptr, pe_ptr, out_ptr,
-                   head_b, head_h, head_s, tail_b, tail_h, tail_s, pe_b, heads, head_len, seq, eps,
-                   HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
-    """Tokens [s, s + BLOCK_S) of heads [h, h + BLOCK_H) of one batch: token t < head_len comes
-    from `head`, the rest from `tail`; RMSNorm with that piece's weight, rounded to bf16, then
-    the rotation in fp32, rounded to bf16, into the contiguous output. The rotation table is
-    read once for all BLOCK_H heads (read per head, it was 4x the bytes of the queries)."""
-    b = tl.program_id(1).to(tl.int64)
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    hs = tl.program_id(2).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+def _norm_rotate(head_ptr, tail_ptr, w_head_ptr, w_tail_ptr, out_ptr, head_b, head_h, head_s, tail_b, tail_h,
+                 tail_s, b, tokens, hs, in_head, in_tail, in_seq, ee, eo, oe, oo, heads, head_len, seq, eps,
+                 HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
+    """Heads `hs` of tokens `tokens`: token t < head_len comes from `head`, the rest from `tail`;
+    RMSNorm with that piece's weight, rounded to bf16, then the rotation (`ee`: even output
+    from even input, ...) in fp32, rounded to bf16, into the contiguous output."""
     cols = tl.arange(0, 2 * HALF)
-    in_seq = tokens < seq
-    in_head = tokens < head_len
-    in_tail = in_seq & (tokens >= head_len)
     valid_h = (hs < heads)[None, :, None]
     t3, h3, c3 = tokens[:, None, None], hs[None, :, None], cols[None, None, :]
     head = tl.load(head_ptr + b * head_b + h3 * head_h + t3 * head_s + c3, mask=in_head[:, None, None] & valid_h,
@@ -40,34 +34,75 @@ def _rms_norm_rope(head_ptr, tail_ptr, w_head_ptr, w_tail_ptr, pe_ptr, out_ptr,
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=2) / (2 * HALF) + eps)
     normed = _round_to_bf16(x * rstd[:, :, None] * weight.to(tl.float32)[:, None, :], SOFTWARE_ROUNDING)
     even, odd = tl.split(tl.reshape(normed, (BLOCK_S, BLOCK_H, HALF, 2)))
-    # pe[b, 0, t, i, r, c]: output 2i + r = pe[.., i, r, 0] * x[2i] + pe[.., i, r, 1] * x[2i + 1]
-    pe_cols = tl.arange(0, 4 * HALF)
-    pe = tl.load(pe_ptr + b * pe_b + tokens[:, None] * (4 * HALF) + pe_cols[None, :], mask=in_seq[:, None], other=0.0)
-    of_even, of_odd = tl.split(tl.reshape(pe, (BLOCK_S, HALF, 2, 2)))  # [.., i, r] for c = 0 and c = 1
-    even_from_even, odd_from_even = tl.split(of_even)
-    even_from_odd, odd_from_odd = tl.split(of_odd)
-    out_even = even_from_even[:, None, :] * even + even_from_odd[:, None, :] * odd
-    out_odd = odd_from_even[:, None, :] * even + odd_from_odd[:, None, :] * odd
+    out_even = ee[:, None, :] * even + eo[:, None, :] * odd
+    out_odd = oe[:, None, :] * even + oo[:, None, :] * odd
     out = _round_to_bf16(tl.reshape(tl.join(out_even, out_odd), (BLOCK_S, BLOCK_H, 2 * HALF)), SOFTWARE_ROUNDING)
     tl.store(out_ptr + ((b * heads + h3) * seq + t3) * (2 * HALF) + c3, out.to(out_ptr.dtype.element_ty),
              mask=in_seq[:, None, None] & valid_h)
 
 
-def _launch(head, tail, w_head, w_tail, pe, eps, two_pieces, launcher):
+@triton.jit
+def _rms_norm_rope(q_head_ptr, q_tail_ptr, wq_head_ptr, wq_tail_ptr, q_out_ptr,
+                   k_head_ptr, k_tail_ptr, wk_head_ptr, wk_tail_ptr, k_out_ptr, pe_ptr,
+                   q_head_b, q_head_h, q_head_s, q_tail_b, q_tail_h, q_tail_s,
+                   k_head_b, k_head_h, k_head_s, k_tail_b, k_tail_h, k_tail_s,
+                   pe_b, heads, heads_per_slice, head_len, seq, eps,
+                   HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, PAIR: tl.constexpr,
+                   SOFTWARE_ROUNDING: tl.constexpr):
+    """Tokens [s, s + BLOCK_S) of one batch, heads of slice program_id(2), BLOCK_H at a time:
+    q, and with PAIR k too. The rotation table (FLUX: 1 KiB per token, as many bytes as four
+    heads of bf16 queries) is read once for all of them."""
+    b = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_seq = tokens < seq
+    in_head = tokens < head_len
+    in_tail = in_seq & (tokens >= head_len)
+    # pe[b, 0, t, i, r, c]: output 2i + r = pe[.., i, r, 0] * x[2i] + pe[.., i, r, 1] * x[2i + 1]
+    pe_cols = tl.arange(0, 4 * HALF)
+    pe = tl.load(pe_ptr + b * pe_b + tokens[:, None] * (4 * HALF) + pe_cols[None, :], mask=in_seq[:, None], other=0.0)
+    of_even, of_odd = tl.split(tl.reshape(pe, (BLOCK_S, HALF, 2, 2)))  # [.., i, r] for c = 0 and c = 1
+    ee, oe = tl.split(of_even)
+    eo, oo = tl.split(of_odd)
+    first = tl.program_id(2) * heads_per_slice
+    for h in range(first, tl.minimum(first + heads_per_slice, heads), BLOCK_H):
+        hs = h + tl.arange(0, BLOCK_H)
+        _norm_rotate(q_head_ptr, q_tail_ptr, wq_head_ptr, wq_tail_ptr, q_out_ptr, q_head_b, q_head_h, q_head_s,
+                     q_tail_b, q_tail_h, q_tail_s, b, tokens, hs, in_head, in_tail, in_seq, ee, eo, oe, oo, heads,
+                     head_len, seq, eps, HALF, BLOCK_S, BLOCK_H, SOFTWARE_ROUNDING)
+        if PAIR:
+            _norm_rotate(k_head_ptr, k_tail_ptr, wk_head_ptr, wk_tail_ptr, k_out_ptr, k_head_b, k_head_h, k_head_s,
+                         k_tail_b, k_tail_h, k_tail_s, b, tokens, hs, in_head, in_tail, in_seq, ee, eo, oe, oo,
+                         heads, head_len, seq, eps, HALF, BLOCK_S, BLOCK_H, SOFTWARE_ROUNDING)
+
+
+def _prepare(head, tail, w_head, w_tail):
     # The graph pass checked these on example values; a caller's odd layout is copied, not misread.
     head, tail = (t if t.stride(3) == 1 else t.contiguous() for t in (head, tail))
-    w_head, w_tail = w_head.contiguous(), w_tail.contiguous()
+    return head, tail, w_head.contiguous(), w_tail.contiguous()
+
+
+def _launch(q, k, pe, eps, two_pieces, launcher):
+    """q = (head, tail, w_head, w_tail); k the same, or None: the outputs, [B, H, S, D] each."""
+    q = _prepare(*q)
+    k = _prepare(*k) if k is not None else None
     pe = pe if pe[0].is_contiguous() else pe.contiguous()
+    head = q[0]
     batch, heads, head_len, dim = head.shape
-    seq = head_len + (tail.shape[2] if two_pieces else 0)
-    out = torch.empty((batch, heads, seq, dim), device=head.device, dtype=head.dtype)
-    block_h = min(HEADS_PER_PROGRAM, triton.next_power_of_2(heads))
-    launcher(_rms_norm_rope)[(triton.cdiv(seq, BLOCK_S), batch, triton.cdiv(heads, block_h))](
-        head, tail, w_head, w_tail, pe, out, head.stride(0), head.stride(1), head.stride(2),
-        tail.stride(0), tail.stride(1), tail.stride(2), pe.stride(0) if pe.shape[0] > 1 else 0, heads, head_len,
-        seq, eps, HALF=dim // 2, BLOCK_S=BLOCK_S, BLOCK_H=block_h, SOFTWARE_ROUNDING=interpreting(),
+    seq = head_len + (q[1].shape[2] if two_pieces else 0)
+    q_out = torch.empty((batch, heads, seq, dim), device=head.device, dtype=head.dtype)
+    k_out = torch.empty_like(q_out) if k is not None else q_out
+    block_h = min(HEADS_PER_STEP, triton.next_power_of_2(heads))
+    slices = max(1, min(HEAD_SLICES, triton.cdiv(heads, block_h)))
+    per_slice = triton.cdiv(triton.cdiv(heads, block_h), slices) * block_h
+    ks = k if k is not None else q
+    launcher(_rms_norm_rope)[(triton.cdiv(seq, BLOCK_S), batch, triton.cdiv(heads, per_slice))](
+        q[0], q[1], q[2], q[3], q_out, ks[0], ks[1], ks[2], ks[3], k_out, pe,
+        q[0].stride(0), q[0].stride(1), q[0].stride(2), q[1].stride(0), q[1].stride(1), q[1].stride(2),
+        ks[0].stride(0), ks[0].stride(1), ks[0].stride(2), ks[1].stride(0), ks[1].stride(1), ks[1].stride(2),
+        pe.stride(0) if pe.shape[0] > 1 else 0, heads, per_slice, head_len, seq, eps,
+        HALF=dim // 2, BLOCK_S=BLOCK_S, BLOCK_H=block_h, PAIR=k is not None, SOFTWARE_ROUNDING=interpreting(),
         num_warps=4 if interpreting() else NUM_WARPS)
-    return out
+    return (q_out, k_out) if k is not None else q_out
 
 
 def _fake(head, tail, w_head, w_tail, pe, eps, two_pieces):
@@ -75,15 +110,46 @@ def _fake(head, tail, w_head, w_tail, pe, eps, two_pieces):
     return head.new_empty((head.shape[0], head.shape[1], seq, head.shape[3]))
 
 
+def _fake_pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces):
+    return _fake(q_head, q_tail, wq_head, wq_tail, pe, eps, two_pieces), _fake(k_head, k_tail, wk_head, wk_tail, pe,
+                                                                                 eps, two_pieces)
+
+
+def _single(head, tail, w_head, w_tail, pe, eps, two_pieces, launcher):
+    return _launch((head, tail, w_head, w_tail), None, pe, eps, two_pieces, launcher)
+
+
+def _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces, launcher):
+    return _launch((q_head, q_tail, wq_head, wq_tail), (k_head, k_tail, wk_head, wk_tail), pe, eps, two_pieces,
+                   launcher)
+
+
 if not interpreting():
     @triton_op("para_attn::rms_norm_rope", mutates_args={})
     def rms_norm_rope(head: torch.Tensor, tail: torch.Tensor, w_head: torch.Tensor, w_tail: torch.Tensor,
                       pe: torch.Tensor, eps: float, two_pieces: bool) -> torch.Tensor:
-        return _launch(head, tail, w_head, w_tail, pe, eps, two_pieces, wrap_triton)
+        return _single(head, tail, w_head, w_tail, pe, eps, two_pieces, wrap_triton)
+
+    @triton_op("para_attn::rms_norm_rope_pair", mutates_args={})
+    def rms_norm_rope_pair(q_head: torch.Tensor, q_tail: torch.Tensor, k_head: torch.Tensor, k_tail: torch.Tensor,
+                           wq_head: torch.Tensor, wq_tail: torch.Tensor, wk_head: torch.Tensor,
+                           wk_tail: torch.Tensor, pe: torch.Tensor, eps: float,
+                           two_pieces: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces,
+                     wrap_triton)
 else:
     @torch.library.custom_op("para_attn::rms_norm_rope", mutates_args=())
     def rms_norm_rope(head: torch.Tensor, tail: torch.Tensor, w_head: torch.Tensor, w_tail: torch.Tensor,
                       pe: torch.Tensor, eps: float, two_pieces: bool) -> torch.Tensor:
-        return _launch(head, tail, w_head, w_tail, pe, eps, two_pieces, lambda kernel: kernel)
+        return _single(head, tail, w_head, w_tail, pe, eps, two_pieces, lambda kernel: kernel)
+
+    @torch.library.custom_op("para_attn::rms_norm_rope_pair", mutates_args=())
+    def rms_norm_rope_pair(q_head: torch.Tensor, q_tail: torch.Tensor, k_head: torch.Tensor, k_tail: torch.Tensor,
+                           wq_head: torch.Tensor, wq_tail: torch.Tensor, wk_head: torch.Tensor,
+                           wk_tail: torch.Tensor, pe: torch.Tensor, eps: float,
+                           two_pieces: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces,
+                     lambda kernel: kernel)
 
     rms_norm_rope.register_fake(_fake)
+    rms_norm_rope_pair.register_fake(_fake_pair)

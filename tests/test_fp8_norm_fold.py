@@ -123,7 +123,7 @@ def test_fold_rewrites_dynamo_graph_and_keeps_the_output():
     vec = activations(2, 96, seed=4)
     expected = block(x, vec)  # eager: LayerNorm and addcmul in torch, then the quantization kernel
     out, counts, targets = compiled_with_folds(block, x, vec)
-    assert counts == {"layer norm": 1, "cat": 0, "rope": 0}
+    assert counts == {"layer norm": 1, "cat": 0, "rope": 0, "rope pairs": 0}
     assert "para_attn.layer_norm_modulate_rowwise_fp8.default" in targets
     assert not any("layer_norm" in t and "para_attn" not in t for t in targets) and "<built-in method addcmul" not in " ".join(targets)
     assert not any("gelu_tail_rowwise_fp8" in t for t in targets)
@@ -141,7 +141,7 @@ def test_a_layer_norm_with_affine_parameters_is_left_alone():
     vec = activations(1, 96, seed=6)
     expected = block(x, vec)
     out, counts, targets = compiled_with_folds(block, x, vec)
-    assert counts == {"layer norm": 0, "cat": 0, "rope": 0} and any("para_attn.gelu_tail_rowwise_fp8" in t for t in targets)
+    assert counts == {"layer norm": 0, "cat": 0, "rope": 0, "rope pairs": 0} and any("para_attn.gelu_tail_rowwise_fp8" in t for t in targets)
     assert torch.isfinite(out).all() and torch.equal(out, expected)
 
 
@@ -184,7 +184,7 @@ def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm, family):
             block._compiled_call_impl = None
         torch._dynamo.reset()
     # one graph per block class: 4 norm-fed layers and q, k in a double block, linear1, its cat, q, k in a single one
-    assert folds.counts == {"layer norm": 4 + 1, "cat": 1, "rope": 2 + 2}, folds.counts
+    assert folds.counts == {"layer norm": 4 + 1, "cat": 1, "rope": 2 + 2, "rope pairs": 1 + 1}, folds.counts
     assert torch.isfinite(compiled).all() and eager.abs().mean() > 1e-3
     rel = (compiled.float() - eager.float()).norm() / eager.float().norm()
     assert rel < 2e-2, rel

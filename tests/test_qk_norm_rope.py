@@ -15,7 +15,8 @@ if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imported
 
 from comfy_para_attn.testing.fp8_checks import compiled_with_folds, kernel_unavailable_reason  # noqa: E402
-from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, why_not_triton  # noqa: E402
+from kernels.qk_norm_rope import (rms_norm_rope, rms_norm_rope_pair, rms_norm_rope_reference,  # noqa: E402
+                                  why_not_triton, why_not_triton_pair)
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))
 HEADS, DIM, EPS = 3, 16, 1e-6
@@ -57,6 +58,24 @@ def test_kernel_matches_the_plain_computation(lengths):
     pe = _pe(sum(lengths))
     assert why_not_triton(pieces, weights, pe) is None and pieces[0].stride(2) == 3 * HEADS * DIM
     _assert_close(rms_norm_rope(pieces, weights, pe, EPS), rms_norm_rope_reference(pieces, weights, pe, EPS))
+
+
+@needs_kernel
+@pytest.mark.parametrize("lengths", [(5, 70), (70,)])
+def test_pair_kernel_matches_the_plain_computation_of_q_and_k(lengths):
+    """q and k in one kernel (the rotation table read once for both): each equals its own
+    plain computation, with its own weights."""
+    qkvs = [_qkv(n, seed=i) for i, n in enumerate(lengths)]
+    q_pieces, k_pieces = [t[0] for t in qkvs], [t[1] for t in qkvs]
+    q_weights = [_weight(10 + i) for i in range(len(lengths))]
+    k_weights = [_weight(20 + i) for i in range(len(lengths))]
+    pe = _pe(sum(lengths))
+    assert why_not_triton_pair(q_pieces, k_pieces, q_weights, k_weights, pe) is None
+    q, k = rms_norm_rope_pair(q_pieces, k_pieces, q_weights, k_weights, pe, EPS)
+    _assert_close(q, rms_norm_rope_reference(q_pieces, q_weights, pe, EPS))
+    _assert_close(k, rms_norm_rope_reference(k_pieces, k_weights, pe, EPS))
+    assert "different shapes" in why_not_triton_pair(q_pieces, [p[:, :1] for p in k_pieces], q_weights,
+                                                     k_weights, pe)
 
 
 def test_inputs_the_kernel_cannot_take_fall_back_to_the_plain_computation():
@@ -106,7 +125,7 @@ def test_fold_rewrites_the_attention_preparation_and_keeps_the_output():
               _pe(45))
     (expected_q, expected_v) = prep(*inputs)
     (q, v), counts, targets = compiled_with_folds(prep, *inputs)
-    assert counts == {"rope": 1, "cat": 0, "layer norm": 0}
+    assert counts == {"rope": 1, "cat": 0, "layer norm": 0, "rope pairs": 0}
     assert "para_attn.rms_norm_rope.default" in targets and not any("rms_norm" in t and "para_attn" not in t for t in targets)
     assert torch.equal(v, expected_v)  # v's cat is left alone
     _assert_close(q, expected_q)
@@ -154,3 +173,58 @@ def test_look_alike_computations_are_folded_only_when_they_are_the_rotation(vari
         _assert_close(q, expected)
     else:
         assert torch.equal(q, expected)
+
+
+class _QKPrep(torch.nn.Module):
+    """A FLUX single block's q and k: one qkv projection split, each normalized with its own
+    weight, both rotated by one table (`flux.math.apply_rope`); `early` reads q before k is
+    computed (then q and k cannot be one call)."""
+
+    def __init__(self, early=False):
+        super().__init__()
+        self.early = early
+        self.q_weight = torch.nn.Parameter(_weight(3), requires_grad=False)
+        self.k_weight = torch.nn.Parameter(_weight(4), requires_grad=False)
+
+    @staticmethod
+    def rotate(x, pe, like):
+        pairs = x.to(torch.float32).reshape(*x.shape[:-1], -1, 1, 2)
+        return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*x.shape).type_as(like)
+
+    def forward(self, qkv, pe):
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        q = torch.nn.functional.rms_norm(q, (DIM,), self.q_weight, EPS).to(v)
+        q = self.rotate(q, pe, v)
+        early = q.sum() if self.early else None
+        k = torch.nn.functional.rms_norm(k, (DIM,), self.k_weight, EPS).to(v)
+        k = self.rotate(k, pe, v)
+        return (q, k) if early is None else (q, k * early)
+
+
+@needs_kernel
+@pytest.mark.parametrize("early", [False, True], ids=["q and k paired", "q read before k"])
+def test_q_and_k_on_one_table_become_one_call(early):
+    prep = _QKPrep(early)
+    inputs = (_qkv(40, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(40))
+    expected_q, expected_k = prep(*inputs)
+    (q, k), counts, targets = compiled_with_folds(prep, *inputs)
+    assert counts["rope"] == 2 and counts["rope pairs"] == (0 if early else 1), counts
+    assert ("para_attn.rms_norm_rope_pair.default" in targets) == (not early), targets
+    _assert_close(q, expected_q)
+    if not early:
+        _assert_close(k, expected_k)
+    else:  # k times a sum: compare relative to its scale
+        assert (k.float() - expected_k.float()).abs().max() <= expected_k.float().abs().max() * 2 ** -6
+
+
+def test_the_pair_switch_turns_only_the_pairing_off(monkeypatch):
+    from comfy_para_attn.graph_folds import GraphFolds
+
+    key = GraphFolds().uuid()
+    monkeypatch.setenv("PARA_ATTN_ROPE_PAIRS", "0")
+    assert GraphFolds().uuid() != key
+    if kernel_unavailable_reason() is None:
+        prep = _QKPrep()
+        inputs = (_qkv(40, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(40))
+        _, counts, _ = compiled_with_folds(prep, *inputs)
+        assert counts["rope"] == 2 and counts["rope pairs"] == 0
