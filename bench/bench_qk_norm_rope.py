@@ -76,8 +76,8 @@ def main():
     sets = {name: [_qk_inputs(lengths, seed) for seed in range(4)] for name, lengths in cases}
     if args.sweep:
         default = (kernel.BLOCK_S, kernel.HEADS_PER_STEP, kernel.HEAD_SLICES, kernel.NUM_WARPS)
-        shapes = [(16, 4, 1, 4), (16, 4, 6, 4), (8, 4, 1, 4), (32, 4, 1, 8), (16, 8, 1, 8), (16, 2, 1, 4),
-                  (16, 4, 2, 4), (32, 2, 1, 4), (8, 8, 1, 4), (16, 4, 3, 8)]
+        shapes = [(16, 2, 1, 4), (8, 2, 1, 4), (16, 2, 2, 4), (16, 1, 1, 4), (32, 1, 1, 4), (16, 2, 1, 2),
+                  (32, 2, 1, 8), (16, 4, 3, 8), (8, 4, 1, 4)]
         print("\n| tokens, heads per step, slices, warps | " + " | ".join(f"{n}: pair, cold" for n, _ in cases)
               + " |\n|---|---|---|")
         for shape in shapes:

@@ -81,7 +81,11 @@ def hold_host_originals(model_patcher, settings: FP8Settings) -> int:
     offload device now; returns how many are held (0 leaves what was held)."""
     if getattr(model_patcher, "weight_inplace_update", False):
         return 0  # patches would be merged into the very tensors held here
-    offload = torch.device(model_patcher.offload_device)
+    base, offload = model_patcher.model, torch.device(model_patcher.offload_device)
+    load = torch.device(model_patcher.load_device)
+    if (load != offload and getattr(base, "device", None) == load and not getattr(base, "model_lowvram", False)
+            and getattr(base, "model_loaded_weight_memory", 0) > 0):
+        return 0  # fully loaded (the next prompt on a loaded model): no weight is on the host
     dm = model_patcher.model.diffusion_model
     held = {}
     for name, module in quantizable_linears(dm, settings.patterns) + _int8_layers(dm, settings):
