@@ -32,8 +32,10 @@ from comfy_para_attn.pool import (
 from comfy_para_attn.pool.launch import HOST_THREADS_ENV, PoolLayout, worker_env
 from comfy_para_attn.pool.transfer import (
     check_shm_space,
+    controller_dir,
     fingerprint_tensors,
     load_tensors,
+    pid_namespace,
     publish_tensors,
     sweep_stale_dirs,
 )
@@ -662,15 +664,21 @@ def test_published_files_are_removed_when_the_controller_exits():
 
 
 def test_stale_publish_dirs_of_dead_controllers_are_swept(tmp_path):
+    """Directories are named by PID namespace and pid: a dead controller's of this namespace
+    (or one named by pid alone, by earlier versions) is removed; this process's, and any of
+    another namespace (a container sharing /dev/shm, whose pids mean nothing here), stay."""
     finished = subprocess.Popen(["true"])
     finished.wait()
-    stale = tmp_path / f"comfy_para_attn-{finished.pid}"
-    mine = tmp_path / f"comfy_para_attn-{os.getpid()}"
-    for directory in (stale, mine):
+    stale = controller_dir(finished.pid, tmp_path)
+    mine = controller_dir(os.getpid(), tmp_path)
+    legacy = tmp_path / f"comfy_para_attn-{finished.pid}"
+    other_namespace = tmp_path / f"comfy_para_attn-{int(pid_namespace()) + 1}-{finished.pid}"
+    assert stale.name == f"comfy_para_attn-{pid_namespace()}-{finished.pid}" and pid_namespace() != "0"
+    for directory in (stale, mine, legacy, other_namespace):
         directory.mkdir()
         (directory / "weights.pt").write_bytes(b"x")
-    assert sweep_stale_dirs(tmp_path) == [stale]
-    assert not stale.exists() and mine.exists()
+    assert sorted(sweep_stale_dirs(tmp_path)) == sorted([stale, legacy])
+    assert not stale.exists() and not legacy.exists() and mine.exists() and other_namespace.exists()
 
 
 def test_loading_the_pack_sweeps_what_killed_controllers_left(tmp_path):
@@ -679,7 +687,7 @@ def test_loading_the_pack_sweeps_what_killed_controllers_left(tmp_path):
     first Context Parallel prompt."""
     finished = subprocess.Popen(["true"])
     finished.wait()
-    stale = tmp_path / f"comfy_para_attn-{finished.pid}"
+    stale = controller_dir(finished.pid, tmp_path)
     stale.mkdir()
     (stale / "model.bin").write_bytes(b"x" * 4096)
     script = textwrap.dedent(f"""

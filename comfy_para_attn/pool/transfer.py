@@ -139,8 +139,23 @@ def check_shm_space(required_bytes: int, *, directory: Path | str | None = None,
 _claimed_dirs: set[Path] = set()
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), "0" where unknown. Two
+    containers that share /dev/shm (Docker's --ipc=host) can each run ComfyUI as the same pid,
+    and a pid seen from one of them says nothing about the other's processes."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def controller_dir(pid: int, root: Path | None = None) -> Path:
+    """The publish directory of controller `pid` of this PID namespace."""
+    return (root or shm_root()) / f"{DIR_PREFIX}{pid_namespace()}-{pid}"
+
+
 def _controller_dir(root: Path) -> Path:
-    directory = root / f"{DIR_PREFIX}{os.getpid()}"
+    directory = controller_dir(os.getpid(), root)
     if directory not in _claimed_dirs:
         # A directory of our pid that this process did not make is a previous program's under
         # the same pid: ComfyUI-Manager restarts ComfyUI with os.execv, which runs no atexit
@@ -216,7 +231,7 @@ def remove_dir_of_dead_controller(pid: int, root: Path | None = None) -> bool:
     left). A controller killed by a signal runs no atexit handler, and its files (a whole
     model) would hold host memory until some later controller swept them. A live process of
     that pid (ComfyUI restarted by exec) is left to claim its directory itself."""
-    directory = (root or shm_root()) / f"{DIR_PREFIX}{pid}"
+    directory = controller_dir(pid, root)
     if not directory.exists():
         return True  # nothing left (the controller exited normally)
     if not process_gone(pid):
@@ -226,15 +241,17 @@ def remove_dir_of_dead_controller(pid: int, root: Path | None = None) -> bool:
 
 
 def sweep_stale_dirs(root: Path | None = None, log: bool = False) -> list[Path]:
-    """Remove publish directories left by controllers that no longer run (killed ones); with
-    `log`, say what was freed."""
+    """Remove publish directories left by controllers of this PID namespace that no longer
+    run (killed ones), and those named by pid alone (earlier versions); another namespace's
+    are left alone (their processes cannot be seen from here). With `log`, say what was freed."""
     root = root or shm_root()
-    removed, freed = [], 0
+    removed, freed, namespace = [], 0, pid_namespace()
     for entry in root.glob(f"{DIR_PREFIX}*"):
-        match = re.fullmatch(re.escape(DIR_PREFIX) + r"(\d+)", entry.name)
-        if not match or int(match.group(1)) == os.getpid():
+        match = re.fullmatch(re.escape(DIR_PREFIX) + r"(?:(\d+)-)?(\d+)", entry.name)
+        if not match or (match.group(1) or namespace) != namespace:
             continue
-        if not process_gone(int(match.group(1))):
+        pid = int(match.group(2))
+        if pid == os.getpid() or not process_gone(pid):
             continue  # its controller still runs
         freed += sum(f.stat().st_size for f in entry.glob("*") if f.is_file())
         shutil.rmtree(entry, ignore_errors=True)
