@@ -828,3 +828,36 @@ def test_an_event_the_controller_cannot_read_is_a_pool_error_naming_the_rank(tmp
         pool.run("worker_only_jobs:report_it", timeout_s=30, on_progress=lambda *a: None)
     assert info.value.rank == 0 and "cannot read" in str(info.value) and "worker_only_jobs" in str(info.value)
     assert get_pool(1).run(f"{JOBS}:all_reduce_ranks", timeout_s=30)["sum"] == 1.0  # a fresh pool works
+
+
+def test_worker_output_reaches_comfyuis_log_interceptor(comfyui_path):
+    """ComfyUI replaces sys.stderr / sys.stdout with its LogInterceptor (the frontend's log
+    panel and /internal/logs read what it keeps); the workers' warnings and prints go through
+    it, not around it to the inherited descriptor. Without an interceptor they inherit."""
+    script = textwrap.dedent(f"""
+        import json, sys, time
+        sys.path.insert(0, {str(comfyui_path)!r})
+        from comfy_para_attn.pool import Pool
+        from comfy_para_attn.pool.launch import output_needs_relay
+        plain = output_needs_relay()
+        from app.logger import get_logs, setup_logger
+        setup_logger(log_level="INFO")
+        relayed = output_needs_relay()
+        pool = Pool(2)
+        ranks = pool.run("{JOBS}:log_and_print", "hello-relay", timeout_s=60)
+        pool.shutdown()
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline and text.count("hello-relay") < 4:
+            time.sleep(0.1)
+            text = "".join(entry["m"] for entry in get_logs())
+        sys.__stdout__.write(json.dumps({{"plain": plain, "relayed": relayed, "ranks": ranks, "text": text}}) + "\\n")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["plain"] and result["relayed"]
+    for rank in (0, 1):
+        assert f"[para-attn rank {rank}] WARNING comfy_para_attn.test: logged by rank {rank}: hello-relay" in result["text"]
+        assert f"printed by rank {rank}: hello-relay" in result["text"]

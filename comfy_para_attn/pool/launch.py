@@ -8,6 +8,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -137,10 +138,12 @@ def spawn_worker(layout: PoolLayout, rank: int, env: dict[str, str]) -> WorkerPr
         parent_pid=os.getpid(), sys_path=[REPO_ROOT, *layout.sys_path])
     env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank),
                CUDA_VISIBLE_DEVICES=visible_device(layout, rank))
+    relay = output_needs_relay()
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "comfy_para_attn.pool.worker", config.to_json()],
-            env=env, pass_fds=child_fds, close_fds=True, stdin=subprocess.DEVNULL)
+            env=env, pass_fds=child_fds, close_fds=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if relay else None, stderr=subprocess.STDOUT if relay else None)
     except BaseException:
         for fd in (commands_w, events_r, lifeline_w):
             os.close(fd)
@@ -148,5 +151,30 @@ def spawn_worker(layout: PoolLayout, rank: int, env: dict[str, str]) -> WorkerPr
     finally:
         for fd in child_fds:  # the child has its copies; ours would hide its EOFs
             os.close(fd)
+    if relay:
+        threading.Thread(target=_relay_output, args=(process.stdout,), daemon=True,
+                         name=f"para-attn rank {rank} output").start()
     return WorkerProcess(rank, process, Connection(commands_w, readable=False),
                          Connection(events_r, writable=False), lifeline_w)
+
+
+def output_needs_relay() -> bool:
+    """True when this process's `sys.stderr` is not its file descriptor 2: ComfyUI replaces it
+    with a LogInterceptor that keeps what is written for the log panel and the /internal/logs
+    endpoint. A worker writing to the inherited descriptor would bypass it (its warnings seen
+    in the terminal only), so its output comes through a pipe and is written to `sys.stderr`."""
+    return sys.stderr is not sys.__stderr__
+
+
+def _relay_output(stream) -> None:
+    """Copy a worker's output (its stdout and stderr) line by line to `sys.stderr` until the
+    worker closes it (exits)."""
+    try:
+        for line in iter(stream.readline, b""):
+            try:
+                sys.stderr.write(line.decode(errors="replace"))
+                sys.stderr.flush()
+            except Exception:  # a closed or broken stderr must not stop the draining
+                pass
+    finally:
+        stream.close()

@@ -172,3 +172,12 @@ def comfy_cli_setting(ctx, name):
     from comfy_para_attn.adapters.comfy.env import _encode_enums
 
     return _encode_enums(getattr(comfy.cli_args.args, name))
+
+
+def log_and_print(ctx, payload):
+    """A warning through logging and a line on stdout, both naming the rank and `payload`."""
+    import logging
+
+    logging.getLogger("comfy_para_attn.test").warning("logged by rank %d: %s", ctx.rank, payload)
+    print(f"printed by rank {ctx.rank}: {payload}", flush=True)
+    return ctx.rank
