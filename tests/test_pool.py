@@ -861,3 +861,26 @@ def test_worker_output_reaches_comfyuis_log_interceptor(comfyui_path):
     for rank in (0, 1):
         assert f"[para-attn rank {rank}] WARNING comfy_para_attn.test: logged by rank {rank}: hello-relay" in result["text"]
         assert f"printed by rank {rank}: hello-relay" in result["text"]
+
+
+def test_a_job_whose_pool_another_thread_shuts_down_says_so_not_oom():
+    """shutdown() from another thread (or get_pool replacing the pool) kills workers that are
+    busy with a job: the job's error says the pool was shut down, not that the host ran out
+    of memory (the SIGKILL is the controller's own)."""
+    pool = Pool(2)
+    errors = []
+
+    def run():
+        try:
+            pool.run(f"{JOBS}:sleep_silently", {"seconds": 30}, timeout_s=60)
+        except PoolError as exc:
+            errors.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    time.sleep(2.0)
+    pool.shutdown(timeout_s=1.0)
+    runner.join(30)
+    assert not runner.is_alive() and len(errors) == 1
+    assert errors[0].reason == "dead" and "the pool was shut down while it ran" in str(errors[0])
+    assert "out of memory" not in str(errors[0]) and "SIGKILL" not in str(errors[0])

@@ -134,6 +134,7 @@ class Pool:
         self._readers: list[threading.Thread] = []
         self._inbox: queue.Queue = queue.Queue()
         self._alive = False
+        self._shut_down = False  # by shutdown(): a job that then loses its workers says so
         self._run_lock = threading.Lock()
         self._job_ids = itertools.count(1)
         self.start_seconds: float | None = None
@@ -224,6 +225,7 @@ class Pool:
         """Ask the workers to exit, wait up to `timeout_s`, then kill what is left."""
         if self._alive:
             self._alive = False
+            self._shut_down = True
             try:
                 self._send_all(protocol.Shutdown(), timeout_s)
             except PoolError:
@@ -389,6 +391,10 @@ class Pool:
                            if isinstance(e, (protocol.JobFailed, _Died))]
         deaths = [(r, e) for r, e in events if isinstance(e, _Died)]
         first_rank, first = deaths[0] if deaths else events[0]
+        if deaths and self._shut_down:  # its SIGKILL was ours, not the OOM killer's
+            return PoolError(f"job {job!r} was stopped: the pool was shut down while it ran (by another "
+                             "thread, or replaced by get_pool() for another layout); the next run starts a "
+                             "fresh pool", reason="dead", rank=first_rank, job=job)
         if isinstance(first, _Died):
             text = _describe_death(first_rank, self._workers[first_rank].process.pid,
                                    first.returncode, f"during job {job!r}")

@@ -12,6 +12,7 @@ class PoolError(RuntimeError):
 
     Attributes say what happened, for callers that want more than the message:
     `reason` is one of "exception", "out_of_memory", "died", "timeout", "start", "dead" (a
+    run on a pool that was shut down, or a job whose pool was shut down while it ran; a
     start that ran out of time is a `PoolStartError` with reason "timeout");
     `rank` is the failing rank (None when not one rank); `worker_traceback` is the worker's
     own traceback text when it could send one; `job` is the "module:function" that ran.
