@@ -236,6 +236,18 @@ def test_model_call_graphs_say_why_a_call_runs_without_one(cm, flux, dynamo, cap
     x = torch.ones(1, 16, 8, 8)
     options = {"cond_or_uncond": [0]}
     base = flux.model
+    # What of transformer_options keys a graph: ComfyUI's per-call dicts with the same
+    # settings are one graph; another attention backend or cond order is another.
+    from comfy_para_attn.adapters.comfy.call_graphs import options_key
+    from comfy_para_attn.adapters.comfy.attention_backend import apply_attention_backend
+
+    settings = {"compile": CompileSettings(cuda_graph="model call")}
+    first = {"para_attn": dict(settings), "cond_or_uncond": [0, 1], "sigmas": torch.ones(2), "uuids": [1, 2]}
+    again = {"para_attn": dict(settings), "cond_or_uncond": [0, 1], "sigmas": torch.zeros(2), "uuids": [3, 4]}
+    assert options_key(first) == options_key(again)
+    assert options_key(first) != options_key({**again, "cond_or_uncond": [1, 0]})
+    other_backend = apply_attention_backend(flux, "sdpa").model_options["transformer_options"]["para_attn"]
+    assert options_key(first) != options_key({**again, "para_attn": {**settings, **other_backend}})
     with torch.no_grad():  # as ComfyUI samples
         assert why_not_graphed(base, (x, x[:, 0, 0, 0], None, x, object(), options), {}, WRAPPER_KEY) == \
             "a ControlNet is applied"

@@ -23,6 +23,35 @@ APPLY_MODEL_ARGS = ("x", "t", "c_concat", "c_crossattn", "control", "transformer
 log = logging.getLogger(__name__)
 
 
+# transformer_options entries that change with every call and that a graphed call does not
+# read (the per-step sigmas, the conds' ids) or that `why_not_graphed` has checked already.
+VOLATILE_OPTIONS = ("sigmas", "sample_sigmas", "uuids", "wrappers", "callbacks", "patches", "patches_replace")
+
+
+def _frozen(value):
+    import torch
+
+    if isinstance(value, dict):
+        return ("dict",) + tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return ("seq",) + tuple(_frozen(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, str(value.device), value.data_ptr())
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return ("object", id(value))
+
+
+def options_key(options: dict) -> tuple:
+    """What of `transformer_options` a graph depends on: everything but `VOLATILE_OPTIONS`
+    (ComfyUI makes a new dict per call; the values inside are compared: our nodes' settings,
+    an attention override, `cond_or_uncond`). Another attention backend on a clone that shares
+    this Compile Model's wrapper is another graph, not a replay of the old one."""
+    return _frozen({k: v for k, v in options.items() if k not in VOLATILE_OPTIONS})
+
+
 def _nonempty(value) -> bool:
     if isinstance(value, dict):
         return any(_nonempty(v) for v in value.values())
@@ -92,8 +121,7 @@ class ModelCallGraphs:
                 return run(*positional, control, options, **extra_conds)
 
             try:
-                return self.graphs(call, ((x, t, c_concat, c_crossattn), kwargs),
-                                   extra=(tuple(options.get("cond_or_uncond", ())),))
+                return self.graphs(call, ((x, t, c_concat, c_crossattn), kwargs), extra=options_key(options))
             except NotGraphable as e:  # raised before anything ran
                 reason = str(e)
         if reason not in self._logged:
