@@ -84,6 +84,7 @@ class CallGraphs:
         blocks once no graph refers to them)."""
         self._graphs.clear()
         self._calls.clear()
+        self._failed.clear()
         self._pool = None
         self._weights = None
 
@@ -110,6 +111,9 @@ class CallGraphs:
         is what else the call depends on (hashable). Raises `NotGraphable` (before running
         anything) when the arguments cannot key a graph."""
         key = self.key(inputs, extra)
+        off_gpu = [v for v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.device.type != "cuda"]
+        if off_gpu:  # a graph would keep a host tensor's value at capture, not read it anew
+            raise NotGraphable(f"an input tensor is on the {off_gpu[0].device.type}")
         graph = self._graphs.get(key)
         if graph is not None:
             return self._replay(graph, inputs)

@@ -29,9 +29,13 @@ def test_key_is_the_layout_of_the_arguments_not_their_values():
 
 
 def test_a_call_that_cannot_key_a_graph_raises_before_running():
+    """Unhashable arguments, and tensors off the GPU (a graph would keep a host tensor's
+    value from the capture instead of reading it at every replay)."""
     ran = []
-    with pytest.raises(NotGraphable):
+    with pytest.raises(NotGraphable, match="not hashable"):
         CallGraphs()(lambda *a: ran.append(a), (torch.ones(2),), extra=([],))
+    with pytest.raises(NotGraphable, match="input tensor is on the cpu"):
+        CallGraphs()(lambda *a: ran.append(a), (torch.ones(2),))
     assert not ran
 
 
@@ -63,7 +67,8 @@ def test_graph_state_resets_when_weights_move():
     graphs = CallGraphs()
     graphs.check_weights((1, 2))
     graphs._graphs["k"] = object()
+    graphs._failed.add("j")
     graphs.check_weights((1, 2))
-    assert graphs._graphs
+    assert graphs._graphs and graphs._failed
     graphs.check_weights((1, 3))
-    assert not graphs._graphs
+    assert not graphs._graphs and not graphs._failed

@@ -32,7 +32,7 @@ def _frozen(value):
     import torch
 
     if isinstance(value, dict):
-        return ("dict",) + tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+        return ("dict",) + tuple(sorted(((str(k), _frozen(v)) for k, v in value.items()), key=lambda kv: kv[0]))
     if isinstance(value, (list, tuple)):
         return ("seq",) + tuple(_frozen(v) for v in value)
     if isinstance(value, torch.Tensor):
