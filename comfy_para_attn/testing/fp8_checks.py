@@ -182,7 +182,7 @@ def folds_against_eager_on_cuda(rank, world_size, comfy_path):
                     block.compile(**CompileSettings().compile_kwargs())
                 out = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
                 results[family, folds_on] = {
-                    "counts": {k: folds.counts[k] - before.get(k, 0) for k in ("cat", "layer norm", "rope")},
+                    "counts": {k: folds.counts[k] - before.get(k, 0) for k in ("cat", "layer norm", "rope", "rope pairs")},
                     "rel": float((out.float() - eager.float()).norm() / eager.float().norm()),
                     "finite": bool(torch.isfinite(out).all())}
     finally:
