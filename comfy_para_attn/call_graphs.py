@@ -25,6 +25,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 log = logging.getLogger(__name__)
 
 WARMUP_CALLS = 1  # normal calls of a layout before its capture
+MAX_GRAPHS = 4  # layouts kept at once (each holds its inputs and outputs; all share one pool)
+MAX_TRACKED = 256  # layouts whose normal calls are counted (keys hold the objects they name)
 
 
 class NotGraphable(Exception):
@@ -81,10 +83,10 @@ class CallGraphs:
 
     def reset(self) -> None:
         """Drop every graph and its memory pool (the caching allocator frees the pool's
-        blocks once no graph refers to them)."""
+        blocks once no graph refers to them). Layouts whose capture failed stay refused: a
+        retry would fail again, and some torch versions keep a failed capture's memory."""
         self._graphs.clear()
         self._calls.clear()
-        self._failed.clear()
         self._pool = None
         self._weights = None
 
@@ -118,8 +120,14 @@ class CallGraphs:
         if graph is not None:
             return self._replay(graph, inputs)
         if key in self._failed or self._calls.get(key, 0) < WARMUP_CALLS:
+            if len(self._calls) >= MAX_TRACKED and key not in self._calls:
+                self._calls.clear()
             self._calls[key] = self._calls.get(key, 0) + 1
             return fn(*inputs)
+        if len(self._graphs) >= MAX_GRAPHS:  # one more layout: start over rather than grow
+            weights = self._weights
+            self.reset()
+            self._weights = weights
         try:
             graph = self._capture(fn, inputs)
         except Exception as e:  # a sync or an op CUDA graphs cannot hold: this layout runs normally

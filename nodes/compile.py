@@ -42,7 +42,8 @@ class ParaAttnCompile:
                                "nothing decides per step on the host: calls with First Block Cache, Context "
                                "Parallel, a ControlNet, LoRA hooks or other packs' model patches run normally (the "
                                "log says why). Holds one more copy of a step's activations while the model is "
-                               "loaded. Use with mode default."}),
+                               "loaded, which ComfyUI's memory estimate does not see: leave it off on a nearly full "
+                               "GPU. Use with mode default."}),
             },
         }
 

@@ -63,12 +63,36 @@ def test_weights_token_looks_inside_fp8_weights():
     assert {entry[-2] for entry in token} >= {torch.float8_e4m3fn, torch.float32}
 
 
-def test_graph_state_resets_when_weights_move():
+def test_graph_state_resets_when_weights_move_but_failed_captures_stay_refused():
     graphs = CallGraphs()
     graphs.check_weights((1, 2))
     graphs._graphs["k"] = object()
     graphs._failed.add("j")
     graphs.check_weights((1, 2))
-    assert graphs._graphs and graphs._failed
+    assert graphs._graphs
     graphs.check_weights((1, 3))
-    assert not graphs._graphs and not graphs._failed
+    assert not graphs._graphs and graphs._failed == {"j"}
+
+
+def test_a_failed_capture_runs_the_call_normally_once_logged(caplog):
+    """Here the capture itself fails (no CUDA): the call still returns its result, the
+    failure is logged once, and that layout is not captured again."""
+    graphs, ran = CallGraphs("toy"), []
+
+    def fn(value):
+        ran.append(value)
+        return value * 2
+
+    with caplog.at_level("WARNING"):
+        assert [graphs(fn, (3,)) for _ in range(4)] == [6, 6, 6, 6]
+    assert ran == [3, 3, 3, 3] and graphs.captures == 0 and len(graphs._failed) == 1
+    assert len([r for r in caplog.records if "capture failed" in r.getMessage()]) == 1
+
+
+def test_layouts_counted_and_graphs_kept_are_bounded():
+    from comfy_para_attn.call_graphs import MAX_TRACKED
+
+    graphs = CallGraphs()
+    for value in range(MAX_TRACKED + 40):  # a new non-tensor argument every call
+        graphs(lambda v: v, (value,))
+    assert len(graphs._calls) <= MAX_TRACKED

@@ -11,6 +11,7 @@ Guard and recompile checks use the "eager" backend (dynamo's guards do not depen
 backend); one test runs inductor for numerics.
 """
 import logging
+import weakref
 
 import pytest
 import torch
@@ -197,6 +198,18 @@ def test_node_modes_and_cuda_graph_modes_copy_block_inputs(cm, flux, pack_nodes)
         assert isinstance(compiled._orig_mod, GraphSafeInputs) == graphs and wrapper.cuda_graphs == graphs, mode
 
 
+class _Mutable:
+    """An unhashable option value (a pack's mutable settings object)."""
+
+    __hash__ = None
+
+    def __init__(self, state):
+        self.state = state
+
+    def __eq__(self, other):
+        return self is other
+
+
 def test_model_call_graphs_say_why_a_call_runs_without_one(cm, flux, dynamo, caplog):
     """cuda_graph "model call" on ComfyUI's real sampling: the result is the compiled model's,
     and the log names what keeps the calls from a CUDA graph (here the CPU; with First Block
@@ -236,6 +249,25 @@ def test_model_call_graphs_say_why_a_call_runs_without_one(cm, flux, dynamo, cap
     x = torch.ones(1, 16, 8, 8)
     options = {"cond_or_uncond": [0]}
     base = flux.model
+    # A node after Compile Model that swaps model sampling (an object patch, no weight moves)
+    # is another graph: `_apply_model`'s sampling arithmetic is inside it.
+    import comfy_extras.nodes_model_advanced as advanced
+    from comfy_para_attn.adapters.comfy.call_graphs import patches_key
+
+    keys = {}
+
+    def record(name):
+        def wrapper(executor, *args, **kwargs):
+            keys.setdefault(name, set()).add(patches_key(executor.class_obj))
+            return executor(*args, **kwargs)
+        return wrapper
+
+    (shifted,) = advanced.ModelSamplingSD3().patch(graphed, 3.0)
+    for name, patcher in (("plain", graphed.clone()), ("shifted", shifted.clone())):
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "record", record(name))
+        cm.sample(patcher, positive, [], latent, steps=STEPS)
+        cm.sample(patcher, positive, [], latent, steps=STEPS)
+    assert len(keys["plain"]) == 1 and len(keys["shifted"]) == 1 and keys["plain"] != keys["shifted"]
     # What of transformer_options keys a graph: ComfyUI's per-call dicts with the same
     # settings are one graph; another attention backend or cond order is another.
     from comfy_para_attn.adapters.comfy.call_graphs import options_key
@@ -248,6 +280,12 @@ def test_model_call_graphs_say_why_a_call_runs_without_one(cm, flux, dynamo, cap
     assert options_key(first) != options_key({**again, "cond_or_uncond": [1, 0]})
     other_backend = apply_attention_backend(flux, "sdpa").model_options["transformer_options"]["para_attn"]
     assert options_key(first) != options_key({**again, "para_attn": {**settings, **other_backend}})
+    unhashable = _Mutable({"strength": 1.0})  # keyed by identity, and kept alive by the key
+    key = options_key({"some_pack": unhashable})
+    alive = weakref.ref(unhashable)
+    del unhashable
+    assert alive() is not None and key == options_key({"some_pack": alive()})
+    assert key != options_key({"some_pack": _Mutable({"strength": 1.0})})
     with torch.no_grad():  # as ComfyUI samples
         assert why_not_graphed(base, (x, x[:, 0, 0, 0], None, x, object(), options), {}, WRAPPER_KEY) == \
             "a ControlNet is applied"

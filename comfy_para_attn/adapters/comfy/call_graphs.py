@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 VOLATILE_OPTIONS = ("sigmas", "sample_sigmas", "uuids", "wrappers", "callbacks", "patches", "patches_replace")
 
 
+class _Same:
+    """Keys an object by identity and keeps it alive, so a new object at a dead one's address
+    is never taken for it."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
 def _frozen(value):
     import torch
 
@@ -41,7 +57,7 @@ def _frozen(value):
         hash(value)
         return value
     except TypeError:
-        return ("object", id(value))
+        return _Same(value)
 
 
 def options_key(options: dict) -> tuple:
@@ -50,6 +66,16 @@ def options_key(options: dict) -> tuple:
     an attention override, `cond_or_uncond`). Another attention backend on a clone that shares
     this Compile Model's wrapper is another graph, not a replay of the old one."""
     return _frozen({k: v for k, v in options.items() if k not in VOLATILE_OPTIONS})
+
+
+def patches_key(base_model) -> tuple:
+    """The model's object patches as applied for this run (ComfyUI swaps `model_sampling` and
+    other attributes per clone with no weight moving), by identity: a graph covers
+    `_apply_model`'s model-sampling arithmetic and whatever a patched forward does."""
+    patcher = getattr(base_model, "current_patcher", None)
+    patches = getattr(patcher, "object_patches", None) or {}
+    return (_Same(getattr(base_model, "model_sampling", None)),
+            tuple((name, _Same(patches[name])) for name in sorted(patches)))
 
 
 def _nonempty(value) -> bool:
@@ -111,9 +137,12 @@ class ModelCallGraphs:
     def __call__(self, run, base_model, args: tuple, kwargs: dict):
         """`run(*args, **kwargs)`, from a CUDA graph where the call allows it."""
         reason = why_not_graphed(base_model, args, kwargs, self.own_wrapper_key)
+        if reason is not None and getattr(base_model, "model_lowvram", False):
+            self.graphs.reset()  # memory is short: give the graphs' memory back
         if reason is None:
             if self._check_weights:
-                self.graphs.check_weights(weights_token(base_model.diffusion_model))
+                # the whole BaseModel: the diffusion model's weights and model sampling's tables
+                self.graphs.check_weights(weights_token(base_model))
                 self._check_weights = False
             x, t, c_concat, c_crossattn, control, options = args
 
@@ -121,7 +150,8 @@ class ModelCallGraphs:
                 return run(*positional, control, options, **extra_conds)
 
             try:
-                return self.graphs(call, ((x, t, c_concat, c_crossattn), kwargs), extra=options_key(options))
+                return self.graphs(call, ((x, t, c_concat, c_crossattn), kwargs),
+                                   extra=(options_key(options), patches_key(base_model)))
             except NotGraphable as e:  # raised before anything ran
                 reason = str(e)
         if reason not in self._logged:
