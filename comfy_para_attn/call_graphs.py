@@ -16,6 +16,7 @@ and that layout runs normally from then on. Nothing here knows about ComfyUI.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -145,12 +146,14 @@ class CallGraphs:
                   if isinstance(v, torch.Tensor) else v for v in leaves]
         graph = torch.cuda.CUDAGraph()
         pool = self._pool if self._pool is not None else torch.cuda.graph_pool_handle()
+        began, reserved = time.perf_counter(), torch.cuda.memory_reserved()
         # thread_local: ComfyUI's other threads (previews, the server) may use CUDA meanwhile.
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             output = fn(*tree_unflatten(static, spec))
         self._pool = pool
-        log.info("%s: captured as a CUDA graph (%d inputs)", self.name,
-                 sum(isinstance(v, torch.Tensor) for v in static))
+        log.info("%s: captured as a CUDA graph in %.2f s (%d inputs; GPU memory reserved %+.2f GiB)", self.name,
+                 time.perf_counter() - began, sum(isinstance(v, torch.Tensor) for v in static),
+                 (torch.cuda.memory_reserved() - reserved) / 2**30)
         return _Graph(graph, [v for v in static if isinstance(v, torch.Tensor)], output)
 
     def _replay(self, graph: _Graph, inputs):
