@@ -146,9 +146,10 @@ class CallGraphs:
                   if isinstance(v, torch.Tensor) else v for v in leaves]
         graph = torch.cuda.CUDAGraph()
         pool = self._pool if self._pool is not None else torch.cuda.graph_pool_handle()
-        began, reserved = time.perf_counter(), torch.cuda.memory_reserved()
+        began = time.perf_counter()
         # thread_local: ComfyUI's other threads (previews, the server) may use CUDA meanwhile.
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            reserved = torch.cuda.memory_reserved()  # after the graph's own empty_cache
             output = fn(*tree_unflatten(static, spec))
         self._pool = pool
         log.info("%s: captured as a CUDA graph in %.2f s (%d inputs; GPU memory reserved %+.2f GiB)", self.name,
