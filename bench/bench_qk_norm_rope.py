@@ -75,17 +75,17 @@ def main():
     cases = (("single block q", (4608,)), ("double block q (text, image)", (512, 4096)))
     sets = {name: [_qk_inputs(lengths, seed) for seed in range(4)] for name, lengths in cases}
     if args.sweep:
-        default = (kernel.BLOCK_S, kernel.HEADS_PER_STEP, kernel.HEAD_SLICES, kernel.NUM_WARPS)
+        default = kernel.PAIR_TILE
         shapes = [(16, 2, 1, 4), (8, 2, 1, 4), (16, 2, 2, 4), (16, 1, 1, 4), (32, 1, 1, 4), (16, 2, 1, 2),
                   (32, 2, 1, 8), (16, 4, 3, 8), (8, 4, 1, 4)]
         print("\n| tokens, heads per step, slices, warps | " + " | ".join(f"{n}: pair, cold" for n, _ in cases)
               + " |\n|---|---|---|")
         for shape in shapes:
-            kernel.BLOCK_S, kernel.HEADS_PER_STEP, kernel.HEAD_SLICES, kernel.NUM_WARPS = shape
+            kernel.PAIR_TILE = shape
             times = [_cold_us(lambda i, n=name: rms_norm_rope_pair(*sets[n][i], 1e-6), args.repeats)
                      for name, _ in cases]
             print(f"| {shape} | " + " | ".join(f"{t:.1f} us" for t in times) + " |")
-        kernel.BLOCK_S, kernel.HEADS_PER_STEP, kernel.HEAD_SLICES, kernel.NUM_WARPS = default
+        kernel.PAIR_TILE = default
     print("\n| block's q and k, cold | two calls us | pair call us | pair GB/s | two / pair | max abs diff vs eager |\n"
           "|---|---|---|---|---|---|")
     for name, lengths in cases:

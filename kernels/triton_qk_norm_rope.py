@@ -9,13 +9,14 @@ from torch.library import triton_op, wrap_triton
 from ._runtime import interpreting
 from .triton_fp8_rowwise import _round_to_bf16
 
+# (tokens per program, heads per step, head slices (0: one step of heads per program), warps).
 # bench/bench_qk_norm_rope.py --sweep, H100, a FLUX block's q and k in one call, inputs not in L2:
-# 16 tokens x 2 heads per step, one slice, 4 warps: 53.7 us; 16 x 4: 116.8; 16 x 4 in 6 slices
-# (the table read per 4 heads, like the earlier kernel): 83.6; 8 x 8: 59.3.
-BLOCK_S = 16  # tokens per program
-HEADS_PER_STEP = 2  # heads normalized and rotated at once (registers: BLOCK_S x HEADS_PER_STEP x D values)
-HEAD_SLICES = 1  # programs per token block, each looping over its share of the heads
-NUM_WARPS = 4
+# 16 tokens x 2 heads a step, one slice, 4 warps: 53.7 us; 16 x 4: 116.8; 16 x 4 in 6 slices
+# (the table read per 4 heads): 83.6; 8 x 8: 59.3. A single call keeps the grid it was tuned
+# with before the pair op (one step of 4 heads per program: 26 us a call, hot); the pair's
+# tile took 40 us there.
+PAIR_TILE = (16, 2, 1, 4)
+SINGLE_TILE = (16, 4, 0, 4)
 
 
 @triton.jit
@@ -94,17 +95,19 @@ def _launch(q, k, pe, eps, two_pieces, launcher):
     seq = head_len + (q[1].shape[2] if two_pieces else 0)
     q_out = torch.empty((batch, heads, seq, dim), device=head.device, dtype=head.dtype)
     k_out = torch.empty_like(q_out) if k is not None else q_out
-    block_h = min(HEADS_PER_STEP, triton.next_power_of_2(heads))
-    slices = max(1, min(HEAD_SLICES, triton.cdiv(heads, block_h)))
-    per_slice = triton.cdiv(triton.cdiv(heads, block_h), slices) * block_h
+    block_s, heads_per_step, slices, warps = PAIR_TILE if k is not None else SINGLE_TILE
+    block_h = min(heads_per_step, triton.next_power_of_2(heads))
+    steps = triton.cdiv(heads, block_h)
+    slices = steps if slices == 0 else max(1, min(slices, steps))
+    per_slice = triton.cdiv(steps, slices) * block_h
     ks = k if k is not None else q
-    launcher(_rms_norm_rope)[(triton.cdiv(seq, BLOCK_S), batch, triton.cdiv(heads, per_slice))](
+    launcher(_rms_norm_rope)[(triton.cdiv(seq, block_s), batch, triton.cdiv(heads, per_slice))](
         q[0], q[1], q[2], q[3], q_out, ks[0], ks[1], ks[2], ks[3], k_out, pe,
         q[0].stride(0), q[0].stride(1), q[0].stride(2), q[1].stride(0), q[1].stride(1), q[1].stride(2),
         ks[0].stride(0), ks[0].stride(1), ks[0].stride(2), ks[1].stride(0), ks[1].stride(1), ks[1].stride(2),
         pe.stride(0) if pe.shape[0] > 1 else 0, heads, per_slice, head_len, seq, eps,
-        HALF=dim // 2, BLOCK_S=BLOCK_S, BLOCK_H=block_h, PAIR=k is not None, SOFTWARE_ROUNDING=interpreting(),
-        num_warps=4 if interpreting() else NUM_WARPS)
+        HALF=dim // 2, BLOCK_S=block_s, BLOCK_H=block_h, PAIR=k is not None, SOFTWARE_ROUNDING=interpreting(),
+        num_warps=4 if interpreting() else warps)
     return (q_out, k_out) if k is not None else q_out
 
 
