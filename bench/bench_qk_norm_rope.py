@@ -30,19 +30,15 @@ HEADS, DIM = 24, 128
 
 
 def _inputs(lengths):
-    pieces = []
-    for n in lengths:
-        qkv = (torch.randn(1, n, 3 * HEADS * DIM, device="cuda") * 2).to(torch.bfloat16)
-        pieces.append(qkv.view(1, n, 3, HEADS, DIM).permute(2, 0, 3, 1, 4)[0])
-    weights = [(torch.rand(DIM, device="cuda") + 0.5).to(torch.bfloat16) for _ in lengths]
-    angle = torch.rand(1, 1, sum(lengths), DIM // 2, device="cuda") * 6
-    pe = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], -1).reshape(1, 1, sum(lengths), DIM // 2, 2, 2)
-    return pieces, weights, pe
+    """(q pieces, q weights, pe): one block's queries."""
+    qs, _, q_weights, _, pe = _qk_inputs(lengths)
+    return qs, q_weights, pe
 
 
-def _qk_inputs(lengths, seed):
+def _qk_inputs(lengths, seed=None):
     """(q pieces, k pieces, q weights, k weights, pe): q and k strided views of one qkv."""
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     qs, ks = [], []
     for n in lengths:
         qkv = (torch.randn(1, n, 3 * HEADS * DIM, device="cuda") * 2).to(torch.bfloat16)

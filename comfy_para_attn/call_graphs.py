@@ -84,12 +84,16 @@ class CallGraphs:
 
     def reset(self) -> None:
         """Drop every graph and its memory pool (the caching allocator frees the pool's
-        blocks once no graph refers to them). Layouts whose capture failed stay refused: a
-        retry would fail again, and some torch versions keep a failed capture's memory."""
+        blocks once no graph refers to them), and forget the weights they were made for.
+        Layouts whose capture failed stay refused: a retry would fail again, and some torch
+        versions keep a failed capture's memory."""
+        self._drop_graphs()
+        self._weights = None
+
+    def _drop_graphs(self) -> None:
         self._graphs.clear()
         self._calls.clear()
         self._pool = None
-        self._weights = None
 
     def check_weights(self, token: tuple) -> None:
         """Drop the graphs if the weights moved since they were captured."""
@@ -99,7 +103,10 @@ class CallGraphs:
         self._weights = token
 
     def key(self, inputs, extra=()) -> tuple:
-        leaves, spec = tree_flatten(inputs)
+        return self._key(*tree_flatten(inputs), extra)
+
+    @staticmethod
+    def _key(leaves: list, spec, extra) -> tuple:
         layout = tuple(_tensor_layout(v) if isinstance(v, torch.Tensor) else v for v in leaves)
         key = (spec, layout, extra)
         try:
@@ -113,24 +120,24 @@ class CallGraphs:
         tensor in `inputs` (nested in lists, tuples, dicts) is an input of the graph; `extra`
         is what else the call depends on (hashable). Raises `NotGraphable` (before running
         anything) when the arguments cannot key a graph."""
-        key = self.key(inputs, extra)
-        off_gpu = [v for v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.device.type != "cuda"]
+        leaves, spec = tree_flatten(inputs)
+        key = self._key(leaves, spec, extra)
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        off_gpu = [v for v in tensors if v.device.type != "cuda"]
         if off_gpu:  # a graph would keep a host tensor's value at capture, not read it anew
             raise NotGraphable(f"an input tensor is on the {off_gpu[0].device.type}")
         graph = self._graphs.get(key)
         if graph is not None:
-            return self._replay(graph, inputs)
+            return self._replay(graph, tensors)
         if key in self._failed or self._calls.get(key, 0) < WARMUP_CALLS:
             if len(self._calls) >= MAX_TRACKED and key not in self._calls:
                 self._calls.clear()
             self._calls[key] = self._calls.get(key, 0) + 1
             return fn(*inputs)
         if len(self._graphs) >= MAX_GRAPHS:  # one more layout: start over rather than grow
-            weights = self._weights
-            self.reset()
-            self._weights = weights
+            self._drop_graphs()
         try:
-            graph = self._capture(fn, inputs)
+            graph = self._capture(fn, leaves, spec)
         except Exception as e:  # a sync or an op CUDA graphs cannot hold: this layout runs normally
             self._failed.add(key)
             log.warning("%s: not replayed as a CUDA graph (capture failed: %s: %s); it runs normally",
@@ -138,10 +145,9 @@ class CallGraphs:
             return fn(*inputs)
         self._graphs[key] = graph
         self.captures += 1
-        return self._replay(graph, inputs)
+        return self._replay(graph, tensors)
 
-    def _capture(self, fn, inputs) -> _Graph:
-        leaves, spec = tree_flatten(inputs)
+    def _capture(self, fn, leaves: list, spec) -> _Graph:
         static = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v)
                   if isinstance(v, torch.Tensor) else v for v in leaves]
         graph = torch.cuda.CUDAGraph()
@@ -157,8 +163,8 @@ class CallGraphs:
                  (torch.cuda.memory_reserved() - reserved) / 2**30)
         return _Graph(graph, [v for v in static if isinstance(v, torch.Tensor)], output)
 
-    def _replay(self, graph: _Graph, inputs):
-        tensors = [v for v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor)]
+    def _replay(self, graph: _Graph, tensors: list):
+        """Replay with `tensors` (the call's tensor arguments, in flattening order) copied in."""
         for buffer, value in zip(graph.inputs, tensors):
             if buffer.data_ptr() != value.data_ptr():
                 buffer.copy_(value)

@@ -84,6 +84,10 @@ def _describe_death(rank: int, pid: int, returncode: int | None, during: str) ->
     return text
 
 
+def _death_between_jobs(worker: WorkerProcess) -> str:
+    return _describe_death(worker.rank, worker.process.pid, worker.process.returncode, "between jobs")
+
+
 def _rank_name(rank: int, layout: PoolLayout | None) -> str:
     """"rank 1 (GPU 3)" on a CUDA pool: each worker sees only its own GPU, so torch's own
     messages call every rank's GPU "GPU 0"; the index here is the controller's."""
@@ -357,28 +361,29 @@ class Pool:
                     interrupt_sent = True
         return result, stopped or interrupt_sent, caller_error
 
-    def idle_death(self) -> str | None:
-        """Why the pool is not alive although it was never shut down nor failed a job: a
-        worker that died between jobs (the host's OOM killer, say), as `_describe_death` says it."""
-        if not self._alive:
-            return None
-        for worker in self._workers:
-            if worker.process.poll() is not None:
-                return _describe_death(worker.rank, worker.process.pid, worker.process.returncode, "between jobs")
+    def _died_idle(self) -> WorkerProcess | None:
+        """A worker that died between jobs (the host's OOM killer, say) of a pool that was
+        never shut down nor failed a job."""
+        if self._alive:
+            return next((w for w in self._workers if w.process.poll() is not None), None)
         return None
+
+    def idle_death(self) -> str | None:
+        """Why the pool is not alive although it was never shut down nor failed a job, as
+        `_describe_death` says it."""
+        worker = self._died_idle()
+        return None if worker is None else _death_between_jobs(worker)
 
     def _dead_error(self, job: str) -> PoolError:
         """The error for a run on a pool that was shut down, or whose worker died idle."""
-        dead = [w for w in self._workers if w.process.poll() is not None] if self._alive else []
+        worker = self._died_idle()
         self._terminate()
-        if not dead:
+        if worker is None:
             return PoolError("the pool is shut down; use get_pool() for a fresh one",
                              reason="dead", job=job)
-        worker = dead[0]
-        return PoolError("worker pool failed: " + _describe_death(
-            worker.rank, worker.process.pid, worker.process.returncode, "between jobs") +
-            "\n(the pool was shut down; the next run starts a fresh one)",
-            reason="died", rank=worker.rank, job=job)
+        return PoolError("worker pool failed: " + _death_between_jobs(worker) +
+                         "\n(the pool was shut down; the next run starts a fresh one)",
+                         reason="died", rank=worker.rank, job=job)
 
     def _failure(self, rank: int, event, job: str) -> PoolError:
         """Build the error for a failed job. A rank that died explains why its peers'

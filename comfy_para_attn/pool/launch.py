@@ -159,7 +159,7 @@ def spawn_worker(layout: PoolLayout, rank: int, env: dict[str, str]) -> WorkerPr
 
 
 def output_needs_relay() -> bool:
-    """True when this process's `sys.stderr` is not its file descriptor 2: ComfyUI replaces it
+    """True when this process's `sys.stderr` is not the one Python started with: ComfyUI replaces it
     with a LogInterceptor that keeps what is written for the log panel and the /internal/logs
     endpoint. A worker writing to the inherited descriptor would bypass it (its warnings seen
     in the terminal only), so its output comes through a pipe and is written to `sys.stderr`."""

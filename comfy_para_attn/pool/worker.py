@@ -236,7 +236,8 @@ class Worker:
 
 
 def configure_logging(rank: int) -> None:
-    """Worker logs go to the inherited stderr (the ComfyUI console) with the rank in front;
+    """Worker logs go to stderr with the rank in front: the inherited console, or inside
+    ComfyUI a pipe the controller copies into ComfyUI's log capture (`launch.output_needs_relay`);
     WARNING by default so that N workers do not repeat the server's INFO lines."""
     level = os.environ.get("COMFY_PARA_ATTN_WORKER_LOG_LEVEL", "WARNING").upper()
     if not isinstance(logging.getLevelName(level), int):

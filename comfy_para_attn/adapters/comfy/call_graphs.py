@@ -71,7 +71,8 @@ def options_key(options: dict) -> tuple:
 def patches_key(base_model) -> tuple:
     """The model's object patches as applied for this run (ComfyUI swaps `model_sampling` and
     other attributes per clone with no weight moving), by identity: a graph covers
-    `_apply_model`'s model-sampling arithmetic and whatever a patched forward does."""
+    `_apply_model`'s model-sampling arithmetic and whatever a patched forward does. Read at
+    a run's first call, with the weights: ComfyUI applies object patches when it loads."""
     patcher = getattr(base_model, "current_patcher", None)
     patches = getattr(patcher, "object_patches", None) or {}
     return (_Same(getattr(base_model, "model_sampling", None)),
@@ -122,6 +123,7 @@ class ModelCallGraphs:
         self.own_wrapper_key = own_wrapper_key
         self.graphs = CallGraphs("Compile Model (cuda_graph 'model call')")
         self._check_weights = True
+        self._patches = ()  # patches_key of this run: object patches change only at a load
         self._logged = set()
 
     def on_pre_run(self, model_patcher) -> None:
@@ -143,6 +145,7 @@ class ModelCallGraphs:
             if self._check_weights:
                 # the whole BaseModel: the diffusion model's weights and model sampling's tables
                 self.graphs.check_weights(weights_token(base_model))
+                self._patches = patches_key(base_model)
                 self._check_weights = False
             x, t, c_concat, c_crossattn, control, options = args
 
@@ -151,7 +154,7 @@ class ModelCallGraphs:
 
             try:
                 return self.graphs(call, ((x, t, c_concat, c_crossattn), kwargs),
-                                   extra=(options_key(options), patches_key(base_model)))
+                                   extra=(options_key(options), self._patches))
             except NotGraphable as e:  # raised before anything ran
                 reason = str(e)
         if reason not in self._logged:

@@ -86,14 +86,14 @@ def hold_host_originals(model_patcher, settings: FP8Settings) -> int:
     if (load != offload and getattr(base, "device", None) == load and not getattr(base, "model_lowvram", False)
             and getattr(base, "model_loaded_weight_memory", 0) > 0):
         return 0  # fully loaded (the next prompt on a loaded model): no weight is on the host
-    dm = model_patcher.model.diffusion_model
+    dm = base.diffusion_model
     held = {}
     for name, module in quantizable_linears(dm, settings.patterns) + _int8_layers(dm, settings):
         weight = module.weight
         if weight.device == offload and not is_quantized(weight) and weight.dtype != torch.int8:
             held[f"diffusion_model.{name}.weight"] = weight.detach()  # survives the module's move
     if held:
-        _host_originals[model_patcher.model] = held
+        _host_originals[base] = held
     return len(held)
 
 
