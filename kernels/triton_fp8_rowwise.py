@@ -70,6 +70,7 @@ def _layer_norm_modulate_rowwise_fp8(x_ptr, mul_ptr, shift_ptr, q_ptr, scale_ptr
     """Token `s` of batch `b` (grid (S, B)): LayerNorm without affine, rounded to bf16 as
     `F.layer_norm`'s output is, then `shift[b] + normed * mul[b]` rounded to bf16 as
     `torch.addcmul`'s output is, then the row-wise fp8 quantization of that row."""
+    eps = tl.cast(eps, tl.float32)  # inductor passes a Python float as fp64: the row's math would follow
     token = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)

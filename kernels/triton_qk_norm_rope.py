@@ -56,6 +56,9 @@ def _rms_norm_rope(q_head_ptr, q_tail_ptr, wq_head_ptr, wq_tail_ptr, q_out_ptr,
     """Tokens [s, s + BLOCK_S) of one batch, heads of slice program_id(2), BLOCK_H at a time:
     q, and with PAIR k too. The rotation table (FLUX: 1 KiB per token, as many bytes as four
     heads of bf16 queries) is read once for all of them."""
+    # Inductor passes a Python float as fp64, and the norm's math followed it: 212 registers
+    # instead of 128, 100.5 against 53.2 us a FLUX block on an H100.
+    eps = tl.cast(eps, tl.float32)
     b = tl.program_id(1).to(tl.int64)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_seq = tokens < seq

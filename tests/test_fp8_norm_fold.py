@@ -188,3 +188,17 @@ def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm, family):
     assert torch.isfinite(compiled).all() and eager.abs().mean() > 1e-3
     rel = (compiled.float() - eager.float()).norm() / eager.float().norm()
     assert rel < 2e-2, rel
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernel_unavailable_reason() is not None,
+                    reason="inductor launches our Triton kernels from its own code on CUDA only")
+def test_inductor_launches_the_kernel_with_the_same_arithmetic():
+    """Inductor hands `eps` (a Python float) to the kernel as fp64; the LayerNorm must still run
+    in fp32, as the eager call does: the same fp8 values and scales, bit for bit."""
+    x, mul, shift = _inputs(1, 4608, 3072, 1, seed=5)
+    eager = layer_norm_modulate_rowwise_fp8(x, mul, shift, EPS)
+    compiled = torch.compile(lambda *a: layer_norm_modulate_rowwise_fp8(*a, EPS), dynamic=False,
+                             fullgraph=True)(x, mul, shift)
+    assert torch.isfinite(compiled[1]).all() and compiled[0].float().abs().amax() == 448
+    assert torch.equal(compiled[0].view(torch.uint8), eager[0].view(torch.uint8))
+    assert torch.equal(compiled[1], eager[1])

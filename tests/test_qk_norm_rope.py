@@ -228,3 +228,26 @@ def test_the_pair_switch_turns_only_the_pairing_off(monkeypatch):
         inputs = (_qkv(40, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(40))
         _, counts, _ = compiled_with_folds(prep, *inputs)
         assert counts["rope"] == 2 and counts["rope pairs"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernel_unavailable_reason() is not None,
+                    reason="inductor launches our Triton kernels from its own code on CUDA only")
+def test_inductor_launches_the_kernel_with_the_same_arithmetic():
+    """Inductor hands `eps` (a Python float) to the kernel as fp64; the norm must still run in
+    fp32 (in fp64 it took 1.9x the time, and its bf16 roundings differed from the eager call's).
+    FLUX's shape: 24 heads of 128, 4608 tokens of a single block's qkv."""
+    g = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(1, 4608, 3 * 24 * 128, generator=g) * 2 + 0.3).to(torch.bfloat16).cuda()
+    q, k, _ = qkv.view(1, 4608, 3, 24, 128).permute(2, 0, 3, 1, 4)
+    weights = [(torch.rand(128, generator=g) + 0.5).to(torch.bfloat16).cuda() for _ in range(2)]
+    angle = torch.rand(1, 1, 4608, 64, generator=g).cuda() * 6
+    pe = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], dim=-1).reshape(1, 1, 4608, 64, 2, 2)
+
+    def pair(q, k, wq, wk, pe):
+        return rms_norm_rope_pair([q], [k], [wq], [wk], pe, EPS)
+
+    eager = pair(q, k, *weights, pe)
+    compiled = torch.compile(pair, dynamic=False, fullgraph=True)(q, k, *weights, pe)
+    for out, ref in zip(compiled, eager):
+        assert torch.isfinite(out).all() and ref.abs().mean() > 0.1
+        assert torch.equal(out, ref)
