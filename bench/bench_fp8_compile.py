@@ -20,7 +20,9 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
                         the modulation layers with int8 weights (FP8 Quantize's modulation="int8");
                         ..._call_graph: Compile Model's cuda_graph "model call" (each model call
                         replayed as one CUDA graph); ..._unpaired_rope: q and k rotated by two
-                        kernel calls (PARA_ATTN_ROPE_PAIRS=0)
+                        kernel calls (PARA_ATTN_ROPE_PAIRS=0); ..._per_step_modulation: Compile Model's
+                        modulation "per step" (the default "precomputed" computes a run's modulation
+                        rows in one pass over those layers at its first step)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
 compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
@@ -51,7 +53,8 @@ EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_reg
                  "ours_fp8_regional_graphs_unfused_norm", "ours_fp8_regional_unfused_rope", "ours_regional_bf16_unfused_rope",
                  "ours_fp8_regional_int8_modulation", "ours_fp8_regional_call_graph",
                  "ours_fp8_regional_call_graph_int8_modulation", "ours_regional_bf16_call_graph",
-                 "ours_fp8_regional_call_graph_unpaired_rope")
+                 "ours_fp8_regional_call_graph_unpaired_rope", "ours_fp8_regional_per_step_modulation",
+                 "ours_fp8_regional_call_graph_per_step_modulation")
 UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
 UNFUSED_ROPE = {"PARA_ATTN_FUSED_ROPE": "0"}  # the q/k RMSNorm + rotary fold off
 UNPAIRED_ROPE = {"PARA_ATTN_ROPE_PAIRS": "0"}  # q and k rotated by two calls, not one
@@ -100,7 +103,8 @@ def _configure(name, model, device, cm):
     if "regional" in name:
         modes = {"_autotune": "max-autotune-no-cudagraphs", "_cudagraphs": "max-autotune", "_graphs": "reduce-overhead"}
         mode = next((m for key, m in modes.items() if key in name), "default")
-        m = apply_compile(m, CompileSettings(mode=mode, cuda_graph="model call" if "call_graph" in name else "off"))
+        m = apply_compile(m, CompileSettings(mode=mode, cuda_graph="model call" if "call_graph" in name else "off",
+                                             modulation="per step" if "per_step_modulation" in name else "precomputed"))
     return m
 
 

@@ -24,6 +24,7 @@ SCOPES = ("regional", "whole", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays these as CUDA graphs
 CALL_GRAPHS = ("off", "model call")  # ours: each whole model call replayed as one CUDA graph
+MODULATION = ("precomputed", "per step")  # FLUX's modulation rows of a whole run in one pass, or per step
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class CompileSettings:
     fullgraph: bool = False
     backend: str = "inductor"  # tests use "eager"/"aot_eager" to check guards without inductor's cost
     cuda_graph: str = "off"
+    modulation: str = "precomputed"
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -44,6 +46,8 @@ class CompileSettings:
             raise ValueError(f"mode must be one of {COMPILE_MODES}, got {self.mode!r}")
         if self.cuda_graph not in CALL_GRAPHS:
             raise ValueError(f"cuda_graph must be one of {CALL_GRAPHS}, got {self.cuda_graph!r}")
+        if self.modulation not in MODULATION:
+            raise ValueError(f"modulation must be one of {MODULATION}, got {self.modulation!r}")
         if self.cuda_graph != "off" and self.mode in CUDA_GRAPH_MODES:
             raise ValueError(
                 f"cuda_graph {self.cuda_graph!r} replays the whole model call as one CUDA graph, and mode "
@@ -61,6 +65,10 @@ class CompileSettings:
     @property
     def call_graphs(self) -> bool:
         return self.enabled and self.cuda_graph == "model call"
+
+    @property
+    def modulation_table(self) -> bool:
+        return self.enabled and self.modulation == "precomputed"
 
     def compile_kwargs(self) -> dict:
         # dynamic on -> torch's automatic dynamic shapes (None): the first shape compiles a

@@ -74,8 +74,10 @@ def compile_row_reductions(rank, world_size, device="cuda"):
 
 def call_graphs_match_compiled(rank, world_size, comfy_path, fp8=False):
     """A tiny Flux on the GPU through Compile Model with and without cuda_graph "model call",
-    cfg 2 (cond and uncond in one call): two runs, a LoRA applied after the graphs were
-    captured, and First Block Cache on top (its calls stay ungraphed). Returns each case's
+    cfg 2 (cond and uncond in one call): two runs, a run with another prompt (a new modulation
+    table in the buffer the graph reads), a LoRA applied after the graphs were captured, and
+    First Block Cache on top (its calls stay ungraphed); and the compiled model with the
+    modulation computed per step. Returns each case's
     largest difference and scale, and the graphs' capture / replay counts."""
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -105,22 +107,29 @@ def call_graphs_match_compiled(rank, world_size, comfy_path, fp8=False):
         (wrapper,) = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
         return wrapper.call_graphs.graphs
 
-    def sample(model):
-        return cm.sample(model, positive, negative, latent, steps=6, cfg=2.0, seed=0).float()
+    def sample(model, prompt=positive):
+        return cm.sample(model, prompt, negative, latent, steps=6, cfg=2.0, seed=0).float()
 
     outputs, counts = {}, {}
+    other_prompt = cm.conditioning(base, seed=3, device=device)
+    per_step = features.apply("compile", base, CompileSettings(modulation="per step"))
+    outputs["per step", "run 1"] = sample(per_step)
+    comfy.model_management.unload_all_models()
     for name, graph in (("compiled", "off"), ("graphed", "model call")):
         model = features.apply("compile", base, CompileSettings(cuda_graph=graph))
         outputs[name, "run 1"] = sample(model)
         outputs[name, "run 2"] = sample(model)
+        outputs[name, "prompt"] = sample(model, other_prompt)  # a new modulation table, same buffer
         with_lora = cm.apply_lora(model, lora, strength=0.8)
         outputs[name, "lora"] = sample(with_lora)
         outputs[name, "cache"] = sample(features.apply("first_block_cache", model, cache))
         if graph != "off":
             counts = {"captures": graphs_of(model).captures, "replays": graphs_of(model).replays}
         comfy.model_management.unload_all_models()
-    cases = ("run 1", "run 2", "lora", "cache")
+    cases = ("run 1", "run 2", "prompt", "lora", "cache")
     return {"diff": {c: float((outputs["graphed", c] - outputs["compiled", c]).abs().max()) for c in cases},
+            "modulation_table_diff": float((outputs["compiled", "run 1"] - outputs["per step", "run 1"]).abs().max()),
+            "prompt_effect": float((outputs["compiled", "prompt"] - outputs["compiled", "run 1"]).abs().max()),
             "scale": {c: float(outputs["compiled", c].abs().mean()) for c in cases},
             "lora_effect": float((outputs["compiled", "lora"] - outputs["compiled", "run 1"]).abs().max()),
             "finite": all(bool(torch.isfinite(o).all()) for o in outputs.values()), **counts}

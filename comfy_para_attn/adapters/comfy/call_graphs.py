@@ -136,8 +136,9 @@ class ModelCallGraphs:
             self.graphs.reset()
         self._check_weights = True
 
-    def __call__(self, run, base_model, args: tuple, kwargs: dict):
-        """`run(*args, **kwargs)`, from a CUDA graph where the call allows it."""
+    def __call__(self, run, base_model, args: tuple, kwargs: dict, extra=None):
+        """`run(*args, **kwargs)`, from a CUDA graph where the call allows it; `extra` goes
+        into the graph's key (what else the call reads that the caller set up)."""
         reason = why_not_graphed(base_model, args, kwargs, self.own_wrapper_key)
         if reason is not None and getattr(base_model, "model_lowvram", False):
             self.graphs.reset()  # memory is short: give the graphs' memory back
@@ -154,7 +155,7 @@ class ModelCallGraphs:
 
             try:
                 return self.graphs(call, ((x, t, c_concat, c_crossattn), kwargs),
-                                   extra=(options_key(options), self._patches))
+                                   extra=(options_key(options), self._patches, extra))
             except NotGraphable as e:  # raised before anything ran
                 reason = str(e)
         if reason not in self._logged:

@@ -22,6 +22,7 @@ import logging
 from ...compile import CompileSettings, compile_modules, describe, repeated_block_names
 from .call_graphs import ModelCallGraphs, unregister as unregister_call_graphs
 from .device_conds import keep_conds_on_device
+from .modulation_table import ModulationRows, unregister as unregister_modulation_table
 
 FEATURE = "compile"
 WRAPPER_KEY = "para_attn_compile"
@@ -33,15 +34,25 @@ log = logging.getLogger(__name__)
 class CompiledModulesWrapper:
     """APPLY_MODEL wrapper: `{attribute path on BaseModel: compiled module}` swapped in per call."""
 
-    def __init__(self, compiled: dict, cuda_graphs: bool = False, call_graphs=None):
+    def __init__(self, compiled: dict, cuda_graphs: bool = False, call_graphs=None, modulation=None):
         self.compiled = compiled
         self.cuda_graphs = cuda_graphs
         self.call_graphs = call_graphs  # a ModelCallGraphs: whole calls replayed as CUDA graphs
+        self.modulation = modulation  # a ModulationRows: the run's modulation rows, precomputed
 
     def __call__(self, executor, *args, **kwargs):
-        if self.call_graphs is not None:
-            return self.call_graphs(lambda *a, **k: self._run(executor, *a, **k), executor.class_obj, args, kwargs)
-        return self._run(executor, *args, **kwargs)
+        # The table's rows are chosen here, outside any CUDA graph of the call: a graph reads
+        # them from one buffer, and its key says whether the call had them.
+        table = self.modulation.enter(executor.class_obj, args, kwargs) if self.modulation is not None else None
+        try:
+            if self.call_graphs is not None:
+                run = lambda *a, **k: self._run(executor, *a, **k)  # noqa: E731
+                key = None if table is None else ("modulation rows", table.current.data_ptr())
+                return self.call_graphs(run, executor.class_obj, args, kwargs, extra=key)
+            return self._run(executor, *args, **kwargs)
+        finally:
+            if table is not None:
+                self.modulation.exit(table)
 
     def _run(self, executor, *args, **kwargs):
         import comfy.utils
@@ -108,6 +119,7 @@ def apply_compile(model_patcher, settings: CompileSettings):
     to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
     model.remove_wrappers_with_key(apply_model, WRAPPER_KEY)
     unregister_call_graphs(model)
+    unregister_modulation_table(model)
     if not settings.enabled:
         return model
     if model.get_wrappers(apply_model, COMFY_COMPILE_KEY):
@@ -121,6 +133,10 @@ def apply_compile(model_patcher, settings: CompileSettings):
     graphs = ModelCallGraphs(WRAPPER_KEY) if settings.call_graphs else None
     if graphs is not None:
         graphs.register(model)
-    model.add_wrapper_with_key(apply_model, WRAPPER_KEY, CompiledModulesWrapper(prefixed, settings.cuda_graphs, graphs))
+    rows = ModulationRows() if settings.modulation_table else None
+    if rows is not None:
+        rows.register(model)
+    model.add_wrapper_with_key(apply_model, WRAPPER_KEY,
+                               CompiledModulesWrapper(prefixed, settings.cuda_graphs, graphs, rows))
     log.debug("Compile Model: %s (%s)", describe(dm if names else None, names), settings)
     return model

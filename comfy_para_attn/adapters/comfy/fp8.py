@@ -250,10 +250,18 @@ def _is_fusion_patch(value) -> bool:
 
 def _int8_modulation(model, settings: FP8Settings) -> None:
     """Object patches that give the modulation layers the int8 forward (`quant.modulation`);
-    settings without it drop them."""
+    settings without it drop them. Compile Model's precomputed modulation (a class over the
+    layer's) stays on top."""
+    from ...modulation_table import TableForward, table_class
+
+    tabled = {k: v for k, v in model.object_patches.items() if isinstance(v, type) and issubclass(v, TableForward)}
     _drop_object_patches(model, lambda v: isinstance(v, type) and issubclass(v, modulation.Int8Forward))
     for path, value in modulation.patches(_int8_layers(model.model.diffusion_model, settings)).items():
-        model.add_object_patch(f"diffusion_model.{path}", value)
+        key = f"diffusion_model.{path}"
+        model.add_object_patch(key, table_class(value) if key in tabled else value)
+    for key, value in tabled.items():
+        if key not in model.object_patches:  # it was over an int8 class that is gone now
+            model.add_object_patch(key, table_class(value._para_attn_base))
 
 
 class FP8OnLoad:

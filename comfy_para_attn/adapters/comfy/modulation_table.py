@@ -1,0 +1,244 @@
+"""Compile Model's `modulation = "precomputed"` for ComfyUI's FLUX (`modulation_table.py`).
+
+At a run's first model call the FLUX vector `vec` is made for every sigma of the run's
+schedule (`transformer_options["sample_sigmas"]`) with the call's conds, by the model's own
+embedders, the way `Flux.forward_orig` makes it; each modulation layer then computes the rows
+of all steps in one matmul. Each call picks its step's rows on the GPU (the host never waits
+for it) and records there whether its sigma and conds were the table's. A SAMPLER_SAMPLE
+wrapper reads that record once, at the end of the run; if some call was not covered (a
+sampler that evaluates between the schedule's sigmas), the run is sampled again without the
+table, and that sampler does without it from then on, so no result is ever made from another
+step's rows. Samplers known to evaluate between sigmas (`BETWEEN_SIGMAS`) skip it from the
+start.
+
+Left out (they compute as before, the reason logged once): models other than FLUX itself
+(the embedders' formula is FLUX's), other packs' block patches (they may hand the blocks
+another `vec`), hooks (scheduled LoRAs change weights during a run), gradients, tables over
+`MAX_TABLE_BYTES`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+
+from ...modulation_table import ModulationTable, detach, table_class
+from ...quant.modulation import MODULATION_PATTERNS
+from .patches import ChainedBlockPatch
+
+CALLBACK_KEY = "para_attn_modulation_table"
+MAX_TABLE_BYTES = 1 << 30  # FLUX.1-dev: 2.1 MB per step and image
+MAX_TABLES = 4  # per run: one per batch of conds (cond and uncond batched, or each alone)
+
+log = logging.getLogger(__name__)
+
+
+def flux_model(dm) -> bool:
+    """ComfyUI's FLUX itself: subclasses may make `vec` their own way."""
+    from comfy.ldm.flux.model import Flux
+
+    return type(dm) is Flux
+
+
+def modulation_layers(dm) -> list[tuple[str, torch.nn.Module]]:
+    """(name, linear layer) of every modulation layer, the final layer's included."""
+    return [(name, module) for name, module in dm.named_modules()
+            if isinstance(module, torch.nn.Linear) and any(fnmatch.fnmatch(name, p) for p in MODULATION_PATTERNS)]
+
+
+def object_patches(model_patcher) -> dict:
+    """{"diffusion_model.<layer>.__class__": class with TableForward} for a FLUX model, composed
+    with a class already patched there (FP8 Quantize's int8 modulation); {} for other models."""
+    dm = model_patcher.model.diffusion_model
+    if not flux_model(dm):
+        return {}
+    out = {}
+    for name, module in modulation_layers(dm):
+        key = f"diffusion_model.{name}.__class__"
+        own = type(module)  # another clone's patched class while the model is loaded
+        current = model_patcher.object_patches.get(key, getattr(own, "_para_attn_base", own))
+        out[key] = table_class(current)
+    return out
+
+
+def flux_layer_inputs(base_model, sigmas: torch.Tensor, y, guidance) -> torch.Tensor:
+    """silu(vec) [steps, batch, dim] for every sigma of `sigmas` with the batch's conds, as
+    `BaseModel._apply_model` and `Flux.forward_orig` make it."""
+    from comfy.ldm.flux.layers import timestep_embedding
+    from comfy.model_base import convert_tensor
+
+    dm = base_model.diffusion_model
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    batch, device = y.shape[0], y.device
+    steps = sigmas.shape[0]
+    t = base_model.model_sampling.timestep(sigmas.to(device)).float().repeat_interleave(batch)
+    vec = dm.time_in(timestep_embedding(t, 256).to(dtype))
+    if dm.params.guidance_embed and guidance is not None:
+        g = convert_tensor(guidance, dtype, device).repeat(steps)
+        vec = vec + dm.guidance_in(timestep_embedding(g, 256).to(dtype))
+    y = convert_tensor(y, dtype, device)[:, :dm.params.vec_in_dim].repeat(steps, 1)
+    vec = vec + dm.vector_in(y)
+    return torch.nn.functional.silu(vec).reshape(steps, batch, -1)
+
+
+def _ours(patch) -> bool:
+    if isinstance(patch, ChainedBlockPatch):
+        return _ours(patch.outer) and _ours(patch.inner)
+    module = getattr(patch, "__module__", None) or type(patch).__module__
+    return module.startswith("comfy_para_attn")
+
+
+def why_no_table(base_model, args: tuple, kwargs: dict) -> str | None:
+    """None if this APPLY_MODEL call may use a table, else the reason."""
+    from comfy.model_base import BaseModel
+
+    if not flux_model(base_model.diffusion_model) or type(base_model).process_timestep is not BaseModel.process_timestep:
+        return f"{type(base_model.diffusion_model).__name__} ({type(base_model).__name__}) is not FLUX"
+    if len(args) != 6 or not isinstance(args[5], dict) or not isinstance(kwargs.get("y"), torch.Tensor):
+        return "an unexpected apply_model call"
+    options = args[5]
+    if not isinstance(options.get("sample_sigmas"), torch.Tensor):
+        return "no sigma schedule in transformer_options"
+    foreign = [k for k, p in options.get("patches_replace", {}).get("dit", {}).items() if not _ours(p)]
+    if foreign:
+        return "another node's block patches may change what the blocks are given"
+    patcher = getattr(base_model, "current_patcher", None)
+    if patcher is not None and getattr(patcher, "current_hooks", None) is not None:
+        return "hooks (scheduled LoRAs) can change the weights during sampling"
+    if torch.is_grad_enabled():
+        return "gradients are enabled"
+    return None
+
+
+# k-diffusion samplers that evaluate the model between the schedule's sigmas (midpoints,
+# their own step sizes): with a table, every run would be sampled twice.
+BETWEEN_SIGMAS = ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+                  "sample_dpmpp_sde_gpu", "sample_dpm_fast", "sample_dpm_adaptive")
+
+
+class _Entry:
+    """A table for one batch of conds, and whether some call it served was not covered."""
+
+    def __init__(self, table: ModulationTable, y: torch.Tensor, guidance):
+        self.table, self.y, self.guidance = table, y, guidance
+        self.missed = torch.zeros((), dtype=torch.bool, device=table.current.device)
+
+    def select(self, sigma: torch.Tensor, y: torch.Tensor, guidance) -> None:
+        missed = self.table.select(sigma) | (y != self.y).any()
+        if guidance is not None:  # shapes: the entry's key
+            missed = missed | (guidance != self.guidance).any()
+        self.missed.logical_or_(missed)
+
+
+class ModulationRows:
+    """The tables of one Compile Model wrapper: per run (SAMPLER_SAMPLE), one per batch of conds."""
+
+    def __init__(self):
+        self._active = False  # between `run`'s start and end, for a sampler that may use a table
+        self._entries: dict = {}  # (batch, cond_or_uncond, ...) -> _Entry
+        self._current = None  # kept across runs: a CUDA graph reads the rows there
+        self._between = set()  # samplers found evaluating between sigmas
+        self._logged = set()
+
+    def _note(self, reason: str) -> None:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.info("Compile Model: modulation computed per step: %s", reason)
+
+    def run(self, executor, *args, **kwargs):
+        """SAMPLER_SAMPLE wrapper: a run with tables, sampled again without them if some call
+        was not covered."""
+        sampler = getattr(executor.class_obj, "sampler_function", type(executor.class_obj))
+        name = getattr(sampler, "__name__", "")
+        self._begin(active=sampler not in self._between and name not in BETWEEN_SIGMAS)
+        try:
+            out = executor(*args, **kwargs)
+            if any(bool(e.missed) for e in self._entries.values()):  # one wait for the GPU, at the end
+                self._between.add(sampler)
+                log.warning("Compile Model: %s evaluates the model between the schedule's sigmas; sampling "
+                            "again with the modulation computed per step (from now on for this sampler)", name)
+                self._begin(active=False)
+                out = executor(*args, **kwargs)
+            return out
+        finally:
+            self._begin(active=False)
+
+    def _begin(self, active: bool) -> None:
+        self._entries, self._active = {}, active
+
+    def enter(self, base_model, args: tuple, kwargs: dict):
+        """The table attached for this call (its step's rows selected), or None."""
+        if not self._active:
+            return None
+        reason = why_no_table(base_model, args, kwargs)
+        if reason is not None:
+            self._note(reason)
+            return None
+        x, sigma, options = args[0], args[1], args[5]
+        y, guidance = kwargs["y"], kwargs.get("guidance")
+        if not isinstance(sigma, torch.Tensor) or sigma.shape != (x.shape[0],) or y.shape[0] != x.shape[0]:
+            return None
+        key = (tuple(y.shape), None if guidance is None else tuple(guidance.shape),
+               tuple(options.get("cond_or_uncond", ())))
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._build(base_model, options["sample_sigmas"], y, guidance)
+            if entry is None:
+                return None
+            self._entries[key] = entry
+        entry.select(sigma, y, guidance)
+        entry.table.attach()
+        return entry.table
+
+    def _build(self, base_model, schedule, y, guidance):
+        if len(self._entries) >= MAX_TABLES:
+            self._note(f"more than {MAX_TABLES} batches of conds in a run")
+            return None
+        layers = modulation_layers(base_model.diffusion_model)
+        steps, batch = schedule.shape[0], y.shape[0]
+        nbytes = steps * batch * sum(m.out_features for _, m in layers) * 2
+        if nbytes > MAX_TABLE_BYTES:
+            self._note(f"{steps} steps x {batch} images of rows would take {nbytes / 2**30:.1f} GiB")
+            return None
+        with torch.no_grad():
+            inputs = flux_layer_inputs(base_model, schedule, y, guidance)
+            table = ModulationTable(layers, inputs, schedule, self._current)
+        self._current = table.current
+        return _Entry(table, y.clone(), None if guidance is None else guidance.clone())
+
+    def exit(self, table) -> None:
+        if table is not None:
+            detach(table.layers)
+
+    def register(self, model_patcher) -> None:
+        import comfy.patcher_extension as ext
+
+        def on_detach(patcher, unpatch_all=True):
+            if unpatch_all:  # the model is unloaded: the buffer goes too
+                self._current = None
+
+        model_patcher.remove_callbacks_with_key(ext.CallbacksMP.ON_DETACH, CALLBACK_KEY)
+        model_patcher.add_callback_with_key(ext.CallbacksMP.ON_DETACH, CALLBACK_KEY, on_detach)
+        sampler_sample = ext.WrappersMP.SAMPLER_SAMPLE
+        model_patcher.remove_wrappers_with_key(sampler_sample, CALLBACK_KEY)
+        model_patcher.add_wrapper_with_key(sampler_sample, CALLBACK_KEY, self.run)
+        for key, cls in object_patches(model_patcher).items():
+            model_patcher.add_object_patch(key, cls)
+
+
+def unregister(model_patcher) -> None:
+    """Remove the callbacks and give each layer back the class it had before ours."""
+    import comfy.patcher_extension as ext
+
+    from ...modulation_table import TableForward
+
+    model_patcher.remove_callbacks_with_key(ext.CallbacksMP.ON_DETACH, CALLBACK_KEY)
+    model_patcher.remove_wrappers_with_key(ext.WrappersMP.SAMPLER_SAMPLE, CALLBACK_KEY)
+    for key, value in list(model_patcher.object_patches.items()):
+        if isinstance(value, type) and issubclass(value, TableForward):
+            under = value.__bases__[1]  # table_class(under)
+            if hasattr(under, "_para_attn_base"):
+                model_patcher.object_patches[key] = under  # FP8 Quantize's class stays
+            else:
+                del model_patcher.object_patches[key]
