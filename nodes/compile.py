@@ -52,7 +52,8 @@ class ParaAttnCompile:
                                "(FLUX.1-dev fp8 on an H100: 89.9 -> 87.9 ms/step; ~2 MB per step and image). "
                                "Samplers that evaluate between the schedule's sigmas (dpm_2, dpmpp_sde, ...) compute "
                                "it per step; one not known to do so is found at the end of its first run, which is "
-                               "then sampled again (the log says so). per step: as ComfyUI does it."}),
+                               "then sampled again (the log says so). Other packs' model wrappers or block patches "
+                               "and Context Parallel's cfg split also mean per step. per step: as ComfyUI does it."}),
             },
         }
 

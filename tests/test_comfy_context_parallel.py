@@ -132,3 +132,15 @@ def test_wan_variants_that_need_every_token_are_refused(comfyui_path, variant, m
     with pytest.raises(ValueError, match=message):
         install_context_parallel(comfy_models.build(variant), build_parallel_context(ContextParallelConfig()))
 
+
+
+@pytest.mark.parametrize("ulysses,cfg,served", [(2, 1, 3), (1, 2, 0)], ids=["ulysses2", "cfg2"])
+def test_precomputed_modulation_inside_context_parallel(comfyui_path, ulysses, cfg, served):
+    """Compile Model's default precomputed modulation under Context Parallel: the rows serve
+    every call when the ranks split the sequence, none when they split the cfg batch (the
+    batch the rows were chosen for is not the one the blocks get); the same image either way."""
+    from comfy_para_attn.testing.comfy_cp_checks import precomputed_modulation_under_cp
+
+    for err, scale, calls in run_ranks(precomputed_modulation_under_cp, 2, str(comfyui_path), ulysses, cfg):
+        assert scale > 1e-3 and err < TOL, (err, scale)
+        assert calls == served

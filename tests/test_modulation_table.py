@@ -205,3 +205,56 @@ def test_int8_modulation_composes_with_the_table_in_either_order(cm, flux, fp8_f
                                                                                      TableForward) for k in classes)
     out = _sample(cm, model)
     _assert_same(out, _sample(cm, per_step))
+
+
+def test_another_packs_model_wrapper_rules_the_table_out(cm, flux, spy, caplog):
+    """A wrapper inside ours could hand the model another sigma or other conds than the
+    ones the rows were chosen by: no table then."""
+    import logging
+
+    import comfy.patcher_extension
+
+    def shifted_sigma(executor, x, t, *args, **kwargs):
+        return executor(x, t * 0.9, *args, **kwargs)
+
+    def with_wrapper(model):
+        model = model.clone()
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", shifted_sigma)
+        return model
+
+    ref = _sample(cm, with_wrapper(_compiled(flux, "per step")))
+    with caplog.at_level(logging.INFO):
+        out = _sample(cm, with_wrapper(_compiled(flux, "precomputed")))
+    _assert_same(out, ref)
+    assert spy["served"] == 0 and "other model wrappers" in caplog.text and "other_pack" in caplog.text
+
+
+def test_dpm_fast_is_known_to_evaluate_between_sigmas(cm, flux, spy, caplog):
+    """ComfyUI wraps dpm_fast in a closure of its own name: known, sampled once, no table."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        out = _sample(cm, _compiled(flux, "precomputed"), sampler="dpm_fast")
+    _assert_same(out, _sample(cm, _compiled(flux, "per step"), sampler="dpm_fast"))
+    assert spy["built"] == 0 and spy["calls"] > 0 and "sampling again" not in caplog.text
+
+
+def test_conds_of_part_of_the_run_get_tables_of_their_own(cm, flux, spy, caplog):
+    """Two prompts, each for half the run: the batches differ in conds under the same shapes;
+    keyed by ComfyUI's cond ids, each batch gets its table (at the step where both are
+    active, the batch of both has one too), every call is served, no second pass."""
+    import logging
+
+    first, second = cm.conditioning(flux, seed=1), cm.conditioning(flux, seed=7)
+    positive = [[first[0][0], {**first[0][1], "start_percent": 0.0, "end_percent": 0.5}],
+                [second[0][0], {**second[0][1], "start_percent": 0.5, "end_percent": 1.0}]]
+    latent = torch.zeros(cm.latent_shape("flux", height=8, width=8))
+
+    def sample(model):
+        return cm.sample(model, positive, [], latent, steps=4, cfg=1.0, seed=5)
+
+    ref = sample(_compiled(flux, "per step"))
+    with caplog.at_level(logging.WARNING):
+        out = sample(_compiled(flux, "precomputed"))
+    _assert_same(out, ref)
+    assert spy["built"] >= 2 and spy["served"] == spy["calls"] == 4 and "sampling again" not in caplog.text

@@ -92,3 +92,41 @@ def ring_call_order_in_compiled_blocks(rank, world_size, comfy_path, family):
     latent = torch.randn(comfy_models.latent_shape(family), generator=torch.Generator().manual_seed(3))
     _, codes = run_and_get_code(comfy_models.sample, model, positive, [], latent, steps=1, cfg=1.0, seed=1)
     return [order for order in map(ring_call_order, codes) if RING_ISSUE in order]
+
+
+def precomputed_modulation_under_cp(rank, world_size, comfy_path, ulysses, cfg):
+    """Compile Model's precomputed modulation inside context parallelism (cfg 3): (largest
+    difference to in-process sampling with the modulation per step, its scale, calls served
+    from a table). With cfg parallelism the split batch is not the one the rows were chosen
+    for, so no call may be served."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=True)
+    torch.set_num_threads(1)
+    from comfy_para_attn.adapters.comfy import modulation_table
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+    from comfy_para_attn.adapters.comfy.context_parallel import install_context_parallel
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+    from comfy_para_attn.compile import CompileSettings
+    from comfy_para_attn.testing import comfy_models
+
+    served, enter = [], modulation_table.ModulationRows.enter
+
+    def counting_enter(self, *args):
+        table = enter(self, *args)
+        served.append(table is not None)
+        return table
+
+    modulation_table.ModulationRows.enter = counting_enter
+    cp = build_parallel_context(ContextParallelConfig(ulysses=ulysses, cfg=cfg))
+    patcher = comfy_models.build("flux", seed=0)
+    positive, negative = comfy_models.conditioning(patcher, seed=1), comfy_models.conditioning(patcher, seed=2)
+    latent = torch.zeros(comfy_models.latent_shape("flux"))
+
+    def sample(model):
+        return comfy_models.sample(model, positive, negative, latent, steps=3, cfg=3.0, seed=4)
+
+    ref = sample(apply_compile(patcher, CompileSettings(backend="eager", modulation="per step")))
+    out = sample(install_context_parallel(apply_compile(patcher, CompileSettings(backend="eager")), cp))
+    assert torch.isfinite(out).all()
+    return float((out - ref).abs().max()), float(ref.abs().mean()), sum(served)

@@ -87,6 +87,15 @@ def _nonempty(value) -> bool:
     return value is not None
 
 
+def other_model_wrappers(options: dict, own_wrapper_key: str, harmless=lambda fn: False) -> list:
+    """Keys of the APPLY_MODEL wrappers other than ours and of the DIFFUSION_MODEL wrappers
+    in `options`, leaving out wrappers for which `harmless(fn)` holds."""
+    wrappers = options.get("wrappers", {})
+    keys = [key for key, fns in wrappers.get("apply_model", {}).items()
+            if key != own_wrapper_key and not all(harmless(fn) for fn in fns)]
+    return keys + [key for key, fns in wrappers.get("diffusion_model", {}).items() if not all(harmless(fn) for fn in fns)]
+
+
 def why_not_graphed(base_model, args: tuple, kwargs: dict, own_wrapper_key: str):
     """None if this APPLY_MODEL call can be replayed as a CUDA graph, else the reason."""
     import torch
@@ -99,9 +108,7 @@ def why_not_graphed(base_model, args: tuple, kwargs: dict, own_wrapper_key: str)
     options = options if isinstance(options, dict) else {}
     if _nonempty(options.get("patches")) or _nonempty(options.get("patches_replace")):
         return "block patches are installed (First Block Cache, Context Parallel or another node's)"
-    wrappers = options.get("wrappers", {})
-    others = [key for key, fns in wrappers.get("apply_model", {}).items() if fns and key != own_wrapper_key]
-    others += [key for key, fns in wrappers.get("diffusion_model", {}).items() if fns]
+    others = other_model_wrappers(options, own_wrapper_key)
     if others:
         return f"other nodes wrap the model call ({', '.join(map(str, others))})"
     if getattr(base_model, "model_lowvram", False):

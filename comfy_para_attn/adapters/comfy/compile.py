@@ -133,7 +133,7 @@ def apply_compile(model_patcher, settings: CompileSettings):
     graphs = ModelCallGraphs(WRAPPER_KEY) if settings.call_graphs else None
     if graphs is not None:
         graphs.register(model)
-    rows = ModulationRows() if settings.modulation_table else None
+    rows = ModulationRows(WRAPPER_KEY) if settings.modulation_table else None
     if rows is not None:
         rows.register(model)
     model.add_wrapper_with_key(apply_model, WRAPPER_KEY,

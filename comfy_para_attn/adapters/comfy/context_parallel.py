@@ -204,6 +204,12 @@ class CfgSplitWrapper:
     def __deepcopy__(self, memo):
         return self
 
+    @property
+    def keeps_model_inputs(self) -> bool:
+        """Whether the model gets the call's inputs as they are (no cfg split): what Compile
+        Model's precomputed modulation needs of the wrappers inside its own."""
+        return self.call.cp.config.cfg == 1
+
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         if control is not None and self.call.family != "flux":
             raise ValueError(

@@ -6,15 +6,18 @@ embedders, the way `Flux.forward_orig` makes it; each modulation layer then comp
 of all steps in one matmul. Each call picks its step's rows on the GPU (the host never waits
 for it) and records there whether its sigma and conds were the table's. A SAMPLER_SAMPLE
 wrapper reads that record once, at the end of the run; if some call was not covered (a
-sampler that evaluates between the schedule's sigmas), the run is sampled again without the
-table, and that sampler does without it from then on, so no result is ever made from another
-step's rows. Samplers known to evaluate between sigmas (`BETWEEN_SIGMAS`) skip it from the
-start.
+sampler that evaluates between the schedule's sigmas, conds other than the table's), the run
+is sampled again without the table, and a sampler found between sigmas does without it from
+then on. Samplers known to evaluate between sigmas (`BETWEEN_SIGMAS`) skip it from the start.
+The check sees the sigma and conds as Compile Model's wrapper gets them, so anything that
+could change them on the way to the blocks rules the table out.
 
 Left out (they compute as before, the reason logged once): models other than FLUX itself
-(the embedders' formula is FLUX's), other packs' block patches (they may hand the blocks
-another `vec`), hooks (scheduled LoRAs change weights during a run), gradients, tables over
-`MAX_TABLE_BYTES`.
+(the embedders' formula is FLUX's), other packs' model wrappers (they may change the model's
+inputs; Context Parallel's cfg split too) and block patches (they may hand the blocks another
+`vec`), hooks (scheduled LoRAs change weights during a run), gradients, tables over
+`MAX_TABLE_BYTES`. A pack that changes the weights during a run by other means than hooks
+would be served rows of the old weights.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 
 from ...modulation_table import ModulationTable, detach, table_class
 from ...quant.modulation import MODULATION_PATTERNS
+from .call_graphs import other_model_wrappers
 from .patches import ChainedBlockPatch
 
 CALLBACK_KEY = "para_attn_modulation_table"
@@ -89,8 +93,10 @@ def _ours(patch) -> bool:
     return module.startswith("comfy_para_attn")
 
 
-def why_no_table(base_model, args: tuple, kwargs: dict) -> str | None:
-    """None if this APPLY_MODEL call may use a table, else the reason."""
+def why_no_table(base_model, args: tuple, kwargs: dict, own_wrapper_key: str) -> str | None:
+    """None if this APPLY_MODEL call may use a table, else the reason. The table is chosen
+    from the call's sigma and conds as our wrapper sees them, so nothing between it and the
+    model may change them: other packs' model wrappers and block patches rule it out."""
     from comfy.model_base import BaseModel
 
     if not flux_model(base_model.diffusion_model) or type(base_model).process_timestep is not BaseModel.process_timestep:
@@ -100,6 +106,9 @@ def why_no_table(base_model, args: tuple, kwargs: dict) -> str | None:
     options = args[5]
     if not isinstance(options.get("sample_sigmas"), torch.Tensor):
         return "no sigma schedule in transformer_options"
+    wrappers = other_model_wrappers(options, own_wrapper_key, lambda fn: getattr(fn, "keeps_model_inputs", False))
+    if wrappers:
+        return f"other model wrappers may change the model's inputs ({', '.join(map(str, wrappers))})"
     foreign = [k for k, p in options.get("patches_replace", {}).get("dit", {}).items() if not _ours(p)]
     if foreign:
         return "another node's block patches may change what the blocks are given"
@@ -111,34 +120,40 @@ def why_no_table(base_model, args: tuple, kwargs: dict) -> str | None:
     return None
 
 
-# k-diffusion samplers that evaluate the model between the schedule's sigmas (midpoints,
-# their own step sizes): with a table, every run would be sampled twice.
-BETWEEN_SIGMAS = ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
-                  "sample_dpmpp_sde_gpu", "sample_dpm_fast", "sample_dpm_adaptive")
+# Samplers (their function's name) that evaluate the model between the schedule's sigmas
+# (midpoints, their own step sizes): with a table, every run would be sampled twice.
+BETWEEN_SIGMAS = ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+                  "sample_dpmpp_2s_ancestral_cfg_pp", "sample_dpmpp_sde", "sample_dpmpp_sde_gpu",
+                  "sample_seeds_2", "sample_seeds_3", "dpm_fast_function", "dpm_adaptive_function")
 
 
 class _Entry:
-    """A table for one batch of conds, and whether some call it served was not covered."""
+    """A table for one batch of conds, and whether some call it served had a sigma, or conds,
+    that were not the table's."""
 
     def __init__(self, table: ModulationTable, y: torch.Tensor, guidance):
         self.table, self.y, self.guidance = table, y, guidance
-        self.missed = torch.zeros((), dtype=torch.bool, device=table.current.device)
+        device = table.current.device
+        self.missed_sigma = torch.zeros((), dtype=torch.bool, device=device)
+        self.missed_conds = torch.zeros((), dtype=torch.bool, device=device)
 
     def select(self, sigma: torch.Tensor, y: torch.Tensor, guidance) -> None:
-        missed = self.table.select(sigma) | (y != self.y).any()
+        self.missed_sigma.logical_or_(self.table.select(sigma))
+        conds = (y != self.y).any()
         if guidance is not None:  # shapes: the entry's key
-            missed = missed | (guidance != self.guidance).any()
-        self.missed.logical_or_(missed)
+            conds = conds | (guidance != self.guidance).any()
+        self.missed_conds.logical_or_(conds)
 
 
 class ModulationRows:
     """The tables of one Compile Model wrapper: per run (SAMPLER_SAMPLE), one per batch of conds."""
 
-    def __init__(self):
+    def __init__(self, own_wrapper_key: str):
+        self.own_wrapper_key = own_wrapper_key  # Compile Model's APPLY_MODEL wrapper
         self._active = False  # between `run`'s start and end, for a sampler that may use a table
         self._entries: dict = {}  # (batch, cond_or_uncond, ...) -> _Entry
         self._current = None  # kept across runs: a CUDA graph reads the rows there
-        self._between = set()  # samplers found evaluating between sigmas
+        self._between = set()  # names of samplers found evaluating between sigmas
         self._logged = set()
 
     def _note(self, reason: str) -> None:
@@ -149,15 +164,20 @@ class ModulationRows:
     def run(self, executor, *args, **kwargs):
         """SAMPLER_SAMPLE wrapper: a run with tables, sampled again without them if some call
         was not covered."""
-        sampler = getattr(executor.class_obj, "sampler_function", type(executor.class_obj))
-        name = getattr(sampler, "__name__", "")
-        self._begin(active=sampler not in self._between and name not in BETWEEN_SIGMAS)
+        function = getattr(executor.class_obj, "sampler_function", type(executor.class_obj))
+        name = getattr(function, "__name__", type(executor.class_obj).__name__)
+        self._begin(active=name not in self._between and name not in BETWEEN_SIGMAS)
         try:
             out = executor(*args, **kwargs)
-            if any(bool(e.missed) for e in self._entries.values()):  # one wait for the GPU, at the end
-                self._between.add(sampler)
-                log.warning("Compile Model: %s evaluates the model between the schedule's sigmas; sampling "
-                            "again with the modulation computed per step (from now on for this sampler)", name)
+            entries = list(self._entries.values())
+            # one wait for the GPU, at the end of the run
+            sigma = any(bool(e.missed_sigma) for e in entries)
+            if sigma or any(bool(e.missed_conds) for e in entries):
+                if sigma:
+                    self._between.add(name)
+                what = (f"{name} evaluates the model between the schedule's sigmas (it does without the "
+                        "table from now on)" if sigma else "a call's conds were not those its table was made for")
+                log.warning("Compile Model: %s; sampling again with the modulation computed per step", what)
                 self._begin(active=False)
                 out = executor(*args, **kwargs)
             return out
@@ -171,7 +191,7 @@ class ModulationRows:
         """The table attached for this call (its step's rows selected), or None."""
         if not self._active:
             return None
-        reason = why_no_table(base_model, args, kwargs)
+        reason = why_no_table(base_model, args, kwargs, self.own_wrapper_key)
         if reason is not None:
             self._note(reason)
             return None
@@ -179,8 +199,10 @@ class ModulationRows:
         y, guidance = kwargs["y"], kwargs.get("guidance")
         if not isinstance(sigma, torch.Tensor) or sigma.shape != (x.shape[0],) or y.shape[0] != x.shape[0]:
             return None
+        # The batch's conds by ComfyUI's ids: area conds, or conds active for part of the run,
+        # make batches of other conds under the same shapes.
         key = (tuple(y.shape), None if guidance is None else tuple(guidance.shape),
-               tuple(options.get("cond_or_uncond", ())))
+               tuple(options.get("cond_or_uncond", ())), tuple(map(str, options.get("uuids", ()))))
         entry = self._entries.get(key)
         if entry is None:
             entry = self._build(base_model, options["sample_sigmas"], y, guidance)
@@ -197,7 +219,8 @@ class ModulationRows:
             return None
         layers = modulation_layers(base_model.diffusion_model)
         steps, batch = schedule.shape[0], y.shape[0]
-        nbytes = steps * batch * sum(m.out_features for _, m in layers) * 2
+        dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+        nbytes = steps * batch * sum(m.out_features for _, m in layers) * torch.finfo(dtype).bits // 8
         if nbytes > MAX_TABLE_BYTES:
             self._note(f"{steps} steps x {batch} images of rows would take {nbytes / 2**30:.1f} GiB")
             return None

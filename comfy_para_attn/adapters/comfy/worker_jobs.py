@@ -145,6 +145,7 @@ def _note_first_model_call(patcher, first_call: list) -> None:
             first_call.append(time.monotonic())
         return executor(*args, **kwargs)
 
+    wrapper.keeps_model_inputs = True  # see CfgSplitWrapper.keeps_model_inputs
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "para_attn_timing", wrapper)
 
 
