@@ -16,6 +16,8 @@ of a run and samples again without the table). A detached layer computes as befo
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 ROWS_ATTR = "para_attn_modulation_rows"
@@ -71,7 +73,7 @@ class ModulationTable:
                 and current.device == self.rows.device)
         # A kept buffer keeps its address: a CUDA graph of a model call reads the rows there.
         self.current = current if fits else torch.empty(shape, dtype=self.rows.dtype, device=self.rows.device)
-        ends = torch.tensor(self.widths).cumsum(0).tolist()
+        ends = itertools.accumulate(self.widths)
         self._views = [self.current[:, end - width:end] for end, width in zip(ends, self.widths)]
 
     @property

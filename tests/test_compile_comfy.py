@@ -21,17 +21,9 @@ from comfy_para_attn.compile import CompileSettings
 STEPS = 3
 
 
-def _sdpa_attention(func, *args, **kwargs):
-    from comfy.ldm.modules.attention import attention_pytorch
-
-    return attention_pytorch(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def flux(cm):
-    model = cm.build("flux")
-    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention
-    return model
+    return cm.use_sdpa_attention(cm.build("flux"))
 
 
 @pytest.fixture
@@ -134,8 +126,7 @@ def test_workflow_fp8_compile_first_block_cache_ksampler(cm, flux, dynamo, pack_
     pytest.importorskip("torchao", reason="FP8 Quantize needs torchao (a runtime dependency of the pack)")
     import nodes
 
-    bf16 = cm.build("flux", dtype=torch.bfloat16)
-    bf16.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention
+    bf16 = cm.use_sdpa_attention(cm.build("flux", dtype=torch.bfloat16))
     (model,) = pack_nodes["ParaAttnFP8Quantize"]().apply(bf16, "row-wise", "dynamic activation + weight",
                                                            "img_in, txt_in, time_in, vector_in, guidance_in, "
                                                            "final_layer, *_mod, *modulation*")

@@ -145,12 +145,6 @@ def test_a_layer_norm_with_affine_parameters_is_left_alone():
     assert torch.isfinite(out).all() and torch.equal(out, expected)
 
 
-def _sdpa_attention(func, *args, **kwargs):
-    from comfy.ldm.modules.attention import attention_pytorch
-
-    return attention_pytorch(*args, **kwargs)
-
-
 @pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
 def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm, family):
     """comfyui tier: ComfyUI's own FLUX / HunyuanVideo blocks with dynamic fp8 weights on the
@@ -161,8 +155,7 @@ def test_comfy_flux_blocks_fold_every_norm_and_sample_the_same(cm, family):
     if DEVICE != "cpu" or kernel_unavailable_reason():  # this tier's ComfyUI runs with --cpu
         pytest.skip(kernel_unavailable_reason() or "the CPU model runs the kernels on Triton's interpreter only")
     patcher = cm.build(family, dtype=torch.bfloat16, seed=0, **(cm.flux_config("tiny") if family == "flux" else {}))
-    # ComfyUI's CPU attention asks psutil for free memory (a graph break); SDPA is what CUDA runs
-    patcher.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention
+    cm.use_sdpa_attention(patcher)  # ComfyUI's CPU attention asks psutil for free memory: a graph break
     dm = patcher.model.diffusion_model
     make_fused_layers_fp8(dm)
     positive = cm.conditioning(patcher, seed=1)

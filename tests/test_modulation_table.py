@@ -71,17 +71,9 @@ def test_settings_validate_the_mode():
 
 # ComfyUI tier -----------------------------------------------------------------------------
 
-def _sdpa_attention(func, *args, **kwargs):
-    from comfy.ldm.modules.attention import attention_pytorch
-
-    return attention_pytorch(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def flux(cm):
-    model = cm.build("flux")
-    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa_attention
-    return model
+    return cm.use_sdpa_attention(cm.build("flux"))
 
 
 def _compiled(model, modulation):

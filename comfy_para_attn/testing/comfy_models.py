@@ -105,6 +105,20 @@ def build(family: str, *, dtype=torch.float32, device="cpu", seed: int = 0, **co
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
+def sdpa_attention(func, *args, **kwargs):
+    """An `optimized_attention_override`: ComfyUI's own SDPA attention (what CUDA runs). On CPU
+    ComfyUI picks sub-quadratic attention, which asks psutil for free memory: a graph break."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+def use_sdpa_attention(patcher):
+    """`patcher` (in place) with attention routed to `sdpa_attention`; returns it."""
+    patcher.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sdpa_attention
+    return patcher
+
+
 def latent_shape(family: str, *, batch: int = 1, height: int = 8, width: int = 8, frames: int = 2) -> tuple:
     """Latent shape (pixel size / 8): 4D for Flux, 5D [B, C, T, H, W] for the video models."""
     if family == "flux":

@@ -96,6 +96,19 @@ def other_model_wrappers(options: dict, own_wrapper_key: str, harmless=lambda fn
     return keys + [key for key, fns in wrappers.get("diffusion_model", {}).items() if not all(harmless(fn) for fn in fns)]
 
 
+def why_not_fixed(base_model) -> str | None:
+    """Why a run's model calls may not compute with what they computed before (a graph, rows
+    made at its start): hooks change weights during it, gradients are being recorded."""
+    import torch
+
+    patcher = getattr(base_model, "current_patcher", None)
+    if patcher is not None and getattr(patcher, "current_hooks", None) is not None:
+        return "hooks (scheduled LoRAs) can change the weights during sampling"
+    if torch.is_grad_enabled():
+        return "gradients are enabled"
+    return None
+
+
 def why_not_graphed(base_model, args: tuple, kwargs: dict, own_wrapper_key: str):
     """None if this APPLY_MODEL call can be replayed as a CUDA graph, else the reason."""
     import torch
@@ -113,11 +126,9 @@ def why_not_graphed(base_model, args: tuple, kwargs: dict, own_wrapper_key: str)
         return f"other nodes wrap the model call ({', '.join(map(str, others))})"
     if getattr(base_model, "model_lowvram", False):
         return "the model is partly offloaded to the CPU (lowvram)"
-    patcher = getattr(base_model, "current_patcher", None)
-    if patcher is not None and getattr(patcher, "current_hooks", None) is not None:
-        return "hooks (scheduled LoRAs) can change the weights during sampling"
-    if torch.is_grad_enabled():
-        return "gradients are enabled"
+    reason = why_not_fixed(base_model)
+    if reason is not None:
+        return reason
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         return "the model does not run on a CUDA device"
     return None

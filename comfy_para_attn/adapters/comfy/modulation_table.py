@@ -21,14 +21,14 @@ would be served rows of the old weights.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 
 import torch
 
 from ...modulation_table import ModulationTable, detach, table_class
+from ...quant.fp8 import is_excluded
 from ...quant.modulation import MODULATION_PATTERNS
-from .call_graphs import other_model_wrappers
+from .call_graphs import APPLY_MODEL_ARGS, other_model_wrappers, why_not_fixed
 from .patches import ChainedBlockPatch
 
 CALLBACK_KEY = "para_attn_modulation_table"
@@ -48,7 +48,7 @@ def flux_model(dm) -> bool:
 def modulation_layers(dm) -> list[tuple[str, torch.nn.Module]]:
     """(name, linear layer) of every modulation layer, the final layer's included."""
     return [(name, module) for name, module in dm.named_modules()
-            if isinstance(module, torch.nn.Linear) and any(fnmatch.fnmatch(name, p) for p in MODULATION_PATTERNS)]
+            if isinstance(module, torch.nn.Linear) and is_excluded(name, MODULATION_PATTERNS)]
 
 
 def object_patches(model_patcher) -> dict:
@@ -101,7 +101,7 @@ def why_no_table(base_model, args: tuple, kwargs: dict, own_wrapper_key: str) ->
 
     if not flux_model(base_model.diffusion_model) or type(base_model).process_timestep is not BaseModel.process_timestep:
         return f"{type(base_model.diffusion_model).__name__} ({type(base_model).__name__}) is not FLUX"
-    if len(args) != 6 or not isinstance(args[5], dict) or not isinstance(kwargs.get("y"), torch.Tensor):
+    if len(args) != len(APPLY_MODEL_ARGS) or not isinstance(args[5], dict) or not isinstance(kwargs.get("y"), torch.Tensor):
         return "an unexpected apply_model call"
     options = args[5]
     if not isinstance(options.get("sample_sigmas"), torch.Tensor):
@@ -112,12 +112,7 @@ def why_no_table(base_model, args: tuple, kwargs: dict, own_wrapper_key: str) ->
     foreign = [k for k, p in options.get("patches_replace", {}).get("dit", {}).items() if not _ours(p)]
     if foreign:
         return "another node's block patches may change what the blocks are given"
-    patcher = getattr(base_model, "current_patcher", None)
-    if patcher is not None and getattr(patcher, "current_hooks", None) is not None:
-        return "hooks (scheduled LoRAs) can change the weights during sampling"
-    if torch.is_grad_enabled():
-        return "gradients are enabled"
-    return None
+    return why_not_fixed(base_model)
 
 
 # Samplers (their function's name) that evaluate the model between the schedule's sigmas
@@ -151,7 +146,7 @@ class ModulationRows:
     def __init__(self, own_wrapper_key: str):
         self.own_wrapper_key = own_wrapper_key  # Compile Model's APPLY_MODEL wrapper
         self._active = False  # between `run`'s start and end, for a sampler that may use a table
-        self._entries: dict = {}  # (batch, cond_or_uncond, ...) -> _Entry
+        self._entries: dict = {}  # (shapes, cond_or_uncond, cond ids) -> _Entry, or None: refused
         self._current = None  # kept across runs: a CUDA graph reads the rows there
         self._between = set()  # names of samplers found evaluating between sigmas
         self._logged = set()
@@ -169,7 +164,7 @@ class ModulationRows:
         self._begin(active=name not in self._between and name not in BETWEEN_SIGMAS)
         try:
             out = executor(*args, **kwargs)
-            entries = list(self._entries.values())
+            entries = [e for e in self._entries.values() if e is not None]
             # one wait for the GPU, at the end of the run
             sigma = any(bool(e.missed_sigma) for e in entries)
             if sigma or any(bool(e.missed_conds) for e in entries):
@@ -203,18 +198,17 @@ class ModulationRows:
         # make batches of other conds under the same shapes.
         key = (tuple(y.shape), None if guidance is None else tuple(guidance.shape),
                tuple(options.get("cond_or_uncond", ())), tuple(map(str, options.get("uuids", ()))))
-        entry = self._entries.get(key)
+        if key not in self._entries:  # None: refused for this run (its reason noted once)
+            self._entries[key] = self._build(base_model, options["sample_sigmas"], y, guidance)
+        entry = self._entries[key]
         if entry is None:
-            entry = self._build(base_model, options["sample_sigmas"], y, guidance)
-            if entry is None:
-                return None
-            self._entries[key] = entry
+            return None
         entry.select(sigma, y, guidance)
         entry.table.attach()
         return entry.table
 
     def _build(self, base_model, schedule, y, guidance):
-        if len(self._entries) >= MAX_TABLES:
+        if sum(e is not None for e in self._entries.values()) >= MAX_TABLES:
             self._note(f"more than {MAX_TABLES} batches of conds in a run")
             return None
         layers = modulation_layers(base_model.diffusion_model)
