@@ -45,27 +45,36 @@ def _tensor_layout(t: torch.Tensor) -> tuple:
     return ("tensor", tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
 
 
-def _inner_tensors(t: torch.Tensor):
-    """`t`, or the plain tensors inside a tensor subclass (torchao's fp8 weights)."""
+_PLAIN = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer) if hasattr(torch.nn, "Buffer") else (
+    torch.Tensor, torch.nn.Parameter)
+
+
+def _inner_tensors(t: torch.Tensor) -> list:
+    """[t], or the plain tensors inside a tensor subclass (torchao's fp8 weights)."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    if not is_traceable_wrapper_subclass(t):
-        yield t
-        return
-    names, _ = t.__tensor_flatten__()
-    for name in names:
-        yield from _inner_tensors(getattr(t, name))
+    if type(t) in _PLAIN or not is_traceable_wrapper_subclass(t):
+        return [t]
+    kind = type(t)
+    names = getattr(kind, "tensor_data_names", None)  # torchao's: no flatten (its context costs ~2 us)
+    if names is None or getattr(kind, "optional_tensor_data_names", None):
+        names, _ = t.__tensor_flatten__()
+    return [inner for name in names for inner in _inner_tensors(getattr(t, name))]
 
 
 def weights_token(module: torch.nn.Module) -> tuple:
     """Where and what each parameter and buffer of `module` is: a graph captured against one
     token is valid while the module's token stays the same (in-place changes of the values
-    are fine; a graph reads them at replay). Costs ~1 ms for FLUX's ~1,000 tensors, so it is
-    checked once per sampling run, not per call."""
+    are fine; a graph reads them at replay). Checked once per sampling run, not per call;
+    FLUX.1-dev fp8 (~1,800 tensors): 1.5 ms of host time on a CPU where the `parameters()`
+    walk and tuples of every layout took 4.7."""
     token = []
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        for inner in _inner_tensors(tensor):
-            token.append((inner.data_ptr(), *_tensor_layout(inner)))
+    for mod in module.modules():
+        for tensors in (mod._parameters, mod._buffers):
+            for tensor in tensors.values():
+                if tensor is not None:
+                    token.extend((inner.data_ptr(), inner.shape, inner.stride(), inner.dtype, inner.device)
+                                 for inner in _inner_tensors(tensor))
     return tuple(token)
 
 

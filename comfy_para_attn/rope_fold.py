@@ -126,6 +126,27 @@ def _pieces(source):
     return ([found], []) if found is not None else None
 
 
+def _attention_ops() -> set:
+    ops = {torch.nn.functional.scaled_dot_product_attention}
+    for name in ("scaled_dot_product_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention"):
+        op = getattr(torch.ops.aten, name, None)
+        ops |= {op, op.default} if op is not None else set()
+    return ops
+
+
+def feeds_attention_only(node: torch.fx.Node) -> bool:
+    """Every user of `node` takes it as the query or key of a PyTorch attention call, which
+    reads any layout with a dense last dim and writes its output in the query's layout: our
+    kernel can then write [B, S, H, D] (`seq_major`), so that ComfyUI's `transpose(1, 2)
+    .reshape(B, S, H * D)` of the output is a view, not a copy. Anything else (context
+    parallelism's all-to-all, another attention) gets the contiguous layout it had."""
+    ops = _attention_ops()
+    return bool(node.users) and all(
+        user.op == "call_function" and user.target in ops and node in user.args[:2]
+        and node not in user.args[2:] and node not in user.kwargs.values() for user in node.users)
+
+
 SWITCH = "PARA_ATTN_FUSED_ROPE"
 PAIRS_SWITCH = "PARA_ATTN_ROPE_PAIRS"
 
@@ -164,14 +185,14 @@ def fold_rotations(graph: torch.fx.Graph) -> int:
 
         (head, w_head, eps, _), (tail, w_tail, _, _) = pieces[0], pieces[-1]
         replace_with_call(graph, node, torch.ops.para_attn.rms_norm_rope.default,
-                          (head, tail, w_head, w_tail, pe, eps, len(pieces) == 2),
+                          (head, tail, w_head, w_tail, pe, eps, len(pieces) == 2, feeds_attention_only(node)),
                           chain[1:] + extra + [n for _, _, _, nodes in pieces for n in nodes])
         folded += 1
     return folded
 
 
 def pair_rotations(graph: torch.fx.Graph) -> int:
-    """Our `rms_norm_rope` calls on one table (same `pe` node, eps and piece count), taken two
+    """Our `rms_norm_rope` calls on one table (same `pe` node, eps, piece count and layout), taken two
     at a time in graph order (a block's q, then its k), become one `rms_norm_rope_pair` call
     placed at the second, where the pair kernel takes them and nothing reads the first before
     that point. Returns how many pairs."""
@@ -186,10 +207,10 @@ def pair_rotations(graph: torch.fx.Graph) -> int:
     groups = defaultdict(list)
     for node in graph.nodes:
         if _is_function(node, single.default):
-            head, tail, _, _, pe, eps, two_pieces = node.args
-            groups[(pe, eps, two_pieces)].append(node)
+            head, tail, _, _, pe, eps, two_pieces, seq_major = node.args
+            groups[(pe, eps, two_pieces, seq_major)].append(node)
     paired = 0
-    for (pe, eps, two_pieces), calls in groups.items():
+    for (pe, eps, two_pieces, seq_major), calls in groups.items():
         for first, second in zip(calls[0::2], calls[1::2]):
             q, k = first.args, second.args
             q_pieces = [_value(q[0])] + ([_value(q[1])] if two_pieces else [])
@@ -204,7 +225,8 @@ def pair_rotations(graph: torch.fx.Graph) -> int:
 
             with graph.inserting_after(second):
                 pair = graph.call_function(torch.ops.para_attn.rms_norm_rope_pair.default,
-                                           (q[0], q[1], k[0], k[1], q[2], q[3], k[2], k[3], pe, eps, two_pieces))
+                                           (q[0], q[1], k[0], k[1], q[2], q[3], k[2], k[3], pe, eps, two_pieces,
+                                            seq_major))
             with graph.inserting_after(pair):
                 k_out = graph.call_function(operator.getitem, (pair, 1))
                 q_out = graph.call_function(operator.getitem, (pair, 0))

@@ -2,8 +2,12 @@
 possibly in two pieces (FLUX's double blocks normalize text and image queries with their
 own weights, then concatenate them along the sequence before the rotation).
 
-    rms_norm_rope(pieces, weights, pe, eps) -> [B, H, sum(S_i), D] bf16, contiguous
-    rms_norm_rope_pair(q_pieces, k_pieces, q_weights, k_weights, pe, eps) -> (q, k)
+    rms_norm_rope(pieces, weights, pe, eps, seq_major=False) -> [B, H, sum(S_i), D] bf16
+    rms_norm_rope_pair(q_pieces, k_pieces, q_weights, k_weights, pe, eps, seq_major=False) -> (q, k)
+
+The output is contiguous, or with `seq_major` a [B, S, H, D] buffer seen as [B, H, S, D]:
+attention then writes its output that way too, and the `transpose(1, 2).reshape` ComfyUI puts
+after it is a view instead of a copy (FLUX.1-dev step, H100: a 16 us copy per single block).
 
 Each piece is [B, H, S_i, D] bf16 with any strides but the last (the q/k/v split of a qkv
 projection is a strided view), each weight [D]; `pe` is FLUX's fp32 rotation table
@@ -58,14 +62,20 @@ def why_not_triton(pieces: list[Tensor], weights: list[Tensor], pe: Tensor) -> s
     return None
 
 
-def rms_norm_rope(pieces: list[Tensor], weights: list[Tensor], pe: Tensor, eps: float) -> Tensor:
+def _laid_out(x: Tensor, seq_major: bool) -> Tensor:
+    return x.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else x
+
+
+def rms_norm_rope(pieces: list[Tensor], weights: list[Tensor], pe: Tensor, eps: float,
+                  seq_major: bool = False) -> Tensor:
     """The Triton kernel where it can run (`why_not_triton`), the plain computation elsewhere."""
     if why_not_triton(pieces, weights, pe) is None:
         from . import triton_qk_norm_rope  # noqa: F401  registers the op
 
         head, tail = pieces[0], pieces[-1]
-        return torch.ops.para_attn.rms_norm_rope(head, tail, weights[0], weights[-1], pe, eps, len(pieces) == 2)
-    return rms_norm_rope_reference(pieces, weights, pe, eps)
+        return torch.ops.para_attn.rms_norm_rope(head, tail, weights[0], weights[-1], pe, eps, len(pieces) == 2,
+                                                 seq_major)
+    return _laid_out(rms_norm_rope_reference(pieces, weights, pe, eps), seq_major)
 
 
 def why_not_triton_pair(q_pieces, k_pieces, q_weights, k_weights, pe) -> str | None:
@@ -77,13 +87,13 @@ def why_not_triton_pair(q_pieces, k_pieces, q_weights, k_weights, pe) -> str | N
 
 
 def rms_norm_rope_pair(q_pieces: list[Tensor], k_pieces: list[Tensor], q_weights: list[Tensor],
-                       k_weights: list[Tensor], pe: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+                       k_weights: list[Tensor], pe: Tensor, eps: float, seq_major: bool = False) -> tuple[Tensor, Tensor]:
     """`rms_norm_rope` of q and of k, in one kernel where it can run."""
     if why_not_triton_pair(q_pieces, k_pieces, q_weights, k_weights, pe) is None:
         from . import triton_qk_norm_rope  # noqa: F401  registers the op
 
         return torch.ops.para_attn.rms_norm_rope_pair(q_pieces[0], q_pieces[-1], k_pieces[0], k_pieces[-1],
                                                       q_weights[0], q_weights[-1], k_weights[0], k_weights[-1], pe,
-                                                      eps, len(q_pieces) == 2)
-    return (rms_norm_rope_reference(q_pieces, q_weights, pe, eps),
-            rms_norm_rope_reference(k_pieces, k_weights, pe, eps))
+                                                      eps, len(q_pieces) == 2, seq_major)
+    return (_laid_out(rms_norm_rope_reference(q_pieces, q_weights, pe, eps), seq_major),
+            _laid_out(rms_norm_rope_reference(k_pieces, k_weights, pe, eps), seq_major))

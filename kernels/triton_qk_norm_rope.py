@@ -21,11 +21,12 @@ SINGLE_TILE = (16, 4, 0, 4)
 
 @triton.jit
 def _norm_rotate(head_ptr, tail_ptr, w_head_ptr, w_tail_ptr, out_ptr, head_b, head_h, head_s, tail_b, tail_h,
-                 tail_s, b, tokens, hs, in_head, in_tail, in_seq, ee, eo, oe, oo, heads, head_len, seq, eps,
+                 tail_s, out_b, out_h, out_s, b, tokens, hs, in_head, in_tail, in_seq, ee, eo, oe, oo, heads, head_len,
+                 eps,
                  HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
     """Heads `hs` of tokens `tokens`: token t < head_len comes from `head`, the rest from `tail`;
     RMSNorm with that piece's weight, rounded to bf16, then the rotation (`ee`: even output
-    from even input, ...) in fp32, rounded to bf16, into the contiguous output."""
+    from even input, ...) in fp32, rounded to bf16, into the output (strides `out_*`)."""
     cols = tl.arange(0, 2 * HALF)
     valid_h = (hs < heads)[None, :, None]
     t3, h3, c3 = tokens[:, None, None], hs[None, :, None], cols[None, None, :]
@@ -41,7 +42,7 @@ def _norm_rotate(head_ptr, tail_ptr, w_head_ptr, w_tail_ptr, out_ptr, head_b, he
     out_even = ee[:, None, :] * even + eo[:, None, :] * odd
     out_odd = oe[:, None, :] * even + oo[:, None, :] * odd
     out = _round_to_bf16(tl.reshape(tl.join(out_even, out_odd), (BLOCK_S, BLOCK_H, 2 * HALF)), SOFTWARE_ROUNDING)
-    tl.store(out_ptr + ((b * heads + h3) * seq + t3) * (2 * HALF) + c3, out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + b * out_b + h3 * out_h + t3 * out_s + c3, out.to(out_ptr.dtype.element_ty),
              mask=in_seq[:, None, None] & valid_h)
 
 
@@ -49,7 +50,7 @@ def _norm_rotate(head_ptr, tail_ptr, w_head_ptr, w_tail_ptr, out_ptr, head_b, he
 def _rms_norm_rope(q_head_ptr, q_tail_ptr, wq_head_ptr, wq_tail_ptr, q_out_ptr,
                    k_head_ptr, k_tail_ptr, wk_head_ptr, wk_tail_ptr, k_out_ptr, pe_ptr,
                    q_head_b, q_head_h, q_head_s, q_tail_b, q_tail_h, q_tail_s,
-                   k_head_b, k_head_h, k_head_s, k_tail_b, k_tail_h, k_tail_s,
+                   k_head_b, k_head_h, k_head_s, k_tail_b, k_tail_h, k_tail_s, out_b, out_h, out_s,
                    pe_b, heads, heads_per_slice, head_len, seq, eps,
                    HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, PAIR: tl.constexpr,
                    SOFTWARE_ROUNDING: tl.constexpr):
@@ -74,12 +75,12 @@ def _rms_norm_rope(q_head_ptr, q_tail_ptr, wq_head_ptr, wq_tail_ptr, q_out_ptr,
     for h in range(first, tl.minimum(first + heads_per_slice, heads), BLOCK_H):
         hs = h + tl.arange(0, BLOCK_H)
         _norm_rotate(q_head_ptr, q_tail_ptr, wq_head_ptr, wq_tail_ptr, q_out_ptr, q_head_b, q_head_h, q_head_s,
-                     q_tail_b, q_tail_h, q_tail_s, b, tokens, hs, in_head, in_tail, in_seq, ee, eo, oe, oo, heads,
-                     head_len, seq, eps, HALF, BLOCK_S, BLOCK_H, SOFTWARE_ROUNDING)
+                     q_tail_b, q_tail_h, q_tail_s, out_b, out_h, out_s, b, tokens, hs, in_head, in_tail, in_seq, ee,
+                     eo, oe, oo, heads, head_len, eps, HALF, BLOCK_S, BLOCK_H, SOFTWARE_ROUNDING)
         if PAIR:
             _norm_rotate(k_head_ptr, k_tail_ptr, wk_head_ptr, wk_tail_ptr, k_out_ptr, k_head_b, k_head_h, k_head_s,
-                         k_tail_b, k_tail_h, k_tail_s, b, tokens, hs, in_head, in_tail, in_seq, ee, eo, oe, oo,
-                         heads, head_len, seq, eps, HALF, BLOCK_S, BLOCK_H, SOFTWARE_ROUNDING)
+                         k_tail_b, k_tail_h, k_tail_s, out_b, out_h, out_s, b, tokens, hs, in_head, in_tail, in_seq,
+                         ee, eo, oe, oo, heads, head_len, eps, HALF, BLOCK_S, BLOCK_H, SOFTWARE_ROUNDING)
 
 
 def _prepare(head, tail, w_head, w_tail):
@@ -88,7 +89,17 @@ def _prepare(head, tail, w_head, w_tail):
     return head, tail, w_head.contiguous(), w_tail.contiguous()
 
 
-def _launch(q, k, pe, eps, two_pieces, launcher):
+def _output(head, seq: int, seq_major: bool) -> torch.Tensor:
+    """[B, H, S, D]; with `seq_major` the strides of a contiguous [B, S, H, D] (what attention
+    writes its output in when its query is so: the `transpose(1, 2).reshape` after it is then
+    a view, not a copy)."""
+    batch, heads, _, dim = head.shape
+    if seq_major:
+        return head.new_empty((batch, seq, heads, dim)).transpose(1, 2)
+    return head.new_empty((batch, heads, seq, dim))
+
+
+def _launch(q, k, pe, eps, two_pieces, seq_major, launcher):
     """q = (head, tail, w_head, w_tail); k the same, or None: the outputs, [B, H, S, D] each."""
     q = _prepare(*q)
     k = _prepare(*k) if k is not None else None
@@ -96,8 +107,8 @@ def _launch(q, k, pe, eps, two_pieces, launcher):
     head = q[0]
     batch, heads, head_len, dim = head.shape
     seq = head_len + (q[1].shape[2] if two_pieces else 0)
-    q_out = torch.empty((batch, heads, seq, dim), device=head.device, dtype=head.dtype)
-    k_out = torch.empty_like(q_out) if k is not None else q_out
+    q_out = _output(head, seq, seq_major)
+    k_out = _output(head, seq, seq_major) if k is not None else q_out
     block_s, heads_per_step, slices, warps = PAIR_TILE if k is not None else SINGLE_TILE
     block_h = min(heads_per_step, triton.next_power_of_2(heads))
     steps = triton.cdiv(heads, block_h)
@@ -108,56 +119,57 @@ def _launch(q, k, pe, eps, two_pieces, launcher):
         q[0], q[1], q[2], q[3], q_out, ks[0], ks[1], ks[2], ks[3], k_out, pe,
         q[0].stride(0), q[0].stride(1), q[0].stride(2), q[1].stride(0), q[1].stride(1), q[1].stride(2),
         ks[0].stride(0), ks[0].stride(1), ks[0].stride(2), ks[1].stride(0), ks[1].stride(1), ks[1].stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
         pe.stride(0) if pe.shape[0] > 1 else 0, heads, per_slice, head_len, seq, eps,
         HALF=dim // 2, BLOCK_S=block_s, BLOCK_H=block_h, PAIR=k is not None, SOFTWARE_ROUNDING=interpreting(),
         num_warps=4 if interpreting() else warps)
     return (q_out, k_out) if k is not None else q_out
 
 
-def _fake(head, tail, w_head, w_tail, pe, eps, two_pieces):
-    seq = head.shape[2] + (tail.shape[2] if two_pieces else 0)
-    return head.new_empty((head.shape[0], head.shape[1], seq, head.shape[3]))
+def _fake(head, tail, w_head, w_tail, pe, eps, two_pieces, seq_major):
+    return _output(head, head.shape[2] + (tail.shape[2] if two_pieces else 0), seq_major)
 
 
-def _fake_pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces):
-    return _fake(q_head, q_tail, wq_head, wq_tail, pe, eps, two_pieces), _fake(k_head, k_tail, wk_head, wk_tail, pe,
-                                                                                 eps, two_pieces)
+def _fake_pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces, seq_major):
+    return (_fake(q_head, q_tail, wq_head, wq_tail, pe, eps, two_pieces, seq_major),
+            _fake(k_head, k_tail, wk_head, wk_tail, pe, eps, two_pieces, seq_major))
 
 
-def _single(head, tail, w_head, w_tail, pe, eps, two_pieces, launcher):
-    return _launch((head, tail, w_head, w_tail), None, pe, eps, two_pieces, launcher)
+def _single(head, tail, w_head, w_tail, pe, eps, two_pieces, seq_major, launcher):
+    return _launch((head, tail, w_head, w_tail), None, pe, eps, two_pieces, seq_major, launcher)
 
 
-def _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces, launcher):
+def _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces, seq_major,
+          launcher):
     return _launch((q_head, q_tail, wq_head, wq_tail), (k_head, k_tail, wk_head, wk_tail), pe, eps, two_pieces,
-                   launcher)
+                   seq_major, launcher)
 
 
 if not interpreting():
     @triton_op("para_attn::rms_norm_rope", mutates_args={})
     def rms_norm_rope(head: torch.Tensor, tail: torch.Tensor, w_head: torch.Tensor, w_tail: torch.Tensor,
-                      pe: torch.Tensor, eps: float, two_pieces: bool) -> torch.Tensor:
-        return _single(head, tail, w_head, w_tail, pe, eps, two_pieces, wrap_triton)
+                      pe: torch.Tensor, eps: float, two_pieces: bool, seq_major: bool) -> torch.Tensor:
+        return _single(head, tail, w_head, w_tail, pe, eps, two_pieces, seq_major, wrap_triton)
 
     @triton_op("para_attn::rms_norm_rope_pair", mutates_args={})
     def rms_norm_rope_pair(q_head: torch.Tensor, q_tail: torch.Tensor, k_head: torch.Tensor, k_tail: torch.Tensor,
                            wq_head: torch.Tensor, wq_tail: torch.Tensor, wk_head: torch.Tensor,
-                           wk_tail: torch.Tensor, pe: torch.Tensor, eps: float,
-                           two_pieces: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces,
+                           wk_tail: torch.Tensor, pe: torch.Tensor, eps: float, two_pieces: bool,
+                           seq_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces, seq_major,
                      wrap_triton)
 else:
     @torch.library.custom_op("para_attn::rms_norm_rope", mutates_args=())
     def rms_norm_rope(head: torch.Tensor, tail: torch.Tensor, w_head: torch.Tensor, w_tail: torch.Tensor,
-                      pe: torch.Tensor, eps: float, two_pieces: bool) -> torch.Tensor:
-        return _single(head, tail, w_head, w_tail, pe, eps, two_pieces, lambda kernel: kernel)
+                      pe: torch.Tensor, eps: float, two_pieces: bool, seq_major: bool) -> torch.Tensor:
+        return _single(head, tail, w_head, w_tail, pe, eps, two_pieces, seq_major, lambda kernel: kernel)
 
     @torch.library.custom_op("para_attn::rms_norm_rope_pair", mutates_args=())
     def rms_norm_rope_pair(q_head: torch.Tensor, q_tail: torch.Tensor, k_head: torch.Tensor, k_tail: torch.Tensor,
                            wq_head: torch.Tensor, wq_tail: torch.Tensor, wk_head: torch.Tensor,
-                           wk_tail: torch.Tensor, pe: torch.Tensor, eps: float,
-                           two_pieces: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces,
+                           wk_tail: torch.Tensor, pe: torch.Tensor, eps: float, two_pieces: bool,
+                           seq_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pair(q_head, q_tail, k_head, k_tail, wq_head, wq_tail, wk_head, wk_tail, pe, eps, two_pieces, seq_major,
                      lambda kernel: kernel)
 
     rms_norm_rope.register_fake(_fake)

@@ -42,8 +42,10 @@ def _pe(tokens, seed=9):
     return table.reshape(1, 1, tokens, DIM // 2, 2, 2).to(DEVICE)
 
 
-def _assert_close(out, ref):
-    assert out.shape == ref.shape and out.dtype == ref.dtype == torch.bfloat16 and out.is_contiguous()
+def _assert_close(out, ref, seq_major=False):
+    # seq_major: a [B, S, H, D] buffer seen as [B, H, S, D]
+    assert out.shape == ref.shape and out.dtype == ref.dtype == torch.bfloat16
+    assert (out.transpose(1, 2) if seq_major else out).is_contiguous()
     assert torch.isfinite(out).all() and ref.abs().mean() > 0.1
     # fp32 products summed in another order can move a bf16 rounding, rarely
     assert (out.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2 ** -7
@@ -51,18 +53,21 @@ def _assert_close(out, ref):
 
 
 @needs_kernel
+@pytest.mark.parametrize("seq_major", [False, True], ids=["heads major", "sequence major"])
 @pytest.mark.parametrize("lengths", [(5, 70), (70,)])
-def test_kernel_matches_the_plain_computation(lengths):
+def test_kernel_matches_the_plain_computation(lengths, seq_major):
     pieces = [_qkv(n, seed=i)[0] for i, n in enumerate(lengths)]
     weights = [_weight(10 + i) for i in range(len(lengths))]
     pe = _pe(sum(lengths))
     assert why_not_triton(pieces, weights, pe) is None and pieces[0].stride(2) == 3 * HEADS * DIM
-    _assert_close(rms_norm_rope(pieces, weights, pe, EPS), rms_norm_rope_reference(pieces, weights, pe, EPS))
+    _assert_close(rms_norm_rope(pieces, weights, pe, EPS, seq_major=seq_major),
+                  rms_norm_rope_reference(pieces, weights, pe, EPS), seq_major)
 
 
 @needs_kernel
+@pytest.mark.parametrize("seq_major", [False, True], ids=["heads major", "sequence major"])
 @pytest.mark.parametrize("lengths", [(5, 70), (70,)])
-def test_pair_kernel_matches_the_plain_computation_of_q_and_k(lengths):
+def test_pair_kernel_matches_the_plain_computation_of_q_and_k(lengths, seq_major):
     """q and k in one kernel (the rotation table read once for both): each equals its own
     plain computation, with its own weights."""
     qkvs = [_qkv(n, seed=i) for i, n in enumerate(lengths)]
@@ -71,9 +76,9 @@ def test_pair_kernel_matches_the_plain_computation_of_q_and_k(lengths):
     k_weights = [_weight(20 + i) for i in range(len(lengths))]
     pe = _pe(sum(lengths))
     assert why_not_triton_pair(q_pieces, k_pieces, q_weights, k_weights, pe) is None
-    q, k = rms_norm_rope_pair(q_pieces, k_pieces, q_weights, k_weights, pe, EPS)
-    _assert_close(q, rms_norm_rope_reference(q_pieces, q_weights, pe, EPS))
-    _assert_close(k, rms_norm_rope_reference(k_pieces, k_weights, pe, EPS))
+    q, k = rms_norm_rope_pair(q_pieces, k_pieces, q_weights, k_weights, pe, EPS, seq_major=seq_major)
+    _assert_close(q, rms_norm_rope_reference(q_pieces, q_weights, pe, EPS), seq_major)
+    _assert_close(k, rms_norm_rope_reference(k_pieces, k_weights, pe, EPS), seq_major)
     assert "different shapes" in why_not_triton_pair(q_pieces, [p[:, :1] for p in k_pieces], q_weights,
                                                      k_weights, pe)
 
@@ -86,6 +91,8 @@ def test_inputs_the_kernel_cannot_take_fall_back_to_the_plain_computation():
     assert "pieces" in why_not_triton([q, q, q], [w, w, w], _pe(24))
     out = rms_norm_rope([q.half()], [w.half()], pe, EPS)
     assert torch.equal(out, rms_norm_rope_reference([q.half()], [w.half()], pe, EPS))
+    out = rms_norm_rope([q.half()], [w.half()], pe, EPS, seq_major=True)  # the layout asked for, here too
+    assert out.transpose(1, 2).is_contiguous() and torch.equal(out, rms_norm_rope_reference([q.half()], [w.half()], pe, EPS))
 
 
 class _AttentionPrep(torch.nn.Module):
@@ -215,6 +222,41 @@ def test_q_and_k_on_one_table_become_one_call(early):
         _assert_close(k, expected_k)
     else:  # k times a sum: compare relative to its scale
         assert (k.float() - expected_k.float()).abs().max() <= expected_k.float().abs().max() * 2 ** -6
+
+
+class _Attend(_QKPrep):
+    """`_QKPrep`, then PyTorch's attention and ComfyUI's reshape of its output."""
+
+    def forward(self, qkv, pe):
+        q, k = super().forward(qkv, pe)
+        v = qkv.view(qkv.shape[0], qkv.shape[1], 3, HEADS, -1)[:, :, 2].transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("attend", [True, False], ids=["into attention", "returned"])
+def test_queries_only_attention_reads_are_written_sequence_major(attend):
+    """q and k that only PyTorch's attention reads come out as [B, S, H, D] buffers (its output
+    then too, and ComfyUI's reshape after it is a view); q and k read by anything else keep
+    the contiguous [B, H, S, D] they had (context parallelism's all-to-all splits heads)."""
+    from comfy_para_attn.graph_folds import GraphFolds
+    from comfy_para_attn.testing.fp8_checks import folding_backend
+
+    prep = _Attend() if attend else _QKPrep()
+    inputs = (_qkv(40, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(40))
+    expected = prep(*inputs)
+    folds, graphs = GraphFolds(), []
+    torch._dynamo.reset()
+    out = torch.compile(prep, backend=folding_backend(folds, graphs), fullgraph=True)(*inputs)
+    calls = [n for g in graphs for n in g.graph.nodes if "rms_norm_rope_pair" in str(n.target)]
+    assert len(calls) == 1 and calls[0].args[-1] is attend, [c.args for c in calls]
+    if attend:
+        assert out.is_contiguous() and torch.isfinite(out).all() and expected.abs().mean() > 0.1
+        assert (out.float() - expected.float()).abs().max() <= expected.float().abs().max() * 2 ** -6
+    else:
+        for got, ref in zip(out, expected):
+            _assert_close(got, ref)
 
 
 def test_the_pair_switch_turns_only_the_pairing_off(monkeypatch):
