@@ -54,13 +54,18 @@ EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_reg
                  "ours_fp8_regional_int8_modulation", "ours_fp8_regional_call_graph",
                  "ours_fp8_regional_call_graph_int8_modulation", "ours_regional_bf16_call_graph",
                  "ours_fp8_regional_call_graph_unpaired_rope", "ours_fp8_regional_per_step_modulation",
-                 "ours_fp8_regional_call_graph_per_step_modulation")
+                 "ours_fp8_regional_call_graph_per_step_modulation", "ours_fp8_regional_call_graph_torchao_proj",
+                 "ours_fp8_regional_call_graph_heads_major_rope")
 UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
 UNFUSED_ROPE = {"PARA_ATTN_FUSED_ROPE": "0"}  # the q/k RMSNorm + rotary fold off
 UNPAIRED_ROPE = {"PARA_ATTN_ROPE_PAIRS": "0"}  # q and k rotated by two calls, not one
+TORCHAO_PROJ = {"PARA_ATTN_FP8_OWN_QUANT": "0"}  # attention output projections quantized by torchao's code
+HEADS_MAJOR_ROPE = {"PARA_ATTN_ROPE_SEQ_MAJOR": "0"}  # q, k written [B, H, S, D]: attention's output copied
 ENV_OF_CONFIG = {"ours_fp8_regional_unfused_norm": UNFUSED_NORM, "ours_fp8_regional_graphs_unfused_norm": UNFUSED_NORM,
                  "ours_fp8_regional_unfused_rope": UNFUSED_ROPE, "ours_regional_bf16_unfused_rope": UNFUSED_ROPE,
-                 "ours_fp8_regional_call_graph_unpaired_rope": UNPAIRED_ROPE}
+                 "ours_fp8_regional_call_graph_unpaired_rope": UNPAIRED_ROPE,
+                 "ours_fp8_regional_call_graph_torchao_proj": TORCHAO_PROJ,
+                 "ours_fp8_regional_call_graph_heads_major_rope": HEADS_MAJOR_ROPE}
 
 
 def _sync(device):

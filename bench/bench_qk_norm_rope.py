@@ -62,23 +62,26 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--seq-major", action="store_true", help="q and k written [B, S, H, D] (what the fold "
+                        "asks for in front of PyTorch attention)")
     args = parser.parse_args()
+    layout = dict(seq_major=args.seq_major)
     assert torch.cuda.is_available(), "needs CUDA"
     from kernels import triton_qk_norm_rope as kernel
 
-    print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__} | seq_major {args.seq_major}")
     compiled = torch.compile(rms_norm_rope_reference, dynamic=False)
     cases = (("single block q", (4608,)), ("double block q (text, image)", (512, 4096)))
     sets = {name: [_qk_inputs(lengths, seed) for seed in range(4)] for name, lengths in cases}
     if args.sweep:
         default = kernel.PAIR_TILE
         shapes = [(16, 2, 1, 4), (8, 2, 1, 4), (16, 2, 2, 4), (16, 1, 1, 4), (32, 1, 1, 4), (16, 2, 1, 2),
-                  (32, 2, 1, 8), (16, 4, 3, 8), (8, 4, 1, 4)]
+                  (32, 2, 1, 8), (16, 4, 3, 8), (8, 4, 1, 4), (8, 8, 1, 4), (4, 8, 1, 4), (16, 8, 3, 8)]
         print("\n| tokens, heads per step, slices, warps | " + " | ".join(f"{n}: pair, cold" for n, _ in cases)
               + " |\n|---|---|---|")
         for shape in shapes:
             kernel.PAIR_TILE = shape
-            times = [_cold_us(lambda i, n=name: rms_norm_rope_pair(*sets[n][i], 1e-6), args.repeats)
+            times = [_cold_us(lambda i, n=name: rms_norm_rope_pair(*sets[n][i], 1e-6, **layout), args.repeats)
                      for name, _ in cases]
             print(f"| {shape} | " + " | ".join(f"{t:.1f} us" for t in times) + " |")
         kernel.PAIR_TILE = default
@@ -86,13 +89,13 @@ def main():
           "|---|---|---|---|---|---|")
     for name, lengths in cases:
         qs, ks, wq, wk, pe = sets[name][0]
-        q, k = rms_norm_rope_pair(qs, ks, wq, wk, pe, 1e-6)
+        q, k = rms_norm_rope_pair(qs, ks, wq, wk, pe, 1e-6, **layout)
         diff = max((q.float() - rms_norm_rope_reference(qs, wq, pe, 1e-6).float()).abs().max().item(),
                    (k.float() - rms_norm_rope_reference(ks, wk, pe, 1e-6).float()).abs().max().item())
         two = _cold_us(lambda i, n=name: (rms_norm_rope(sets[n][i][0], sets[n][i][2], sets[n][i][4], 1e-6),
                                           rms_norm_rope(sets[n][i][1], sets[n][i][3], sets[n][i][4], 1e-6)),
                        args.repeats)
-        pair = _cold_us(lambda i, n=name: rms_norm_rope_pair(*sets[n][i], 1e-6), args.repeats)
+        pair = _cold_us(lambda i, n=name: rms_norm_rope_pair(*sets[n][i], 1e-6, **layout), args.repeats)
         gbytes = (4 * sum(lengths) * HEADS * DIM * 2 + sum(lengths) * DIM * 2 * 4) / 1e9
         print(f"| {name} | {two:.1f} | {pair:.1f} | {gbytes / (pair * 1e-6):.0f} | {two / pair:.2f}x | {diff:.3g} |")
     print("\n| input | ours us | inductor us | eager us | ours GB/s | inductor / ours | max abs diff vs eager |\n"

@@ -36,7 +36,7 @@ class GraphFolds(CustomGraphPass):
         # The rope switches are read when the pass runs: a graph cached with the other setting must not be reused.
         files = (__file__, cat_fold.__file__, norm_fold.__file__, rope_fold.__file__, fp8_rowwise.__file__,
                  qk_norm_rope.__file__)  # the folds, and the checks that decide where they apply
-        return get_hash_for_files(files), rope_fold.enabled(), rope_fold.pairs_enabled()
+        return get_hash_for_files(files), rope_fold.enabled(), rope_fold.pairs_enabled(), rope_fold.seq_major_enabled()
 
 
 __all__ = ["GraphFolds"]

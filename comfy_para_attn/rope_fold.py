@@ -13,8 +13,10 @@ chain back from each `type_as` and puts `para_attn::rms_norm_rope(head, tail, ..
 place when the example values fit the kernel (`why_not_triton`: bf16 pieces on a device where
 it runs, fp32 `pe` of the right shape). Anything else is left alone. Then `pair_rotations`
 makes each q and k call that share a table one `rms_norm_rope_pair` call (the table read once
-for both). PARA_ATTN_FUSED_ROPE=0 turns both off, PARA_ATTN_ROPE_PAIRS=0 only the pairing (for
-comparisons; inductor's cache keys on them through the pass's uuid).
+for both). Where only PyTorch's attention reads q and k, they are written sequence-major
+(`feeds_attention_only`). PARA_ATTN_FUSED_ROPE=0 turns all of it off, PARA_ATTN_ROPE_PAIRS=0
+the pairing, PARA_ATTN_ROPE_SEQ_MAJOR=0 the layout (for comparisons; inductor's cache keys on
+them through the pass's uuid).
 """
 from __future__ import annotations
 
@@ -142,13 +144,19 @@ def feeds_attention_only(node: torch.fx.Node) -> bool:
     .reshape(B, S, H * D)` of the output is a view, not a copy. Anything else (context
     parallelism's all-to-all, another attention) gets the contiguous layout it had."""
     ops = _attention_ops()
-    return bool(node.users) and all(
+    return seq_major_enabled() and bool(node.users) and all(
         user.op == "call_function" and user.target in ops and node in user.args[:2]
         and node not in user.args[2:] and node not in user.kwargs.values() for user in node.users)
 
 
 SWITCH = "PARA_ATTN_FUSED_ROPE"
 PAIRS_SWITCH = "PARA_ATTN_ROPE_PAIRS"
+SEQ_MAJOR_SWITCH = "PARA_ATTN_ROPE_SEQ_MAJOR"
+
+
+def seq_major_enabled() -> bool:
+    """False when PARA_ATTN_ROPE_SEQ_MAJOR=0 (for comparisons; `GraphFolds.uuid` includes it)."""
+    return os.environ.get(SEQ_MAJOR_SWITCH, "1") != "0"
 
 
 def enabled() -> bool:

@@ -11,11 +11,11 @@ from .triton_fp8_rowwise import _round_to_bf16
 
 # (tokens per program, heads per step, head slices (0: one step of heads per program), warps).
 # bench/bench_qk_norm_rope.py --sweep, H100, a FLUX block's q and k in one call, inputs not in L2:
-# 16 tokens x 2 heads a step, one slice, 4 warps: 53.7 us; 16 x 4: 116.8; 16 x 4 in 6 slices
-# (the table read per 4 heads): 83.6; 8 x 8: 59.3. A single call keeps the grid it was tuned
-# with before the pair op (one step of 4 heads per program: 26 us a call, hot); the pair's
-# tile took 40 us there.
-PAIR_TILE = (16, 2, 1, 4)
+# 8 tokens x 2 heads a step, one slice, 4 warps: 50.7 us (sequence-major output; 49.7
+# heads-major); 16 x 2: 53.6; 4 x 8: 52.1; 16 x 4: 116.8 (an earlier kernel); 16 x 4 in 6
+# slices (the table read per 4 heads): 83.6. A single call keeps the grid it was tuned with
+# before the pair op (one step of 4 heads per program: 26 us a call, hot).
+PAIR_TILE = (8, 2, 1, 4)
 SINGLE_TILE = (16, 4, 0, 4)
 
 

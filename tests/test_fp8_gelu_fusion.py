@@ -239,7 +239,11 @@ def test_comfy_models_fusion_sites_and_unchanged_sampling(cm, family):
             {f"double_blocks.{i}.{s}_{layer}" for i in range(len(dm.double_blocks)) for s in ("img", "txt")
              for layer in ("attn.qkv", "mlp.0")} | {f"single_blocks.{i}.linear1" for i in range(len(dm.single_blocks))})
         assert all(s.gelu == "" and s.gelu_from == dm.single_blocks[0].hidden_size for s in norm_fed)
-    sites += norm_fed
+    outputs = gelu_fusion.attention_output_sites(dm)
+    assert {s.linear for s in outputs} == (set() if family == "wan" else {
+        f"double_blocks.{i}.{s}_attn.proj" for i in range(len(dm.double_blocks)) for s in ("img", "txt")})
+    assert all(s.gelu == "" and s.gelu_from == dm.single_blocks[0].hidden_size for s in outputs)
+    sites += norm_fed + outputs
     shape = cm.latent_shape(family)
     latent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     positive = cm.conditioning(patcher, seed=1)
@@ -270,8 +274,9 @@ def test_fp8_node_fuses_through_object_patches_that_comfy_applies_per_load(cm):
     model = apply_fp8(patcher, FP8Settings())
     fusion = {k: v for k, v in model.object_patches.items() if _is_fusion_patch(v)}
     # 2 double blocks x 2 MLPs + 2 single blocks: a GELU slot and a class each; the norm-fed
-    # layers (4 per double block, 1 per single block): a class each
-    assert len(fusion) == 2 * 6 + 10
+    # layers (4 per double block, 1 per single block) and attention outputs (2 per double
+    # block): a class each
+    assert len(fusion) == 2 * 6 + 10 + 4
     assert portable_object_patches(model.object_patches) == {}
     assert not [k for k, v in apply_fp8(model, FP8Settings(mode="weight-only")).object_patches.items()
                 if _is_fusion_patch(v)]
@@ -286,7 +291,7 @@ def test_fp8_node_fuses_through_object_patches_that_comfy_applies_per_load(cm):
     assert not any(isinstance(m, gelu_fusion.GeluThenLinear) for m in dm.modules())
     first = cm.sample(model, positive, [], latent, steps=2, cfg=1.0)
     second = cm.sample(model, positive, [], latent, steps=2, cfg=1.0)  # the loaded model, reused
-    assert seen == [16, 16], seen
+    assert seen == [20, 20], seen
     plain_again = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
     assert not any(isinstance(m, gelu_fusion.GeluThenLinear) for m in dm.modules())
     assert torch.isfinite(first).all() and torch.equal(first, second)

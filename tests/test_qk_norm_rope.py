@@ -235,14 +235,18 @@ class _Attend(_QKPrep):
 
 
 @needs_kernel
-@pytest.mark.parametrize("attend", [True, False], ids=["into attention", "returned"])
-def test_queries_only_attention_reads_are_written_sequence_major(attend):
+@pytest.mark.parametrize("attend,switch", [(True, "1"), (False, "1"), (True, "0")],
+                         ids=["into attention", "returned", "into attention, switched off"])
+def test_queries_only_attention_reads_are_written_sequence_major(attend, switch, monkeypatch):
     """q and k that only PyTorch's attention reads come out as [B, S, H, D] buffers (its output
     then too, and ComfyUI's reshape after it is a view); q and k read by anything else keep
     the contiguous [B, H, S, D] they had (context parallelism's all-to-all splits heads)."""
     from comfy_para_attn.graph_folds import GraphFolds
     from comfy_para_attn.testing.fp8_checks import folding_backend
 
+    key = GraphFolds().uuid()
+    monkeypatch.setenv("PARA_ATTN_ROPE_SEQ_MAJOR", switch)
+    assert (GraphFolds().uuid() == key) == (switch == "1")  # a graph cached with the other layout is not reused
     prep = _Attend() if attend else _QKPrep()
     inputs = (_qkv(40, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(40))
     expected = prep(*inputs)
@@ -250,7 +254,7 @@ def test_queries_only_attention_reads_are_written_sequence_major(attend):
     torch._dynamo.reset()
     out = torch.compile(prep, backend=folding_backend(folds, graphs), fullgraph=True)(*inputs)
     calls = [n for g in graphs for n in g.graph.nodes if "rms_norm_rope_pair" in str(n.target)]
-    assert len(calls) == 1 and calls[0].args[-1] is attend, [c.args for c in calls]
+    assert len(calls) == 1 and calls[0].args[-1] is (attend and switch == "1"), [c.args for c in calls]
     if attend:
         assert out.is_contiguous() and torch.isfinite(out).all() and expected.abs().mean() > 0.1
         assert (out.float() - expected.float()).abs().max() <= expected.float().abs().max() * 2 ** -6

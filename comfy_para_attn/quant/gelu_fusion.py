@@ -17,7 +17,8 @@ The layers FLUX-style blocks feed with a modulated LayerNorm (`norm_fed_sites`: 
 blocks' qkv and first MLP layers, the single blocks' `linear1`) get the same class with the
 GELU on no column (`gelu_from` = their input width): they quantize their input with the
 kernel's op, where `quant.norm_fold` folds the LayerNorm and modulation in under
-torch.compile.
+torch.compile; so do the double blocks' attention output projections
+(`attention_output_sites`), where nothing folds.
 """
 from __future__ import annotations
 
@@ -93,6 +94,28 @@ def norm_fed_sites(root: torch.nn.Module) -> list[FusionSite]:
                 continue
             if _plain_layer_norm(getattr(module, norm, None)) and isinstance(layer, torch.nn.Linear):
                 sites.append(FusionSite("", f"{prefix}{linear}", layer.in_features))
+    return sites
+
+
+# FLUX-style double blocks' attention output projections: nothing folds into them, but our
+# kernel quantizes a row in one pass where inductor's code for torchao's quantization made
+# two (H100, FLUX.1-dev image tokens: 28 us a call).
+_ATTENTION_OUTPUT = ("img_attn.proj", "txt_attn.proj")
+
+
+def attention_output_sites(root: torch.nn.Module) -> list[FusionSite]:
+    """The attention output projections of FLUX-style double blocks under `root` (no GELU,
+    no fold: the class quantizes the input with the kernel's op)."""
+    sites = []
+    for name, module in root.named_modules():
+        prefix = f"{name}." if name else ""
+        for path in _ATTENTION_OUTPUT:
+            try:
+                layer = module_at(module, path)
+            except (AttributeError, IndexError, TypeError):
+                continue
+            if isinstance(layer, torch.nn.Linear) and isinstance(getattr(module, "img_mod", None), torch.nn.Module):
+                sites.append(FusionSite("", f"{prefix}{path}", layer.in_features))
     return sites
 
 

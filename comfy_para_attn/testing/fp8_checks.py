@@ -50,11 +50,13 @@ def dynamic_fp8_linear(in_features, out_features, seed=1) -> torch.nn.Linear:
 
 
 def make_fused_layers_fp8(diffusion_model) -> None:
-    """Dynamic fp8 weights on every fused layer of a ComfyUI diffusion model (GELU sites and
-    norm-fed layers), then the fusion's patches, as FP8 Quantize leaves them on a GPU."""
+    """Dynamic fp8 weights on every fused layer of a ComfyUI diffusion model (GELU sites,
+    norm-fed layers, attention outputs), then the fusion's patches, as FP8 Quantize leaves
+    them on a GPU."""
     from comfy_para_attn.quant import gelu_fusion
 
-    sites = gelu_fusion.fusion_sites(diffusion_model) + gelu_fusion.norm_fed_sites(diffusion_model)
+    sites = (gelu_fusion.fusion_sites(diffusion_model) + gelu_fusion.norm_fed_sites(diffusion_model)
+             + gelu_fusion.attention_output_sites(diffusion_model))
     for site in sites:
         make_dynamic_fp8(gelu_fusion.module_at(diffusion_model, site.linear))
     gelu_fusion.apply_patches(diffusion_model, gelu_fusion.patches(diffusion_model, sites))

@@ -189,7 +189,7 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
         fused_layers = [m for m in dm.modules()
                         if isinstance(m, gelu_fusion.GeluThenLinear) and gelu_fusion.rowwise_dynamic_fp8(m.weight)]
         counts["gelu fused"] = sum(m._para_attn_gelu_from < m.in_features for m in fused_layers)
-        counts["norm fed"] = len(fused_layers) - counts["gelu fused"]
+        counts["one pass"] = len(fused_layers) - counts["gelu fused"]
     model = model_patcher.model
     if freed and hasattr(model, "model_loaded_weight_memory"):
         model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - freed)
@@ -204,7 +204,8 @@ def _log_counts(counts, configs, seconds: float) -> None:
     done += [f"{counts[key]} {what}" for key, what in (
         ("int8", "modulation layers to int8 weights"),
         ("gelu fused", "GELUs fused into the activation quantization"),
-        ("norm fed", "modulated LayerNorms fused into it under Compile Model")) if counts[key]]
+        ("one pass", "more layers quantizing their input in one pass (modulated LayerNorms fused in under "
+                     "Compile Model)")) if counts[key]]
     if counts["dynamic"] or counts["weight-only"] or counts["int8"]:
         logging.info("FP8 Quantize: %s in %.2f s", "; ".join(done), seconds)
     if counts["cast per call"]:
@@ -220,8 +221,9 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
     applies them at every load and undoes them at unpatch. Other settings drop them.
     The layers fed by a modulated LayerNorm get the same class without a GELU, so that
     compiled blocks fold the LayerNorm into the quantization (`quant.norm_fold`).
+    The double blocks' attention output projections get it too (one pass over each row).
     PARA_ATTN_FP8_FUSED_GELU=0 turns all of it off, PARA_ATTN_FP8_FUSED_NORM=0 the LayerNorm
-    part (for comparisons)."""
+    part, PARA_ATTN_FP8_OWN_QUANT=0 the projections' (for comparisons)."""
     _drop_object_patches(model, _is_fusion_patch)
     if not (settings.mode == "dynamic" and settings.granularity == "row-wise"
             and os.environ.get("PARA_ATTN_FP8_FUSED_GELU", "1") != "0"):
@@ -231,6 +233,8 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
     sites = gelu_fusion.fusion_sites(dm)
     if os.environ.get("PARA_ATTN_FP8_FUSED_NORM", "1") != "0":
         sites += gelu_fusion.norm_fed_sites(dm)
+    if os.environ.get("PARA_ATTN_FP8_OWN_QUANT", "1") != "0":
+        sites += gelu_fusion.attention_output_sites(dm)
     sites = [s for s in sites if s.linear in quantized]
     for path, value in gelu_fusion.patches(dm, sites).items():
         model.add_object_patch(f"diffusion_model.{path}", value)
