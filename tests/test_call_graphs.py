@@ -74,6 +74,7 @@ def test_graph_state_resets_when_weights_move_but_failed_captures_stay_refused()
     assert not graphs._graphs and graphs._failed == {"j"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA, where the capture fails")
 def test_a_failed_capture_runs_the_call_normally_once_logged(caplog):
     """Here the capture itself fails (no CUDA): the call still returns its result, the
     failure is logged once, and that layout is not captured again."""
