@@ -82,19 +82,26 @@ def _plain_layer_norm(module) -> bool:
     return isinstance(module, torch.nn.LayerNorm) and not module.elementwise_affine
 
 
-def norm_fed_sites(root: torch.nn.Module) -> list[FusionSite]:
-    """The linear layers under `root` that FLUX-style blocks feed with a modulated LayerNorm."""
-    sites = []
+def _linears_at(root: torch.nn.Module, paths):
+    """(prefix, module, path, layer) for every module under `root` that has a linear layer
+    at the dotted `path` (each of `paths`)."""
     for name, module in root.named_modules():
         prefix = f"{name}." if name else ""
-        for norm, linear in _NORM_FED.items():
+        for path in paths:
             try:
-                layer = module_at(module, linear)
+                layer = module_at(module, path)
             except (AttributeError, IndexError, TypeError):
                 continue
-            if _plain_layer_norm(getattr(module, norm, None)) and isinstance(layer, torch.nn.Linear):
-                sites.append(FusionSite("", f"{prefix}{linear}", layer.in_features))
-    return sites
+            if isinstance(layer, torch.nn.Linear):
+                yield prefix, module, path, layer
+
+
+def norm_fed_sites(root: torch.nn.Module) -> list[FusionSite]:
+    """The linear layers under `root` that FLUX-style blocks feed with a modulated LayerNorm."""
+    norm_of = {linear: norm for norm, linear in _NORM_FED.items()}
+    return [FusionSite("", f"{prefix}{path}", layer.in_features)
+            for prefix, module, path, layer in _linears_at(root, norm_of)
+            if _plain_layer_norm(getattr(module, norm_of[path], None))]
 
 
 # FLUX-style double blocks' attention output projections: nothing folds into them, but our
@@ -106,17 +113,9 @@ _ATTENTION_OUTPUT = ("img_attn.proj", "txt_attn.proj")
 def attention_output_sites(root: torch.nn.Module) -> list[FusionSite]:
     """The attention output projections of FLUX-style double blocks under `root` (no GELU,
     no fold: the class quantizes the input with the kernel's op)."""
-    sites = []
-    for name, module in root.named_modules():
-        prefix = f"{name}." if name else ""
-        for path in _ATTENTION_OUTPUT:
-            try:
-                layer = module_at(module, path)
-            except (AttributeError, IndexError, TypeError):
-                continue
-            if isinstance(layer, torch.nn.Linear) and isinstance(getattr(module, "img_mod", None), torch.nn.Module):
-                sites.append(FusionSite("", f"{prefix}{path}", layer.in_features))
-    return sites
+    return [FusionSite("", f"{prefix}{path}", layer.in_features)
+            for prefix, module, path, layer in _linears_at(root, _ATTENTION_OUTPUT)
+            if isinstance(getattr(module, "img_mod", None), torch.nn.Module)]
 
 
 def rowwise_dynamic_fp8(weight) -> bool:
