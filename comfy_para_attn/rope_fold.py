@@ -200,7 +200,7 @@ def fold_rotations(graph: torch.fx.Graph) -> int:
 
 
 def pair_rotations(graph: torch.fx.Graph) -> int:
-    """Our `rms_norm_rope` calls on one table (same `pe` node, eps, piece count and layout), taken two
+    """Our `rms_norm_rope` calls on one table (same `pe` node, eps and piece count), taken two
     at a time in graph order (a block's q, then its k), become one `rms_norm_rope_pair` call
     placed at the second, where the pair kernel takes them and nothing reads the first before
     that point. Returns how many pairs."""
@@ -215,12 +215,14 @@ def pair_rotations(graph: torch.fx.Graph) -> int:
     groups = defaultdict(list)
     for node in graph.nodes:
         if _is_function(node, single.default):
-            head, tail, _, _, pe, eps, two_pieces, seq_major = node.args
-            groups[(pe, eps, two_pieces, seq_major)].append(node)
+            head, tail, _, _, pe, eps, two_pieces, _ = node.args
+            groups[(pe, eps, two_pieces)].append(node)
     paired = 0
-    for (pe, eps, two_pieces, seq_major), calls in groups.items():
+    for (pe, eps, two_pieces), calls in groups.items():
         for first, second in zip(calls[0::2], calls[1::2]):
             q, k = first.args, second.args
+            # Sequence-major only if both may be (ring attention sends k around: it keeps its layout).
+            seq_major = q[7] and k[7]
             q_pieces = [_value(q[0])] + ([_value(q[1])] if two_pieces else [])
             k_pieces = [_value(k[0])] + ([_value(k[1])] if two_pieces else [])
             weights = [_value(w) for w in (q[2], q[3], k[2], k[3])]

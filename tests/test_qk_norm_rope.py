@@ -225,13 +225,19 @@ def test_q_and_k_on_one_table_become_one_call(early):
 
 
 class _Attend(_QKPrep):
-    """`_QKPrep`, then PyTorch's attention and ComfyUI's reshape of its output."""
+    """`_QKPrep`, then PyTorch's attention and ComfyUI's reshape of its output; with
+    `keys_too` the keys are returned as well (as ring attention sends them on)."""
+
+    def __init__(self, keys_too=False):
+        super().__init__()
+        self.keys_too = keys_too
 
     def forward(self, qkv, pe):
         q, k = super().forward(qkv, pe)
         v = qkv.view(qkv.shape[0], qkv.shape[1], 3, HEADS, -1)[:, :, 2].transpose(1, 2)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+        return (out, k) if self.keys_too else out
 
 
 @needs_kernel
@@ -261,6 +267,25 @@ def test_queries_only_attention_reads_are_written_sequence_major(attend, switch,
     else:
         for got, ref in zip(out, expected):
             _assert_close(got, ref)
+
+
+@needs_kernel
+def test_q_and_k_stay_one_call_when_only_q_may_be_sequence_major():
+    """Keys read by something besides attention keep their layout, and then so do the
+    queries: the pair kernel writes both one way (one call, not two)."""
+    from comfy_para_attn.graph_folds import GraphFolds
+    from comfy_para_attn.testing.fp8_checks import folding_backend
+
+    prep = _Attend(keys_too=True)
+    inputs = (_qkv(40, seed=5).permute(1, 3, 0, 2, 4).reshape(1, 40, -1), _pe(40))
+    expected_out, expected_k = prep(*inputs)
+    folds, graphs = GraphFolds(), []
+    torch._dynamo.reset()
+    out, k = torch.compile(prep, backend=folding_backend(folds, graphs), fullgraph=True)(*inputs)
+    calls = [n for g in graphs for n in g.graph.nodes if "rms_norm_rope" in str(n.target)]
+    assert len(calls) == 1 and "pair" in str(calls[0].target) and calls[0].args[-1] is False, calls
+    _assert_close(k, expected_k)
+    assert (out.float() - expected_out.float()).abs().max() <= expected_out.float().abs().max() * 2 ** -6
 
 
 def test_the_pair_switch_turns_only_the_pairing_off(monkeypatch):
