@@ -92,8 +92,8 @@ def main():
         q, k = rms_norm_rope_pair(qs, ks, wq, wk, pe, 1e-6, **layout)
         diff = max((q.float() - rms_norm_rope_reference(qs, wq, pe, 1e-6).float()).abs().max().item(),
                    (k.float() - rms_norm_rope_reference(ks, wk, pe, 1e-6).float()).abs().max().item())
-        two = _cold_us(lambda i, n=name: (rms_norm_rope(sets[n][i][0], sets[n][i][2], sets[n][i][4], 1e-6),
-                                          rms_norm_rope(sets[n][i][1], sets[n][i][3], sets[n][i][4], 1e-6)),
+        two = _cold_us(lambda i, n=name: (rms_norm_rope(sets[n][i][0], sets[n][i][2], sets[n][i][4], 1e-6, **layout),
+                                          rms_norm_rope(sets[n][i][1], sets[n][i][3], sets[n][i][4], 1e-6, **layout)),
                        args.repeats)
         pair = _cold_us(lambda i, n=name: rms_norm_rope_pair(*sets[n][i], 1e-6, **layout), args.repeats)
         gbytes = (4 * sum(lengths) * HEADS * DIM * 2 + sum(lengths) * DIM * 2 * 4) / 1e9

@@ -144,9 +144,16 @@ def feeds_attention_only(node: torch.fx.Node) -> bool:
     .reshape(B, S, H * D)` of the output is a view, not a copy. Anything else (context
     parallelism's all-to-all, another attention) gets the contiguous layout it had."""
     ops = _attention_ops()
-    return seq_major_enabled() and bool(node.users) and all(
+    readers = [user for user in node.users if not _reads_shape_only(user)]
+    return seq_major_enabled() and bool(readers) and all(
         user.op == "call_function" and user.target in ops and node in user.args[:2]
-        and node not in user.args[2:] and node not in user.kwargs.values() for user in node.users)
+        and node not in user.args[2:] and node not in user.kwargs.values() for user in readers)
+
+
+def _reads_shape_only(node: torch.fx.Node) -> bool:
+    """`x.size(...)` / `x.dim()` (dynamic shapes put these in the graph): the layout does not matter."""
+    sym_size = getattr(torch.ops.aten, "sym_size", None)
+    return _is_method(node, "size", "dim") or (sym_size is not None and _is_function(node, sym_size, sym_size.int))
 
 
 SWITCH = "PARA_ATTN_FUSED_ROPE"

@@ -269,6 +269,26 @@ def test_queries_only_attention_reads_are_written_sequence_major(attend, switch,
             _assert_close(got, ref)
 
 
+def test_which_users_leave_the_layout_to_attention(monkeypatch):
+    """`feeds_attention_only` on a hand-made graph: reads of the size (dynamic shapes put them
+    in graphs) do not count; a value, a keyword argument or any other user does."""
+    from comfy_para_attn.rope_fold import feeds_attention_only
+
+    graph = torch.fx.Graph()
+    q, k, v, kq, other = (graph.placeholder(name) for name in ("q", "k", "v", "kq", "other"))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    outs = [graph.call_method("size", (q, 2)), graph.call_method("dim", (k,)),
+            graph.call_function(sdpa, (q, k, v)), graph.call_function(sdpa, (kq, kq, kq)),
+            graph.call_function(sdpa, (other, k, v)), graph.call_method("transpose", (other, 1, 2))]
+    graph.output(tuple(outs))
+    assert feeds_attention_only(q) and feeds_attention_only(k)
+    assert not feeds_attention_only(v)  # the value: attention's output does not follow its layout
+    assert not feeds_attention_only(kq)  # also passed as the value
+    assert not feeds_attention_only(other)  # also transposed
+    monkeypatch.setenv("PARA_ATTN_ROPE_SEQ_MAJOR", "0")
+    assert not feeds_attention_only(q)
+
+
 @needs_kernel
 def test_q_and_k_stay_one_call_when_only_q_may_be_sequence_major():
     """Keys read by something besides attention keep their layout, and then so do the
@@ -303,7 +323,8 @@ def test_the_pair_switch_turns_only_the_pairing_off(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kernel_unavailable_reason() is not None,
                     reason="inductor launches our Triton kernels from its own code on CUDA only")
-def test_inductor_launches_the_kernel_with_the_same_arithmetic():
+@pytest.mark.parametrize("seq_major", [False, True], ids=["heads major", "sequence major"])
+def test_inductor_launches_the_kernel_with_the_same_arithmetic(seq_major):
     """Inductor hands `eps` (a Python float) to the kernel as fp64; the norm must still run in
     fp32 (in fp64 it took 1.9x the time, and its bf16 roundings differed from the eager call's).
     FLUX's shape: 24 heads of 128, 4608 tokens of a single block's qkv."""
@@ -315,10 +336,11 @@ def test_inductor_launches_the_kernel_with_the_same_arithmetic():
     pe = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], dim=-1).reshape(1, 1, 4608, 64, 2, 2)
 
     def pair(q, k, wq, wk, pe):
-        return rms_norm_rope_pair([q], [k], [wq], [wk], pe, EPS)
+        return rms_norm_rope_pair([q], [k], [wq], [wk], pe, EPS, seq_major=seq_major)
 
     eager = pair(q, k, *weights, pe)
     compiled = torch.compile(pair, dynamic=False, fullgraph=True)(q, k, *weights, pe)
     for out, ref in zip(compiled, eager):
         assert torch.isfinite(out).all() and ref.abs().mean() > 0.1
-        assert torch.equal(out, ref)
+        assert torch.equal(out, ref) and out.stride() == ref.stride()
+        assert (out.transpose(1, 2) if seq_major else out).is_contiguous()
