@@ -138,8 +138,9 @@ def _attention_ops() -> set:
 
 
 def feeds_attention_only(node: torch.fx.Node) -> bool:
-    """Every user of `node` takes it as the query or key of a PyTorch attention call, which
-    reads any layout with a dense last dim and writes its output in the query's layout: our
+    """Every user of `node` (reads of its size aside) takes it as the query or key of a
+    PyTorch attention call, which reads any layout with a dense last dim; cuDNN and flash
+    write their output in the query's layout (the efficient kernel always [B, S, H, D]). Our
     kernel can then write [B, S, H, D] (`seq_major`), so that ComfyUI's `transpose(1, 2)
     .reshape(B, S, H * D)` of the output is a view, not a copy. Anything else (context
     parallelism's all-to-all, another attention) gets the contiguous layout it had."""
