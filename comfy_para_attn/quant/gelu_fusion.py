@@ -118,6 +118,17 @@ def attention_output_sites(root: torch.nn.Module) -> list[FusionSite]:
             if isinstance(getattr(module, "img_mod", None), torch.nn.Module)]
 
 
+def all_sites(root: torch.nn.Module, norm_fed: bool = True, attention_outputs: bool = True) -> list[FusionSite]:
+    """The GELU sites under `root`, then (unless turned off) the norm-fed layers and the
+    attention output projections: every layer FP8 Quantize gives the fused class."""
+    sites = fusion_sites(root)
+    if norm_fed:
+        sites += norm_fed_sites(root)
+    if attention_outputs:
+        sites += attention_output_sites(root)
+    return sites
+
+
 def rowwise_dynamic_fp8(weight) -> bool:
     """torchao's fp8 weight with row-wise scales whose activations are quantized per row
     at each call (Float8DynamicActivationFloat8WeightConfig(PerRow()))."""

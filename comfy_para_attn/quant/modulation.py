@@ -30,17 +30,19 @@ MODULATION_PATTERNS = ("*_mod.lin", "*modulation.lin", "*adaLN_modulation.*")
 SCALE_ATTR = "para_attn_int8_scale"
 
 
+def modulation_layers(root: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """(name, module) of every modulation layer under `root`, the final layer's included."""
+    return [(name, module) for name, module in root.named_modules()
+            if isinstance(module, torch.nn.Linear) and is_excluded(name, MODULATION_PATTERNS)]
+
+
 def modulation_linears(root: torch.nn.Module, fp8_patterns: Iterable[str]) -> list[tuple[str, torch.nn.Linear]]:
     """(name, module) of the modulation layers under `root` that stay out of fp8 and hold a
     floating-point matrix (or the int8 one `to_int8` left)."""
     fp8_patterns = tuple(fp8_patterns)
-    out = []
-    for name, module in root.named_modules():
-        if (isinstance(module, torch.nn.Linear) and is_excluded(name, MODULATION_PATTERNS)
-                and is_excluded(name, fp8_patterns) and module.weight is not None and module.weight.ndim == 2
-                and (module.weight.dtype == torch.int8 or module.weight.element_size() >= 2)):
-            out.append((name, module))
-    return out
+    return [(name, module) for name, module in modulation_layers(root)
+            if is_excluded(name, fp8_patterns) and module.weight is not None and module.weight.ndim == 2
+            and (module.weight.dtype == torch.int8 or module.weight.element_size() >= 2)]
 
 
 def is_int8(module: torch.nn.Module) -> bool:

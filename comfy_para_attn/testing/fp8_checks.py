@@ -55,8 +55,7 @@ def make_fused_layers_fp8(diffusion_model) -> None:
     them on a GPU."""
     from comfy_para_attn.quant import gelu_fusion
 
-    sites = (gelu_fusion.fusion_sites(diffusion_model) + gelu_fusion.norm_fed_sites(diffusion_model)
-             + gelu_fusion.attention_output_sites(diffusion_model))
+    sites = gelu_fusion.all_sites(diffusion_model)
     for site in sites:
         make_dynamic_fp8(gelu_fusion.module_at(diffusion_model, site.linear))
     gelu_fusion.apply_patches(diffusion_model, gelu_fusion.patches(diffusion_model, sites))

@@ -230,11 +230,8 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
         return
     dm = model.model.diffusion_model
     quantized = {name for name, _ in quantizable_linears(dm, settings.patterns)}
-    sites = gelu_fusion.fusion_sites(dm)
-    if os.environ.get("PARA_ATTN_FP8_FUSED_NORM", "1") != "0":
-        sites += gelu_fusion.norm_fed_sites(dm)
-    if os.environ.get("PARA_ATTN_FP8_OWN_QUANT", "1") != "0":
-        sites += gelu_fusion.attention_output_sites(dm)
+    sites = gelu_fusion.all_sites(dm, norm_fed=os.environ.get("PARA_ATTN_FP8_FUSED_NORM", "1") != "0",
+                                  attention_outputs=os.environ.get("PARA_ATTN_FP8_OWN_QUANT", "1") != "0")
     sites = [s for s in sites if s.linear in quantized]
     for path, value in gelu_fusion.patches(dm, sites).items():
         model.add_object_patch(f"diffusion_model.{path}", value)

@@ -26,8 +26,7 @@ import logging
 import torch
 
 from ...modulation_table import ModulationTable, detach, table_class
-from ...quant.fp8 import is_excluded
-from ...quant.modulation import MODULATION_PATTERNS
+from ...quant.modulation import modulation_layers
 from .call_graphs import APPLY_MODEL_ARGS, other_model_wrappers, why_not_fixed
 from .patches import ChainedBlockPatch
 
@@ -43,12 +42,6 @@ def flux_model(dm) -> bool:
     from comfy.ldm.flux.model import Flux
 
     return type(dm) is Flux
-
-
-def modulation_layers(dm) -> list[tuple[str, torch.nn.Module]]:
-    """(name, linear layer) of every modulation layer, the final layer's included."""
-    return [(name, module) for name, module in dm.named_modules()
-            if isinstance(module, torch.nn.Linear) and is_excluded(name, MODULATION_PATTERNS)]
 
 
 def object_patches(model_patcher) -> dict:
