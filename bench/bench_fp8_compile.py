@@ -22,7 +22,9 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
                         replayed as one CUDA graph); ..._unpaired_rope: q and k rotated by two
                         kernel calls (PARA_ATTN_ROPE_PAIRS=0); ..._per_step_modulation: Compile Model's
                         modulation "per step" (the default "precomputed" computes a run's modulation
-                        rows in one pass over those layers at its first step)
+                        rows in one pass over those layers at its first step); ..._multi_kernel /
+                        ..._persistent: inductor's multi-kernel reductions (PARA_ATTN_MULTI_KERNEL=1:
+                        the faster variant picked at the first call; 2: always the single-pass one)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
 compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
@@ -55,17 +57,22 @@ EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_reg
                  "ours_fp8_regional_call_graph_int8_modulation", "ours_regional_bf16_call_graph",
                  "ours_fp8_regional_call_graph_unpaired_rope", "ours_fp8_regional_per_step_modulation",
                  "ours_fp8_regional_call_graph_per_step_modulation", "ours_fp8_regional_call_graph_torchao_proj",
-                 "ours_fp8_regional_call_graph_heads_major_rope")
+                 "ours_fp8_regional_call_graph_heads_major_rope", "ours_fp8_regional_call_graph_multi_kernel",
+                 "ours_fp8_regional_call_graph_persistent")
 UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
 UNFUSED_ROPE = {"PARA_ATTN_FUSED_ROPE": "0"}  # the q/k RMSNorm + rotary fold off
 UNPAIRED_ROPE = {"PARA_ATTN_ROPE_PAIRS": "0"}  # q and k rotated by two calls, not one
 TORCHAO_PROJ = {"PARA_ATTN_FP8_OWN_QUANT": "0"}  # attention output projections quantized by torchao's code
 HEADS_MAJOR_ROPE = {"PARA_ATTN_ROPE_SEQ_MAJOR": "0"}  # q, k written [B, H, S, D]: attention's output copied
+MULTI_KERNEL = {"PARA_ATTN_MULTI_KERNEL": "1"}  # inductor's multi-kernel reductions, picked at the first call
+PERSISTENT = {"PARA_ATTN_MULTI_KERNEL": "2"}  # the same, always the single-pass (persistent) variant
 ENV_OF_CONFIG = {"ours_fp8_regional_unfused_norm": UNFUSED_NORM, "ours_fp8_regional_graphs_unfused_norm": UNFUSED_NORM,
                  "ours_fp8_regional_unfused_rope": UNFUSED_ROPE, "ours_regional_bf16_unfused_rope": UNFUSED_ROPE,
                  "ours_fp8_regional_call_graph_unpaired_rope": UNPAIRED_ROPE,
                  "ours_fp8_regional_call_graph_torchao_proj": TORCHAO_PROJ,
-                 "ours_fp8_regional_call_graph_heads_major_rope": HEADS_MAJOR_ROPE}
+                 "ours_fp8_regional_call_graph_heads_major_rope": HEADS_MAJOR_ROPE,
+                 "ours_fp8_regional_call_graph_multi_kernel": MULTI_KERNEL,
+                 "ours_fp8_regional_call_graph_persistent": PERSISTENT}
 
 
 def _sync(device):

@@ -87,9 +87,9 @@ def inductor_options() -> dict:
     reference, and `folded` counts its rewrites) and inductor's multi-kernel reductions
     (`PARA_ATTN_MULTI_KERNEL`, default 0: off). With 1 inductor also makes a single-pass
     (persistent) variant of the row reductions over a hidden state (LayerNorm, modulation and
-    fp8 quantization of 3072 values) and keeps the faster at the first call: 1.5 ms of a 94 ms
-    FLUX fp8 step on an H100, for ~5 s more cold compile (23.1 -> 28.5 s); 2 always takes the
-    single-pass one. Off by default: with torch 2.11 / triton 3.6 a compiled graph with
+    fp8 quantization of 3072 values) and keeps the faster at the first call; 2 always takes the
+    single-pass one. That once saved 1.5 ms of a 94 ms FLUX fp8 step (H100); now that our own
+    kernels do those reductions it saves nothing (H200: 84.9 ms/step with 0, 1 and 2). Off by default: with torch 2.11 / triton 3.6 a compiled graph with
     multi-kernels fails to load from inductor's FX graph cache (`MultiKernelCall.cache_file_path`
     reads a JIT function's `_hash_lock`, None there), so the second process to compile the same
     blocks (ComfyUI after a restart) crashed."""
