@@ -20,7 +20,7 @@ if __package__:  # loaded as a package, as ComfyUI loads custom nodes
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
     try:  # a ComfyUI killed with its workers (systemd stops the whole group) left its weights in /dev/shm
-        from comfy_para_attn.pool.transfer import sweep_stale_dirs
+        from comfy_para_attn.pool.shm import sweep_stale_dirs
 
         sweep_stale_dirs(log=True)
     except Exception:  # never let housekeeping stop the pack from loading

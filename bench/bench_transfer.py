@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from comfy_para_attn.pool import transfer  # noqa: E402
+from comfy_para_attn.pool import shm, transfer  # noqa: E402
 
 GIB = 1 << 30
 # (rows, cols) of the linear weights of one FLUX.1-dev double and single block (hidden 3072).
@@ -62,7 +62,7 @@ def main():
     transfer.WRITE_THREADS = args.threads
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    print(f"# device: {name}; torch {torch.__version__}; shm dir {transfer.shm_root()}; "
+    print(f"# device: {name}; torch {torch.__version__}; shm dir {shm.shm_root()}; "
           f"{transfer.WRITE_THREADS} writer threads, {transfer.STAGING_BYTES >> 20} MiB pieces")
     state = flux_like_state_dict(0.0625 if args.tiny else args.gib, device, shrink=8 if args.tiny else 1)
     nbytes = sum(v.numel() * v.element_size() for v in state.values())

@@ -30,15 +30,8 @@ from comfy_para_attn.pool import (
     shutdown_pool,
 )
 from comfy_para_attn.pool.launch import HOST_THREADS_ENV, PoolLayout, worker_env
-from comfy_para_attn.pool.transfer import (
-    check_shm_space,
-    controller_dir,
-    fingerprint_tensors,
-    load_tensors,
-    pid_namespace,
-    publish_tensors,
-    sweep_stale_dirs,
-)
+from comfy_para_attn.pool.shm import check_shm_space, controller_dir, pid_namespace, sweep_stale_dirs
+from comfy_para_attn.pool.transfer import fingerprint_tensors, load_tensors, publish_tensors
 
 JOBS = "comfy_para_attn.testing.pool_jobs"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -573,7 +566,7 @@ def test_shutdown_exits_cleanly_reaps_and_closes_descriptors():
     assert info.value.reason == "dead"
 
 
-# -- transfer helpers without workers ------------------------------------------------------
+# -- shm and transfer helpers without workers --------------------------------------------------
 
 
 def test_space_check_says_needed_available_and_how_to_fix():
@@ -615,13 +608,13 @@ def test_float32_files_are_shared_zeros_and_reserving_on_a_full_tmpfs_is_a_space
     A failure while creating the files leaves none behind."""
     import errno
 
-    from comfy_para_attn.pool import transfer
+    from comfy_para_attn.pool import shm
 
     monkeypatch.setenv("COMFY_PARA_ATTN_SHM_DIR", str(tmp_path))
-    paths = transfer.float32_files((2, 3, 5), 2, what="a test image")
-    first = transfer.map_float32(paths[0], (2, 3, 5), reserve=True)
-    again = transfer.map_float32(paths[0], (2, 3, 5))
-    assert torch.equal(first, torch.zeros(2, 3, 5)) and torch.equal(transfer.map_float32(paths[1], (2, 3, 5)),
+    paths = shm.float32_files((2, 3, 5), 2, what="a test image")
+    first = shm.map_float32(paths[0], (2, 3, 5), reserve=True)
+    again = shm.map_float32(paths[0], (2, 3, 5))
+    assert torch.equal(first, torch.zeros(2, 3, 5)) and torch.equal(shm.map_float32(paths[1], (2, 3, 5)),
                                                                     torch.zeros(2, 3, 5))
     first[1, 2, 4] = 7.0
     assert again[1, 2, 4].item() == 7.0  # one file, two views of it
@@ -629,9 +622,9 @@ def test_float32_files_are_shared_zeros_and_reserving_on_a_full_tmpfs_is_a_space
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(transfer.os, "posix_fallocate", full)
+    monkeypatch.setattr(shm.os, "posix_fallocate", full)
     with pytest.raises(ShmSpaceError, match="a test image"):
-        transfer.map_float32(paths[1], (2, 3, 5), reserve=True, what="a test image")
+        shm.map_float32(paths[1], (2, 3, 5), reserve=True, what="a test image")
     for path in paths:
         os.unlink(path)
 
@@ -643,9 +636,9 @@ def test_float32_files_are_shared_zeros_and_reserving_on_a_full_tmpfs_is_a_space
             raise OSError(errno.EIO, "I/O error")
         return real(fd, length)
 
-    monkeypatch.setattr(transfer.os, "ftruncate", truncate_once)
+    monkeypatch.setattr(shm.os, "ftruncate", truncate_once)
     with pytest.raises(OSError, match="I/O error"):
-        transfer.float32_files((64,), 3, what="a test image")
+        shm.float32_files((64,), 3, what="a test image")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 

@@ -109,7 +109,7 @@ def _rank_decode(rank, world_size, cases, partial_dir=None):
     shared file, barrier, every rank sums a slice), returning rank 0's summed file."""
     import torch.distributed as dist
 
-    from comfy_para_attn.pool import transfer
+    from comfy_para_attn.pool import shm
 
     results = []
     for case, (shape, grids, video) in enumerate(cases):
@@ -121,7 +121,7 @@ def _rank_decode(rank, world_size, cases, partial_dir=None):
         if partial_dir is None:
             out = decode_tiles(z, plan, decoder, rank=rank, world_size=world_size, on_round=record)
         else:
-            partials = [transfer.map_float32(f"{partial_dir}/{case}-{r}", plan.out_shape) for r in range(world_size)]
+            partials = [shm.map_float32(f"{partial_dir}/{case}-{r}", plan.out_shape) for r in range(world_size)]
             decode_tiles_partial(z, plan, decoder, partials[rank], rank=rank, world_size=world_size,
                                  on_round=record)
             if world_size > 1:

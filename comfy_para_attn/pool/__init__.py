@@ -2,7 +2,8 @@
 
 Generic: it knows nothing about ComfyUI. Jobs are plain functions `fn(ctx, payload)`
 named by "module:function" strings and run on every rank; rank 0's return value is the
-result. See `Pool`, `get_pool`, `WorkerContext` and `transfer` for large tensors.
+result. See `Pool`, `get_pool`, `WorkerContext`, `transfer` for large tensors and `shm` for
+their directory in /dev/shm.
 """
 from .context import WorkerContext
 from .controller import Pool, PoolLayout

@@ -14,15 +14,15 @@ import logging
 import os
 import pickle
 import queue
-import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import protocol
 from .errors import PoolError, PoolInterrupted, PoolStartError
+from .failures import (EOF, Died, dead_pool_error, death_between_jobs, describe_death, describe_failure,
+                       job_failure_error, read_events, unreadable_event_error)
 from .launch import PoolLayout, WorkerProcess, free_port, spawn_worker, worker_env
 
 logger = logging.getLogger("comfy_para_attn.pool")
@@ -34,79 +34,9 @@ POLL_S = 0.1
 INIT_MIN_TIMEOUT_S = 60.0  # the init job's time limit at least, whatever the start left
 FAILURE_GRACE_S = 0.5  # after one rank fails, look this long for a rank that died meanwhile
 REAP_TIMEOUT_S = 5.0
-
-_live_pools: set["Pool"] = set()  # strong refs: every started pool is shut down at exit
-
-
-@dataclass
-class _Died:
-    """Pseudo-event: the worker's process ended (returncode None: it closed its pipe)."""
-
-    returncode: int | None
-
-
-_EOF = object()  # a reader thread's last item: its worker closed the event pipe
 EOF_AFTER_DEATH_S = 1.0  # how long a dead worker's reader may take to deliver what is left
 
-
-def _read_events(worker: WorkerProcess, inbox: queue.Queue) -> None:
-    """Reader thread: every event of one worker into `inbox`, then `_EOF`. Reading off the
-    controller's thread means a worker that freezes halfway through writing a large event
-    (a sampled latent, a traceback) blocks only this thread, never the deadlines."""
-    try:
-        while True:
-            try:
-                event = protocol.recv(worker.events)
-            except (EOFError, OSError):
-                inbox.put((worker.rank, _EOF))
-                return
-            except Exception as exc:  # not unpicklable here: a worker bug, reported to the caller
-                event = exc
-            inbox.put((worker.rank, event))
-    finally:
-        # The pipe is this thread's: closed at its end, never under a read still blocked in it
-        # (a child of the worker can keep the pipe open past the worker's death).
-        worker.events.close()
-
-
-def _describe_death(rank: int, pid: int, returncode: int | None, during: str) -> str:
-    if returncode is None:
-        return f"rank {rank} (pid {pid}) closed its pipe to the controller {during}"
-    if returncode >= 0:
-        return f"rank {rank} (pid {pid}) exited with code {returncode} {during}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    text = f"rank {rank} (pid {pid}) was killed by {name} (exit code {returncode}) {during}"
-    if -returncode == signal.SIGKILL:
-        text += "; SIGKILL often means the host ran out of memory (Linux OOM killer, see dmesg)"
-    return text
-
-
-def _death_between_jobs(worker: WorkerProcess) -> str:
-    return _describe_death(worker.rank, worker.process.pid, worker.process.returncode, "between jobs")
-
-
-def _rank_name(rank: int, layout: PoolLayout | None) -> str:
-    """"rank 1 (GPU 3)" on a CUDA pool: each worker sees only its own GPU, so torch's own
-    messages call every rank's GPU "GPU 0"; the index here is the controller's."""
-    if layout is None or layout.device != "cuda" or layout.gpus is None:
-        return f"rank {rank}"
-    return f"rank {rank} (GPU {layout.gpus[rank]})"
-
-
-def _describe_failure(event: protocol.JobFailed, job: str | None, layout: PoolLayout | None = None) -> str:
-    where = f"job {job!r}" if job else "start"
-    if event.out_of_memory:
-        head = (f"{_rank_name(event.rank, layout)} ran out of memory in {where}: {event.error_type}: "
-                f"{event.message}")
-        if layout is not None and layout.device == "cuda":
-            head += ("\n(torch inside a worker calls its GPU 'GPU 0'.) Free memory on that GPU: lower the "
-                     "resolution or frame count, add FP8 Quantize, use more GPUs, or close other programs on it.")
-    else:
-        head = f"rank {event.rank} raised {event.error_type} in {where}: {event.message}"
-    return f"{head}\n\n--- traceback from rank {event.rank} ---\n{event.traceback.rstrip()}"
+_live_pools: set["Pool"] = set()  # strong refs: every started pool is shut down at exit
 
 
 class Pool:
@@ -275,7 +205,7 @@ class Pool:
         for rank in range(self.layout.world_size):
             worker = spawn_worker(self.layout, rank, env)
             self._workers.append(worker)
-            reader = threading.Thread(target=_read_events, args=(worker, self._inbox),
+            reader = threading.Thread(target=read_events, args=(worker, self._inbox),
                                       name=f"pool-events-r{rank}", daemon=True)
             reader.start()
             self._readers.append(reader)
@@ -290,11 +220,11 @@ class Pool:
                 if isinstance(event, protocol.Ready):
                     ready[rank] = event.timings
                 elif isinstance(event, protocol.JobFailed):
-                    raise PoolStartError(_describe_failure(event, None, self.layout), rank=rank,
+                    raise PoolStartError(describe_failure(event, None, self.layout), rank=rank,
                                          worker_traceback=event.traceback)
-                elif isinstance(event, _Died):
+                elif isinstance(event, Died):
                     pid = self._workers[rank].process.pid
-                    raise PoolStartError(_describe_death(
+                    raise PoolStartError(describe_death(
                         rank, pid, event.returncode, "while starting (its output is in the console)"),
                         rank=rank)
         return list(ready.values())
@@ -330,7 +260,7 @@ class Pool:
                     "ctx.report_progress() or ctx.heartbeat() more often than timeout_s.",
                     reason="timeout", job=job)
             for rank, event in self._poll_events(POLL_S):
-                if isinstance(event, (protocol.JobFailed, _Died)):
+                if isinstance(event, (protocol.JobFailed, Died)):
                     raise self._failure(rank, event, job)
                 if getattr(event, "job_id", job_id) != job_id:
                     continue  # stale event from an earlier job
@@ -370,20 +300,15 @@ class Pool:
 
     def idle_death(self) -> str | None:
         """Why the pool is not alive although it was never shut down nor failed a job, as
-        `_describe_death` says it."""
+        `describe_death` says it."""
         worker = self._died_idle()
-        return None if worker is None else _death_between_jobs(worker)
+        return None if worker is None else death_between_jobs(worker)
 
     def _dead_error(self, job: str) -> PoolError:
         """The error for a run on a pool that was shut down, or whose worker died idle."""
         worker = self._died_idle()
         self._terminate()
-        if worker is None:
-            return PoolError("the pool is shut down; use get_pool() for a fresh one",
-                             reason="dead", job=job)
-        return PoolError("worker pool failed: " + _death_between_jobs(worker) +
-                         "\n(the pool was shut down; the next run starts a fresh one)",
-                         reason="died", rank=worker.rank, job=job)
+        return dead_pool_error(job, worker)
 
     def _failure(self, rank: int, event, job: str) -> PoolError:
         """Build the error for a failed job. A rank that died explains why its peers'
@@ -391,35 +316,15 @@ class Pool:
         events = [(rank, event)]
         if isinstance(event, protocol.JobFailed):
             grace_end = time.monotonic() + FAILURE_GRACE_S
-            while time.monotonic() < grace_end and not any(isinstance(e, _Died) for _, e in events):
+            while time.monotonic() < grace_end and not any(isinstance(e, Died) for _, e in events):
                 events += [(r, e) for r, e in self._poll_events(0.05)
-                           if isinstance(e, (protocol.JobFailed, _Died))]
-        deaths = [(r, e) for r, e in events if isinstance(e, _Died)]
-        first_rank, first = deaths[0] if deaths else events[0]
-        if deaths and self._shut_down:  # its SIGKILL was ours, not the OOM killer's
-            return PoolError(f"job {job!r} was stopped: the pool was shut down while it ran (by another "
-                             "thread, or replaced by get_pool() for another layout); the next run starts a "
-                             "fresh pool", reason="dead", rank=first_rank, job=job)
-        if isinstance(first, _Died):
-            text = _describe_death(first_rank, self._workers[first_rank].process.pid,
-                                   first.returncode, f"during job {job!r}")
-            reason, traceback_text = "died", None
-        else:
-            text = _describe_failure(first, job, self.layout)
-            reason = "out_of_memory" if first.out_of_memory else "exception"
-            traceback_text = first.traceback
-        others = [f"rank {r}: {e.error_type}: {e.message}" for r, e in events
-                  if isinstance(e, protocol.JobFailed) and e is not first]
-        if others:
-            text += "\n\nother ranks failed too:\n" + "\n".join(others)
-        return PoolError(f"worker pool failed: {text}\n(the pool was shut down; the next run "
-                         "starts a fresh one)", reason=reason, rank=first_rank, job=job,
-                         worker_traceback=traceback_text)
+                           if isinstance(e, (protocol.JobFailed, Died))]
+        return job_failure_error(events, job, self.pids, self.layout, self._shut_down)
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _poll_events(self, timeout_s: float) -> list[tuple[int, Any]]:
-        """Events that arrived within `timeout_s`, plus a `_Died` for each worker whose
+        """Events that arrived within `timeout_s`, plus a `Died` for each worker whose
         process ended (after what it sent before dying)."""
         events = self._take_events(timeout_s)
         for worker in self._workers:
@@ -432,12 +337,12 @@ class Pool:
                 returncode = worker.process.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 returncode = None
-            events.append((worker.rank, _Died(returncode)))
+            events.append((worker.rank, Died(returncode)))
         return events
 
     def _take_events(self, timeout_s: float) -> list[tuple[int, Any]]:
         """What the reader threads delivered within `timeout_s` (at least one item, or none
-        at the timeout); an `_EOF` marks its worker's pipe closed."""
+        at the timeout); an `EOF` marks its worker's pipe closed."""
         items = []
         try:
             items.append(self._inbox.get(timeout=timeout_s))
@@ -447,14 +352,10 @@ class Pool:
             pass
         events = []
         for rank, event in items:
-            if event is _EOF:
+            if event is EOF:
                 self._workers[rank].events_open = False
             elif isinstance(event, Exception):  # the reader could not unpickle what the worker sent
-                raise PoolError(
-                    f"worker pool failed: rank {rank} sent a result or progress event this process cannot "
-                    f"read ({type(event).__name__}: {event}); a job may send only values whose classes the "
-                    "controller can import\n(the pool was shut down; the next run starts a fresh one)",
-                    reason="exception", rank=rank) from event
+                raise unreadable_event_error(rank, event) from event
             else:
                 events.append((rank, event))
         return events
@@ -484,7 +385,7 @@ class Pool:
                 returncode = worker.process.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 returncode = None
-            raise PoolError("worker pool failed: " + _describe_death(
+            raise PoolError("worker pool failed: " + describe_death(
                 worker.rank, worker.process.pid, returncode, f"(sending {type(message).__name__})"),
                 reason="died", rank=worker.rank)
 

@@ -44,7 +44,7 @@ def _exit_orphaned(why: str) -> None:
     except Exception:  # stderr may be gone with the controller's terminal
         pass
     try:  # a controller killed by a signal left its published files (a whole model) behind
-        from .transfer import remove_dir_of_dead_controller
+        from .shm import remove_dir_of_dead_controller
 
         deadline = time.monotonic() + 2.0  # the lifeline closes as the controller dies; wait out its exit
         while _controller_pid and time.monotonic() < deadline:

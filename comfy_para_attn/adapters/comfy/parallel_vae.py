@@ -139,7 +139,7 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
     import comfy.model_management
     import comfy.utils
 
-    from ...pool import PoolInterrupted, transfer
+    from ...pool import PoolInterrupted, shm
 
     from .memory import make_room_for_workers
     from .published import is_resident, mark_resident
@@ -154,14 +154,14 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
     pbar = comfy.utils.ProgressBar(len(plan.tiles))
     # One partial image per rank in shared memory; the ranks sum them into the first, which
     # becomes the output: nothing image-sized travels through the pipe.
-    paths = payload["partial_paths"] = transfer.float32_files(
+    paths = payload["partial_paths"] = shm.float32_files(
         plan.out_shape, world, what="the decoded image (one partial per GPU)")
     began = time.monotonic()
     try:
         result = pool.run(JOB, payload, timeout_s=timeout_s,
                           on_progress=lambda step, total, extra: pbar.update_absolute(step, total),
                           should_interrupt=comfy.model_management.processing_interrupted)
-        output = transfer.map_float32(paths[0], plan.out_shape)  # valid after the unlink below
+        output = shm.map_float32(paths[0], plan.out_shape)  # valid after the unlink below
         mark_resident(pool, "vae", recipe["fingerprint"])
     except PoolInterrupted:
         raise comfy.model_management.InterruptProcessingException()

@@ -47,7 +47,7 @@ def cached_vae(ctx, recipe: dict):
 def decode(ctx, payload):
     import torch.distributed as dist
 
-    from ...pool import transfer
+    from ...pool import shm
     from .parallel_vae import load_for_tiles, tile_decoder
 
     began = time.perf_counter()
@@ -55,7 +55,7 @@ def decode(ctx, payload):
     vae = cached_vae(ctx, payload["vae"])
     load_for_tiles(vae, plan)
     # This rank reserves its own image's pages (in parallel with the other ranks).
-    partials = [transfer.map_float32(path, plan.out_shape, reserve=rank == ctx.rank, what="the decoded image")
+    partials = [shm.map_float32(path, plan.out_shape, reserve=rank == ctx.rank, what="the decoded image")
                 for rank, path in enumerate(payload["partial_paths"])]
 
     def on_round(r, rounds, done, total):
