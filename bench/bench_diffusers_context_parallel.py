@@ -107,7 +107,7 @@ def worker(rank, world, port, args, results):
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                             device_id=device if use_cuda else None)
     rows = []  # (mode, name, ms, relative error vs 1 GPU)
-    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    modes = ([] if args.skip_eager else ["eager"]) + ([] if args.no_compile else ["compiled"])
     # Every rank builds the same groups in the same order.
     contexts = {name: build_parallel_context(ContextParallelConfig(**kw), num_heads=24 if not args.tiny else 4)
                 for name, kw in LAYOUTS.items()}
@@ -134,7 +134,7 @@ def worker(rank, world, port, args, results):
     gc.collect()
     if use_cuda:
         torch.cuda.empty_cache()
-    for name in LAYOUTS:
+    for name in [] if args.ours_only else LAYOUTS:
         degree = {"ulysses": dict(ulysses_degree=2), "ring": dict(ring_degree=2)}[name]
         try:
             from diffusers import ContextParallelConfig as DiffusersCPConfig
@@ -192,6 +192,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--skip-eager", action="store_true", help="compiled rows only")
+    parser.add_argument("--ours-only", action="store_true", help="no rows for diffusers' own context parallelism")
     parser.add_argument("--host-threads", type=int, default=1,
                         help="torch intra-op threads per CUDA rank (0: torch's default; runs before "
                              "session 12 used the default)")
