@@ -45,6 +45,27 @@ def test_pool_sampling_equals_in_process(comfyui_path, pack_nodes, pool_cleanup,
         assert err < TOL, f"{family} {case} {layout}: max abs err {err:.3g}"
 
 
+@pytest.mark.parametrize("sampler_name", ["uni_pc", "ipndm"])
+def test_workers_sample_without_autograd(comfyui_path, pack_nodes, pool_cleanup, sampler_name):
+    """uni_pc and ipndm do not turn autograd off themselves (ComfyUI's executor does, with
+    inference_mode). The workers must too: with autograd on, every model call recorded its graph
+    (ComfyUI's weights require grad), and on gloo the ring's gather failed on a view made in
+    no-grad mode (Wan with FP8 through the shipped workflow)."""
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import refuse_autograd, sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("wan")
+    model = patcher.clone()
+    model.set_model_unet_function_wrapper(refuse_autograd)
+    with torch.inference_mode():  # as ComfyUI's executor runs a node
+        plain = comfy_models.sample(model, pos, neg, latent, steps=4, cfg=3.0, sampler_name=sampler_name)
+    parallel = comfy_models.sample(_cp(pack_nodes, model, ulysses_degree=1, ring_degree=2), pos, neg, latent,
+                                   steps=4, cfg=3.0, sampler_name=sampler_name)
+    assert torch.isfinite(parallel).all() and plain.abs().mean() > 1e-3
+    err = (parallel - plain).abs().max().item()
+    assert err < TOL, f"{sampler_name}: max abs err {err:.3g}"
+
+
 def test_hunyuan_video_image_to_video_in_the_pool(comfyui_path, pack_nodes, pool_cleanup):
     """HunyuanVideo image-to-video (guiding_frame_index: the first frame's tokens have their own
     modulation) through the node: the cond reaches the workers and each rank modulates its own

@@ -61,6 +61,14 @@ class FaultyBlock:
         return extra["original_block"](args)
 
 
+def refuse_autograd(apply_model, args):
+    """A model function wrapper (picklable: it travels to the workers) that fails a model call
+    made with autograd on, as it never is in ComfyUI (its executor runs under inference_mode)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("a model call ran with autograd on")
+    return apply_model(args["input"], args["timestep"], **args["c"])
+
+
 def with_faulty_block(patcher, how: str, rank: int = 1):
     model = patcher.clone()
     model.set_model_patch_replace(FaultyBlock(how, rank), "dit", "double_block", 0)

@@ -217,7 +217,10 @@ def sample(ctx, payload):
     steps = max(1, len(payload["sigmas"]) - 1)
     profiler = _profiler_if_asked(steps)
     try:
-        with profiler or contextlib.nullcontext():
+        # ComfyUI samples under its executor's inference_mode. Its models' weights require grad,
+        # and some samplers (uni_pc, uni_pc_bh2, ipndm) do not turn autograd off themselves: here
+        # they would record every model call's graph (its activations kept until the step ends).
+        with torch.no_grad(), profiler or contextlib.nullcontext():
             samples = guider.sample(payload["noise"], payload["latent_image"], rebuild_sampler(payload["sampler"]),
                                     payload["sigmas"],
                                     payload["denoise_mask"], callback, True, payload["seed"])
