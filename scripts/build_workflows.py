@@ -25,6 +25,7 @@ PACK_NODE_MODULES = {"ParaAttnFP8Quantize": "fp8", "ParaAttnCompile": "compile",
 WIDGETS = {
     "UNETLoader": ["unet_name", "weight_dtype"],
     "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
+    "CLIPLoader": ["clip_name", "type", "device"],
     "CLIPTextEncode": ["text"],
     "FluxGuidance": ["guidance"],
     "VAELoader": ["vae_name"],
@@ -45,7 +46,7 @@ WIDGETS = {
     "ControlNetApplyAdvanced": ["strength", "start_percent", "end_percent"],
 }
 OUTPUTS = {
-    "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPTextEncode": ["CONDITIONING"],
+    "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPLoader": ["CLIP"], "CLIPTextEncode": ["CONDITIONING"],
     "FluxGuidance": ["CONDITIONING"], "VAELoader": ["VAE"], "EmptySD3LatentImage": ["LATENT"],
     "EmptyHunyuanLatentVideo": ["LATENT"], "KSampler": ["LATENT"], "ModelSamplingSD3": ["MODEL"],
     "BasicGuider": ["GUIDER"], "KSamplerSelect": ["SAMPLER"], "BasicScheduler": ["SIGMAS"], "RandomNoise": ["NOISE"],
@@ -58,6 +59,8 @@ OUTPUTS = {
 OUTPUT_NAMES = {"SamplerCustomAdvanced": ["output", "denoised_output"], "ControlNetApplyAdvanced": ["positive", "negative"]}
 PROMPT_FLUX = "a red fox reading a newspaper in a sunlit cafe, detailed fur, 35mm photo"
 PROMPT_HUNYUAN = "a cat walks on the grass, realistic style, slow camera pan"
+PROMPT_WAN = "a fox trots through fresh snow at dawn, its breath steaming, the camera tracking it low and slow"
+NEGATIVE_WAN = "blurry, low quality, static frame, distorted limbs, watermark, subtitles, overexposed"
 
 FLUX_NOTE = """comfy-para-attn on FLUX.1-dev{multi}
 
@@ -94,6 +97,22 @@ HUNYUAN_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU
 the 24 heads (Ulysses) and the rest of the sequence (Ring).
 Parallel VAE Decode: tiled 3D VAE decode with the tiles spread over the same workers
 (tile 256 / overlap 64 / 64 frames as in ComfyUI's example)."""
+
+WAN_NOTE = """comfy-para-attn on Wan 2.1 text-to-video{multi}
+
+Model files (ComfyUI's Wan 2.1 example): diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors (the 14B
+file works the same), vae/wan_2.1_vae.safetensors, text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors.
+
+832x480, 33 frames, 30 steps, uni_pc, cfg 6, shift 8 as in ComfyUI's example.
+FP8 Quantize and Compile Model as for FLUX (fp8 matmuls need compute capability >= 8.9).
+First Block Cache: start at residual_diff_threshold 0.08 and compare with 0 (off); higher = faster,
+lower = closer to the plain model.
+{multi_note}"""
+WAN_SINGLE_NOTE = """Parallel VAE Decode with gpus 1: VAE Decode (Tiled)'s tiles and output, decoded in this
+process with the GPU one tile ahead of the blending."""
+WAN_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers). cfg 6 runs the
+cond and uncond halves; cfg_parallel on puts them on different GPUs (needs an even GPU count).
+Parallel VAE Decode: the Wan VAE's tiles spread over the same workers."""
 
 
 def pack_widgets(node_type: str) -> dict:
@@ -220,12 +239,54 @@ def hunyuan(multi: bool) -> list:
     return nodes
 
 
+def wan(multi: bool) -> list:
+    model_out = (10, 0)
+    nodes = [
+        node(1, "UNETLoader", (0, 0), ["wan2.1_t2v_1.3B_bf16.safetensors", "default"]),
+        node(2, "CLIPLoader", (0, 150), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]),
+        node(3, "CLIPTextEncode", (380, 150), [PROMPT_WAN], [("clip", "CLIP", (2, 0))], "Positive prompt",
+             (400, 160)),
+        node(4, "CLIPTextEncode", (380, 350), [NEGATIVE_WAN], [("clip", "CLIP", (2, 0))], "Negative prompt",
+             (400, 120)),
+        node(5, "VAELoader", (0, 330), ["wan_2.1_vae.safetensors"]),
+        node(6, "EmptyHunyuanLatentVideo", (820, 300), [832, 480, 33, 1], size=(315, 130)),
+        node(7, "ModelSamplingSD3", (380, -250), [8.0], [("model", "MODEL", (1, 0))]),
+        node(8, "ParaAttnFP8Quantize", (760, -250), dict(granularity="row-wise", mode="dynamic activation + weight"),
+             [("model", "MODEL", (7, 0))]),
+        node(9, "ParaAttnCompile", (1120, -250), dict(scope="regional", mode="default", dynamic=False, fullgraph=False),
+             [("model", "MODEL", (8, 0))]),
+        node(10, "ParaAttnFirstBlockCache", (1480, -250), dict(residual_diff_threshold=0.08, start_percent=0.0,
+             end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (9, 0))], size=(340, 130)),
+    ]
+    if multi:
+        nodes.append(node(15, "ParaAttnContextParallel", (1860, -250), dict(gpus=0, layout="auto", cfg_parallel=False),
+                          [("model", "MODEL", (10, 0))], size=(315, 200)))
+        model_out = (15, 0)
+    nodes += [
+        node(11, "KSampler", (1250, 100), [42, "fixed", 30, 6.0, "uni_pc", "simple", 1.0],
+             [("model", "MODEL", model_out), ("positive", "CONDITIONING", (3, 0)),
+              ("negative", "CONDITIONING", (4, 0)), ("latent_image", "LATENT", (6, 0))], size=(315, 262)),
+        node(12, "ParaAttnParallelVAEDecode", (1620, 100),
+             dict(gpus=0 if multi else 1, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
+             [("samples", "LATENT", (11, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)),
+        node(13, "SaveAnimatedWEBP", (1980, 100),
+             ["para_attn_wan2.1" + ("_multi_gpu" if multi else ""), 16.0, False, 80, "default"],
+             [("images", "IMAGE", (12, 0))], size=(400, 440)),
+        node(14, "Note", (0, -330), [WAN_NOTE.format(multi=" (multi-GPU)" if multi else " (one GPU)",
+                                                     multi_note=WAN_MULTI_NOTE if multi else WAN_SINGLE_NOTE)],
+             title="How to use (comfy-para-attn)", size=(360, 300)),
+    ]
+    return nodes
+
+
 WORKFLOWS = {
     "flux1_dev_single_gpu": flux(False),
     "flux1_dev_multi_gpu": flux(True),
     "flux1_dev_controlnet_multi_gpu": flux(True, controlnet=True),
     "hunyuan_video_single_gpu": hunyuan(False),
     "hunyuan_video_multi_gpu": hunyuan(True),
+    "wan2.1_t2v_single_gpu": wan(False),
+    "wan2.1_t2v_multi_gpu": wan(True),
 }
 
 

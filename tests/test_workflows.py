@@ -9,7 +9,7 @@ real ComfyUI server started with the pack.
 - every workflow runs headless end to end (POST /prompt, poll /history) on tiny random-weight
   model files loaded by ComfyUI's real UNETLoader / VAELoader. The text encoders
   (DualCLIPLoader + CLIPTextEncode: CLIP-L with T5-XXL for FLUX, CLIP-L with LLaVA-Llama-3
-  for HunyuanVideo) are replaced by the test-only ParaAttnTestConditioning node
+  for HunyuanVideo, UMT5-XXL for Wan) are replaced by the test-only ParaAttnTestConditioning node
   (tests/comfy_test_nodes), because those encoders cannot be made tiny. Multi-GPU workflows
   run their Context Parallel and Parallel VAE Decode on 2 CPU worker ranks here.
 """
@@ -33,12 +33,20 @@ EXPECTED = {
     "hunyuan_video_single_gpu": ({"ParaAttnFirstBlockCache", "ParaAttnParallelVAEDecode"}, 0.10),
     "hunyuan_video_multi_gpu": ({"ParaAttnFirstBlockCache", "ParaAttnContextParallel",
                                  "ParaAttnParallelVAEDecode"}, 0.10),
+    "wan2.1_t2v_single_gpu": ({"ParaAttnFP8Quantize", "ParaAttnCompile", "ParaAttnFirstBlockCache",
+                               "ParaAttnParallelVAEDecode"}, 0.08),
+    "wan2.1_t2v_multi_gpu": (PACK_NODES, 0.08),
 }
 REAL_FILES = {  # as in ComfyUI's own FLUX / HunyuanVideo examples
     "flux": {"flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"},
     "hunyuan_video": {"hunyuan_video_t2v_720p_bf16.safetensors", "hunyuan_video_vae_bf16.safetensors",
                       "clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors"},
+    "wan": {"wan2.1_t2v_1.3B_bf16.safetensors", "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
 }
+
+
+def family(name: str) -> str:
+    return next(f for f in REAL_FILES if name.startswith(f))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +81,7 @@ def test_workflow_has_our_nodes_files_and_recommended_settings(name):
     assert cache["inputs"]["residual_diff_threshold"] == threshold
     files = {v for n in api.values() for v in n["inputs"].values() if isinstance(v, str) and v.endswith(".safetensors")}
     controlnet_files = {"flux-canny-controlnet-v3.safetensors"} if "controlnet" in name else set()
-    assert files == REAL_FILES["flux" if name.startswith("flux") else "hunyuan_video"] | controlnet_files
+    assert files == REAL_FILES[family(name)] | controlnet_files
     notes = [n for n in ui["nodes"] if n["type"] == "Note"]
     assert notes and "residual_diff_threshold" in notes[0]["widgets_values"][0]
 
@@ -112,9 +120,11 @@ def test_checks_catch_broken_workflows(object_info):
 
 # ComfyUI only detects full-width FLUX files (2.6 GiB in fp32 here): two CPU workers that
 # each quantize and compile it exceed this 23 GiB machine (OOM-killed), so the multi-GPU FLUX
-# run turns FP8 and Compile off on CPU. The single-GPU FLUX run keeps both.
+# run turns FP8 and Compile off on CPU. The single-GPU FLUX and Wan runs keep both; the
+# multi-GPU Wan run keeps FP8 (weight-only on CPU) and skips two CPU compiles, for time.
 CPU_OVERRIDES = {name: {"ParaAttnFP8Quantize": {"mode": "off"}, "ParaAttnCompile": {"scope": "off"}}
                  for name in ("flux1_dev_multi_gpu", "flux1_dev_controlnet_multi_gpu")}
+CPU_OVERRIDES["wan2.1_t2v_multi_gpu"] = {"ParaAttnCompile": {"scope": "off"}}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,6 +1,6 @@
 """Random-weight model FILES that ComfyUI's own loaders (UNETLoader, VAELoader,
-ControlNetLoader) detect as FLUX.1-dev, HunyuanVideo, the FLUX VAE, the HunyuanVideo 3D VAE
-and an XLabs-style FLUX ControlNet.
+ControlNetLoader) detect as FLUX.1-dev, HunyuanVideo, Wan 2.1 text-to-video, the FLUX VAE, the
+HunyuanVideo 3D VAE, the Wan 2.1 VAE and an XLabs-style FLUX ControlNet.
 
 Each file has the real key layout, so ComfyUI's detection (`comfy.model_detection`,
 `comfy.sd.VAE`) picks the real model class from it. Sizes are as small as that detection
@@ -11,10 +11,13 @@ allows (ComfyUI 0.3.64):
   only counts blocks, so the file is full width with 1 double + 2 single blocks (687M
   parameters, 1.4 GB in bf16; two single blocks so that regional Compile finds a repeated
   block class).
+- Wan 2.1: width, heads (width / 128), MLP width and depth come from the weights, so it is
+  tiny (width 256 = 2 heads of 128, 2 blocks); the text embedder keeps Wan's 4096-wide input
+  (the detection does not read it).
 - FLUX ControlNet (XLabs layout, its own hint encoder): full width for the same reason, 1
   double block (395M parameters, 0.8 GB in bf16).
-- VAEs: ComfyUI builds both VAEs at full width (ch 128) from their keys, so they are
-  full-size random VAEs (FLUX 2D: 84M, HunyuanVideo 3D: 250M parameters).
+- VAEs: ComfyUI builds the VAEs at full width from their keys, so they are full-size random
+  VAEs (FLUX 2D: 84M, HunyuanVideo 3D: 250M, Wan 2.1: 127M parameters).
 Shapes come from ComfyUI's own classes built on the meta device; values from a seeded
 generator. Files are written once into a cache folder and reused. Nothing is downloaded.
 Call `comfy_para_attn.adapters.comfy.env.make_importable` first.
@@ -37,9 +40,11 @@ TINY_FILES = {
     "tiny_random_flux_ae.safetensors": ("flux_vae", "ae.safetensors"),
     "tiny_random_hunyuan_video_vae.safetensors": ("hunyuan_video_vae", "hunyuan_video_vae_bf16.safetensors"),
     "tiny_random_flux_controlnet.safetensors": ("flux_controlnet", "flux-canny-controlnet-v3.safetensors"),
+    "tiny_random_wan2.1_t2v.safetensors": ("wan", "wan2.1_t2v_1.3B_bf16.safetensors"),
+    "tiny_random_wan_2.1_vae.safetensors": ("wan_vae", "wan_2.1_vae.safetensors"),
 }
-FOLDERS = {"flux": "diffusion_models", "hunyuan_video": "diffusion_models",
-           "flux_vae": "vae", "hunyuan_video_vae": "vae", "flux_controlnet": "controlnet"}
+FOLDERS = {"flux": "diffusion_models", "hunyuan_video": "diffusion_models", "wan": "diffusion_models",
+           "flux_vae": "vae", "hunyuan_video_vae": "vae", "wan_vae": "vae", "flux_controlnet": "controlnet"}
 # Real name -> tiny name, for rewriting a shipped workflow.
 SUBSTITUTES = {real: tiny for tiny, (_, real) in TINY_FILES.items()}
 
@@ -53,12 +58,18 @@ _HUNYUAN_TINY = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in
                      hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
                      axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True,
                      byt5=False, meanflow=False, image_model="hunyuan_video")
+# Wan 2.1 text-to-video as ComfyUI detects it from a file of these shapes (freq_dim, patch size
+# and the norms are fixed by the detection).
+_WAN_TINY = dict(image_model="wan2.1", model_type="t2v", dim=256, out_dim=16, num_heads=2, ffn_dim=512,
+                 num_layers=2, in_dim=16, patch_size=(1, 2, 2), freq_dim=256, window_size=(-1, -1), qk_norm=True,
+                 cross_attn_norm=True, eps=1e-6)
 
 
 def _diffusion_model_shapes(kind: str) -> dict:
     import comfy.supported_models
 
-    cls, unet_config = {"flux": ("Flux", _FLUX_DETECTED), "hunyuan_video": ("HunyuanVideo", _HUNYUAN_TINY)}[kind]
+    cls, unet_config = {"flux": ("Flux", _FLUX_DETECTED), "hunyuan_video": ("HunyuanVideo", _HUNYUAN_TINY),
+                        "wan": ("WAN21_T2V", _WAN_TINY)}[kind]
     model_config = getattr(comfy.supported_models, cls)(dict(unet_config))
     model_config.set_inference_dtype(torch.float32, None)
     with torch.device("meta"):
@@ -82,6 +93,13 @@ def _controlnet_shapes() -> dict:
 def _vae_shapes(kind: str) -> dict:
     from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
 
+    if kind == "wan_vae":  # the config comfy.sd.VAE builds for a Wan 2.1 VAE's keys
+        import comfy.ldm.wan.vae
+
+        with torch.device("meta"):
+            model = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                             attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+        return {k: v.shape for k, v in model.state_dict().items()}
     # The configs comfy.sd.VAE builds for these key layouts (16 latent channels).
     ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
@@ -116,7 +134,7 @@ def random_state_dict(shapes: dict, *, seed: int, dtype=torch.bfloat16) -> dict:
 def shapes_of(kind: str) -> dict:
     if kind == "flux_controlnet":
         return _controlnet_shapes()
-    return _diffusion_model_shapes(kind) if kind in ("flux", "hunyuan_video") else _vae_shapes(kind)
+    return _diffusion_model_shapes(kind) if kind in ("flux", "hunyuan_video", "wan") else _vae_shapes(kind)
 
 
 def default_cache_dir() -> Path:

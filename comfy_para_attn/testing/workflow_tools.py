@@ -192,6 +192,7 @@ def node_ids(prompt: dict, class_type: str) -> list[str]:
 _MODEL_FILE_INPUTS = {("UNETLoader", "unet_name"): "diffusion_models", ("VAELoader", "vae_name"): "vae",
                       ("DualCLIPLoader", "clip_name1"): "text_encoders",
                       ("DualCLIPLoader", "clip_name2"): "text_encoders",
+                      ("CLIPLoader", "clip_name"): "text_encoders",
                       ("ControlNetLoader", "control_net_name"): "controlnet"}
 
 
