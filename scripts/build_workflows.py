@@ -31,6 +31,7 @@ WIDGETS = {
     "VAELoader": ["vae_name"],
     "EmptySD3LatentImage": ["width", "height", "batch_size"],
     "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
+    "Wan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
     "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "ModelSamplingSD3": ["shift"],
     "BasicGuider": [], "SamplerCustomAdvanced": [], "VAEDecode": [],
@@ -48,7 +49,7 @@ WIDGETS = {
 OUTPUTS = {
     "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPLoader": ["CLIP"], "CLIPTextEncode": ["CONDITIONING"],
     "FluxGuidance": ["CONDITIONING"], "VAELoader": ["VAE"], "EmptySD3LatentImage": ["LATENT"],
-    "EmptyHunyuanLatentVideo": ["LATENT"], "KSampler": ["LATENT"], "ModelSamplingSD3": ["MODEL"],
+    "EmptyHunyuanLatentVideo": ["LATENT"], "Wan22ImageToVideoLatent": ["LATENT"], "KSampler": ["LATENT"], "ModelSamplingSD3": ["MODEL"],
     "BasicGuider": ["GUIDER"], "KSamplerSelect": ["SAMPLER"], "BasicScheduler": ["SIGMAS"], "RandomNoise": ["NOISE"],
     "SamplerCustomAdvanced": ["LATENT", "LATENT"], "VAEDecode": ["IMAGE"], "VAEDecodeTiled": ["IMAGE"],
     "SaveImage": [], "SaveAnimatedWEBP": [], "ParaAttnFP8Quantize": ["MODEL"], "ParaAttnCompile": ["MODEL"],
@@ -98,19 +99,19 @@ the 24 heads (Ulysses) and the rest of the sequence (Ring).
 Parallel VAE Decode: tiled 3D VAE decode with the tiles spread over the same workers
 (tile 256 / overlap 64 / 64 frames as in ComfyUI's example)."""
 
-WAN_NOTE = """comfy-para-attn on Wan 2.1 text-to-video{multi}
+WAN_NOTE = """comfy-para-attn on {title}{multi}
 
-Model files (ComfyUI's Wan 2.1 example): diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors (the 14B
-file works the same), vae/wan_2.1_vae.safetensors, text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors.
+Model files (ComfyUI's {title} example): diffusion_models/{unet}{unet_remark},
+vae/{vae}, text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors.
 
-832x480, 33 frames, 30 steps, uni_pc, cfg 6, shift 8 as in ComfyUI's example.
+{width}x{height}, {length} frames, {steps} steps, uni_pc, cfg {cfg:g}, shift 8 as in ComfyUI's example.
 FP8 Quantize and Compile Model as for FLUX (fp8 matmuls need compute capability >= 8.9).
 First Block Cache: start at residual_diff_threshold 0.08 and compare with 0 (off); higher = faster,
 lower = closer to the plain model.
-{multi_note}"""
+{{multi_note}}"""
 WAN_SINGLE_NOTE = """Parallel VAE Decode with gpus 1: VAE Decode (Tiled)'s tiles and output, decoded in this
 process with the GPU one tile ahead of the blending."""
-WAN_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers). cfg 6 runs the
+WAN_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers). cfg > 1 runs the
 cond and uncond halves; cfg_parallel on puts them on different GPUs (needs an even GPU count).
 Parallel VAE Decode: the Wan VAE's tiles spread over the same workers."""
 
@@ -239,17 +240,34 @@ def hunyuan(multi: bool) -> list:
     return nodes
 
 
-def wan(multi: bool) -> list:
+# Wan releases: (title, diffusion model file, remark, VAE file, latent node, size, frames, steps, cfg, fps)
+WAN_RELEASES = {
+    "2.1": ("Wan 2.1 text-to-video", "wan2.1_t2v_1.3B_bf16.safetensors", " (the 14B file works the same)",
+            "wan_2.1_vae.safetensors", "EmptyHunyuanLatentVideo", (832, 480), 33, 30, 6.0, 16.0),
+    "2.2": ("Wan 2.2 5B text-to-video", "wan2.2_ti2v_5B_fp16.safetensors",
+            " (image-to-video too: link a picture to the latent node's start_image)",
+            "wan2.2_vae.safetensors", "Wan22ImageToVideoLatent", (1280, 704), 121, 30, 5.0, 24.0),
+}
+
+
+def wan(multi: bool, release: str = "2.1") -> list:
+    title, unet, unet_remark, vae, latent_node, (width, height), length, steps, cfg, fps = WAN_RELEASES[release]
+    note = WAN_NOTE.format(title=title, unet=unet, unet_remark=unet_remark, vae=vae, width=width, height=height,
+                           length=length, steps=steps, cfg=cfg, multi=" (multi-GPU)" if multi else " (one GPU)")
+    # Wan 2.2's latent node takes the VAE (it could also encode a start image: image-to-video).
+    latent = (node(6, latent_node, (820, 300), [width, height, length, 1], [("vae", "VAE", (5, 0))], size=(315, 150))
+              if latent_node == "Wan22ImageToVideoLatent" else
+              node(6, latent_node, (820, 300), [width, height, length, 1], size=(315, 130)))
     model_out = (10, 0)
     nodes = [
-        node(1, "UNETLoader", (0, 0), ["wan2.1_t2v_1.3B_bf16.safetensors", "default"]),
+        node(1, "UNETLoader", (0, 0), [unet, "default"]),
         node(2, "CLIPLoader", (0, 150), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]),
         node(3, "CLIPTextEncode", (380, 150), [PROMPT_WAN], [("clip", "CLIP", (2, 0))], "Positive prompt",
              (400, 160)),
         node(4, "CLIPTextEncode", (380, 350), [NEGATIVE_WAN], [("clip", "CLIP", (2, 0))], "Negative prompt",
              (400, 120)),
-        node(5, "VAELoader", (0, 330), ["wan_2.1_vae.safetensors"]),
-        node(6, "EmptyHunyuanLatentVideo", (820, 300), [832, 480, 33, 1], size=(315, 130)),
+        node(5, "VAELoader", (0, 330), [vae]),
+        latent,
         node(7, "ModelSamplingSD3", (380, -250), [8.0], [("model", "MODEL", (1, 0))]),
         node(8, "ParaAttnFP8Quantize", (760, -250), dict(granularity="row-wise", mode="dynamic activation + weight"),
              [("model", "MODEL", (7, 0))]),
@@ -263,17 +281,16 @@ def wan(multi: bool) -> list:
                           [("model", "MODEL", (10, 0))], size=(315, 200)))
         model_out = (15, 0)
     nodes += [
-        node(11, "KSampler", (1250, 100), [42, "fixed", 30, 6.0, "uni_pc", "simple", 1.0],
+        node(11, "KSampler", (1250, 100), [42, "fixed", steps, cfg, "uni_pc", "simple", 1.0],
              [("model", "MODEL", model_out), ("positive", "CONDITIONING", (3, 0)),
               ("negative", "CONDITIONING", (4, 0)), ("latent_image", "LATENT", (6, 0))], size=(315, 262)),
         node(12, "ParaAttnParallelVAEDecode", (1620, 100),
              dict(gpus=0 if multi else 1, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
              [("samples", "LATENT", (11, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)),
         node(13, "SaveAnimatedWEBP", (1980, 100),
-             ["para_attn_wan2.1" + ("_multi_gpu" if multi else ""), 16.0, False, 80, "default"],
+             [f"para_attn_wan{release}" + ("_multi_gpu" if multi else ""), fps, False, 80, "default"],
              [("images", "IMAGE", (12, 0))], size=(400, 440)),
-        node(14, "Note", (0, -330), [WAN_NOTE.format(multi=" (multi-GPU)" if multi else " (one GPU)",
-                                                     multi_note=WAN_MULTI_NOTE if multi else WAN_SINGLE_NOTE)],
+        node(14, "Note", (0, -330), [note.format(multi_note=WAN_MULTI_NOTE if multi else WAN_SINGLE_NOTE)],
              title="How to use (comfy-para-attn)", size=(360, 300)),
     ]
     return nodes
@@ -287,6 +304,8 @@ WORKFLOWS = {
     "hunyuan_video_multi_gpu": hunyuan(True),
     "wan2.1_t2v_single_gpu": wan(False),
     "wan2.1_t2v_multi_gpu": wan(True),
+    "wan2.2_ti2v_5B_single_gpu": wan(False, "2.2"),
+    "wan2.2_ti2v_5B_multi_gpu": wan(True, "2.2"),
 }
 
 

@@ -36,12 +36,16 @@ EXPECTED = {
     "wan2.1_t2v_single_gpu": ({"ParaAttnFP8Quantize", "ParaAttnCompile", "ParaAttnFirstBlockCache",
                                "ParaAttnParallelVAEDecode"}, 0.08),
     "wan2.1_t2v_multi_gpu": (PACK_NODES, 0.08),
+    "wan2.2_ti2v_5B_single_gpu": ({"ParaAttnFP8Quantize", "ParaAttnCompile", "ParaAttnFirstBlockCache",
+                                   "ParaAttnParallelVAEDecode"}, 0.08),
+    "wan2.2_ti2v_5B_multi_gpu": (PACK_NODES, 0.08),
 }
 REAL_FILES = {  # as in ComfyUI's own FLUX / HunyuanVideo examples
     "flux": {"flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"},
     "hunyuan_video": {"hunyuan_video_t2v_720p_bf16.safetensors", "hunyuan_video_vae_bf16.safetensors",
                       "clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors"},
-    "wan": {"wan2.1_t2v_1.3B_bf16.safetensors", "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
+    "wan2.1": {"wan2.1_t2v_1.3B_bf16.safetensors", "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
+    "wan2.2": {"wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
 }
 
 
@@ -121,10 +125,10 @@ def test_checks_catch_broken_workflows(object_info):
 # ComfyUI only detects full-width FLUX files (2.6 GiB in fp32 here): two CPU workers that
 # each quantize and compile it exceed this 23 GiB machine (OOM-killed), so the multi-GPU FLUX
 # run turns FP8 and Compile off on CPU. The single-GPU FLUX and Wan runs keep both; the
-# multi-GPU Wan run keeps FP8 (weight-only on CPU) and skips two CPU compiles, for time.
+# multi-GPU Wan runs keep FP8 (weight-only on CPU) and skip two CPU compiles, for time.
 CPU_OVERRIDES = {name: {"ParaAttnFP8Quantize": {"mode": "off"}, "ParaAttnCompile": {"scope": "off"}}
                  for name in ("flux1_dev_multi_gpu", "flux1_dev_controlnet_multi_gpu")}
-CPU_OVERRIDES["wan2.1_t2v_multi_gpu"] = {"ParaAttnCompile": {"scope": "off"}}
+CPU_OVERRIDES["wan2.1_t2v_multi_gpu"] = CPU_OVERRIDES["wan2.2_ti2v_5B_multi_gpu"] = {"ParaAttnCompile": {"scope": "off"}}
 
 
 @pytest.mark.parametrize("name", NAMES)

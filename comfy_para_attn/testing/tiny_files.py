@@ -1,6 +1,7 @@
 """Random-weight model FILES that ComfyUI's own loaders (UNETLoader, VAELoader,
-ControlNetLoader) detect as FLUX.1-dev, HunyuanVideo, Wan 2.1 text-to-video, the FLUX VAE, the
-HunyuanVideo 3D VAE, the Wan 2.1 VAE and an XLabs-style FLUX ControlNet.
+ControlNetLoader) detect as FLUX.1-dev, HunyuanVideo, Wan 2.1 text-to-video, Wan 2.2's 5B
+text/image-to-video model, the FLUX VAE, the HunyuanVideo 3D VAE, the Wan 2.1 and Wan 2.2 VAEs
+and an XLabs-style FLUX ControlNet.
 
 Each file has the real key layout, so ComfyUI's detection (`comfy.model_detection`,
 `comfy.sd.VAE`) picks the real model class from it. Sizes are as small as that detection
@@ -13,11 +14,11 @@ allows (ComfyUI 0.3.64):
   block class).
 - Wan 2.1: width, heads (width / 128), MLP width and depth come from the weights, so it is
   tiny (width 256 = 2 heads of 128, 2 blocks); the text embedder keeps Wan's 4096-wide input
-  (the detection does not read it).
+  (the detection does not read it). Wan 2.2 5B: the same with 48 latent channels in and out.
 - FLUX ControlNet (XLabs layout, its own hint encoder): full width for the same reason, 1
   double block (395M parameters, 0.8 GB in bf16).
 - VAEs: ComfyUI builds the VAEs at full width from their keys, so they are full-size random
-  VAEs (FLUX 2D: 84M, HunyuanVideo 3D: 250M, Wan 2.1: 127M parameters).
+  VAEs (FLUX 2D: 84M, HunyuanVideo 3D: 250M, Wan 2.1: 127M, Wan 2.2: 705M parameters).
 Shapes come from ComfyUI's own classes built on the meta device; values from a seeded
 generator. Files are written once into a cache folder and reused. Nothing is downloaded.
 Call `comfy_para_attn.adapters.comfy.env.make_importable` first.
@@ -42,9 +43,12 @@ TINY_FILES = {
     "tiny_random_flux_controlnet.safetensors": ("flux_controlnet", "flux-canny-controlnet-v3.safetensors"),
     "tiny_random_wan2.1_t2v.safetensors": ("wan", "wan2.1_t2v_1.3B_bf16.safetensors"),
     "tiny_random_wan_2.1_vae.safetensors": ("wan_vae", "wan_2.1_vae.safetensors"),
+    "tiny_random_wan2.2_ti2v_5B.safetensors": ("wan22", "wan2.2_ti2v_5B_fp16.safetensors"),
+    "tiny_random_wan2.2_vae.safetensors": ("wan22_vae", "wan2.2_vae.safetensors"),
 }
 FOLDERS = {"flux": "diffusion_models", "hunyuan_video": "diffusion_models", "wan": "diffusion_models",
-           "flux_vae": "vae", "hunyuan_video_vae": "vae", "wan_vae": "vae", "flux_controlnet": "controlnet"}
+           "wan22": "diffusion_models", "flux_vae": "vae", "hunyuan_video_vae": "vae", "wan_vae": "vae",
+           "wan22_vae": "vae", "flux_controlnet": "controlnet"}
 # Real name -> tiny name, for rewriting a shipped workflow.
 SUBSTITUTES = {real: tiny for tiny, (_, real) in TINY_FILES.items()}
 
@@ -63,13 +67,14 @@ _HUNYUAN_TINY = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in
 _WAN_TINY = dict(image_model="wan2.1", model_type="t2v", dim=256, out_dim=16, num_heads=2, ffn_dim=512,
                  num_layers=2, in_dim=16, patch_size=(1, 2, 2), freq_dim=256, window_size=(-1, -1), qk_norm=True,
                  cross_attn_norm=True, eps=1e-6)
+_WAN22_TINY = dict(_WAN_TINY, in_dim=48, out_dim=48)  # Wan 2.2 5B: 48-channel latents (its own VAE)
 
 
 def _diffusion_model_shapes(kind: str) -> dict:
     import comfy.supported_models
 
     cls, unet_config = {"flux": ("Flux", _FLUX_DETECTED), "hunyuan_video": ("HunyuanVideo", _HUNYUAN_TINY),
-                        "wan": ("WAN21_T2V", _WAN_TINY)}[kind]
+                        "wan": ("WAN21_T2V", _WAN_TINY), "wan22": ("WAN22_T2V", _WAN22_TINY)}[kind]
     model_config = getattr(comfy.supported_models, cls)(dict(unet_config))
     model_config.set_inference_dtype(torch.float32, None)
     with torch.device("meta"):
@@ -93,12 +98,14 @@ def _controlnet_shapes() -> dict:
 def _vae_shapes(kind: str) -> dict:
     from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
 
-    if kind == "wan_vae":  # the config comfy.sd.VAE builds for a Wan 2.1 VAE's keys
+    if kind in ("wan_vae", "wan22_vae"):  # the configs comfy.sd.VAE builds for these keys
         import comfy.ldm.wan.vae
+        import comfy.ldm.wan.vae2_2
 
+        module, dim, z_dim = (comfy.ldm.wan.vae, 96, 16) if kind == "wan_vae" else (comfy.ldm.wan.vae2_2, 160, 48)
         with torch.device("meta"):
-            model = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                                             attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+            model = module.WanVAE(dim=dim, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                  temperal_downsample=[False, True, True], dropout=0.0)
         return {k: v.shape for k, v in model.state_dict().items()}
     # The configs comfy.sd.VAE builds for these key layouts (16 latent channels).
     ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -134,7 +141,7 @@ def random_state_dict(shapes: dict, *, seed: int, dtype=torch.bfloat16) -> dict:
 def shapes_of(kind: str) -> dict:
     if kind == "flux_controlnet":
         return _controlnet_shapes()
-    return _diffusion_model_shapes(kind) if kind in ("flux", "hunyuan_video", "wan") else _vae_shapes(kind)
+    return _diffusion_model_shapes(kind) if kind in ("flux", "hunyuan_video", "wan", "wan22") else _vae_shapes(kind)
 
 
 def default_cache_dir() -> Path:

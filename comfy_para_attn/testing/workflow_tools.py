@@ -149,6 +149,7 @@ def compare_prompts(expected: dict, actual: dict) -> list[str]:
 TINY_SIZES = {
     "EmptySD3LatentImage": {"width": 128, "height": 64},
     "EmptyHunyuanLatentVideo": {"width": 128, "height": 64, "length": 1},
+    "Wan22ImageToVideoLatent": {"width": 128, "height": 64, "length": 1},
     "ParaAttnParallelVAEDecode": {"tile_size": 64, "overlap": 0},
     "VAEDecodeTiled": {"tile_size": 64, "overlap": 0},
 }
