@@ -33,6 +33,8 @@ WIDGETS = {
     "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
     "Wan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
     "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "KSamplerAdvanced": ["add_noise", "noise_seed", None, "steps", "cfg", "sampler_name", "scheduler", "start_at_step",
+                         "end_at_step", "return_with_leftover_noise"],
     "ModelSamplingSD3": ["shift"],
     "BasicGuider": [], "SamplerCustomAdvanced": [], "VAEDecode": [],
     "KSamplerSelect": ["sampler_name"],
@@ -49,7 +51,7 @@ WIDGETS = {
 OUTPUTS = {
     "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPLoader": ["CLIP"], "CLIPTextEncode": ["CONDITIONING"],
     "FluxGuidance": ["CONDITIONING"], "VAELoader": ["VAE"], "EmptySD3LatentImage": ["LATENT"],
-    "EmptyHunyuanLatentVideo": ["LATENT"], "Wan22ImageToVideoLatent": ["LATENT"], "KSampler": ["LATENT"], "ModelSamplingSD3": ["MODEL"],
+    "EmptyHunyuanLatentVideo": ["LATENT"], "Wan22ImageToVideoLatent": ["LATENT"], "KSampler": ["LATENT"], "KSamplerAdvanced": ["LATENT"], "ModelSamplingSD3": ["MODEL"],
     "BasicGuider": ["GUIDER"], "KSamplerSelect": ["SAMPLER"], "BasicScheduler": ["SIGMAS"], "RandomNoise": ["NOISE"],
     "SamplerCustomAdvanced": ["LATENT", "LATENT"], "VAEDecode": ["IMAGE"], "VAEDecodeTiled": ["IMAGE"],
     "SaveImage": [], "SaveAnimatedWEBP": [], "ParaAttnFP8Quantize": ["MODEL"], "ParaAttnCompile": ["MODEL"],
@@ -296,6 +298,76 @@ def wan(multi: bool, release: str = "2.1") -> list:
     return nodes
 
 
+WAN22_EXPERTS_NOTE = """comfy-para-attn on Wan 2.2 14B text-to-video, two experts{multi}
+
+Model files (ComfyUI's Wan 2.2 14B example, fp16 files): diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors
+and wan2.2_t2v_low_noise_14B_fp16.safetensors, vae/wan_2.1_vae.safetensors,
+text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors.
+
+1280x704, 81 frames, 20 steps (the high-noise expert steps 0-10, the low-noise one 10-20), euler,
+cfg 3.5, shift 8 as in ComfyUI's example. Each expert has its own FP8 Quantize, Compile Model and
+First Block Cache: start at residual_diff_threshold 0.08 and compare with 0 (off).
+{multi_note}"""
+WAN22_EXPERTS_MULTI_NOTE = """Context Parallel on each expert: both models stay loaded in the workers (published to
+/dev/shm once each), so every prompt switches experts without moving weights again."""
+
+
+def wan22_experts(multi: bool) -> list:
+    """Wan 2.2 14B: a high-noise and a low-noise expert, each sampling part of one schedule
+    (two KSamplerAdvanced), as in ComfyUI's example."""
+    steps, switch, cfg = 20, 10, 3.5
+    nodes = [
+        node(2, "CLIPLoader", (0, 150), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]),
+        node(3, "CLIPTextEncode", (380, 150), [PROMPT_WAN], [("clip", "CLIP", (2, 0))], "Positive prompt",
+             (400, 160)),
+        node(4, "CLIPTextEncode", (380, 350), [NEGATIVE_WAN], [("clip", "CLIP", (2, 0))], "Negative prompt",
+             (400, 120)),
+        node(5, "VAELoader", (0, 330), ["wan_2.1_vae.safetensors"]),
+        node(6, "EmptyHunyuanLatentVideo", (820, 300), [1280, 704, 81, 1], size=(315, 130)),
+    ]
+    experts = []
+    for row, (expert, first_id) in enumerate((("high", 20), ("low", 40))):
+        y = -600 + row * 250
+        loader, sampling, fp8, compiled, cache, cp = range(first_id, first_id + 6)
+        nodes += [
+            node(loader, "UNETLoader", (0, y), [f"wan2.2_t2v_{expert}_noise_14B_fp16.safetensors", "default"],
+                 title=f"Load {expert}-noise expert"),
+            node(sampling, "ModelSamplingSD3", (380, y), [8.0], [("model", "MODEL", (loader, 0))]),
+            node(fp8, "ParaAttnFP8Quantize", (760, y), dict(granularity="row-wise", mode="dynamic activation + weight"),
+                 [("model", "MODEL", (sampling, 0))]),
+            node(compiled, "ParaAttnCompile", (1120, y), dict(scope="regional", mode="default", dynamic=False,
+                 fullgraph=False), [("model", "MODEL", (fp8, 0))]),
+            node(cache, "ParaAttnFirstBlockCache", (1480, y), dict(residual_diff_threshold=0.08, start_percent=0.0,
+                 end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (compiled, 0))], size=(340, 130)),
+        ]
+        if multi:
+            nodes.append(node(cp, "ParaAttnContextParallel", (1860, y), dict(gpus=0, layout="auto", cfg_parallel=False),
+                              [("model", "MODEL", (cache, 0))], size=(315, 200)))
+        experts.append((cp if multi else cache, 0))
+    conds = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0))]
+    nodes += [
+        node(11, "KSamplerAdvanced", (1250, 100), ["enable", 42, "fixed", steps, cfg, "euler", "simple", 0, switch,
+                                                   "enable"],
+             [("model", "MODEL", experts[0]), *conds, ("latent_image", "LATENT", (6, 0))],
+             title="KSampler (Advanced): high-noise steps", size=(315, 334)),
+        node(31, "KSamplerAdvanced", (1620, 100), ["disable", 42, "fixed", steps, cfg, "euler", "simple", switch, 10000,
+                                                   "disable"],
+             [("model", "MODEL", experts[1]), *conds, ("latent_image", "LATENT", (11, 0))],
+             title="KSampler (Advanced): low-noise steps", size=(315, 334)),
+        node(12, "ParaAttnParallelVAEDecode", (1990, 100),
+             dict(gpus=0 if multi else 1, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
+             [("samples", "LATENT", (31, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)),
+        node(13, "SaveAnimatedWEBP", (2350, 100),
+             ["para_attn_wan2.2_14B" + ("_multi_gpu" if multi else ""), 16.0, False, 80, "default"],
+             [("images", "IMAGE", (12, 0))], size=(400, 440)),
+        node(14, "Note", (0, -960), [WAN22_EXPERTS_NOTE.format(
+            multi=" (multi-GPU)" if multi else " (one GPU)",
+            multi_note=WAN22_EXPERTS_MULTI_NOTE if multi else WAN_SINGLE_NOTE)],
+             title="How to use (comfy-para-attn)", size=(360, 300)),
+    ]
+    return nodes
+
+
 WORKFLOWS = {
     "flux1_dev_single_gpu": flux(False),
     "flux1_dev_multi_gpu": flux(True),
@@ -306,6 +378,8 @@ WORKFLOWS = {
     "wan2.1_t2v_multi_gpu": wan(True),
     "wan2.2_ti2v_5B_single_gpu": wan(False, "2.2"),
     "wan2.2_ti2v_5B_multi_gpu": wan(True, "2.2"),
+    "wan2.2_t2v_14B_single_gpu": wan22_experts(False),
+    "wan2.2_t2v_14B_multi_gpu": wan22_experts(True),
 }
 
 

@@ -39,13 +39,19 @@ EXPECTED = {
     "wan2.2_ti2v_5B_single_gpu": ({"ParaAttnFP8Quantize", "ParaAttnCompile", "ParaAttnFirstBlockCache",
                                    "ParaAttnParallelVAEDecode"}, 0.08),
     "wan2.2_ti2v_5B_multi_gpu": (PACK_NODES, 0.08),
+    "wan2.2_t2v_14B_single_gpu": ({"ParaAttnFP8Quantize", "ParaAttnCompile", "ParaAttnFirstBlockCache",
+                                   "ParaAttnParallelVAEDecode", "KSamplerAdvanced"}, 0.08),
+    "wan2.2_t2v_14B_multi_gpu": (PACK_NODES | {"KSamplerAdvanced"}, 0.08),
 }
 REAL_FILES = {  # as in ComfyUI's own FLUX / HunyuanVideo examples
     "flux": {"flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"},
     "hunyuan_video": {"hunyuan_video_t2v_720p_bf16.safetensors", "hunyuan_video_vae_bf16.safetensors",
                       "clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors"},
     "wan2.1": {"wan2.1_t2v_1.3B_bf16.safetensors", "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
-    "wan2.2": {"wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
+    "wan2.2_ti2v": {"wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors",
+                    "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
+    "wan2.2_t2v": {"wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+                   "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
 }
 
 
@@ -81,8 +87,9 @@ def test_workflow_has_our_nodes_files_and_recommended_settings(name):
     if "multi" not in name:  # one GPU: no workers (Parallel VAE Decode, if there, decodes in-process)
         assert "ParaAttnContextParallel" not in types
         assert all(n["inputs"]["gpus"] == 1 for n in api.values() if n["class_type"] == "ParaAttnParallelVAEDecode")
-    (cache,) = [n for n in api.values() if n["class_type"] == "ParaAttnFirstBlockCache"]
-    assert cache["inputs"]["residual_diff_threshold"] == threshold
+    caches = [n for n in api.values() if n["class_type"] == "ParaAttnFirstBlockCache"]
+    assert len(caches) == (2 if "14B" in name else 1)  # Wan 2.2 14B: one per expert
+    assert all(cache["inputs"]["residual_diff_threshold"] == threshold for cache in caches)
     files = {v for n in api.values() for v in n["inputs"].values() if isinstance(v, str) and v.endswith(".safetensors")}
     controlnet_files = {"flux-canny-controlnet-v3.safetensors"} if "controlnet" in name else set()
     assert files == REAL_FILES[family(name)] | controlnet_files
@@ -128,7 +135,10 @@ def test_checks_catch_broken_workflows(object_info):
 # multi-GPU Wan runs keep FP8 (weight-only on CPU) and skip two CPU compiles, for time.
 CPU_OVERRIDES = {name: {"ParaAttnFP8Quantize": {"mode": "off"}, "ParaAttnCompile": {"scope": "off"}}
                  for name in ("flux1_dev_multi_gpu", "flux1_dev_controlnet_multi_gpu")}
-CPU_OVERRIDES["wan2.1_t2v_multi_gpu"] = CPU_OVERRIDES["wan2.2_ti2v_5B_multi_gpu"] = {"ParaAttnCompile": {"scope": "off"}}
+for _name in ("wan2.1_t2v_multi_gpu", "wan2.2_ti2v_5B_multi_gpu", "wan2.2_t2v_14B_multi_gpu"):
+    CPU_OVERRIDES[_name] = {"ParaAttnCompile": {"scope": "off"}}
+# Wan 2.2 14B's experts split the steps: 8 give each expert the 4 steps the others run.
+TINY_STEPS = {"wan2.2_t2v_14B_single_gpu": 8, "wan2.2_t2v_14B_multi_gpu": 8}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -136,8 +146,8 @@ def test_workflow_runs_headless_on_tiny_models(name, server, object_info):
     from PIL import Image
 
     _ui, api = workflow_tools.load(name)
-    prompt = workflow_tools.tiny_prompt(api, tiny_files.SUBSTITUTES, steps=4, prefix=f"test_{name}",
-                                        overrides=CPU_OVERRIDES.get(name))
+    prompt = workflow_tools.tiny_prompt(api, tiny_files.SUBSTITUTES, steps=TINY_STEPS.get(name, 4),
+                                        prefix=f"test_{name}", overrides=CPU_OVERRIDES.get(name))
     assert workflow_tools.validate_api(prompt, object_info) == []
     log_before = len(server.log_text())
     entry = server.run_prompt(prompt, timeout_s=900)

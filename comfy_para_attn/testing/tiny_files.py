@@ -44,6 +44,9 @@ TINY_FILES = {
     "tiny_random_wan2.1_t2v.safetensors": ("wan", "wan2.1_t2v_1.3B_bf16.safetensors"),
     "tiny_random_wan_2.1_vae.safetensors": ("wan_vae", "wan_2.1_vae.safetensors"),
     "tiny_random_wan2.2_ti2v_5B.safetensors": ("wan22", "wan2.2_ti2v_5B_fp16.safetensors"),
+    # Wan 2.2 14B's two experts have Wan 2.1's architecture (each file its own seed).
+    "tiny_random_wan2.2_t2v_high_noise.safetensors": ("wan", "wan2.2_t2v_high_noise_14B_fp16.safetensors"),
+    "tiny_random_wan2.2_t2v_low_noise.safetensors": ("wan", "wan2.2_t2v_low_noise_14B_fp16.safetensors"),
     "tiny_random_wan2.2_vae.safetensors": ("wan22_vae", "wan2.2_vae.safetensors"),
 }
 FOLDERS = {"flux": "diffusion_models", "hunyuan_video": "diffusion_models", "wan": "diffusion_models",

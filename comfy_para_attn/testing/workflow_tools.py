@@ -175,9 +175,13 @@ def tiny_prompt(prompt: dict, substitutes: dict, *, steps: int = 4, prefix: str 
             out[node_id] = {"class_type": "ParaAttnTestConditioning",
                             "inputs": {"model": [loader, 0], "text": inputs["text"], "tokens": 8},
                             "_meta": {"title": "Test conditioning (replaces CLIPTextEncode)"}}
-        for key in ("steps",):
-            if key in inputs and not isinstance(inputs[key], list):
-                inputs[key] = steps
+        if "steps" in inputs and not isinstance(inputs["steps"], list):
+            # A KSamplerAdvanced's step range keeps its share of the schedule (Wan 2.2's experts
+            # split it); "to the end" (>= the steps) stays.
+            for key in ("start_at_step", "end_at_step"):
+                if isinstance(inputs.get(key), int) and inputs[key] < inputs["steps"]:
+                    inputs[key] = round(inputs[key] * steps / inputs["steps"])
+            inputs["steps"] = steps
         if "filename_prefix" in inputs and prefix:
             inputs["filename_prefix"] = prefix
         inputs.update(TINY_SIZES.get(node["class_type"], {}))
