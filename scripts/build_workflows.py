@@ -199,6 +199,18 @@ def flux(multi: bool, controlnet: bool = False) -> list:
     return nodes
 
 
+def decode_and_save(ids, xs, samples, vae, prefix: str, fps: float, multi: bool) -> list:
+    """Parallel VAE Decode (gpus 1: in-process; 0: all GPUs) of `samples`, then SaveAnimatedWEBP."""
+    (decode, save), (decode_x, save_x) = ids, xs
+    return [
+        node(decode, "ParaAttnParallelVAEDecode", (decode_x, 100),
+             dict(gpus=0 if multi else 1, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
+             [("samples", "LATENT", samples), ("vae", "VAE", vae)], size=(315, 180)),
+        node(save, "SaveAnimatedWEBP", (save_x, 100), [prefix + ("_multi_gpu" if multi else ""), fps, False, 80, "default"],
+             [("images", "IMAGE", (decode, 0))], size=(400, 440)),
+    ]
+
+
 def hunyuan(multi: bool) -> list:
     model_out = (8, 0)
     nodes = [
@@ -229,12 +241,7 @@ def hunyuan(multi: bool) -> list:
               ("sigmas", "SIGMAS", (11, 0)), ("latent_image", "LATENT", (6, 0))], size=(270, 330)),
         # One GPU: the same node with gpus 1 decodes in-process, ComfyUI's tiles and output bit
         # for bit, 1.2-1.5x faster than VAE Decode (Tiled) (the GPU decodes one tile ahead).
-        node(14, "ParaAttnParallelVAEDecode", (1950, 100),
-             dict(gpus=0 if multi else 1, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
-             [("samples", "LATENT", (13, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)),
-        node(15, "SaveAnimatedWEBP", (2300, 100),
-             ["para_attn_hunyuan_video" + ("_multi_gpu" if multi else ""), 24.0, False, 80, "default"],
-             [("images", "IMAGE", (14, 0))], size=(400, 440)),
+        *decode_and_save((14, 15), (1950, 2300), (13, 0), (5, 0), "para_attn_hunyuan_video", 24.0, multi),
         node(17, "Note", (0, -330), [HUNYUAN_NOTE.format(multi=" (multi-GPU)" if multi else " (one GPU)",
                                                          multi_note=HUNYUAN_MULTI_NOTE if multi else HUNYUAN_SINGLE_NOTE)],
              title="How to use (comfy-para-attn)", size=(360, 300)),
@@ -252,6 +259,38 @@ WAN_RELEASES = {
 }
 
 
+def wan_text_nodes() -> list:
+    """UMT5-XXL (CLIPLoader, type wan) and the positive / negative prompts: nodes 2, 3, 4."""
+    return [
+        node(2, "CLIPLoader", (0, 150), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]),
+        node(3, "CLIPTextEncode", (380, 150), [PROMPT_WAN], [("clip", "CLIP", (2, 0))], "Positive prompt",
+             (400, 160)),
+        node(4, "CLIPTextEncode", (380, 350), [NEGATIVE_WAN], [("clip", "CLIP", (2, 0))], "Negative prompt",
+             (400, 120)),
+    ]
+
+
+def wan_model_chain(ids, unet: str, loader_pos, y: int, multi: bool, title=None) -> tuple[list, tuple]:
+    """UNETLoader -> ModelSamplingSD3 (shift 8) -> FP8 Quantize -> Compile Model -> First Block
+    Cache (-> Context Parallel on several GPUs) in a row at height `y`; (nodes, model output)."""
+    loader, sampling, fp8, compiled, cache, cp = ids
+    nodes = [
+        node(loader, "UNETLoader", loader_pos, [unet, "default"], title=title),
+        node(sampling, "ModelSamplingSD3", (380, y), [8.0], [("model", "MODEL", (loader, 0))]),
+        node(fp8, "ParaAttnFP8Quantize", (760, y), dict(granularity="row-wise", mode="dynamic activation + weight"),
+             [("model", "MODEL", (sampling, 0))]),
+        node(compiled, "ParaAttnCompile", (1120, y), dict(scope="regional", mode="default", dynamic=False,
+             fullgraph=False), [("model", "MODEL", (fp8, 0))]),
+        node(cache, "ParaAttnFirstBlockCache", (1480, y), dict(residual_diff_threshold=0.08, start_percent=0.0,
+             end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (compiled, 0))], size=(340, 130)),
+    ]
+    if not multi:
+        return nodes, (cache, 0)
+    nodes.append(node(cp, "ParaAttnContextParallel", (1860, y), dict(gpus=0, layout="auto", cfg_parallel=False),
+                      [("model", "MODEL", (cache, 0))], size=(315, 200)))
+    return nodes, (cp, 0)
+
+
 def wan(multi: bool, release: str = "2.1") -> list:
     title, unet, unet_remark, vae, latent_node, (width, height), length, steps, cfg, fps = WAN_RELEASES[release]
     note = WAN_NOTE.format(title=title, unet=unet, unet_remark=unet_remark, vae=vae, width=width, height=height,
@@ -260,38 +299,14 @@ def wan(multi: bool, release: str = "2.1") -> list:
     latent = (node(6, latent_node, (820, 300), [width, height, length, 1], [("vae", "VAE", (5, 0))], size=(315, 150))
               if latent_node == "Wan22ImageToVideoLatent" else
               node(6, latent_node, (820, 300), [width, height, length, 1], size=(315, 130)))
-    model_out = (10, 0)
-    nodes = [
-        node(1, "UNETLoader", (0, 0), [unet, "default"]),
-        node(2, "CLIPLoader", (0, 150), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]),
-        node(3, "CLIPTextEncode", (380, 150), [PROMPT_WAN], [("clip", "CLIP", (2, 0))], "Positive prompt",
-             (400, 160)),
-        node(4, "CLIPTextEncode", (380, 350), [NEGATIVE_WAN], [("clip", "CLIP", (2, 0))], "Negative prompt",
-             (400, 120)),
-        node(5, "VAELoader", (0, 330), [vae]),
-        latent,
-        node(7, "ModelSamplingSD3", (380, -250), [8.0], [("model", "MODEL", (1, 0))]),
-        node(8, "ParaAttnFP8Quantize", (760, -250), dict(granularity="row-wise", mode="dynamic activation + weight"),
-             [("model", "MODEL", (7, 0))]),
-        node(9, "ParaAttnCompile", (1120, -250), dict(scope="regional", mode="default", dynamic=False, fullgraph=False),
-             [("model", "MODEL", (8, 0))]),
-        node(10, "ParaAttnFirstBlockCache", (1480, -250), dict(residual_diff_threshold=0.08, start_percent=0.0,
-             end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (9, 0))], size=(340, 130)),
-    ]
-    if multi:
-        nodes.append(node(15, "ParaAttnContextParallel", (1860, -250), dict(gpus=0, layout="auto", cfg_parallel=False),
-                          [("model", "MODEL", (10, 0))], size=(315, 200)))
-        model_out = (15, 0)
+    chain, model_out = wan_model_chain((1, 7, 8, 9, 10, 15), unet, (0, 0), -250, multi)
+    loader, *rest = chain  # the loader stays the workflow's first node
+    nodes = [loader, *wan_text_nodes(), node(5, "VAELoader", (0, 330), [vae]), latent, *rest]
     nodes += [
         node(11, "KSampler", (1250, 100), [42, "fixed", steps, cfg, "uni_pc", "simple", 1.0],
              [("model", "MODEL", model_out), ("positive", "CONDITIONING", (3, 0)),
               ("negative", "CONDITIONING", (4, 0)), ("latent_image", "LATENT", (6, 0))], size=(315, 262)),
-        node(12, "ParaAttnParallelVAEDecode", (1620, 100),
-             dict(gpus=0 if multi else 1, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
-             [("samples", "LATENT", (11, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)),
-        node(13, "SaveAnimatedWEBP", (1980, 100),
-             [f"para_attn_wan{release}" + ("_multi_gpu" if multi else ""), fps, False, 80, "default"],
-             [("images", "IMAGE", (12, 0))], size=(400, 440)),
+        *decode_and_save((12, 13), (1620, 1980), (11, 0), (5, 0), f"para_attn_wan{release}", fps, multi),
         node(14, "Note", (0, -330), [note.format(multi_note=WAN_MULTI_NOTE if multi else WAN_SINGLE_NOTE)],
              title="How to use (comfy-para-attn)", size=(360, 300)),
     ]
@@ -316,34 +331,16 @@ def wan22_experts(multi: bool) -> list:
     """Wan 2.2 14B: a high-noise and a low-noise expert, each sampling part of one schedule
     (two KSamplerAdvanced), as in ComfyUI's example."""
     steps, switch, cfg = 20, 10, 3.5
-    nodes = [
-        node(2, "CLIPLoader", (0, 150), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]),
-        node(3, "CLIPTextEncode", (380, 150), [PROMPT_WAN], [("clip", "CLIP", (2, 0))], "Positive prompt",
-             (400, 160)),
-        node(4, "CLIPTextEncode", (380, 350), [NEGATIVE_WAN], [("clip", "CLIP", (2, 0))], "Negative prompt",
-             (400, 120)),
-        node(5, "VAELoader", (0, 330), ["wan_2.1_vae.safetensors"]),
-        node(6, "EmptyHunyuanLatentVideo", (820, 300), [1280, 704, 81, 1], size=(315, 130)),
-    ]
+    nodes = [*wan_text_nodes(), node(5, "VAELoader", (0, 330), ["wan_2.1_vae.safetensors"]),
+             node(6, "EmptyHunyuanLatentVideo", (820, 300), [1280, 704, 81, 1], size=(315, 130))]
     experts = []
     for row, (expert, first_id) in enumerate((("high", 20), ("low", 40))):
         y = -600 + row * 250
-        loader, sampling, fp8, compiled, cache, cp = range(first_id, first_id + 6)
-        nodes += [
-            node(loader, "UNETLoader", (0, y), [f"wan2.2_t2v_{expert}_noise_14B_fp16.safetensors", "default"],
-                 title=f"Load {expert}-noise expert"),
-            node(sampling, "ModelSamplingSD3", (380, y), [8.0], [("model", "MODEL", (loader, 0))]),
-            node(fp8, "ParaAttnFP8Quantize", (760, y), dict(granularity="row-wise", mode="dynamic activation + weight"),
-                 [("model", "MODEL", (sampling, 0))]),
-            node(compiled, "ParaAttnCompile", (1120, y), dict(scope="regional", mode="default", dynamic=False,
-                 fullgraph=False), [("model", "MODEL", (fp8, 0))]),
-            node(cache, "ParaAttnFirstBlockCache", (1480, y), dict(residual_diff_threshold=0.08, start_percent=0.0,
-                 end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (compiled, 0))], size=(340, 130)),
-        ]
-        if multi:
-            nodes.append(node(cp, "ParaAttnContextParallel", (1860, y), dict(gpus=0, layout="auto", cfg_parallel=False),
-                              [("model", "MODEL", (cache, 0))], size=(315, 200)))
-        experts.append((cp if multi else cache, 0))
+        chain, model_out = wan_model_chain(range(first_id, first_id + 6),
+                                           f"wan2.2_t2v_{expert}_noise_14B_fp16.safetensors", (0, y), y, multi,
+                                           title=f"Load {expert}-noise expert")
+        nodes += chain
+        experts.append(model_out)
     conds = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0))]
     nodes += [
         node(11, "KSamplerAdvanced", (1250, 100), ["enable", 42, "fixed", steps, cfg, "euler", "simple", 0, switch,
@@ -354,12 +351,7 @@ def wan22_experts(multi: bool) -> list:
                                                    "disable"],
              [("model", "MODEL", experts[1]), *conds, ("latent_image", "LATENT", (11, 0))],
              title="KSampler (Advanced): low-noise steps", size=(315, 334)),
-        node(12, "ParaAttnParallelVAEDecode", (1990, 100),
-             dict(gpus=0 if multi else 1, tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
-             [("samples", "LATENT", (31, 0)), ("vae", "VAE", (5, 0))], size=(315, 180)),
-        node(13, "SaveAnimatedWEBP", (2350, 100),
-             ["para_attn_wan2.2_14B" + ("_multi_gpu" if multi else ""), 16.0, False, 80, "default"],
-             [("images", "IMAGE", (12, 0))], size=(400, 440)),
+        *decode_and_save((12, 13), (1990, 2350), (31, 0), (5, 0), "para_attn_wan2.2_14B", 16.0, multi),
         node(14, "Note", (0, -960), [WAN22_EXPERTS_NOTE.format(
             multi=" (multi-GPU)" if multi else " (one GPU)",
             multi_note=WAN22_EXPERTS_MULTI_NOTE if multi else WAN_SINGLE_NOTE)],
