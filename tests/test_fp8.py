@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_para_attn.quant import (DEFAULT_EXCLUDE, FP8Settings, is_excluded, parse_patterns, plan_for,
-                                   quantizable_linears)
+                                   quantizable_linears, stored_fp8_scale)
 
 
 class ToyDiT(torch.nn.Module):
@@ -40,8 +40,13 @@ def test_layer_selection():
     assert names == ["blocks.0.qkv", "blocks.1.qkv"]  # embedder, modulation, final excluded; 20 % 16 != 0
     assert len(quantizable_linears(toy, ())) == 1 + 2 * 2 + 1
     assert [n for n, _ in quantizable_linears(toy, ("blocks.0*",) + FP8Settings().patterns)] == ["blocks.1.qkv"]
-    toy.blocks[1].qkv.to(torch.float8_e4m3fn)
-    assert [n for n, _ in quantizable_linears(toy, FP8Settings().patterns)] == ["blocks.0.qkv"]  # fp8 already
+    toy.blocks[1].qkv.to(torch.float8_e5m2)
+    assert [n for n, _ in quantizable_linears(toy, FP8Settings().patterns)] == ["blocks.0.qkv"]  # e5m2: no
+    toy.blocks[1].qkv.to(torch.float8_e4m3fn)  # what fp8 checkpoints store: taken as it is
+    assert [n for n, _ in quantizable_linears(toy, FP8Settings().patterns)] == ["blocks.0.qkv", "blocks.1.qkv"]
+    assert stored_fp8_scale(toy.blocks[1].qkv).item() == 1.0 and stored_fp8_scale(toy.blocks[0].qkv) is None
+    toy.blocks[1].qkv.scale_weight = torch.nn.Parameter(torch.tensor(0.25), requires_grad=False)
+    assert stored_fp8_scale(toy.blocks[1].qkv).item() == 0.25
 
 
 def test_cpu_plan_falls_back_to_weight_only():
@@ -66,3 +71,32 @@ def test_torchao_weight_only_on_cpu(granularity):
     out = layer(x)
     rel = (out - reference).float().abs().mean() / reference.float().abs().mean()
     assert 0 < rel < 0.08, rel  # e4m3 rounding of the weights only
+
+
+@pytest.mark.parametrize("granularity", ["row-wise", "tensor-wise"])
+def test_stored_fp8_weights_are_quantized_without_a_second_rounding(granularity):
+    """A layer stored as fp8 x scale (fp8 checkpoints): the quantized weight holds the very
+    fp8 bytes and the scale in every row, so it computes with the stored weight (fp32 sums
+    apart), where quantizing the dequantized weight again rounds a second time."""
+    pytest.importorskip("torchao", reason="torchao is a runtime dependency (pyproject); not installed here")
+    from comfy_para_attn.quant import quantize_linear, quantize_stored_fp8
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64) * torch.rand(32, 1) * 3  # rows of different magnitude
+    scale = weight.abs().amax() / 400  # not torchao's amax / 448: a requantization rounds again
+    stored = (weight / scale).to(torch.float8_e4m3fn)
+    x = torch.randn(5, 64)
+    reference = x @ (stored.float() * scale).t()
+    config = plan_for(FP8Settings(granularity=granularity), "cpu", torch.float32).torchao_config()
+    layer = torch.nn.Linear(64, 32, bias=False)
+    layer.weight = torch.nn.Parameter(stored, requires_grad=False)
+    layer.scale_weight = torch.nn.Parameter(scale, requires_grad=False)
+    assert quantize_stored_fp8(layer, config, torch.float32)
+    assert torch.equal(layer.weight.qdata.view(torch.uint8), stored.view(torch.uint8))
+    assert torch.all(layer.weight.scale == scale)
+    out = layer(x)
+    assert torch.isfinite(out).all() and (out - reference).abs().max() < 1e-5 * reference.abs().max()
+    requantized = torch.nn.Linear(64, 32, bias=False)  # the dequantized weight through torchao again
+    requantized.weight = torch.nn.Parameter(stored.float() * scale, requires_grad=False)
+    quantize_linear(requantized, config)
+    assert (requantized(x) - reference).abs().max() > 1e-3 * reference.abs().max()

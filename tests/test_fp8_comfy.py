@@ -244,3 +244,65 @@ def test_in_place_restore_and_hooked_layers_keep_their_weights_right(cm, fp8, fl
     assert names[0] == MODULATION - {"double_blocks.0.img_mod.lin"}
     assert "because hooks (hook LoRAs) patch them" in caplog.text
     _run(cm, flux)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(cm):
+    """A tiny Wan 2.1 as ComfyUI loads fp8 checkpoints: an fp8_scaled file (its scaled fp8
+    layers) and the bf16 file with weight_dtype fp8_e4m3fn (manual cast, no scale)."""
+    import comfy.sd
+
+    from comfy_para_attn.testing import tiny_files
+    from comfy_para_attn.testing.fp8_checks import fp8_checkpoint_state_dict
+
+    state = tiny_files.random_state_dict(tiny_files.shapes_of("wan"), seed=0)
+    return {"fp8_scaled": comfy.sd.load_diffusion_model_state_dict(fp8_checkpoint_state_dict(state)),
+            "fp8_e4m3fn": comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float8_e4m3fn})}
+
+
+@pytest.mark.parametrize("kind", ["fp8_scaled", "fp8_e4m3fn"])
+def test_fp8_checkpoints_keep_their_stored_weights(cm, fp8, fp8_checkpoints, kind, caplog):
+    """ComfyUI casts an fp8 checkpoint's weights at every call. FP8 Quantize takes the stored
+    fp8 values and scale as the quantized weight as they are (no second rounding), so the CPU's
+    weight-only fp8 computes with ComfyUI's very weights: outputs equal within float sums
+    (1e-5; a second rounding gives ~1e-2), LoRA included. A partial unload and the plain model
+    get the fp8 weights, fp8 biases and per-call casting back."""
+    from comfy_para_attn.testing.fp8_checks import kept_stored_fp8, stored_fp8_layers
+
+    model = fp8_checkpoints[kind]
+    layers = stored_fp8_layers(model)
+    blocks = sorted(n for n in layers if n.startswith("blocks."))  # the embedders and head are excluded
+    assert len(layers) == 26 and len(blocks) == 20  # 2 x (self and cross attention q, k, v, o + MLP 2)
+    before = {n: (m.weight.view(torch.uint8).clone(), m.bias.dtype) for n, m in layers.items()}
+    positive = cm.conditioning(model, seed=1)
+
+    def run(patcher):
+        with torch.inference_mode():  # as ComfyUI samples (its LoRA rounding into fp8 needs it)
+            out = cm.sample(patcher, positive, [], torch.zeros(cm.latent_shape("wan")), steps=STEPS, cfg=1.0)
+        assert torch.isfinite(out).all()
+        return out
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    kept = []
+    quantized = fp8.apply_fp8(model, FP8Settings())
+    quantized.add_callback(_on_load(), lambda p, *a: kept.append(kept_stored_fp8(p, blocks)))
+    fp8._said_once.clear()
+    with caplog.at_level(logging.INFO):
+        plain, ours = run(model), run(quantized)
+    assert kept == [20] and "20 of them keep their stored fp8 weights and scales" in caplog.text
+    assert rel(ours, plain) < 1e-5
+    twin = quantized.clone()  # same weights: ComfyUI swaps the object patches, keeps the weights
+    assert torch.equal(run(twin), ours) and kept == [20]
+    quantized.partially_unload(quantized.offload_device, 1e30)  # the stored weights come back
+    assert all(m.weight.dtype == torch.float8_e4m3fn and m.comfy_cast_weights for m in layers.values())
+    assert torch.equal(run(quantized), ours) and kept == [20, 20]
+    assert torch.equal(run(model), plain)
+    assert all(torch.equal(m.weight.view(torch.uint8), before[n][0]) and m.bias.dtype == before[n][1]
+               and m.comfy_cast_weights for n, m in layers.items())
+
+    lora = cm.apply_lora(model, cm.random_lora(model, max_layers=40))  # ComfyUI rounds it into fp8
+    plain_lora, ours_lora = run(lora), run(fp8.apply_fp8(lora, FP8Settings()))
+    assert rel(plain_lora, plain) > 0.05 and rel(ours_lora, plain_lora) < 1e-5
+    run(model)

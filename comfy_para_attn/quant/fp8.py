@@ -105,12 +105,27 @@ def quantizable_linears(root: torch.nn.Module, patterns: Iterable[str]) -> list[
         if not isinstance(module, torch.nn.Linear) or is_excluded(name, patterns):
             continue
         w = module.weight
-        if w is None or w.ndim != 2 or not w.dtype.is_floating_point or w.element_size() < 2:
-            continue  # already fp8 (ComfyUI's fp8 weight dtypes) or not a plain matrix
+        if w is None or w.ndim != 2 or not w.dtype.is_floating_point:
+            continue  # not a plain matrix
+        if w.element_size() < 2 and stored_fp8_scale(module) is None:
+            continue  # fp8 that is not e4m3fn with one scale (e5m2 weights), or quantized by torchao already
         if w.shape[0] % _FP8_MM_MULTIPLE or w.shape[1] % _FP8_MM_MULTIPLE:
             continue
         out.append((name, module))
     return out
+
+
+def stored_fp8_scale(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """The scale of a linear layer whose weight is stored in fp8 e4m3fn, as ComfyUI loads fp8
+    checkpoints: the value is `weight * scale_weight` (fp8_scaled files: a 0-d fp32 parameter)
+    or the weight itself (fp8 weight dtypes: scale 1). None for any other layer."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn:
+        return None
+    scale = getattr(module, "scale_weight", None)
+    if scale is None:
+        return torch.ones((), dtype=torch.float32, device=weight.device)
+    return scale.detach().reshape(()) if isinstance(scale, torch.Tensor) and scale.numel() == 1 else None
 
 
 def supports_dynamic_fp8(device: torch.device) -> bool:
@@ -188,3 +203,23 @@ def quantize_linear(module: torch.nn.Linear, config) -> None:
     """Replace `module.weight` in place by torchao's fp8 tensor for `config`."""
     q, _ = _torchao()
     q.quantize_(module, config, filter_fn=lambda m, fqn: m is module)
+
+
+def quantize_stored_fp8(module: torch.nn.Linear, config, compute_dtype: torch.dtype) -> bool:
+    """`quantize_linear` for a layer whose weight is stored in fp8 (`stored_fp8_scale`),
+    without rounding it a second time: torchao quantizes the dequantized weight, then its fp8
+    values and scales are replaced by the stored ones (the same numbers: fp8 x scale, one
+    scale for every row). False when torchao's tensor has another layout: its own rounding of
+    the dequantized weight then stays."""
+    stored = module.weight.detach()
+    scale = stored_fp8_scale(module).to(device=stored.device, dtype=torch.float32)
+    module.weight = torch.nn.Parameter((stored.float() * scale).to(compute_dtype), requires_grad=False)
+    quantize_linear(module, config)
+    qdata, row_scales = getattr(module.weight, "qdata", None), getattr(module.weight, "scale", None)
+    if not (isinstance(qdata, torch.Tensor) and qdata.dtype == stored.dtype and qdata.shape == stored.shape
+            and isinstance(row_scales, torch.Tensor) and row_scales.dtype == torch.float32
+            and row_scales.numel() in (1, stored.shape[0])):
+        return False
+    qdata.copy_(stored)
+    row_scales.copy_(scale.expand_as(row_scales))
+    return True

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fp8_rowwise import gelu_tail_rowwise_fp8, quantizes_here
+from .stored_fp8 import linear_forward
 
 # The single-stream block forward whose `mlp_act` output goes only into `linear2`'s input tail
 # (ComfyUI's FLUX / HunyuanVideo SingleStreamBlock); any other forward is left alone.
@@ -144,6 +145,13 @@ class GeluMovedOn(torch.nn.Identity):
     """Stands where a tanh GELU was: the next linear layer applies it (see `GeluThenLinear`)."""
 
 
+# cuBLASLt has no row-wise scaled fp8 GEMM with a bias for a small output over long rows (H100,
+# torch 2.11 + CUDA 13: K >= 6144 and M x N up to ~100k values fail with
+# CUBLAS_STATUS_NOT_SUPPORTED, e.g. a short prompt's text tokens through an MLP output layer):
+# outputs under this many values get their bias added after the GEMM.
+SMALL_OUTPUT = 1 << 18
+
+
 class GeluThenLinear:
     """Mixed into a linear layer's class (`fused_class`): GELU on the input's tail (columns
     >= the class's `_para_attn_gelu_from`), then the layer. A class, not a per-layer callable:
@@ -158,13 +166,17 @@ class GeluThenLinear:
         if x.dtype == torch.bfloat16 and quantizes_here(x) and rowwise_dynamic_fp8(weight):
             rows = x.reshape(-1, x.shape[-1])
             q, scale = gelu_tail_rowwise_fp8(rows, start)
-            out = torch._scaled_mm(q, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(), bias=self.bias,
-                                   out_dtype=x.dtype, use_fast_accum=weight.mm_config.use_fast_accum)
+            bias_after = self.bias is not None and rows.shape[0] * weight.shape[0] < SMALL_OUTPUT
+            out = torch._scaled_mm(q, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(),
+                                   bias=None if bias_after else self.bias, out_dtype=x.dtype,
+                                   use_fast_accum=weight.mm_config.use_fast_accum)
+            if bias_after:
+                out = out + self.bias
             return out.reshape(*x.shape[:-1], out.shape[-1])
         if start >= x.shape[-1]:  # a norm-fed site: no GELU
-            return self._para_attn_base.forward(self, x)
+            return linear_forward(self, x)
         tail = F.gelu(x[..., start:], approximate="tanh")
-        return self._para_attn_base.forward(self, torch.cat((x[..., :start], tail), dim=-1) if start else tail)
+        return linear_forward(self, torch.cat((x[..., :start], tail), dim=-1) if start else tail)
 
 
 _fused_classes: dict = {}

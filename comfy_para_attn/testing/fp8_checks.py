@@ -190,3 +190,115 @@ def folds_against_eager_on_cuda(rank, world_size, comfy_path):
         graph_folds.FOLDS.clear()
         graph_folds.FOLDS.update(every_fold)
     return results
+
+
+def fp8_checkpoint_state_dict(state: dict, comfy_fp8_matmuls: bool = True) -> dict:
+    """`state` as an fp8_scaled checkpoint stores it: every 2-D (linear) weight in fp8 e4m3fn
+    with its own `scale_weight` (amax / 448, fp32; ComfyUI makes every linear layer of such a
+    model fp8), a `scaled_fp8` marker; the rest as it is. The marker's size tells ComfyUI
+    whether it may run its own fp8 matmuls on a GPU that has them (empty: yes; 2 values: no,
+    it computes with the dequantized weights)."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.float().abs().amax() / 448.0
+            out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            out[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            out[key] = value
+    out["scaled_fp8"] = torch.empty(0 if comfy_fp8_matmuls else 2, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def dequantized_state_dict(checkpoint: dict) -> dict:
+    """The fp32 weights an fp8_scaled checkpoint stands for (fp8 x scale, exactly)."""
+    out = {}
+    for key, value in checkpoint.items():
+        if key.endswith(".scale_weight") or key == "scaled_fp8":
+            continue
+        scale = checkpoint.get(key.removesuffix("weight") + "scale_weight") if key.endswith(".weight") else None
+        out[key] = value.float() * scale if scale is not None else value.float()
+    return out
+
+
+def stored_fp8_layers(patcher) -> dict:
+    """{name: layer} of the diffusion model's linear layers whose weight is stored in fp8."""
+    return {n: m for n, m in patcher.model.diffusion_model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float8_e4m3fn}
+
+
+def kept_stored_fp8(patcher, names) -> int:
+    """How many of the layers `names` hold a quantized weight whose fp8 values are the bytes
+    of the stored weight ComfyUI backed up and whose scales all equal its scale_weight (or 1)."""
+    from comfy_para_attn.quant import is_quantized
+
+    kept = 0
+    for name in names:
+        layer = patcher.model.diffusion_model.get_submodule(name)
+        stored = patcher.backup[f"diffusion_model.{name}.weight"].weight
+        scale = getattr(layer, "scale_weight", None)
+        scale = torch.ones(()) if scale is None else scale.detach().float().cpu()
+        weight = layer.weight
+        kept += bool(is_quantized(weight) and torch.equal(weight.qdata.cpu().view(torch.uint8), stored.cpu().view(torch.uint8))
+                     and torch.equal(weight.scale.cpu(), scale.expand_as(weight.scale.cpu())))
+    return kept
+
+
+def stored_fp8_on_cuda(rank, world_size, comfy_path):
+    """{family: results}: tiny Wan 2.1 (ComfyUI computes it in fp16: tensor-wise fp8) and FLUX
+    (bf16: row-wise, fused GELUs) loaded from fp8_scaled state dicts on CUDA, each sampled by
+    ComfyUI as it is (the marker keeps ComfyUI's own fp8 matmuls off: it computes with the
+    dequantized weights), with FP8 Quantize (fp8 tensor-core matmuls) and with FP8 Quantize +
+    Compile Model; the reference is the fp32 model of the dequantized weights."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=False)
+    import comfy.model_management
+    import comfy.patcher_extension
+    import comfy.sd
+
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+    from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+    from comfy_para_attn.compile import CompileSettings
+    from comfy_para_attn.quant import FP8Settings, quantizable_linears
+    from comfy_para_attn.testing import comfy_models as cm, tiny_files
+
+    results = {}
+    for family in ("wan", "flux"):
+        checkpoint = fp8_checkpoint_state_dict(tiny_files.random_state_dict(tiny_files.shapes_of(family), seed=0),
+                                               comfy_fp8_matmuls=False)
+        model = comfy.sd.load_diffusion_model_state_dict(dict(checkpoint))
+        reference = comfy.sd.load_diffusion_model_state_dict(dequantized_state_dict(checkpoint),
+                                                             model_options={"dtype": torch.float32})
+        stored = len(stored_fp8_layers(model))
+        names = sorted(set(stored_fp8_layers(model)) & {n for n, _ in quantizable_linears(
+            model.model.diffusion_model, FP8Settings().patterns)})
+        positive = cm.conditioning(model, seed=1)
+        latent = torch.randn(cm.latent_shape(family), generator=torch.Generator().manual_seed(2))
+        seen = {}
+
+        def run(patcher):
+            with torch.inference_mode():
+                return cm.sample(patcher, positive, [], latent, steps=3, cfg=1.0, seed=0, denoise=0.7).float()
+
+        quantized = apply_fp8(model, FP8Settings())
+        quantized.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD,
+                               lambda p, *a: seen.setdefault("kept", kept_stored_fp8(p, names)))
+        outputs = {"reference": run(reference), "comfy": run(model),
+                   "comfy compiled": run(apply_compile(model, CompileSettings())), "ours": run(quantized),
+                   "ours compiled": run(apply_compile(quantized, CompileSettings()))}
+        outputs["comfy again"] = run(model)
+        layers = stored_fp8_layers(model)
+        restored = len(layers) == stored and all(m.comfy_cast_weights for m in layers.values())
+        comfy.model_management.unload_all_models()
+        ref = outputs["reference"]
+        results[family] = {
+            "compute_dtype": str(model.model.manual_cast_dtype or model.model.get_dtype()),
+            "layers": len(names), "kept": seen.get("kept"), "restored": restored,
+            "finite": all(bool(torch.isfinite(o).all()) for o in outputs.values()),
+            "comfy_repeats": bool(torch.equal(outputs["comfy"], outputs["comfy again"])),
+            "rel": {k: float((o - ref).norm() / ref.norm()) for k, o in outputs.items() if k != "reference"},
+            "rel_to_comfy": {k: float((outputs[k] - outputs["comfy"]).norm() / outputs["comfy"].norm())
+                             for k in ("comfy compiled", "ours", "ours compiled")},
+            "compiled_vs_eager": float((outputs["ours compiled"] - outputs["ours"]).norm() / outputs["ours"].norm())}
+    return results

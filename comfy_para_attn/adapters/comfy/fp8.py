@@ -16,8 +16,12 @@ int8 weights the same way (`quant.modulation`: a class object patch, the convers
 ON_LOAD, the original in `backup`).
 
 Settings live in `transformer_options["para_attn"]["fp8"]` (a picklable `FP8Settings`); the
-callback reads them at load time. Layers ComfyUI casts per call (lowvram, fp8 weight dtypes)
-are left alone. Pool workers load plain weights and re-apply this from the settings; the
+callback reads them at load time. Layers ComfyUI casts per call because it streams them
+(lowvram) or computes in another dtype than it stores them in are left alone, except fp8
+e4m3fn weights (fp8 checkpoints, fp8 weight dtypes): their stored fp8 values and scale become
+the quantized weight as they are, their bias goes to the compute dtype (both undone from
+`backup`), and a class object patch (`quant.stored_fp8`) runs the quantized weight where the
+layer's own forward would cast it. Pool workers load plain weights and re-apply this from the settings; the
 controller's shared-memory copy comes from `backup`, so quantized tensors never cross.
 """
 from __future__ import annotations
@@ -32,8 +36,8 @@ import weakref
 import torch
 
 from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, plan_for, quantizable_linears,
-                      quantize_linear, torchao_config)
-from ...quant import gelu_fusion, modulation
+                      quantize_linear, quantize_stored_fp8, stored_fp8_scale, torchao_config)
+from ...quant import gelu_fusion, modulation, stored_fp8
 from .device_conds import keep_conds_on_device
 
 FEATURE = "fp8"
@@ -55,10 +59,23 @@ def _settings_of(model_patcher):
     return model_patcher.model_options.get("transformer_options", {}).get("para_attn", {}).get(FEATURE)
 
 
+def _streamed(module) -> bool:
+    """ComfyUI streams this layer's weight to the GPU at every call (lowvram, partial load)."""
+    return bool(getattr(module, "weight_function", None) or getattr(module, "bias_function", None)
+                or hasattr(module, "prev_comfy_cast_weights"))
+
+
 def _cast_per_call(module) -> bool:
-    """ComfyUI casts this layer's weight at every call (lowvram, manual-cast or fp8 ops)."""
-    return bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
-                or getattr(module, "bias_function", None))
+    """ComfyUI casts this layer's weight at every call and FP8 Quantize leaves it alone: a
+    streamed layer, or one stored in another dtype than it computes in that is not fp8."""
+    return _streamed(module) or (bool(getattr(module, "comfy_cast_weights", False))
+                                 and stored_fp8_scale(module) is None)
+
+
+def _compute_dtype(model_patcher) -> torch.dtype:
+    """The dtype the diffusion model computes in (fp8 weights are cast to it)."""
+    model = model_patcher.model
+    return getattr(model, "manual_cast_dtype", None) or model.get_dtype()
 
 
 # BaseModel -> {weight key: the host tensor that weight was loaded from}. The bf16 original of
@@ -90,7 +107,7 @@ def hold_host_originals(model_patcher, settings: FP8Settings) -> int:
     held = {}
     for name, module in quantizable_linears(dm, settings.patterns) + _int8_layers(dm, settings):
         weight = module.weight
-        if weight.device == offload and not is_quantized(weight) and weight.dtype != torch.int8:
+        if weight.device == offload and weight.dtype != torch.int8 and not is_quantized(weight):
             held[f"diffusion_model.{name}.weight"] = weight.detach()  # survives the module's move
     if held:
         _host_originals[base] = held
@@ -102,9 +119,14 @@ def _original_of(model_patcher, key: str, weight: torch.Tensor) -> torch.Tensor:
     (same shape, dtype and first row), else a copy of `weight` on the offload device."""
     original = _host_originals.get(model_patcher.model, {}).get(key)
     if (original is not None and original.shape == weight.shape and original.dtype == weight.dtype
-            and torch.equal(weight[:1].to(original.device), original[:1])):
+            and torch.equal(_bits(weight[:1].to(original.device)), _bits(original[:1]))):
         return original
     return weight.to(device=model_patcher.offload_device)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (torch.equal has no fp8 kernel on the CPU)."""
+    return tensor.contiguous().view(torch.uint8) if tensor.element_size() == 1 else tensor
 
 
 def _back_up(model_patcher, key: str, weight: torch.Tensor) -> None:
@@ -165,17 +187,23 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
 
     with torch.no_grad():
         for name, module in quantizable_linears(dm, settings.patterns):
+            from_fp8 = stored_fp8_scale(module) is not None
             if not convertible(name, module, is_quantized(module.weight)):
                 continue
             weight = module.weight
-            where = (weight.device, weight.dtype)
+            dtype = _compute_dtype(model_patcher) if from_fp8 else weight.dtype
+            where = (weight.device, dtype)
             if where not in configs:
-                plan = plan_for(settings, weight.device, weight.dtype)
+                plan = plan_for(settings, weight.device, dtype)
                 if plan.note:
                     _log_once(plan.note)
                 configs[where] = (plan, plan.torchao_config())
             plan, config = configs[where]
-            freed += replace(name, module, lambda m: quantize_linear(m, config))
+            if from_fp8:
+                freed += replace(name, module, lambda m: _quantize_stored_fp8(model_patcher, name, m, config, dtype))
+                counts["stored fp8"] += 1
+            else:
+                freed += replace(name, module, lambda m: quantize_linear(m, config))
             counts[plan.mode] += 1
         int8_layers = _int8_layers(dm, settings)
         if settings.int8_modulation and not int8_layers:
@@ -197,10 +225,24 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
     return dict(counts)
 
 
+def _quantize_stored_fp8(model_patcher, name: str, module, config, compute_dtype: torch.dtype) -> None:
+    """Quantize a layer whose weight is stored in fp8 (`quant.quantize_stored_fp8`); its bias
+    goes to the compute dtype (ComfyUI cast it per call; the original goes to `backup`). Its
+    class (`_cast_layer_classes`) then runs the quantized weight."""
+    if module.bias is not None and module.bias.dtype != compute_dtype:
+        _back_up(model_patcher, f"diffusion_model.{name}.bias", module.bias)
+        module.bias = torch.nn.Parameter(module.bias.to(compute_dtype), requires_grad=False)
+    if not quantize_stored_fp8(module, config, compute_dtype):
+        _log_once("this torchao keeps fp8 weights in a layout FP8 Quantize does not know: the fp8 checkpoint's "
+                  "weights were rounded to fp8 a second time")
+
+
 def _log_counts(counts, configs, seconds: float) -> None:
     done = [f"{counts[mode]} {mode} linear layers to fp8" for mode in ("dynamic", "weight-only") if counts[mode]]
     if done and configs:
         done[-1] += f" ({', '.join(sorted({p.granularity for p, _ in configs.values()}))} scales)"
+    if counts["stored fp8"]:
+        done.append(f"{counts['stored fp8']} of them keep their stored fp8 weights and scales")
     done += [f"{counts[key]} {what}" for key, what in (
         ("int8", "modulation layers to int8 weights"),
         ("gelu fused", "GELUs fused into the activation quantization"),
@@ -210,7 +252,7 @@ def _log_counts(counts, configs, seconds: float) -> None:
         logging.info("FP8 Quantize: %s in %.2f s", "; ".join(done), seconds)
     if counts["cast per call"]:
         _log_once(f"{counts['cast per call']} linear layers stay unquantized because ComfyUI casts their "
-                  "weights per call (partially loaded model, lowvram, or fp8 weight dtype)")
+                  "weights per call (partially loaded model, lowvram, or weights stored in another dtype)")
     if counts["hooked"]:
         _log_once(f"{counts['hooked']} linear layers stay unquantized because hooks (hook LoRAs) patch them")
 
@@ -235,6 +277,22 @@ def _fuse_gelus(model, settings: FP8Settings) -> None:
     sites = [s for s in sites if s.linear in quantized]
     for path, value in gelu_fusion.patches(dm, sites).items():
         model.add_object_patch(f"diffusion_model.{path}", value)
+
+
+def _cast_layer_classes(model, settings: FP8Settings) -> None:
+    """Object patches that give the layers to quantize whose class casts per call (an fp8
+    checkpoint's) the forward that runs a quantized weight (`quant.stored_fp8`); layers with
+    a fused class have it already. Settings that quantize nothing drop them."""
+    def ours(value):
+        return isinstance(value, type) and issubclass(value, stored_fp8.QuantizedCastLinear)
+
+    _drop_object_patches(model, ours)
+    if not settings.enabled:
+        return
+    for name, module in quantizable_linears(model.model.diffusion_model, settings.patterns):
+        key = f"diffusion_model.{name}.__class__"
+        if stored_fp8.casts_per_call(type(module)) and key not in model.object_patches:
+            model.add_object_patch(key, stored_fp8.quantized_cast_class(type(module)))
 
 
 def _drop_object_patches(model, ours) -> None:
@@ -300,10 +358,11 @@ def _check_quantizable(model_patcher, settings: FP8Settings) -> None:
     layers = quantizable_linears(dm, settings.patterns)
     if not layers:
         raise FP8UnavailableError(
-            f"FP8 Quantize found no linear layer to quantize in {type(dm).__name__}: every bf16/fp16/fp32 "
-            "linear layer with dims divisible by 16 is excluded, or the weights are fp8 already. Load the model "
-            "with weight_dtype 'default' and check the exclude patterns.")
-    if all(getattr(type(m), "comfy_cast_weights", False) for _, m in layers):
+            f"FP8 Quantize found no linear layer to quantize in {type(dm).__name__}: every linear layer with "
+            "dims divisible by 16 is excluded, or its weights are in a format it does not take (fp8 e5m2). Load "
+            "the model with weight_dtype 'default' or 'fp8_e4m3fn' and check the exclude patterns.")
+    if all(getattr(type(m), "comfy_cast_weights", False) and stored_fp8_scale(m) is None and not is_quantized(m.weight)
+           for _, m in layers):  # (another FP8 clone may have this model loaded, quantized)
         raise FP8UnavailableError(
             "FP8 Quantize cannot quantize this model: ComfyUI casts its weights at every call (weights stored "
             "in a different dtype than the compute dtype). Load it with weight_dtype 'default'.")
@@ -332,6 +391,7 @@ def apply_fp8(model_patcher, settings: FP8Settings):
     if settings.enabled:
         _check_quantizable(model, settings)
     _fuse_gelus(model, settings)
+    _cast_layer_classes(model, settings)
     _int8_modulation(model, settings)
     # A new weight identity, so ComfyUI re-merges (and we re-quantize) when switching between
     # this clone and any other clone of the same model; deterministic, so a pool worker that
