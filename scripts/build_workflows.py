@@ -315,9 +315,11 @@ def wan(multi: bool, release: str = "2.1") -> list:
 
 WAN22_EXPERTS_NOTE = """comfy-para-attn on Wan 2.2 14B text-to-video, two experts{multi}
 
-Model files (ComfyUI's Wan 2.2 14B example, fp16 files): diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors
-and wan2.2_t2v_low_noise_14B_fp16.safetensors, vae/wan_2.1_vae.safetensors,
-text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors.
+Model files (ComfyUI's Wan 2.2 14B example): diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors
+and wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors, vae/wan_2.1_vae.safetensors,
+text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors. FP8 Quantize takes the fp8_scaled weights
+as they are (no second rounding) and runs fp8 matmuls on GPUs that have them; the fp16 files
+work the same.
 
 1280x704, 81 frames, 20 steps (the high-noise expert steps 0-10, the low-noise one 10-20), euler,
 cfg 3.5, shift 8 as in ComfyUI's example. Each expert has its own FP8 Quantize, Compile Model and
@@ -337,7 +339,7 @@ def wan22_experts(multi: bool) -> list:
     for row, (expert, first_id) in enumerate((("high", 20), ("low", 40))):
         y = -600 + row * 250
         chain, model_out = wan_model_chain(range(first_id, first_id + 6),
-                                           f"wan2.2_t2v_{expert}_noise_14B_fp16.safetensors", (0, y), y, multi,
+                                           f"wan2.2_t2v_{expert}_noise_14B_fp8_scaled.safetensors", (0, y), y, multi,
                                            title=f"Load {expert}-noise expert")
         nodes += chain
         experts.append(model_out)

@@ -253,10 +253,9 @@ def fp8_checkpoints(cm):
     import comfy.sd
 
     from comfy_para_attn.testing import tiny_files
-    from comfy_para_attn.testing.fp8_checks import fp8_checkpoint_state_dict
-
+    
     state = tiny_files.random_state_dict(tiny_files.shapes_of("wan"), seed=0)
-    return {"fp8_scaled": comfy.sd.load_diffusion_model_state_dict(fp8_checkpoint_state_dict(state)),
+    return {"fp8_scaled": comfy.sd.load_diffusion_model_state_dict(tiny_files.fp8_scaled_state_dict(state)),
             "fp8_e4m3fn": comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float8_e4m3fn})}
 
 

@@ -50,7 +50,7 @@ REAL_FILES = {  # as in ComfyUI's own FLUX / HunyuanVideo / Wan examples
     "wan2.1": {"wan2.1_t2v_1.3B_bf16.safetensors", "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
     "wan2.2_ti2v": {"wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors",
                     "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
-    "wan2.2_t2v": {"wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+    "wan2.2_t2v": {"wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
                    "wan_2.1_vae.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
 }
 
@@ -157,6 +157,8 @@ def test_workflow_runs_headless_on_tiny_models(name, server, object_info):
     image = Image.open(server.base_dir / "output" / saved["images"][0]["subfolder"] / saved["images"][0]["filename"])
     assert image.size == (128, 64)  # TINY_SIZES: the whole latent was sampled and decoded
     assert "First Block Cache: reused" in log, log[-3000:]
+    if "14B" in name:  # the experts' fp8_scaled files: FP8 Quantize took their fp8 weights as they are
+        assert "20 of them keep their stored fp8 weights and scales" in log, log[-3000:]
     if "multi" in name:  # sampling and decode really went to the worker pool
         assert "Context Parallel: 4 steps on 2 cpu rank(s)" in log, log[-3000:]
         if "14B" in name:  # each of Wan 2.2's experts sampled its steps through the pool

@@ -192,24 +192,6 @@ def folds_against_eager_on_cuda(rank, world_size, comfy_path):
     return results
 
 
-def fp8_checkpoint_state_dict(state: dict, comfy_fp8_matmuls: bool = True) -> dict:
-    """`state` as an fp8_scaled checkpoint stores it: every 2-D (linear) weight in fp8 e4m3fn
-    with its own `scale_weight` (amax / 448, fp32; ComfyUI makes every linear layer of such a
-    model fp8), a `scaled_fp8` marker; the rest as it is. The marker's size tells ComfyUI
-    whether it may run its own fp8 matmuls on a GPU that has them (empty: yes; 2 values: no,
-    it computes with the dequantized weights)."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith(".weight") and value.ndim == 2:
-            scale = value.float().abs().amax() / 448.0
-            out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
-            out[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
-        else:
-            out[key] = value
-    out["scaled_fp8"] = torch.empty(0 if comfy_fp8_matmuls else 2, dtype=torch.float8_e4m3fn)
-    return out
-
-
 def dequantized_state_dict(checkpoint: dict) -> dict:
     """The fp32 weights an fp8_scaled checkpoint stands for (fp8 x scale, exactly)."""
     out = {}
@@ -265,8 +247,8 @@ def stored_fp8_on_cuda(rank, world_size, comfy_path):
 
     results = {}
     for family in ("wan", "flux"):
-        checkpoint = fp8_checkpoint_state_dict(tiny_files.random_state_dict(tiny_files.shapes_of(family), seed=0),
-                                               comfy_fp8_matmuls=False)
+        state = tiny_files.random_state_dict(tiny_files.shapes_of(family), seed=0)
+        checkpoint = tiny_files.fp8_scaled_state_dict(state, comfy_fp8_matmuls=False)
         model = comfy.sd.load_diffusion_model_state_dict(dict(checkpoint))
         reference = comfy.sd.load_diffusion_model_state_dict(dequantized_state_dict(checkpoint),
                                                              model_options={"dtype": torch.float32})

@@ -44,12 +44,16 @@ TINY_FILES = {
     "tiny_random_wan2.1_t2v.safetensors": ("wan", "wan2.1_t2v_1.3B_bf16.safetensors"),
     "tiny_random_wan_2.1_vae.safetensors": ("wan_vae", "wan_2.1_vae.safetensors"),
     "tiny_random_wan2.2_ti2v_5B.safetensors": ("wan22", "wan2.2_ti2v_5B_fp16.safetensors"),
-    # Wan 2.2 14B's two experts have Wan 2.1's architecture (each file its own seed).
-    "tiny_random_wan2.2_t2v_high_noise.safetensors": ("wan", "wan2.2_t2v_high_noise_14B_fp16.safetensors"),
-    "tiny_random_wan2.2_t2v_low_noise.safetensors": ("wan", "wan2.2_t2v_low_noise_14B_fp16.safetensors"),
+    # Wan 2.2 14B's two experts have Wan 2.1's architecture (each file its own seed), stored as
+    # the fp8_scaled files ComfyUI's example loads.
+    "tiny_random_wan2.2_t2v_high_noise_fp8_scaled.safetensors": (
+        "wan_fp8_scaled", "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
+    "tiny_random_wan2.2_t2v_low_noise_fp8_scaled.safetensors": (
+        "wan_fp8_scaled", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
     "tiny_random_wan2.2_vae.safetensors": ("wan22_vae", "wan2.2_vae.safetensors"),
 }
 FOLDERS = {"flux": "diffusion_models", "hunyuan_video": "diffusion_models", "wan": "diffusion_models",
+           "wan_fp8_scaled": "diffusion_models",
            "wan22": "diffusion_models", "flux_vae": "vae", "hunyuan_video_vae": "vae", "wan_vae": "vae",
            "wan22_vae": "vae", "flux_controlnet": "controlnet"}
 # Real name -> tiny name, for rewriting a shipped workflow.
@@ -141,7 +145,26 @@ def random_state_dict(shapes: dict, *, seed: int, dtype=torch.bfloat16) -> dict:
     return state
 
 
+def fp8_scaled_state_dict(state: dict, comfy_fp8_matmuls: bool = True) -> dict:
+    """`state` as an fp8_scaled checkpoint stores it: every 2-D (linear) weight in fp8 e4m3fn
+    with its own `scale_weight` (amax / 448, fp32; ComfyUI makes every linear layer of such a
+    model fp8), a `scaled_fp8` marker; the rest as it is. The marker's size tells ComfyUI
+    whether it may run its own fp8 matmuls on a GPU that has them (empty: yes; 2 values: no,
+    it computes with the dequantized weights)."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.float().abs().amax() / 448.0
+            out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            out[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            out[key] = value
+    out["scaled_fp8"] = torch.empty(0 if comfy_fp8_matmuls else 2, dtype=torch.float8_e4m3fn)
+    return out
+
+
 def shapes_of(kind: str) -> dict:
+    kind = kind.removesuffix("_fp8_scaled")
     if kind == "flux_controlnet":
         return _controlnet_shapes()
     return _diffusion_model_shapes(kind) if kind in ("flux", "hunyuan_video", "wan", "wan22") else _vae_shapes(kind)
@@ -165,6 +188,8 @@ def write_tiny_model_files(models_dir: Path | str | None = None, *, seed: int = 
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         state = random_state_dict(shapes_of(kind), seed=seed + i)
+        if kind.endswith("_fp8_scaled"):
+            state = fp8_scaled_state_dict(state)
         partial = path.with_suffix(".partial")
         save_file(state, str(partial), metadata={"comfy_para_attn": f"tiny random {kind} v{RECIPE_VERSION}"})
         partial.replace(path)  # atomic: a killed run never leaves a truncated model behind
