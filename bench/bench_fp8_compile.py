@@ -25,6 +25,11 @@ cfg 1: FLUX.1-dev is guidance-distilled, one model call per step):
                         rows in one pass over those layers at its first step); ..._multi_kernel /
                         ..._persistent: inductor's multi-kernel reductions (PARA_ATTN_MULTI_KERNEL=1:
                         the faster variant picked at the first call; 2: always the single-pass one)
+  fp8 checkpoints:      comfy_fp8_scaled: ComfyUI's own path for an fp8_scaled file of the same
+                        weights (its scaled fp8 ops; fp8 matmuls with a unit input scale where
+                        the GPU has them, as for files whose marker allows it);
+                        ours_fp8_regional_call_graph_from_scaled: FP8 Quantize + Compile Model
+                        (call graph) on that file (its stored fp8 weights taken as they are)
 
 Warm-up = wall time of the first sampling run (model load to the GPU, fp8 quantization,
 compilation) minus one steady run; the table splits out dynamo + inductor compile time and the
@@ -58,7 +63,8 @@ EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_reg
                  "ours_fp8_regional_call_graph_unpaired_rope", "ours_fp8_regional_per_step_modulation",
                  "ours_fp8_regional_call_graph_per_step_modulation", "ours_fp8_regional_call_graph_torchao_proj",
                  "ours_fp8_regional_call_graph_heads_major_rope", "ours_fp8_regional_call_graph_multi_kernel",
-                 "ours_fp8_regional_call_graph_persistent")
+                 "ours_fp8_regional_call_graph_persistent", "comfy_fp8_scaled",
+                 "ours_fp8_regional_call_graph_from_scaled")
 UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
 UNFUSED_ROPE = {"PARA_ATTN_FUSED_ROPE": "0"}  # the q/k RMSNorm + rotary fold off
 UNPAIRED_ROPE = {"PARA_ATTN_ROPE_PAIRS": "0"}  # q and k rotated by two calls, not one
@@ -95,6 +101,11 @@ def _configure(name, model, device, cm):
         m = model.clone()
         set_torch_compile_wrapper(model=m, backend="inductor")  # exactly what TorchCompileModel does
         return m
+    if name == "comfy_fp8_scaled" or name.endswith("_from_scaled"):
+        model = _fp8_scaled_twin(model, device)
+        if name == "comfy_fp8_scaled":
+            return model
+        name = name.removesuffix("_from_scaled")
     if name == "comfy_fp8_fast":  # what UNETLoader's fp8_e4m3fn_fast does after model detection
         import copy
 
@@ -118,6 +129,26 @@ def _configure(name, model, device, cm):
         m = apply_compile(m, CompileSettings(mode=mode, cuda_graph="model call" if "call_graph" in name else "off",
                                              modulation="per step" if "per_step_modulation" in name else "precomputed"))
     return m
+
+
+def _fp8_scaled_twin(model, device):
+    """The bf16 `model` as ComfyUI loads an fp8_scaled file of its weights (what
+    `load_diffusion_model_state_dict` does after detecting the `scaled_fp8` marker)."""
+    import copy
+
+    import comfy.model_patcher
+
+    from comfy_para_attn.testing.tiny_files import fp8_scaled_state_dict
+
+    sd = fp8_scaled_state_dict(model.model.diffusion_model.state_dict())
+    marker = sd.pop("scaled_fp8")
+    config = copy.deepcopy(model.model.model_config)
+    config.scaled_fp8 = marker.dtype
+    config.optimizations["fp8"] = marker.numel() != 2
+    config.set_inference_dtype(torch.bfloat16, None)
+    scaled = config.get_model({}, "")
+    scaled.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(scaled, load_device=device, offload_device=model.offload_device)
 
 
 def run_one(args) -> dict:
