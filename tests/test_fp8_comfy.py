@@ -272,7 +272,7 @@ def test_fp8_checkpoints_keep_their_stored_weights(cm, fp8, fp8_checkpoints, kin
     layers = stored_fp8_layers(model)
     blocks = sorted(n for n in layers if n.startswith("blocks."))  # the embedders and head are excluded
     assert len(layers) == 26 and len(blocks) == 20  # 2 x (self and cross attention q, k, v, o + MLP 2)
-    before = {n: (m.weight.view(torch.uint8).clone(), m.bias.dtype) for n, m in layers.items()}
+    before = {n: (m.weight.view(torch.uint8).clone(), m.bias.dtype, type(m)) for n, m in layers.items()}
     positive = cm.conditioning(model, seed=1)
 
     def run(patcher):
@@ -295,11 +295,27 @@ def test_fp8_checkpoints_keep_their_stored_weights(cm, fp8, fp8_checkpoints, kin
     twin = quantized.clone()  # same weights: ComfyUI swaps the object patches, keeps the weights
     assert torch.equal(run(twin), ours) and kept == [20]
     quantized.partially_unload(quantized.offload_device, 1e30)  # the stored weights come back
-    assert all(m.weight.dtype == torch.float8_e4m3fn and m.comfy_cast_weights for m in layers.values())
+    assert all(m.weight.dtype == torch.float8_e4m3fn and m.bias.dtype == before[n][1] for n, m in layers.items())
     assert torch.equal(run(quantized), ours) and kept == [20, 20]
-    assert torch.equal(run(model), plain)
-    assert all(torch.equal(m.weight.view(torch.uint8), before[n][0]) and m.bias.dtype == before[n][1]
-               and m.comfy_cast_weights for n, m in layers.items())
+    assert torch.equal(run(model), plain)  # the plain model: ComfyUI's weights, biases and classes
+    assert all(torch.equal(m.weight.view(torch.uint8), before[n][0]) and (m.bias.dtype, type(m)) == before[n][1:]
+               for n, m in layers.items())
+    # ComfyUI's loaded-bytes count: what a full unload takes off is what the load put on
+    left = {}
+    for patcher in (model, quantized):
+        run(patcher)
+        patcher.partially_unload(patcher.offload_device, 1e30)
+        left[patcher is model] = patcher.model.model_loaded_weight_memory
+    assert left[True] == left[False], left
+
+    # another node's class on a layer (after FP8 Quantize): its forward would cast, so it stays fp8
+    foreign = quantized.clone()
+    foreign.add_object_patch("diffusion_model.blocks.0.self_attn.q.__class__",
+                             type("OtherPacksLinear", (before["blocks.0.self_attn.q"][2],), {}))
+    kept.clear()
+    with caplog.at_level(logging.WARNING):
+        assert rel(run(foreign), plain) < 1e-5 and kept == [19]
+    assert "1 fp8 checkpoint linear layers stay unquantized because another node replaced their class" in caplog.text
 
     lora = cm.apply_lora(model, cm.random_lora(model, max_layers=40))  # ComfyUI rounds it into fp8
     plain_lora, ours_lora = run(lora), run(fp8.apply_fp8(lora, FP8Settings()))

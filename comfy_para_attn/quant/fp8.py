@@ -107,25 +107,33 @@ def quantizable_linears(root: torch.nn.Module, patterns: Iterable[str]) -> list[
         w = module.weight
         if w is None or w.ndim != 2 or not w.dtype.is_floating_point:
             continue  # not a plain matrix
-        if w.element_size() < 2 and stored_fp8_scale(module) is None:
-            continue  # fp8 that is not e4m3fn with one scale (e5m2 weights), or quantized by torchao already
+        if w.element_size() < 2 and not is_stored_fp8(module):
+            continue  # fp8 that is not e4m3fn with one scale (e5m2 weights)
         if w.shape[0] % _FP8_MM_MULTIPLE or w.shape[1] % _FP8_MM_MULTIPLE:
             continue
         out.append((name, module))
     return out
 
 
-def stored_fp8_scale(module: torch.nn.Module) -> Optional[torch.Tensor]:
-    """The scale of a linear layer whose weight is stored in fp8 e4m3fn, as ComfyUI loads fp8
-    checkpoints: the value is `weight * scale_weight` (fp8_scaled files: a 0-d fp32 parameter)
-    or the weight itself (fp8 weight dtypes: scale 1). None for any other layer."""
+def is_stored_fp8(module: torch.nn.Module) -> bool:
+    """A linear layer whose weight is stored in fp8 e4m3fn, as ComfyUI loads fp8 checkpoints:
+    the value is `weight * scale_weight` (fp8_scaled files: a 0-d fp32 parameter) or the weight
+    itself (fp8 weight dtypes)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn:
+        return False
+    scale = getattr(module, "scale_weight", None)
+    return scale is None or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
+
+
+def stored_fp8_scale(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """The 0-d scale of a layer `is_stored_fp8` takes (1 without `scale_weight`), else None."""
+    if not is_stored_fp8(module):
         return None
     scale = getattr(module, "scale_weight", None)
     if scale is None:
-        return torch.ones((), dtype=torch.float32, device=weight.device)
-    return scale.detach().reshape(()) if isinstance(scale, torch.Tensor) and scale.numel() == 1 else None
+        return torch.ones((), dtype=torch.float32, device=module.weight.device)
+    return scale.detach().reshape(())
 
 
 def supports_dynamic_fp8(device: torch.device) -> bool:
@@ -213,7 +221,8 @@ def quantize_stored_fp8(module: torch.nn.Linear, config, compute_dtype: torch.dt
     the dequantized weight then stays."""
     stored = module.weight.detach()
     scale = stored_fp8_scale(module).to(device=stored.device, dtype=torch.float32)
-    module.weight = torch.nn.Parameter((stored.float() * scale).to(compute_dtype), requires_grad=False)
+    # torchao's tensor for its layout only (its values are replaced): no fp32 copy of the weight
+    module.weight = torch.nn.Parameter(stored.to(compute_dtype) * scale.to(compute_dtype), requires_grad=False)
     quantize_linear(module, config)
     qdata, row_scales = getattr(module.weight, "qdata", None), getattr(module.weight, "scale", None)
     if not (isinstance(qdata, torch.Tensor) and qdata.dtype == stored.dtype and qdata.shape == stored.shape

@@ -147,8 +147,9 @@ class GeluMovedOn(torch.nn.Identity):
 
 # cuBLASLt has no row-wise scaled fp8 GEMM with a bias for a small output over long rows (H100,
 # torch 2.11 + CUDA 13: K >= 6144 and M x N up to ~100k values fail with
-# CUBLAS_STATUS_NOT_SUPPORTED, e.g. a short prompt's text tokens through an MLP output layer):
-# outputs under this many values get their bias added after the GEMM.
+# CUBLAS_STATUS_NOT_SUPPORTED, e.g. a short HunyuanVideo prompt's text tokens, which ComfyUI
+# does not pad, through an MLP output layer): outputs under this many values get their bias
+# added after the GEMM. torchao's own path (layers without this class) passes the bias as it is.
 SMALL_OUTPUT = 1 << 18
 
 

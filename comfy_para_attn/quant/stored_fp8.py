@@ -14,11 +14,12 @@ import torch
 
 
 def _quantized(weight) -> bool:
-    """torchao's tensor (by its class's module: no torchao import inside compiled blocks)."""
+    """torchao's tensor. `quant.is_quantized` without its isinstance against an imported
+    torchao class: this runs inside compiled blocks, where an import would break the graph."""
     return type(weight).__module__.startswith("torchao.")
 
 
-def casts_per_call(cls: type) -> bool:
+def class_casts_weights(cls: type) -> bool:
     """ComfyUI's layer class casts its weight at every call (manual cast, fp8 ops)."""
     return bool(getattr(getattr(cls, "_para_attn_base", cls), "comfy_cast_weights", False))
 
@@ -26,12 +27,12 @@ def casts_per_call(cls: type) -> bool:
 def linear_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer`'s own forward (`layer._para_attn_base`), or the plain linear for a quantized
     weight of a layer whose own forward would cast it."""
-    if _quantized(layer.weight) and casts_per_call(type(layer)):
+    if _quantized(layer.weight) and class_casts_weights(type(layer)):
         return torch.nn.functional.linear(x, layer.weight, layer.bias)
     return layer._para_attn_base.forward(layer, x)
 
 
-class QuantizedCastLinear:
+class QuantizedCastForward:
     """Mixed into a per-call-casting linear layer's class (`quantized_cast_class`)."""
 
     _para_attn_base: type  # the layer's own class
@@ -46,6 +47,6 @@ _classes: dict = {}
 def quantized_cast_class(cls: type) -> type:
     base = getattr(cls, "_para_attn_base", cls)
     if base not in _classes:
-        _classes[base] = type(f"QuantizedCast{base.__name__}", (QuantizedCastLinear, base),
+        _classes[base] = type(f"QuantizedCast{base.__name__}", (QuantizedCastForward, base),
                               {"_para_attn_base": base, "__module__": __name__})
     return _classes[base]

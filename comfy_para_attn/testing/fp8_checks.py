@@ -196,7 +196,7 @@ def dequantized_state_dict(checkpoint: dict) -> dict:
     """The fp32 weights an fp8_scaled checkpoint stands for (fp8 x scale, exactly)."""
     out = {}
     for key, value in checkpoint.items():
-        if key.endswith(".scale_weight") or key == "scaled_fp8":
+        if key.endswith((".scale_weight", ".scale_input")) or key == "scaled_fp8":
             continue
         scale = checkpoint.get(key.removesuffix("weight") + "scale_weight") if key.endswith(".weight") else None
         out[key] = value.float() * scale if scale is not None else value.float()
@@ -217,7 +217,10 @@ def kept_stored_fp8(patcher, names) -> int:
     kept = 0
     for name in names:
         layer = patcher.model.diffusion_model.get_submodule(name)
-        stored = patcher.backup[f"diffusion_model.{name}.weight"].weight
+        backup = patcher.backup.get(f"diffusion_model.{name}.weight")
+        if backup is None:  # left as it was
+            continue
+        stored = backup.weight
         scale = getattr(layer, "scale_weight", None)
         scale = torch.ones(()) if scale is None else scale.detach().float().cpu()
         weight = layer.weight
@@ -252,7 +255,7 @@ def stored_fp8_on_cuda(rank, world_size, comfy_path):
         model = comfy.sd.load_diffusion_model_state_dict(dict(checkpoint))
         reference = comfy.sd.load_diffusion_model_state_dict(dequantized_state_dict(checkpoint),
                                                              model_options={"dtype": torch.float32})
-        stored = len(stored_fp8_layers(model))
+        classes = {n: type(m) for n, m in stored_fp8_layers(model).items()}
         names = sorted(set(stored_fp8_layers(model)) & {n for n, _ in quantizable_linears(
             model.model.diffusion_model, FP8Settings().patterns)})
         positive = cm.conditioning(model, seed=1)
@@ -271,7 +274,7 @@ def stored_fp8_on_cuda(rank, world_size, comfy_path):
                    "ours compiled": run(apply_compile(quantized, CompileSettings()))}
         outputs["comfy again"] = run(model)
         layers = stored_fp8_layers(model)
-        restored = len(layers) == stored and all(m.comfy_cast_weights for m in layers.values())
+        restored = {n: type(m) for n, m in layers.items()} == classes  # ComfyUI's own classes again
         comfy.model_management.unload_all_models()
         ref = outputs["reference"]
         results[family] = {

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 # Bump when the recipe changes: cached files of another version are rewritten.
-RECIPE_VERSION = "2"  # a new kind of file needs no bump: missing files are written
+RECIPE_VERSION = "3"  # a new kind of file needs no bump: missing files are written
 
 # Tiny file name -> (kind, real file name it stands in for in the shipped workflows).
 TINY_FILES = {
@@ -157,6 +157,8 @@ def fp8_scaled_state_dict(state: dict, comfy_fp8_matmuls: bool = True) -> dict:
             scale = value.float().abs().amax() / 448.0
             out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
             out[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            if comfy_fp8_matmuls:  # ComfyUI's fp8 matmuls then read an input scale too
+                out[key.removesuffix("weight") + "scale_input"] = torch.ones(())
         else:
             out[key] = value
     out["scaled_fp8"] = torch.empty(0 if comfy_fp8_matmuls else 2, dtype=torch.float8_e4m3fn)

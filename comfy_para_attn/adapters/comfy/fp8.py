@@ -35,8 +35,8 @@ import weakref
 
 import torch
 
-from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, plan_for, quantizable_linears,
-                      quantize_linear, quantize_stored_fp8, stored_fp8_scale, torchao_config)
+from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, is_stored_fp8, plan_for, quantizable_linears,
+                      quantize_linear, quantize_stored_fp8, torchao_config)
 from ...quant import gelu_fusion, modulation, stored_fp8
 from .device_conds import keep_conds_on_device
 
@@ -68,8 +68,7 @@ def _streamed(module) -> bool:
 def _cast_per_call(module) -> bool:
     """ComfyUI casts this layer's weight at every call and FP8 Quantize leaves it alone: a
     streamed layer, or one stored in another dtype than it computes in that is not fp8."""
-    return _streamed(module) or (bool(getattr(module, "comfy_cast_weights", False))
-                                 and stored_fp8_scale(module) is None)
+    return _streamed(module) or (bool(getattr(module, "comfy_cast_weights", False)) and not is_stored_fp8(module))
 
 
 def _compute_dtype(model_patcher) -> torch.dtype:
@@ -187,7 +186,10 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
 
     with torch.no_grad():
         for name, module in quantizable_linears(dm, settings.patterns):
-            from_fp8 = stored_fp8_scale(module) is not None
+            from_fp8 = is_stored_fp8(module)
+            if from_fp8 and not isinstance(module, (stored_fp8.QuantizedCastForward, gelu_fusion.GeluThenLinear)):
+                counts["foreign class"] += 1  # another node's class patch: its forward would cast the weight
+                continue
             if not convertible(name, module, is_quantized(module.weight)):
                 continue
             weight = module.weight
@@ -200,13 +202,18 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                 configs[where] = (plan, plan.torchao_config())
             plan, config = configs[where]
             if from_fp8:
-                freed += replace(name, module, lambda m: _quantize_stored_fp8(model_patcher, name, m, config, dtype))
-                counts["stored fp8"] += 1
+                kept = []
+                freed += replace(name, module, lambda m: kept.append(
+                    _quantize_stored_fp8(model_patcher, name, m, config, dtype)))
+                counts["stored fp8"] += kept == [True]
             else:
                 freed += replace(name, module, lambda m: quantize_linear(m, config))
             counts[plan.mode] += 1
         int8_layers = _int8_layers(dm, settings)
-        if settings.int8_modulation and not int8_layers:
+        if settings.int8_modulation and not int8_layers and any(
+                is_stored_fp8(m) for _, m in modulation.modulation_layers(dm)):
+            _log_once("the modulation layers are stored in fp8 (an fp8 checkpoint): modulation 'int8' leaves them so")
+        elif settings.int8_modulation and not int8_layers:
             _log_once(f"no modulation layer of {type(dm).__name__} matches {', '.join(modulation.MODULATION_PATTERNS)}: "
                       "modulation 'int8' changes nothing")
         for name, module in int8_layers:
@@ -225,16 +232,19 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
     return dict(counts)
 
 
-def _quantize_stored_fp8(model_patcher, name: str, module, config, compute_dtype: torch.dtype) -> None:
+def _quantize_stored_fp8(model_patcher, name: str, module, config, compute_dtype: torch.dtype) -> bool:
     """Quantize a layer whose weight is stored in fp8 (`quant.quantize_stored_fp8`); its bias
     goes to the compute dtype (ComfyUI cast it per call; the original goes to `backup`). Its
-    class (`_cast_layer_classes`) then runs the quantized weight."""
+    class (`_cast_layer_classes`) then runs the quantized weight. True when the stored bytes
+    were kept."""
     if module.bias is not None and module.bias.dtype != compute_dtype:
         _back_up(model_patcher, f"diffusion_model.{name}.bias", module.bias)
         module.bias = torch.nn.Parameter(module.bias.to(compute_dtype), requires_grad=False)
-    if not quantize_stored_fp8(module, config, compute_dtype):
-        _log_once("this torchao keeps fp8 weights in a layout FP8 Quantize does not know: the fp8 checkpoint's "
-                  "weights were rounded to fp8 a second time")
+    if quantize_stored_fp8(module, config, compute_dtype):
+        return True
+    _log_once("this torchao keeps fp8 weights in a layout FP8 Quantize does not know: the fp8 checkpoint's "
+              "weights were rounded to fp8 a second time")
+    return False
 
 
 def _log_counts(counts, configs, seconds: float) -> None:
@@ -253,6 +263,9 @@ def _log_counts(counts, configs, seconds: float) -> None:
     if counts["cast per call"]:
         _log_once(f"{counts['cast per call']} linear layers stay unquantized because ComfyUI casts their "
                   "weights per call (partially loaded model, lowvram, or weights stored in another dtype)")
+    if counts["foreign class"]:
+        _log_once(f"{counts['foreign class']} fp8 checkpoint linear layers stay unquantized because another node "
+                  "replaced their class (their forward would cast a quantized weight)")
     if counts["hooked"]:
         _log_once(f"{counts['hooked']} linear layers stay unquantized because hooks (hook LoRAs) patch them")
 
@@ -284,14 +297,14 @@ def _cast_layer_classes(model, settings: FP8Settings) -> None:
     checkpoint's) the forward that runs a quantized weight (`quant.stored_fp8`); layers with
     a fused class have it already. Settings that quantize nothing drop them."""
     def ours(value):
-        return isinstance(value, type) and issubclass(value, stored_fp8.QuantizedCastLinear)
+        return isinstance(value, type) and issubclass(value, stored_fp8.QuantizedCastForward)
 
     _drop_object_patches(model, ours)
     if not settings.enabled:
         return
     for name, module in quantizable_linears(model.model.diffusion_model, settings.patterns):
         key = f"diffusion_model.{name}.__class__"
-        if stored_fp8.casts_per_call(type(module)) and key not in model.object_patches:
+        if stored_fp8.class_casts_weights(type(module)) and key not in model.object_patches:
             model.add_object_patch(key, stored_fp8.quantized_cast_class(type(module)))
 
 
@@ -361,7 +374,7 @@ def _check_quantizable(model_patcher, settings: FP8Settings) -> None:
             f"FP8 Quantize found no linear layer to quantize in {type(dm).__name__}: every linear layer with "
             "dims divisible by 16 is excluded, or its weights are in a format it does not take (fp8 e5m2). Load "
             "the model with weight_dtype 'default' or 'fp8_e4m3fn' and check the exclude patterns.")
-    if all(getattr(type(m), "comfy_cast_weights", False) and stored_fp8_scale(m) is None and not is_quantized(m.weight)
+    if all(getattr(type(m), "comfy_cast_weights", False) and not is_stored_fp8(m) and not is_quantized(m.weight)
            for _, m in layers):  # (another FP8 clone may have this model loaded, quantized)
         raise FP8UnavailableError(
             "FP8 Quantize cannot quantize this model: ComfyUI casts its weights at every call (weights stored "
