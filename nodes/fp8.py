@@ -16,8 +16,10 @@ class ParaAttnFP8Quantize:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX, HunyuanVideo or Wan diffusion model loaded with weight_dtype "
-                                               "'default' (bf16). LoRAs may come before or after this node."}),
+                "model": ("MODEL", {"tooltip": "A FLUX, HunyuanVideo or Wan diffusion model: bf16/fp16 weights, or an "
+                                               "fp8 checkpoint (fp8_scaled files, weight_dtype fp8_e4m3fn), whose stored "
+                                               "fp8 weights are used as they are. LoRAs may come before or after this "
+                                               "node."}),
                 "granularity": (list(_GRANULARITY), {
                     "default": "row-wise",
                     "tooltip": "Scale per output row of each weight and per token of each activation (row-wise: "
