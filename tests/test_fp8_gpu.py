@@ -65,7 +65,7 @@ def test_fp8_checkpoints_keep_their_stored_weights_on_cuda(comfyui_path):
 def test_a_short_prompt_through_fp8_mlp_outputs_on_cuda(comfyui_path):
     """20 unpadded text tokens through HunyuanVideo-wide fp8 MLP output layers: cuBLASLt refuses
     a row-wise fp8 GEMM with a bias there (CUBLAS_STATUS_NOT_SUPPORTED before the fused classes
-    added it after the GEMM); the output stays within fp8 rounding of bf16."""
+    added it after the GEMM); eager and compiled, the output stays within fp8 rounding of bf16."""
     pytest.importorskip("torchao")
     (result,) = run_ranks(short_prompt_fp8_on_cuda, 1, str(comfyui_path), timeout=600)
-    assert result["finite"] and result["rel"] < 0.05, result
+    assert result["finite"] and result["rel"]["eager"] < 0.05 and result["rel"]["compiled"] < 0.05, result

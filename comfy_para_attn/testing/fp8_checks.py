@@ -290,20 +290,22 @@ def stored_fp8_on_cuda(rank, world_size, comfy_path):
 
 
 def short_prompt_fp8_on_cuda(rank, world_size, comfy_path):
-    """HunyuanVideo's block width (3072, MLP 12288; one double and one single block) with a
+    """HunyuanVideo's block width (3072, MLP 12288; two double and two single blocks) with a
     short prompt: ComfyUI does not pad its 20 text tokens, so a text MLP output layer multiplies
-    20 rows over 12288 columns, where cuBLASLt has no row-wise fp8 GEMM with a bias. bf16 and
-    FP8 Quantize (row-wise, fused classes) on CUDA."""
+    20 rows over 12288 columns, where cuBLASLt has no row-wise fp8 GEMM with a bias. bf16, and
+    FP8 Quantize (row-wise, fused classes) eager and under Compile Model, on CUDA."""
     from comfy_para_attn.adapters.comfy.env import make_importable
 
     make_importable(comfy_path, cpu=False)
     import comfy.model_management
 
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
     from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+    from comfy_para_attn.compile import CompileSettings
     from comfy_para_attn.quant import FP8Settings
     from comfy_para_attn.testing import comfy_models as cm
 
-    config = dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56])
+    config = dict(hidden_size=3072, num_heads=24, depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56])
     model = cm.build("hunyuan_video", dtype=torch.bfloat16, device=comfy.model_management.get_torch_device(), **config)
     positive = cm.conditioning(model, tokens=20, seed=1)
     latent = torch.randn(cm.latent_shape("hunyuan_video", frames=3, height=8, width=12),
@@ -314,6 +316,8 @@ def short_prompt_fp8_on_cuda(rank, world_size, comfy_path):
             return cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0, seed=0, denoise=0.7).float()
 
     plain = run(model)
-    quantized = run(apply_fp8(model, FP8Settings()))
+    fp8 = apply_fp8(model, FP8Settings())
+    outputs = {"eager": run(fp8), "compiled": run(apply_compile(fp8, CompileSettings()))}
     comfy.model_management.unload_all_models()
-    return {"finite": bool(torch.isfinite(quantized).all()), "rel": float((quantized - plain).norm() / plain.norm())}
+    return {"finite": all(bool(torch.isfinite(o).all()) for o in outputs.values()),
+            "rel": {k: float((o - plain).norm() / plain.norm()) for k, o in outputs.items()}}
