@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fp8_rowwise import gelu_tail_rowwise_fp8, quantizes_here
+from .layer_classes import mixed_class
 from .stored_fp8 import linear_forward
 
 # The single-stream block forward whose `mlp_act` output goes only into `linear2`'s input tail
@@ -180,17 +181,9 @@ class GeluThenLinear:
         return linear_forward(self, torch.cat((x[..., :start], tail), dim=-1) if start else tail)
 
 
-_fused_classes: dict = {}
-
-
 def fused_class(cls: type, gelu_from: int) -> type:
     """`cls` with `GeluThenLinear`'s forward for `gelu_from` (one subclass per pair)."""
-    base = getattr(cls, "_para_attn_base", cls)
-    if (base, gelu_from) not in _fused_classes:
-        _fused_classes[base, gelu_from] = type(
-            f"GeluThen{base.__name__}", (GeluThenLinear, base),
-            {"_para_attn_base": base, "_para_attn_gelu_from": gelu_from, "__module__": __name__})
-    return _fused_classes[base, gelu_from]
+    return mixed_class(GeluThenLinear, cls, "GeluThen", _para_attn_gelu_from=gelu_from)
 
 
 def module_at(root, path: str):

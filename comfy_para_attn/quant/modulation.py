@@ -25,6 +25,7 @@ import torch
 from kernels.int8_linear import int8_linear, quantize_weight_int8
 
 from .fp8 import is_excluded
+from .layer_classes import mixed_class
 
 MODULATION_PATTERNS = ("*_mod.lin", "*modulation.lin", "*adaLN_modulation.*")
 SCALE_ATTR = "para_attn_int8_scale"
@@ -61,15 +62,8 @@ class Int8Forward:
         return self._para_attn_base.forward(self, x)
 
 
-_int8_classes: dict = {}
-
-
 def int8_class(cls: type) -> type:
-    base = getattr(cls, "_para_attn_base", cls)
-    if base not in _int8_classes:
-        _int8_classes[base] = type(f"Int8Weight{base.__name__}", (Int8Forward, base),
-                                   {"_para_attn_base": base, "__module__": __name__})
-    return _int8_classes[base]
+    return mixed_class(Int8Forward, cls, "Int8Weight")
 
 
 def patches(layers: list[tuple[str, torch.nn.Linear]]) -> dict:

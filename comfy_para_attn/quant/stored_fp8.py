@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .layer_classes import mixed_class
+
 
 def _quantized(weight) -> bool:
     """torchao's tensor. `quant.is_quantized` without its isinstance against an imported
@@ -41,12 +43,5 @@ class QuantizedCastForward:
         return linear_forward(self, x)
 
 
-_classes: dict = {}
-
-
 def quantized_cast_class(cls: type) -> type:
-    base = getattr(cls, "_para_attn_base", cls)
-    if base not in _classes:
-        _classes[base] = type(f"QuantizedCast{base.__name__}", (QuantizedCastForward, base),
-                              {"_para_attn_base": base, "__module__": __name__})
-    return _classes[base]
+    return mixed_class(QuantizedCastForward, cls, "QuantizedCast")
