@@ -21,21 +21,24 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] 
 
 
 def quantized_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
-                                  scale: Optional[float] = None):
+                                  scale: Optional[float] = None, key_block: int = 128):
     """The quantized kernel's arithmetic written in torch (one block, no online softmax):
-    K smoothing, per-token int8 Q/K, per-channel fp8 V, fp8 P scaled by 448."""
+    K smoothing, int8 Q per token and K per block of `key_block` keys, per-channel fp8 V,
+    fp8 P scaled by 448."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qf, kf, vf = q.float(), k.float(), v.float()
     k_mean = kf.mean(dim=2, keepdim=True)
     k_smooth = kf - k_mean
 
-    def int8_rows(x):
-        step = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-20) / 127
+    def int8(x, step):
         scaled = x / step
         return (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).clamp(-127, 127), step  # half away, as the kernel
 
-    q_int, q_step = int8_rows(qf)
-    k_int, k_step = int8_rows(k_smooth)
+    q_int, q_step = int8(qf, qf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-20) / 127)
+    seq_k = k.shape[2]
+    block_max = torch.stack([k_smooth[:, :, i:i + key_block].abs().amax(dim=(2, 3)) for i in range(0, seq_k, key_block)], -1)
+    k_step = (block_max.clamp_min(1e-20) / 127).repeat_interleave(key_block, dim=-1)[..., :seq_k, None]
+    k_int, k_step = int8(k_smooth, k_step)
     scores = (q_int @ k_int.transpose(-1, -2)) * q_step * k_step.transpose(-1, -2) * scale
     if bias is not None:
         scores = scores + bias.float()
