@@ -16,9 +16,12 @@ class ParaAttnAttentionBackend:
         }
 
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model, its attention routed to the chosen kernel (here and in Context Parallel's "
+                       "workers when that node's attention_backend is 'from model').",)
     FUNCTION = "apply"
     CATEGORY = "para_attn"
-    DESCRIPTION = "Chooses the attention kernel (also used by Context Parallel workers)."
+    DESCRIPTION = ("Chooses the attention kernel (also used by Context Parallel's workers unless that node "
+                   "names its own).")
 
     def apply(self, model, attention_backend):
         from comfy_para_attn.adapters.comfy.attention_backend import apply_attention_backend

@@ -17,8 +17,8 @@ class ParaAttnFirstBlockCache:
                                "model)."}),
                 "start_percent": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "display": "slider",
-                    "tooltip": "Part of the sampling schedule where caching may start (0 = first step). Steps "
-                               "before it are always computed."}),
+                    "tooltip": "Part of the sampling schedule where caching may start (0 = first step; at most "
+                               "end_percent). Steps before it are always computed."}),
                 "end_percent": ("FLOAT", {
                     "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "display": "slider",
                     "tooltip": "Part of the sampling schedule where caching stops (1 = last step). Steps after "

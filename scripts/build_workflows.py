@@ -76,9 +76,11 @@ Compile Model: regional = each transformer block class compiled once (seconds of
 first run is slower). dynamic on if you often change resolution.
 First Block Cache: residual_diff_threshold 0.12 is a good FLUX default (about 2x on 28 steps);
 lower (0.08) = closer to the plain model, higher = faster. 0 = off.
-{multi_note}{controlnet_note}Any order of these nodes works; threshold 0 / mode off / scope off give the plain model."""
-FLUX_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers). auto layout picks
-Ulysses x Ring from the 24 heads. The workers stay alive between prompts.
+{multi_note}{controlnet_note}FP8 Quantize, Compile Model and First Block Cache work in any order (Context Parallel goes
+last, before the sampler); threshold 0 / mode off / scope off give the plain model."""
+FLUX_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers). auto layout: ring on
+2 GPUs; beyond that as much Ulysses as the 24 heads allow, ring for the rest (logged). The
+workers stay alive between prompts.
 Parallel VAE Decode: VAE Decode (Tiled) with the tiles spread over the same workers.
 """
 FLUX_CONTROLNET_NOTE = """ControlNet: XLabs' flux-canny-controlnet-v3 in models/controlnet; load your own image in Load
@@ -96,8 +98,8 @@ First Block Cache: residual_diff_threshold 0.10 suits HunyuanVideo (about 1.6x o
 HUNYUAN_SINGLE_NOTE = """Parallel VAE Decode with gpus 1: VAE Decode (Tiled)'s tiles and output, decoded in this
 process with the GPU one tile ahead of the blending (faster); gpus 0 spreads the tiles over
 all GPUs (tile 256 / overlap 64 / 64 frames as in ComfyUI's example)."""
-HUNYUAN_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers); auto layout splits
-the 24 heads (Ulysses) and the rest of the sequence (Ring).
+HUNYUAN_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers); auto layout: ring on
+2 GPUs; beyond that it splits the 24 heads (Ulysses) and the rest of the sequence (Ring).
 Parallel VAE Decode: tiled 3D VAE decode with the tiles spread over the same workers
 (tile 256 / overlap 64 / 64 frames as in ComfyUI's example)."""
 

@@ -172,3 +172,7 @@ def test_settings_validate_and_pickle():
     for bad in (dict(residual_diff_threshold=-1), dict(start_percent=2), dict(max_consecutive_hits=-2)):
         with pytest.raises(ValueError):
             FirstBlockCacheSettings(**bad)
+    # A window that ends before it starts would silently never cache: say what to change.
+    with pytest.raises(ValueError, match="lower start_percent or raise end_percent"):
+        FirstBlockCacheSettings(0.12, start_percent=0.8, end_percent=0.2)
+    assert FirstBlockCacheSettings(0.12, start_percent=0.5, end_percent=0.5).enabled

@@ -89,10 +89,71 @@ def test_bad_layouts_are_rejected_before_sampling(comfyui_path, pack_nodes):
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
 
     patcher, *_ = sampling_inputs("flux")
-    with pytest.raises(ValueError, match="does not match the 2"):
+    # In the node's own input names, with the ways out.
+    with pytest.raises(ValueError, match=r"ulysses_degree 2 x ring_degree 2 = 4, but there are 2 CPU ranks\. "
+                                         r"Make the product 2, set gpus to 4, or set layout to auto"):
         _cp(pack_nodes, patcher, ulysses_degree=2, ring_degree=2)
-    with pytest.raises(ValueError, match="does not divide the model's 4"):
+    with pytest.raises(ValueError, match=r"x 2 \(cfg_parallel\) = 4, but there are 2 CPU ranks \(gpus 0: all visible\)"):
+        _cp(pack_nodes, patcher, gpus=0, ulysses_degree=2, cfg_parallel=True)
+    with pytest.raises(ValueError, match="does not divide the model's 4.*layout auto picks a valid one"):
         _cp(pack_nodes, patcher, gpus=3, ulysses_degree=3)
+
+
+def test_layout_choices_that_change_the_run_are_said(comfyui_path, pack_nodes, caplog):
+    """auto with cfg_parallel on an odd rank count runs without it: a warning, not silence."""
+    import logging
+
+    from comfy_para_attn.adapters.comfy.pool_sampling import make_settings
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, *_ = sampling_inputs("flux")
+    with caplog.at_level(logging.INFO):
+        settings = make_settings(patcher, 3, 1, 1, True, 60.0, auto=True)
+    assert settings.cfg == 1 and settings.gpus == 3
+    assert any(r.levelno == logging.WARNING and "cfg_parallel is off" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert make_settings(patcher, 2, 1, 1, True, 60.0, auto=True).cfg == 2
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+
+
+def test_attention_backend_from_the_model_or_the_node(comfyui_path, pack_nodes):
+    """'from model' (the default) takes an Attention Backend node's choice before Context
+    Parallel, else sdpa; an explicit choice on Context Parallel wins."""
+    from comfy_para_attn.adapters.comfy.pool_sampling import FEATURE
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    def chosen(model):
+        return model.model_options["transformer_options"]["para_attn"][FEATURE].attention_backend
+
+    patcher, *_ = sampling_inputs("flux")
+    with_triton = pack_nodes["ParaAttnAttentionBackend"]().apply(patcher, "triton")[0]
+    assert chosen(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2)) == "sdpa"
+    assert chosen(_cp(pack_nodes, with_triton, ulysses_degree=1, ring_degree=2)) == "triton"
+    assert chosen(_cp(pack_nodes, with_triton, ulysses_degree=1, ring_degree=2, attention_backend="sdpa")) == "sdpa"
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        _cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2, attention_backend="flash")
+
+
+def test_one_gpu_samples_in_this_process(comfyui_path, pack_nodes):
+    """gpus 1: no worker pool (it would only add the weights' transfer); the model samples as
+    it is, with the node's attention backend if it names one."""
+    from comfy_para_attn.adapters.comfy.attention_backend import BackendAttention
+    from comfy_para_attn.adapters.comfy.pool_sampling import FEATURE
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    same = _cp(pack_nodes, patcher, gpus=1, ulysses_degree=1)
+    assert same is patcher
+    routed = _cp(pack_nodes, patcher, gpus=1, ulysses_degree=1, attention_backend="triton")
+    to = routed.model_options["transformer_options"]
+    assert isinstance(to["optimized_attention_override"], BackendAttention) and FEATURE not in to["para_attn"]
+    assert to["optimized_attention_override"].backend == "triton"
+    running_before = current_pool()
+    out = comfy_models.sample(same, pos, neg, latent, steps=2, cfg=1.0)
+    assert torch.isfinite(out).all() and current_pool() is running_before
 
 
 def test_cfg_parallel_with_cfg_1_is_rejected(comfyui_path, pack_nodes, pool_cleanup):

@@ -49,6 +49,9 @@ class FirstBlockCacheSettings:
         if not 0.0 <= self.start_percent <= 1.0 or not 0.0 <= self.end_percent <= 1.0:
             raise ValueError(f"start_percent and end_percent must lie in [0, 1], got "
                              f"{self.start_percent} and {self.end_percent}")
+        if self.start_percent > self.end_percent:
+            raise ValueError(f"start_percent ({self.start_percent}) is after end_percent ({self.end_percent}): no step "
+                             "could be cached; lower start_percent or raise end_percent")
         if self.max_consecutive_hits < -1:
             raise ValueError(f"max_consecutive_hits must be -1 (unlimited) or >= 0, got {self.max_consecutive_hits}")
 

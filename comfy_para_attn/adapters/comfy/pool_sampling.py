@@ -68,9 +68,25 @@ def available_device() -> tuple[str, int]:
     return "cpu", 2
 
 
+FROM_MODEL = "from model"  # the Attention Backend node's choice on the incoming model, else sdpa
+
+
+def _backend_of(model_patcher, choice: str) -> str:
+    from ...attention.local import BACKEND_CHOICES
+    from .attention_backend import FEATURE as BACKEND_FEATURE
+
+    if choice == FROM_MODEL:
+        ours = model_patcher.model_options.get("transformer_options", {}).get("para_attn", {})
+        return ours.get(BACKEND_FEATURE, "sdpa")
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(f"attention_backend must be one of {(FROM_MODEL, *BACKEND_CHOICES)}, got {choice!r}")
+    return choice
+
+
 def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_parallel: bool, timeout_s: float,
-                  auto: bool, attention_backend: str = "sdpa") -> ContextParallelSettings:
-    """Check a layout against this machine and the model; ValueError says what to set."""
+                  auto: bool, attention_backend: str = FROM_MODEL) -> ContextParallelSettings:
+    """Check a layout against this machine and the model; ValueError says what to set, in the
+    node's own input names."""
     from .patches import diffusion_model, model_family
 
     model_family(model_patcher)
@@ -80,25 +96,41 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
         raise ValueError(f"gpus={world} but only {visible} GPU(s) are visible; set gpus to at most {visible}.")
     dm = diffusion_model(model_patcher)
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
+    ranks = f"{world} {'GPUs' if device == 'cuda' else 'CPU ranks'}" + (" (gpus 0: all visible)" if gpus <= 0 else "")
     if auto:
         config = ContextParallelConfig.auto(world, num_heads=heads, use_cfg=cfg_parallel)
-        log.info("Context Parallel: auto layout for %d %s rank(s): ulysses %d x ring %d x cfg %d",
-                 world, device, config.ulysses, config.ring, config.cfg)
+        log.info("Context Parallel: auto layout for %s: ulysses %d x ring %d x cfg %d",
+                 ranks, config.ulysses, config.ring, config.cfg)
+        if cfg_parallel and config.cfg == 1 and world > 1:
+            log.warning("Context Parallel: cfg_parallel is off for this run: it needs an even number of "
+                        "GPUs, and there are %d", world)
     else:
         config = ContextParallelConfig(ulysses=ulysses, ring=ring, cfg=2 if cfg_parallel else 1)
-    config.validate(world_size=world, num_heads=heads)
-    from ...attention.local import BACKEND_CHOICES
-
-    if attention_backend not in BACKEND_CHOICES:
-        raise ValueError(f"attention_backend must be one of {BACKEND_CHOICES}, got {attention_backend!r}")
+    try:
+        config.validate(world_size=world, num_heads=heads)
+    except ValueError as exc:
+        if config.world_size != world:
+            raise ValueError(
+                f"layout manual: ulysses_degree {config.ulysses} x ring_degree {config.ring}"
+                f"{' x 2 (cfg_parallel)' if config.cfg == 2 else ''} = {config.world_size}, but there are "
+                f"{ranks}. Make the product {world}, set gpus to {config.world_size}, or set layout to auto.") from None
+        raise ValueError(f"{exc} (inputs ulysses_degree and ring_degree; layout auto picks a valid one)") from None
     return ContextParallelSettings(world, config.ulysses, config.ring, config.cfg, float(timeout_s), device,
-                                   attention_backend)
+                                   _backend_of(model_patcher, attention_backend))
 
 
 def apply_context_parallel(model_patcher, settings: ContextParallelSettings):
-    """A clone of `model_patcher` whose sampling runs in the worker pool."""
+    """A clone of `model_patcher` whose sampling runs in the worker pool; with one rank, the
+    model as it is (a pool of one worker would only add the weights' transfer)."""
     import comfy.patcher_extension
 
+    if settings.gpus == 1:
+        log.info("Context Parallel: 1 GPU: sampling stays in this process (no worker pool)")
+        from .attention_backend import apply_attention_backend
+
+        if settings.attention_backend != _backend_of(model_patcher, FROM_MODEL):
+            return apply_attention_backend(model_patcher, settings.attention_backend)
+        return model_patcher
     model = model_patcher.clone()
     to = model.model_options.setdefault("transformer_options", {})
     to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
