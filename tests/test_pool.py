@@ -30,7 +30,9 @@ from comfy_para_attn.pool import (
     shutdown_pool,
 )
 from comfy_para_attn.pool.launch import HOST_THREADS_ENV, PoolLayout, worker_env
+from comfy_para_attn.pool import shm
 from comfy_para_attn.pool.shm import check_shm_space, controller_dir, pid_namespace, sweep_stale_dirs
+from comfy_para_attn.pool.worker import ORPHAN_EXIT_CODE
 from comfy_para_attn.pool.transfer import fingerprint_tensors, load_tensors, publish_tensors
 
 JOBS = "comfy_para_attn.testing.pool_jobs"
@@ -268,6 +270,32 @@ def test_cuda_ranks_sample_on_one_host_thread_and_cpu_ranks_take_their_share(mon
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's setting wins everywhere
     cuda = worker_env(PoolLayout.create(2, device="cuda"), 1234)
     assert (cuda["OMP_NUM_THREADS"], cuda[HOST_THREADS_ENV]) == ("5", "5")
+
+
+def test_comfyui_folder_comes_before_the_pack_on_the_workers_import_path(tmp_path, monkeypatch):
+    """ComfyUI's `nodes` module must win over this pack's `nodes/` package in a worker, also
+    when ComfyUI was started from another folder."""
+    from comfy_para_attn.pool.launch import REPO_ROOT as PACK
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    comfy_folder = tmp_path / "ComfyUI"
+    comfy_folder.mkdir()
+    (comfy_folder / "nodes.py").write_text("WHO = 'comfyui'\n")
+    layout = PoolLayout.create(2, sys_path=[str(comfy_folder), PACK])
+    paths = worker_env(layout, 1234)["PYTHONPATH"].split(os.pathsep)
+    assert paths == [str(comfy_folder.resolve()), PACK]
+    found = subprocess.run([sys.executable, "-c", "import nodes; print(nodes.WHO)"], cwd=tmp_path, text=True,
+                           capture_output=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)))
+    assert found.stdout.strip() == "comfyui", found.stderr
+
+
+def test_a_start_that_fails_before_any_worker_leaves_no_descriptor(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(PoolStartError, match="GPU index 1 is not among CUDA_VISIBLE_DEVICES=0"):
+            Pool(2, device="cuda", gpus=[0, 1])
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_host_threads_raises_the_thread_count_for_a_block_and_restores_it():
@@ -663,15 +691,72 @@ def test_stale_publish_dirs_of_dead_controllers_are_swept(tmp_path):
     finished = subprocess.Popen(["true"])
     finished.wait()
     stale = controller_dir(finished.pid, tmp_path)
-    mine = controller_dir(os.getpid(), tmp_path)
+    mine = shm.own_publish_dir(tmp_path)  # made (claimed) by this process
     legacy = tmp_path / f"comfy_para_attn-{finished.pid}"
     other_namespace = tmp_path / f"comfy_para_attn-{int(pid_namespace()) + 1}-{finished.pid}"
     assert stale.name == f"comfy_para_attn-{pid_namespace()}-{finished.pid}" and pid_namespace() != "0"
     for directory in (stale, mine, legacy, other_namespace):
-        directory.mkdir()
+        directory.mkdir(exist_ok=True)
         (directory / "weights.pt").write_bytes(b"x")
     assert sorted(sweep_stale_dirs(tmp_path)) == sorted([stale, legacy])
     assert not stale.exists() and not legacy.exists() and mine.exists() and other_namespace.exists()
+
+
+def test_a_restart_under_the_same_pid_frees_what_the_previous_program_published(tmp_path):
+    """ComfyUI-Manager restarts ComfyUI with os.execv: same pid, no atexit handler, so the
+    published model stays under our pid's name. The new program (which did not make that
+    folder) sweeps it when the pack loads, before a space check would count it."""
+    script = textwrap.dedent("""
+        import os, sys, torch
+        from comfy_para_attn.pool import shm
+        from comfy_para_attn.pool.transfer import publish_tensors
+        if sys.argv[1] == "before":
+            handle = publish_tensors({"w": torch.ones(4096)}, "before-restart")
+            print(handle.path, flush=True)
+            os.execv(sys.executable, [sys.executable, "-c", sys.argv[2], "after", sys.argv[2]])
+        left = shm.controller_dir(os.getpid())
+        print("left", left.exists(), flush=True)
+        print("swept", [str(p) for p in shm.sweep_stale_dirs()] == [str(left)], left.exists(), flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), COMFY_PARA_ATTN_SHM_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script, "before", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    published, left, swept = done.stdout.strip().splitlines()
+    assert Path(published).parent.parent == tmp_path
+    assert left == "left True" and swept == "swept True False"
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_watchdog_works_on_a_descriptor_above_1024():
+    """Workers keep the controller's descriptor numbers, and a ComfyUI with many files open
+    hands down a lifeline >= 1024, which select() refuses: the watchdog must still see the
+    controller's end close and exit the worker."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1600:
+        pytest.skip(f"the descriptor limit ({hard}) does not allow a descriptor above 1024")
+    script = textwrap.dedent("""
+        import os, resource, sys, time
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < 1600:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1600, hard))
+        from comfy_para_attn.pool import worker
+        read_end, write_end = os.pipe()
+        lifeline = os.dup2(read_end, 1500)
+        os.close(read_end)
+        worker.start_watchdog(lifeline, os.getppid())
+        time.sleep(0.5)
+        os.close(write_end)  # as when the controller dies
+        time.sleep(30)
+        sys.exit(0)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == ORPHAN_EXIT_CODE, (done.returncode, done.stderr)
+    assert "controller closed the lifeline" in done.stderr and time.monotonic() - began < 20
 
 
 def test_loading_the_pack_sweeps_what_killed_controllers_left(tmp_path):

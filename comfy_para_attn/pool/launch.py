@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -68,14 +68,19 @@ class WorkerProcess:
     lifeline_fd: int
     events_open: bool = True
     channels_open: bool = True
+    _closing: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def close_channels(self) -> None:
         """Close the command pipe and the lifeline; the events pipe belongs to the controller's
-        reader thread for this worker, which closes it when the worker's end closes."""
-        if self.channels_open:
+        reader thread for this worker, which closes it when the worker's end closes. Locked:
+        a shutdown from another thread (or at exit) may race a failing job's cleanup, and a
+        descriptor closed twice could be one that another thread has just been given."""
+        with self._closing:
+            if not self.channels_open:
+                return
             self.channels_open = False
-            self.commands.close()
-            os.close(self.lifeline_fd)
+        self.commands.close()
+        os.close(self.lifeline_fd)
 
 
 HOST_THREADS_ENV = "PARA_ATTN_HOST_THREADS"  # threads for a worker's host-heavy phases
@@ -90,7 +95,7 @@ def free_port() -> int:
 def worker_env(layout: PoolLayout, port: int) -> dict[str, str]:
     """The environment shared by all ranks (each rank then adds RANK and its GPU)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
-    paths = [REPO_ROOT, *layout.sys_path, *filter(None, [env.get("PYTHONPATH")])]
+    paths = [*import_roots(layout), *filter(None, [env.get("PYTHONPATH")])]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                WORLD_SIZE=str(layout.world_size), PYTHONUNBUFFERED="1")
@@ -106,6 +111,12 @@ def worker_env(layout: PoolLayout, port: int) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = "1" if layout.device == "cuda" else share
     env.update(dict(layout.env))
     return env
+
+
+def import_roots(layout: PoolLayout) -> list[str]:
+    """The workers' import roots: the layout's first (ComfyUI's folder, whose `nodes` module
+    must win over this pack's `nodes/` package), then this pack's."""
+    return list(dict.fromkeys([*layout.sys_path, REPO_ROOT]))
 
 
 def visible_device(layout: PoolLayout, rank: int) -> str:
@@ -127,6 +138,7 @@ def spawn_worker(layout: PoolLayout, rank: int, env: dict[str, str]) -> WorkerPr
     """Start `python -m comfy_para_attn.pool.worker` for one rank with its three pipes
     inherited through pass_fds (not multiprocessing, which would re-run the server's main
     module in the child)."""
+    gpu = visible_device(layout, rank)  # may raise: before any pipe is open
     commands_r, commands_w = os.pipe()
     events_r, events_w = os.pipe()
     lifeline_r, lifeline_w = os.pipe()
@@ -135,9 +147,8 @@ def spawn_worker(layout: PoolLayout, rank: int, env: dict[str, str]) -> WorkerPr
         rank=rank, world_size=layout.world_size, device_type=layout.device,
         backend="nccl" if layout.device == "cuda" else "gloo",
         commands_fd=commands_r, events_fd=events_w, lifeline_fd=lifeline_r,
-        parent_pid=os.getpid(), sys_path=[REPO_ROOT, *layout.sys_path])
-    env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank),
-               CUDA_VISIBLE_DEVICES=visible_device(layout, rank))
+        parent_pid=os.getpid(), sys_path=import_roots(layout))
+    env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES=gpu)
     relay = output_needs_relay()
     try:
         process = subprocess.Popen(

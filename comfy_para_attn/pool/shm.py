@@ -132,8 +132,8 @@ def float32_files(shape: tuple[int, ...], count: int, *, what: str) -> list[str]
     processes to map with `map_float32` and fill in place (the writer of each reserves its
     pages: `map_float32(..., reserve=True)`). Callers unlink them."""
     nbytes = 4 * math.prod(shape)
+    directory = own_publish_dir(shm_root())  # first: it clears what a previous program of our pid left
     check_shm_space(count * nbytes, what=what)
-    directory = own_publish_dir(shm_root())
     paths = []
     try:
         for _ in range(count):
@@ -212,8 +212,12 @@ def sweep_stale_dirs(root: Path | None = None, log: bool = False) -> list[Path]:
         if not match or (match.group(1) or namespace) != namespace:
             continue
         pid = int(match.group(2))
-        if pid == os.getpid() or not process_gone(pid):
+        if pid == os.getpid() and entry in _claimed_dirs:
+            continue  # ours
+        if pid != os.getpid() and not process_gone(pid):
             continue  # its controller still runs
+        # (Our pid but not made by this process: a previous program under the same pid, as
+        # after ComfyUI-Manager's os.execv restart; see own_publish_dir.)
         freed += sum(f.stat().st_size for f in entry.glob("*") if f.is_file())
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

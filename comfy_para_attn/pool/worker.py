@@ -62,13 +62,17 @@ def start_watchdog(lifeline_fd: int, parent_pid: int) -> None:
     parent-pid check covers a lifeline end leaked into another process by a fork."""
     _controller_pid[:] = [parent_pid]
 
+    # poll, not select: select refuses descriptors >= 1024, which a ComfyUI with many open
+    # files hands down (the workers keep the controller's descriptor numbers).
+    lifeline = select.poll()
+    lifeline.register(lifeline_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
     def watch():
         while True:
             try:
-                readable, _, _ = select.select([lifeline_fd], [], [], WATCHDOG_PERIOD_S)
-                if readable and os.read(lifeline_fd, 1) == b"":
+                if lifeline.poll(WATCHDOG_PERIOD_S * 1000) and os.read(lifeline_fd, 1) == b"":
                     _exit_orphaned("controller closed the lifeline")
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever breaks the check, do not outlive the controller
                 _exit_orphaned(f"lifeline failed ({exc})")
             if os.getppid() != parent_pid:
                 _exit_orphaned(f"controller pid {parent_pid} is gone")
@@ -186,6 +190,10 @@ class Worker:
                 message = protocol.recv(conn)
             except (EOFError, OSError):
                 _exit_orphaned("controller closed the command pipe")
+            except BaseException as exc:  # a job too large to receive (MemoryError): say so, not a silent hang
+                self.outbox.post(failure_message(None, self.config.rank, exc))
+                self.outbox.flush(5.0)
+                _exit_orphaned(f"command reader failed ({type(exc).__name__})")
             if isinstance(message, protocol.Interrupt):
                 self.interrupt_flag.job_id = message.job_id
             else:
