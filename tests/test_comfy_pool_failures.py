@@ -142,7 +142,7 @@ def test_layout_change_rebuilds_pool(setup):
     pack_nodes, patcher, pos, neg, latent, reference = setup
     _next_prompt_succeeds(setup)
     before = list(_current_pool().pids)
-    out = _sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=1, gpus=1), pos, neg, latent)
+    out = _sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=3, gpus=3), pos, neg, latent)
     assert (out - reference).abs().max().item() < TOL
     assert _current_pool().pids != before
     _next_prompt_succeeds(setup)
