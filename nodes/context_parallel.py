@@ -11,8 +11,8 @@ class ParaAttnContextParallel:
                                                "FP8 and Compile nodes). Any sampler node can follow."}),
                 "gpus": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
                                  "GPUs to sample on (one background worker each). 0 = all visible GPUs; 1 = no "
-                                 "worker pool (sampling stays in ComfyUI). Without a GPU (or with --cpu) the "
-                                 "workers are 2 CPU processes."}),
+                                 "worker pool (sampling stays in ComfyUI). Without a GPU (or with --cpu) 0 means "
+                                 "2 CPU worker processes, and other values count CPU processes."}),
                 "layout": (["auto", "manual"], {"default": "auto", "tooltip":
                            "auto: cfg parallel if enabled; then ring for 2 GPUs (measured fastest there), as much "
                            "Ulysses as the heads allow for more, ring for the rest (logged). manual: use the "

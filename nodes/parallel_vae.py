@@ -14,19 +14,19 @@ class ParaAttnParallelVAEDecode:
                 "gpus": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
                                  "GPUs to decode on (one background worker each, shared with Context Parallel). "
                                  "0 = all visible GPUs; 1 = tiled decode in this process. Without a GPU (or "
-                                 "with --cpu) the workers are 2 CPU processes."}),
+                                 "with --cpu) 0 means 2 CPU worker processes, and other values count CPU "
+                                 "processes."}),
                 "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip":
                                       "Tile edge in pixels, as in VAE Decode (Tiled). Smaller tiles use less "
                                       "memory per GPU and give more tiles to share out."}),
                 "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32, "tooltip":
                                     "Pixels neighbouring tiles share, blended linearly to hide seams (as in VAE "
-                                    "Decode (Tiled): reduced to tile_size / 4 when larger). Must be smaller than "
-                                    "tile_size."}),
+                                    "Decode (Tiled): reduced to tile_size / 4 when larger)."}),
                 "temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4, "tooltip":
                                           "Video VAEs only: frames decoded per tile (as in VAE Decode (Tiled))."}),
                 "temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4, "tooltip":
                                              "Video VAEs only: frames neighbouring tiles share (as in VAE Decode "
-                                             "(Tiled)). Must be smaller than temporal_size."}),
+                                             "(Tiled): halved when more than half of temporal_size)."}),
             }
         }
 

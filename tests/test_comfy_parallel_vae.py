@@ -89,12 +89,29 @@ def test_bad_inputs_are_clear_errors(comfyui_path, pack_nodes):
     z = latent("flux", height=4, width=4)
     with pytest.raises(ValueError, match="has 4 channels but this VAE takes 16"):
         _node(pack_nodes, flux, z[:, :4], (64, 16, 64, 8), gpus=2)
-    with pytest.raises(ValueError, match="overlap .* must be smaller than tile_size"):
-        _node(pack_nodes, flux, z, (64, 64, 64, 8), gpus=2)
     with pytest.raises(ValueError, match=r"\[B, C, T, H, W\] \(video\)"):
         _node(pack_nodes, video, z, (64, 16, 64, 8), gpus=2)
-    with pytest.raises(ValueError, match="temporal_overlap .* must be smaller"):
-        _node(pack_nodes, video, latent("hunyuan_video", frames=2, height=4, width=4), (64, 16, 8, 8), gpus=2)
+
+
+def test_overlaps_as_large_as_the_tile_are_reduced_as_comfyui_does(comfyui_path, pack_nodes, pool_cleanup, caplog):
+    """VAE Decode (Tiled) reduces overlap to tile_size / 4 and halves temporal_overlap when they
+    are too large; the drop-in node does the same (and says so) instead of refusing."""
+    import logging
+
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    cases = [("flux", latent("flux", height=9, width=11), (64, 64, 64, 8)),
+             ("hunyuan_video", latent("hunyuan_video", frames=4, height=6, width=7), (32, 8, 8, 8))]
+    for kind, z, settings in cases:
+        vae = tiny_comfy_vae(kind)
+        reference = _comfy_tiled(vae, z, settings)
+        with caplog.at_level(logging.WARNING):
+            in_process = _node(pack_nodes, vae, z, settings, gpus=1)
+            pooled = _node(pack_nodes, vae, z, settings, gpus=2)
+        assert reference.std() > 0.05 and torch.equal(in_process, reference), kind
+        assert (pooled - reference).abs().max().item() < POOL_TOL, kind
+        assert any("reduced as VAE Decode (Tiled) does" in r.getMessage() for r in caplog.records), kind
+        caplog.clear()
 
 
 def test_interrupt_stops_the_decode_and_the_pool_survives(comfyui_path, pack_nodes, pool_cleanup):

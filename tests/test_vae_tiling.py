@@ -8,6 +8,7 @@ from comfy_para_attn.testing.vae_models import nearest_decoder
 from comfy_para_attn.vae import (TiledDecodeSettings, TileGrid, assign_tiles, blend_tiles, comfy_grids,
                                  decode_tiles, decode_tiles_partial, feather_mask, latent_tile_sizes, plan_tiles,
                                  sum_partials)
+from comfy_para_attn.vae.blend import blend_weights, shared_feather_mask
 
 CAUSAL = (lambda d, n: max(0, 4 * n - 3) if d == 0 else 8 * n), (lambda d, p: (4, 8, 8)[d] * p)
 IMAGE = (lambda d, n: 8 * n), None
@@ -130,6 +131,8 @@ def _rank_decode(rank, world_size, cases, partial_dir=None):
             if world_size > 1:
                 dist.barrier()
             out = partials[0].clone() if rank == 0 else None
+        # The masks and weight maps were cached for this decode only (image-sized otherwise kept).
+        assert shared_feather_mask.cache_info().currsize == 0 and blend_weights.cache_info().currsize == 0
         results.append((out, rounds))
     return results
 

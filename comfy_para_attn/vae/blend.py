@@ -118,6 +118,14 @@ def blend_weights(plan: TilePlan) -> dict[int, torch.Tensor]:
     return weights
 
 
+def release_caches() -> None:
+    """Drop the cached feather masks and weight maps. They are shared by the tiles of one
+    decode; kept after it, they would hold image-sized tensors (a 720p x 81-frame Wan decode:
+    ~0.5 GiB) in every process that decoded, for its life."""
+    shared_feather_mask.cache_clear()
+    blend_weights.cache_clear()
+
+
 def blend_tiles(plan: TilePlan, decoded: list[torch.Tensor]) -> torch.Tensor:
     """Blend all decoded tiles (in plan order) at once."""
     blender = Blender(plan)

@@ -18,13 +18,25 @@ Two ways to put the tiles together:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
 
 from ..attention.collectives import cpu_group  # noqa: F401  (re-exported by comfy_para_attn.vae)
-from .blend import Blender, blend_weights, shared_feather_mask, tile_region
+from .blend import Blender, blend_weights, release_caches, shared_feather_mask, tile_region
 from .tiling import Tile, TilePlan, assign_tiles
+
+
+def _one_decode(decode_fn):
+    """The blend caches live for one decode (`blend.release_caches`), however it ends."""
+    @functools.wraps(decode_fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return decode_fn(*args, **kwargs)
+        finally:
+            release_caches()
+    return wrapper
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 # on_round(round, rounds, tiles decoded on all ranks so far, tiles in the plan)
@@ -98,6 +110,7 @@ def _check_latent(samples: torch.Tensor, plan: TilePlan) -> None:
         raise ValueError(f"latent has shape {tuple(samples.shape)}, the plan was made for {plan.latent_shape}")
 
 
+@_one_decode
 def decode_tiles(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, *, rank: int = 0,
                  world_size: int = 1, group=None, dst: int = 0, output: torch.Tensor | None = None,
                  on_round: RoundFn | None = None, device=None) -> torch.Tensor | None:
@@ -174,6 +187,7 @@ def _recv(src: int, ndim: int, group) -> torch.Tensor:
     return tensor
 
 
+@_one_decode
 def decode_tiles_partial(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, partial: torch.Tensor, *,
                          rank: int, world_size: int, on_round: RoundFn | None = None, device=None) -> None:
     """Add this rank's share of the blended decode into `partial` (float32 [B, C, *out_spatial],

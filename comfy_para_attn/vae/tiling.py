@@ -158,12 +158,14 @@ class TiledDecodeSettings:
 
 
 def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compression: int,
-                      temporal_compression: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+                      temporal_compression: int | None = None,
+                      strict: bool = True) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(tile, overlap) in latent elements per spatial dimension, converted the way ComfyUI's
     VAEDecodeTiled node and VAE.decode_tiled convert them (their silent clamps included).
-    An overlap that is not smaller than its tile is a ValueError instead."""
+    With `strict`, an overlap that is not smaller than its tile is a ValueError instead; without
+    it, the clamps reduce it as VAEDecodeTiled does (the ComfyUI node's drop-in behaviour)."""
     s = settings
-    if s.overlap >= s.tile_size:
+    if strict and s.overlap >= s.tile_size:
         raise ValueError(f"overlap ({s.overlap} px) must be smaller than tile_size ({s.tile_size} px)")
     overlap = s.overlap if s.tile_size >= s.overlap * 4 else s.tile_size // 4
     tile, overlap = s.tile_size // spatial_compression, overlap // spatial_compression
@@ -176,7 +178,7 @@ def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compress
         raise ValueError(f"tiled decode supports image and video latents, not {dims} spatial dims")
     if temporal_compression is None:
         raise ValueError("this VAE decodes images, but the latent is a video [B, C, T, H, W]")
-    if s.temporal_overlap >= s.temporal_size:
+    if strict and s.temporal_overlap >= s.temporal_size:
         raise ValueError(f"temporal_overlap ({s.temporal_overlap} frames) must be smaller than "
                          f"temporal_size ({s.temporal_size} frames)")
     t_overlap = s.temporal_overlap if s.temporal_size >= s.temporal_overlap * 2 else s.temporal_overlap // 2
