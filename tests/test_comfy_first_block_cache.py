@@ -307,3 +307,30 @@ def test_a_reused_step_with_a_controlnet_counts_its_residuals_once(cm, fbc):
         assert torch.isfinite(reused).all() and computed.abs().mean() > 1e-3
         errors[name] = (reused - computed).abs().max().item()
     assert errors["controlnet"] < 10 * errors["plain"] + 1e-5, errors
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_skip_layer_guidance_calls_keep_their_own_tail(cm, fbc, setups, runs, family):
+    """Skip Layer Guidance makes a second call a step with the same cond, uuids and sigma but
+    some blocks skipped: its tail must not stand in for the full model's call (nor the other
+    way round). With a negligible guidance scale the result must stay the cache-only one."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+
+    from comfy_para_attn.adapters.comfy.patches import block_counts
+
+    model, pos, neg, latent, _ = setups[family]
+    single = block_counts(model).get("single_block", 0)
+    layers = dict(double_layers="", single_layers="0") if single else dict(double_layers="1", single_layers="")
+
+    def with_slg(m):
+        out = SkipLayerGuidanceDiT.execute(m, scale=1e-6, start_percent=0.0, end_percent=1.0, **layers)
+        return out.result[0] if hasattr(out, "result") else out[0]
+
+    settings = Settings(0.9)
+    cache_only = cm.sample(fbc.apply_first_block_cache(model, settings), pos, neg, latent, steps=STEPS, cfg=1.0)
+    alone = runs[-1].cache
+    both = cm.sample(with_slg(fbc.apply_first_block_cache(model, settings)), pos, neg, latent, steps=STEPS, cfg=1.0)
+    assert alone.hits > 0 and runs[-1].cache.hits > 0
+    rel = ((both - cache_only).abs().mean() / cache_only.abs().mean()).item()
+    assert rel < 1e-4, f"{family}: FBC + SLG (scale 1e-6) differs from FBC alone by {rel:.3g}"

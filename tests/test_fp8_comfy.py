@@ -208,13 +208,18 @@ def test_a_load_for_saving_reads_the_unquantized_weights(cm, fp8, flux):
 
     plain = _weights(flux)
     model = fp8.apply_fp8(flux, FP8Settings(modulation="int8"))
-    _run(cm, model)
+    before_save = _run(cm, model)
+    quantized = _quantized_names(model)
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
     saved = model.model_state_dict("diffusion_model.")
     assert set(saved) == {f"diffusion_model.{k}" for k in plain}
     assert all(type(saved[f"diffusion_model.{k}"]) is torch.Tensor
                and torch.equal(saved[f"diffusion_model.{k}"].cpu(), v) for k, v in plain.items())
-    _run(cm, flux)
+    # Sampling after the save runs quantized again, not the weights the save loaded.
+    after_save = _run(cm, model)
+    assert quantized and _quantized_names(model) == quantized
+    assert torch.equal(after_save, before_save)
+    assert not torch.equal(after_save, _run(cm, flux))
 
 
 def test_in_place_restore_and_hooked_layers_keep_their_weights_right(cm, fp8, flux, caplog):

@@ -53,6 +53,14 @@ class _Call:
         self.part, self.streams, self.hit = part, streams, hit
 
 
+def _block_patches_signature(transformer_options: dict) -> tuple:
+    """Which block patches this call runs. Calls of one step with the same conds can still
+    differ in them: Skip Layer Guidance's extra call skips some blocks, and its tail must not
+    stand in for the full model's (nor the other way round)."""
+    dit = (transformer_options.get("patches_replace") or {}).get("dit") or {}
+    return tuple(sorted((str(key), id(patch)) for key, patch in dit.items()))
+
+
 class FirstBlockCacheRun:
     """Live state of one sampling run: the cache plus the model call in flight."""
 
@@ -77,7 +85,8 @@ class FirstBlockCacheRun:
         to = args["transformer_options"]
         sigma = float(to["sigmas"].max()) if to.get("sigmas") is not None else None
         allowed = sigma is None or self.end_sigma <= sigma <= self.start_sigma
-        part = (tuple(to.get("cond_or_uncond") or ()), tuple(str(u) for u in to.get("uuids") or ()))
+        part = (tuple(to.get("cond_or_uncond") or ()), tuple(str(u) for u in to.get("uuids") or ()),
+                _block_patches_signature(to))
         reduce_sum = getattr(to.get(CP_KEY), "all_reduce_sum", None)
         hit = self.cache.begin_call(part, sigma, out["img"] - args["img"],
                                     allowed=allowed, reduce_sum=reduce_sum)

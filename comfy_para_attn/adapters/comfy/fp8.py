@@ -156,8 +156,10 @@ def _tensor_bytes(module) -> int:
 def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
     """Quantize the loaded, patch-merged weights of `model_patcher` in place; return counts.
     Idempotent: layers already quantized are skipped. ComfyUI counted the loaded weights at
-    their size before this; the bytes freed on the GPU come off that count, or a later
-    partial unload (which counts the smaller tensors) leaves phantom loaded memory."""
+    their size before this; the bytes freed on the GPU, as its `module_size` counts them, come
+    off that count, or a later partial unload (which counts the smaller tensors) leaves phantom
+    loaded memory. `module_size` counts torchao's fp8 tensors at their logical (bf16) size, so
+    only the int8 layers' savings show there (docs/design-notes.md says why that stays)."""
     dm = model_patcher.model.diffusion_model
     counts = collections.Counter()
     configs = {}  # (device, dtype) -> (plan, torchao config)
@@ -345,6 +347,10 @@ class FP8OnLoad:
             return
         if force_patch_weights:  # a load for saving, merging or extracting: they read the weights
             _log_once("weights loaded to be read (saving, merging, LoRA extraction) stay unquantized")
+            # ComfyUI marks the weights as this clone's; its next sampling load would then keep
+            # them (fully loaded, same patches) and run bf16 without calling us. A mark of no
+            # clone makes that load restore and load again, which quantizes.
+            model_patcher.model.current_weight_patches_uuid = uuid.uuid4()
             return
         quantize_loaded_model(model_patcher, settings)
 
