@@ -33,7 +33,7 @@ class CompileSettings:
 
     scope: str = "regional"
     mode: str = "default"
-    dynamic: bool = False
+    dynamic: bool = True  # torch's automatic dynamic shapes: see compile_kwargs
     fullgraph: bool = False
     backend: str = "inductor"  # tests use "eager"/"aot_eager" to check guards without inductor's cost
     cuda_graph: str = "off"
@@ -71,9 +71,12 @@ class CompileSettings:
         return self.enabled and self.modulation == "precomputed"
 
     def compile_kwargs(self) -> dict:
-        # dynamic on -> torch's automatic dynamic shapes (None): the first shape compiles a
-        # specialized graph, the first change of shape one shape-generic graph, then no more.
-        # dynamic off -> every new shape compiles its own specialized graph.
+        # dynamic on (the default) -> torch's automatic dynamic shapes (None, as ComfyUI's
+        # TorchCompileModel): the first shape compiles a specialized graph, the first change of a
+        # size (resolution, batch, or the prompt's token count, which HunyuanVideo's text encoder
+        # does not pad) one graph generic in that size, then no more.
+        # dynamic off -> every new shape compiles its own specialized graph (every new prompt
+        # length too; past torch's limit of 8 the blocks run eager).
         kwargs = dict(backend=self.backend, fullgraph=self.fullgraph, dynamic=None if self.dynamic else False)
         if self.backend == "inductor":  # the mode as its inductor options: torch.compile takes one or the other
             from torch._inductor import list_mode_options
@@ -112,10 +115,14 @@ def _multi_kernel() -> int:
 
 def repeated_block_names(root: torch.nn.Module) -> list[str]:
     """Dotted names of the blocks in every ModuleList child of `root` that repeats one class
-    (Flux / HunyuanVideo: `double_blocks.i`, `single_blocks.i`; Wan: `blocks.i`)."""
+    (Flux / HunyuanVideo: `double_blocks.i`, `single_blocks.i`; Wan: `blocks.i`). Containers
+    are no blocks: a UNet's `input_blocks` hold `TimestepEmbedSequential`s, which ComfyUI
+    iterates rather than calls (a compiled one cannot be iterated)."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
     names = []
     for list_name, child in root.named_children():
-        if isinstance(child, torch.nn.ModuleList) and len(child) >= 2 and len({type(b) for b in child}) == 1:
+        if (isinstance(child, torch.nn.ModuleList) and len(child) >= 2 and len({type(b) for b in child}) == 1
+                and not isinstance(child[0], containers)):
             names += [f"{list_name}.{i}" for i in range(len(child))]
     return names
 
@@ -151,6 +158,13 @@ class DetachedInputs(torch.nn.Module):
     def __init__(self, compiled: torch.nn.Module):
         super().__init__()
         self.compiled = compiled
+
+    def __getattr__(self, name):
+        """The compiled module's attributes (the whole model's `dtype`, `_orig_mod`, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.compiled, name)
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled():

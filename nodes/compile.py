@@ -24,10 +24,12 @@ class ParaAttnCompile:
                                "benchmarks matmul kernels at warm-up (slower warm-up, sometimes faster steps). "
                                "max-autotune: both."}),
                 "dynamic": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "On: after the first change of resolution or batch size, compile one shape-generic "
-                               "graph (at most one recompile per block class). Off: compile a specialized graph for "
-                               "every new shape (fastest kernels; one recompile per new resolution)."}),
+                    "default": True,
+                    "tooltip": "On: a graph specialized for the first shape; the first change of resolution, "
+                               "batch or prompt length (HunyuanVideo does not pad its prompt) compiles one graph "
+                               "generic in that size, then no more (as ComfyUI's TorchCompileModel). Off: a "
+                               "specialized graph for every new shape, every new prompt length included; past "
+                               "torch's limit of 8 the blocks run uncompiled."}),
                 "fullgraph": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "On: fail with an error on any graph break instead of running that part eager "
@@ -62,8 +64,9 @@ class ParaAttnCompile:
     FUNCTION = "apply"
     CATEGORY = "para_attn"
     DESCRIPTION = ("torch.compile for DiT sampling. Regional scope compiles each transformer block class once, so "
-                   "warm-up takes seconds. No recompile when prompt, seed, LoRA strength or cache threshold "
-                   "change. Works with FP8 Quantize, First Block Cache and Context Parallel in any order.")
+                   "warm-up takes seconds. No recompile when the prompt's words, seed, LoRA strength or cache "
+                   "threshold change; at most one when the prompt's length or the resolution does. Works with "
+                   "FP8 Quantize, First Block Cache and Context Parallel in any order.")
 
     def apply(self, model, scope, mode, dynamic, fullgraph, cuda_graph="off", modulation="precomputed"):
         from comfy_para_attn.adapters.comfy.compile import apply_compile

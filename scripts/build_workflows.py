@@ -163,7 +163,7 @@ def flux(multi: bool, controlnet: bool = False) -> list:
         node(7, "EmptySD3LatentImage", (820, 300), [1024, 1024, 1]),
         node(8, "ParaAttnFP8Quantize", (380, -250), dict(granularity="row-wise", mode="dynamic activation + weight"),
              [("model", "MODEL", (1, 0))]),
-        node(9, "ParaAttnCompile", (760, -250), dict(scope="regional", mode="default", dynamic=False, fullgraph=False), [("model", "MODEL", (8, 0))]),
+        node(9, "ParaAttnCompile", (760, -250), dict(scope="regional", mode="default", dynamic=True, fullgraph=False), [("model", "MODEL", (8, 0))]),
         node(10, "ParaAttnFirstBlockCache", (1120, -250), dict(residual_diff_threshold=0.12, start_percent=0.0, end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (9, 0))],
              size=(340, 130)),
     ]
@@ -281,7 +281,7 @@ def wan_model_chain(ids, unet: str, loader_pos, y: int, multi: bool, title=None)
         node(sampling, "ModelSamplingSD3", (380, y), [8.0], [("model", "MODEL", (loader, 0))]),
         node(fp8, "ParaAttnFP8Quantize", (760, y), dict(granularity="row-wise", mode="dynamic activation + weight"),
              [("model", "MODEL", (sampling, 0))]),
-        node(compiled, "ParaAttnCompile", (1120, y), dict(scope="regional", mode="default", dynamic=False,
+        node(compiled, "ParaAttnCompile", (1120, y), dict(scope="regional", mode="default", dynamic=True,
              fullgraph=False), [("model", "MODEL", (fp8, 0))]),
         node(cache, "ParaAttnFirstBlockCache", (1480, y), dict(residual_diff_threshold=0.08, start_percent=0.0,
              end_percent=1.0, max_consecutive_hits=-1), [("model", "MODEL", (compiled, 0))], size=(340, 130)),

@@ -19,6 +19,10 @@ class Other(Block):
     pass
 
 
+class Steps(torch.nn.Sequential):
+    """Like ComfyUI's TimestepEmbedSequential."""
+
+
 class ToyDiT(torch.nn.Module):
     def __init__(self, width=16):
         super().__init__()
@@ -26,16 +30,18 @@ class ToyDiT(torch.nn.Module):
         self.double_blocks = torch.nn.ModuleList(Block(width) for _ in range(3))
         self.single_blocks = torch.nn.ModuleList(Other(width) for _ in range(4))
         self.mixed = torch.nn.ModuleList([Block(width), Other(width)])  # not one class: not a region
+        # A UNet's input_blocks: containers of one class that ComfyUI iterates, not calls: no region.
+        self.input_blocks = torch.nn.ModuleList(Steps(Block(width)) for _ in range(3))
 
 
 def test_settings():
     kwargs = CompileSettings().compile_kwargs()
-    assert kwargs == dict(backend="inductor", fullgraph=False, dynamic=False, options=kwargs["options"])
+    assert kwargs == dict(backend="inductor", fullgraph=False, dynamic=None, options=kwargs["options"])  # automatic
     assert set(kwargs["options"]) == {"pre_grad_custom_pass", "triton.multi_kernel"}  # ours; "default" adds none
     graphs = CompileSettings(mode="max-autotune", dynamic=True).compile_kwargs()["options"]
     assert graphs["triton.cudagraphs"] and graphs["max_autotune"]  # the mode, as inductor options
-    assert CompileSettings(backend="eager").compile_kwargs() == dict(backend="eager", fullgraph=False, dynamic=False)
-    assert CompileSettings(dynamic=True).compile_kwargs()["dynamic"] is None  # torch's automatic dynamic
+    assert CompileSettings(backend="eager").compile_kwargs() == dict(backend="eager", fullgraph=False, dynamic=None)
+    assert CompileSettings(dynamic=False).compile_kwargs()["dynamic"] is False  # a graph per shape
     assert not CompileSettings(scope="off").enabled
     with pytest.raises(ValueError):
         CompileSettings(scope="everything")

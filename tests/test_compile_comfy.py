@@ -92,6 +92,28 @@ def test_resolution_change_recompiles_at_most_once_with_dynamic(cm, flux, dynamo
     assert _graphs(dynamo) == after_first_change, dict(dynamo["stats"])
 
 
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_prompt_length_changes_recompile_at_most_once(cm, dynamo, family):
+    """ComfyUI's HunyuanVideo text encoder does not pad (FLUX's T5 does, up to 256 tokens):
+    every prompt length is a new shape. With the default settings the first new length
+    compiles one length-generic graph per block class, and later lengths none (a graph per
+    length, before, ran the blocks eager after 8 lengths)."""
+    from comfy_para_attn.adapters.comfy.compile import apply_compile
+
+    model = cm.build(family)
+    compiled = apply_compile(model, CompileSettings(backend="eager"))
+    latent = torch.zeros(cm.latent_shape(family))
+    counts = []
+    for tokens in (8, 9, 10, 12, 16, 7):
+        pos = cm.conditioning(model, seed=1, tokens=tokens)
+        out = cm.sample(compiled, pos, [], latent, steps=2, cfg=1.0)
+        plain = cm.sample(model, pos, [], latent, steps=2, cfg=1.0)
+        torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-4)
+        counts.append(_graphs(dynamo))
+    classes = counts[0]
+    assert counts[1] <= 2 * classes and counts[1:] == [counts[1]] * 5, counts
+
+
 def test_scopes_off_and_replacing_comfy_compile(cm, flux, dynamo, caplog):
     import comfy.patcher_extension
     from comfy_api.torch_helpers import set_torch_compile_wrapper
