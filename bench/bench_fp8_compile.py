@@ -63,6 +63,7 @@ EXTRA_CONFIGS = ("ours_fp8_eager", "ours_fp8_regional_tensorwise", "ours_fp8_reg
                  "ours_fp8_regional_call_graph_unpaired_rope", "ours_fp8_regional_per_step_modulation",
                  "ours_fp8_regional_call_graph_per_step_modulation", "ours_fp8_regional_call_graph_torchao_proj",
                  "ours_fp8_regional_call_graph_heads_major_rope", "ours_fp8_regional_call_graph_multi_kernel",
+                 "ours_fp8_regional_static_shapes", "ours_fp8_regional_call_graph_static_shapes",
                  "ours_fp8_regional_call_graph_persistent", "comfy_fp8_scaled",
                  "ours_fp8_regional_call_graph_from_scaled")
 UNFUSED_NORM = {"PARA_ATTN_FP8_FUSED_NORM": "0"}  # the LayerNorm fold off, for comparisons
@@ -127,7 +128,8 @@ def _configure(name, model, device, cm):
         modes = {"_autotune": "max-autotune-no-cudagraphs", "_cudagraphs": "max-autotune", "_graphs": "reduce-overhead"}
         mode = next((m for key, m in modes.items() if key in name), "default")
         m = apply_compile(m, CompileSettings(mode=mode, cuda_graph="model call" if "call_graph" in name else "off",
-                                             modulation="per step" if "per_step_modulation" in name else "precomputed"))
+                                             modulation="per step" if "per_step_modulation" in name else "precomputed",
+                                             dynamic="static_shapes" not in name))
     return m
 
 
