@@ -164,6 +164,8 @@ class DetachedInputs(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "compiled":  # not set (yet): no recursion
+                raise
             return getattr(self.compiled, name)
 
     def forward(self, *args, **kwargs):
