@@ -258,7 +258,7 @@ def fp8_checkpoints(cm):
     import comfy.sd
 
     from comfy_para_attn.testing import tiny_files
-    
+
     state = tiny_files.random_state_dict(tiny_files.shapes_of("wan"), seed=0)
     return {"fp8_scaled": comfy.sd.load_diffusion_model_state_dict(tiny_files.fp8_scaled_state_dict(state)),
             "fp8_e4m3fn": comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float8_e4m3fn})}

@@ -244,6 +244,7 @@ def stored_fp8_on_cuda(rank, world_size, comfy_path):
 
     from comfy_para_attn.adapters.comfy.compile import apply_compile
     from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+    from comfy_para_attn.adapters.comfy.patches import compute_dtype
     from comfy_para_attn.compile import CompileSettings
     from comfy_para_attn.quant import FP8Settings, quantizable_linears
     from comfy_para_attn.testing import comfy_models as cm, tiny_files
@@ -278,7 +279,7 @@ def stored_fp8_on_cuda(rank, world_size, comfy_path):
         comfy.model_management.unload_all_models()
         ref = outputs["reference"]
         results[family] = {
-            "compute_dtype": str(model.model.manual_cast_dtype or model.model.get_dtype()),
+            "compute_dtype": str(compute_dtype(model.model)),
             "layers": len(names), "kept": seen.get("kept"), "restored": restored,
             "finite": all(bool(torch.isfinite(o).all()) for o in outputs.values()),
             "comfy_repeats": bool(torch.equal(outputs["comfy"], outputs["comfy again"])),

@@ -39,6 +39,7 @@ from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, is_stored_
                       quantize_linear, quantize_stored_fp8, torchao_config)
 from ...quant import gelu_fusion, modulation, stored_fp8
 from .device_conds import keep_conds_on_device
+from .patches import compute_dtype
 
 FEATURE = "fp8"
 CALLBACK_KEY = "para_attn_fp8"
@@ -69,12 +70,6 @@ def _cast_per_call(module) -> bool:
     """ComfyUI casts this layer's weight at every call and FP8 Quantize leaves it alone: a
     streamed layer, or one stored in another dtype than it computes in that is not fp8."""
     return _streamed(module) or (bool(getattr(module, "comfy_cast_weights", False)) and not is_stored_fp8(module))
-
-
-def _compute_dtype(model_patcher) -> torch.dtype:
-    """The dtype the diffusion model computes in (fp8 weights are cast to it)."""
-    model = model_patcher.model
-    return getattr(model, "manual_cast_dtype", None) or model.get_dtype()
 
 
 # BaseModel -> {weight key: the host tensor that weight was loaded from}. The bf16 original of
@@ -195,7 +190,7 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
             if not convertible(name, module, is_quantized(module.weight)):
                 continue
             weight = module.weight
-            dtype = _compute_dtype(model_patcher) if from_fp8 else weight.dtype
+            dtype = compute_dtype(model_patcher.model) if from_fp8 else weight.dtype
             where = (weight.device, dtype)
             if where not in configs:
                 plan = plan_for(settings, weight.device, dtype)
@@ -234,15 +229,15 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
     return dict(counts)
 
 
-def _quantize_stored_fp8(model_patcher, name: str, module, config, compute_dtype: torch.dtype) -> bool:
+def _quantize_stored_fp8(model_patcher, name: str, module, config, dtype: torch.dtype) -> bool:
     """Quantize a layer whose weight is stored in fp8 (`quant.quantize_stored_fp8`); its bias
-    goes to the compute dtype (ComfyUI cast it per call; the original goes to `backup`). Its
+    goes to the compute dtype `dtype` (ComfyUI cast it per call; the original goes to `backup`). Its
     class (`_cast_layer_classes`) then runs the quantized weight. True when the stored bytes
     were kept."""
-    if module.bias is not None and module.bias.dtype != compute_dtype:
+    if module.bias is not None and module.bias.dtype != dtype:
         _back_up(model_patcher, f"diffusion_model.{name}.bias", module.bias)
-        module.bias = torch.nn.Parameter(module.bias.to(compute_dtype), requires_grad=False)
-    if quantize_stored_fp8(module, config, compute_dtype):
+        module.bias = torch.nn.Parameter(module.bias.to(dtype), requires_grad=False)
+    if quantize_stored_fp8(module, config, dtype):
         return True
     _log_once("this torchao keeps fp8 weights in a layout FP8 Quantize does not know: the fp8 checkpoint's "
               "weights were rounded to fp8 a second time")

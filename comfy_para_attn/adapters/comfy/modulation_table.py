@@ -28,7 +28,7 @@ import torch
 from ...modulation_table import ModulationTable, detach, table_class
 from ...quant.modulation import modulation_layers
 from .call_graphs import APPLY_MODEL_ARGS, other_model_wrappers, why_not_fixed
-from .patches import ChainedBlockPatch
+from .patches import ChainedBlockPatch, compute_dtype
 
 CALLBACK_KEY = "para_attn_modulation_table"
 MAX_TABLE_BYTES = 1 << 30  # FLUX.1-dev: 2.1 MB per step and image
@@ -66,7 +66,7 @@ def flux_layer_inputs(base_model, sigmas: torch.Tensor, y, guidance) -> torch.Te
     from comfy.model_base import convert_tensor
 
     dm = base_model.diffusion_model
-    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    dtype = compute_dtype(base_model)
     batch, device = y.shape[0], y.device
     steps = sigmas.shape[0]
     t = base_model.model_sampling.timestep(sigmas.to(device)).float().repeat_interleave(batch)
@@ -206,7 +206,7 @@ class ModulationRows:
             return None
         layers = modulation_layers(base_model.diffusion_model)
         steps, batch = schedule.shape[0], y.shape[0]
-        dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+        dtype = compute_dtype(base_model)
         nbytes = steps * batch * sum(m.out_features for _, m in layers) * torch.finfo(dtype).bits // 8
         if nbytes > MAX_TABLE_BYTES:
             self._note(f"{steps} steps x {batch} images of rows would take {nbytes / 2**30:.1f} GiB")

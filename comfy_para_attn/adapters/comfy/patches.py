@@ -70,6 +70,12 @@ def diffusion_model(model) -> Any:
     return getattr(inner, "diffusion_model", inner)
 
 
+def compute_dtype(base_model):
+    """The dtype ComfyUI's model computes in: its manual-cast dtype when it stores the weights
+    in another one (fp8 checkpoints, fp8 weight dtypes), else the weights' own."""
+    return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+
+
 def model_family(model) -> str:
     """"flux", "hunyuan_video" or "wan" for a ModelPatcher (or its diffusion model);
     ValueError naming the supported models otherwise."""
