@@ -19,6 +19,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def biased_masked_scores(qk, row_max, bias_ptrs, offs_n, key_valid, stride_bias_s,
+                         HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """Scores `qk` (log2 units) plus the key bias, keys past the sequence at -inf; returns
+    (scores, new row max, the shift to subtract). A row that has seen only -inf scores keeps
+    max -inf and is shifted by 0, not by -inf (inf - inf)."""
+    if HAS_BIAS:
+        if MASK_KEYS:
+            bias = tl.load(bias_ptrs + offs_n * stride_bias_s, mask=key_valid, other=0.0)
+        else:
+            bias = tl.load(bias_ptrs + offs_n * stride_bias_s)
+        qk += bias.to(tl.float32)[None, :] * 1.4426950408889634
+    if MASK_KEYS:
+        qk = tl.where(key_valid[None, :], qk, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(qk, 1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return qk, new_max, shift
+
+
+@triton.jit
 def _attend_key_block(
     acc, row_sum, row_max, q, k_ptrs, v_ptrs, bias_ptrs, start_n, seq_k, qk_scale_log2,
     stride_ks, stride_vs, stride_bias_s,
@@ -35,18 +54,8 @@ def _attend_key_block(
     else:
         qk = tl.dot(q, tl.trans(k))
     if HAS_BIAS or MASK_KEYS:
-        qk = qk * qk_scale_log2
-        if HAS_BIAS:
-            if MASK_KEYS:
-                bias = tl.load(bias_ptrs + offs_n * stride_bias_s, mask=key_valid, other=0.0)
-            else:
-                bias = tl.load(bias_ptrs + offs_n * stride_bias_s)
-            qk += bias.to(tl.float32)[None, :] * 1.4426950408889634
-        if MASK_KEYS:
-            qk = tl.where(key_valid[None, :], qk, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(qk, 1))
-        # A row that has seen only -inf scores keeps max -inf; shift by 0 to avoid inf - inf.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        qk, new_max, shift = biased_masked_scores(qk * qk_scale_log2, row_max, bias_ptrs, offs_n, key_valid,
+                                                  stride_bias_s, HAS_BIAS, MASK_KEYS)
         p = tl.math.exp2(qk - shift[:, None])
     else:
         # Finite scores: the scale goes into the row max (BLOCK_M products, not BLOCK_M x
@@ -186,4 +195,4 @@ def flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int) -> floa
     return 4.0 * batch * heads * seq_q * seq_k * head_dim
 
 
-__all__ = ["launch_flash_attention", "flash_attention_kernel", "flops"]
+__all__ = ["biased_masked_scores", "launch_flash_attention", "flash_attention_kernel", "flops"]

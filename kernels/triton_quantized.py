@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ._runtime import interpreting
 from .fp8_rowwise import FP8_MAX
-from .triton_flash import LOG2E, seq_bucket
+from .triton_flash import LOG2E, biased_masked_scores, seq_bucket
 
 LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))
 KEY_BLOCK = tl.constexpr(128)  # keys per K scale; every BLOCK_N divides it
@@ -133,17 +133,8 @@ def _attend_quantized_block(
     unit = q_scale * tl.load(k_scale_ptrs + start_n // KEY_BLOCK)
     biased = (tl.dot(q, tl.trans(k)) + MAGIC_INT).to(tl.float32, bitcast=True)
     if HAS_BIAS or MASK_KEYS:
-        qk = (biased - MAGIC_FLOAT) * unit[:, None]
-        if HAS_BIAS:
-            if MASK_KEYS:
-                bias = tl.load(bias_ptrs + offs_n * stride_bias_s, mask=key_valid, other=0.0)
-            else:
-                bias = tl.load(bias_ptrs + offs_n * stride_bias_s)
-            qk += bias.to(tl.float32)[None, :] * 1.4426950408889634
-        if MASK_KEYS:
-            qk = tl.where(key_valid[None, :], qk, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(qk, 1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with only masked keys so far
+        qk, new_max, shift = biased_masked_scores((biased - MAGIC_FLOAT) * unit[:, None], row_max, bias_ptrs,
+                                                  offs_n, key_valid, stride_bias_s, HAS_BIAS, MASK_KEYS)
         p = tl.math.exp2(qk - (shift - LOG2_FP8_MAX)[:, None])
     else:
         new_max = tl.maximum(row_max, (tl.max(biased, 1) - MAGIC_FLOAT) * unit)
