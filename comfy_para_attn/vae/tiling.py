@@ -157,6 +157,18 @@ class TiledDecodeSettings:
     temporal_overlap: int = 8
 
 
+def oversized_overlaps(settings: TiledDecodeSettings, video: bool) -> dict[str, str]:
+    """{input name: why} for the overlaps not smaller than their tile, which VAEDecodeTiled
+    reduces silently (overlap to tile_size / 4, temporal_overlap halved)."""
+    s, found = settings, {}
+    if s.overlap >= s.tile_size:
+        found["overlap"] = f"overlap ({s.overlap} px) must be smaller than tile_size ({s.tile_size} px)"
+    if video and s.temporal_overlap >= s.temporal_size:
+        found["temporal_overlap"] = (f"temporal_overlap ({s.temporal_overlap} frames) must be smaller than "
+                                     f"temporal_size ({s.temporal_size} frames)")
+    return found
+
+
 def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compression: int,
                       temporal_compression: int | None = None,
                       strict: bool = True) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -165,8 +177,9 @@ def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compress
     With `strict`, an overlap that is not smaller than its tile is a ValueError instead; without
     it, the clamps reduce it as VAEDecodeTiled does (the ComfyUI node's drop-in behaviour)."""
     s = settings
-    if strict and s.overlap >= s.tile_size:
-        raise ValueError(f"overlap ({s.overlap} px) must be smaller than tile_size ({s.tile_size} px)")
+    oversized = oversized_overlaps(s, video=dims == 3) if strict else {}
+    if "overlap" in oversized:
+        raise ValueError(oversized["overlap"])
     overlap = s.overlap if s.tile_size >= s.overlap * 4 else s.tile_size // 4
     tile, overlap = s.tile_size // spatial_compression, overlap // spatial_compression
     if tile < 1:
@@ -178,9 +191,8 @@ def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compress
         raise ValueError(f"tiled decode supports image and video latents, not {dims} spatial dims")
     if temporal_compression is None:
         raise ValueError("this VAE decodes images, but the latent is a video [B, C, T, H, W]")
-    if strict and s.temporal_overlap >= s.temporal_size:
-        raise ValueError(f"temporal_overlap ({s.temporal_overlap} frames) must be smaller than "
-                         f"temporal_size ({s.temporal_size} frames)")
+    if "temporal_overlap" in oversized:
+        raise ValueError(oversized["temporal_overlap"])
     t_overlap = s.temporal_overlap if s.temporal_size >= s.temporal_overlap * 2 else s.temporal_overlap // 2
     t_size = max(2, s.temporal_size // temporal_compression)
     t_overlap = max(1, min(t_size // 2, t_overlap // temporal_compression))

@@ -18,7 +18,7 @@ import time
 import torch
 
 from ...vae import TilePlan, comfy_grids, decode_tiles, plan_tiles
-from ...vae.tiling import TiledDecodeSettings, latent_tile_sizes, tile_cost
+from ...vae.tiling import TiledDecodeSettings, latent_tile_sizes, oversized_overlaps, tile_cost
 
 log = logging.getLogger("comfy_para_attn")
 
@@ -29,12 +29,10 @@ JOB = "comfy_para_attn.adapters.comfy.vae_jobs:decode"
 def latent_tiles(vae, settings: TiledDecodeSettings, dims: int):
     """(tile, overlap) in latent elements, as VAEDecodeTiled converts the node's inputs: an
     overlap as large as its tile is reduced as there (said in the log), not refused."""
-    s = settings
-    if s.overlap >= s.tile_size or (dims == 3 and s.temporal_overlap >= s.temporal_size):
-        log.warning("Parallel VAE Decode: overlap %d px / temporal_overlap %d frames are not smaller than "
-                    "tile_size %d px / temporal_size %d frames; reduced as VAE Decode (Tiled) does "
-                    "(overlap to tile_size / 4, temporal_overlap halved)",
-                    s.overlap, s.temporal_overlap, s.tile_size, s.temporal_size)
+    oversized = oversized_overlaps(settings, video=dims == 3)
+    if oversized:
+        log.warning("Parallel VAE Decode: %s; reduced as VAE Decode (Tiled) does (overlap to tile_size / 4, "
+                    "temporal_overlap halved)", "; ".join(oversized.values()))
     return latent_tile_sizes(settings, dims, vae.spacial_compression_decode(), vae.temporal_compression_decode(),
                              strict=False)
 
