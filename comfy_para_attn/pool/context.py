@@ -5,7 +5,6 @@ Job modules may import this for type hints; it imports torch only when a collect
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Callable
 
 from . import protocol
@@ -58,10 +57,11 @@ class WorkerContext:
         on the host is real CPU work."""
         import torch
 
+        from ..attention.config import env_int
         from .launch import HOST_THREADS_ENV
 
         before = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(os.environ.get(HOST_THREADS_ENV) or before)))
+        torch.set_num_threads(env_int(HOST_THREADS_ENV, before, minimum=1))
         try:
             yield
         finally:

@@ -17,9 +17,11 @@ from typing import Callable, Optional
 
 import torch
 
+from ...attention.config import env_int
+
 log = logging.getLogger("comfy_para_attn")
 
-KEEP = {"model": max(1, int(os.environ.get("PARA_ATTN_KEEP_MODELS", "2"))), "vae": 1}
+KEEP = {"model": env_int("PARA_ATTN_KEEP_MODELS", 2, minimum=1), "vae": 1}
 _published: dict[str, object] = {}  # fingerprint -> pool.transfer.TensorHandle
 _recent: dict[str, list[str]] = {}  # label -> fingerprints the workers may hold, least recently used first
 _fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
