@@ -93,16 +93,18 @@ def test_bad_inputs_are_clear_errors(comfyui_path, pack_nodes):
         _node(pack_nodes, video, z, (64, 16, 64, 8), gpus=2)
 
 
-def test_overlaps_as_large_as_the_tile_are_reduced_as_comfyui_does(comfyui_path, pack_nodes, pool_cleanup, caplog):
+def test_too_large_overlaps_are_reduced_as_comfyui_does(comfyui_path, pack_nodes, pool_cleanup, caplog):
     """VAE Decode (Tiled) reduces overlap to tile_size / 4 and halves temporal_overlap when they
     are too large; the drop-in node does the same (and says so) instead of refusing."""
     import logging
 
     from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
 
-    cases = [("flux", latent("flux", height=9, width=11), (64, 64, 64, 8)),
-             ("hunyuan_video", latent("hunyuan_video", frames=4, height=6, width=7), (32, 8, 8, 8))]
-    for kind, z, settings in cases:
+    cases = [("flux", latent("flux", height=9, width=11), (64, 64, 64, 8), "overlap 64 -> 16"),
+             ("flux", latent("flux", height=9, width=11), (64, 32, 64, 8), "overlap 32 -> 16"),
+             ("hunyuan_video", latent("hunyuan_video", frames=4, height=6, width=7), (32, 8, 8, 8),
+              "temporal_overlap 8 -> 4")]
+    for kind, z, settings, said in cases:
         vae = tiny_comfy_vae(kind)
         reference = _comfy_tiled(vae, z, settings)
         with caplog.at_level(logging.WARNING):
@@ -110,7 +112,8 @@ def test_overlaps_as_large_as_the_tile_are_reduced_as_comfyui_does(comfyui_path,
             pooled = _node(pack_nodes, vae, z, settings, gpus=2)
         assert reference.std() > 0.05 and torch.equal(in_process, reference), kind
         assert (pooled - reference).abs().max().item() < POOL_TOL, kind
-        assert any("reduced as VAE Decode (Tiled) does" in r.getMessage() for r in caplog.records), kind
+        assert any(said in r.getMessage() and "reduced as VAE Decode (Tiled) does" in r.getMessage()
+                   for r in caplog.records), kind
         caplog.clear()
 
 

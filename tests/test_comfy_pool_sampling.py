@@ -156,6 +156,39 @@ def test_one_gpu_samples_in_this_process(comfyui_path, pack_nodes):
     assert torch.isfinite(out).all() and current_pool() is running_before
 
 
+@pytest.mark.parametrize("where", ["windows", "mps"])
+def test_machines_without_a_pool_run_gpus_0_here_and_refuse_more(comfyui_path, pack_nodes, monkeypatch, where):
+    """Windows (no pass_fds, no NCCL) or ComfyUI on Apple MPS: gpus 0 samples and decodes in
+    this process, as gpus 1 does; gpus 2 is an error that says what to set, before any pool."""
+    import comfy.model_management
+
+    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    if where == "windows":
+        monkeypatch.setattr(pool_sampling, "ON_WINDOWS", True)
+    else:
+        monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("mps"))
+    expected = "Windows" if where == "windows" else "ComfyUI's mps device"
+    assert pool_sampling.pool_unsupported() == expected
+    patcher, *_ = sampling_inputs("flux")
+    running_before = current_pool()
+    assert _cp(pack_nodes, patcher, gpus=0, ulysses_degree=1) is patcher
+    with pytest.raises(ValueError, match=f"gpus=2, but {expected} cannot run the worker pool.*Set gpus to 0 or 1"):
+        _cp(pack_nodes, patcher, gpus=2, ulysses_degree=1)
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    vae, z = tiny_comfy_vae("flux"), latent("flux", height=4, width=4)
+    decode = pack_nodes["ParaAttnParallelVAEDecode"]().decode
+    with pytest.raises(ValueError, match="Parallel VAE Decode: gpus=2"):
+        decode({"samples": z}, vae, 2, 64, 16, 64, 8)
+    if where == "windows":  # (a CPU-only torch cannot decode on the stand-in mps device)
+        image = decode({"samples": z}, vae, 0, 64, 16, 64, 8)[0]
+        assert image.shape[1:3] == (32, 32) and torch.isfinite(image).all()
+    assert current_pool() is running_before
+
+
 def test_cfg_parallel_with_cfg_1_is_rejected(comfyui_path, pack_nodes, pool_cleanup):
     from comfy_para_attn.testing import comfy_models
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs

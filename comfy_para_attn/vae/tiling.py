@@ -169,6 +169,15 @@ def oversized_overlaps(settings: TiledDecodeSettings, video: bool) -> dict[str, 
     return found
 
 
+def comfy_overlaps(settings: TiledDecodeSettings) -> tuple[int, int]:
+    """(overlap px, temporal_overlap frames) as VAEDecodeTiled uses them: overlap at most
+    tile_size / 4, temporal_overlap halved when above temporal_size / 2."""
+    s = settings
+    overlap = s.overlap if s.tile_size >= s.overlap * 4 else s.tile_size // 4
+    t_overlap = s.temporal_overlap if s.temporal_size >= s.temporal_overlap * 2 else s.temporal_overlap // 2
+    return overlap, t_overlap
+
+
 def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compression: int,
                       temporal_compression: int | None = None,
                       strict: bool = True) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -180,7 +189,7 @@ def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compress
     oversized = oversized_overlaps(s, video=dims == 3) if strict else {}
     if "overlap" in oversized:
         raise ValueError(oversized["overlap"])
-    overlap = s.overlap if s.tile_size >= s.overlap * 4 else s.tile_size // 4
+    overlap, t_overlap = comfy_overlaps(s)
     tile, overlap = s.tile_size // spatial_compression, overlap // spatial_compression
     if tile < 1:
         raise ValueError(f"tile_size {s.tile_size} px is smaller than one latent element "
@@ -193,7 +202,6 @@ def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compress
         raise ValueError("this VAE decodes images, but the latent is a video [B, C, T, H, W]")
     if "temporal_overlap" in oversized:
         raise ValueError(oversized["temporal_overlap"])
-    t_overlap = s.temporal_overlap if s.temporal_size >= s.temporal_overlap * 2 else s.temporal_overlap // 2
     t_size = max(2, s.temporal_size // temporal_compression)
     t_overlap = max(1, min(t_size // 2, t_overlap // temporal_compression))
     return (max(2, t_size), tile, tile), (max(1, t_overlap), overlap, overlap)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from ...vae import TilePlan, comfy_grids, decode_tiles, plan_tiles
-from ...vae.tiling import TiledDecodeSettings, latent_tile_sizes, oversized_overlaps, tile_cost
+from ...vae.tiling import TiledDecodeSettings, comfy_overlaps, latent_tile_sizes, tile_cost
 
 log = logging.getLogger("comfy_para_attn")
 
@@ -27,12 +27,14 @@ JOB = "comfy_para_attn.adapters.comfy.vae_jobs:decode"
 
 
 def latent_tiles(vae, settings: TiledDecodeSettings, dims: int):
-    """(tile, overlap) in latent elements, as VAEDecodeTiled converts the node's inputs: an
-    overlap as large as its tile is reduced as there (said in the log), not refused."""
-    oversized = oversized_overlaps(settings, video=dims == 3)
-    if oversized:
-        log.warning("Parallel VAE Decode: %s; reduced as VAE Decode (Tiled) does (overlap to tile_size / 4, "
-                    "temporal_overlap halved)", "; ".join(oversized.values()))
+    """(tile, overlap) in latent elements, as VAEDecodeTiled converts the node's inputs: a
+    too large overlap is reduced as there (said in the log), not refused."""
+    used = dict(zip(("overlap", "temporal_overlap"), comfy_overlaps(settings)))
+    changed = [f"{name} {getattr(settings, name)} -> {value}" for name, value in used.items()
+               if value != getattr(settings, name) and (dims == 3 or name == "overlap")]
+    if changed:
+        log.warning("Parallel VAE Decode: %s, reduced as VAE Decode (Tiled) does (overlap to at most "
+                    "tile_size / 4, temporal_overlap halved when above temporal_size / 2)", ", ".join(changed))
     return latent_tile_sizes(settings, dims, vae.spacial_compression_decode(), vae.temporal_compression_decode(),
                              strict=False)
 
@@ -185,13 +187,10 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
                     timeout_s: float = 600.0) -> torch.Tensor:
     """IMAGE [N, H, W, C] equal to VAEDecodeTiled with the same settings; tiles decoded on
     `gpus` ranks of the worker pool (0: all visible GPUs; 1: in this process)."""
-    from .pool_sampling import available_device
+    from .pool_sampling import pool_world
 
     plan = plan_decode(vae, samples, settings)
-    device, visible = available_device()
-    world = visible if gpus <= 0 else gpus
-    if device == "cuda" and world > visible:
-        raise ValueError(f"gpus={world} but only {visible} GPU(s) are visible; set gpus to at most {visible}.")
+    device, world = pool_world(gpus, "Parallel VAE Decode")
     if world == 1:
         return to_image(vae, decode_in_process(vae, samples, plan))
     # The ranks applied process_output already, each to its slice of the image.

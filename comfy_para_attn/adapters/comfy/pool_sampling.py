@@ -55,6 +55,24 @@ class ContextParallelSettings:
         return ContextParallelConfig(ulysses=self.ulysses, ring=self.ring, cfg=self.cfg)
 
 
+ON_WINDOWS = os.name == "nt"
+
+
+def pool_unsupported() -> str | None:
+    """Why this machine runs no worker pool, or None. Workers inherit their pipes (`pass_fds`,
+    POSIX only) and talk NCCL (CUDA) or gloo (CPU processes); ComfyUI on another device (Apple
+    MPS, Intel XPU, DirectML, ...) would have its GPU idle while CPU processes sampled."""
+    if ON_WINDOWS:
+        return "Windows"
+    try:
+        import comfy.model_management
+
+        kind = comfy.model_management.get_torch_device().type
+    except ImportError:
+        return None
+    return None if kind in ("cuda", "cpu") else f"ComfyUI's {kind} device"
+
+
 def available_device() -> tuple[str, int]:
     """("cuda", visible GPUs) unless ComfyUI runs with --cpu or there is no GPU: ("cpu", 2)."""
     try:
@@ -66,6 +84,29 @@ def available_device() -> tuple[str, int]:
     if not force_cpu and torch.cuda.is_available():
         return "cuda", torch.cuda.device_count()
     return "cpu", 2
+
+
+_told_in_process: set = set()
+
+
+def pool_world(gpus: int, node: str) -> tuple[str, int]:
+    """(device, ranks) for a node's `gpus` input (0: all visible); ValueError says what to set.
+    Where no pool can run, 0 means this process (logged once) and more than 1 is an error."""
+    unsupported = pool_unsupported()
+    if unsupported:
+        if gpus > 1:
+            raise ValueError(f"{node}: gpus={gpus}, but {unsupported} cannot run the worker pool (it needs "
+                             "Linux with CUDA GPUs, or CPU processes under --cpu). Set gpus to 0 or 1 to run "
+                             "in this process.")
+        if gpus <= 0 and node not in _told_in_process:
+            _told_in_process.add(node)
+            log.warning("%s: no worker pool on %s: gpus 0 runs in this process", node, unsupported)
+        return "local", 1
+    device, visible = available_device()
+    world = visible if gpus <= 0 else gpus
+    if device == "cuda" and world > visible:
+        raise ValueError(f"gpus={world} but only {visible} GPU(s) are visible; set gpus to at most {visible}.")
+    return device, world
 
 
 FROM_MODEL = "from model"  # the Attention Backend node's choice on the incoming model, else sdpa
@@ -90,13 +131,11 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
     from .patches import diffusion_model, model_family
 
     model_family(model_patcher)
-    device, visible = available_device()
-    world = visible if gpus <= 0 else gpus
-    if device == "cuda" and world > visible:
-        raise ValueError(f"gpus={world} but only {visible} GPU(s) are visible; set gpus to at most {visible}.")
+    device, world = pool_world(gpus, "Context Parallel")
     dm = diffusion_model(model_patcher)
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
-    ranks = f"{world} {'GPUs' if device == 'cuda' else 'CPU ranks'}" + (" (gpus 0: all visible)" if gpus <= 0 else "")
+    ranks = {"cuda": f"{world} GPUs", "cpu": f"{world} CPU ranks"}.get(device, "this process") + (
+        " (gpus 0: all visible)" if gpus <= 0 and device != "local" else "")
     if auto:
         config = ContextParallelConfig.auto(world, num_heads=heads, use_cfg=cfg_parallel)
         log.info("Context Parallel: auto layout for %s: ulysses %d x ring %d x cfg %d",
