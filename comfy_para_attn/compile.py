@@ -58,6 +58,15 @@ class CompileSettings:
     def enabled(self) -> bool:
         return self.scope != "off"
 
+    def missing_compiler(self, device_type: str, have_triton: bool) -> Optional[str]:
+        """Why these settings cannot compile for `device_type`, or None: inductor writes its GPU
+        kernels in Triton (which Linux torch wheels bring and Windows ones do not)."""
+        if self.enabled and self.backend == "inductor" and device_type == "cuda" and not have_triton:
+            return ("Compile Model: torch.compile needs triton to generate GPU kernels, and ComfyUI's Python "
+                    "has none. On Linux it comes with torch; on Windows install the triton-windows package. "
+                    "Or set scope to off.")
+        return None
+
     @property
     def cuda_graphs(self) -> bool:
         return self.backend == "inductor" and self.mode in CUDA_GRAPH_MODES

@@ -34,6 +34,16 @@ class ToyDiT(torch.nn.Module):
         self.input_blocks = torch.nn.ModuleList(Steps(Block(width)) for _ in range(3))
 
 
+def test_inductor_for_cuda_without_triton_is_refused_up_front():
+    """Windows torch wheels come without triton: inductor would fail at the first step."""
+    message = CompileSettings().missing_compiler("cuda", have_triton=False)
+    assert "needs triton" in message and "triton-windows" in message and "scope to off" in message
+    assert CompileSettings().missing_compiler("cuda", have_triton=True) is None
+    assert CompileSettings().missing_compiler("cpu", have_triton=False) is None  # C++ kernels on CPU
+    assert CompileSettings(scope="off").missing_compiler("cuda", have_triton=False) is None
+    assert CompileSettings(backend="eager").missing_compiler("cuda", have_triton=False) is None
+
+
 def test_settings():
     kwargs = CompileSettings().compile_kwargs()
     assert kwargs == dict(backend="inductor", fullgraph=False, dynamic=None, options=kwargs["options"])  # automatic

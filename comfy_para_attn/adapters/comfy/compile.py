@@ -17,6 +17,7 @@ removed from the clone (compiling the model twice would nest two compilers).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 from ...compile import CompileSettings, compile_modules, describe, repeated_block_names
@@ -112,6 +113,9 @@ def apply_compile(model_patcher, settings: CompileSettings):
     """
     import comfy.patcher_extension
 
+    problem = settings.missing_compiler(model_patcher.load_device.type, importlib.util.find_spec("triton") is not None)
+    if problem:
+        raise RuntimeError(problem)
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     model = model_patcher.clone()
     keep_conds_on_device(model)
