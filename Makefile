@@ -22,8 +22,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# With COMFYUI_PATH set, the tests run in the ComfyUI venv (torchvision and ComfyUI's own
+# requirements), so the comfyui tier runs too; without it, in the CPU-torch venv.
+ifdef COMFYUI_PATH
+test: comfy-env
+	$(COMFY_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+else
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+endif
 
 # ComfyUI's own requirements.txt is installed by scripts/main_job.py once ComfyUI is found
 # (or installed with comfy-cli): its frontend/template pins must match that ComfyUI.

@@ -19,8 +19,8 @@ class ParaAttnCompile:
                     "default": "default",
                     "tooltip": "torch.compile mode. default: fastest warm-up. reduce-overhead: the blocks replay as "
                                "CUDA graphs (no per-kernel launch cost; more memory, recorded once per shape): "
-                               "helps where the GPU outruns Python, e.g. FP8 under Context Parallel (2 H200s, FLUX: "
-                               "80.4 -> 64.3 ms/step); no gain for bf16 on one GPU. max-autotune-no-cudagraphs: "
+                               "helps where the GPU outruns Python, e.g. FP8 under Context Parallel (see "
+                               "docs/measurements.md); no gain for bf16 on one GPU. max-autotune-no-cudagraphs: "
                                "benchmarks matmul kernels at warm-up (slower warm-up, sometimes faster steps). "
                                "max-autotune: both."}),
                 "dynamic": ("BOOLEAN", {

@@ -35,8 +35,9 @@ class ParaAttnFirstBlockCache:
     FUNCTION = "apply"
     CATEGORY = "para_attn"
     DESCRIPTION = ("Skips most of the transformer on denoising steps where the first block's residual barely "
-                   "changed, reusing the residual of the last computed step (up to ~2x faster). Logs how many "
-                   "model calls were reused after each sampling run.")
+                   "changed, reusing the residual of the last computed step: the speedup is the share of calls "
+                   "reused, which depends on the model, prompt and threshold. Logs how many model calls were "
+                   "reused after each sampling run.")
 
     def apply(self, model, residual_diff_threshold, start_percent, end_percent, max_consecutive_hits):
         from comfy_para_attn.adapters.comfy.first_block_cache import apply_first_block_cache

@@ -74,8 +74,8 @@ FP8 Quantize: row-wise fp8 matmuls on GPUs with compute capability >= 8.9 (RTX 4
 other GPUs fall back to weight-only. Set mode to off to compare.
 Compile Model: regional = each transformer block class compiled once (seconds of warm-up; the
 first run is slower). dynamic on if you often change resolution.
-First Block Cache: residual_diff_threshold 0.12 is a good FLUX default (about 2x on 28 steps);
-lower (0.08) = closer to the plain model, higher = faster. 0 = off.
+First Block Cache: residual_diff_threshold 0.12 is a common FLUX setting; the log says how many
+calls were reused (the speedup); lower (0.08) = closer to the plain model, higher = faster. 0 = off.
 {multi_note}{controlnet_note}FP8 Quantize, Compile Model and First Block Cache work in any order (Context Parallel goes
 last, before the sampler); threshold 0 / mode off / scope off give the plain model."""
 FLUX_MULTI_NOTE = """Context Parallel: gpus 0 = all visible GPUs (without GPU: 2 CPU workers). auto layout: ring on
@@ -93,7 +93,8 @@ Model files (ComfyUI's HunyuanVideo example): diffusion_models/hunyuan_video_t2v
 vae/hunyuan_video_vae_bf16.safetensors, text_encoders/clip_l.safetensors + llava_llama3_fp8_scaled.safetensors.
 
 848x480, 73 frames, 20 steps, shift 7, guidance 6 as in ComfyUI's example.
-First Block Cache: residual_diff_threshold 0.10 suits HunyuanVideo (about 1.6x on 20 steps); 0 = off.
+First Block Cache: residual_diff_threshold 0.10 is a common HunyuanVideo setting; the log says how
+many calls were reused; 0 = off.
 {multi_note}"""
 HUNYUAN_SINGLE_NOTE = """Parallel VAE Decode with gpus 1: VAE Decode (Tiled)'s tiles and output, decoded in this
 process with the GPU one tile ahead of the blending (faster); gpus 0 spreads the tiles over
