@@ -94,6 +94,28 @@ def test_max_consecutive_hits():
     assert run_steps(FirstBlockCache(0.5, -1), [1.0] * 4) == [False, True, True, True]
 
 
+def test_a_second_evaluation_at_one_sigma_decides_on_its_own():
+    """Heun-type samplers call the model at sigma i+1 for step i's correction and again for
+    step i+1 (another input): two steps, each compared and counted towards the cap, not one
+    decision shared (which let two hits in a row past max_consecutive_hits 1)."""
+    cache = FirstBlockCache(0.5, 1)
+    hits = []
+    for sigma in (1.0, 0.9, 0.9, 0.8, 0.8, 0.7, 0.7):
+        hits.append(cache.begin_call("p", sigma, ones()))
+        if not hits[-1]:
+            cache.end_call("p", "tail")
+    assert hits == [False, True, False, True, False, True, False]
+    # cond and uncond in separate calls: the pair at one sigma is one step, a repeat is the next
+    cache = FirstBlockCache(0.5)
+    decided = []
+    for sigma in (1.0, 0.9, 0.9):
+        for part in ("cond", "uncond"):
+            decided.append(cache.begin_call(part, sigma, ones()))
+            if not decided[-1]:
+                cache.end_call(part, "tail")
+    assert decided == [False, False, True, True, True, True] and cache.calls == 6
+
+
 def test_not_allowed_steps_compute():
     cache = FirstBlockCache(0.5)
     hits = []

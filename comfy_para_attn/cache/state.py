@@ -14,7 +14,10 @@ The decision compares `mean|r_t - r_prev| / mean|r_prev|` with the threshold, wh
 is the first-block residual of the last *computed* step for that part. It is made once per
 step (`step` is the sigma or timestep of the call): when a step is split into several model
 calls (cond and uncond in separate batches), the first call decides and the others follow,
-each with its own buffers (`part` keys them). A part that has no valid buffers computes.
+each with its own buffers (`part` keys them). A part that has no valid buffers computes. A
+part seen twice at one step starts a new step: the sampler evaluated the model twice at that
+sigma (Heun's correction call, then the next step's first call), and each evaluation decides
+(and counts towards `max_consecutive_hits`) on its own.
 
 Under context parallelism pass `reduce_sum` (sum over the ranks of the call): the numerator,
 denominator and a veto flag are summed before the comparison, so every rank takes the same
@@ -98,6 +101,7 @@ class FirstBlockCache:
         self._parts: dict[Hashable, _Part] = {}
         self._step: Optional[float] = None
         self._step_hit: Optional[bool] = None  # decision of the current step, None: undecided
+        self._step_parts: set = set()  # parts seen in the current step
         self._consecutive = 0
 
     def free(self) -> None:
@@ -109,13 +113,15 @@ class FirstBlockCache:
         return sum((p.prev_residual is not None) + (p.tail is not None) for p in self._parts.values())
 
     # -- per call --------------------------------------------------------------------------
-    def _start_step(self, step: Optional[float]) -> None:
-        if step is None or step == self._step:
+    def _start_step(self, step: Optional[float], part: Hashable) -> None:
+        if (step is None or step == self._step) and part not in self._step_parts:
+            self._step_parts.add(part)
             return
-        if self._step is not None and step > self._step:
+        if step is not None and self._step is not None and step > self._step:
             self.reset()  # sigma rose: a new schedule started without a new run
-        self._step = step
+        self._step = step if step is not None else self._step
         self._step_hit = None
+        self._step_parts = {part}
 
     def _part(self, part: Hashable, residual: torch.Tensor) -> _Part:
         signature = (tuple(residual.shape), residual.dtype, residual.device)
@@ -155,7 +161,7 @@ class FirstBlockCache:
         allowed: False outside the caching window (start/end of the schedule).
         reduce_sum: sums a tensor over the ranks of this call (context parallelism).
         """
-        self._start_step(step)
+        self._start_step(step, part)
         self.calls += 1
         buf = self._part(part, first_residual)
         if self._step_hit is None:  # first call of this step decides for all its parts
