@@ -334,3 +334,32 @@ def test_skip_layer_guidance_calls_keep_their_own_tail(cm, fbc, setups, runs, fa
     assert alone.hits > 0 and runs[-1].cache.hits > 0
     rel = ((both - cache_only).abs().mean() / cache_only.abs().mean()).item()
     assert rel < 1e-4, f"{family}: FBC + SLG (scale 1e-6) differs from FBC alone by {rel:.3g}"
+
+
+@pytest.mark.comfyui
+def test_context_windows_each_keep_their_own_cache(cm, fbc, setups, runs):
+    """ComfyUI's context windows call the model once per window at one sigma: each window is
+    compared with its own last residual and reuses its own tail (one shared key made every
+    window miss against the previous window, and a high threshold pasted one window's tail on
+    another)."""
+    import comfy.context_windows as cw
+
+    def in_windows(m):
+        m = m.clone()
+        m.model_options["context_handler"] = cw.IndexListContextHandler(
+            context_schedule=cw.get_matching_context_schedule(cw.ContextSchedules.STATIC_STANDARD),
+            fuse_method=cw.get_matching_fuse_method(cw.ContextFuseMethods.PYRAMID),
+            context_length=2, context_overlap=0, dim=2)
+        cw.create_prepare_sampling_wrapper(m)
+        return m
+
+    model, pos, neg, _, _ = setups["wan"]
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(1, 16, 1, 8, 8, generator=g)
+    latent = torch.cat([frames + 0.5 * i * torch.randn(frames.shape, generator=g) for i in range(4)], dim=2)
+    sigmas = torch.tensor([1.0, 0.999999, 0.999998, 0.999997, 0.0])  # a correct cache reuses every later step
+    plain = cm.sample(in_windows(model), pos, neg, latent, sigmas=sigmas)
+    out = cm.sample(in_windows(fbc.apply_first_block_cache(model, Settings(0.05))), pos, neg, latent, sigmas=sigmas)
+    assert runs[-1].cache.history == [False, False] + [True, True] * 3  # two windows a step
+    assert torch.isfinite(out).all() and plain.abs().mean() > 0.1
+    torch.testing.assert_close(out, plain, atol=1e-2, rtol=1e-2)

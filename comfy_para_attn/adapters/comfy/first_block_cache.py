@@ -85,8 +85,11 @@ class FirstBlockCacheRun:
         to = args["transformer_options"]
         sigma = float(to["sigmas"].max()) if to.get("sigmas") is not None else None
         allowed = sigma is None or self.end_sigma <= sigma <= self.start_sigma
+        # Context windows (ComfyUI's context handler) call the model once per window at one
+        # sigma: each window is a part of its own, compared with its own last residual.
+        window = tuple(getattr(to.get("context_window"), "index_list", None) or ())
         part = (tuple(to.get("cond_or_uncond") or ()), tuple(str(u) for u in to.get("uuids") or ()),
-                _block_patches_signature(to))
+                _block_patches_signature(to), window)
         reduce_sum = getattr(to.get(CP_KEY), "all_reduce_sum", None)
         hit = self.cache.begin_call(part, sigma, out["img"] - args["img"],
                                     allowed=allowed, reduce_sum=reduce_sum)
