@@ -118,11 +118,14 @@ def _assert_same(out, ref):
 
 
 @pytest.mark.parametrize("sampler,cfg,calls,served", [("euler", 1.0, 4, 4), ("euler", 3.0, 4, 4),
-                                                     ("heun", 1.0, 7, 7), ("dpm_2", 1.0, 7, 0)])
+                                                     ("heun", 1.0, 7, 7), ("dpm_2", 1.0, 7, 0),
+                                                     ("dpmpp_2m_sde", 1.0, 4, 4), ("er_sde", 3.0, 4, 4)])
 def test_sampling_with_the_table_equals_sampling_without(cm, flux, spy, sampler, cfg, calls, served):
     """euler: every call is on the schedule; cfg 3: cond and uncond in one batch, one table;
     heun: its second call of a step is at the next sigma, on the schedule too (both take the
-    last step with one call); dpm_2 evaluates between sigmas: known, no table."""
+    last step with one call); dpm_2 evaluates between sigmas: known, no table; the SDE samplers
+    move a flow model's first sigma off 1.0 (offset_first_sigma_for_snr): a row of its own, not
+    a second sampling."""
     ref = _sample(cm, _compiled(flux, "per step"), sampler=sampler, cfg=cfg)
     assert spy["calls"] == 0
     out = _sample(cm, _compiled(flux, "precomputed"), sampler=sampler, cfg=cfg)
@@ -132,12 +135,14 @@ def test_sampling_with_the_table_equals_sampling_without(cm, flux, spy, sampler,
 
 def test_a_sampler_found_between_sigmas_samples_again_without_the_table(cm, flux, spy, monkeypatch, caplog):
     """Were dpm_2 not known: its calls between sigmas are found at the end of the run, which
-    is sampled again per step (the same image as without a table), and its next run has none."""
+    is sampled again per step (the same image as without a table), and its next run has none,
+    nor one through another Compile Model node."""
     import logging
 
     from comfy_para_attn.adapters.comfy import modulation_table as adapter
 
     monkeypatch.setattr(adapter, "BETWEEN_SIGMAS", ())
+    monkeypatch.setattr(adapter, "between_sigmas_found", set())
     ref = _sample(cm, _compiled(flux, "per step"), sampler="dpm_2")
     model = _compiled(flux, "precomputed")
     with caplog.at_level(logging.WARNING):
@@ -147,6 +152,8 @@ def test_a_sampler_found_between_sigmas_samples_again_without_the_table(cm, flux
     assert spy["built"] == 1 and spy["served"] == 7 and spy["calls"] == 14  # 7 calls, then 7 again
     _assert_same(_sample(cm, model, sampler="dpm_2"), ref)
     assert spy["built"] == 1 and spy["served"] == 7 and spy["calls"] == 21
+    _sample(cm, _compiled(flux, "precomputed"), sampler="dpm_2")  # Compile Model run again: known too
+    assert spy["built"] == 1 and spy["calls"] == 28
     _sample(cm, model)  # euler still has its table
     assert spy["built"] == 2
 

@@ -113,6 +113,21 @@ def why_no_table(base_model, args: tuple, kwargs: dict, own_wrapper_key: str) ->
 BETWEEN_SIGMAS = ("sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
                   "sample_dpmpp_2s_ancestral_cfg_pp", "sample_dpmpp_sde", "sample_dpmpp_sde_gpu",
                   "sample_seeds_2", "sample_seeds_3", "dpm_fast_function", "dpm_adaptive_function")
+# Samplers found doing so in this process (other packs' samplers): every Compile Model node's
+# tables skip them from then on, not only the instance that found one.
+between_sigmas_found: set = set()
+
+
+def table_sigmas(base_model, schedule: torch.Tensor) -> torch.Tensor:
+    """The schedule's sigmas, plus the first one as the SDE samplers of flow models move it
+    (ComfyUI's offset_first_sigma_for_snr: 1.0 -> 0.99997 for a finite logSNR), so that their
+    first call finds its row instead of sampling the run again."""
+    from comfy.k_diffusion.sampling import offset_first_sigma_for_snr
+
+    moved = offset_first_sigma_for_snr(schedule, base_model.model_sampling)
+    if moved is schedule or bool(moved[0] == schedule[0]):
+        return schedule
+    return torch.cat((schedule, moved[:1]))
 
 
 class _Entry:
@@ -141,7 +156,6 @@ class ModulationRows:
         self._active = False  # between `run`'s start and end, for a sampler that may use a table
         self._entries: dict = {}  # (shapes, cond_or_uncond, cond ids) -> _Entry, or None: refused
         self._current = None  # kept across runs: a CUDA graph reads the rows there
-        self._between = set()  # names of samplers found evaluating between sigmas
         self._logged = set()
 
     def _note(self, reason: str) -> None:
@@ -154,7 +168,7 @@ class ModulationRows:
         was not covered."""
         function = getattr(executor.class_obj, "sampler_function", type(executor.class_obj))
         name = getattr(function, "__name__", type(executor.class_obj).__name__)
-        self._begin(active=name not in self._between and name not in BETWEEN_SIGMAS)
+        self._begin(active=name not in between_sigmas_found and name not in BETWEEN_SIGMAS)
         try:
             out = executor(*args, **kwargs)
             entries = [e for e in self._entries.values() if e is not None]
@@ -162,7 +176,7 @@ class ModulationRows:
             sigma = any(bool(e.missed_sigma) for e in entries)
             if sigma or any(bool(e.missed_conds) for e in entries):
                 if sigma:
-                    self._between.add(name)
+                    between_sigmas_found.add(name)
                 what = (f"{name} evaluates the model between the schedule's sigmas (it does without the "
                         "table from now on)" if sigma else "a call's conds were not those its table was made for")
                 log.warning("Compile Model: %s; sampling again with the modulation computed per step", what)
@@ -205,6 +219,7 @@ class ModulationRows:
             self._note(f"more than {MAX_TABLES} batches of conds in a run")
             return None
         layers = modulation_layers(base_model.diffusion_model)
+        schedule = table_sigmas(base_model, schedule)
         steps, batch = schedule.shape[0], y.shape[0]
         dtype = compute_dtype(base_model)
         nbytes = steps * batch * sum(m.out_features for _, m in layers) * torch.finfo(dtype).bits // 8
