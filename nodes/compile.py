@@ -13,8 +13,8 @@ class ParaAttnCompile:
                     "default": "regional",
                     "tooltip": "regional: compile each repeated transformer block class once (FLUX: 2 graphs), "
                                "warm-up in seconds, same speed as a whole-model compile in practice. whole: compile "
-                               "the entire diffusion model like TorchCompileModel (minutes of warm-up). off: the "
-                               "model runs eager."}),
+                               "the entire diffusion model like TorchCompileModel (minutes of warm-up). off: no compile "
+                               "(removes an earlier Compile Model's; ComfyUI's TorchCompileModel, if used, stays)."}),
                 "mode": (["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"], {
                     "default": "default",
                     "tooltip": "torch.compile mode. default: fastest warm-up. reduce-overhead: the blocks replay as "

@@ -31,7 +31,8 @@ class ParaAttnFP8Quantize:
                     "tooltip": "dynamic activation + weight: fp8 tensor-core matmuls (GPU with compute capability "
                                ">= 8.9: RTX 40xx, L40, H100/H200, B200; fastest under Compile Model). weight-only: "
                                "fp8 storage, bf16 matmuls (half the weight memory, no speedup). Other GPUs and the "
-                               "CPU fall back to weight-only, said once in the log. off: the model is unchanged."}),
+                               "CPU fall back to weight-only, said once in the log. off: no quantization (also undoes an "
+                               "FP8 Quantize earlier in the chain)."}),
                 "exclude": ("STRING", {
                     "default": _default_exclude(), "multiline": False,
                     "tooltip": "Comma-separated glob patterns of layer names (relative to the diffusion model) "

@@ -154,6 +154,11 @@ def test_modulation_int8_or_original(cm, fp8, flux, caplog):
     assert not isinstance(lin, modulation.Int8Forward) and lin.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="modulation"):
         FP8Settings(modulation="fp4")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # an exclude that lets the modulation layers into fp8
+        _run(cm, fp8.apply_fp8(flux, FP8Settings(modulation="int8", exclude="img_in, final_layer")))
+    assert "exclude lets 6 modulation layers into fp8" in caplog.text
+    assert "changes nothing" not in caplog.text
 
 
 @pytest.mark.parametrize("lora_first", [True, False])

@@ -35,7 +35,7 @@ import weakref
 
 import torch
 
-from ...quant import (FP8Settings, FP8UnavailableError, is_quantized, is_stored_fp8, plan_for, quantizable_linears,
+from ...quant import (FP8Settings, FP8UnavailableError, is_excluded, is_quantized, is_stored_fp8, plan_for, quantizable_linears,
                       quantize_linear, quantize_stored_fp8, torchao_config)
 from ...quant import gelu_fusion, modulation, stored_fp8
 from .device_conds import keep_conds_on_device
@@ -207,10 +207,14 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                 freed += replace(name, module, lambda m: quantize_linear(m, config))
             counts[plan.mode] += 1
         int8_layers = _int8_layers(dm, settings)
+        into_fp8 = [n for n, _ in modulation.modulation_layers(dm) if not is_excluded(n, settings.patterns)]
+        if settings.int8_modulation and into_fp8:
+            _log_once(f"exclude lets {len(into_fp8)} modulation layers into fp8: modulation 'int8' takes only those "
+                      "exclude keeps out (its default has '*_mod, *modulation*')")
         if settings.int8_modulation and not int8_layers and any(
                 is_stored_fp8(m) for _, m in modulation.modulation_layers(dm)):
             _log_once("the modulation layers are stored in fp8 (an fp8 checkpoint): modulation 'int8' leaves them so")
-        elif settings.int8_modulation and not int8_layers:
+        elif settings.int8_modulation and not int8_layers and not into_fp8:
             _log_once(f"no modulation layer of {type(dm).__name__} matches {', '.join(modulation.MODULATION_PATTERNS)}: "
                       "modulation 'int8' changes nothing")
         for name, module in int8_layers:
