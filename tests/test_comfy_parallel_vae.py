@@ -53,6 +53,8 @@ def test_parallel_decode_equals_comfy_tiled(comfyui_path, pack_nodes, pool_clean
         finally:
             comfy.utils.set_progress_bar_global_hook(None)
         assert pooled.shape == reference.shape
+        # not a view of rank 0's shared-memory file, whose pages would stay in /dev/shm
+        assert pooled.untyped_storage().filename is None, kind
         assert reference.std() > 0.05
         err = (pooled - reference).abs().max().item()
         assert err < POOL_TOL, f"{kind} batch {batch}: pool vs VAEDecodeTiled max abs err {err:.3g}"

@@ -172,3 +172,16 @@ def test_through_a_real_pool_the_second_job_sends_tokens_and_every_rank_reuses_i
     assert r2["conds"][0] == r1["conds"][0] == pytest.approx(float(_payload()["conds"].double().sum()))
     assert r3["conds"][0] == pytest.approx(r1["conds"][0] + 512 * 1024, rel=1e-6)
     assert r1["cache sizes"] == r2["cache sizes"] == r3["cache sizes"] == [1, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tokens_name_gpu_tensors_too():
+    """ControlNet weights are on the GPU under --highvram / --gpu-only: their token must not
+    need a host tensor (numpy refused a CUDA one)."""
+    from comfy_para_attn.pool.sent_once import tensor_token
+
+    weight = torch.randn(256, 256, device="cuda")
+    token = tensor_token(weight)
+    assert token == tensor_token(weight)
+    weight.add_(1.0)  # a write changes the version and the sample
+    assert tensor_token(weight) != token

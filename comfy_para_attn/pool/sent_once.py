@@ -42,7 +42,8 @@ def tensor_token(tensor: torch.Tensor) -> str:
     from .transfer import _sample
 
     version = _version(tensor)
-    sample = _sample(tensor.detach(), SAMPLED_VALUES).contiguous().view(torch.uint8).numpy().tobytes()
+    # .cpu(): ControlNet weights live on the GPU under --highvram / --gpu-only
+    sample = _sample(tensor.detach(), SAMPLED_VALUES).contiguous().view(torch.uint8).cpu().numpy().tobytes()
     head = (f"{id(tensor)}|{tensor.data_ptr()}|{tuple(tensor.shape)}|{tuple(tensor.stride())}|"
             f"{tensor.storage_offset()}|{tensor.dtype}|{version}|").encode()
     return hashlib.sha1(head + sample).hexdigest()

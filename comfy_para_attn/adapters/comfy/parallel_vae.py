@@ -194,4 +194,9 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
     if world == 1:
         return to_image(vae, decode_in_process(vae, samples, plan))
     # The ranks applied process_output already, each to its slice of the image.
-    return to_image(vae, decode_in_pool(vae, samples, plan, world, device, timeout_s), processed=True)
+    mapped = decode_in_pool(vae, samples, plan, world, device, timeout_s)
+    image = to_image(vae, mapped, processed=True)
+    if image.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr():
+        # a view would keep the unlinked file's pages in /dev/shm while ComfyUI caches the output
+        image = image.clone()
+    return image

@@ -346,9 +346,10 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     total = max(1, len(sigmas) - 1)
 
     def on_progress(step, steps, extra):
-        if callback is not None:
-            x0 = extra.get("x0")
-            callback(step, x0, extra.get("x"), steps)
+        if callback is not None:  # on the device in-process sampling has them (TAESD previews run there)
+            x0, x = (None if t is None else t.to(guider.model_patcher.load_device)
+                     for t in (extra.get("x0"), extra.get("x")))
+            callback(step, x0, x, steps)
 
     with _sent_once.job(pool.pids) as sent:  # what the workers hold follows this block's outcome
         pickled = Pickled(pickle_payload(payload, TRAVELLING_PARTS, pack=lambda p: sent.pack(p, inline=INLINE_PARTS)))
