@@ -124,13 +124,21 @@ def test_memory_estimate_is_agreed_only_while_batching(comfyui_path):
 def test_wan_variants_that_need_every_token_are_refused(comfyui_path, variant, message):
     """VACE adds residuals by token index; HuMo's audio attention and Animate's face adapter
     group the tokens by frame; S2V's block loop is not patchable. A rank holds a slice of the
-    tokens: refused by name rather than sampled wrong."""
+    tokens: refused by name rather than sampled wrong, by the node already (before the weights
+    travel to the workers, whose failure would end the pool) and in the workers."""
     from comfy_para_attn.adapters.comfy.context_parallel import install_context_parallel
+    from comfy_para_attn.adapters.comfy.pool_sampling import make_settings
     from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+    from comfy_para_attn.pool import current_pool
     from comfy_para_attn.testing import comfy_models
 
+    model = comfy_models.build(variant)
+    running_before = current_pool()
     with pytest.raises(ValueError, match=message):
-        install_context_parallel(comfy_models.build(variant), build_parallel_context(ContextParallelConfig()))
+        make_settings(model, 2, 1, 2, False, 60.0, auto=False)
+    assert current_pool() is running_before
+    with pytest.raises(ValueError, match=message):
+        install_context_parallel(model, build_parallel_context(ContextParallelConfig()))
 
 
 

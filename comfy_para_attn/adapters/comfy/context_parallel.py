@@ -321,16 +321,23 @@ _UNSHARDABLE = {
 }
 
 
-def install_context_parallel(model_patcher, cp: ParallelContext):
-    """A clone of `model_patcher` that runs each model call context-parallel over `cp`."""
-    import comfy.patcher_extension
-
-    family = model_family(model_patcher)
+def refuse_unshardable(model_patcher) -> None:
+    """ValueError for the models whose extra inputs need every token on one rank (checked
+    by the node too, before the weights travel to the workers)."""
     dm = model_patcher.model.diffusion_model
     if type(dm).__name__ in _UNSHARDABLE:
         name, why = _UNSHARDABLE[type(dm).__name__]
         raise ValueError(f"Context Parallel does not support {name} yet ({why}); remove the Context Parallel "
                          "node for this model.")
+
+
+def install_context_parallel(model_patcher, cp: ParallelContext):
+    """A clone of `model_patcher` that runs each model call context-parallel over `cp`."""
+    import comfy.patcher_extension
+
+    family = model_family(model_patcher)
+    refuse_unshardable(model_patcher)
+    dm = model_patcher.model.diffusion_model
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
     cp.config.validate(num_heads=heads)
     patcher = model_patcher.clone()

@@ -128,9 +128,11 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
                   auto: bool, attention_backend: str = FROM_MODEL) -> ContextParallelSettings:
     """Check a layout against this machine and the model; ValueError says what to set, in the
     node's own input names."""
+    from .context_parallel import refuse_unshardable
     from .patches import diffusion_model, model_family
 
     model_family(model_patcher)
+    refuse_unshardable(model_patcher)
     device, world = pool_world(gpus, "Context Parallel")
     dm = diffusion_model(model_patcher)
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
