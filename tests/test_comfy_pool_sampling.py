@@ -761,6 +761,24 @@ def test_fp8_quantize_is_applied_in_the_workers_as_in_process(comfyui_path, pack
     assert (outputs["int8"] - outputs["original"]).abs().max().item() > 10 * TOL  # and so do int8 modulation weights
 
 
+def test_model_compute_dtype_reaches_the_workers(comfyui_path, pack_nodes, pool_cleanup):
+    """ComfyUI's ModelComputeDtype (fp32 compute on bf16 weights) sets force_cast_weights on
+    the patcher: the workers cast as in-process sampling does (without it, a dtype mismatch
+    failed the run and ended the pool)."""
+    from comfy_extras.nodes_model_advanced import ModelComputeDtype
+
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    _, pos, neg, latent = sampling_inputs("flux")
+    model = ModelComputeDtype().patch(comfy_models.build("flux", dtype=torch.bfloat16, seed=0), "fp32")[0]
+    assert model.force_cast_weights
+    in_process = comfy_models.sample(model, pos, neg, latent, steps=2, cfg=3.0)
+    parallel = comfy_models.sample(_cp(pack_nodes, model), pos, neg, latent, steps=2, cfg=3.0)
+    assert torch.isfinite(parallel).all() and in_process.abs().mean() > 1e-3
+    assert (parallel - in_process).abs().max().item() < TOL
+
+
 def test_enum_settings_such_as_fast_reach_the_workers(comfyui_path, pool_cleanup):
     """ComfyUI's `--fast` (a set of PerformanceFeature) and `--preview-method` (an enum) were
     dropped from the settings the workers get (not JSON): `--fast` changed in-process sampling

@@ -249,7 +249,7 @@ def forgetting_sent_tensors():
 # The payload's parts checked only if the payload does not pickle (then the first that
 # cannot travel is named); the others are checked as they are made portable.
 TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's weight patches (LoRA)",
-                    "conds": "the conditioning"}
+                    "weight_wrapper_patches": "the model's weight wrappers", "conds": "the conditioning"}
 
 
 def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):
@@ -286,6 +286,9 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         "model_type": patcher.model.model_type,
         "patches": patcher.patches,
         "patches_uuid": patcher.patches_uuid,
+        # ModelComputeDtype casts the weights at each call (force_cast_weights); trained adapters wrap them
+        "force_cast_weights": getattr(patcher, "force_cast_weights", False),
+        "weight_wrapper_patches": getattr(patcher, "weight_wrapper_patches", {}),
         "object_patches": portable_object_patches(patcher.object_patches),
         "model_options": portable_model_options(guider.model_options),
         "conds": conds,

@@ -176,6 +176,8 @@ def sample(ctx, payload):
     model_ready = time.monotonic()
     patcher.patches = {k: list(v) for k, v in payload["patches"].items()}
     patcher.patches_uuid = payload["patches_uuid"]
+    patcher.force_cast_weights = payload.get("force_cast_weights", False)
+    patcher.weight_wrapper_patches = {k: list(v) for k, v in payload.get("weight_wrapper_patches", {}).items()}
     patcher.object_patches = rebuild_object_patches(payload["object_patches"])
     patcher.model_options = payload["model_options"]
     ours = patcher.model_options.get("transformer_options", {}).get("para_attn", {})
