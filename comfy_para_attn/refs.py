@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
+import os
+import pickle
 import sys
+import types
 
 
 class ObjectRef:
@@ -30,14 +34,56 @@ class ObjectRef:
         except ImportError:
             if not self.file:
                 raise
-        spec = importlib.util.spec_from_file_location(self.module, self.file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[self.module] = module
-        spec.loader.exec_module(module)
-        return module
+        return _load_from_file(self.module, self.file)
 
     def resolve(self):
         obj = self._module()
         for part in self.qualname.split("."):
             obj = getattr(obj, part)
         return obj
+
+
+def _load_from_file(name: str, file: str):
+    """Module `name` from `file`, its parent packages first (a submodule of a custom node
+    package named by its path makes relative imports)."""
+    parent = name.rpartition(".")[0]
+    if parent and parent not in sys.modules:
+        here = os.path.dirname(file)
+        parent_init = os.path.join(os.path.dirname(here) if os.path.basename(file) == "__init__.py" else here,
+                                   "__init__.py")
+        if os.path.isfile(parent_init):
+            _load_from_file(parent, parent_init)
+    package = [os.path.dirname(file)] if os.path.basename(file) == "__init__.py" else None
+    spec = importlib.util.spec_from_file_location(name, file, submodule_search_locations=package)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def resolve(ref: ObjectRef):
+    """Unpickles what `dumps` sent by reference."""
+    return ref.resolve()
+
+
+def _named_by_path(module: str) -> bool:
+    """ComfyUI names comfy_extras modules and custom node packages by their file path."""
+    return not all(part.isidentifier() for part in module.split("."))
+
+
+class Pickler(pickle.Pickler):
+    """A pickler that sends the functions and classes of path-named modules by file (`dumps`)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or ""):
+            return resolve, (ObjectRef(obj),)
+        return NotImplemented
+
+
+def dumps(obj) -> bytes:
+    """pickle.dumps, except that functions and classes of modules named by a file path (which
+    another process cannot import by that name: a custom node pack's sampler, say) travel as
+    an `ObjectRef`, loaded from their file on the other side."""
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()

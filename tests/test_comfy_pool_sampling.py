@@ -761,6 +761,44 @@ def test_fp8_quantize_is_applied_in_the_workers_as_in_process(comfyui_path, pack
     assert (outputs["int8"] - outputs["original"]).abs().max().item() > 10 * TOL  # and so do int8 modulation weights
 
 
+def test_a_sampler_from_a_module_named_by_its_path_reaches_the_workers(comfyui_path, pack_nodes, pool_cleanup):
+    """ComfyUI loads comfy_extras (and custom node packs) under their file path as module
+    name: SamplerEulerCFG++'s function travels by file, and the pool samples as in-process
+    (plain pickle named a module the workers could not import, and the failure ended the pool)."""
+    import importlib.util
+    import os
+    import sys
+
+    import comfy.sample
+    import comfy.samplers
+
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    path = os.path.join(comfyui_path, "comfy_extras", "nodes_advanced_samplers.py")
+    name = os.path.splitext(path)[0]  # as ComfyUI's load_custom_node names it
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    sampler = comfy.samplers.KSAMPLER(module.sample_euler_pp)
+    patcher, pos, neg, latent = sampling_inputs("flux")
+
+    def run(model):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(2.0)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3)
+        return guider.sample(comfy.sample.prepare_noise(latent, 0), latent, sampler, sigmas, seed=0,
+                             disable_pbar=True)
+
+    in_process = run(patcher)
+    parallel = run(_cp(pack_nodes, patcher))
+    assert torch.isfinite(parallel).all() and in_process.abs().mean() > 1e-3
+    assert (parallel - in_process).abs().max().item() < TOL
+    assert current_pool() is not None
+
+
 def test_model_compute_dtype_reaches_the_workers(comfyui_path, pack_nodes, pool_cleanup):
     """ComfyUI's ModelComputeDtype (fp32 compute on bf16 weights) sets force_cast_weights on
     the patcher: the workers cast as in-process sampling does (without it, a dtype mismatch

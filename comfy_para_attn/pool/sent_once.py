@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..refs import Pickler
+
 MIN_BYTES = 16 * 1024  # smaller tensors travel inline (a rank-4 LoRA matrix of FLUX is 24 KiB)
 SAMPLED_VALUES = 256  # a sample of the values guards against in-place changes (inference tensors have no version)
 
@@ -54,7 +56,7 @@ def _travels_by_token(obj: Any) -> bool:
         and obj.layout == torch.strided and obj.numel() * obj.element_size() >= MIN_BYTES
 
 
-class _TokenPickler(pickle.Pickler):
+class _TokenPickler(Pickler):  # a custom node pack's sampler travels by file (refs.dumps)
     def __init__(self, file, tokens: Callable[[torch.Tensor], str], inline_ids: set):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._tokens = tokens

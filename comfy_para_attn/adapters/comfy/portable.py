@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 import pickle
-from typing import Any
 
 import torch
 
+from ... import refs
 from ...refs import ObjectRef
 
 OUR_PREFIX = "para_attn"
@@ -199,7 +199,7 @@ def pickle_payload(payload: dict, parts: dict, pack=None) -> bytes:
     checking each part on its own first pickled them twice per prompt. If pickling fails,
     the first of `parts` ({key: what it is}) that cannot travel is named."""
     try:
-        return pickle.dumps(payload if pack is None else pack(payload), protocol=pickle.HIGHEST_PROTOCOL)
+        return refs.dumps(payload if pack is None else pack(payload))
     except Exception as exc:  # pickle raises many types for unpicklable objects
         for key, what in parts.items():
             _check_picklable(what, payload[key])

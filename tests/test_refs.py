@@ -1,0 +1,68 @@
+"""Unit tier: objects of modules that ComfyUI names by their file path (comfy_extras, custom
+node packs) pickled for another process, which cannot import them by that name."""
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+from comfy_para_attn import refs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_like_comfyui(package_dir: str):
+    """ComfyUI's load_custom_node for a directory: the module is named by its path."""
+    name = package_dir.replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(package_dir, "__init__.py"),
+                                                  submodule_search_locations=[package_dir])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_custom_node_packs_sampler_travels_to_a_fresh_process(tmp_path):
+    pack = tmp_path / "my.sampler_pack"  # a dot, as in "ComfyUI-Foo.git" checkouts
+    (pack / "samplers").mkdir(parents=True)
+    (pack / "__init__.py").write_text("from .samplers.euler import sample_twice, Options\n")
+    (pack / "samplers" / "__init__.py").write_text("")
+    (pack / "samplers" / "scale.py").write_text("FACTOR = 2.5\n")
+    (pack / "samplers" / "euler.py").write_text(textwrap.dedent("""
+        from .scale import FACTOR
+
+        def sample_twice(x):
+            return x * FACTOR
+
+        class Options:
+            def __init__(self, eta):
+                self.eta = eta
+    """))
+    module = _load_like_comfyui(str(pack))
+    try:
+        payload = {"fn": module.sample_twice, "options": module.Options(0.7), "plain": [1, 2]}
+        assert "/" in module.sample_twice.__module__
+        data = refs.dumps(payload)
+        script = textwrap.dedent(f"""
+            import pickle, sys
+            sys.path.insert(0, {ROOT!r})
+            payload = pickle.loads(sys.stdin.buffer.read())
+            print(payload["fn"](4), type(payload["options"]).__name__, payload["options"].eta, payload["plain"])
+        """)
+        done = subprocess.run([sys.executable, "-c", script], input=data, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert done.stdout.decode().split() == ["10.0", "Options", "0.7", "[1,", "2]"]
+        # plain pickle names the module by its path: the other process cannot import it
+        plain = pickle.dumps(payload)
+        failed = subprocess.run([sys.executable, "-c", script], input=plain, capture_output=True, timeout=120)
+        assert failed.returncode != 0 and b"No module named" in failed.stderr
+    finally:
+        for name in [n for n in sys.modules if n.startswith(str(pack).replace(".", "_x_"))]:
+            del sys.modules[name]
+
+
+def test_importable_objects_pickle_as_before():
+    data = refs.dumps({"fn": os.path.join, "cls": refs.ObjectRef})
+    assert pickle.loads(data) == {"fn": os.path.join, "cls": refs.ObjectRef}
+    assert b"resolve" not in data
