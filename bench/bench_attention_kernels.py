@@ -18,10 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+from comfy_para_attn import kernels  # noqa: E402
 from comfy_para_attn.attention import local  # noqa: E402
-from kernels.reference import FLASH_BAR, QUANTIZED_BAR, compare, meets_bar, padding_bias, realistic_inputs  # noqa: E402
-from kernels.selection import time_ms  # noqa: E402
+from comfy_para_attn.kernels.reference import FLASH_BAR, QUANTIZED_BAR, compare, meets_bar, padding_bias, realistic_inputs  # noqa: E402
+from comfy_para_attn.kernels.selection import time_ms  # noqa: E402
 
 SHAPES = {  # [B, H, S, D]
     "flux": (1, 24, 4608, 128),  # FLUX 1024x1024: 4096 image + 512 text tokens

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.fp8_rowwise import (gelu_tail_rowwise_fp8_reference, gelu_tail_rowwise_fp8_triton,  # noqa: E402
+from comfy_para_attn.kernels.fp8_rowwise import (gelu_tail_rowwise_fp8_reference, gelu_tail_rowwise_fp8_triton,  # noqa: E402
                                  layer_norm_modulate_rowwise_fp8, layer_norm_modulate_rowwise_fp8_reference)
 
 
@@ -76,7 +76,7 @@ def main():
                              torch.compile(layer_norm_modulate_rowwise_fp8_reference, dynamic=False), inputs,
                              layer_norm_modulate_rowwise_fp8_reference, args.repeats))
     if args.sweep:
-        from kernels import triton_fp8_rowwise
+        from comfy_para_attn.kernels import triton_fp8_rowwise
 
         print("\n| input | " + " | ".join(f"{w} warps us" for w in (4, 8, 16, 32)) + " |\n|---|---|---|---|---|")
         for name, m, k, start in (("single block linear2", 4608, 15360, 3072), ("double block MLP out", 4096, 12288, 0)):

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.int8_linear import int8_linear, quantize_weight_int8  # noqa: E402
-from kernels.selection import time_ms as _time_ms  # noqa: E402
+from comfy_para_attn.kernels.int8_linear import int8_linear, quantize_weight_int8  # noqa: E402
+from comfy_para_attn.kernels.selection import time_ms as _time_ms  # noqa: E402
 
 HIDDEN = 3072
 LAYERS = [(6 * HIDDEN, 38), (3 * HIDDEN, 38), (2 * HIDDEN, 1)]  # (out features, count) per step

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_fp8_gelu_quant import _time_us  # noqa: E402
-from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_pair, rms_norm_rope_reference  # noqa: E402
+from comfy_para_attn.kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_pair, rms_norm_rope_reference  # noqa: E402
 
 HEADS, DIM = 24, 128
 
@@ -67,7 +67,7 @@ def main():
     args = parser.parse_args()
     layout = dict(seq_major=args.seq_major)
     assert torch.cuda.is_available(), "needs CUDA"
-    from kernels import triton_qk_norm_rope as kernel
+    from comfy_para_attn.kernels import triton_qk_norm_rope as kernel
 
     print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__} | seq_major {args.seq_major}")
     compiled = torch.compile(rms_norm_rope_reference, dynamic=False)

@@ -20,10 +20,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import kernels  # noqa: E402
+from comfy_para_attn import kernels  # noqa: E402
 from comfy_para_attn.attention import local  # noqa: E402
-from kernels.reference import realistic_inputs  # noqa: E402
-from kernels.triton_flash import LOG2E, flash_attention_kernel, flops  # noqa: E402
+from comfy_para_attn.kernels.reference import realistic_inputs  # noqa: E402
+from comfy_para_attn.kernels.triton_flash import LOG2E, flash_attention_kernel, flops  # noqa: E402
 
 
 def synced_ms(fn, iters=10):

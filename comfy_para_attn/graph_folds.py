@@ -7,7 +7,7 @@ import collections
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from kernels import fp8_rowwise, qk_norm_rope
+from comfy_para_attn.kernels import fp8_rowwise, qk_norm_rope
 
 from . import rope_fold
 from .quant import cat_fold, norm_fold

@@ -179,7 +179,7 @@ def pairs_enabled() -> bool:
 
 def fold_rotations(graph: torch.fx.Graph) -> int:
     """Rewrite every match in `graph` (see the module docstring); returns how many."""
-    from kernels.qk_norm_rope import why_not_triton
+    from comfy_para_attn.kernels.qk_norm_rope import why_not_triton
 
     if not enabled():
         return 0
@@ -197,7 +197,7 @@ def fold_rotations(graph: torch.fx.Graph) -> int:
                 or _value(node) is None or _value(node).dtype != torch.bfloat16
                 or why_not_triton(values, weights, _value(pe)) is not None):
             continue
-        from kernels import triton_qk_norm_rope  # noqa: F401  registers the op
+        from comfy_para_attn.kernels import triton_qk_norm_rope  # noqa: F401  registers the op
 
         (head, w_head, eps, _), (tail, w_tail, _, _) = pieces[0], pieces[-1]
         replace_with_call(graph, node, torch.ops.para_attn.rms_norm_rope.default,
@@ -212,7 +212,7 @@ def pair_rotations(graph: torch.fx.Graph) -> int:
     at a time in graph order (a block's q, then its k), become one `rms_norm_rope_pair` call
     placed at the second, where the pair kernel takes them and nothing reads the first before
     that point. Returns how many pairs."""
-    from kernels.qk_norm_rope import why_not_triton_pair
+    from comfy_para_attn.kernels.qk_norm_rope import why_not_triton_pair
 
     if not pairs_enabled():
         return 0
@@ -239,7 +239,7 @@ def pair_rotations(graph: torch.fx.Graph) -> int:
                     or why_not_triton_pair(q_pieces, k_pieces, weights[:len(q_pieces)], weights[2:2 + len(k_pieces)],
                                            _value(pe)) is not None):
                 continue
-            from kernels import triton_qk_norm_rope  # noqa: F401  registers the op
+            from comfy_para_attn.kernels import triton_qk_norm_rope  # noqa: F401  registers the op
 
             with graph.inserting_after(second):
                 pair = graph.call_function(torch.ops.para_attn.rms_norm_rope_pair.default,

@@ -17,7 +17,7 @@ if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
 from comfy_para_attn.quant import gelu_fusion  # noqa: E402
 from comfy_para_attn.testing.fp8_checks import activations as _activations  # noqa: E402
 from comfy_para_attn.testing.fp8_checks import compiled_with_folds, dynamic_fp8_linear, kernel_unavailable_reason  # noqa: E402
-from kernels.fp8_rowwise import gelu_tail_rowwise_fp8_reference  # noqa: E402
+from comfy_para_attn.kernels.fp8_rowwise import gelu_tail_rowwise_fp8_reference  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))
 
@@ -25,7 +25,7 @@ needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reaso
 @needs_kernel
 @pytest.mark.parametrize("cols,gelu_from", [(3 * 96, 96), (256, 0), (200, 72)])
 def test_kernel_matches_the_plain_quantization(cols, gelu_from):
-    from kernels.fp8_rowwise import gelu_tail_rowwise_fp8_triton
+    from comfy_para_attn.kernels.fp8_rowwise import gelu_tail_rowwise_fp8_triton
 
     x = _activations(48, cols)
     q, scale = gelu_tail_rowwise_fp8_triton(x, gelu_from)
@@ -48,7 +48,7 @@ def test_kernel_matches_the_plain_quantization(cols, gelu_from):
 
 @needs_kernel
 def test_a_row_of_zeros_quantizes_to_zeros():
-    from kernels.fp8_rowwise import gelu_tail_rowwise_fp8_triton
+    from comfy_para_attn.kernels.fp8_rowwise import gelu_tail_rowwise_fp8_triton
 
     x = _activations(4, 64)
     x[2] = 0
@@ -63,7 +63,7 @@ def test_two_pieces_quantize_like_their_concatenation(head_cols):
     """`cat_gelu_rowwise_fp8(head, tail)` reads the pieces where they are (here the tail is a
     strided slice of a wider matrix, as the MLP part of FLUX's linear1 output is) and gives
     the concatenation's result to the bit."""
-    from kernels.fp8_rowwise import cat_gelu_rowwise_fp8, gelu_tail_rowwise_fp8_triton
+    from comfy_para_attn.kernels.fp8_rowwise import cat_gelu_rowwise_fp8, gelu_tail_rowwise_fp8_triton
 
     head = _activations(48, head_cols, seed=4)
     wide = _activations(48, 500, seed=5)

@@ -18,7 +18,7 @@ if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
 from comfy_para_attn.quant import gelu_fusion  # noqa: E402
 from comfy_para_attn.testing.fp8_checks import (activations, compiled_with_folds, folding_backend,  # noqa: E402
                                                 kernel_unavailable_reason, make_dynamic_fp8, make_fused_layers_fp8)
-from kernels.fp8_rowwise import (layer_norm_modulate_rowwise_fp8, layer_norm_modulate_rowwise_fp8_reference,  # noqa: E402
+from comfy_para_attn.kernels.fp8_rowwise import (layer_norm_modulate_rowwise_fp8, layer_norm_modulate_rowwise_fp8_reference,  # noqa: E402
                                  why_not_norm_kernel)
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))
@@ -65,7 +65,7 @@ def test_the_op_copies_inputs_with_strided_features():
     """HunyuanVideo's first image tokens come transposed ([B, S, K] with strides (S K, 1, S));
     the graph pass folds them all the same and the op copies them (reading them as rows gave
     a 49% error on ComfyUI's HunyuanVideo before it did)."""
-    from kernels import triton_fp8_rowwise  # noqa: F401  registers the op
+    from comfy_para_attn.kernels import triton_fp8_rowwise  # noqa: F401  registers the op
 
     x, mul, shift = _inputs(1, 32, 64, 1)
     transposed = x.transpose(1, 2).contiguous().transpose(1, 2)

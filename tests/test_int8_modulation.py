@@ -15,7 +15,7 @@ if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
 
 from comfy_para_attn.quant import modulation  # noqa: E402
 from comfy_para_attn.testing.fp8_checks import kernel_unavailable_reason  # noqa: E402
-from kernels.int8_linear import int8_linear, int8_linear_reference, quantize_weight_int8, why_not_triton  # noqa: E402
+from comfy_para_attn.kernels.int8_linear import int8_linear, int8_linear_reference, quantize_weight_int8, why_not_triton  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))
 
@@ -33,7 +33,7 @@ def _input(m, k, seed=1, dtype=torch.bfloat16):
 
 
 def test_weight_quantization_error_is_a_percent_of_each_row(monkeypatch):
-    from kernels import int8_linear as module
+    from comfy_para_attn.kernels import int8_linear as module
 
     monkeypatch.setattr(module, "_QUANTIZE_ROWS", 7)  # slices that do not divide the rows
     w = _weight(48, 96).float()

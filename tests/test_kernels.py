@@ -16,10 +16,10 @@ pytestmark = pytest.mark.skipif(
     not HAVE_TRITON, reason="triton is not installed: `pip install --no-deps triton` (CPU runs use TRITON_INTERPRET=1)"
 )
 
-import kernels  # noqa: E402
+from comfy_para_attn import kernels  # noqa: E402
 from comfy_para_attn.attention import local  # noqa: E402
 from comfy_para_attn.attention.ring import merge_partial  # noqa: E402
-from kernels.reference import (  # noqa: E402
+from comfy_para_attn.kernels.reference import (  # noqa: E402
     FLASH_BAR,
     QUANTIZED_BAR,
     attention_reference,
@@ -167,7 +167,7 @@ def test_quantized_across_key_scale_blocks(with_bias):
 
 
 def test_quantization_prepass_round_trips():
-    from kernels.triton_quantized import FP8_MAX, KEY_BLOCK, quantize_inputs
+    from comfy_para_attn.kernels.triton_quantized import FP8_MAX, KEY_BLOCK, quantize_inputs
 
     q, k, v, _ = long_keys_case(False, seed=6)
     SEQ_K = LONG_SEQ_K  # noqa: N806

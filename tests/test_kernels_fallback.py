@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from comfy_para_attn import kernels
 from comfy_para_attn.attention import local
-from kernels import _runtime
+from comfy_para_attn.kernels import _runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def fresh_log_state(monkeypatch):
 def test_cpu_without_interpreter_falls_back_and_logs_once(kernel, monkeypatch, caplog, fresh_log_state):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = tiny()
-    with caplog.at_level(logging.WARNING, logger="kernels"):
+    with caplog.at_level(logging.WARNING, logger="comfy_para_attn.kernels"):
         out, lse = kernel(q, k, v)
         kernel(q, k, v)
     reasons = [r.getMessage() for r in caplog.records]

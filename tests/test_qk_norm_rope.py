@@ -15,7 +15,7 @@ if HAVE_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when first imported
 
 from comfy_para_attn.testing.fp8_checks import compiled_with_folds, kernel_unavailable_reason  # noqa: E402
-from kernels.qk_norm_rope import (rms_norm_rope, rms_norm_rope_pair, rms_norm_rope_reference,  # noqa: E402
+from comfy_para_attn.kernels.qk_norm_rope import (rms_norm_rope, rms_norm_rope_pair, rms_norm_rope_reference,  # noqa: E402
                                   why_not_triton, why_not_triton_pair)
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=str(kernel_unavailable_reason()))

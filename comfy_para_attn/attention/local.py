@@ -2,10 +2,10 @@
 
 Ring attention needs the log-sum-exp of every partial result to merge them, so the local
 kernel returns it. Backends are pluggable: `register_backend(name, fn)` adds one (the
-Triton kernels in `kernels/` do), `set_backend(name)` picks it.
+Triton kernels in `comfy_para_attn/kernels/` do), `set_backend(name)` picks it.
 
 Nodes call `select_backend(name)` with one of `BACKEND_CHOICES`: "sdpa" is PyTorch's
-kernels, "triton" / "triton-fp8" the kernels in `kernels/` (each falls back to SDPA, saying
+kernels, "triton" / "triton-fp8" the kernels in `comfy_para_attn/kernels/` (each falls back to SDPA, saying
 why once, where it cannot run), and "auto" is SDPA unless `calibrate_auto()` (run by
 `select_backend("auto")` on a GPU) measured a Triton kernel to be both accurate and faster.
 """
@@ -134,15 +134,9 @@ def _refuse_fallback(q, k, v, bias, scale):
 
 
 def _register_kernel_backends() -> None:
-    """Register the Triton kernels; importing `kernels` does not import triton, and a
-    missing `kernels` package (or an unrelated one of that name) just leaves them out."""
-    try:
-        import kernels
-    except ImportError:
-        return
-    if not hasattr(kernels, "flash_attention"):
-        log.warning("an unrelated 'kernels' package shadows this pack's kernels; Triton backends disabled")
-        return
+    """Register the Triton kernels (importing `comfy_para_attn.kernels` does not import triton)."""
+    from .. import kernels
+
     register_backend("triton", functools.partial(kernels.flash_attention, fallback=_sdpa))
     register_backend("triton-fp8", functools.partial(kernels.quantized_attention, fallback=_sdpa))
 
@@ -156,8 +150,8 @@ def calibrate_auto(device=None, dtypes=(torch.bfloat16,), head_dims=(128,), with
     accuracy bar. Returns {key: (winner, reports)}; does nothing without CUDA or triton."""
     if not torch.cuda.is_available() or "triton" not in _BACKENDS:
         return {}
-    import kernels
-    from kernels.selection import fastest_accurate
+    from comfy_para_attn import kernels
+    from comfy_para_attn.kernels.selection import fastest_accurate
 
     if kernels.triton_import_error():
         log.info("auto attention stays on SDPA: %s", kernels.triton_import_error())

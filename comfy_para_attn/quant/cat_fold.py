@@ -78,7 +78,7 @@ def fold_cats(graph: torch.fx.Graph) -> int:
         if found is None:
             continue
         cat, pieces = found
-        from kernels import triton_fp8_rowwise  # noqa: F401  registers the op (only where one matched: triton is there)
+        from comfy_para_attn.kernels import triton_fp8_rowwise  # noqa: F401  registers the op (only where one matched: triton is there)
 
         with graph.inserting_before(node):
             flat = tuple(graph.call_method("reshape", (p, -1, shape_of(p)[-1])) for p in pieces)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8_rowwise import gelu_tail_rowwise_fp8, quantizes_here
+from comfy_para_attn.kernels.fp8_rowwise import gelu_tail_rowwise_fp8, quantizes_here
 from .layer_classes import mixed_class
 from .stored_fp8 import linear_forward
 

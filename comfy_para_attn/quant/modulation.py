@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from kernels.int8_linear import int8_linear, quantize_weight_int8
+from comfy_para_attn.kernels.int8_linear import int8_linear, quantize_weight_int8
 
 from .fp8 import is_excluded
 from .layer_classes import mixed_class

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fp8_rowwise import why_not_norm_kernel
+from comfy_para_attn.kernels.fp8_rowwise import why_not_norm_kernel
 
 from .cat_fold import VIEWS, is_our_op, replace_with_call, shape_of
 
@@ -92,7 +92,7 @@ def fold_norms(graph: torch.fx.Graph) -> int:
         if found is None:
             continue
         x, mul, shift, eps, dead = found
-        from kernels import triton_fp8_rowwise  # noqa: F401  registers the op (only where one matched: triton is there)
+        from comfy_para_attn.kernels import triton_fp8_rowwise  # noqa: F401  registers the op (only where one matched: triton is there)
 
         # then the view, the addcmul and the LayerNorm, if nothing else reads them
         replace_with_call(graph, node, torch.ops.para_attn.layer_norm_modulate_rowwise_fp8.default,

@@ -13,7 +13,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def kernel_unavailable_reason() -> str | None:
     """Why the fp8 Triton kernels cannot run in this process (None: they can)."""
-    from kernels._runtime import interpreter_unusable_reason, interpreting
+    from comfy_para_attn.kernels._runtime import interpreter_unusable_reason, interpreting
 
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("comfy_para_attn.kernels")
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)

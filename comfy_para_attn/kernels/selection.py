@@ -14,7 +14,7 @@ import torch
 from ._runtime import AttentionFn
 from .reference import FLASH_BAR, attention_reference, compare, meets_bar, padding_bias, random_inputs, realistic_inputs
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("comfy_para_attn.kernels")
 
 
 def time_ms(fn, *args, warmup: int = 3, iters: int = 10) -> float:
