@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..kernels._runtime import math_attention
 
 log = logging.getLogger("comfy_para_attn.attention")
 
@@ -45,17 +46,6 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _selected
-
-
-def _math(q, k, v, bias, scale):
-    """Plain fp32 reference; used where no fused kernel applies."""
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias.float()
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.float())
-    return out.to(q.dtype), lse
 
 
 def _cpu_flash(q, k, v, bias, scale):
@@ -92,7 +82,7 @@ def _cuda_efficient(q, k, v, bias, scale):
     return out, lse[..., : q.shape[2]]  # lse rows are padded to a multiple of 32
 
 
-register_backend("math", _math)
+register_backend("math", math_attention)  # plain fp32, where no fused kernel applies
 register_backend("sdpa-cpu-flash", _cpu_flash)
 register_backend("sdpa-flash", _cuda_flash)
 register_backend("sdpa-cudnn", _cuda_cudnn)
