@@ -144,6 +144,55 @@ def test_local_kernel_returns_lse():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sdpa_takes_odd_head_dims_and_the_flash_name_keeps_the_bias():
+    """cuDNN and the efficient kernel refuse bf16 head dims that are not multiples of 8
+    (called directly, without PyTorch's checks): those go the plain way. The flash kernel has
+    no bias input: a bias sends it to the efficient kernel instead of being dropped."""
+    from comfy_para_attn.kernels._runtime import math_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dim, backend in ((100, "sdpa"), (128, "sdpa-flash")):
+        q, k, v = (torch.randn(1, 4, 256, dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        bias = torch.zeros(1, 1, 1, 256, device="cuda")
+        bias[..., 128:] = torch.finfo(torch.float32).min / 2
+        for b in (None, bias):
+            out, lse = local_attention(q, k, v, b, backend=backend)
+            ref, ref_lse = math_attention(q, k, v, b)
+            assert torch.isfinite(out).all() and ref.abs().mean() > 0.01
+            assert (out.float() - ref.float()).abs().max().item() < 2e-2, (dim, backend, b is None)
+            assert (lse - ref_lse).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merging_after_fully_masked_blocks_equals_attention_over_all_keys(dtype):
+    """A ring of 4 whose first two key blocks are padding (lse ~ -1.7e38, the mask's bias):
+    the merged result equals attention over all keys (the lse form that cancelled to 0 there
+    weighted the later blocks wrongly: max err 1.2 on the rank holding the padding)."""
+    from comfy_para_attn.attention.ring import merge_partial
+    from comfy_para_attn.kernels._runtime import math_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=dtype) for _ in range(3))
+    bias = torch.zeros(1, 1, 1, 32)
+    bias[..., :16] = torch.finfo(torch.float32).min / 2  # two blocks of 8 keys, all padding
+    keys = torch.cat([torch.randn(1, 2, 8, 16, dtype=dtype) for _ in range(3)] + [k], 2)
+    values = torch.cat([torch.randn(1, 2, 8, 16, dtype=dtype) for _ in range(3)] + [v], 2)
+    ref_out, ref_lse = math_attention(q, keys, values, bias)
+    out = lse = None
+    for block in range(4):
+        cols = slice(8 * block, 8 * block + 8)
+        block_out, block_lse = math_attention(q, keys[:, :, cols], values[:, :, cols], bias[..., cols])
+        if out is None:
+            out, lse = block_out.float(), block_lse
+        else:
+            out, lse = merge_partial(out, lse, block_out, block_lse)
+    assert torch.isfinite(out).all() and ref_out.float().abs().mean() > 0.1
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out - ref_out.float()).abs().max().item() < tol
+    assert (lse - ref_lse).abs().max().item() < 1e-4
+
+
 def test_single_rank_is_plain_attention():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))

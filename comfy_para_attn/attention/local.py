@@ -56,6 +56,8 @@ def _cpu_flash(q, k, v, bias, scale):
 
 
 def _cuda_flash(q, k, v, bias, scale):
+    if bias is not None:  # the flash kernel takes no bias: the efficient one does
+        return _cuda_efficient(q, k, v, bias, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
     return out, lse
 
@@ -99,6 +101,8 @@ def _sdpa_choice(q: Tensor, bias: Optional[Tensor]) -> str:
     if q.device.type == "cpu":
         return "sdpa-cpu-flash"
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        if q.shape[-1] % 8:  # cuDNN and the efficient kernel want head dims in multiples of 8
+            return "math"
         if bias is not None:
             return "sdpa-efficient"
         return "sdpa-cudnn" if _CUDNN_AVAILABLE else "sdpa-flash"

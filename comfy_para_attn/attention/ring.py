@@ -53,13 +53,14 @@ def merge_partial(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor
 
     new_lse = logaddexp(lse, block_lse); the block's weight exp(block_lse - new_lse) is
     sigmoid(block_lse - lse), which needs fewer kernels and never overflows. The last merge
-    of a ring skips the lse (`need_lse=False` returns None for it)."""
+    of a ring skips the lse (`need_lse=False` returns None for it). logaddexp, not
+    `lse - logsigmoid(lse - block_lse)`: after fully masked blocks lse is ~-1.7e38 and that
+    form cancels to 0 in fp32 instead of giving block_lse."""
     weight = torch.sigmoid(block_lse - lse)
     out = torch.lerp(out, block_out.float(), weight.unsqueeze(-1))
     if not need_lse:
         return out, None
-    lse = lse - torch.nn.functional.logsigmoid(lse - block_lse)
-    return out, lse
+    return out, torch.logaddexp(lse, block_lse)
 
 
 def ring_attention(
