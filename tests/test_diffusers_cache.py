@@ -48,6 +48,31 @@ def test_high_threshold_reuses_and_remove_restores(setup):
     assert torch.equal(dm.denoise(model, x, schedule, scale=scale), plain)
 
 
+def test_applying_again_replaces_and_diffusers_block_hooks_survive_removal():
+    """A block with a diffusers hook (HookRegistry wraps its forward): the hook runs under the
+    cache and again after remove_cache; applying twice replaces the first cache (it failed on
+    the first one's forward)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.hooks import ModelHook
+
+    model, x, schedule = dm.tiny_flux(), dm.flux_inputs(), torch.linspace(1.0, 0.1, 3)
+    calls = []
+
+    class Probe(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0]).register_hook(Probe(), "probe")
+    plain = dm.denoise(model, x, schedule)
+    assert len(calls) == 3
+    apply_cache(model, 0.5)
+    run = apply_cache(model, 1e-9)  # replaces the first; never reuses
+    assert torch.equal(dm.denoise(model, x, schedule), plain) and run.cache.calls == 3 and len(calls) == 6
+    remove_cache(model)
+    assert torch.equal(dm.denoise(model, x, schedule), plain) and len(calls) == 9
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hit_error_vanishes_with_the_step(family):
     """fp64: a hit's error against the plain model shrinks linearly with the timestep change

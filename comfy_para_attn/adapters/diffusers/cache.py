@@ -110,16 +110,19 @@ def apply_cache(transformer, residual_diff_threshold: Union[float, FirstBlockCac
             raise ValueError("The diffusers adapter does not support start_percent/end_percent.")
     else:
         settings = FirstBlockCacheSettings(float(residual_diff_threshold), max_consecutive_hits=max_consecutive_hits)
+    remove_cache(transformer)  # first: the checks below read the blocks' own forward
     img_index = _family_img_index(transformer)
     blocks = _blocks(transformer)
     if len(blocks) < 2:
         raise ValueError("First Block Cache needs a transformer with at least two blocks.")
-    remove_cache(transformer)
     run = DiffusersCacheRun(FirstBlockCache(settings.residual_diff_threshold, settings.max_consecutive_hits),
                             img_index, reduce_sum)
     if not settings.enabled:  # threshold 0 / no hits allowed: leave the model untouched
-        setattr(transformer, _ATTR, (run, None))
+        setattr(transformer, _ATTR, (run, None, []))
         return run
+    # A block's own forward may be another wrapper (diffusers' hooks, group offloading): kept
+    # under ours and put back by remove_cache.
+    saved = [(block, block.__dict__.get("forward")) for block in blocks]
     for pos, block in enumerate(blocks):
         role = run.first if pos == 0 else run.last if pos == len(blocks) - 1 else run.middle
         original = block.forward
@@ -134,7 +137,7 @@ def apply_cache(transformer, residual_diff_threshold: Union[float, FirstBlockCac
         run.pre_forward(signature.bind_partial(*args, **kwargs).arguments.get("timestep"))
 
     handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    setattr(transformer, _ATTR, (run, handle))
+    setattr(transformer, _ATTR, (run, handle, saved))
     return run
 
 
@@ -152,8 +155,12 @@ def remove_cache(transformer) -> None:
     entry = getattr(transformer, _ATTR, None)
     if entry is None:
         return
-    if entry[1] is not None:
-        entry[1].remove()
-    for block in _blocks(transformer):
-        block.__dict__.pop("forward", None)
+    _run, handle, saved = entry
+    if handle is not None:
+        handle.remove()
+    for block, previous in saved:
+        if previous is None:
+            block.__dict__.pop("forward", None)
+        else:
+            block.forward = previous
     delattr(transformer, _ATTR)
