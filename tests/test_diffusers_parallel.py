@@ -43,6 +43,14 @@ def test_world4_ulysses2_ring2_matches_plain_model():
     assert not _failures(per_rank), "\n".join(_failures(per_rank))
 
 
+def test_a_processor_replaced_after_parallelizing_is_refused():
+    from comfy_para_attn.testing.diffusers_cp_checks import check_replaced_processor_is_refused
+
+    for message, error in run_ranks(check_replaced_processor_is_refused, 2):
+        assert "was replaced after parallelize_transformer" in message
+        assert error < RELATIVE_TOLERANCE
+
+
 def test_unsupported_model_names_the_supported_ones():
     with pytest.raises(TypeError, match="FluxTransformer2DModel and HunyuanVideoTransformer3DModel.*Linear"):
         parallelize_transformer(torch.nn.Linear(2, 2), ContextParallelConfig(ulysses=2))

@@ -63,3 +63,28 @@ def check_parallel_models(rank, world_size, layouts, compiled_cases=()):
                 unparallelize_transformer(model)
                 results[f"{key}/undo"] = _relative_error(model(**call)[0], ref)
     return results
+
+
+def check_replaced_processor_is_refused(rank, world_size):
+    """A processor set after parallelize_transformer (set_attn_processor) would attend over this
+    rank's shard only: the next call raises; unparallelize, set, parallelize again equals the
+    plain model. Returns (error message, relative error after parallelizing again)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    cp = build_parallel_context(ContextParallelConfig(ring=world_size), num_heads=4)
+    name, build, inputs = _cases()[0]
+    model = build()
+    call = dict(inputs, timestep=torch.tensor([0.6]).expand(inputs["hidden_states"].shape[0]), return_dict=False)
+    with torch.no_grad():
+        ref = model(**call)[0]
+        parallelize_transformer(model, cp)
+        model.set_attn_processor(FluxAttnProcessor())
+        try:
+            model(**call)
+            message = ""
+        except RuntimeError as exc:
+            message = str(exc)
+        unparallelize_transformer(model)
+        model.set_attn_processor(FluxAttnProcessor())
+        parallelize_transformer(model, cp)
+        return message, _relative_error(model(**call)[0], ref)

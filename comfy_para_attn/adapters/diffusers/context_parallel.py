@@ -293,6 +293,16 @@ class ContextParallelHandle:
                 inner._attention_backend = AttentionBackendName.NATIVE
                 attn.set_processor(_routing_processor_class(type(inner))(inner, mode))
 
+    def check_processors(self) -> None:
+        """Each call: a processor set after parallelizing (set_attn_processor, an IP-Adapter)
+        would attend over this rank's shard only, silently wrong."""
+        for attn, inner, _backend in self.processors:
+            if getattr(attn.processor, "inner", None) is not inner:
+                raise RuntimeError(
+                    f"the attention processor of {type(attn).__name__} was replaced after "
+                    "parallelize_transformer (e.g. by set_attn_processor or load_ip_adapter); call "
+                    "unparallelize_transformer(model), change the processors, then parallelize again")
+
     def undo(self) -> None:
         for hook in self.hooks:
             hook.remove()
@@ -336,6 +346,7 @@ def parallelize_transformer(model, config_or_context: Union[ContextParallelConfi
 
     def start_call(module, args, kwargs):
         family.check_call(module, kwargs)
+        handle.check_processors()
         layout.reset()
 
     handle.hooks.append(model.register_forward_pre_hook(start_call, with_kwargs=True))
