@@ -193,6 +193,16 @@ def test_merging_after_fully_masked_blocks_equals_attention_over_all_keys(dtype)
     assert (lse - ref_lse).abs().max().item() < 1e-4
 
 
+def test_empty_shards_and_short_masks_are_refused_with_what_to_change():
+    """A rank without tokens hung (ring of two, gathering) or failed deep inside; a mask that
+    does not cover the whole sequence is named. Both before any collective, on every rank."""
+    from comfy_para_attn.testing.attention_checks import refused_shards
+
+    for empty, short_mask in run_ranks(refused_shards, 2):
+        assert "every rank needs at least one token" in empty and "fewer ranks" in empty
+        assert "mask covers 3 keys but the sequence has 8 tokens" in short_mask
+
+
 def test_single_rank_is_plain_attention():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))

@@ -74,12 +74,18 @@ def parallel_attention(
     if len(seq_lens) != config.sequence_size or q.shape[2] != seq_lens[cp.sequence_rank]:
         raise ValueError(
             f"seq_lens {seq_lens} do not fit a sequence group of {config.sequence_size} ranks "
-            f"where this rank ({cp.sequence_rank}) holds {q.shape[2]} tokens"
+            f"where this rank ({cp.sequence_rank}) holds {q.shape[2]} tokens: pass one length per rank of "
+            "the sequence group, this rank's equal to q.shape[2]"
         )
+    if min(seq_lens) < 1:
+        raise ValueError(f"seq_lens {seq_lens}: every rank needs at least one token; use fewer ranks (a smaller "
+                         "ulysses x ring) for sequences this short")
     if q.shape[1] % ulysses:
-        raise ValueError(f"ulysses degree {ulysses} does not divide the {q.shape[1]} attention heads")
+        raise ValueError(f"ulysses degree {ulysses} does not divide the {q.shape[1]} attention heads: use a "
+                         "ulysses degree that divides it and move the rest of the factor to ring")
     if bias is not None and bias.shape[-1] != sum(seq_lens):
-        raise ValueError(f"mask covers {bias.shape[-1]} keys but the sequence has {sum(seq_lens)} tokens")
+        raise ValueError(f"mask covers {bias.shape[-1]} keys but the sequence has {sum(seq_lens)} tokens: give "
+                         "one mask entry per key of the whole sequence (all ranks' tokens)")
 
     ring_rank, ulysses_rank = cp.ring_rank, cp.ulysses_rank
     ulysses_lens = seq_lens[ring_rank * ulysses : (ring_rank + 1) * ulysses]

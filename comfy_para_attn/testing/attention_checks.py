@@ -132,3 +132,19 @@ def count_graph_breaks(rank, world_size, ulysses, ring):
 
     explanation = torch._dynamo.explain(attend)(q, k, v, mask)
     return explanation.graph_count, explanation.graph_break_count
+
+
+def refused_shards(rank, world_size):
+    """The ValueErrors of parallel_attention for a rank without tokens and for a mask of the
+    wrong length (ring of `world_size`), raised before any collective."""
+    cp = build_parallel_context(ContextParallelConfig(ring=world_size), num_heads=2)
+    messages = []
+    q = torch.randn(1, 2, 0 if rank == 0 else 4, 8)
+    for seq_lens, mask in (([0] + [4] * (world_size - 1), None), (None, torch.ones(1, 3, dtype=torch.bool))):
+        tokens = q if seq_lens else torch.randn(1, 2, 4, 8)
+        try:
+            parallel_attention(tokens, tokens, tokens, mask=mask, cp=cp, seq_lens=seq_lens)
+            messages.append("")
+        except ValueError as exc:
+            messages.append(str(exc))
+    return messages
