@@ -123,3 +123,30 @@ def test_kernels_on_the_interpreter_in_a_fresh_process():
     tail = result.stdout[-3000:]
     assert result.returncode == 0, tail + result.stderr[-2000:]
     assert " passed" in tail and "skipped" not in tail.splitlines()[-1], tail
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_launch_failure_falls_back_inside_compiled_graphs_too(monkeypatch, fresh_log_state, caplog):
+    """A compiled graph calls the custom op directly (the checks around it ran at trace time):
+    a kernel that fails to launch answers with SDPA from inside the op, is marked broken and
+    said once, in compiled and eager calls alike."""
+    from comfy_para_attn.kernels import triton_flash
+
+    def failing_launch(*args):
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(triton_flash, "launch_flash_attention", failing_launch)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    reference, reference_lse = _runtime.math_attention(q, k, v)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: kernels.flash_attention(q, k, v), fullgraph=True)
+    with caplog.at_level(logging.WARNING, logger="comfy_para_attn.kernels"):
+        for call in (compiled, kernels.flash_attention):
+            out, lse = call(q, k, v)
+            assert torch.isfinite(out).all() and reference.abs().mean() > 0.01
+            assert (out.float() - reference.float()).abs().max().item() < 2e-2
+            assert (lse - reference_lse).abs().max().item() < 1e-2
+    assert "out of shared memory" in kernels.broken_reason("triton")
+    assert caplog.text.count("out of shared memory") == 1
+    torch._dynamo.reset()

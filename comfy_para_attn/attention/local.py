@@ -168,7 +168,7 @@ def calibrate_auto(device=None, dtypes=(torch.bfloat16,), head_dims=(128,), with
                 winner, reports = fastest_accurate(
                     candidates, dtype=dtype, head_dim=head_dim, with_bias=has_bias, device=device
                 )
-                if winner == "triton":
+                if winner == "triton" and kernels.broken_reason("triton") is None:  # (else SDPA was timed)
                     _auto_preferences[key] = "triton"
                 else:
                     _auto_preferences.pop(key, None)

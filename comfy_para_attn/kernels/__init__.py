@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _runtime
-from ._runtime import AttentionFn, sdpa_attention, triton_import_error
+from ._runtime import AttentionFn, broken_reason, sdpa_attention, triton_import_error
 from .reference import attention_reference, quantized_attention_reference
 
 FLASH_MIN_CAPABILITY = (8, 0)  # bf16 mma
@@ -31,14 +31,14 @@ QUANTIZED_MIN_CAPABILITY = (8, 9)  # fp8 e4m3 tensor cores (Ada, Hopper)
 def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     from .triton_flash import launch_flash_attention
 
-    return launch_flash_attention(q, k, v, bias, scale)
+    return _runtime.launch_or_sdpa("triton", launch_flash_attention, q, k, v, bias, scale)
 
 
 @torch.library.custom_op("comfy_para_attn_kernels::quantized_attention", mutates_args=())
 def _quantized_attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     from .triton_quantized import launch_quantized_attention
 
-    return launch_quantized_attention(q, k, v, bias, scale)
+    return _runtime.launch_or_sdpa("triton-fp8", launch_quantized_attention, q, k, v, bias, scale)
 
 
 @_flash_attention_op.register_fake
@@ -71,6 +71,7 @@ def fallback_reason(kernel: str, q: Tensor, k: Tensor, v: Tensor, bias: Optional
 
 __all__ = [
     "attention_reference",
+    "broken_reason",
     "fallback_reason",
     "flash_attention",
     "quantized_attention",

@@ -152,12 +152,26 @@ def run_or_fall_back(
         return fallback(q, k, v, bias, scale)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    return launch(q, k, v, bias, scale)  # a custom op: a failure inside it falls back there
+
+
+def launch_or_sdpa(kernel: str, launch: AttentionFn, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                   scale: float):
+    """The custom ops' body: a compile or launch failure on a GPU marks the kernel broken (never
+    tried again in this process) and answers with SDPA. Here, inside the op, because a compiled
+    graph calls the op directly: `run_or_fall_back`'s checks ran only while it was traced."""
     try:
         return launch(q, k, v, bias, scale)
-    except Exception as exc:  # a compile or launch failure on this GPU: stop trying, keep going
+    except Exception as exc:
         if q.device.type != "cuda":
             raise  # on the interpreter a failure is a bug in the kernel: show it
         reason = f"the kernel failed to compile or launch ({type(exc).__name__}: {exc})"
         mark_broken(kernel, reason)
         log_once(kernel, reason)
-        return fallback(q, k, v, bias, scale)
+        out, lse = sdpa_attention(q, k, v, bias, scale)
+        return out.contiguous(), lse.float().contiguous()
+
+
+def broken_reason(kernel: str) -> Optional[str]:
+    """Why `kernel` failed to launch in this process, or None."""
+    return _broken.get(kernel)
