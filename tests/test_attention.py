@@ -154,8 +154,8 @@ def test_cuda_sdpa_takes_odd_head_dims_and_the_flash_name_keeps_the_bias():
     g = torch.Generator(device="cuda").manual_seed(0)
     for dim, backend in ((100, "sdpa"), (128, "sdpa-flash")):
         q, k, v = (torch.randn(1, 4, 256, dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-        bias = torch.zeros(1, 1, 1, 256, device="cuda")
-        bias[..., 128:] = torch.finfo(torch.float32).min / 2
+        bias = torch.zeros(1, 1, 1, 256, device="cuda", dtype=q.dtype)  # as key_padding_bias makes it
+        bias[..., 128:] = torch.finfo(q.dtype).min / 2
         for b in (None, bias):
             out, lse = local_attention(q, k, v, b, backend=backend)
             ref, ref_lse = math_attention(q, k, v, b)

@@ -69,6 +69,8 @@ def test_fallback_can_be_supplied(monkeypatch, fresh_log_state):
 
 def test_backend_choices_and_auto_stays_on_sdpa_without_calibration(monkeypatch):
     monkeypatch.setattr(local, "_selected", local._selected)
+    monkeypatch.setattr(local, "_auto_preferences", {})
+    monkeypatch.setattr(local, "calibrate_auto", lambda **calibration: {})  # (a GPU would calibrate)
     assert set(local.BACKEND_CHOICES) == {"auto", "sdpa", "triton", "triton-fp8"}
     assert {"triton", "triton-fp8"} <= set(local._BACKENDS)
     with pytest.raises(ValueError, match="attention_backend must be one of"):
