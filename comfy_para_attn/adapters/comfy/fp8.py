@@ -207,8 +207,9 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
                 freed += replace(name, module, lambda m: quantize_linear(m, config))
             counts[plan.mode] += 1
         int8_layers = _int8_layers(dm, settings)
-        into_fp8 = [n for n, _ in modulation.modulation_layers(dm) if not is_excluded(n, settings.patterns)]
-        if settings.int8_modulation and into_fp8:
+        into_fp8 = [n for n, _ in modulation.modulation_layers(dm)
+                    if not is_excluded(n, settings.patterns)] if settings.int8_modulation else []
+        if into_fp8:
             _log_once(f"exclude lets {len(into_fp8)} modulation layers into fp8: modulation 'int8' takes only those "
                       "exclude keeps out (its default has '*_mod, *modulation*')")
         if settings.int8_modulation and not int8_layers and any(
