@@ -66,3 +66,15 @@ def test_token_replace_hunyuan_is_rejected():
     )
     with pytest.raises(NotImplementedError, match="token_replace"):
         parallelize_transformer(model, ContextParallelConfig(ulysses=2))
+
+
+def test_first_block_cache_decides_on_the_summed_diffs_of_both_ranks():
+    from comfy_para_attn.testing.diffusers_cp_checks import check_cache_under_context_parallel
+
+    ranks = run_ranks(check_cache_under_context_parallel, 2, timeout=120)
+    plain_history, plain_out = ranks[0][0], ranks[0][1]
+    assert 0 < sum(plain_history) < len(plain_history), plain_history  # some reuse, not all
+    assert torch.isfinite(plain_out).all() and plain_out.abs().mean() > 0.1
+    for _, _, history, out in ranks:
+        assert history == plain_history
+        torch.testing.assert_close(out, plain_out, atol=1e-4, rtol=1e-4)

@@ -88,3 +88,25 @@ def check_replaced_processor_is_refused(rank, world_size):
         model.set_attn_processor(FluxAttnProcessor())
         parallelize_transformer(model, cp)
         return message, _relative_error(model(**call)[0], ref)
+
+
+def check_cache_under_context_parallel(rank, world_size, threshold=0.3):
+    """First Block Cache on a parallelized tiny Flux, its diffs summed over the ranks
+    (`ParallelContext.all_reduce_sum`): (history, output) of this rank and of the plain cached
+    model in one process. The summed diffs are the whole latent's, so the decisions must be
+    the single process's (without the sum the ranks could take different branches: a hang)."""
+    from comfy_para_attn.adapters.diffusers.cache import apply_cache, remove_cache
+    from comfy_para_attn.testing.diffusers_models import denoise
+
+    schedule = torch.linspace(1.0, 0.1, 8)
+    inputs = flux_inputs(height=4, width=6, tokens=8, seed=5)
+    model = tiny_flux(heads=4, seed=5)
+    plain = apply_cache(model, threshold)
+    plain_out = denoise(model, inputs, schedule)
+    remove_cache(model)
+    cp = build_parallel_context(ContextParallelConfig(ulysses=world_size), num_heads=4)
+    parallelize_transformer(model, cp)
+    run = apply_cache(model, threshold, reduce_sum=cp.all_reduce_sum)
+    out = denoise(model, inputs, schedule)
+    remove_cache(model)
+    return list(plain.cache.history), plain_out, list(run.cache.history), out
