@@ -118,6 +118,19 @@ def test_memory_estimate_is_agreed_only_while_batching(comfyui_path):
     assert agreed(huge) == 1e21 and not agreed.batching
 
 
+def test_ranks_agree_on_the_memory_of_their_share_for_each_job(comfyui_path):
+    """Two ranks with different free memory batch alike (inf when one rank's share of the
+    call does not fit); a share that fits where the whole call would not is batched; the next
+    job asks again (free memory changes between prompts), and the load decision outside
+    batching always gets ComfyUI's own estimate."""
+    from comfy_para_attn.testing.comfy_cp_checks import agree_on_memory
+
+    jobs = [(10e9, 1.0e9), (1.5e9, 1.5e9), (0.5e9, 0.5e9)]  # fits on one rank / the share fits on both / neither
+    for answers in run_ranks(agree_on_memory, 2, str(comfyui_path), jobs):
+        assert answers == [(1.6e9, float("inf"), float("inf")), (1.6e9, 0.0, 0.0),
+                           (1.6e9, float("inf"), float("inf"))]
+
+
 @pytest.mark.parametrize("variant,message", [
     ("wan_vace", "does not support Wan VACE yet"), ("wan_humo", "does not support Wan HuMo yet"),
     ("wan_animate", "does not support Wan Animate yet"), ("wan_s2v", r"does not support this model .*WanModel_S2V")])

@@ -130,3 +130,27 @@ def precomputed_modulation_under_cp(rank, world_size, comfy_path, ulysses, cfg):
     out = sample(install_context_parallel(apply_compile(patcher, CompileSettings(backend="eager")), cp))
     assert torch.isfinite(out).all()
     return float((out - ref).abs().max()), float(ref.abs().mean()), sum(served)
+
+
+def agree_on_memory(rank, world_size, comfy_path, free_bytes_by_rank):
+    """The batching answers of `AgreedMemoryEstimate` at ulysses 2 when this rank's GPU has
+    `free_bytes_by_rank[job][rank]` free (a stand-in for GPUs with different free memory: CPU
+    ranks have none), one estimate object per job as the workers build them. ComfyUI's
+    whole-call estimate is 1.6e9 bytes; a rank's share (half the tokens) 0.8e9."""
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=True)
+    import comfy.model_management
+
+    from comfy_para_attn.adapters.comfy.context_parallel import AgreedMemoryEstimate, AgreeWhileBatching
+    from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+
+    cp = build_parallel_context(ContextParallelConfig(ulysses=2))
+    shape = [2, 16, 8, 8]
+    answers = []
+    for free in free_bytes_by_rank:
+        comfy.model_management.get_free_memory = lambda *args, **kwargs: free[rank]
+        estimate = AgreedMemoryEstimate(lambda input_shape, cond_shapes={}: 1.6e9, cp)
+        batching = AgreeWhileBatching(estimate)(lambda: [estimate(shape), estimate(shape)])
+        answers.append((estimate(shape), *batching))
+    return answers

@@ -250,28 +250,22 @@ class CfgSplitWrapper:
         return all_gather(out, 0, cp.cfg_group)
 
 
-_agreed_estimates: dict = {}  # ParallelContext -> {(input shape, need): agreed answer}
-
-
-def forget_memory_agreements() -> None:
-    """Called when a worker loads another model: free memory changes with it."""
-    _agreed_estimates.clear()
-
-
 class AgreedMemoryEstimate:
     """Object patch for `BaseModel.memory_required`. While ComfyUI batches conds
     (`calc_cond_batch`) it takes cond and uncond together only if the estimate fits this
     GPU's free memory, which differs between GPUs; every rank must batch alike (the
     collectives need the same shapes), so there the ranks agree: 0 (fits on all) or inf.
-    The agreement (a collective and a host sync) is made once per input shape; ComfyUI asks
-    on every step. Everywhere else (the load decision before sampling, which each rank may
-    take on its own) it answers ComfyUI's real estimate: inf there would unload the model
-    and load it in low-VRAM mode."""
+    A rank holds 1/sequence_size of the tokens and, with cfg parallel, half of the batch, so
+    its share of ComfyUI's whole-call estimate is what must fit. The agreement (a collective
+    and a host sync) is made once per input shape and job (free memory changes between
+    prompts: other models, the VAE, FP8 on or off); ComfyUI asks on every step. Everywhere
+    else (the load decision before sampling, which each rank may take on its own) it answers
+    ComfyUI's real estimate: inf there would unload the model and load it in low-VRAM mode."""
 
     def __init__(self, estimate, cp: ParallelContext):
         self.estimate = estimate
         self.cp = cp
-        self.agreed = _agreed_estimates.setdefault(cp, {})  # outlives the prompt: workers keep cp
+        self.agreed = {}  # (input shape, need) -> answer, for this job only
         self.batching = False  # set by `AgreeWhileBatching` around calc_cond_batch
 
     def __deepcopy__(self, memo):
@@ -290,7 +284,8 @@ class AgreedMemoryEstimate:
         import comfy.model_management
 
         device = comfy.model_management.get_torch_device()
-        fits = need * 1.5 < comfy.model_management.get_free_memory(device)
+        share = need / (self.cp.config.sequence_size * self.cp.config.cfg)
+        fits = share * 1.5 < comfy.model_management.get_free_memory(device)
         flag = torch.tensor([0.0 if fits else 1.0], device=device)
         misfits = self.cp.all_reduce_sum(flag)
         return 0.0 if float(misfits.item()) == 0.0 else float("inf")

@@ -74,10 +74,6 @@ def _drop(ctx, keys: list) -> int:
 
     for key in keys:
         del ctx.cache[key]
-    if any(key[0] == "model" for key in keys):
-        from .context_parallel import forget_memory_agreements
-
-        forget_memory_agreements()
     comfy.model_management.cleanup_models()
     gc.collect()  # a model's modules hold reference cycles
     comfy.model_management.soft_empty_cache()
