@@ -24,6 +24,7 @@ from comfy_para_attn.pool import (
     Pool,
     PoolError,
     PoolInterrupted,
+    PoolJobError,
     PoolStartError,
     ShmSpaceError,
     get_pool,
@@ -345,6 +346,43 @@ def test_worker_exception_reports_its_traceback_and_next_get_pool_is_fresh(clean
     second = get_pool(2)
     assert second is not first and set(second.pids).isdisjoint(old_pids)
     assert second.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
+
+
+@pytest.mark.parametrize("failing", [[1], [0, 1]])
+def test_a_failure_in_an_agreed_step_fails_the_job_and_keeps_the_pool(pool, failing):
+    """Ranks that fail in `ctx.run_agreed` (one, or all) make every rank stop there: the job
+    raises PoolJobError with the failing rank's message and traceback, and the same workers
+    run the next job (their cache kept)."""
+    pids = pool.pids
+    pool.run(f"{JOBS}:remember", {"key": "kept", "value": 7}, timeout_s=20)
+    with pytest.raises(PoolJobError) as info:
+        pool.run(f"{JOBS}:fail_agreed_step", {"ranks": failing}, timeout_s=20)
+    error = info.value
+    assert not isinstance(error, PoolError) and error.rank == failing[0] and error.reason == "exception"
+    assert f"setup failed on rank {failing[0]} (toy job)" in str(error) and "still running" in str(error)
+    assert "fail_agreed_step" in error.worker_traceback and error.error_type == "ValueError"
+    assert ("other ranks failed too" in str(error)) == (len(failing) > 1)
+    assert pool.alive and pool.pids == pids
+    assert pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
+    kept = pool.run(f"{JOBS}:gather_from_ranks", ("cache", "kept"), timeout_s=20)
+    assert [entry["value"] for entry in kept] == [7, 7]
+
+
+def test_a_failure_in_an_agreed_round_stops_every_rank_there_and_keeps_the_pool(pool):
+    pids, steps = pool.pids, []
+    with pytest.raises(PoolJobError, match=r"round 2 failed \(toy job\)") as info:
+        pool.run(f"{JOBS}:fail_in_agreed_round", {"rank": 1, "round": 2}, timeout_s=20,
+                 on_progress=lambda step, total, extra: steps.append(step))
+    assert info.value.rank == 1 and steps == [1, 2]  # rounds 0 and 1 finished on every rank
+    assert pool.alive and pool.pids == pids
+    assert pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
+
+
+def test_out_of_memory_in_an_agreed_step_is_named_and_keeps_the_pool(pool):
+    with pytest.raises(PoolJobError) as info:
+        pool.run(f"{JOBS}:fail_agreed_step", {"ranks": [0], "error": torch.OutOfMemoryError}, timeout_s=20)
+    assert info.value.reason == "out_of_memory" and "ran out of memory" in str(info.value)
+    assert pool.alive
 
 
 def test_worker_killed_mid_job_names_the_rank_and_signal():

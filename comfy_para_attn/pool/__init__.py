@@ -7,14 +7,16 @@ their directory in /dev/shm.
 """
 from .context import WorkerContext
 from .controller import Pool, PoolLayout
-from .errors import JobInterrupted, PoolError, PoolInterrupted, PoolStartError, ShmSpaceError
+from .errors import JobInterrupted, JobRefused, PoolError, PoolInterrupted, PoolJobError, PoolStartError, ShmSpaceError
 from .registry import current_pool, get_pool, shutdown_pool
 
 __all__ = [
     "JobInterrupted",
+    "JobRefused",
     "Pool",
     "PoolError",
     "PoolInterrupted",
+    "PoolJobError",
     "PoolLayout",
     "PoolStartError",
     "ShmSpaceError",

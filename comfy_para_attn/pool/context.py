@@ -8,7 +8,7 @@ import contextlib
 from typing import Any, Callable
 
 from . import protocol
-from .errors import JobInterrupted
+from .errors import JobInterrupted, JobRefused
 
 
 class InterruptFlag:
@@ -93,21 +93,40 @@ class WorkerContext:
         it around collectives; use `check_interrupt()` for that."""
         return self._interrupt_flag.job_id == self.job_id
 
-    def check_interrupt(self) -> None:
+    def check_interrupt(self, failed: BaseException | None = None) -> None:
         """Collective: all ranks agree whether any of them saw an interrupt, and if so all
         raise `JobInterrupted` here, at the same step. Every rank must call it at the same
         points (for example once per sampling step). It is always a collective, also when no
         rank saw an interrupt: jobs use it as a barrier (Parallel VAE Decode sums the ranks'
-        images only after it)."""
+        images only after it). `failed`: this rank's exception from the local work since the
+        last check; if any rank passes one, every rank raises `JobRefused` here instead (the
+        rank that failed with its own exception as the cause) and the pool survives."""
         requested = 1 if self.interrupt_requested else 0
+        failures = 0 if failed is None else 1
         if self.world_size > 1:
             import torch
             import torch.distributed as dist
 
-            # On the host group the flag never touches the GPU: no device sync per step.
+            # On the host group the flags never touch the GPU: no device sync per step.
             device = "cpu" if self._cpu_group is not None else self.device
-            flag = torch.tensor([requested], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
-            requested = int(flag.item())
+            flags = torch.tensor([requested, failures], dtype=torch.int32, device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._cpu_group)
+            requested, failures = (int(v) for v in flags.tolist())
+        if failures:
+            raise JobRefused(f"job {self.job} (id {self.job_id}) stopped on every rank: "
+                             + ("this rank failed" if failed is not None else "another rank failed"), failed)
         if requested:
             raise JobInterrupted(f"job {self.job} (id {self.job_id}) interrupted on request")
+
+    def run_agreed(self, step: Callable[[], Any]) -> Any:
+        """Run `step()` on every rank, then agree (one host collective, also an interrupt
+        check) whether it raised anywhere; if so every rank raises `JobRefused` and the
+        controller fails the job with `PoolJobError`, keeping the pool. `step` must be local
+        work: a collective inside it could be left half-done by a rank that failed before it.
+        Returns what `step` returned."""
+        try:
+            result, failed = step(), None
+        except Exception as exc:  # KeyboardInterrupt / SystemExit still end the worker's job as before
+            result, failed = None, exc
+        self.check_interrupt(failed=failed)
+        return result

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from . import protocol
 from .errors import PoolError, PoolInterrupted, PoolStartError
 from .failures import (EOF, Died, dead_pool_error, death_between_jobs, describe_death, describe_failure,
-                       job_failure_error, read_events, unreadable_event_error)
+                       job_failure_error, read_events, refused_job_error, unreadable_event_error)
 from .launch import PoolLayout, WorkerProcess, free_port, spawn_worker, worker_env
 
 logger = logging.getLogger("comfy_para_attn.pool")
@@ -77,8 +77,10 @@ class Pool:
         try:
             timings = self._start_with_retry(began + start_timeout_s, start_timeout_s)
             if init is not None:  # its own floor: a slow process start must not leave it a second
-                self._run(init[0], protocol.encode(init[1]),
-                          max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
+                *_, refused = self._run(init[0], protocol.encode(init[1]),
+                                        max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
+                if refused:
+                    raise refused_job_error(refused, init[0], self.layout)
         except PoolStartError:
             self._terminate()
             raise
@@ -129,8 +131,9 @@ class Pool:
         in this thread for rank 0's reports. `should_interrupt()` is polled while waiting;
         when true, the ranks stop at their next `ctx.check_interrupt()` and this raises
         `PoolInterrupted`. An exception from either callback also interrupts the job and is
-        re-raised once the ranks stopped. In both cases the pool stays usable. Every other
-        failure raises `PoolError` and shuts the pool down. Jobs should return CPU tensors
+        re-raised once the ranks stopped. In both cases the pool stays usable, as it does after
+        a failure inside the job's agreed steps (`ctx.run_agreed`), which raises `PoolJobError`.
+        Every other failure raises `PoolError` and shuts the pool down. Jobs should return CPU tensors
         (a CUDA tensor would be rebuilt on the controller's GPU).
         """
         protocol.parse_job_spec(job)
@@ -145,12 +148,14 @@ class Pool:
         if not self._run_lock.acquire(timeout=timeout_s):
             raise RuntimeError("Pool.run: another job is still running on this pool")
         try:
-            result, stopped, caller_error = self._run(
+            result, stopped, caller_error, refused = self._run(
                 job, payload_bytes, timeout_s, on_progress, should_interrupt)
         finally:
             self._run_lock.release()
         if caller_error is not None:
             raise caller_error
+        if refused:
+            raise refused_job_error(refused, job, self.layout)
         if stopped:
             raise PoolInterrupted(f"job {job!r} was interrupted; all ranks stopped at the same step")
         return pickle.loads(result)
@@ -232,8 +237,9 @@ class Pool:
     # -- jobs -----------------------------------------------------------------------------
 
     def _run(self, job, payload_bytes, timeout_s, on_progress, should_interrupt):
-        """Returns (rank 0's pickled result, stopped by interrupt, caller's exception) once
-        every rank is idle again; raises PoolError (after tearing down) otherwise."""
+        """Returns (rank 0's pickled result, stopped by interrupt, caller's exception, the
+        ranks' `JobFailed` of an agreed stop) once every rank is idle again; raises PoolError
+        (after tearing down) otherwise."""
         if not self.alive:
             raise self._dead_error(job)
         job_id = next(self._job_ids)
@@ -250,6 +256,7 @@ class Pool:
     def _await_job(self, job_id, job, timeout_s, on_progress, should_interrupt):
         pending = set(range(self.layout.world_size))
         result, stopped, interrupt_sent, caller_error = None, False, False, None
+        refused: list[tuple[int, protocol.JobFailed]] = []  # ranks that stopped at an agreed failure
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
@@ -260,6 +267,11 @@ class Pool:
                     "ctx.report_progress() or ctx.heartbeat() more often than timeout_s.",
                     reason="timeout", job=job)
             for rank, event in self._poll_events(POLL_S):
+                if isinstance(event, protocol.JobFailed) and event.agreed and event.job_id == job_id:
+                    refused.append((rank, event))
+                    pending.discard(rank)
+                    deadline = time.monotonic() + timeout_s
+                    continue
                 if isinstance(event, (protocol.JobFailed, Died)):
                     raise self._failure(rank, event, job)
                 if getattr(event, "job_id", job_id) != job_id:
@@ -289,7 +301,9 @@ class Pool:
                 if stop:
                     self._send_all(protocol.Interrupt(job_id), max(1.0, deadline - time.monotonic()))
                     interrupt_sent = True
-        return result, stopped or interrupt_sent, caller_error
+        if refused and len(refused) < self.layout.world_size:  # cannot happen when every rank agrees
+            raise self._failure(*refused[0], job)
+        return result, stopped or interrupt_sent, caller_error, refused
 
     def _died_idle(self) -> WorkerProcess | None:
         """A worker that died between jobs (the host's OOM killer, say) of a pool that was

@@ -2,7 +2,8 @@
 
 `PoolError` means the pool failed and has been torn down: the next `get_pool()` starts a
 fresh one. `PoolInterrupted` is not a failure: the job stopped on request and the pool is
-still usable, which is why it is not a `PoolError`.
+still usable, which is why it is not a `PoolError`; nor is `PoolJobError`, a job that failed
+where every rank agreed to stop (`WorkerContext.run_agreed`), which leaves the pool usable.
 """
 from __future__ import annotations
 
@@ -40,6 +41,33 @@ class PoolStartError(PoolError):
     def __init__(self, message: str, **kwargs):
         kwargs.setdefault("reason", "start")
         super().__init__(message, **kwargs)
+
+
+class PoolJobError(RuntimeError):
+    """The job failed in a part its ranks ran as agreed steps (`WorkerContext.run_agreed`,
+    `check_interrupt(failed=...)`): every rank stopped there, no collective was left
+    half-done, and the pool is still running (its workers keep their cached models).
+    Same attributes as `PoolError`; `error_type` is the failing rank's exception class name."""
+
+    def __init__(self, message: str, *, reason: str = "exception", rank: int | None = None,
+                 job: str | None = None, worker_traceback: str | None = None, error_type: str = ""):
+        super().__init__(message)
+        self.reason = reason
+        self.rank = rank
+        self.job = job
+        self.worker_traceback = worker_traceback
+        self.error_type = error_type
+
+
+class JobRefused(Exception):
+    """Raised inside a job on every rank at once when an agreed step failed on any of them
+    (`WorkerContext.run_agreed`); `cause` is this rank's own exception, None where another
+    rank failed. Let it propagate out of the job: the controller raises `PoolJobError` and
+    keeps the pool."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 class PoolInterrupted(RuntimeError):

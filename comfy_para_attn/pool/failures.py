@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
-from .errors import PoolError
+from .errors import PoolError, PoolJobError
 from .launch import PoolLayout, WorkerProcess
 
 
@@ -80,8 +80,8 @@ def describe_failure(event: protocol.JobFailed, job: str | None, layout: PoolLay
         head = (f"{rank_name(event.rank, layout)} ran out of memory in {where}: {event.error_type}: "
                 f"{event.message}")
         if layout is not None and layout.device == "cuda":
-            head += ("\n(torch inside a worker calls its GPU 'GPU 0'.) Free memory on that GPU: lower the "
-                     "resolution or frame count, add FP8 Quantize, use more GPUs, or close other programs on it.")
+            head += ("\n(torch inside a worker calls its GPU 'GPU 0'.) Free memory on that GPU (close other "
+                     "programs on it) or ask less of it.")
     else:
         head = f"rank {event.rank} raised {event.error_type} in {where}: {event.message}"
     return f"{head}\n\n--- traceback from rank {event.rank} ---\n{event.traceback.rstrip()}"
@@ -112,6 +112,21 @@ def job_failure_error(events: list[tuple[int, Any]], job: str, pids: list[int], 
     return PoolError(f"worker pool failed: {text}\n(the pool was shut down; the next run "
                      "starts a fresh one)", reason=reason, rank=first_rank, job=job,
                      worker_traceback=traceback_text)
+
+
+def refused_job_error(events: list[tuple[int, protocol.JobFailed]], job: str,
+                      layout: PoolLayout | None) -> PoolJobError:
+    """The error for a job whose ranks all stopped at an agreed failure (`JobRefused`): the
+    failing ranks' messages and the first one's traceback; the pool was kept."""
+    own = sorted([(r, e) for r, e in events if e.own] or events, key=lambda item: item[0])
+    first_rank, first = own[0]
+    text = describe_failure(first, job, layout)
+    others = [f"rank {r}: {e.error_type}: {e.message}" for r, e in own[1:]]
+    if others:
+        text += "\n\nother ranks failed too:\n" + "\n".join(others)
+    return PoolJobError(f"{text}\n(every rank stopped there; the worker pool is still running)",
+                        reason="out_of_memory" if first.out_of_memory else "exception", rank=first_rank, job=job,
+                        worker_traceback=first.traceback or None, error_type=first.error_type)
 
 
 def dead_pool_error(job: str, worker: WorkerProcess | None) -> PoolError:

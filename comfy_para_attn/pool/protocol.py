@@ -96,7 +96,9 @@ class JobInterruptedAck:
 
 @dataclass
 class JobFailed:
-    """The rank raised. `job_id` is None when the failure happened during start."""
+    """The rank raised. `job_id` is None when the failure happened during start. `agreed`:
+    every rank stopped at the same agreed step (`JobRefused`), so the pool survives; `own`:
+    this rank's own failure (False: it stopped because another rank failed)."""
 
     job_id: int | None
     rank: int
@@ -104,6 +106,8 @@ class JobFailed:
     message: str
     traceback: str
     out_of_memory: bool = False
+    agreed: bool = False
+    own: bool = True
 
 
 # -- worker start configuration (travels as JSON in argv, before anything is unpickled) ----

@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 
 from . import protocol
 from .context import InterruptFlag, WorkerContext
-from .errors import JobInterrupted
+from .errors import JobInterrupted, JobRefused
 
 logger = logging.getLogger("comfy_para_attn.pool")
 
@@ -119,6 +119,21 @@ def resolve_job(spec: str):
 
 
 def failure_message(job_id: int | None, rank: int, exc: BaseException) -> protocol.JobFailed:
+    if isinstance(exc, JobRefused):  # an agreed stop: the rank's own failure, or a peer's
+        if exc.cause is None:
+            return protocol.JobFailed(job_id, rank, "JobRefused", str(exc), "", agreed=True, own=False)
+        message = failure_message(job_id, rank, exc.cause)
+        message.agreed = True
+        # The cause's traceback starts where the agreed step caught it: put the job's frames
+        # down to that point (from JobRefused's own traceback) in front.
+        caught = traceback.extract_tb(exc.cause.__traceback__)
+        outer = traceback.extract_tb(exc.__traceback__)
+        if caught:
+            outer = outer[:next((i for i, f in enumerate(outer) if f.name == caught[0].name), len(outer))]
+        message.traceback = "Traceback (most recent call last):\n" + "".join(
+            traceback.format_list(list(outer) + list(caught))) + "".join(
+            traceback.format_exception_only(type(exc.cause), exc.cause))
+        return message
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError) is matched by name so that this
     # needs no torch import; older torch raised a RuntimeError saying "out of memory".

@@ -181,3 +181,28 @@ def log_and_print(ctx, payload):
     logging.getLogger("comfy_para_attn.test").warning("logged by rank %d: %s", ctx.rank, payload)
     print(f"printed by rank {ctx.rank}: {payload}", flush=True)
     return ctx.rank
+
+
+def fail_agreed_step(ctx, payload):
+    """An agreed setup step that raises on the ranks in `payload["ranks"]` (with
+    `payload["error"]`, ValueError by default), then a collective the failure must not reach."""
+    def setup():
+        if ctx.rank in payload["ranks"]:
+            raise payload.get("error", ValueError)(f"setup failed on rank {ctx.rank} (toy job)")
+        return ctx.rank
+
+    ctx.run_agreed(setup)
+    dist.barrier()
+    return "unreachable"
+
+
+def fail_in_agreed_round(ctx, payload):
+    """Rounds of local work, each ended by `check_interrupt(failed=...)`: rank
+    `payload["rank"]` fails in round `payload["round"]`; the others go on to the round's check."""
+    for r in range(5):
+        failed = None
+        if ctx.rank == payload["rank"] and r == payload["round"]:
+            failed = RuntimeError(f"round {r} failed (toy job)")
+        ctx.check_interrupt(failed=failed)
+        ctx.report_progress(r + 1, 5)
+    return "unreachable"
