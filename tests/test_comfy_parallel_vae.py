@@ -141,18 +141,46 @@ def test_interrupt_stops_the_decode_and_the_pool_survives(comfyui_path, pack_nod
     assert parallel_vae.shared_pool(2, "cpu").pids == pids
 
 
-def test_worker_failure_is_an_error_and_the_next_run_gets_a_fresh_pool(comfyui_path, pack_nodes, pool_cleanup):
-    from comfy_para_attn.pool import PoolError
+def test_a_failure_in_the_workers_is_an_error_and_the_pool_stays(comfyui_path, pack_nodes, pool_cleanup):
+    """A VAE that fails to load on one rank, then one that runs out of memory on one rank's
+    second tile: every rank stops together, the error names the rank and what to change, and
+    the same workers decode the next VAE."""
+    from comfy_para_attn.adapters.comfy import parallel_vae
+    from comfy_para_attn.pool import PoolJobError
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    z = latent("flux", height=9, width=11)
+    assert _node(pack_nodes, tiny_comfy_vae("flux"), z, (32, 8, 64, 8), gpus=2).shape == (1, 72, 88, 3)
+    pids = parallel_vae.shared_pool(2, "cpu").pids
+    vae = tiny_comfy_vae("flux")
+    vae.para_attn_rebuild = ("comfy_para_attn.testing.vae_models:rebuild_failing_on_rank_1", {"kind": "flux", "ch": 32})
+    with pytest.raises(PoolJobError, match="injected VAE rebuild failure") as info:
+        _node(pack_nodes, vae, z, (32, 8, 64, 8), gpus=2)
+    assert info.value.rank == 1 and "rebuild_failing_on_rank_1" in info.value.worker_traceback
+    vae = tiny_comfy_vae("flux", seed=1)
+    vae.para_attn_rebuild = ("comfy_para_attn.testing.vae_models:rebuild_out_of_memory_on_rank_1",
+                             {"kind": "flux", "ch": 32})
+    with pytest.raises(PoolJobError, match="(?s)rank 1 ran out of memory.*lower tile_size on Parallel VAE Decode"):
+        _node(pack_nodes, vae, z, (32, 8, 64, 8), gpus=2)
+    good = tiny_comfy_vae("flux", seed=2)
+    assert _node(pack_nodes, good, z, (32, 8, 64, 8), gpus=2).shape == (1, 72, 88, 3)
+    assert parallel_vae.shared_pool(2, "cpu").pids == pids
+
+
+def test_a_vae_the_workers_cannot_rebuild_is_decoded_in_process(comfyui_path, pack_nodes, pool_cleanup, caplog):
     from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
 
     vae = tiny_comfy_vae("flux")
-    vae.para_attn_rebuild = ("comfy_para_attn.testing.vae_models:rebuild_failing_on_rank_1", {"kind": "flux", "ch": 32})
-    z = latent("flux", height=5, width=6)
-    with pytest.raises(PoolError, match="injected VAE rebuild failure") as info:
-        _node(pack_nodes, vae, z, (64, 16, 64, 8), gpus=2)
-    assert info.value.rank == 1 and "rebuild_failing_on_rank_1" in info.value.worker_traceback
-    good = tiny_comfy_vae("flux")
-    assert _node(pack_nodes, good, z, (64, 16, 64, 8), gpus=2).shape == (1, 40, 48, 3)
+    vae.para_attn_rebuild = ("comfy_para_attn.testing.vae_models:rebuild_as_another_class", {"kind": "flux", "ch": 32})
+    z = latent("flux", height=9, width=11)
+    expected = _comfy_tiled(vae, z, (32, 8, 64, 8))
+    with caplog.at_level("WARNING", logger="comfy_para_attn"):
+        first = _node(pack_nodes, vae, z, (32, 8, 64, 8), gpus=2)
+        second = _node(pack_nodes, vae, z, (32, 8, 64, 8), gpus=2)
+    assert torch.isfinite(expected).all() and expected.std() > 0.01
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    warnings = [r.getMessage() for r in caplog.records if "cannot rebuild this VAE" in r.getMessage()]
+    assert len(warnings) == 1 and "gave a Identity" in warnings[0]
 
 
 def test_a_first_weight_write_drives_the_running_nodes_progress_bar(comfyui_path):

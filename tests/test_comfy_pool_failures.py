@@ -99,6 +99,25 @@ def test_worker_exception_carries_its_traceback(setup):
     _next_prompt_succeeds(setup)
 
 
+def test_a_job_that_fails_to_set_up_on_one_rank_keeps_the_pool(setup):
+    """A failure while the workers set the job up (here: unpickling on rank 1) fails the
+    prompt on every rank together; the same workers, with the model they hold, take the next."""
+    from comfy_para_attn.pool import PoolError, PoolJobError
+    from comfy_para_attn.testing.comfy_pool_checks import FailsToLoadOnRank
+
+    pack_nodes, patcher, pos, neg, latent, _ = setup
+    _next_prompt_succeeds(setup)
+    pids = list(_current_pool().pids)
+    broken = patcher.clone()
+    broken.model_options["transformer_options"]["another_pack"] = FailsToLoadOnRank(1)
+    with pytest.raises(PoolJobError, match="injected failure while loading the job") as info:
+        _sample(_cp(pack_nodes, broken), pos, neg, latent)
+    assert not isinstance(info.value, PoolError) and info.value.rank == 1
+    assert "the worker pool is still running" in str(info.value)
+    _next_prompt_succeeds(setup)
+    assert _current_pool().pids == pids
+
+
 def test_hang_past_timeout(setup):
     from comfy_para_attn.pool import PoolError
     from comfy_para_attn.testing.comfy_pool_checks import with_faulty_block

@@ -118,7 +118,7 @@ def _rank_decode(rank, world_size, cases, partial_dir=None):
         decoder = tile_dependent(nearest_decoder(8, temporal=4 if video else None))
         plan = _plan(shape, grids, CAUSAL if video else IMAGE)
         rounds = []
-        record = lambda r, n, done, total: rounds.append((r, done, total))  # noqa: E731
+        record = lambda r, n, done, total, failed=None: rounds.append((r, done, total))  # noqa: E731
         if partial_dir is None:
             out = decode_tiles(z, plan, decoder, rank=rank, world_size=world_size, on_round=record)
         else:

@@ -7,6 +7,8 @@ where every rank agreed to stop (`WorkerContext.run_agreed`), which leaves the p
 """
 from __future__ import annotations
 
+import copy
+
 
 class PoolError(RuntimeError):
     """A worker raised, died, hung or ran out of memory; the pool has been shut down.
@@ -84,3 +86,11 @@ class JobInterrupted(Exception):
 
 class ShmSpaceError(RuntimeError):
     """Not enough room in /dev/shm (or host memory) to publish tensors for the workers."""
+
+
+def with_hint(error: BaseException, hint: str) -> BaseException:
+    """A copy of `error` (same class and attributes) whose message ends with `hint`: what the
+    caller's user can do, which the pool cannot know (raise it `from error`)."""
+    hinted = copy.copy(error)
+    hinted.args = (f"{error}\n{hint}",)
+    return hinted

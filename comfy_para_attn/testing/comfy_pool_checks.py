@@ -61,6 +61,21 @@ class FaultyBlock:
         return extra["original_block"](args)
 
 
+class FailsToLoadOnRank:
+    """A value in the model's options that travels to the workers and cannot be rebuilt on
+    rank `rank` there (as another pack's class that one worker cannot import)."""
+
+    def __init__(self, rank: int = 1):
+        self.rank = rank
+
+    def __setstate__(self, state):
+        import torch.distributed as dist
+
+        self.__dict__.update(state)
+        if dist.is_initialized() and dist.get_rank() == self.rank:
+            raise ImportError("injected failure while loading the job on this rank")
+
+
 def refuse_autograd(apply_model, args):
     """A model function wrapper (picklable: it travels to the workers) that fails a model call
     made with autograd on, as it never is in ComfyUI (its executor runs under inference_mode)."""

@@ -188,6 +188,33 @@ def rebuild_failing_on_rank_1(state_dict, dtype=torch.float32, **kwargs):
     return rebuild_tiny_comfy_vae(state_dict, dtype, **kwargs)
 
 
+def rebuild_out_of_memory_on_rank_1(state_dict, dtype=torch.float32, **kwargs):
+    """A rebuild recipe whose VAE runs out of memory on rank 1's second tile (a tile too
+    large for one GPU): the failure comes in a decode round, after rank 1 decoded a tile."""
+    import torch.distributed as dist
+
+    vae = rebuild_tiny_comfy_vae(state_dict, dtype, **kwargs)
+    if dist.is_initialized() and dist.get_rank() == 1:
+        decode, calls = vae.first_stage_model.decode, []
+
+        def failing(*args, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (injected)")
+            return decode(*args, **kw)
+
+        vae.first_stage_model.decode = failing
+    return vae
+
+
+def rebuild_as_another_class(state_dict, dtype=torch.float32, **kwargs):
+    """A rebuild recipe that gives another VAE class than ComfyUI's (a type the workers'
+    rebuild gets wrong)."""
+    vae = rebuild_tiny_comfy_vae(state_dict, dtype, **kwargs)
+    vae.first_stage_model = torch.nn.Identity()
+    return vae
+
+
 def full_size_comfy_vae(kind: str, *, seed: int = 0, dtype=None):
     """A comfy.sd.VAE with the real FLUX or HunyuanVideo VAE architecture and random weights,
     detected by comfy.sd.VAE from the state dict's keys like a real checkpoint (benchmarks)."""

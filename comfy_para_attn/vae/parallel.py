@@ -19,7 +19,7 @@ Two ways to put the tiles together:
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -41,6 +41,8 @@ def _one_decode(decode_fn):
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 # on_round(round, rounds, tiles decoded on all ranks so far, tiles in the plan)
 RoundFn = Callable[[int, int, int, int], None]
+# ... and this rank's exception from the round's own work (None): it must raise given one
+PartialRoundFn = Callable[[int, int, int, int, Optional[BaseException]], None]
 
 
 def rounds_done(owners: tuple[int, ...], world_size: int, rounds_finished: int) -> int:
@@ -189,11 +191,13 @@ def _recv(src: int, ndim: int, group) -> torch.Tensor:
 
 @_one_decode
 def decode_tiles_partial(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn, partial: torch.Tensor, *,
-                         rank: int, world_size: int, on_round: RoundFn | None = None, device=None) -> None:
+                         rank: int, world_size: int, on_round: PartialRoundFn | None = None, device=None) -> None:
     """Add this rank's share of the blended decode into `partial` (float32 [B, C, *out_spatial],
     zeros, on the host): each of its tiles times feather / (summed feathers of its grid there)
     / (number of grids), weighed on the device. The sum of every rank's partial is the
-    blended decode. Every rank runs the same number of rounds (`on_round` may be collective)."""
+    blended decode. Every rank runs the same number of rounds (`on_round` may be collective),
+    also after its own tile failed: the failure goes to that round's `on_round`, which must
+    raise it (a collective one can make every rank stop there together)."""
     _check_latent(samples, plan)
     if tuple(partial.shape) != plan.out_shape or partial.dtype != torch.float32:
         raise ValueError(f"partial must be float32 {plan.out_shape}, got {partial.dtype} {tuple(partial.shape)}")
@@ -211,11 +215,17 @@ def decode_tiles_partial(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn
 
     tiles = _Lookahead(mine, weighed, cuda)
     for r in range(rounds):
+        failed = None
         if r < len(mine):
             tile = mine[r]
-            tile_region(partial[tile.batch: tile.batch + 1], tile).add_(tiles.get(r))
+            try:
+                tile_region(partial[tile.batch: tile.batch + 1], tile).add_(tiles.get(r))
+            except Exception as exc:  # out of memory, a VAE error: on_round decides who stops
+                failed = exc
         if on_round is not None:
-            on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles))
+            on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles), failed)
+        if failed is not None:
+            raise failed
 
 
 class _TileFactors:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 
 import torch
 
@@ -21,6 +22,8 @@ from ...vae import TilePlan, comfy_grids, decode_tiles, plan_tiles
 from ...vae.tiling import TiledDecodeSettings, comfy_overlaps, latent_tile_sizes, tile_cost
 
 log = logging.getLogger("comfy_para_attn")
+# VAEs (their first_stage_model) the workers could not rebuild: decoded in-process from then on
+_not_rebuildable: "weakref.WeakSet" = weakref.WeakSet()
 
 DEFAULT_REBUILD = ("comfy_para_attn.adapters.comfy.vae_jobs:vae_from_state_dict", {})
 JOB = "comfy_para_attn.adapters.comfy.vae_jobs:decode"
@@ -147,7 +150,8 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
     import comfy.model_management
     import comfy.utils
 
-    from ...pool import PoolInterrupted, shm
+    from ...pool import PoolError, PoolInterrupted, PoolJobError, shm
+    from ...pool.errors import with_hint
 
     from .memory import make_room_for_workers
     from .published import is_resident, mark_resident
@@ -173,6 +177,14 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
         mark_resident(pool, "vae", recipe["fingerprint"])
     except PoolInterrupted:
         raise comfy.model_management.InterruptProcessingException()
+    except (PoolError, PoolJobError) as exc:
+        if exc.reason == "out_of_memory":
+            raise with_hint(exc, "To decode with less memory a GPU: lower tile_size on Parallel VAE Decode (and "
+                                 "temporal_size for video).") from exc
+        if exc.reason == "timeout":
+            raise with_hint(exc, f"Parallel VAE Decode waits {timeout_s:g} s for a tile; on CPU ranks lower "
+                                 "tile_size so that one tile takes less.") from exc
+        raise
     finally:
         for path in paths:
             os.unlink(path)
@@ -191,10 +203,20 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
 
     plan = plan_decode(vae, samples, settings)
     device, world = pool_world(gpus, "Parallel VAE Decode")
-    if world == 1:
+    if world == 1 or vae.first_stage_model in _not_rebuildable:
+        return to_image(vae, decode_in_process(vae, samples, plan))
+    from ...pool import PoolJobError
+
+    try:
+        mapped = decode_in_pool(vae, samples, plan, world, device, timeout_s)
+    except PoolJobError as exc:
+        if exc.error_type != "VAENotRebuildable":
+            raise
+        log.warning("Parallel VAE Decode: the workers cannot rebuild this VAE (%s); decoding it in this process "
+                    "(from now on)", str(exc).splitlines()[0])
+        _not_rebuildable.add(vae.first_stage_model)
         return to_image(vae, decode_in_process(vae, samples, plan))
     # The ranks applied process_output already, each to its slice of the image.
-    mapped = decode_in_pool(vae, samples, plan, world, device, timeout_s)
     image = to_image(vae, mapped, processed=True)
     if image.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr():
         # a view would keep the unlinked file's pages in /dev/shm while ComfyUI caches the output

@@ -338,7 +338,8 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
                           disable_pbar=False, seed=None, latent_shapes=None, **kwargs):
     import comfy.model_management
 
-    from ...pool import PoolError, PoolInterrupted
+    from ...pool import PoolError, PoolInterrupted, PoolJobError
+    from ...pool.errors import with_hint
     from ...pool.protocol import Pickled
 
     if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
@@ -368,13 +369,15 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
                               should_interrupt=comfy.model_management.processing_interrupted)
         except PoolInterrupted:
             raise comfy.model_management.InterruptProcessingException()
-        except PoolError as exc:
-            if exc.reason != "timeout":
-                raise
-            raise PoolError(f"{exc}\nIf one model call really takes longer (the first call compiles under Compile "
-                            f"Model; long videos), raise timeout_s on the Context Parallel node (now "
-                            f"{settings.timeout_s:g} s).", reason=exc.reason, rank=exc.rank, job=exc.job,
-                            worker_traceback=exc.worker_traceback) from exc
+        except (PoolError, PoolJobError) as exc:
+            if exc.reason == "timeout":
+                raise with_hint(exc, f"If one model call really takes longer (the first call compiles under Compile "
+                                     f"Model; long videos), raise timeout_s on the Context Parallel node (now "
+                                     f"{settings.timeout_s:g} s).") from exc
+            if exc.reason == "out_of_memory":
+                raise with_hint(exc, "To sample with less memory a GPU: lower the resolution or frame count, add FP8 "
+                                     "Quantize, or use more GPUs.") from exc
+            raise
         if result["sent_tensors_changed"]:
             sent.spoil()
     returned = time.monotonic()

@@ -5,7 +5,8 @@
 decodes this rank's tiles and blends them into its own shared-memory partial image (one
 file per rank, made by the controller); then the ranks sum the partials into rank 0's file
 and apply the VAE's output scaling, each a slice. Every rank checks the interrupt once per
-round.
+round, together with whether a rank's tile failed (out of memory, say): then every rank stops
+in that round and the pool, with the diffusion model it holds, stays.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def vae_from_state_dict(state_dict, dtype=None):
     return comfy.sd.VAE(sd=dict(state_dict), dtype=dtype)
 
 
+class VAENotRebuildable(RuntimeError):
+    """The workers' rebuild of a VAE from its weights is not ComfyUI's VAE: decode it in-process."""
+
+
 def cached_vae(ctx, recipe: dict):
     from ...pool import transfer
     from ...pool.worker import resolve_job
@@ -38,8 +43,8 @@ def cached_vae(ctx, recipe: dict):
     vae = builder(transfer.load_tensors(recipe["weights"]), recipe["dtype"], **recipe["builder_kwargs"])
     built = type(vae.first_stage_model).__name__
     if built != recipe["model_class"]:
-        raise RuntimeError(f"rebuilding the VAE from its weights gave a {built}, but ComfyUI's VAE is a "
-                           f"{recipe['model_class']}; this VAE type cannot be decoded in parallel yet")
+        raise VAENotRebuildable(f"rebuilding the VAE from its weights gave a {built}, but ComfyUI's VAE is a "
+                                f"{recipe['model_class']}; this VAE type cannot be decoded in parallel yet")
     ctx.cache[key] = vae
     return vae
 
@@ -52,14 +57,18 @@ def decode(ctx, payload):
 
     began = time.perf_counter()
     plan = payload["plan"]
-    vae = cached_vae(ctx, payload["vae"])
-    load_for_tiles(vae, plan)
-    # This rank reserves its own image's pages (in parallel with the other ranks).
-    partials = [shm.map_float32(path, plan.out_shape, reserve=rank == ctx.rank, what="the decoded image")
-                for rank, path in enumerate(payload["partial_paths"])]
 
-    def on_round(r, rounds, done, total):
-        ctx.check_interrupt()  # collective: every rank stops in the same round
+    def set_up():
+        vae = cached_vae(ctx, payload["vae"])
+        load_for_tiles(vae, plan)
+        # This rank reserves its own image's pages (in parallel with the other ranks).
+        return vae, [shm.map_float32(path, plan.out_shape, reserve=rank == ctx.rank, what="the decoded image")
+                     for rank, path in enumerate(payload["partial_paths"])]
+
+    vae, partials = ctx.run_agreed(set_up)
+
+    def on_round(r, rounds, done, total, failed):
+        ctx.check_interrupt(failed=failed)  # collective: every rank stops in the same round
         ctx.report_progress(done, total)
 
     loaded = time.perf_counter()

@@ -159,33 +159,41 @@ def sample(ctx, payload):
     received = ctx.cache.get(SENT_ONCE_KEY)
     if received is None:
         received = ctx.cache[SENT_ONCE_KEY] = ReceivedTensors()
-    payload = unpack(payload, received)
+    # The setup is local work on each rank, run as agreed steps: a failure there (a class the
+    # workers cannot import, a model that does not load, out of memory while loading) fails
+    # the prompt on every rank together and keeps the pool with its cached models.
+    payload = ctx.run_agreed(lambda: unpack(payload, received))
     settings = payload["settings"]
     cp_key = ("cp", settings.config)
-    if cp_key not in ctx.cache:  # process groups are created once per layout
+    if cp_key not in ctx.cache:  # process groups are created once per layout (collective)
         ctx.cache[cp_key] = build_parallel_context(settings.config)
     cp = ctx.cache[cp_key]
-
     key = _model_key(payload)
     cached = key in ctx.cache
-    patcher = _base_model(ctx, payload, key).clone()
-    model_ready = time.monotonic()
-    patcher.patches = {k: list(v) for k, v in payload["patches"].items()}
-    patcher.patches_uuid = payload["patches_uuid"]
-    patcher.force_cast_weights = payload.get("force_cast_weights", False)
-    patcher.weight_wrapper_patches = {k: list(v) for k, v in payload.get("weight_wrapper_patches", {}).items()}
-    patcher.object_patches = rebuild_object_patches(payload["object_patches"])
-    patcher.model_options = payload["model_options"]
-    ours = patcher.model_options.get("transformer_options", {}).get("para_attn", {})
-    patcher = _apply_features(patcher, ours)
-    select_backend(settings.attention_backend)  # the Context Parallel node's choice wins in the workers
-    patcher = install_context_parallel(patcher, cp)
-    guider_cls, guider_state = payload["guider"]
+    timings = {}
+
+    def set_up():
+        patcher = _base_model(ctx, payload, key).clone()
+        timings["model_ready"] = time.monotonic()
+        patcher.patches = {k: list(v) for k, v in payload["patches"].items()}
+        patcher.patches_uuid = payload["patches_uuid"]
+        patcher.force_cast_weights = payload.get("force_cast_weights", False)
+        patcher.weight_wrapper_patches = {k: list(v) for k, v in payload.get("weight_wrapper_patches", {}).items()}
+        patcher.object_patches = rebuild_object_patches(payload["object_patches"])
+        patcher.model_options = payload["model_options"]
+        ours = patcher.model_options.get("transformer_options", {}).get("para_attn", {})
+        patcher = _apply_features(patcher, ours)
+        select_backend(settings.attention_backend)  # the Context Parallel node's choice wins in the workers
+        patcher = install_context_parallel(patcher, cp)
+        guider_cls, guider_state = payload["guider"]
+        _note_first_model_call(patcher, first_call)
+        conds = rebuild_controls(payload["conds"], lambda recipe: cached_vae(ctx, recipe))
+        controlnets = keep_loaded_models(conds, ctx.cache.setdefault(CONTROLNETS_KEY, {}))
+        return rebuild_guider(guider_cls, guider_state, patcher, conds), controlnets
+
     first_call = []  # when ComfyUI's sampler setup (loading the model, conds) ended
-    _note_first_model_call(patcher, first_call)
-    conds = rebuild_controls(payload["conds"], lambda recipe: cached_vae(ctx, recipe))
-    controlnets = keep_loaded_models(conds, ctx.cache.setdefault(CONTROLNETS_KEY, {}))
-    guider = rebuild_guider(guider_cls, guider_state, patcher, conds)
+    guider, controlnets = ctx.run_agreed(set_up)
+    model_ready = timings["model_ready"]
     prepared = time.monotonic()
 
     first_step = []
