@@ -211,6 +211,10 @@ def test_single_rank_is_plain_attention():
     out = parallel_attention(q, k, v, mask=keep, cp=None)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None])
     assert (out - ref).abs().max() < 1e-5
+    # a tokenizer's 0/1 integer mask was read as a +0/+1 bias (nothing masked); torch refuses it too
+    for dtype in (torch.int64, torch.uint8):
+        with pytest.raises(TypeError, match="pass mask.bool()"):
+            parallel_attention(q, k, v, mask=keep.to(dtype), cp=None)
 
 
 @pytest.mark.parametrize(

@@ -218,6 +218,10 @@ def key_padding_bias(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Ten
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
         raise ValueError(f"expected a key mask shaped [B, S] or [B, 1, 1, S], got {tuple(mask.shape)}")
     very_negative = -0.5 * torch.finfo(dtype).max
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        # A tokenizer's 0/1 int64 mask would otherwise be a +0/+1 bias that masks nothing.
+        raise TypeError(f"the mask must be bool (True = attend) or an additive float bias, not {mask.dtype}; "
+                        "for a 0/1 attention mask pass mask.bool()")
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=dtype, device=mask.device)
         return torch.where(mask, zero, torch.full((), very_negative, dtype=dtype, device=mask.device))

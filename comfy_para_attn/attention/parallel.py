@@ -60,8 +60,10 @@ def parallel_attention(
 
     `seq_lens`: local length of every rank of the sequence group (static ints); default:
     all equal to this rank's length. `mask`: key mask over the *global* sequence (same
-    order as the shards), bool [B, S] with True = attend or additive float; None = no mask.
-    `cp` None (or a single-rank layout) runs plain attention.
+    order as the shards), bool [B, S] with True = attend or additive float; None = no mask
+    (an integer mask is a TypeError, as in torch). A batch row whose every key is masked
+    gets the mean of V (masked keys weigh a finite -0.5 * max so that no lse is -inf), where
+    torch's SDPA returns zeros. `cp` None (or a single-rank layout) runs plain attention.
     """
     bias = key_padding_bias(mask, q.dtype)
     if cp is None or cp.config.sequence_size == 1:
