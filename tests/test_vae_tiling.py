@@ -83,11 +83,16 @@ def test_bad_sizes_are_clear_errors():
         latent_tile_sizes(TiledDecodeSettings(256, 32, 8, 8), 3, 8, 4)
     with pytest.raises(ValueError, match="video"):
         latent_tile_sizes(TiledDecodeSettings(), 3, 8, None)
+    # what VAEDecodeTiled reduces silently (the node logs it; the library refuses it)
+    with pytest.raises(ValueError, match=r"overlap \(48 px\) is more than tile_size / 4.*would use 16 px; pass at most 16"):
+        latent_tile_sizes(TiledDecodeSettings(64, 48), 2, 8)
+    with pytest.raises(ValueError, match="temporal_overlap .12 frames. is more than temporal_size / 2.*at most 8"):
+        latent_tile_sizes(TiledDecodeSettings(256, 32, 16, 12), 3, 8, 4)
 
 
 def test_node_units_convert_like_vae_decode_tiled():
     assert latent_tile_sizes(TiledDecodeSettings(512, 64), 2, 8) == ((64, 64), (8, 8))
-    assert latent_tile_sizes(TiledDecodeSettings(64, 32), 2, 8) == ((8, 8), (2, 2))  # overlap -> tile/4
+    assert latent_tile_sizes(TiledDecodeSettings(64, 32), 2, 8, strict=False) == ((8, 8), (2, 2))  # overlap -> tile/4
     assert latent_tile_sizes(TiledDecodeSettings(256, 64, 32, 8), 3, 8, 4) == ((8, 32, 32), (2, 8, 8))
     assert latent_tile_sizes(TiledDecodeSettings(256, 64, 8, 4), 3, 8, 4) == ((2, 32, 32), (1, 8, 8))
 

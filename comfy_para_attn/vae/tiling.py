@@ -183,13 +183,17 @@ def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compress
                       strict: bool = True) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(tile, overlap) in latent elements per spatial dimension, converted the way ComfyUI's
     VAEDecodeTiled node and VAE.decode_tiled convert them (their silent clamps included).
-    With `strict`, an overlap that is not smaller than its tile is a ValueError instead; without
-    it, the clamps reduce it as VAEDecodeTiled does (the ComfyUI node's drop-in behaviour)."""
+    With `strict` (the library API), an overlap those clamps would reduce is a ValueError that
+    says the largest one used; without it, the clamps reduce it as VAEDecodeTiled does (the
+    ComfyUI node's drop-in behaviour, which logs it)."""
     s = settings
     oversized = oversized_overlaps(s, video=dims == 3) if strict else {}
     if "overlap" in oversized:
         raise ValueError(oversized["overlap"])
     overlap, t_overlap = comfy_overlaps(s)
+    if strict and overlap != s.overlap:
+        raise ValueError(f"overlap ({s.overlap} px) is more than tile_size / 4: ComfyUI's tiling would use "
+                         f"{overlap} px; pass at most {s.tile_size // 4}")
     tile, overlap = s.tile_size // spatial_compression, overlap // spatial_compression
     if tile < 1:
         raise ValueError(f"tile_size {s.tile_size} px is smaller than one latent element "
@@ -202,6 +206,9 @@ def latent_tile_sizes(settings: TiledDecodeSettings, dims: int, spatial_compress
         raise ValueError("this VAE decodes images, but the latent is a video [B, C, T, H, W]")
     if "temporal_overlap" in oversized:
         raise ValueError(oversized["temporal_overlap"])
+    if strict and t_overlap != s.temporal_overlap:
+        raise ValueError(f"temporal_overlap ({s.temporal_overlap} frames) is more than temporal_size / 2: "
+                         f"ComfyUI's tiling would use {t_overlap}; pass at most {s.temporal_size // 2}")
     t_size = max(2, s.temporal_size // temporal_compression)
     t_overlap = max(1, min(t_size // 2, t_overlap // temporal_compression))
     return (max(2, t_size), tile, tile), (max(1, t_overlap), overlap, overlap)
