@@ -36,7 +36,7 @@ class ParaAttnParallelVAEDecode:
     CATEGORY = "para_attn"
     DESCRIPTION = ("VAE Decode (Tiled) on several GPUs: the tiles are shared out to the background workers "
                    "(the VAE is sent once and cached there) and blended with the same weights, so the image "
-                   "equals a one-GPU tiled decode, in less time and no more memory per GPU.")
+                   "matches a one-GPU tiled decode (to float rounding), in less time and no more memory per GPU.")
 
     def decode(self, samples, vae, gpus, tile_size, overlap, temporal_size, temporal_overlap):
         from comfy_para_attn.adapters.comfy.parallel_vae import TiledDecodeSettings, parallel_decode
