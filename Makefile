@@ -11,7 +11,7 @@ COMFY_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 COMFY_VENV ?= .venv-comfy
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv comfy-env clean
+.PHONY: test demo venv comfy-env screenshots clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ comfy-env: $(COMFY_VENV)/.installed
 
 demo: $(COMFY_VENV)/.installed
 	$(COMFY_VENV)/bin/python scripts/main_job.py
+
+# Regenerates docs/screenshots/ from the browser test (needs ComfyUI, Chromium and Playwright).
+screenshots: comfy-env
+	PARA_ATTN_UPDATE_SCREENSHOTS=1 $(COMFY_VENV)/bin/python -m pytest -q tests/test_browser.py
 
 clean:
 	rm -rf $(VENV) $(COMFY_VENV) .pytest_cache
