@@ -212,6 +212,22 @@ def test_conditioning_that_cannot_travel_is_named_before_any_worker_runs(comfyui
     pos = [[tensor, {**extra, "some_pack_hook": threading.Lock()}] for tensor, extra in pos]
     with pytest.raises(NotPortableError, match="cannot send the conditioning"):
         comfy_models.sample(_cp(pack_nodes, patcher), pos, neg, latent, steps=2, cfg=1.0)
+    # the model's options and object patches: named by their key, only when the payload fails
+    class Unpicklable:  # survives ComfyUI's deepcopy of model_options, not pickle
+        def __deepcopy__(self, memo):
+            return self
+
+        def __reduce__(self):
+            raise TypeError("this object cannot be pickled")
+
+    locked = patcher.clone()
+    locked.model_options["transformer_options"]["some_pack_state"] = Unpicklable()
+    with pytest.raises(NotPortableError, match=r"cannot send transformer_options\['some_pack_state'\]"):
+        comfy_models.sample(_cp(pack_nodes, locked), *sampling_inputs("flux")[1:], steps=2, cfg=1.0)
+    locked = patcher.clone()
+    locked.add_object_patch("some_pack_object", Unpicklable())
+    with pytest.raises(NotPortableError, match=r"cannot send object patch 'some_pack_object'"):
+        comfy_models.sample(_cp(pack_nodes, locked), *sampling_inputs("flux")[1:], steps=2, cfg=1.0)
 
 
 def test_inpaint_mask_and_partial_schedule(comfyui_path, pack_nodes, pool_cleanup):

@@ -377,13 +377,14 @@ class Pool:
     def _send_all(self, message, timeout_s: float) -> None:
         """Send one message to every rank; the pipe write runs in a helper thread so that a
         frozen worker with a full pipe cannot block the controller past `timeout_s`."""
-        data = protocol.encode(message)
+        data = protocol.frames(message)
         broken: list[int] = []
 
         def send():
             for worker in self._workers:
                 try:
-                    worker.commands.send_bytes(data)
+                    for frame in data:
+                        worker.commands.send_bytes(frame)
                 except OSError:
                     broken.append(worker.rank)
 

@@ -28,12 +28,14 @@ class RunJob:
 
     The payload stays pickled until the worker's main thread runs the job, so a payload
     that cannot be unpickled there (a missing module) becomes a job failure with a
-    traceback instead of killing the worker's reader thread.
+    traceback instead of killing the worker's reader thread. It travels as its own frame
+    after this header (`frames`, `recv`): pickled inside the header, a large payload was
+    copied once more on each side.
     """
 
     job_id: int
     job: str
-    payload: bytes
+    payload: bytes | None
 
 
 @dataclass
@@ -146,19 +148,30 @@ def parse_job_spec(spec: str) -> tuple[str, str]:
 
 class Pickled(bytes):
     """A payload its caller pickled already (with `pickle.HIGHEST_PROTOCOL`): `encode`
-    passes it through, so a large payload is not pickled twice."""
+    passes it through as it is (no copy), so a large payload is not pickled twice."""
 
 
 def encode(message: Any) -> bytes:
     if isinstance(message, Pickled):
-        return bytes(message)
+        return message
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def frames(message: Any) -> list[bytes]:
+    """What `message` travels as: a RunJob's header, then its payload bytes as they are."""
+    if isinstance(message, RunJob) and message.payload is not None:
+        return [encode(RunJob(message.job_id, message.job, None)), message.payload]
+    return [encode(message)]
+
+
 def send(conn: Connection, message: Any) -> None:
-    conn.send_bytes(encode(message))
+    for frame in frames(message):
+        conn.send_bytes(frame)
 
 
 def recv(conn: Connection) -> Any:
     """One message; raises EOFError when the other side closed its end."""
-    return pickle.loads(conn.recv_bytes())
+    message = pickle.loads(conn.recv_bytes())
+    if isinstance(message, RunJob) and message.payload is None:
+        message.payload = conn.recv_bytes()
+    return message

@@ -23,6 +23,8 @@ from ...attention import ContextParallelConfig
 from ...pool.sent_once import TensorsSentOnce
 from .portable import (
     NotPortableError,
+    check_model_options,
+    check_object_patches,
     pickle_payload,
     portable_guider,
     portable_model_options,
@@ -249,7 +251,8 @@ def forgetting_sent_tensors():
 # The payload's parts checked only if the payload does not pickle (then the first that
 # cannot travel is named); the others are checked as they are made portable.
 TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's weight patches (LoRA)",
-                    "weight_wrapper_patches": "the model's weight wrappers", "conds": "the conditioning"}
+                    "weight_wrapper_patches": "the model's weight wrappers", "conds": "the conditioning",
+                    "model_options": check_model_options, "object_patches": check_object_patches}
 
 
 def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):

@@ -11,7 +11,6 @@ Anything that cannot be sent gets a clear error naming it, never a silent drop.
 from __future__ import annotations
 
 import copy
-import pickle
 
 import torch
 
@@ -34,7 +33,7 @@ def _is_ours(obj, package: str = _OUR_MODULE) -> bool:
 
 def _check_picklable(what: str, obj) -> None:
     try:
-        pickle.dumps(obj)
+        refs.dumps(obj)  # as the payload is pickled (functions of path-named modules by file)
     except Exception as exc:  # pickle raises many types for unpicklable objects
         raise NotPortableError(
             f"Context Parallel cannot send {what} to its workers ({type(exc).__name__}: {exc}). "
@@ -56,7 +55,8 @@ def _strip_block_patch(patch):
 
 def portable_model_options(model_options: dict) -> dict:
     """model_options without our hooks (the worker re-applies features from
-    `transformer_options["para_attn"]`), checked to be picklable."""
+    `transformer_options["para_attn"]`). Not pickled here: `pickle_payload` names the first
+    entry that cannot travel (`check_model_options`) only if the payload fails to pickle."""
     options = copy.copy(model_options)
     # ComfyUI's per-run copy of every wrapper and callback (`prepare_model_patcher` fills it
     # in, also in the worker). It holds ours too: Compile Model's wrapper references the
@@ -82,13 +82,23 @@ def portable_model_options(model_options: dict) -> dict:
         del to["optimized_attention_override"]
     for key in [k for k in to if k.startswith(OUR_PREFIX) and k != OUR_PREFIX]:
         del to[key]  # live run state
+    return options
+
+
+def check_model_options(options: dict) -> None:
+    """NotPortableError naming the first entry of `options` that does not pickle."""
     for key, value in options.items():
         if key == "transformer_options":
-            for tkey, tvalue in to.items():
+            for tkey, tvalue in value.items():
                 _check_picklable(f"transformer_options[{tkey!r}]", tvalue)
         else:
             _check_picklable(f"model_options[{key!r}]", value)
-    return options
+
+
+def check_object_patches(patches: dict) -> None:
+    """NotPortableError naming the first object patch that does not pickle."""
+    for name, value in patches.items():
+        _check_picklable(f"object patch {name!r}", value)
 
 
 class PortableModule:
@@ -109,22 +119,15 @@ class PortableModule:
 
 
 def portable_object_patches(object_patches: dict) -> dict:
-    """Other nodes' object patches, made picklable; ours are left out (the worker's features
-    re-create them)."""
+    """Other nodes' object patches, made picklable (a module whose class was defined inside a
+    function travels as a `PortableModule`); ours are left out (the worker's features
+    re-create them). Not pickled here: see `check_object_patches`."""
     out = {}
     for name, value in object_patches.items():
         if _is_ours(value, "comfy_para_attn."):  # FP8 Quantize's GELU fusion lives in comfy_para_attn.quant
             continue
-        try:
-            pickle.dumps(value)
-            out[name] = value
-        except Exception:
-            if isinstance(value, torch.nn.Module):
-                portable = PortableModule(value)
-                _check_picklable(f"object patch {name!r}", portable)
-                out[name] = portable
-            else:
-                _check_picklable(f"object patch {name!r}", value)
+        local_class = "<locals>" in type(value).__qualname__
+        out[name] = PortableModule(value) if local_class and isinstance(value, torch.nn.Module) else value
     return out
 
 
@@ -195,14 +198,18 @@ def rebuild_sampler(sampler):
 
 def pickle_payload(payload: dict, parts: dict, pack=None) -> bytes:
     """`payload` pickled once, for `Pool.run(job, Pickled(...))`, as `pack(payload)` (an
-    envelope of `pool.sent_once`) if given. The conds and a LoRA's patches can be large:
-    checking each part on its own first pickled them twice per prompt. If pickling fails,
-    the first of `parts` ({key: what it is}) that cannot travel is named."""
+    envelope of `pool.sent_once`) if given. The conds, a LoRA's patches and tensors in the
+    model options can be large: checking each part on its own first pickled them twice per
+    prompt. If pickling fails, the first of `parts` ({key: what it is, or a function that
+    raises NotPortableError naming what in it cannot travel}) that cannot travel is named."""
     try:
         return refs.dumps(payload if pack is None else pack(payload))
     except Exception as exc:  # pickle raises many types for unpicklable objects
         for key, what in parts.items():
-            _check_picklable(what, payload[key])
+            if callable(what):
+                what(payload[key])
+            else:
+                _check_picklable(what, payload[key])
         raise NotPortableError(
             f"Context Parallel cannot send the job to its workers ({type(exc).__name__}: {exc})."
         ) from None
