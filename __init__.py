@@ -20,9 +20,11 @@ if __package__:  # loaded as a package, as ComfyUI loads custom nodes
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
     try:  # a ComfyUI killed with its workers (systemd stops the whole group) left its weights in /dev/shm
+        from comfy_para_attn.pool.launch import reap_previous_workers
         from comfy_para_attn.pool.shm import sweep_stale_dirs
 
         sweep_stale_dirs(log=True)
+        reap_previous_workers()  # a ComfyUI restarted in place (os.execv) left its workers as zombies
     except Exception:  # never let housekeeping stop the pack from loading
         pass
 else:  # imported as a bare module (e.g. pytest collecting a checkout named "comfy-para-attn")

@@ -766,6 +766,39 @@ def test_a_restart_under_the_same_pid_frees_what_the_previous_program_published(
     assert not list(tmp_path.iterdir())
 
 
+def test_a_restart_under_the_same_pid_reaps_the_previous_programs_workers():
+    """After os.execv the old workers exit (their lifeline closed) as zombies of the new
+    program, which has no Popen to wait for them: it reaps them (and only them) when the pack
+    loads. A shut-down pool's workers are no longer listed."""
+    script = textwrap.dedent("""
+        import json, os, sys, time
+        from comfy_para_attn.pool import launch
+        if sys.argv[1] == "before":
+            from comfy_para_attn.pool import Pool
+            Pool(1).shutdown()  # reaped already: forgotten
+            pool = Pool(2)
+            assert [int(e.split(":")[0]) for e in os.environ[launch.WORKER_PIDS_ENV].split(",")] == pool.pids
+            os.execv(sys.executable, [sys.executable, "-c", sys.argv[2], "after", sys.argv[2]])
+        pids = [int(e.split(":")[0]) for e in os.environ[launch.WORKER_PIDS_ENV].split(",")]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any((launch._stat(p) or "Z")[0] != "Z" for p in pids):
+            time.sleep(0.1)  # they exit once they see the lifeline closed
+        zombies = [p for p in pids if (launch._stat(p) or "?")[0] == "Z"]
+        reaped = launch.reap_previous_workers()
+        print(json.dumps({"pids": pids, "zombies": zombies, "reaped": reaped,
+                          "left": [p for p in pids if launch._stat(p) is not None],
+                          "env": os.environ[launch.WORKER_PIDS_ENV]}), flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("COMFY_PARA_ATTN_WORKER_PIDS", None)
+    done = subprocess.run([sys.executable, "-c", script, "before", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(seen["pids"]) == 2 and seen["zombies"] == seen["pids"] and seen["reaped"] == seen["pids"]
+    assert seen["left"] == [] and seen["env"] == ""
+
+
 def test_the_watchdog_works_on_a_descriptor_above_1024():
     """Workers keep the controller's descriptor numbers, and a ComfyUI with many files open
     hands down a lifeline >= 1024, which select() refuses: the watchdog must still see the

@@ -23,7 +23,7 @@ from . import protocol
 from .errors import PoolError, PoolInterrupted, PoolStartError
 from .failures import (EOF, Died, dead_pool_error, death_between_jobs, describe_death, describe_failure,
                        job_failure_error, read_events, refused_job_error, unreadable_event_error)
-from .launch import PoolLayout, WorkerProcess, free_port, spawn_worker, worker_env
+from .launch import PoolLayout, WorkerProcess, forget_worker, free_port, spawn_worker, worker_env
 
 logger = logging.getLogger("comfy_para_attn.pool")
 # A payload this large was almost always an accident (Compile Model's compiled blocks once
@@ -416,6 +416,7 @@ class Pool:
         for worker in self._workers:
             try:
                 worker.process.wait(REAP_TIMEOUT_S)
+                forget_worker(worker.process.pid)
             except subprocess.TimeoutExpired:
                 logger.error("rank %d (pid %d) survived SIGKILL", worker.rank, worker.process.pid)
         deadline = time.monotonic() + EOF_AFTER_DEATH_S

@@ -20,6 +20,61 @@ REPO_ROOT = str(Path(__file__).resolve().parents[2])  # makes `comfy_para_attn` 
 # Inherited launcher variables (torchrun) that would contradict the pool's own layout.
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+# Our live workers' pids, in the environment because it survives os.execv (ComfyUI-Manager's
+# restart): the restarted program reaps them (`reap_previous_workers`), and only them.
+WORKER_PIDS_ENV = "COMFY_PARA_ATTN_WORKER_PIDS"
+
+
+def _recorded() -> list[tuple[int, str]]:
+    """(pid, start time) of each recorded worker."""
+    pairs = [entry.split(":") for entry in os.environ.get(WORKER_PIDS_ENV, "").split(",") if entry.count(":") == 1]
+    return [(int(pid), start) for pid, start in pairs if pid.isdigit()]
+
+
+def _record(entries) -> None:
+    os.environ[WORKER_PIDS_ENV] = ",".join(f"{pid}:{start}" for pid, start in dict(entries).items())
+
+
+def _stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent pid, start time in clock ticks since boot) from /proc, zombies included."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    return fields[0], int(fields[1]), fields[19]
+
+
+def remember_worker(pid: int) -> None:
+    stat = _stat(pid)
+    if stat is not None:
+        _record([*_recorded(), (pid, stat[2])])
+
+
+def forget_worker(pid: int) -> None:
+    _record([(p, start) for p, start in _recorded() if p != pid])
+
+
+def reap_previous_workers() -> list[int]:
+    """Reap the workers a previous program under this pid left (ComfyUI restarted by
+    os.execv: they exit when their lifeline closes, and nothing else waits for them); returns
+    the pids taken care of. Only processes we recorded (pid and start time: a reused pid is
+    another process) that are still our children, never another pack's. One still exiting
+    is waited for on a daemon thread."""
+    mine = []
+    for pid, start in _recorded():
+        stat = _stat(pid)
+        if stat is None or stat[1] != os.getpid() or stat[2] != start:
+            continue
+        mine.append(pid)
+        try:
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True,
+                                 name=f"para-attn reap {pid}").start()
+        except ChildProcessError:
+            pass
+    _record([])
+    return mine
 
 
 @dataclass(frozen=True)
@@ -94,7 +149,7 @@ def free_port() -> int:
 
 def worker_env(layout: PoolLayout, port: int) -> dict[str, str]:
     """The environment shared by all ranks (each rank then adds RANK and its GPU)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and k != WORKER_PIDS_ENV}
     paths = [*import_roots(layout), *filter(None, [env.get("PYTHONPATH")])]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -162,6 +217,7 @@ def spawn_worker(layout: PoolLayout, rank: int, env: dict[str, str]) -> WorkerPr
     finally:
         for fd in child_fds:  # the child has its copies; ours would hide its EOFs
             os.close(fd)
+    remember_worker(process.pid)
     if relay:
         threading.Thread(target=_relay_output, args=(process.stdout,), daemon=True,
                          name=f"para-attn rank {rank} output").start()
