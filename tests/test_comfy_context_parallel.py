@@ -113,7 +113,8 @@ def test_memory_estimate_is_agreed_only_while_batching(comfyui_path):
     agreed = AgreedMemoryEstimate(estimate, build_parallel_context(ContextParallelConfig()))
     small, huge = [2, 16, 8, 8], [10**15, 16, 8, 8]
     assert agreed(small) == 2e6 and agreed(huge) == 1e21
-    while_batching = AgreeWhileBatching(agreed)(lambda shapes: [agreed(s) for s in shapes], [small, huge])
+    while_batching = AgreeWhileBatching(agreed)(lambda model, conds, x_in, timestep, options: [
+        agreed(s) for s in (small, huge)], None, [], torch.zeros(1, 16, 8, 8), None, {})
     assert while_batching == [0.0, float("inf")]
     assert agreed(huge) == 1e21 and not agreed.batching
 
@@ -121,14 +122,19 @@ def test_memory_estimate_is_agreed_only_while_batching(comfyui_path):
 def test_ranks_agree_on_the_memory_of_their_share_for_each_job(comfyui_path):
     """Two ranks with different free memory batch alike (inf when one rank's share of the
     call does not fit); a share that fits where the whole call would not is batched; the next
-    job asks again (free memory changes between prompts), and the load decision outside
+    job asks again (free memory changes between prompts); under cfg parallel a call is halved
+    only when it has one chunk per cfg rank (3 conds are not split). The load decision outside
     batching always gets ComfyUI's own estimate."""
     from comfy_para_attn.testing.comfy_cp_checks import agree_on_memory
 
-    jobs = [(10e9, 1.0e9), (1.5e9, 1.5e9), (0.5e9, 0.5e9)]  # fits on one rank / the share fits on both / neither
-    for answers in run_ranks(agree_on_memory, 2, str(comfyui_path), jobs):
+    two = [2, 16, 8, 8]
+    jobs = [((10e9, 1.0e9), two), ((1.5e9, 1.5e9), two), ((0.5e9, 0.5e9), two)]  # one rank / both / neither
+    for answers in run_ranks(agree_on_memory, 2, str(comfyui_path), {"ulysses": 2}, jobs):
         assert answers == [(1.6e9, float("inf"), float("inf")), (1.6e9, 0.0, 0.0),
                            (1.6e9, float("inf"), float("inf"))]
+    jobs = [((1.5e9, 1.5e9), two), ((1.5e9, 1.5e9), [3, 16, 8, 8])]
+    for answers in run_ranks(agree_on_memory, 2, str(comfyui_path), {"cfg": 2}, jobs):
+        assert answers == [(1.6e9, 0.0, 0.0), (1.6e9, float("inf"), float("inf"))]
 
 
 @pytest.mark.parametrize("variant,message", [

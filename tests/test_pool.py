@@ -309,13 +309,15 @@ def test_host_threads_raises_the_thread_count_for_a_block_and_restores_it():
 # -- failures ------------------------------------------------------------------------------
 
 
-def test_init_failure_is_a_start_error_with_the_worker_traceback():
+@pytest.mark.parametrize("agreed", [False, True])
+def test_init_failure_is_a_start_error_with_the_worker_traceback(agreed):
     before = child_pids()
     with pytest.raises(PoolStartError) as info:
-        Pool(2, init=(f"{JOBS}:init_fail", {"rank": 1, "message": "settings import exploded"}))
+        Pool(2, init=(f"{JOBS}:init_fail", {"rank": 1, "message": "settings import exploded", "agreed": agreed}))
     message = str(info.value)
     assert "settings import exploded" in message and "init_fail" in message
-    assert "Traceback" in message and info.value.rank == 1
+    assert ("Traceback" in message or "Traceback" in info.value.worker_traceback) and info.value.rank == 1
+    assert "still running" not in message
     assert child_pids() <= before, "a failed start left worker processes behind"
 
 
@@ -356,13 +358,15 @@ def test_a_failure_in_an_agreed_step_fails_the_job_and_keeps_the_pool(pool, fail
     pids = pool.pids
     pool.run(f"{JOBS}:remember", {"key": "kept", "value": 7}, timeout_s=20)
     with pytest.raises(PoolJobError) as info:
-        pool.run(f"{JOBS}:fail_agreed_step", {"ranks": failing}, timeout_s=20)
+        pool.run(f"{JOBS}:fail_agreed_step", {"ranks": failing, "watch": True}, timeout_s=20)
     error = info.value
     assert not isinstance(error, PoolError) and error.rank == failing[0] and error.reason == "exception"
     assert f"setup failed on rank {failing[0]} (toy job)" in str(error) and "still running" in str(error)
     assert "fail_agreed_step" in error.worker_traceback and error.error_type == "ValueError"
     assert ("other ranks failed too" in str(error)) == (len(failing) > 1)
     assert pool.alive and pool.pids == pids
+    # the failed step's frames (a model, activations) are not kept alive by the exception's cycle
+    assert pool.run(f"{JOBS}:held_alive", timeout_s=20) == [False, False]
     assert pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
     kept = pool.run(f"{JOBS}:gather_from_ranks", ("cache", "kept"), timeout_s=20)
     assert [entry["value"] for entry in kept] == [7, 7]
@@ -376,6 +380,21 @@ def test_a_failure_in_an_agreed_round_stops_every_rank_there_and_keeps_the_pool(
     assert info.value.rank == 1 and steps == [1, 2]  # rounds 0 and 1 finished on every rank
     assert pool.alive and pool.pids == pids
     assert pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
+
+
+def test_a_cuda_error_in_an_agreed_step_ends_the_pool():
+    """Not out of memory but a sticky CUDA error (its CUDA context is broken): no agreed stop,
+    the pool goes."""
+    from comfy_para_attn.testing.pool_jobs import AcceleratorError
+
+    doomed = Pool(2)
+    pids = doomed.pids
+    try:
+        with pytest.raises(PoolError, match="setup failed on rank 1") as info:
+            doomed.run(f"{JOBS}:fail_agreed_step", {"ranks": [1], "error": AcceleratorError}, timeout_s=20)
+        assert info.value.rank == 1 and not doomed.alive and all(process_gone(pid) for pid in pids)
+    finally:
+        doomed.shutdown()
 
 
 def test_out_of_memory_in_an_agreed_step_is_named_and_keeps_the_pool(pool):

@@ -66,3 +66,27 @@ def test_importable_objects_pickle_as_before():
     data = refs.dumps({"fn": os.path.join, "cls": refs.ObjectRef})
     assert pickle.loads(data) == {"fn": os.path.join, "cls": refs.ObjectRef}
     assert b"resolve" not in data
+
+
+def test_object_patches_of_local_classes_travel_whole_when_they_pickle():
+    """A module of a class defined in a function is sent as a PortableModule (rebuilt from its
+    bases and state) only when it does not pickle by itself: a torch.fx GraphModule's class is
+    local too and pickles with its code (as a PortableModule it lost its forward)."""
+    import torch
+    import torch.fx
+
+    from comfy_para_attn.adapters.comfy.portable import PortableModule, portable_object_patches
+
+    def local_module():
+        class Shifted(torch.nn.Module):
+            def forward(self, x):
+                return x + 1
+
+        return Shifted()
+
+    traced = torch.fx.symbolic_trace(local_module())
+    sent = pickle.loads(pickle.dumps(portable_object_patches({"traced": traced, "local": local_module()})))
+    assert not isinstance(sent["traced"], PortableModule)
+    x = torch.randn(3)
+    assert torch.equal(sent["traced"](x), x + 1)
+    assert isinstance(sent["local"], PortableModule)

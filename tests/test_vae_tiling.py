@@ -195,6 +195,40 @@ def test_partial_decode_rejects_a_decoder_that_does_not_fit_the_plan():
         decode_tiles_partial(z, plan, wrong, torch.zeros(plan.out_shape), rank=0, world_size=1)
 
 
+def test_a_tile_failure_goes_to_its_rounds_check_and_frees_the_round():
+    """The round's check gets the failure (a collective one stops every rank there) and the
+    failed round's tensors are freed at once, not held by the exception's reference cycle."""
+    import gc
+    import weakref
+
+    shape, grids, _ = IMAGE_CASE
+    plan = _plan(shape, grids, IMAGE)
+    decoder, watched, checks = nearest_decoder(8), [], []
+
+    def failing(latent_tile):
+        out = decoder(latent_tile)
+        watched.append(weakref.ref(out))
+        if len(watched) == 3:
+            raise torch.OutOfMemoryError("injected")
+        return out
+
+    def on_round(r, rounds, done, total, failed):
+        checks.append((r, type(failed).__name__))
+        if failed is not None:
+            raise RuntimeError("stopped every rank") from failed
+
+    gc.disable()
+    try:
+        with pytest.raises(RuntimeError, match="stopped every rank"):
+            decode_tiles_partial(torch.randn(shape), plan, failing, torch.zeros(plan.out_shape), rank=0,
+                                 world_size=1, on_round=on_round)
+        assert len(checks) >= 2 and checks[-1][1] == "OutOfMemoryError"
+        assert all(name == "NoneType" for _, name in checks[:-1])
+        assert all(ref() is None for ref in watched)
+    finally:
+        gc.enable()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_lookahead_equals_the_cpu_decode():

@@ -11,6 +11,15 @@ from . import protocol
 from .errors import JobInterrupted, JobRefused
 
 
+def breaks_the_device(error: BaseException) -> bool:
+    """A CUDA error other than out of memory (an illegal address, a device-side assert) leaves
+    the process's CUDA context unusable: no agreed stop can keep such a worker."""
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__):
+        return False
+    return (any(cls.__name__ == "AcceleratorError" for cls in type(error).__mro__)
+            or "CUDA error" in str(error))
+
+
 class InterruptFlag:
     """The job id the controller asked to stop; set by the worker's reader thread."""
 
@@ -100,7 +109,10 @@ class WorkerContext:
         rank saw an interrupt: jobs use it as a barrier (Parallel VAE Decode sums the ranks'
         images only after it). `failed`: this rank's exception from the local work since the
         last check; if any rank passes one, every rank raises `JobRefused` here instead (the
-        rank that failed with its own exception as the cause) and the pool survives."""
+        rank that failed with its own exception as the cause) and the pool survives. A CUDA
+        error other than out of memory is raised as it is: it ends the pool."""
+        if failed is not None and breaks_the_device(failed):
+            raise failed  # not agreed: the pool (and this CUDA context) must go
         requested = 1 if self.interrupt_requested else 0
         failures = 0 if failed is None else 1
         if self.world_size > 1:
@@ -128,5 +140,8 @@ class WorkerContext:
             result, failed = step(), None
         except Exception as exc:  # KeyboardInterrupt / SystemExit still end the worker's job as before
             result, failed = None, exc
-        self.check_interrupt(failed=failed)
+        try:
+            self.check_interrupt(failed=failed)
+        finally:
+            del failed  # its traceback holds the step's frames (a model, activations) in a cycle
         return result

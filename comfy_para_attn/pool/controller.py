@@ -80,7 +80,9 @@ class Pool:
                 *_, refused = self._run(init[0], protocol.encode(init[1]),
                                         max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
                 if refused:
-                    raise refused_job_error(refused, init[0], self.layout)
+                    error = refused_job_error(refused, init[0], self.layout)
+                    raise PoolStartError(f"pool init failed: {str(error).rsplit(chr(10), 1)[0]}", rank=error.rank,
+                                         job=init[0], worker_traceback=error.worker_traceback)
         except PoolStartError:
             self._terminate()
             raise

@@ -132,11 +132,12 @@ def precomputed_modulation_under_cp(rank, world_size, comfy_path, ulysses, cfg):
     return float((out - ref).abs().max()), float(ref.abs().mean()), sum(served)
 
 
-def agree_on_memory(rank, world_size, comfy_path, free_bytes_by_rank):
-    """The batching answers of `AgreedMemoryEstimate` at ulysses 2 when this rank's GPU has
-    `free_bytes_by_rank[job][rank]` free (a stand-in for GPUs with different free memory: CPU
-    ranks have none), one estimate object per job as the workers build them. ComfyUI's
-    whole-call estimate is 1.6e9 bytes; a rank's share (half the tokens) 0.8e9."""
+def agree_on_memory(rank, world_size, comfy_path, layout, jobs):
+    """The batching answers of `AgreedMemoryEstimate` for `layout` ({"ulysses": 2} or {"cfg": 2}),
+    one estimate object per job as the workers build them; each job is (free bytes by rank, the
+    batched input's shape) with a latent batch of 1, so the shape's first size is the number of
+    chunks (conds) in the call. ComfyUI's whole-call estimate is 1.6e9 bytes. A stand-in gives
+    each rank its free memory: CPU ranks have none."""
     from comfy_para_attn.adapters.comfy.env import make_importable
 
     make_importable(comfy_path, cpu=True)
@@ -145,12 +146,13 @@ def agree_on_memory(rank, world_size, comfy_path, free_bytes_by_rank):
     from comfy_para_attn.adapters.comfy.context_parallel import AgreedMemoryEstimate, AgreeWhileBatching
     from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
 
-    cp = build_parallel_context(ContextParallelConfig(ulysses=2))
-    shape = [2, 16, 8, 8]
+    cp = build_parallel_context(ContextParallelConfig(**layout))
+    x_in = torch.zeros(1, 16, 8, 8)
     answers = []
-    for free in free_bytes_by_rank:
+    for free, shape in jobs:
         comfy.model_management.get_free_memory = lambda *args, **kwargs: free[rank]
         estimate = AgreedMemoryEstimate(lambda input_shape, cond_shapes={}: 1.6e9, cp)
-        batching = AgreeWhileBatching(estimate)(lambda: [estimate(shape), estimate(shape)])
+        batching = AgreeWhileBatching(estimate)(
+            lambda model, conds, x, timestep, options: [estimate(shape), estimate(shape)], None, [], x_in, None, {})
         answers.append((estimate(shape), *batching))
     return answers

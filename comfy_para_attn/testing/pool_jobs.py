@@ -81,8 +81,13 @@ def init_remember(ctx, payload):
 
 
 def init_fail(ctx, payload):
-    if ctx.rank == payload["rank"]:
-        raise RuntimeError(payload["message"])
+    def fail():
+        if ctx.rank == payload["rank"]:
+            raise RuntimeError(payload["message"])
+
+    if payload.get("agreed"):  # every rank stops together: still a failed start
+        ctx.run_agreed(fail)
+    fail()
 
 
 def load_published(ctx, payload):
@@ -183,13 +188,27 @@ def log_and_print(ctx, payload):
     return ctx.rank
 
 
+class AcceleratorError(RuntimeError):
+    """Named like torch's sticky CUDA errors (illegal address, device-side assert)."""
+
+
 def fail_agreed_step(ctx, payload):
     """An agreed setup step that raises on the ranks in `payload["ranks"]` (with
-    `payload["error"]`, ValueError by default), then a collective the failure must not reach."""
+    `payload["error"]`, ValueError by default), then a collective the failure must not reach.
+    The step holds a tensor, watched by a weak reference in the cache under "held"; with
+    `payload["watch"]` the cyclic garbage collector is off until `held_alive`."""
+    import gc
+    import weakref
+
     def setup():
+        held = torch.ones(1 << 16)
+        ctx.cache["held"] = weakref.ref(held)
         if ctx.rank in payload["ranks"]:
             raise payload.get("error", ValueError)(f"setup failed on rank {ctx.rank} (toy job)")
         return ctx.rank
+
+    if payload.get("watch"):
+        gc.disable()
 
     ctx.run_agreed(setup)
     dist.barrier()
@@ -206,3 +225,15 @@ def fail_in_agreed_round(ctx, payload):
         ctx.check_interrupt(failed=failed)
         ctx.report_progress(r + 1, 5)
     return "unreachable"
+
+
+def held_alive(ctx, payload):
+    """Whether the tensor `fail_agreed_step` watched is still alive on each rank (before any
+    cyclic collection); turns the garbage collector back on."""
+    import gc
+
+    alive = ctx.cache.pop("held")() is not None
+    gc.enable()
+    every = [None] * ctx.world_size
+    dist.all_gather_object(every, alive)
+    return every

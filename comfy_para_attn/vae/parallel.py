@@ -222,10 +222,13 @@ def decode_tiles_partial(samples: torch.Tensor, plan: TilePlan, decode: DecodeFn
                 tile_region(partial[tile.batch: tile.batch + 1], tile).add_(tiles.get(r))
             except Exception as exc:  # out of memory, a VAE error: on_round decides who stops
                 failed = exc
-        if on_round is not None:
-            on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles), failed)
-        if failed is not None:
-            raise failed
+        try:
+            if on_round is not None:
+                on_round(r, rounds, rounds_done(owners, world_size, r + 1), len(plan.tiles), failed)
+            if failed is not None:
+                raise failed
+        finally:
+            failed = None  # its traceback holds this frame (the tiles) in a cycle
 
 
 class _TileFactors:

@@ -255,8 +255,9 @@ class AgreedMemoryEstimate:
     (`calc_cond_batch`) it takes cond and uncond together only if the estimate fits this
     GPU's free memory, which differs between GPUs; every rank must batch alike (the
     collectives need the same shapes), so there the ranks agree: 0 (fits on all) or inf.
-    A rank holds 1/sequence_size of the tokens and, with cfg parallel, half of the batch, so
-    its share of ComfyUI's whole-call estimate is what must fit. The agreement (a collective
+    A rank holds 1/sequence_size of the tokens and, with cfg parallel, half of the batch when
+    the call has one chunk per cfg rank (what `CfgSplitWrapper` splits), so its share of
+    ComfyUI's whole-call estimate is what must fit. The agreement (a collective
     and a host sync) is made once per input shape and job (free memory changes between
     prompts: other models, the VAE, FP8 on or off); ComfyUI asks on every step. Everywhere
     else (the load decision before sampling, which each rank may take on its own) it answers
@@ -267,6 +268,7 @@ class AgreedMemoryEstimate:
         self.cp = cp
         self.agreed = {}  # (input shape, need) -> answer, for this job only
         self.batching = False  # set by `AgreeWhileBatching` around calc_cond_batch
+        self.chunk_batch = 1  # the latent's batch: a batched call holds input_shape[0] / this chunks
 
     def __deepcopy__(self, memo):
         return self
@@ -277,14 +279,16 @@ class AgreedMemoryEstimate:
             return need
         key = (tuple(input_shape), need)
         if key not in self.agreed:
-            self.agreed[key] = self._agree(need)
+            self.agreed[key] = self._agree(need, key)
         return self.agreed[key]
 
-    def _agree(self, need) -> float:
+    def _agree(self, need, key) -> float:
         import comfy.model_management
 
         device = comfy.model_management.get_torch_device()
-        share = need / (self.cp.config.sequence_size * self.cp.config.cfg)
+        chunks = key[0][0] // max(1, self.chunk_batch)
+        split = self.cp.config.cfg > 1 and chunks == self.cp.config.cfg  # as CfgSplitWrapper decides
+        share = need / (self.cp.config.sequence_size * (self.cp.config.cfg if split else 1))
         fits = share * 1.5 < comfy.model_management.get_free_memory(device)
         flag = torch.tensor([0.0 if fits else 1.0], device=device)
         misfits = self.cp.all_reduce_sum(flag)
@@ -300,10 +304,11 @@ class AgreeWhileBatching:
     def __deepcopy__(self, memo):
         return self
 
-    def __call__(self, executor, *args, **kwargs):
+    def __call__(self, executor, model, conds, x_in, *args, **kwargs):
         self.estimate.batching = True
+        self.estimate.chunk_batch = x_in.shape[0]
         try:
-            return executor(*args, **kwargs)
+            return executor(model, conds, x_in, *args, **kwargs)
         finally:
             self.estimate.batching = False
 

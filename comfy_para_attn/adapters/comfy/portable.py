@@ -121,13 +121,19 @@ class PortableModule:
 def portable_object_patches(object_patches: dict) -> dict:
     """Other nodes' object patches, made picklable (a module whose class was defined inside a
     function travels as a `PortableModule`); ours are left out (the worker's features
-    re-create them). Not pickled here: see `check_object_patches`."""
+    re-create them). Only those modules are pickled here (they are small); the rest is checked
+    by `check_object_patches` if the payload fails to pickle."""
     out = {}
     for name, value in object_patches.items():
         if _is_ours(value, "comfy_para_attn."):  # FP8 Quantize's GELU fusion lives in comfy_para_attn.quant
             continue
-        local_class = "<locals>" in type(value).__qualname__
-        out[name] = PortableModule(value) if local_class and isinstance(value, torch.nn.Module) else value
+        portable = value
+        if isinstance(value, torch.nn.Module) and "<locals>" in type(value).__qualname__:
+            try:  # some local classes pickle by themselves (a torch.fx GraphModule): keep them whole
+                refs.dumps(value)
+            except Exception:
+                portable = PortableModule(value)
+        out[name] = portable
     return out
 
 
