@@ -181,6 +181,9 @@ def test_a_vae_the_workers_cannot_rebuild_is_decoded_in_process(comfyui_path, pa
     assert torch.equal(first, expected) and torch.equal(second, expected)
     warnings = [r.getMessage() for r in caplog.records if "cannot rebuild this VAE" in r.getMessage()]
     assert len(warnings) == 1 and "gave a Identity" in warnings[0]
+    from comfy_para_attn.adapters.comfy import published
+
+    assert published._fingerprints[vae.first_stage_model] not in published._published  # its /dev/shm copy is gone
 
 
 def test_a_first_weight_write_drives_the_running_nodes_progress_bar(comfyui_path):

@@ -215,6 +215,9 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
         log.warning("Parallel VAE Decode: the workers cannot rebuild this VAE (%s); decoding it in this process "
                     "(from now on)", str(exc).splitlines()[0])
         _not_rebuildable.add(vae.first_stage_model)
+        from .published import withdraw
+
+        withdraw(vae.first_stage_model, "vae", "(the workers cannot rebuild it)")
         return to_image(vae, decode_in_process(vae, samples, plan))
     # The ranks applied process_output already, each to its slice of the image.
     image = to_image(vae, mapped, processed=True)

@@ -142,6 +142,14 @@ def _evict(label: str, fingerprint: str, why: str) -> None:
     unmap_in_workers(label, why=why, fingerprint=fingerprint)
 
 
+def withdraw(module: torch.nn.Module, label: str, why: str) -> None:
+    """Take `module`'s weights out of shared memory (no worker will use them); a later
+    `publish_weights` writes them again."""
+    fingerprint = _fingerprints.get(module)
+    if fingerprint is not None and fingerprint in _recent.get(label, []):
+        _evict(label, fingerprint, why)
+
+
 def _module_gone(fingerprint: str) -> None:
     """The last model object with these weights was freed (ComfyUI's "Free model and node
     cache", another checkpoint in the loader): its shared-memory copy goes too, as ComfyUI's
