@@ -237,3 +237,24 @@ def held_alive(ctx, payload):
     every = [None] * ctx.world_size
     dist.all_gather_object(every, alive)
     return every
+
+
+def cuda_failure_in_agreed_step(ctx, payload):
+    """An agreed step on this rank's GPU that holds 1 GiB and then fails for real: "oom"
+    allocates far more than the GPU has, "assert" indexes out of bounds in a CUDA kernel (a
+    device-side assert, which breaks the CUDA context). Returns nothing: it always fails."""
+    def step():
+        held = torch.empty(1 << 30, dtype=torch.uint8, device=ctx.device)
+        if payload == "oom":
+            torch.empty(1 << 46, dtype=torch.uint8, device=ctx.device)  # 64 TiB
+        index = torch.tensor([1 << 20], device=ctx.device)
+        return held[:16][index].item()
+
+    ctx.run_agreed(step)
+
+
+def cuda_memory_allocated(ctx, payload):
+    """Bytes torch holds on this rank's GPU (after freeing its cache)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
