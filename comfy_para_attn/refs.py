@@ -19,6 +19,9 @@ import types
 
 class ObjectRef:
     def __init__(self, obj):
+        if "<locals>" in obj.__qualname__:  # defined inside a function: no name reaches it
+            raise pickle.PicklingError(f"cannot name {obj.__qualname__} of {obj.__module__}: it was defined "
+                                       "inside a function")
         self.module = obj.__module__
         self.qualname = obj.__qualname__
         self.file = getattr(sys.modules.get(self.module), "__file__", None)
@@ -75,7 +78,8 @@ class Pickler(pickle.Pickler):
     """A pickler that sends the functions and classes of path-named modules by file (`dumps`)."""
 
     def reducer_override(self, obj):
-        if isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or ""):
+        if (isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or "")
+                and "<locals>" not in obj.__qualname__):  # those fail as pickle fails them
             return resolve, (ObjectRef(obj),)
         return NotImplemented
 

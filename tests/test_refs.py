@@ -90,3 +90,49 @@ def test_object_patches_of_local_classes_travel_whole_when_they_pickle():
     x = torch.randn(3)
     assert torch.equal(sent["traced"](x), x + 1)
     assert isinstance(sent["local"], PortableModule)
+
+
+def test_a_local_class_of_a_path_named_module_travels_as_a_portable_module(tmp_path):
+    """ComfyUI's ModelSampling nodes patch in an instance of a class made inside the node's
+    function, in a module named by its path (comfy_extras): no name reaches that class, so it
+    travels as a PortableModule whose base class goes by file (it was sent as a reference to
+    "patch.<locals>.Advanced", which no worker could resolve: every multi-GPU HunyuanVideo and
+    Wan workflow failed)."""
+    from comfy_para_attn.adapters.comfy.portable import PortableModule, portable_object_patches
+
+    pack = tmp_path / "sampling.pack"
+    pack.mkdir()
+    (pack / "__init__.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Doubling(torch.nn.Module):
+            def forward(self, x):
+                return x * 2
+
+        def patch():
+            class Advanced(Doubling):
+                pass
+            return Advanced()
+    """))
+    module = _load_like_comfyui(str(pack))
+    try:
+        patched = module.patch()
+        try:
+            refs.dumps(patched)
+            raise AssertionError("a class defined in a function was pickled by name")
+        except (pickle.PicklingError, AttributeError):
+            pass
+        sent = portable_object_patches({"model_sampling": patched})
+        assert isinstance(sent["model_sampling"], PortableModule)
+        script = textwrap.dedent(f"""
+            import pickle, sys, torch
+            sys.path.insert(0, {ROOT!r})
+            module = pickle.loads(sys.stdin.buffer.read())["model_sampling"].rebuild()
+            print(type(module).__name__, module(torch.ones(2)).tolist())
+        """)
+        done = subprocess.run([sys.executable, "-c", script], input=refs.dumps(sent), capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert done.stdout.decode().split() == ["Advanced", "[2.0,", "2.0]"]
+    finally:
+        for name in [n for n in sys.modules if n.startswith(str(pack).replace(".", "_x_"))]:
+            del sys.modules[name]
