@@ -1052,3 +1052,25 @@ def test_a_job_whose_pool_another_thread_shuts_down_says_so_not_oom():
     assert not runner.is_alive() and len(errors) == 1
     assert errors[0].reason == "dead" and "the pool was shut down while it ran" in str(errors[0])
     assert "out of memory" not in str(errors[0]) and "SIGKILL" not in str(errors[0])
+
+
+def test_shutting_down_during_a_job_stops_it_at_a_step_and_the_workers_exit_cleanly():
+    """ComfyUI exiting (atexit) or a layout change while a job runs: the job is interrupted
+    at its next step and the workers then read Shutdown and exit by themselves (they were
+    killed after the timeout, still busy with the job)."""
+    pool = Pool(2)
+    outcome = []
+
+    def run():
+        try:
+            pool.run(f"{JOBS}:steady_steps", {"steps": 100000, "sleep_s": 0.05}, timeout_s=60)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is the test's subject
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    time.sleep(2.0)
+    pool.shutdown(timeout_s=30.0)
+    runner.join(30)
+    assert not runner.is_alive() and len(outcome) == 1 and isinstance(outcome[0], PoolInterrupted)
+    assert pool.returncodes == [0, 0]  # exited, not killed

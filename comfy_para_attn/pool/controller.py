@@ -69,6 +69,7 @@ class Pool:
         self._inbox: queue.Queue = queue.Queue()
         self._alive = False
         self._shut_down = False  # by shutdown(): a job that then loses its workers says so
+        self._running_job: int | None = None  # the id of the job being run, for shutdown()
         self._run_lock = threading.Lock()
         self._job_ids = itertools.count(1)
         self.start_seconds: float | None = None
@@ -168,6 +169,9 @@ class Pool:
             self._alive = False
             self._shut_down = True
             try:
+                running = self._running_job
+                if running is not None:  # stop it at its next step: then the workers read Shutdown
+                    self._send_all(protocol.Interrupt(running), timeout_s)
                 self._send_all(protocol.Shutdown(), timeout_s)
             except PoolError:
                 pass  # a worker is already gone; the rest are killed below
@@ -246,12 +250,14 @@ class Pool:
             raise self._dead_error(job)
         job_id = next(self._job_ids)
         settled = False
+        self._running_job = job_id
         try:
             self._send_all(protocol.RunJob(job_id, job, payload_bytes), timeout_s)
             outcome = self._await_job(job_id, job, timeout_s, on_progress, should_interrupt)
             settled = True
             return outcome
         finally:
+            self._running_job = None
             if not settled:  # PoolError, or the caller's thread interrupted mid-wait
                 self._terminate()
 

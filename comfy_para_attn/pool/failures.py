@@ -95,9 +95,9 @@ def job_failure_error(events: list[tuple[int, Any]], job: str, pids: list[int], 
     deaths = [(r, e) for r, e in events if isinstance(e, Died)]
     first_rank, first = deaths[0] if deaths else events[0]
     if deaths and shut_down:  # its SIGKILL was ours, not the OOM killer's
-        return PoolError(f"job {job!r} was stopped: the pool was shut down while it ran (by another "
-                         "thread, or replaced by get_pool() for another layout); the next run starts a "
-                         "fresh pool", reason="dead", rank=first_rank, job=job)
+        return PoolError(f"job {job!r} was stopped: the pool was shut down while it ran (ComfyUI is "
+                         "exiting, or another thread shut it down or replaced it for another layout); the "
+                         "next run starts a fresh pool", reason="dead", rank=first_rank, job=job)
     if isinstance(first, Died):
         text = describe_death(first_rank, pids[first_rank], first.returncode, f"during job {job!r}")
         reason, traceback_text = "died", None
