@@ -1074,3 +1074,18 @@ def test_shutting_down_during_a_job_stops_it_at_a_step_and_the_workers_exit_clea
     runner.join(30)
     assert not runner.is_alive() and len(outcome) == 1 and isinstance(outcome[0], PoolInterrupted)
     assert pool.returncodes == [0, 0]  # exited, not killed
+
+
+def test_info_lines_a_job_captures_for_the_controller_are_not_printed_by_the_worker_too(capfd):
+    """The sampling job lowers the root level to collect INFO lines (the controller logs them);
+    the worker's console handler keeps its own WARNING level (each line showed twice or three
+    times in ComfyUI's log)."""
+    single = Pool(1)
+    try:
+        lines = single.run(f"{JOBS}:log_while_capturing_info", "xyzzy", timeout_s=30)
+        single.run(f"{JOBS}:all_reduce_ranks", timeout_s=30)  # the first job's output is out by now
+    finally:
+        single.shutdown()
+    printed = capfd.readouterr().err
+    assert lines == ["info for the controller xyzzy", "warning for the console xyzzy"]
+    assert "warning for the console xyzzy" in printed and "info for the controller xyzzy" not in printed

@@ -267,6 +267,9 @@ def configure_logging(rank: int) -> None:
         raise ValueError(f"COMFY_PARA_ATTN_WORKER_LOG_LEVEL={level!r} is no logging level "
                          "(DEBUG, INFO, WARNING, ERROR)")
     handler = logging.StreamHandler(sys.stderr)
+    # Its own level: a job that lowers the root level to capture INFO lines for the controller
+    # (which logs them itself) must not also print them here, twice over in ComfyUI's log.
+    handler.setLevel(level)
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s [para-attn rank {rank}] %(levelname)s %(name)s: %(message)s")
     )

@@ -188,6 +188,27 @@ def log_and_print(ctx, payload):
     return ctx.rank
 
 
+def log_while_capturing_info(ctx, payload):
+    """As the sampling job does: the root level lowered to INFO for a capturing handler, an INFO
+    and a WARNING line logged; returns what the capturing handler got."""
+    import logging
+
+    lines = []
+    capture = logging.Handler(logging.INFO)
+    capture.emit = lambda record: lines.append(record.getMessage())
+    root = logging.getLogger()
+    root.addHandler(capture)
+    old = root.level
+    root.setLevel(logging.INFO)
+    try:
+        logging.getLogger("comfy_para_attn.test").info("info for the controller %s", payload)
+        logging.getLogger("comfy_para_attn.test").warning("warning for the console %s", payload)
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(old)
+    return lines
+
+
 class AcceleratorError(RuntimeError):
     """Named like torch's sticky CUDA errors (illegal address, device-side assert)."""
 
