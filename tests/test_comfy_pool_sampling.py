@@ -97,6 +97,8 @@ def test_bad_layouts_are_rejected_before_sampling(comfyui_path, pack_nodes):
         _cp(pack_nodes, patcher, gpus=0, ulysses_degree=2, cfg_parallel=True)
     with pytest.raises(ValueError, match="does not divide the model's 4.*layout auto picks a valid one"):
         _cp(pack_nodes, patcher, gpus=3, ulysses_degree=3)
+    with pytest.raises(ValueError, match=r"gpus=4096 CPU ranks .*each rank holds the whole model.*Set gpus to at most"):
+        _cp(pack_nodes, patcher, gpus=4096, ulysses_degree=4096)
 
 
 def test_layout_choices_that_change_the_run_are_said(comfyui_path, pack_nodes, caplog):

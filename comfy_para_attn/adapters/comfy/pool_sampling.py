@@ -108,6 +108,11 @@ def pool_world(gpus: int, node: str) -> tuple[str, int]:
     world = visible if gpus <= 0 else gpus
     if device == "cuda" and world > visible:
         raise ValueError(f"gpus={world} but only {visible} GPU(s) are visible; set gpus to at most {visible}.")
+    most = max(4, os.cpu_count() or 1)
+    if device == "cpu" and world > most:
+        # each CPU rank is a ComfyUI process holding the whole model
+        raise ValueError(f"{node}: gpus={world} CPU ranks (no GPU is used, {os.cpu_count()} CPU cores); each rank "
+                         f"holds the whole model in host memory. Set gpus to at most {most}, or 0 for 2.")
     return device, world
 
 
@@ -142,13 +147,17 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
         " (gpus 0: all visible)" if gpus <= 0 and device != "local" else "")
     if auto:
         config = ContextParallelConfig.auto(world, num_heads=heads, use_cfg=cfg_parallel)
-        log.info("Context Parallel: auto layout for %s: ulysses %d x ring %d x cfg %d",
-                 ranks, config.ulysses, config.ring, config.cfg)
+        if world > 1:
+            log.info("Context Parallel: auto layout for %s: ulysses %d x ring %d x cfg %d",
+                     ranks, config.ulysses, config.ring, config.cfg)
         if cfg_parallel and config.cfg == 1 and world > 1:
             log.warning("Context Parallel: cfg_parallel is off for this run: it needs an even number of "
                         "GPUs, and there are %d", world)
     else:
         config = ContextParallelConfig(ulysses=ulysses, ring=ring, cfg=2 if cfg_parallel else 1)
+        if world > 1:
+            log.info("Context Parallel: layout for %s: ulysses %d x ring %d x cfg %d",
+                     ranks, config.ulysses, config.ring, config.cfg)
     try:
         config.validate(world_size=world, num_heads=heads)
     except ValueError as exc:
@@ -168,7 +177,7 @@ def apply_context_parallel(model_patcher, settings: ContextParallelSettings):
     import comfy.patcher_extension
 
     if settings.gpus == 1:
-        log.info("Context Parallel: 1 GPU: sampling stays in this process (no worker pool)")
+        log.info("Context Parallel: gpus 1: sampling stays in this process (no worker pool)")
         from .attention_backend import apply_attention_backend
 
         if settings.attention_backend != _backend_of(model_patcher, FROM_MODEL):
@@ -275,7 +284,8 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
                 "token index); remove the ControlNet or the Context Parallel node.")
         conds = portable_controls(conds, vae_recipe)
     if settings.cfg == 2 and (getattr(guider, "cfg", 1.0) == 1.0 or "negative" not in guider.original_conds):
-        raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off for this sampler.")
+        raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off on the Context "
+                         "Parallel node for this sampler (or use a CFG above 1 with a negative prompt).")
     from .published import KEEP
 
     fingerprint, handle = _publish_model(patcher)
