@@ -602,11 +602,13 @@ def test_a_pool_whose_worker_died_idle_is_replaced_with_a_warning(clean_registry
     assert "starting a new pool" in caplog.text
 
 
-def test_get_pool_reuses_until_the_layout_changes(clean_registry):
+def test_get_pool_reuses_until_the_layout_changes(clean_registry, caplog):
     two = get_pool(2)
     assert get_pool(2) is two
-    one = get_pool(1)
+    with caplog.at_level("INFO", logger="comfy_para_attn.pool"):
+        one = get_pool(1)
     assert one is not two and not two.alive
+    assert "layout changed from 2 CPU rank(s) to 1 CPU rank(s); restarting it" in caplog.text
     assert all(process_gone(pid) for pid in two.pids)
     assert one.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 1.0
 

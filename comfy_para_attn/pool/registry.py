@@ -60,7 +60,8 @@ def get_pool(
             if died:  # else the next prompt is slower (a new pool, the model again) and nobody says why
                 logger.warning("worker pool: %s; starting a new pool", died)
             if _current.alive:
-                logger.info("worker pool layout changed; restarting it")
+                logger.info("worker pool layout changed from %s to %s; restarting it (the workers load their "
+                            "models again)", _describe(_current.layout), _describe(layout))
                 _warn_if_alternating(_current.layout, layout)
                 _replaced = _current.layout
             _current.shutdown()
