@@ -1036,25 +1036,32 @@ def test_worker_output_reaches_comfyuis_log_interceptor(comfyui_path):
         assert f"printed by rank {rank}: hello-relay" in result["text"]
 
 
+def _shut_down_while_running(pool, job: str, payload, shutdown_timeout_s: float) -> list:
+    """Run `job` on another thread, shut `pool` down 2 s into it; what the run raised."""
+    raised = []
+
+    def run():
+        try:
+            pool.run(f"{JOBS}:{job}", payload, timeout_s=60)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is the tests' subject
+            raised.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    time.sleep(2.0)
+    pool.shutdown(timeout_s=shutdown_timeout_s)
+    runner.join(30)
+    assert not runner.is_alive()
+    return raised
+
+
 def test_a_job_whose_pool_another_thread_shuts_down_says_so_not_oom():
     """shutdown() from another thread (or get_pool replacing the pool) kills workers that are
     busy with a job: the job's error says the pool was shut down, not that the host ran out
     of memory (the SIGKILL is the controller's own)."""
     pool = Pool(2)
-    errors = []
-
-    def run():
-        try:
-            pool.run(f"{JOBS}:sleep_silently", {"seconds": 30}, timeout_s=60)
-        except PoolError as exc:
-            errors.append(exc)
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    time.sleep(2.0)
-    pool.shutdown(timeout_s=1.0)
-    runner.join(30)
-    assert not runner.is_alive() and len(errors) == 1
+    errors = _shut_down_while_running(pool, "sleep_silently", {"seconds": 30}, shutdown_timeout_s=1.0)
+    assert len(errors) == 1 and isinstance(errors[0], PoolError)
     assert errors[0].reason == "dead" and "the pool was shut down while it ran" in str(errors[0])
     assert "out of memory" not in str(errors[0]) and "SIGKILL" not in str(errors[0])
 
@@ -1064,20 +1071,9 @@ def test_shutting_down_during_a_job_stops_it_at_a_step_and_the_workers_exit_clea
     at its next step and the workers then read Shutdown and exit by themselves (they were
     killed after the timeout, still busy with the job)."""
     pool = Pool(2)
-    outcome = []
-
-    def run():
-        try:
-            pool.run(f"{JOBS}:steady_steps", {"steps": 100000, "sleep_s": 0.05}, timeout_s=60)
-        except BaseException as exc:  # noqa: BLE001 - the outcome is the test's subject
-            outcome.append(exc)
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    time.sleep(2.0)
-    pool.shutdown(timeout_s=30.0)
-    runner.join(30)
-    assert not runner.is_alive() and len(outcome) == 1 and isinstance(outcome[0], PoolInterrupted)
+    outcome = _shut_down_while_running(pool, "steady_steps", {"steps": 100000, "sleep_s": 0.05},
+                                       shutdown_timeout_s=30.0)
+    assert len(outcome) == 1 and isinstance(outcome[0], PoolInterrupted)
     assert pool.returncodes == [0, 0]  # exited, not killed
 
 
