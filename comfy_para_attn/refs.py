@@ -78,9 +78,8 @@ class Pickler(pickle.Pickler):
     """A pickler that sends the functions and classes of path-named modules by file (`dumps`)."""
 
     def reducer_override(self, obj):
-        if (isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or "")
-                and "<locals>" not in obj.__qualname__):  # those fail as pickle fails them
-            return resolve, (ObjectRef(obj),)
+        if isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or ""):
+            return resolve, (ObjectRef(obj),)  # a local one raises there, as pickle fails it
         return NotImplemented
 
 

@@ -279,14 +279,14 @@ class AgreedMemoryEstimate:
             return need
         key = (tuple(input_shape), need)
         if key not in self.agreed:
-            self.agreed[key] = self._agree(need, key)
+            self.agreed[key] = self._agree(need, input_shape[0])
         return self.agreed[key]
 
-    def _agree(self, need, key) -> float:
+    def _agree(self, need, batch: int) -> float:
         import comfy.model_management
 
         device = comfy.model_management.get_torch_device()
-        chunks = key[0][0] // max(1, self.chunk_batch)
+        chunks = batch // max(1, self.chunk_batch)
         split = self.cp.config.cfg > 1 and chunks == self.cp.config.cfg  # as CfgSplitWrapper decides
         share = need / (self.cp.config.sequence_size * (self.cp.config.cfg if split else 1))
         fits = share * 1.5 < comfy.model_management.get_free_memory(device)

@@ -258,7 +258,7 @@ def forgetting_sent_tensors():
 
 
 # The payload's parts checked only if the payload does not pickle (then the first that
-# cannot travel is named); the others are checked as they are made portable.
+# cannot travel is named); the guider and the sampler are checked as they are made portable.
 TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's weight patches (LoRA)",
                     "weight_wrapper_patches": "the model's weight wrappers", "conds": "the conditioning",
                     "model_options": check_model_options, "object_patches": check_object_patches}
