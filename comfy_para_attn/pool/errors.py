@@ -10,15 +10,14 @@ from __future__ import annotations
 import copy
 
 
-class PoolError(RuntimeError):
-    """A worker raised, died, hung or ran out of memory; the pool has been shut down.
-
-    Attributes say what happened, for callers that want more than the message:
+class WorkerFailure(RuntimeError):
+    """What a failure in the workers carries, for callers that want more than the message:
     `reason` is one of "exception", "out_of_memory", "died", "timeout", "start", "dead" (a
     run on a pool that was shut down, or a job whose pool was shut down while it ran; a
     start that ran out of time is a `PoolStartError` with reason "timeout");
     `rank` is the failing rank (None when not one rank); `worker_traceback` is the worker's
     own traceback text when it could send one; `job` is the "module:function" that ran.
+    Raised as `PoolError` (the pool was shut down) or `PoolJobError` (it was kept).
     """
 
     def __init__(
@@ -37,6 +36,10 @@ class PoolError(RuntimeError):
         self.worker_traceback = worker_traceback
 
 
+class PoolError(WorkerFailure):
+    """A worker raised, died, hung or ran out of memory; the pool has been shut down."""
+
+
 class PoolStartError(PoolError):
     """The workers could not start, join the process group, or run the `init` function."""
 
@@ -45,19 +48,14 @@ class PoolStartError(PoolError):
         super().__init__(message, **kwargs)
 
 
-class PoolJobError(RuntimeError):
+class PoolJobError(WorkerFailure):
     """The job failed in a part its ranks ran as agreed steps (`WorkerContext.run_agreed`,
     `check_interrupt(failed=...)`): every rank stopped there, no collective was left
     half-done, and the pool is still running (its workers keep their cached models).
-    Same attributes as `PoolError`; `error_type` is the failing rank's exception class name."""
+    `error_type` is the failing rank's exception class name."""
 
-    def __init__(self, message: str, *, reason: str = "exception", rank: int | None = None,
-                 job: str | None = None, worker_traceback: str | None = None, error_type: str = ""):
-        super().__init__(message)
-        self.reason = reason
-        self.rank = rank
-        self.job = job
-        self.worker_traceback = worker_traceback
+    def __init__(self, message: str, *, error_type: str = "", **kwargs):
+        super().__init__(message, **kwargs)
         self.error_type = error_type
 
 

@@ -150,8 +150,8 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
     import comfy.model_management
     import comfy.utils
 
-    from ...pool import PoolError, PoolInterrupted, PoolJobError, shm
-    from ...pool.errors import with_hint
+    from ...pool import PoolInterrupted, shm
+    from ...pool.errors import WorkerFailure, with_hint
 
     from .memory import make_room_for_workers
     from .published import is_resident, mark_resident
@@ -177,7 +177,7 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
         mark_resident(pool, "vae", recipe["fingerprint"])
     except PoolInterrupted:
         raise comfy.model_management.InterruptProcessingException()
-    except (PoolError, PoolJobError) as exc:
+    except WorkerFailure as exc:
         if exc.reason == "out_of_memory":
             raise with_hint(exc, "To decode with less memory a GPU: lower tile_size on Parallel VAE Decode (and "
                                  "temporal_size for video).") from exc

@@ -351,8 +351,8 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
                           disable_pbar=False, seed=None, latent_shapes=None, **kwargs):
     import comfy.model_management
 
-    from ...pool import PoolError, PoolInterrupted, PoolJobError
-    from ...pool.errors import with_hint
+    from ...pool import PoolInterrupted
+    from ...pool.errors import WorkerFailure, with_hint
     from ...pool.protocol import Pickled
 
     if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
@@ -382,7 +382,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
                               should_interrupt=comfy.model_management.processing_interrupted)
         except PoolInterrupted:
             raise comfy.model_management.InterruptProcessingException()
-        except (PoolError, PoolJobError) as exc:
+        except WorkerFailure as exc:
             if exc.reason == "timeout":
                 raise with_hint(exc, f"If one model call really takes longer (the first call compiles under Compile "
                                      f"Model; long videos), raise timeout_s on the Context Parallel node (now "
