@@ -12,7 +12,7 @@ ComfyUI is found.
    ComfyUI process) and parallel (as shipped: all GPUs, or 2 CPU ranks without a GPU).
 4. Print a table: steps, First Block Cache reuse, time.
 
-    python scripts/main_job.py [--steps 8] [--keep]
+    python scripts/main_job.py [--steps 8] [--keep] [--skip-requirements]
 """
 from __future__ import annotations
 
@@ -104,7 +104,10 @@ def cache_reuse(log: str) -> str:
 
 def parallel_ranks(log: str) -> str:
     found = re.findall(r"Context Parallel: \d+ steps on (\d+) (\w+) rank", log)
-    return f"{found[-1][0]} {found[-1][1]} ranks" if found else "?"
+    if found:
+        return f"{found[-1][0]} {found[-1][1]} ranks"
+    # one visible GPU: the node leaves sampling in ComfyUI's process
+    return "1 GPU, no pool" if "sampling stays in this process" in log else "?"
 
 
 def main() -> int:
@@ -113,10 +116,14 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary ComfyUI base dir")
     parser.add_argument("--setup-only", action="store_true",
                         help="find or install ComfyUI and its requirements, then stop (make comfy-env)")
+    parser.add_argument("--skip-requirements", action="store_true",
+                        help="use this Python environment as it is (ComfyUI's requirements installed by other means, "
+                             "e.g. offline); without it, ComfyUI's requirements.txt is installed when missing")
     args = parser.parse_args()
 
     comfy_path = locate_comfyui()
-    install_comfy_requirements(comfy_path)
+    if not args.skip_requirements:
+        install_comfy_requirements(comfy_path)
     if args.setup_only:
         print(f"ComfyUI ready: {comfy_path}  (export COMFYUI_PATH={comfy_path} to run its test tier)")
         return 0
@@ -170,7 +177,10 @@ def main() -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"parallel / in-process time: {rows[1][4] / rows[0][4]:.2f}")
+    if rows[1][1].endswith("ranks"):
+        print(f"parallel / in-process time: {rows[1][4] / rows[0][4]:.2f}")
+    else:
+        print("one GPU: both runs sampled in ComfyUI's process (the second reused the loaded, compiled model)")
     return 0
 
 
