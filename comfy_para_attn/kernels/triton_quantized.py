@@ -52,6 +52,22 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
+def _load_head_rows(X, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
+    """The program's BLOCK_S tokens of one (batch, head) of X [B, H, S, D] in fp32 (program
+    axes: token block, batch x head; rows past `seq` read 0), with the indices the caller
+    stores by: (x, batch_head, offs_s, offs_d, row_valid)."""
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_s < seq
+    ptrs = X + batch * stride_xb + head * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :]
+    return tl.load(ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32), batch_head, offs_s, offs_d, row_valid
+
+
+@triton.jit
 def quantize_rows_int8_kernel(
     X, Mean, Xq, Scale, MeanDot,
     stride_xb, stride_xh, stride_xs, num_heads, seq, scale_mult, mean_dot_mult,
@@ -61,14 +77,8 @@ def quantize_rows_int8_kernel(
     """int8 per token (or, with PER_BLOCK, one step for the program's BLOCK_S tokens):
     Xq = round((X - mean) / step), Scale = step * scale_mult;
     optionally MeanDot = (X . mean) * mean_dot_mult (the lse offset of K smoothing)."""
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)
-    head = (batch_head % num_heads).to(tl.int64)
-    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_valid = offs_s < seq
-    x_ptrs = X + batch * stride_xb + head * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :]
-    x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    x, batch_head, offs_s, offs_d, row_valid = _load_head_rows(X, stride_xb, stride_xh, stride_xs, num_heads, seq,
+                                                               HEAD_DIM, BLOCK_S)
     mean = tl.load(Mean + batch_head.to(tl.int64) * HEAD_DIM + offs_d)
     row_base = batch_head.to(tl.int64) * seq
     if DOT_MEAN:
@@ -96,14 +106,8 @@ def quantize_v_fp8_kernel(
     HEAD_DIM: tl.constexpr, EMULATE_FP8: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Vt[b, h, d, s] = fp8(V[b, h, s, d] / VScale[b, h, d]) (fp16 holding e4m3 values when emulating)."""
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)
-    head = (batch_head % num_heads).to(tl.int64)
-    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_valid = offs_s < seq
-    v_ptrs = V + batch * stride_vb + head * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :]
-    v = tl.load(v_ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    v, batch_head, offs_s, offs_d, row_valid = _load_head_rows(V, stride_vb, stride_vh, stride_vs, num_heads, seq,
+                                                               HEAD_DIM, BLOCK_S)
     inv_scale = 1.0 / tl.load(VScale + batch_head.to(tl.int64) * HEAD_DIM + offs_d)
     scaled = v * inv_scale[None, :]
     out_ptrs = Vt + batch_head.to(tl.int64) * HEAD_DIM * seq_padded + offs_d[None, :] * seq_padded + offs_s[:, None]
