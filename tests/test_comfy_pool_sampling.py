@@ -422,7 +422,7 @@ def test_unloading_all_models_lets_go_of_the_last_prompts_tensors_on_both_sides(
     sent = len(pickle.loads(jobs[0][0])["new"])
     assert sent > 0 and held_by_workers() == [sent, sent]
     comfy.model_management.unload_all_models()
-    assert held_by_workers() == [None, None] and pool_sampling._sent_once._held == {}
+    assert held_by_workers() == [None, None] and len(pool_sampling._sent_once._held) == 0
     plain = comfy_models.sample(with_lora, pos, neg, latent, steps=2, cfg=1.0, seed=2)
     parallel = comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0, seed=2)
     assert len(pickle.loads(jobs[-1][0])["new"]) == sent
@@ -579,6 +579,43 @@ def test_a_freed_model_leaves_the_workers_at_the_next_run(comfyui_path, pack_nod
         assert "workers dropped their cached model (1) (its model was freed)" in caplog.text, caplog.text
         assert "written to shared memory" not in caplog.text
         assert freed not in published._recent["model"]
+
+
+def test_a_freed_model_leaves_the_workers_when_comfyui_makes_room(comfyui_path, pack_nodes, pool_cleanup, caplog):
+    """No further Context Parallel run (the user went back to a one-GPU workflow): ComfyUI's own
+    `free_memory`, called before it loads any model, makes the workers drop a model ComfyUI
+    freed, so they no longer map its unlinked file (nor hold it in VRAM)."""
+    import gc
+    import logging
+    from pathlib import Path
+
+    import comfy.model_management
+    import psutil
+
+    from comfy_para_attn.adapters.comfy import published
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("flux", seed=23)
+    out = comfy_models.sample(_cp(pack_nodes, patcher, ulysses_degree=2), pos, neg, latent, steps=2, cfg=1.0)
+    assert torch.isfinite(out).all()
+    path = published._published[published._fingerprints[patcher.model.diffusion_model]].path
+    workers = [p for p in psutil.Process().children(recursive=True) if "comfy_para_attn.pool.worker" in " ".join(p.cmdline())]
+
+    def mapped() -> list[bool]:
+        return [path in Path(f"/proc/{worker.pid}/maps").read_text() for worker in workers]
+
+    del patcher
+    gc.collect()
+    assert len(workers) == 2 and mapped() == [True, True]  # the file is unlinked, its pages still held
+    with caplog.at_level(logging.INFO, logger="comfy_para_attn"):
+        caplog.clear()
+        comfy.model_management.free_memory(1 << 20, torch.device("cpu"))
+        assert "workers dropped their cached model (1) (its model was freed)" in caplog.text, caplog.text
+    assert mapped() == [False, False]
+    caplog.clear()
+    comfy.model_management.free_memory(1 << 20, torch.device("cpu"))  # nothing more to drop: no pool job
+    assert "dropped" not in caplog.text
 
 
 def test_worker_model_key_follows_the_model_config(comfyui_path):

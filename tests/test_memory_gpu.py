@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from comfy_para_attn.testing.comfy_pool_checks import room_for_workers_on_a_shared_gpu
+from comfy_para_attn.testing.comfy_pool_checks import room_for_comfyui_on_a_shared_gpu, room_for_workers_on_a_shared_gpu
 from comfy_para_attn.testing.distributed import run_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -14,3 +14,11 @@ def test_comfyui_models_leave_the_pool_gpu_only_when_the_workers_need_the_room(c
     assert seen["roomy"] == [] and seen["after_roomy"] == "cuda", seen
     assert seen["other_gpus_only"] == [] and seen["after_other"] == "cuda", seen
     assert seen["tight"] == ["Linear"] and seen["after_tight"] == "cpu", seen
+
+
+def test_the_workers_leave_the_pool_gpu_only_when_comfyui_needs_the_room(comfyui_path):
+    (seen,) = run_ranks(room_for_comfyui_on_a_shared_gpu, 1, str(comfyui_path), timeout=300)
+    assert seen["finite"] and seen["held"], seen
+    assert seen["roomy"] == ("cuda", True), seen  # ComfyUI's model loaded beside the worker's VAE
+    assert seen["tight"] == ("cpu", False), seen  # ComfyUI unloaded its own, then the worker dropped its VAE
+    assert any("workers dropped their cached vae (1) for ComfyUI" in m for m in seen["messages"]), seen

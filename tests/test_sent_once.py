@@ -2,8 +2,10 @@
 worker's cache stay in step; changed tensors, a job that wrote into what it received,
 another pool and failed jobs send again."""
 import pickle
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -94,6 +96,23 @@ def test_a_job_that_writes_into_what_it_received_makes_both_sides_forget():
     envelope, again = _send(sender, {"p": weight}, [1], cache)
     assert _sizes(envelope)[:2] == (0, 1)
     assert isinstance(again["p"], torch.nn.Parameter) and torch.equal(again["p"], torch.ones(64, 64))
+
+
+def test_the_controller_lets_go_of_tensors_the_graph_no_longer_uses():
+    """A LoRA or ControlNet the graph dropped is freed in ComfyUI's process (it can be hundreds of
+    MiB), not kept until the next job; what is still used travels as a token, what replaced the
+    dropped ones travels again, and the worker ends up with exactly this job's tensors."""
+    payload, sender, cache = _payload(), TensorsSentOnce(), ReceivedTensors()
+    _send(sender, payload, [1, 2], cache)
+    dropped = [weakref.ref(t) for t in [payload["conds"], *payload["lora"][1:]]]
+    payload["conds"] = torch.randn(512, 1024, generator=torch.Generator().manual_seed(7))
+    payload["lora"] = payload["lora"][:1]
+    gc.collect()
+    assert [ref() for ref in dropped] == [None, None, None]
+    envelope, got = _send(sender, payload, [1, 2], cache)
+    assert _sizes(envelope)[:2] == (1, 2)  # the new conds; the LoRA matrix and the noise still in use
+    assert torch.equal(got["conds"], payload["conds"]) and torch.equal(got["lora"][0], payload["lora"][0])
+    assert len(cache) == 3
 
 
 def test_forget_waits_for_a_running_job_and_spoils_one_on_its_own_thread():

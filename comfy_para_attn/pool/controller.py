@@ -114,6 +114,11 @@ class Pool:
         return [worker.process.poll() for worker in self._workers]
 
     @property
+    def busy(self) -> bool:
+        """A job is running (a `run` from inside one, e.g. from its progress callback, would wait for it)."""
+        return self._run_lock.locked()
+
+    @property
     def alive(self) -> bool:
         """Started, not shut down, no failure seen, and every worker process still running."""
         return self._alive and all(w.process.poll() is None for w in self._workers)

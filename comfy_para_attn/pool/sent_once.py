@@ -9,11 +9,14 @@ other is sent beside the body. `unpack` (in a worker) resolves the tokens from w
 job left in its cache and keeps exactly this job's tensors for the next one.
 
 Both sides hold the tensors of the last job of that kind and nothing else, so they agree
-without further messages. The controller keeps its tensors alive: a token (the tensor's
-identity, storage address, layout and a sample of its values) can then never be reused by
-another tensor. It forgets everything when a job fails, when the job wrote into a tensor it
-received (each worker checks the version counters after the job), or when the pool is
-replaced; a job and `forget()` (ComfyUI unloading its models) never interleave.
+without further messages. The controller holds its tensors weakly: one the graph lets go of
+(a LoRA or ControlNet no longer used, hundreds of MiB) is freed as usual, and its token leaves
+the held set as it dies, before its identity or storage address can be reused, so a token (the
+tensor's identity, storage address, layout and a sample of its values) can never name another
+tensor; the workers' copy goes with their next job. The controller forgets everything when a
+job fails, when the job wrote into a tensor it received (each worker checks the version
+counters after the job), or when the pool is replaced; a job and `forget()` (ComfyUI unloading
+its models) never interleave.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import hashlib
 import io
 import pickle
 import threading
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -89,7 +93,8 @@ class TensorsSentOnce:
     def __init__(self):
         self._lock = threading.RLock()  # a job, from packing to its outcome, against `forget` from elsewhere
         self._pids: tuple = ()
-        self._held: dict[str, torch.Tensor] = {}  # what the workers got with the last successful job
+        # what the workers got with the last successful job, while the controller still has it
+        self._held: "weakref.WeakValueDictionary[str, torch.Tensor]" = weakref.WeakValueDictionary()
         self._job: "SentJob | None" = None
 
     @contextlib.contextmanager
@@ -101,16 +106,17 @@ class TensorsSentOnce:
         waits for the block."""
         with self._lock:
             if tuple(pids) != self._pids:  # another pool: its workers hold nothing yet
-                self._pids, self._held = tuple(pids), {}
-            job = self._job = SentJob(dict(self._held))
+                self._pids = tuple(pids)
+                self._held.clear()
+            job = self._job = SentJob(dict(self._held))  # strong while the job runs
             try:
                 yield job
             except BaseException:
-                self._held = {}
+                self._held.clear()
                 raise
             finally:
                 self._job = None
-            self._held = {} if job.spoiled else dict(job.used)
+            self._held = weakref.WeakValueDictionary({} if job.spoiled else job.used)
 
     @contextlib.contextmanager
     def forgetting(self) -> Iterator[None]:
@@ -123,7 +129,7 @@ class TensorsSentOnce:
     def forget(self) -> None:
         """Send everything again next time (the workers' copies are being dropped)."""
         with self._lock:
-            self._held = {}
+            self._held.clear()
             if self._job is not None:  # called from inside a job, on its own thread
                 self._job.spoil()
 

@@ -90,6 +90,48 @@ def with_faulty_block(patcher, how: str, rank: int = 1):
     return model
 
 
+def room_for_comfyui_on_a_shared_gpu(rank, world_size, comfy_path):
+    """The reverse of `room_for_workers_on_a_shared_gpu`: a CUDA worker holds a VAE after a
+    Parallel VAE Decode; ComfyUI's own loads leave it there while the GPU has room and make the
+    worker drop it when ComfyUI's unloading alone leaves too little. Returns what it saw."""
+    import logging
+
+    from comfy_para_attn.adapters.comfy.env import make_importable
+
+    make_importable(comfy_path, cpu=False)
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from comfy_para_attn.adapters.comfy import parallel_vae
+    from comfy_para_attn.adapters.comfy.published import holds_models
+    from comfy_para_attn.pool import current_pool, shutdown_pool
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("comfy_para_attn").addHandler(handler)
+    logging.getLogger("comfy_para_attn").setLevel(logging.INFO)
+    device = mm.get_torch_device()
+    try:
+        vae = tiny_comfy_vae("flux")
+        z = latent("flux", height=9, width=11)
+        plan = parallel_vae.plan_decode(vae, z, parallel_vae.TiledDecodeSettings(64, 16, 64, 8))
+        image = parallel_vae.decode_in_pool(vae, z, plan, world=1, device="cuda")
+        seen = {"finite": bool(torch.isfinite(image).all()), "held": holds_models(current_pool())}
+        encoder = torch.nn.Linear(16384, 16384, bias=False)  # 1 GiB of fp32: fits beside the worker
+        patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=device, offload_device=torch.device("cpu"))
+        mm.load_models_gpu([patcher])
+        seen["roomy"] = (encoder.weight.device.type, holds_models(current_pool()))
+        mm.free_memory(mm.get_free_memory(device) + (4 << 30), device)  # more than unloading ComfyUI's frees
+        seen["tight"] = (encoder.weight.device.type, holds_models(current_pool()))
+        seen["messages"] = [m for m in messages if "workers dropped" in m]
+    finally:
+        logging.getLogger("comfy_para_attn").removeHandler(handler)
+        shutdown_pool()
+    return seen
+
+
 def room_for_workers_on_a_shared_gpu(rank, world_size, comfy_path):
     """ComfyUI (CUDA) holds a 2 GiB model on its GPU, as a text encoder stays loaded after
     CLIPTextEncode: `make_room_for_workers` leaves it there while the GPU has room for what

@@ -10,12 +10,18 @@ Two gaps it closes, both invisible to ComfyUI because the workers are other proc
 - Sharing GPUs. Rank 0 runs on ComfyUI's own GPU, where the text encoders and the VAE stay
   loaded after they ran. Before a pool job, `make_room_for_workers` unloads as many of
   ComfyUI's models from the pool's GPUs as the workers need (ComfyUI's `free_memory`, which
-  unloads nothing when there is room).
+  unloads nothing when there is room). The other way round, `install()` wraps `free_memory`,
+  which ComfyUI calls before it loads a model of its own: models ComfyUI has freed leave the
+  workers then, and when ComfyUI's unloading left too little room on a GPU the pool shares,
+  the workers drop their cached models as ComfyUI's own would be unloaded (a one-GPU
+  workflow after a multi-GPU one then loads in full instead of in low-VRAM mode).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 
 import torch
 
@@ -35,28 +41,70 @@ def release_worker_models(reason: str) -> int:
         return unmap_in_workers("model", why=reason) + unmap_in_workers("vae", why=reason)
 
 
+_for_workers = threading.local()  # set while make_room_for_workers has ComfyUI unload for the workers
+
+
+def make_room_for_comfyui(memory_required: float, device) -> None:
+    """What ComfyUI's `free_memory(memory_required, device)` could not do alone: drop freed
+    models from the workers, then, on a GPU the pool shares, the workers' cached models if
+    ComfyUI still has too little room there."""
+    import comfy.model_management as mm
+
+    from ...pool import current_pool
+    from .published import drop_freed, holds_models
+
+    pool = current_pool()
+    if pool is None or pool.busy or getattr(_for_workers, "active", False):
+        return
+    drop_freed()
+    device = torch.device(device)
+    if pool.layout.device != "cuda" or device not in pool_gpu_devices(pool.layout.world_size):
+        return
+    if holds_models(pool) and mm.get_free_memory(device) < memory_required:
+        release_worker_models(f"for ComfyUI ({memory_required / 2**30:.1f} GiB needed on {device})")
+
+
+def _wrap_once(mm, name: str, after, failure: str) -> None:
+    """Replace `mm.<name>` with a call to it followed by `after(*args, **kwargs)`, whose
+    errors are logged: ComfyUI's own memory handling never fails because of the pool."""
+    original = getattr(mm, name)
+    if getattr(original, "para_attn_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        try:
+            after(*args, **kwargs)
+        except Exception:
+            log.exception(failure)
+        return result
+
+    wrapped.para_attn_wrapped = True
+    setattr(mm, name, wrapped)
+
+
 def install() -> bool:
-    """Wrap `comfy.model_management.unload_all_models` once; False without ComfyUI."""
+    """Wrap `comfy.model_management.unload_all_models` and `free_memory` once; False
+    without ComfyUI."""
     try:
         import comfy.model_management as mm
     except ImportError:
         return False
-    original = mm.unload_all_models
-    if getattr(original, "para_attn_wrapped", False):
-        return True
-
-    @functools.wraps(original)
-    def unload_all_models(*args, **kwargs):
-        result = original(*args, **kwargs)
-        try:
-            release_worker_models("as ComfyUI unloaded all models")
-        except Exception:  # never turn ComfyUI's own unloading into an error
-            log.exception("could not make the worker pool unload its models")
-        return result
-
-    unload_all_models.para_attn_wrapped = True
-    mm.unload_all_models = unload_all_models
+    _wrap_once(mm, "unload_all_models", lambda *a, **k: release_worker_models("as ComfyUI unloaded all models"),
+               "could not make the worker pool unload its models")
+    _wrap_once(mm, "free_memory", lambda memory_required, device, *a, **k: make_room_for_comfyui(memory_required, device),
+               "could not make the worker pool release memory for ComfyUI")
     return True
+
+
+@contextlib.contextmanager
+def _unloading_for_workers():
+    _for_workers.active = True
+    try:
+        yield
+    finally:
+        _for_workers.active = False
 
 
 def pool_gpu_devices(gpus: int) -> list[torch.device]:
@@ -77,7 +125,8 @@ def make_room_for_workers(gpus: int, need_bytes: int, what: str) -> list[str]:
 
     unloaded = []
     for device in pool_gpu_devices(gpus):
-        models = mm.free_memory(int(need_bytes) + WORKER_MARGIN_BYTES, device)
+        with _unloading_for_workers():
+            models = mm.free_memory(int(need_bytes) + WORKER_MARGIN_BYTES, device)
         names = [type(getattr(m.model, "model", m.model)).__name__ for m in models]
         if names:
             log.info("unloaded %s from %s: %s needs %.1f GiB there", ", ".join(names), device, what,

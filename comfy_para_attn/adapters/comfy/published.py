@@ -3,7 +3,8 @@ models for Context Parallel, the VAE for Parallel VAE Decode. Up to `KEEP[kind]`
 kind stay (two diffusion models: Wan 2.2's two experts alternate within every prompt), the
 least recently used going first, sooner when /dev/shm has no room for a new one; a copy also
 goes when its ComfyUI model is freed (the workers drop theirs at the next write or use of that
-kind), and all go when the ComfyUI process exits. A model
+kind, or when ComfyUI next makes room for a model of its own), and all go when the ComfyUI
+process exits. A model
 object is fingerprinted once; its weights are not re-read per prompt. The workers keep the
 same models: whenever a copy goes, they drop theirs (`unmap_in_workers`)."""
 from __future__ import annotations
@@ -89,16 +90,29 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
         _fingerprints[module] = fingerprint
         if fingerprint not in _published:
             _write(label, fingerprint, state)
+    drop_freed(label)
     recent = _recent.setdefault(label, [])
-    for freed in [f for f in recent if f not in _published and f != fingerprint]:
-        # ComfyUI freed that model (its file is released), but the workers still hold it: in
-        # their VRAM, and the file's pages while they map it. Nothing else would drop it
-        # before the next write of this kind evicts it.
-        _evict(label, freed, "(its model was freed)")
     if fingerprint in recent:
         recent.remove(fingerprint)
     recent.append(fingerprint)
     return fingerprint, _published[fingerprint]
+
+
+def drop_freed(label: Optional[str] = None) -> int:
+    """Make the workers drop the models (of `label`, or every kind) that ComfyUI has freed:
+    their files are released already, but the workers still hold them, in their VRAM and the
+    file's pages while they map it. Called at the next write or use of a kind, and when
+    ComfyUI makes room for its own models (`memory.install`). Returns how many there were."""
+    freed = [(kind, f) for kind, recent in _recent.items() if label in (None, kind)
+             for f in recent if f not in _published]
+    for kind, fingerprint in freed:
+        _evict(kind, fingerprint, "(its model was freed)")
+    return len(freed)
+
+
+def holds_models(pool) -> bool:
+    """Whether `pool`'s workers hold a model or VAE that a job of ours gave them."""
+    return any(pids == tuple(pool.pids) and held for pids, held in _resident.values())
 
 
 def _write(label: str, fingerprint: str, state: dict) -> None:
