@@ -746,6 +746,49 @@ def test_published_files_are_removed_when_the_controller_exits():
     assert path.name.startswith("exit-test-") and not path.exists() and not path.parent.exists()
 
 
+def test_a_write_under_way_when_the_controller_exits_leaves_nothing(tmp_path):
+    """Ctrl+C while ComfyUI's prompt thread (a daemon thread) writes a model to shared memory:
+    the exit handler removes the half-written file and the publish directory with it, and the
+    thread can publish nothing more."""
+    script = textwrap.dedent("""
+        import sys, threading, time
+        import torch
+        from comfy_para_attn.pool import transfer
+
+        state = {f"w{i}": torch.ones(1 << 16) for i in range(16)}
+        started = threading.Event()
+        def slow(written, total):  # the write takes ~4 s; the process exits after ~1 s
+            started.set()
+            time.sleep(0.25)
+        def prompt():
+            transfer.publish_tensors(state, "model", directory=sys.argv[1], on_progress=slow)
+        threading.Thread(target=prompt, daemon=True).start()
+        started.wait(30)
+        time.sleep(0.5)
+        print([str(p) for p in __import__("pathlib").Path(sys.argv[1]).rglob("*.partial")], flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ".partial" in done.stdout  # the exit came mid-write
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
+def test_nothing_is_published_once_the_process_is_exiting(tmp_path, monkeypatch):
+    from comfy_para_attn.pool import shm, transfer
+
+    monkeypatch.setattr(shm, "_claimed_dirs", set())
+    handle = transfer.publish_tensors({"w": torch.ones(8)}, "model", directory=tmp_path)
+    monkeypatch.setattr(shm, "_exiting", False)
+    shm.remove_own_dirs()
+    assert shm.exiting() and not Path(handle.path).exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="exiting"):
+        transfer.publish_tensors({"w": torch.ones(8)}, "model", directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    handle.release()
+
+
 def test_stale_publish_dirs_of_dead_controllers_are_swept(tmp_path):
     """Directories are named by PID namespace and pid: a dead controller's of this namespace
     (or one named by pid alone, by earlier versions) is removed; this process's, and any of

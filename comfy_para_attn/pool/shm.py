@@ -97,6 +97,23 @@ def check_shm_space(required_bytes: int, *, directory: Path | str | None = None,
 
 
 _claimed_dirs: set[Path] = set()
+_exiting = False
+
+
+def remove_own_dirs() -> None:
+    """At exit: remove this process's publish directories with everything in them. ComfyUI's
+    prompt thread is a daemon thread that may be inside a write when the process exits (Ctrl+C
+    during a prompt's weight transfer): its file, half or wholly written, goes too, and a write
+    finishing after this deletes its own file (`exiting`)."""
+    global _exiting
+    _exiting = True
+    for directory in list(_claimed_dirs):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def exiting() -> bool:
+    """Whether `remove_own_dirs` ran (the process is exiting)."""
+    return _exiting
 
 
 def pid_namespace() -> str:
@@ -115,7 +132,10 @@ def controller_dir(pid: int, root: Path | None = None) -> Path:
 
 
 def own_publish_dir(root: Path) -> Path:
-    """This process's publish directory under `root`, made (and claimed) at first use."""
+    """This process's publish directory under `root`, made (and claimed) at first use;
+    refused once the process is exiting (`remove_own_dirs`)."""
+    if _exiting:
+        raise RuntimeError("not writing to shared memory: this process is exiting")
     directory = controller_dir(os.getpid(), root)
     if directory not in _claimed_dirs:
         # A directory of our pid that this process did not make is a previous program's under

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from .errors import ShmSpaceError
-from .shm import own_publish_dir, gib, check_shm_space, shm_root, sweep_stale_dirs
+from .shm import check_shm_space, exiting, gib, own_publish_dir, remove_own_dirs, shm_root, sweep_stale_dirs
 
 _published: dict[str, "TensorHandle"] = {}  # path -> handle, in this (controller) process
 
@@ -195,6 +195,9 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
             os.close(fd)
             staging.close()
         os.replace(partial, path)  # workers never see a half-written file
+        if exiting():  # finished after the exit handler cleaned up: nobody would delete it
+            path.unlink(missing_ok=True)
+            raise RuntimeError("not publishing: this process is exiting")
     except BaseException as exc:
         partial.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # it filled up meanwhile
@@ -246,9 +249,11 @@ def release_tensors(handle: TensorHandle) -> None:
 
 @atexit.register
 def release_all_tensors() -> None:
-    """Delete every file this process published."""
+    """Delete every file this process published, and its publish directories with whatever
+    else is in them (a write still under way on another thread)."""
     for handle in list(_published.values()):
         release_tensors(handle)
+    remove_own_dirs()
 
 
 def fingerprint_tensors(state_dict: dict[str, torch.Tensor], *, extra=None,

@@ -12,9 +12,9 @@ with the same tiles and blending, bit for bit ComfyUI's. Worker side: `vae_jobs.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -187,7 +187,7 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
         raise
     finally:
         for path in paths:
-            os.unlink(path)
+            Path(path).unlink(missing_ok=True)  # gone already if ComfyUI is exiting (shm.remove_own_dirs)
     phases = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in p.items())
                        for r, p in enumerate(result["phases"]))
     log.info("Parallel VAE Decode: %d tiles on %d %s rank(s) in %.2f s (tiles per rank %s; %s)",
