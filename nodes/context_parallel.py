@@ -26,8 +26,9 @@ class ParaAttnContextParallel:
                                         "GPUs. ulysses x ring x (2 if cfg parallel) must equal gpus."}),
                 "cfg_parallel": ("BOOLEAN", {"default": False, "tooltip":
                                              "Run the positive and negative halves of CFG on different GPUs. "
-                                             "Only with CFG > 1 (not with FLUX guidance-distilled models at cfg 1) "
-                                             "and an even number of GPUs."}),
+                                             "Needs CFG > 1 with a negative prompt (not FLUX guidance-distilled "
+                                             "models at cfg 1) and an even number of GPUs; where either is "
+                                             "missing, layout auto samples without it (logged), manual refuses."}),
                 "attention_backend": (["from model", "auto", "sdpa", "triton", "triton-fp8"], {
                     "default": "from model", "tooltip":
                     "Local attention kernel inside the ring/ulysses paths. from model: what an Attention Backend "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,10 +51,26 @@ class ContextParallelSettings:
     timeout_s: float = 300.0
     device: str = "cuda"
     attention_backend: str = "sdpa"  # local kernel inside the ring/ulysses paths (BACKEND_CHOICES)
+    # auto layout with cfg parallel: the (ulysses, ring) it picks without, for a run that has no CFG
+    without_cfg: tuple[int, int] | None = None
 
     @property
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(ulysses=self.ulysses, ring=self.ring, cfg=self.cfg)
+
+    def for_run(self, guider) -> "ContextParallelSettings":
+        """These settings for a sampling run of `guider`: cfg parallel needs both CFG halves.
+        A run without them (CFG 1, FLUX's usual; no negative prompt) runs on the sequence
+        layout auto picks without cfg parallel, or, with a manual layout, is refused."""
+        if self.cfg == 1 or (getattr(guider, "cfg", 1.0) != 1.0 and "negative" in guider.original_conds):
+            return self
+        if self.without_cfg is None:
+            raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off on the Context "
+                             "Parallel node for this sampler (or use a CFG above 1 with a negative prompt).")
+        ulysses, ring = self.without_cfg
+        log.warning("Context Parallel: cfg_parallel is off for this run: it needs CFG > 1 with a negative prompt; "
+                    "auto layout without it: ulysses %d x ring %d", ulysses, ring)
+        return replace(self, ulysses=ulysses, ring=ring, cfg=1, without_cfg=None)
 
 
 ON_WINDOWS = os.name == "nt"
@@ -145,8 +161,12 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
     ranks = {"cuda": f"{world} GPUs", "cpu": f"{world} CPU ranks"}.get(device, "this process") + (
         " (gpus 0: all visible)" if gpus <= 0 and device != "local" else "")
+    without_cfg = None
     if auto:
         config = ContextParallelConfig.auto(world, num_heads=heads, use_cfg=cfg_parallel)
+        if config.cfg == 2:
+            fallback = ContextParallelConfig.auto(world, num_heads=heads, use_cfg=False)
+            without_cfg = (fallback.ulysses, fallback.ring)
         if world > 1:
             log.info("Context Parallel: auto layout for %s: ulysses %d x ring %d x cfg %d",
                      ranks, config.ulysses, config.ring, config.cfg)
@@ -168,7 +188,7 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
                 f"{ranks}. Make the product {world}, set gpus to {config.world_size}, or set layout to auto.") from None
         raise ValueError(f"{exc} (inputs ulysses_degree and ring_degree; layout auto picks a valid one)") from None
     return ContextParallelSettings(world, config.ulysses, config.ring, config.cfg, float(timeout_s), device,
-                                   _backend_of(model_patcher, attention_backend))
+                                   _backend_of(model_patcher, attention_backend), without_cfg)
 
 
 def apply_context_parallel(model_patcher, settings: ContextParallelSettings):
@@ -283,9 +303,6 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
                 "ControlNet under Context Parallel works with FLUX models only (its residuals are added by "
                 "token index); remove the ControlNet or the Context Parallel node.")
         conds = portable_controls(conds, vae_recipe)
-    if settings.cfg == 2 and (getattr(guider, "cfg", 1.0) == 1.0 or "negative" not in guider.original_conds):
-        raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off on the Context "
-                         "Parallel node for this sampler (or use a CFG above 1 with a negative prompt).")
     from .published import KEEP
 
     fingerprint, handle = _publish_model(patcher)
@@ -358,7 +375,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
         raise NotPortableError("Context Parallel does not support nested (packed) latents yet.")
     guider = executor.class_obj
-    settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE]
+    settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE].for_run(guider)
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
     pool = comfy_pool(settings.gpus, settings.device)
