@@ -276,8 +276,7 @@ class Pool:
                 raise PoolError(
                     f"worker pool failed: job {job!r} sent nothing for {timeout_s:g} s "
                     f"(timeout_s={timeout_s:g}) and is considered hung (waiting for ranks "
-                    f"{sorted(pending)}); the pool was shut down. Jobs must call "
-                    "ctx.report_progress() or ctx.heartbeat() more often than timeout_s.",
+                    f"{sorted(pending)}); the pool was shut down.",  # (jobs report progress or heartbeats)
                     reason="timeout", job=job)
             for rank, event in self._poll_events(POLL_S):
                 if isinstance(event, protocol.JobFailed) and event.agreed and event.job_id == job_id:
