@@ -13,9 +13,10 @@ class ParaAttnParallelVAEDecode:
                                            "HunyuanVideo VAE, Wan 2.1 / 2.2 VAE, ...)."}),
                 "gpus": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
                                  "GPUs to decode on (one background worker each, shared with Context Parallel). "
-                                 "0 = all visible GPUs; 1 = tiled decode in this process. Without a GPU (or "
-                                 "with --cpu) 0 means 2 CPU worker processes, and other values count CPU "
-                                 "processes."}),
+                                 "0 = all visible GPUs; 1 = tiled decode in this process. A worker pool Context "
+                                 "Parallel is running is used as it is when it has at least this many GPUs (or "
+                                 "with 0), so that neither node restarts it. Without a GPU (or with --cpu) 0 "
+                                 "means 2 CPU worker processes, and other values count CPU processes."}),
                 "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip":
                                       "Tile edge in pixels, as in VAE Decode (Tiled). Smaller tiles use less "
                                       "memory per GPU and give more tiles to share out."}),

@@ -84,6 +84,36 @@ def test_same_pool_as_context_parallel_and_vae_cached(comfyui_path, pack_nodes, 
     assert any(h.key.startswith("vae-") for h in handles.values())
 
 
+def test_a_running_pool_with_enough_ranks_is_used_as_it_is(comfyui_path, pack_nodes, pool_cleanup, caplog):
+    """Context Parallel on 3 ranks, Parallel VAE Decode asking 2 (or 0, all): the decode runs on
+    the 3 running ranks instead of restarting the pool for 2 (and Context Parallel restarting it
+    again at the next prompt); asking for more than the pool has, by number, restarts it."""
+    import logging
+
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+    from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
+
+    patcher, pos, neg, image = sampling_inputs("flux")
+    cp = pack_nodes["ParaAttnContextParallel"]().apply(patcher, gpus=3, layout="manual", ulysses_degree=1, ring_degree=3,
+                                                   cfg_parallel=False, timeout_s=120.0)[0]
+    comfy_models.sample(cp, pos, neg, image, steps=1, sampler_name="euler", cfg=1.0)
+    pids = current_pool().pids
+    vae, z = tiny_comfy_vae("flux"), latent("flux", height=9, width=11)
+    settings = CASES["flux"][1]
+    reference = _comfy_tiled(vae, z, settings)
+    with caplog.at_level(logging.INFO, logger="comfy_para_attn"):
+        for gpus in (2, 0):
+            decoded = _node(pack_nodes, vae, z, settings, gpus=gpus)
+            assert current_pool().pids == pids, f"gpus {gpus}: the pool was restarted"
+            assert (decoded - reference).abs().max().item() < POOL_TOL
+    assert "decoding on the running worker pool's 3 cpu ranks (Context Parallel's) instead of restarting it for 2" \
+        in caplog.text, caplog.text
+    decoded = _node(pack_nodes, vae, z, settings, gpus=4)
+    assert len(current_pool().pids) == 4 and (decoded - reference).abs().max().item() < POOL_TOL
+
+
 def test_bad_inputs_are_clear_errors(comfyui_path, pack_nodes):
     from comfy_para_attn.testing.vae_models import latent, tiny_comfy_vae
 

@@ -195,6 +195,29 @@ def decode_in_pool(vae, samples: torch.Tensor, plan: TilePlan, world: int, devic
     return output
 
 
+_told_adopted: set = set()
+
+
+def _running_pool_world(gpus: int, device: str, world: int) -> int:
+    """The ranks to decode on: those of the running pool (Context Parallel's) where it has at
+    least `gpus`, or `gpus` is 0 (all): a restart for another count would cost both nodes the
+    workers' start, their loaded models and compiled code on every prompt. More GPUs than the
+    pool has, asked by number, restart it as asked."""
+    from ...pool import current_pool
+
+    pool = current_pool()
+    if pool is None or pool.layout.device != device or pool.layout.world_size == world:
+        return world
+    running = pool.layout.world_size
+    if gpus > 0 and running < world:
+        return world
+    if (world, running) not in _told_adopted:
+        _told_adopted.add((world, running))
+        log.info("Parallel VAE Decode: decoding on the running worker pool's %d %s ranks (Context Parallel's) "
+                 "instead of restarting it for %d", running, device, world)
+    return running
+
+
 def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, gpus: int = 0,
                     timeout_s: float = 600.0) -> torch.Tensor:
     """IMAGE [N, H, W, C] equal to VAEDecodeTiled with the same settings; tiles decoded on
@@ -205,6 +228,7 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
     device, world = pool_world(gpus, "Parallel VAE Decode")
     if world == 1 or vae.first_stage_model in _not_rebuildable:
         return to_image(vae, decode_in_process(vae, samples, plan))
+    world = _running_pool_world(gpus, device, world)
     from ...pool import PoolJobError
 
     try:
