@@ -68,6 +68,26 @@ def _current_pool():
     return registry._current
 
 
+def test_cancel_while_the_pool_starts_stops_the_start(setup):
+    """Cancel pressed while a first prompt starts the workers: the prompt stops as interrupted
+    (no error, no half-started pool), and the next prompt starts a pool and succeeds."""
+    import comfy.model_management
+
+    from comfy_para_attn.pool import current_pool, shutdown_pool
+
+    pack_nodes, patcher, pos, neg, latent, _ = setup
+    shutdown_pool()
+    comfy.model_management.interrupt_current_processing(True)
+    began = time.monotonic()
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _sample(_cp(pack_nodes, patcher), pos, neg, latent)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert time.monotonic() - began < 3.0 and current_pool() is None
+    _next_prompt_succeeds(setup)
+
+
 def test_worker_killed_mid_run(setup):
     from comfy_para_attn.pool import PoolError
 

@@ -299,6 +299,20 @@ def test_a_start_that_fails_before_any_worker_leaves_no_descriptor(monkeypatch):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_an_interrupt_while_the_workers_start_stops_the_start():
+    """ComfyUI's Cancel while a first prompt starts the pool (seconds: the workers import torch
+    and join their group) stops it then, not after the start and the model load."""
+    before = child_pids()
+    asked = time.monotonic() + 0.3
+    began = time.monotonic()
+    with pytest.raises(PoolInterrupted, match="start was interrupted"):
+        Pool(2, should_interrupt=lambda: time.monotonic() > asked)
+    assert time.monotonic() - began < 2.0  # a start takes several seconds here (importing torch)
+    assert child_pids() <= before, "the interrupted start left worker processes behind"
+    with Pool(2, should_interrupt=lambda: False) as pool:  # polled, never true: starts as usual
+        assert pool.run(f"{JOBS}:all_reduce_ranks", None, timeout_s=30)["sum"] == 3.0
+
+
 def test_host_threads_raises_the_thread_count_for_a_block_and_restores_it():
     share = max(1, (os.cpu_count() or 1) // 2)
     with Pool(2, env={HOST_THREADS_ENV: "3"}) as threaded:

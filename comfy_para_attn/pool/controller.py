@@ -47,7 +47,8 @@ class Pool:
     adds environment variables to every worker; `sys_path` adds import paths (for example
     the ComfyUI directory). `init=("module:function", payload)` runs once on every rank
     after the group is up, like a job; its failure is a `PoolStartError` with the traceback.
-    Linux only (inherited pipe descriptors).
+    `should_interrupt()` is polled while the workers start: when true, they are killed and
+    `PoolInterrupted` is raised. Linux only (inherited pipe descriptors).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Pool:
         init: tuple[str, Any] | None = None,
         sys_path=None,
         start_timeout_s: float = 120.0,
+        should_interrupt: Callable[[], bool] | None = None,
     ):
         if os.name != "posix":
             raise PoolStartError("the worker pool needs Linux (inherited pipe descriptors)")
@@ -76,7 +78,7 @@ class Pool:
         began = time.monotonic()
         _live_pools.add(self)
         try:
-            timings = self._start_with_retry(began + start_timeout_s, start_timeout_s)
+            timings = self._start_with_retry(began + start_timeout_s, start_timeout_s, should_interrupt)
             if init is not None:  # its own floor: a slow process start must not leave it a second
                 *_, refused = self._run(init[0], protocol.encode(init[1]),
                                         max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
@@ -202,9 +204,9 @@ class Pool:
 
     # -- start ----------------------------------------------------------------------------
 
-    def _start_with_retry(self, deadline: float, timeout_s: float) -> list[dict]:
+    def _start_with_retry(self, deadline: float, timeout_s: float, should_interrupt) -> list[dict]:
         try:
-            return self._start(deadline, timeout_s)
+            return self._start(deadline, timeout_s, should_interrupt)
         except PoolStartError as exc:
             # The free port can be taken between choosing it and binding it: try once more.
             if "address already in use" not in str(exc).lower():
@@ -213,9 +215,9 @@ class Pool:
             self._terminate()
             self._workers, self._readers = [], []
             _live_pools.add(self)
-            return self._start(deadline, timeout_s)
+            return self._start(deadline, timeout_s, should_interrupt)
 
-    def _start(self, deadline: float, timeout_s: float) -> list[dict]:
+    def _start(self, deadline: float, timeout_s: float, should_interrupt) -> list[dict]:
         env = worker_env(self.layout, free_port())
         self._inbox = queue.Queue()  # a retry's workers reuse ranks: none of the old events
         for rank in range(self.layout.world_size):
@@ -232,6 +234,8 @@ class Pool:
             if remaining <= 0:
                 raise PoolStartError(
                     f"workers did not start within {timeout_s:g} s (ready ranks: {sorted(ready)})", reason="timeout")
+            if should_interrupt is not None and should_interrupt():  # the workers are killed on the way out
+                raise PoolInterrupted("the pool's start was interrupted on request")
             for rank, event in self._poll_events(min(POLL_S, remaining)):
                 if isinstance(event, protocol.Ready):
                     ready[rank] = event.timings

@@ -45,11 +45,13 @@ def get_pool(
     init: tuple[str, Any] | None = None,
     sys_path=None,
     start_timeout_s: float = 120.0,
+    should_interrupt=None,
 ) -> Pool:
     """The live pool if its layout (world size, device, GPUs, env, sys_path, init) matches,
     else a fresh one; the old pool is shut down first so two never hold the GPUs at once.
     A pool that failed (any `PoolError`) is dead, so the next call after a failure starts
-    a new one. Arguments are those of `Pool`."""
+    a new one. Arguments are those of `Pool` (`should_interrupt` only matters when a pool
+    starts)."""
     global _current, _replaced
     layout = PoolLayout.create(world_size, device, gpus, env, sys_path, init)
     with _lock:
@@ -67,7 +69,7 @@ def get_pool(
             _current.shutdown()
             _current = None
         _current = Pool(world_size, device=device, gpus=gpus, env=env, init=init,
-                        sys_path=sys_path, start_timeout_s=start_timeout_s)
+                        sys_path=sys_path, start_timeout_s=start_timeout_s, should_interrupt=should_interrupt)
         return _current
 
 

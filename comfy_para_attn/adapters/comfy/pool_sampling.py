@@ -244,7 +244,7 @@ def comfy_pool(world: int, device: str):
     import comfy.model_management
 
     from ...attention.config import env_int
-    from ...pool import PoolStartError, get_pool
+    from ...pool import PoolInterrupted, PoolStartError, get_pool
     from . import memory
     from .env import snapshot_cli_args
 
@@ -256,7 +256,10 @@ def comfy_pool(world: int, device: str):
     try:
         return get_pool(world, device=device, sys_path=[comfy_dir, PACK_ROOT], start_timeout_s=start_timeout_s,
                         init=("comfy_para_attn.adapters.comfy.worker_jobs:init_worker",
-                              {"comfy_path": comfy_dir, "cli_args": cli_args}))
+                              {"comfy_path": comfy_dir, "cli_args": cli_args}),
+                        should_interrupt=comfy.model_management.processing_interrupted)
+    except PoolInterrupted:  # Cancel while the workers started
+        raise comfy.model_management.InterruptProcessingException()
     except PoolStartError as exc:
         if exc.reason == "timeout":
             raise PoolStartError(f"{exc}\nA first start on a slow disk or with many GPUs can take longer: set "
