@@ -192,26 +192,35 @@ def test_machines_without_a_pool_run_gpus_0_here_and_refuse_more(comfyui_path, p
 
 
 def test_cfg_parallel_with_cfg_1_is_refused_in_manual_and_dropped_in_auto_layout(comfyui_path, pack_nodes,
-                                                                                   pool_cleanup, caplog):
+                                                                                   pool_cleanup, caplog, monkeypatch):
     """A FLUX user (CFG 1) who ticks cfg_parallel: a manual layout says what to change; the auto
     layout samples on its sequence layout without cfg parallel, as it does for an odd GPU count."""
+    from comfy_para_attn.adapters.comfy import pool_sampling
     from comfy_para_attn.testing import comfy_models
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
 
+    sent_layouts = []  # the layout each run's job carries to the workers (the real function runs)
+    real_payload = pool_sampling._job_payload
+    monkeypatch.setattr(pool_sampling, "_job_payload",
+                        lambda *args: sent_layouts.append(args[-1].config) or real_payload(*args))
     patcher, pos, neg, latent = sampling_inputs("flux")
     model = _cp(pack_nodes, patcher, ulysses_degree=1, cfg_parallel=True)
     with pytest.raises(ValueError, match="cfg_parallel needs CFG > 1"):
         comfy_models.sample(model, pos, neg, latent, steps=2, cfg=1.0)
+    assert sent_layouts == []
     auto = _cp(pack_nodes, patcher, layout="auto", cfg_parallel=True)
     with caplog.at_level(logging.WARNING, logger="comfy_para_attn"):
         out = comfy_models.sample(auto, pos, neg, latent, steps=2, cfg=1.0)
-    assert "cfg_parallel is off for this run: it needs CFG > 1 with a negative prompt; auto layout without it: " \
-           "ulysses 1 x ring 2" in caplog.text, caplog.text
-    plain = comfy_models.sample(patcher, pos, neg, latent, steps=2, cfg=1.0)
-    assert torch.isfinite(out).all() and (out - plain).abs().max().item() < TOL
-    with_cfg = comfy_models.sample(auto, pos, neg, latent, steps=2, cfg=3.0)  # both halves: cfg parallel
+        assert "cfg_parallel is off for this run: it needs CFG > 1 with a negative prompt; auto layout without " \
+               "it: ulysses 1 x ring 2" in caplog.text, caplog.text
+        plain = comfy_models.sample(patcher, pos, neg, latent, steps=2, cfg=1.0)
+        assert torch.isfinite(out).all() and (out - plain).abs().max().item() < TOL
+        caplog.clear()
+        with_cfg = comfy_models.sample(auto, pos, neg, latent, steps=2, cfg=3.0)  # both halves: cfg parallel
+        assert "cfg_parallel is off" not in caplog.text
     plain = comfy_models.sample(patcher, pos, neg, latent, steps=2, cfg=3.0)
     assert torch.isfinite(with_cfg).all() and (with_cfg - plain).abs().max().item() < TOL
+    assert [(c.ulysses, c.ring, c.cfg) for c in sent_layouts] == [(1, 2, 1), (1, 1, 2)]
 
 
 def test_conditioning_that_cannot_travel_is_named_before_any_worker_runs(comfyui_path, pack_nodes, pool_cleanup):

@@ -247,12 +247,17 @@ def release_tensors(handle: TensorHandle) -> None:
         pass
 
 
-@atexit.register
 def release_all_tensors() -> None:
-    """Delete every file this process published, and its publish directories with whatever
-    else is in them (a write still under way on another thread)."""
+    """Delete every file this process published."""
     for handle in list(_published.values()):
         release_tensors(handle)
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    """Also the publish directories with whatever else is in them (a write still under way on
+    ComfyUI's prompt thread); nothing is published after this."""
+    release_all_tensors()
     remove_own_dirs()
 
 

@@ -92,8 +92,10 @@ def with_faulty_block(patcher, how: str, rank: int = 1):
 
 def room_for_comfyui_on_a_shared_gpu(rank, world_size, comfy_path):
     """The reverse of `room_for_workers_on_a_shared_gpu`: a CUDA worker holds a VAE after a
-    Parallel VAE Decode; ComfyUI's own loads leave it there while the GPU has room and make the
-    worker drop it when ComfyUI's unloading alone leaves too little. Returns what it saw."""
+    Parallel VAE Decode. Within that prompt ComfyUI's own loads leave it there even when short
+    (ComfyUI copes; releasing would reload it every prompt); in a later prompt that does not use
+    the pool, they leave it while the GPU has room and make the worker drop it when ComfyUI's
+    unloading alone leaves too little. Returns what it saw."""
     import logging
 
     from comfy_para_attn.adapters.comfy.env import make_importable
@@ -101,6 +103,8 @@ def room_for_comfyui_on_a_shared_gpu(rank, world_size, comfy_path):
     make_importable(comfy_path, cpu=False)
     import comfy.model_management as mm
     import comfy.model_patcher
+    from comfy_execution.graph import DynamicPrompt
+    from comfy_execution.progress import reset_progress_state
 
     from comfy_para_attn.adapters.comfy import parallel_vae
     from comfy_para_attn.adapters.comfy.published import holds_models
@@ -121,10 +125,15 @@ def room_for_comfyui_on_a_shared_gpu(rank, world_size, comfy_path):
         seen = {"finite": bool(torch.isfinite(image).all()), "held": holds_models(current_pool())}
         encoder = torch.nn.Linear(16384, 16384, bias=False)  # 1 GiB of fp32: fits beside the worker
         patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=device, offload_device=torch.device("cpu"))
-        mm.load_models_gpu([patcher])
-        seen["roomy"] = (encoder.weight.device.type, holds_models(current_pool()))
-        mm.free_memory(mm.get_free_memory(device) + (4 << 30), device)  # more than unloading ComfyUI's frees
-        seen["tight"] = (encoder.weight.device.type, holds_models(current_pool()))
+        for prompt in ("same prompt", "next prompt"):
+            if prompt == "next prompt":  # as ComfyUI's executor starts a prompt (a one-GPU workflow)
+                reset_progress_state("a prompt without the pool", DynamicPrompt({}))
+            mm.load_models_gpu([patcher])
+            seen[prompt, "roomy"] = (encoder.weight.device.type, holds_models(current_pool()))
+            # All but 64 MiB of the GPU: more than unloading ComfyUI's own frees (the worker's CUDA
+            # context alone is more), less than the GPU has ("unload everything" is left alone).
+            mm.free_memory(mm.get_total_memory(device) - (64 << 20), device)
+            seen[prompt, "tight"] = (encoder.weight.device.type, holds_models(current_pool()))
         seen["messages"] = [m for m in messages if "workers dropped" in m]
     finally:
         logging.getLogger("comfy_para_attn").removeHandler(handler)

@@ -12,9 +12,10 @@ Two gaps it closes, both invisible to ComfyUI because the workers are other proc
   ComfyUI's models from the pool's GPUs as the workers need (ComfyUI's `free_memory`, which
   unloads nothing when there is room). The other way round, `install()` wraps `free_memory`,
   which ComfyUI calls before it loads a model of its own: models ComfyUI has freed leave the
-  workers then, and when ComfyUI's unloading left too little room on a GPU the pool shares,
-  the workers drop their cached models as ComfyUI's own would be unloaded (a one-GPU
-  workflow after a multi-GPU one then loads in full instead of in low-VRAM mode).
+  workers then, and in a prompt that does not use the pool (a one-GPU workflow after a
+  multi-GPU one), when ComfyUI's unloading left too little room on a GPU the pool shares, the
+  workers drop their cached models as ComfyUI's own would be unloaded, so ComfyUI loads in
+  full instead of in low-VRAM mode.
 """
 from __future__ import annotations
 
@@ -41,35 +42,45 @@ def release_worker_models(reason: str) -> int:
         return unmap_in_workers("model", why=reason) + unmap_in_workers("vae", why=reason)
 
 
+_wrapped: set = set()  # (module, name) wrapped once per process
 _for_workers = threading.local()  # set while make_room_for_workers has ComfyUI unload for the workers
 
 
 def make_room_for_comfyui(memory_required: float, device) -> None:
     """What ComfyUI's `free_memory(memory_required, device)` could not do alone: drop freed
-    models from the workers, then, on a GPU the pool shares, the workers' cached models if
-    ComfyUI still has too little room there."""
+    models from the workers; then, on a GPU the pool shares, drop the workers' cached models
+    if ComfyUI still has too little room there and the prompt it executes has not used the
+    pool (a one-GPU workflow after a multi-GPU one). Not within a prompt that used the pool:
+    ComfyUI asks for room it would like (the VAE decode's estimate, a text encoder loaded in
+    full) and copes with less, so releasing there would reload the model on every prompt."""
     import comfy.model_management as mm
 
     from ...pool import current_pool
-    from .published import drop_freed, holds_models
+    from .published import drop_freed, holds_models, pool_used_by_this_prompt
 
     pool = current_pool()
     if pool is None or pool.busy or getattr(_for_workers, "active", False):
         return
     drop_freed()
-    device = torch.device(device)
-    if pool.layout.device != "cuda" or device not in pool_gpu_devices(pool.layout.world_size):
+    if device is None or pool.layout.device != "cuda" or not holds_models(pool):
         return
-    if holds_models(pool) and mm.get_free_memory(device) < memory_required:
-        release_worker_models(f"for ComfyUI ({memory_required / 2**30:.1f} GiB needed on {device})")
+    device = torch.device(device)
+    if device not in pool_gpu_devices(pool.layout.world_size) or pool_used_by_this_prompt():
+        return
+    if memory_required >= mm.get_total_memory(device):  # "unload everything" (1e30), no size to make room for
+        return
+    if mm.get_free_memory(device) < memory_required:
+        release_worker_models(f"for ComfyUI's own models ({memory_required / 2**30:.1f} GiB needed on {device}; "
+                              "this prompt does not use the pool)")
 
 
 def _wrap_once(mm, name: str, after, failure: str) -> None:
     """Replace `mm.<name>` with a call to it followed by `after(*args, **kwargs)`, whose
     errors are logged: ComfyUI's own memory handling never fails because of the pool."""
     original = getattr(mm, name)
-    if getattr(original, "para_attn_wrapped", False):
-        return
+    if getattr(original, "para_attn_wrapped", False) or (mm, name) in _wrapped:
+        return  # (another pack may have wrapped ours again since)
+    _wrapped.add((mm, name))
 
     @functools.wraps(original)
     def wrapped(*args, **kwargs):
