@@ -65,6 +65,8 @@ def make_room_for_comfyui(memory_required: float, device) -> None:
     if device is None or pool.layout.device != "cuda" or not holds_models(pool):
         return
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" as some packs name it: the current GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in pool_gpu_devices(pool.layout.world_size) or pool_used_by_this_prompt():
         return
     if memory_required >= mm.get_total_memory(device):  # "unload everything" (1e30), no size to make room for
