@@ -640,6 +640,23 @@ def test_a_freed_model_leaves_the_workers_when_comfyui_makes_room(comfyui_path, 
     assert "dropped" not in caplog.text
 
 
+def test_the_workers_make_room_for_comfyui_only_in_prompts_without_a_pool_node(comfyui_path):
+    """The graph ComfyUI executes decides whether its loads may make the workers drop their
+    models (the release itself needs a GPU: tests/test_memory_gpu.py)."""
+    from comfy_execution.graph import DynamicPrompt
+    from comfy_execution.progress import reset_progress_state
+
+    from comfy_para_attn.adapters.comfy.memory import prompt_uses_pool
+
+    def graph(*classes):
+        return DynamicPrompt({str(i): {"class_type": c, "inputs": {}} for i, c in enumerate(classes)})
+
+    for classes, uses in ((("KSampler", "VAEDecode"), False), (("ParaAttnContextParallel", "KSampler"), True),
+                          (("KSampler", "ParaAttnParallelVAEDecode"), True), ((), False)):
+        reset_progress_state("test", graph(*classes))
+        assert prompt_uses_pool() is uses, classes
+
+
 def test_worker_model_key_follows_the_model_config(comfyui_path):
     import copy
 

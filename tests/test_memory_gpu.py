@@ -19,9 +19,9 @@ def test_comfyui_models_leave_the_pool_gpu_only_when_the_workers_need_the_room(c
 def test_the_workers_leave_the_pool_gpu_only_when_comfyui_needs_the_room(comfyui_path):
     (seen,) = run_ranks(room_for_comfyui_on_a_shared_gpu, 1, str(comfyui_path), timeout=300)
     assert seen["finite"] and seen["held"], seen
-    for prompt in ("same prompt", "next prompt"):
+    for prompt in ("pool prompt", "one-GPU prompt"):
         assert seen[prompt, "roomy"] == ("cuda", True), seen  # ComfyUI's model loaded beside the worker's VAE
-    assert seen["same prompt", "tight"] == ("cpu", True), seen  # ComfyUI unloaded its own only
-    assert seen["next prompt", "tight"] == ("cpu", False), seen  # ... then the worker dropped its VAE
+    assert seen["pool prompt", "tight"] == ("cpu", True), seen  # ComfyUI unloaded its own only
+    assert seen["one-GPU prompt", "tight"] == ("cpu", False), seen  # ... then the worker dropped its VAE
     assert len(seen["messages"]) == 1 and "workers dropped their cached vae (1) for ComfyUI's own models" \
         in seen["messages"][0], seen

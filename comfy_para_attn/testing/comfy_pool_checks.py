@@ -92,10 +92,10 @@ def with_faulty_block(patcher, how: str, rank: int = 1):
 
 def room_for_comfyui_on_a_shared_gpu(rank, world_size, comfy_path):
     """The reverse of `room_for_workers_on_a_shared_gpu`: a CUDA worker holds a VAE after a
-    Parallel VAE Decode. Within that prompt ComfyUI's own loads leave it there even when short
-    (ComfyUI copes; releasing would reload it every prompt); in a later prompt that does not use
-    the pool, they leave it while the GPU has room and make the worker drop it when ComfyUI's
-    unloading alone leaves too little. Returns what it saw."""
+    Parallel VAE Decode. In a prompt with a pool node ComfyUI's own loads leave it there even
+    when short (ComfyUI copes; releasing would reload it every prompt); in a prompt without one,
+    they leave it while the GPU has room and make the worker drop it when ComfyUI's unloading
+    alone leaves too little. Returns what it saw."""
     import logging
 
     from comfy_para_attn.adapters.comfy.env import make_importable
@@ -125,9 +125,10 @@ def room_for_comfyui_on_a_shared_gpu(rank, world_size, comfy_path):
         seen = {"finite": bool(torch.isfinite(image).all()), "held": holds_models(current_pool())}
         encoder = torch.nn.Linear(16384, 16384, bias=False)  # 1 GiB of fp32: fits beside the worker
         patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=device, offload_device=torch.device("cpu"))
-        for prompt in ("same prompt", "next prompt"):
-            if prompt == "next prompt":  # as ComfyUI's executor starts a prompt (a one-GPU workflow)
-                reset_progress_state("a prompt without the pool", DynamicPrompt({}))
+        graphs = {"pool prompt": {"1": {"class_type": "ParaAttnParallelVAEDecode", "inputs": {}}},  # a pool node
+                  "one-GPU prompt": {"1": {"class_type": "VAEDecode", "inputs": {}}}}  # a one-GPU workflow
+        for prompt, graph in graphs.items():
+            reset_progress_state(prompt, DynamicPrompt(graph))  # as ComfyUI's executor starts a prompt
             mm.load_models_gpu([patcher])
             seen[prompt, "roomy"] = (encoder.weight.device.type, holds_models(current_pool()))
             # All but 64 MiB of the GPU: more than unloading ComfyUI's own frees (the worker's CUDA

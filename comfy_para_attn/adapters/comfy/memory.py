@@ -49,14 +49,14 @@ _for_workers = threading.local()  # set while make_room_for_workers has ComfyUI 
 def make_room_for_comfyui(memory_required: float, device) -> None:
     """What ComfyUI's `free_memory(memory_required, device)` could not do alone: drop freed
     models from the workers; then, on a GPU the pool shares, drop the workers' cached models
-    if ComfyUI still has too little room there and the prompt it executes has not used the
-    pool (a one-GPU workflow after a multi-GPU one). Not within a prompt that used the pool:
-    ComfyUI asks for room it would like (the VAE decode's estimate, a text encoder loaded in
-    full) and copes with less, so releasing there would reload the model on every prompt."""
+    if ComfyUI still has too little room there and the prompt it executes does not use the
+    pool (a one-GPU workflow after a multi-GPU one). Not within a prompt that uses it: ComfyUI
+    asks for room it would like (the VAE decode's estimate, a text encoder loaded in full) and
+    copes with less, so releasing there would reload the model on every prompt."""
     import comfy.model_management as mm
 
     from ...pool import current_pool
-    from .published import drop_freed, holds_models, pool_used_by_this_prompt
+    from .published import drop_freed, holds_models
 
     pool = current_pool()
     if pool is None or pool.busy or getattr(_for_workers, "active", False):
@@ -67,13 +67,29 @@ def make_room_for_comfyui(memory_required: float, device) -> None:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # "cuda" as some packs name it: the current GPU
         device = torch.device("cuda", torch.cuda.current_device())
-    if device not in pool_gpu_devices(pool.layout.world_size) or pool_used_by_this_prompt():
+    if device not in pool_gpu_devices(pool.layout.world_size) or prompt_uses_pool():
         return
     if memory_required >= mm.get_total_memory(device):  # "unload everything" (1e30), no size to make room for
         return
     if mm.get_free_memory(device) < memory_required:
         release_worker_models(f"for ComfyUI's own models ({memory_required / 2**30:.1f} GiB needed on {device}; "
                               "this prompt does not use the pool)")
+
+
+POOL_NODES = ("ParaAttnContextParallel", "ParaAttnParallelVAEDecode")
+
+
+def prompt_uses_pool() -> bool:
+    """Whether the prompt ComfyUI executes has a node that runs on the worker pool (its graph
+    as queued: bypassed and muted nodes are not in it); True where that cannot be told."""
+    try:
+        from comfy_execution.progress import get_progress_state
+    except ImportError:
+        return True
+    graph = getattr(getattr(get_progress_state(), "dynprompt", None), "original_prompt", None)
+    if not isinstance(graph, dict):
+        return True
+    return any(isinstance(node, dict) and node.get("class_type") in POOL_NODES for node in graph.values())
 
 
 def _wrap_once(mm, name: str, after, failure: str) -> None:

@@ -30,34 +30,12 @@ _users: dict[str, int] = {}  # fingerprint -> live model objects with those weig
 _resident: dict[str, tuple[tuple, set]] = {}  # label -> (pool's pids, fingerprints its workers hold)
 
 
-_last_job_prompt = None  # weakref to ComfyUI's progress registry of the prompt that last ran a pool job
-
-
-def _current_prompt():
-    """ComfyUI's per-prompt progress registry (a new object for every prompt it executes), or
-    None where there is none (another ComfyUI version)."""
-    try:
-        from comfy_execution.progress import get_progress_state
-    except ImportError:
-        return None
-    return get_progress_state()
-
-
 def mark_resident(pool, label: str, fingerprint: str) -> None:
     """The workers of `pool` hold `label`'s model of `fingerprint` (after a job used it)."""
-    global _last_job_prompt
     pids, held = _resident.get(label, ((), set()))
     if pids != tuple(pool.pids):
         held = set()
     _resident[label] = (tuple(pool.pids), held | {fingerprint})
-    prompt = _current_prompt()
-    _last_job_prompt = None if prompt is None else weakref.ref(prompt)
-
-
-def pool_used_by_this_prompt() -> bool:
-    """Whether the prompt ComfyUI is executing ran a pool job (True where it cannot tell)."""
-    prompt = _current_prompt()
-    return prompt is None or (_last_job_prompt is not None and _last_job_prompt() is prompt)
 
 
 def is_resident(pool, label: str, fingerprint: str) -> bool:
