@@ -648,13 +648,15 @@ def test_the_workers_make_room_for_comfyui_only_in_prompts_without_a_pool_node(c
 
     from comfy_para_attn.adapters.comfy.memory import prompt_uses_pool
 
-    def graph(*classes):
-        return DynamicPrompt({str(i): {"class_type": c, "inputs": {}} for i, c in enumerate(classes)})
+    def graph(*nodes):
+        return DynamicPrompt({str(i): {"class_type": c, "inputs": {"gpus": g}} for i, (c, g) in enumerate(nodes)})
 
-    for classes, uses in ((("KSampler", "VAEDecode"), False), (("ParaAttnContextParallel", "KSampler"), True),
-                          (("KSampler", "ParaAttnParallelVAEDecode"), True), ((), False)):
-        reset_progress_state("test", graph(*classes))
-        assert prompt_uses_pool() is uses, classes
+    cp, vae = "ParaAttnContextParallel", "ParaAttnParallelVAEDecode"
+    for nodes, uses in ((), False), ((("KSampler", 0), ("VAEDecode", 0)), False), (((cp, 0), ("KSampler", 0)), True), \
+            ((("KSampler", 0), (vae, 2)), True), ((("KSampler", 0), (vae, ["12", 0])), True), \
+            ((("KSampler", 0), (vae, 1)), False):  # the shipped one-GPU workflows: Parallel VAE Decode in-process
+        reset_progress_state("test", graph(*nodes))
+        assert prompt_uses_pool() is uses, nodes
 
 
 def test_worker_model_key_follows_the_model_config(comfyui_path):

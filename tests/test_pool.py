@@ -860,14 +860,16 @@ def test_a_restart_under_the_same_pid_reaps_the_previous_programs_workers():
             pool = Pool(2)
             assert [int(e.split(":")[0]) for e in os.environ[launch.WORKER_PIDS_ENV].split(",")] == pool.pids
             os.execv(sys.executable, [sys.executable, "-c", sys.argv[2], "after", sys.argv[2]])
-        pids = [int(e.split(":")[0]) for e in os.environ[launch.WORKER_PIDS_ENV].split(",")]
+        recorded = [e.split(":") for e in os.environ[launch.WORKER_PIDS_ENV].split(",")]
+        pids = [int(pid) for pid, _ in recorded]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any((launch._stat(p) or "Z")[0] != "Z" for p in pids):
             time.sleep(0.1)  # they exit once they see the lifeline closed
         zombies = [p for p in pids if (launch._stat(p) or "?")[0] == "Z"]
         reaped = launch.reap_previous_workers()
         print(json.dumps({"pids": pids, "zombies": zombies, "reaped": reaped,
-                          "left": [p for p in pids if launch._stat(p) is not None],
+                          # still there: the same process (pid and start time; a busy host may reuse a pid)
+                          "left": [int(p) for p, start in recorded if (launch._stat(int(p)) or (0, 0, None))[2] == start],
                           "env": os.environ[launch.WORKER_PIDS_ENV]}), flush=True)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

@@ -200,6 +200,8 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
             raise RuntimeError("not publishing: this process is exiting")
     except BaseException as exc:
         partial.unlink(missing_ok=True)
+        if exiting():  # the exit handler removed the file under the write (or its threads are gone)
+            raise RuntimeError("not publishing: this process is exiting") from None
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # it filled up meanwhile
             raise ShmSpaceError(f"{root} filled up while writing {gib(nbytes)} for {key!r}") from exc
         raise

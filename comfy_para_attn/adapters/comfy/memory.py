@@ -79,6 +79,21 @@ def make_room_for_comfyui(memory_required: float, device) -> None:
 POOL_NODES = ("ParaAttnContextParallel", "ParaAttnParallelVAEDecode")
 
 
+def _runs_on_pool(node: dict) -> bool:
+    """Whether a queued node runs on the worker pool: one of ours whose `gpus` is not 1 (nor
+    0 with one GPU visible: both stay in ComfyUI's process); a linked `gpus` counts as yes."""
+    if not isinstance(node, dict) or node.get("class_type") not in POOL_NODES:
+        return False
+    gpus = (node.get("inputs") or {}).get("gpus", 0)
+    if not isinstance(gpus, int):
+        return True
+    if gpus == 0:
+        from .pool_sampling import available_device
+
+        return available_device()[1] > 1
+    return gpus > 1
+
+
 def prompt_uses_pool() -> bool:
     """Whether the prompt ComfyUI executes has a node that runs on the worker pool (its graph
     as queued: bypassed and muted nodes are not in it); True where that cannot be told."""
@@ -89,7 +104,7 @@ def prompt_uses_pool() -> bool:
     graph = getattr(getattr(get_progress_state(), "dynprompt", None), "original_prompt", None)
     if not isinstance(graph, dict):
         return True
-    return any(isinstance(node, dict) and node.get("class_type") in POOL_NODES for node in graph.values())
+    return any(_runs_on_pool(node) for node in graph.values())
 
 
 def _wrap_once(mm, name: str, after, failure: str) -> None:
