@@ -125,7 +125,7 @@ def room_for_comfyui_on_a_shared_gpu(rank, world_size, comfy_path):
         seen = {"finite": bool(torch.isfinite(image).all()), "held": holds_models(current_pool())}
         encoder = torch.nn.Linear(16384, 16384, bias=False)  # 1 GiB of fp32: fits beside the worker
         patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=device, offload_device=torch.device("cpu"))
-        graphs = {"pool prompt": {"1": {"class_type": "ParaAttnParallelVAEDecode", "inputs": {}}},  # a pool node
+        graphs = {"pool prompt": {"1": {"class_type": "ParaAttnParallelVAEDecode", "inputs": {"gpus": 2}}},
                   "one-GPU prompt": {"1": {"class_type": "VAEDecode", "inputs": {}}}}  # a one-GPU workflow
         for prompt, graph in graphs.items():
             reset_progress_state(prompt, DynamicPrompt(graph))  # as ComfyUI's executor starts a prompt
