@@ -195,12 +195,12 @@ def publish_tensors(state_dict: dict[str, torch.Tensor], key: str, *,
             os.close(fd)
             staging.close()
         os.replace(partial, path)  # workers never see a half-written file
-        if exiting():  # finished after the exit handler cleaned up: nobody would delete it
-            path.unlink(missing_ok=True)
-            raise RuntimeError("not publishing: this process is exiting")
+        if exiting():  # finished after the exit handler cleaned up: handled below
+            raise RuntimeError
     except BaseException as exc:
         partial.unlink(missing_ok=True)
-        if exiting():  # the exit handler removed the file under the write (or its threads are gone)
+        if exiting():  # the exit handler ran under the write: nobody else would delete what it left
+            path.unlink(missing_ok=True)
             raise RuntimeError("not publishing: this process is exiting") from None
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # it filled up meanwhile
             raise ShmSpaceError(f"{root} filled up while writing {gib(nbytes)} for {key!r}") from exc

@@ -110,10 +110,10 @@ def prompt_uses_pool() -> bool:
 def _wrap_once(mm, name: str, after, failure: str) -> None:
     """Replace `mm.<name>` with a call to it followed by `after(*args, **kwargs)`, whose
     errors are logged: ComfyUI's own memory handling never fails because of the pool."""
-    original = getattr(mm, name)
-    if getattr(original, "para_attn_wrapped", False) or (mm, name) in _wrapped:
-        return  # (another pack may have wrapped ours again since)
+    if (mm, name) in _wrapped:  # (by name, not by a mark on the function: another pack may wrap ours)
+        return
     _wrapped.add((mm, name))
+    original = getattr(mm, name)
 
     @functools.wraps(original)
     def wrapped(*args, **kwargs):
@@ -124,7 +124,6 @@ def _wrap_once(mm, name: str, after, failure: str) -> None:
             log.exception(failure)
         return result
 
-    wrapped.para_attn_wrapped = True
     setattr(mm, name, wrapped)
 
 

@@ -98,16 +98,15 @@ def publish_weights(module: torch.nn.Module, weights: Callable[[], dict], label:
     return fingerprint, _published[fingerprint]
 
 
-def drop_freed(label: Optional[str] = None) -> int:
+def drop_freed(label: Optional[str] = None) -> None:
     """Make the workers drop the models (of `label`, or every kind) that ComfyUI has freed:
     their files are released already, but the workers still hold them, in their VRAM and the
     file's pages while they map it. Called at the next write or use of a kind, and when
-    ComfyUI makes room for its own models (`memory.install`). Returns how many there were."""
+    ComfyUI makes room for its own models (`memory.install`)."""
     freed = [(kind, f) for kind, recent in _recent.items() if label in (None, kind)
              for f in recent if f not in _published]
     for kind, fingerprint in freed:
         _evict(kind, fingerprint, "(its model was freed)")
-    return len(freed)
 
 
 def holds_models(pool) -> bool:
