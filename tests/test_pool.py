@@ -789,6 +789,41 @@ def test_a_write_under_way_when_the_controller_exits_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
 
 
+def test_the_exit_stops_a_write_under_way_at_its_next_chunk(tmp_path):
+    """Ctrl+C during a weight transfer: concurrent.futures joins its threads at exit after
+    running every queued item, which for FLUX.1-dev held the exit for ~20 s. The writes now
+    stop at their next chunk: most of the model is never written."""
+    script = textwrap.dedent("""
+        import atexit, sys, threading, time
+        import torch
+        from comfy_para_attn.pool import transfer
+
+        transfer.STAGING_BYTES = 1 << 16  # 16 chunks a storage
+        chunks = []
+        real_pwrite = transfer._pwrite_all
+        def slow_pwrite(*args):  # a slow tmpfs: the whole write would take ~3 s
+            chunks.append(1)
+            time.sleep(0.05)
+            return real_pwrite(*args)
+        transfer._pwrite_all = slow_pwrite
+        atexit.register(lambda: print("chunks written", len(chunks), flush=True))
+        state = {f"w{i}": torch.rand(1 << 18) for i in range(16)}
+        def prompt():
+            transfer.publish_tensors(state, "model", directory=sys.argv[1])
+        threading.Thread(target=prompt, daemon=True).start()
+        while not chunks:
+            time.sleep(0.01)
+        time.sleep(0.2)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    written = int(done.stdout.split("chunks written")[1])
+    assert 0 < written < 16 * 16 // 2, done.stdout  # all 256 before: the join ran every queued storage
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
 def test_nothing_is_published_once_the_process_is_exiting(tmp_path, monkeypatch):
     from comfy_para_attn.pool import shm, transfer
 

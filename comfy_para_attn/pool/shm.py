@@ -105,14 +105,20 @@ def remove_own_dirs() -> None:
     prompt thread is a daemon thread that may be inside a write when the process exits (Ctrl+C
     during a prompt's weight transfer): its file, half or wholly written, goes too, and a write
     finishing after this deletes its own file (`exiting`)."""
-    global _exiting
-    _exiting = True
+    begin_exit()
     for directory in list(_claimed_dirs):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def begin_exit() -> None:
+    """The process is exiting: writes under way stop at their next chunk and nothing more is
+    published (`exiting`)."""
+    global _exiting
+    _exiting = True
+
+
 def exiting() -> bool:
-    """Whether `remove_own_dirs` ran (the process is exiting)."""
+    """Whether the process is exiting (`begin_exit` or `remove_own_dirs` ran)."""
     return _exiting
 
 

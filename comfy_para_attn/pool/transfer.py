@@ -17,6 +17,7 @@ import atexit
 import errno
 import functools
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Callable
 import torch
 
 from .errors import ShmSpaceError
-from .shm import check_shm_space, exiting, gib, own_publish_dir, remove_own_dirs, shm_root, sweep_stale_dirs
+from .shm import begin_exit, check_shm_space, exiting, gib, own_publish_dir, remove_own_dirs, shm_root, sweep_stale_dirs
 
 _published: dict[str, "TensorHandle"] = {}  # path -> handle, in this (controller) process
 
@@ -138,6 +139,8 @@ class _PinnedStaging:
 def _write_storage(fd: int, storage: torch.UntypedStorage, offset: int, staging: _PinnedStaging) -> None:
     data = _uint8_view(storage)
     for start in range(0, data.numel(), STAGING_BYTES):
+        if exiting():  # Ctrl+C: the queued storages would hold the exit for the whole write
+            raise RuntimeError("not publishing: this process is exiting")
         _pwrite_all(fd, staging.host(data[start: start + STAGING_BYTES]).numpy(), offset + start)
 
 
@@ -253,6 +256,19 @@ def release_all_tensors() -> None:
     """Delete every file this process published."""
     for handle in list(_published.values()):
         release_tensors(handle)
+
+
+def _stop_writes_at_exit() -> None:
+    """At exit, before concurrent.futures joins its worker threads (it runs every queued item
+    first: ~20 s of a FLUX.1-dev write after Ctrl+C): the writes stop at their next chunk."""
+    begin_exit()
+
+
+# threading runs these exit hooks last registered first: concurrent.futures registers its join
+# when its thread module is imported, so import it before registering ours.
+importlib.import_module("concurrent.futures.thread")
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_stop_writes_at_exit)
 
 
 @atexit.register
