@@ -85,6 +85,34 @@ def init_random_weights(module: torch.nn.Module, seed: int = 0) -> None:
         p.copy_(x)
 
 
+# Fields newer ComfyUI requires of these models' configs, with the values its own detection
+# gives the original checkpoints (FLUX.1: no text ids; HunyuanVideo 1.0: none of 1.5's parts).
+_NEWER_FIELDS = {
+    ("comfy.ldm.flux.model", "FluxParams"): dict(txt_ids_dims=[]),
+    ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams"): dict(
+        use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False),
+}
+
+
+def complete_config(family: str, unet_config: dict) -> dict:
+    """`unet_config` plus the fields the running ComfyUI requires of `family` ("flux" also for
+    FLUX ControlNets) that it lacks."""
+    return dict(_newer_fields(family), **unet_config)
+
+
+def _newer_fields(family: str) -> dict:
+    """The `_NEWER_FIELDS` that the running ComfyUI's params class of `family` has."""
+    import dataclasses
+    import importlib
+
+    module_name, cls = {"flux": ("comfy.ldm.flux.model", "FluxParams"),
+                        "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams")}.get(family, (None, None))
+    if module_name is None:
+        return {}
+    names = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module_name), cls))}
+    return {k: v for k, v in _NEWER_FIELDS[(module_name, cls)].items() if k in names}
+
+
 def build(family: str, *, dtype=torch.float32, device="cpu", seed: int = 0, **config):
     """A ModelPatcher around a random-weight ComfyUI model of `family` ("flux",
     "hunyuan_video", "wan", "wan22", or a Wan variant "wan_vace", "wan_s2v", "wan_humo",
@@ -93,7 +121,7 @@ def build(family: str, *, dtype=torch.float32, device="cpu", seed: int = 0, **co
     import comfy.supported_models
 
     cls_name, image_model, tiny = _FAMILIES[family] if family in _FAMILIES else _WAN_VARIANTS[family]
-    unet_config = dict(tiny, **config, image_model=image_model)
+    unet_config = complete_config(family, dict(tiny, **config, image_model=image_model))
     model_config = getattr(comfy.supported_models, cls_name)(unet_config)
     model_config.set_inference_dtype(dtype, None)
     device = torch.device(device)
@@ -187,7 +215,7 @@ def flux_controlnet(*, vae=None, seed: int = 0, dtype=torch.float32, **config):
     latent = vae is not None
     model = comfy.ldm.flux.controlnet.ControlNetFlux(
         latent_input=latent, control_latent_channels=16 if latent else None, operations=comfy.ops.disable_weight_init,
-        device="cpu", dtype=dtype, **dict(FLUX_TINY, **config))
+        device="cpu", dtype=dtype, **complete_config("flux", dict(FLUX_TINY, **config)))
     init_random_weights(model, seed)
     load_device = comfy.model_management.get_torch_device()
     if latent:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .comfy_models import complete_config
+
 # Bump when the recipe changes: cached files of another version are rewritten.
 RECIPE_VERSION = "3"  # a new kind of file needs no bump: missing files are written
 
@@ -82,7 +84,7 @@ def _diffusion_model_shapes(kind: str) -> dict:
 
     cls, unet_config = {"flux": ("Flux", _FLUX_DETECTED), "hunyuan_video": ("HunyuanVideo", _HUNYUAN_TINY),
                         "wan": ("WAN21_T2V", _WAN_TINY), "wan22": ("WAN22_T2V", _WAN22_TINY)}[kind]
-    model_config = getattr(comfy.supported_models, cls)(dict(unet_config))
+    model_config = getattr(comfy.supported_models, cls)(complete_config(kind, unet_config))
     model_config.set_inference_dtype(torch.float32, None)
     with torch.device("meta"):
         model = model_config.get_model({}, device=torch.device("meta"))
@@ -95,7 +97,7 @@ def _controlnet_shapes() -> dict:
     import comfy.ldm.flux.controlnet
     import comfy.ops
 
-    config = dict(_FLUX_DETECTED, depth_single_blocks=0)
+    config = complete_config("flux", dict(_FLUX_DETECTED, depth_single_blocks=0))
     with torch.device("meta"):
         model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, device="meta",
                                                         dtype=torch.float32, **config)
