@@ -22,13 +22,13 @@ parallel patches, so that its block patches are inner and see each rank's shards
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ...cache import FirstBlockCache, FirstBlockCacheSettings
 from .device_conds import keep_conds_on_device
-from .patches import block_keys, chain_block_patch, model_family
+from .patches import block_keys, chain_block_patch, model_family, text_first
 
 FEATURE = "first_block_cache"
 STATE_KEY = "para_attn_fbcache"
@@ -38,12 +38,11 @@ WRAPPER_KEY = "para_attn_first_block_cache"
 log = logging.getLogger(__name__)
 
 
-# How the last block's stream is made from the first block's streams, when the last block is
-# a single-stream block (model-specific token order of `torch.cat((..), 1)` in forward_orig).
-_JOIN: dict[str, Callable[[dict], torch.Tensor]] = {
-    "flux": lambda s: torch.cat((s["txt"], s["img"]), 1),
-    "hunyuan_video": lambda s: torch.cat((s["img"], s["txt"]), 1),
-}
+def _join(streams: dict, text_first: bool) -> torch.Tensor:
+    """The last block's stream made from the first block's streams, when the last block is a
+    single-stream block (the model's token order of `torch.cat((..), 1)` in forward_orig)."""
+    order = ("txt", "img") if text_first else ("img", "txt")
+    return torch.cat([streams[name] for name in order], 1)
 
 
 class _Call:
@@ -64,9 +63,10 @@ def _block_patches_signature(transformer_options: dict) -> tuple:
 class FirstBlockCacheRun:
     """Live state of one sampling run: the cache plus the model call in flight."""
 
-    def __init__(self, settings: FirstBlockCacheSettings, family: str, model_sampling=None):
+    def __init__(self, settings: FirstBlockCacheSettings, family: str, model_sampling=None, *, text_first: bool):
         self.settings = settings
         self.family = family
+        self.text_first = text_first
         self.cache = FirstBlockCache(settings.residual_diff_threshold, settings.max_consecutive_hits)
         self.start_sigma = float("inf")
         self.end_sigma = float("-inf")
@@ -77,11 +77,14 @@ class FirstBlockCacheRun:
 
     # -- block roles -----------------------------------------------------------------------
     def first_block(self, args: dict, original, block_type: str) -> dict:
-        out = original(args)
         if not self.settings.enabled:
             self.cache.skip_call()
             self.current = None
-            return out
+            return original(args)
+        # Newer ComfyUI's blocks add their residuals to `img` in place (`img += ...`): the
+        # input is kept to measure the block's residual against.
+        block_input = args["img"].clone()
+        out = original(args)
         to = args["transformer_options"]
         sigma = float(to["sigmas"].max()) if to.get("sigmas") is not None else None
         allowed = sigma is None or self.end_sigma <= sigma <= self.start_sigma
@@ -91,7 +94,7 @@ class FirstBlockCacheRun:
         part = (tuple(to.get("cond_or_uncond") or ()), tuple(str(u) for u in to.get("uuids") or ()),
                 _block_patches_signature(to), window)
         reduce_sum = getattr(to.get(CP_KEY), "all_reduce_sum", None)
-        hit = self.cache.begin_call(part, sigma, out["img"] - args["img"],
+        hit = self.cache.begin_call(part, sigma, out["img"] - block_input,
                                     allowed=allowed, reduce_sum=reduce_sum)
         # A copy to measure the tail against (on a miss) or to add it to (on a hit): ComfyUI
         # updates these tensors in place after this block, its blocks (`txt += ...` in
@@ -104,7 +107,7 @@ class FirstBlockCacheRun:
     def _first_streams_as(self, call: _Call, block_type: str) -> dict:
         """The first block's output in the layout of the last block's output."""
         if block_type == "single_block":
-            return {"img": _JOIN[self.family](call.streams)}
+            return {"img": _join(call.streams, self.text_first)}
         return call.streams  # a double block (Wan's blocks are all "double_block")
 
     def last_block(self, args: dict, original, block_type: str) -> dict:
@@ -157,8 +160,9 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
     if settings is None:
         guider.model_options = orig_model_options
         return executor(*args, **kwargs)
-    run = FirstBlockCacheRun(settings, model_family(guider.model_patcher),
-                             guider.model_patcher.get_model_object("model_sampling"))
+    patcher = guider.model_patcher
+    run = FirstBlockCacheRun(settings, model_family(patcher), patcher.get_model_object("model_sampling"),
+                             text_first=text_first(patcher))
     to[STATE_KEY] = run
     try:
         return executor(*args, **kwargs)

@@ -97,6 +97,18 @@ def model_family(model) -> str:
     )
 
 
+def text_first(model) -> bool:
+    """Whether the joint sequence of the model's double and single blocks is [text, image]
+    (FLUX; HunyuanVideo in newer ComfyUI) rather than [image, text] (HunyuanVideo in ComfyUI
+    0.3.x, whose double blocks are built with `flipped_img_txt`). The rope `pe` and the key
+    mask follow the same order. Wan has no text in its self-attention (False)."""
+    family = model_family(model)
+    if family == "wan":
+        return False
+    blocks = getattr(diffusion_model(model), "double_blocks", None) or ()
+    return family == "flux" or not any(getattr(block, "flipped_img_txt", False) for block in blocks[:1])
+
+
 def block_counts(model) -> dict[str, int]:
     """Number of blocks per `patches_replace["dit"]` block type, e.g. {"double_block": 19,
     "single_block": 38} for FLUX.1; Wan has double_block only."""
