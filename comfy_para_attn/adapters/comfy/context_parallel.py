@@ -20,7 +20,7 @@ from torch import Tensor
 from ...attention import ParallelContext
 from ...attention.collectives import all_gather
 from .device_conds import keep_conds_on_device
-from .patches import block_counts, chain_block_patch, model_family
+from .patches import block_counts, chain_block_patch, model_family, text_first
 from .sequence_parallel import ContextParallelAttention, ShardedCall
 
 WRAPPER_KEY = "para_attn_context_parallel"
@@ -101,12 +101,14 @@ def _local_ranges(dims, segments) -> list:
 def _local_modulation(call: ShardedCall, args: dict) -> dict:
     """HunyuanVideo image-to-video modulates the first frame's tokens with their own vector
     (`modulation_dims*`: token ranges of the image stream, the text stream or, in single
-    blocks, of [image, text]); the ranges move to this rank's tokens [image_r, text_r]."""
-    rank, img_lens, txt_lens = call.rank, call.first_lens, call.second_lens
-    img = (sum(img_lens[:rank]), img_lens[rank])
-    txt = (sum(txt_lens[:rank]), txt_lens[rank])
+    blocks, of the joint sequence [first, second]); the ranges move to this rank's tokens
+    [first_r, second_r]."""
+    rank = call.rank
+    first = (sum(call.first_lens[:rank]), call.first_lens[rank])
+    second = (sum(call.second_lens[:rank]), call.second_lens[rank])
+    txt, img = (first, second) if call.text_first else (second, first)
     segments = {"modulation_dims_img": [(*img, 0)], "modulation_dims_txt": [(*txt, 0)],
-                "modulation_dims": [(*img, 0), (sum(img_lens) + txt[0], txt[1], img[1])]}
+                "modulation_dims": [(*first, 0), (sum(call.first_lens) + second[0], second[1], first[1])]}
     return {key: _local_ranges(args[key], pieces) for key, pieces in segments.items() if args.get(key) is not None}
 
 
@@ -153,8 +155,11 @@ def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
         return extra["original_block"](_local_args(call, dict(args, img=img_r)))
     mask = args.get("attention_mask")
     key_mask = None if mask is None else mask.reshape(mask.shape[0], -1)
-    img_r, txt_r = call.begin(img, txt, key_mask)  # local sequence: [img_r, txt_r]
-    call.pe = call.local_rows(args["pe"], img.shape[1], dim=2)
+    # The local sequence is [first_r, second_r] in the model's order; pe and mask follow it.
+    first, second = (txt, img) if call.text_first else (img, txt)
+    first_r, second_r = call.begin(first, second, key_mask)
+    call.pe = call.local_rows(args["pe"], first.shape[1], dim=2)
+    img_r, txt_r = (second_r, first_r) if call.text_first else (first_r, second_r)
     return extra["original_block"](_local_args(call, dict(args, img=img_r, txt=txt_r)))
 
 
@@ -165,10 +170,16 @@ def _video_block(call: ShardedCall, args: dict, extra: dict) -> dict:
 def _video_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
     out = dict(extra["original_block"](_local_args(call, args)))
     local = out["img"]
-    full_img = call.gather_stream(local, "first")
-    # HunyuanVideo keeps `img[:, :img_len]` (the full image length) after its single blocks.
-    rest = local[:, call.first_lens[call.rank] :]
-    out["img"] = torch.cat([full_img, rest], dim=1) if rest.shape[1] else full_img
+    nf = call.first_lens[call.rank]
+    if call.text_first:
+        # Text first (newer ComfyUI's HunyuanVideo, as FLUX): forward_orig slices the image
+        # from `txt.shape[1]`, this rank's text length, on.
+        out["img"] = torch.cat([local[:, :nf], call.gather_stream(local, "second")], dim=1)
+    else:
+        full_img = call.gather_stream(local, "first")
+        # HunyuanVideo keeps `img[:, :img_len]` (the full image length) after its single blocks.
+        rest = local[:, nf:]
+        out["img"] = torch.cat([full_img, rest], dim=1) if rest.shape[1] else full_img
     call.end()
     return out
 
@@ -344,6 +355,7 @@ def install_context_parallel(model_patcher, cp: ParallelContext):
     keep_conds_on_device(patcher)
     call = ShardedCall(cp)
     call.family = family
+    call.text_first = family == "hunyuan_video" and text_first(model_patcher)  # FLUX has its own patches
     options = patcher.model_options.setdefault("transformer_options", {})
     options["optimized_attention_override"] = ContextParallelAttention(call, options.get("optimized_attention_override"))
     options["para_attn_cp"] = cp

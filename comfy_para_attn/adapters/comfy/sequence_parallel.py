@@ -58,6 +58,7 @@ class ShardedCall:
         self.first_lens: tuple[int, ...] = ()
         self.second_lens: tuple[int, ...] = ()
         self.family = ""
+        self.text_first = False  # HunyuanVideo's joint sequence is [txt, img] (newer ComfyUI)
         self.clip_tokens = 0
         self.control: Optional[dict] = None  # this model call's ControlNet residuals (FLUX)
         self.last_single = -1  # FLUX: the single block whose patch gathers the tokens
