@@ -92,6 +92,12 @@ def _decode_enums(module, value):
     return set(members) if _ENUM_SET in value else members[0]
 
 
+# Settings ComfyUI changes while it runs that the workers never read: newer ComfyUI sets the
+# preview method from each prompt (the UI's "Live preview"). In the snapshot they would change
+# the pool's start settings, and so restart the workers, whenever two prompts differ in them.
+_PER_PROMPT_SETTINGS = frozenset({"preview_method", "preview_size"})
+
+
 def snapshot_cli_args() -> dict:
     """The ComfyUI settings of this process that a worker must share (JSON-safe values;
     enum settings encoded, see `_encode_enums`)."""
@@ -99,6 +105,8 @@ def snapshot_cli_args() -> dict:
 
     out = {}
     for key, value in vars(comfy.cli_args.args).items():
+        if key in _PER_PROMPT_SETTINGS:
+            continue
         value = _encode_enums(value)
         try:
             json.dumps(value)
