@@ -240,16 +240,13 @@ def load_tensors(handle: TensorHandle, device="cpu") -> dict[str, torch.Tensor]:
 
 def release_tensors(handle: TensorHandle) -> None:
     """Delete a published file (only the publishing process does; workers holding a mapping
-    keep their pages until they drop the tensors)."""
+    keep their pages until they drop the tensors). The per-process directory stays until
+    exit: releases also run from garbage collection on any thread, and removing it there
+    could pull it from under a write that has just made it."""
     if handle.owner_pid != os.getpid():
         return
     _published.pop(handle.path, None)
-    path = Path(handle.path)
-    path.unlink(missing_ok=True)
-    try:
-        path.parent.rmdir()  # the per-process directory, once empty
-    except OSError:
-        pass
+    Path(handle.path).unlink(missing_ok=True)
 
 
 def release_all_tensors() -> None:
