@@ -74,12 +74,35 @@ def _named_by_path(module: str) -> bool:
     return not all(part.isidentifier() for part in module.split("."))
 
 
+def with_state(cls, state: dict):
+    """Unpickles what `dumps` sent as a class and its instance dict (`_answers_any_attribute`)."""
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+_OBJECT_GETSTATE = getattr(object, "__getstate__", None)
+
+
+def _answers_any_attribute(obj) -> bool:
+    """An instance of a plain class whose `__getattr__` answers every name: newer ComfyUI's
+    model configs return None (with a warning) for a missing attribute, `__setstate__` too,
+    and unpickling then calls None. Such objects travel as class and dict, which is what
+    pickle's default does for plain classes, without the `__setstate__` lookup."""
+    cls = type(obj)
+    return (isinstance(getattr(cls, "__getattr__", None), types.FunctionType) and hasattr(obj, "__dict__")
+            and not hasattr(cls, "__setstate__") and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and getattr(cls, "__getstate__", None) is _OBJECT_GETSTATE)
+
+
 class Pickler(pickle.Pickler):
     """A pickler that sends the functions and classes of path-named modules by file (`dumps`)."""
 
     def reducer_override(self, obj):
         if isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or ""):
             return resolve, (ObjectRef(obj),)  # a local one raises there, as pickle fails it
+        if not isinstance(obj, type) and _answers_any_attribute(obj):
+            return with_state, (type(obj), obj.__dict__)
         return NotImplemented
 
 

@@ -136,3 +136,34 @@ def test_a_local_class_of_a_path_named_module_travels_as_a_portable_module(tmp_p
     finally:
         for name in [n for n in sys.modules if n.startswith(str(pack).replace(".", "_x_"))]:
             del sys.modules[name]
+
+
+class AnswersEveryName:
+    """Like newer ComfyUI's model configs: a missing attribute is None (they log a warning)."""
+
+    def __init__(self):
+        self.unet_config = {"depth": 2}
+        self.optimizations = {"fp8": False}
+
+    def __getattr__(self, name):
+        return None
+
+
+class KeepsItsOwnState(AnswersEveryName):
+    def __getstate__(self):
+        return {"unet_config": "from getstate"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, restored=True)
+
+
+def test_an_object_that_answers_every_attribute_travels():
+    """Unpickling looks up `__setstate__`, which such a class answers with None: the
+    payload of every Context Parallel prompt on newer ComfyUI failed with "'NoneType' object
+    is not callable". It travels as its class and dict; a class with its own state protocol
+    keeps it."""
+    config = AnswersEveryName()
+    copy = pickle.loads(refs.dumps({"model_config": config}))["model_config"]
+    assert type(copy) is AnswersEveryName and copy.__dict__ == config.__dict__ and copy.anything is None
+    own = pickle.loads(refs.dumps(KeepsItsOwnState()))
+    assert own.__dict__ == {"unet_config": "from getstate", "restored": True}
