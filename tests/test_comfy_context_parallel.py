@@ -60,6 +60,17 @@ def test_wan22_per_frame_timesteps(comfyui_path, ulysses, ring):
     _assert_equals_plain(run_ranks(sample_both, 2, str(comfyui_path), "wan22", ulysses, ring, 1, cases), cases)
 
 
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
+def test_wan_shards_as_long_as_the_text(comfyui_path, ulysses, ring):
+    """Wan's cross-attention keys are the text: a shard of as many tokens as the prompt (a
+    512-token prompt at 512x512 on 2 GPUs) was refused, its self-attention told from the
+    cross-attention by key length. 2 frames of 16 tokens over 2 ranks, 16 text tokens; also
+    with the blocks compiled whole (fullgraph), the order kept inside dynamo's trace."""
+    cases = [{"name": "shard = text", "tokens": 16, "cfg": 3.0},
+             {"name": "compiled blocks", "tokens": 16, "cfg": 3.0, "compile": "eager"}]
+    _assert_equals_plain(run_ranks(sample_both, 2, str(comfyui_path), "wan", ulysses, ring, 1, cases), cases)
+
+
 @pytest.mark.parametrize("ulysses,ring,cfg", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["ulysses2", "ring2", "cfg2"])
 def test_flux_kontext_reference_latents(comfyui_path, ulysses, ring, cfg):
     """FLUX Kontext: the reference image's tokens join the image tokens (sharded with them)

@@ -34,6 +34,13 @@ def sample_both(rank, world_size, comfy_path, family, ulysses, ring, cfg_degree,
             mask[:, :, 0] = 0.0
             kwargs["noise_mask"] = mask
         plain = comfy_models.sample(patcher, positive, negative, latent, **kwargs)
+        if case.get("compile"):  # Compile Model's regional compile (fullgraph blocks) under context parallelism
+            from comfy_para_attn.adapters.comfy.compile import apply_compile
+            from comfy_para_attn.compile import CompileSettings
+
+            # ComfyUI's CPU attention asks psutil for free memory: a graph break; SDPA as on CUDA
+            patcher = comfy_models.use_sdpa_attention(patcher.clone())
+            patcher = apply_compile(patcher, CompileSettings(backend=case["compile"], fullgraph=True))
         parallel = comfy_models.sample(install_context_parallel(patcher, cp), positive, negative, latent, **kwargs)
         ok = bool(torch.isfinite(parallel).all()) and parallel.shape == plain.shape
         err = (parallel - plain).abs().max().item() if ok else float("inf")

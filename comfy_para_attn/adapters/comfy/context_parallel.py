@@ -12,6 +12,7 @@ outermost, so the cache sees this rank's shards and agrees with the other ranks 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -146,13 +147,10 @@ def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
     img, txt = args["img"], args.get("txt")
     if call.family == "wan":
         # Only image tokens are sharded; Wan's cross-attention keys are the (unsharded) text.
-        avoid = set()
-        if txt is not None:
-            avoid = {txt.shape[1], call.clip_tokens, txt.shape[1] - call.clip_tokens} - {0}
-        img_r, _ = call.begin(img, img[:, :0], avoid_lens=avoid)
+        img_r, _ = call.begin(img, img[:, :0])
         call.pe = call.local_rows(args["pe"], img.shape[1], dim=1)
         call.vec_rows = _frame_rows(call, args["vec"], img.shape[1])
-        return extra["original_block"](_local_args(call, dict(args, img=img_r)))
+        return _run_block(call, _local_args(call, dict(args, img=img_r)), extra)
     mask = args.get("attention_mask")
     key_mask = None if mask is None else mask.reshape(mask.shape[0], -1)
     # The local sequence is [first_r, second_r] in the model's order; pe and mask follow it.
@@ -160,15 +158,23 @@ def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
     first_r, second_r = call.begin(first, second, key_mask)
     call.pe = call.local_rows(args["pe"], first.shape[1], dim=2)
     img_r, txt_r = (second_r, first_r) if call.text_first else (first_r, second_r)
-    return extra["original_block"](_local_args(call, dict(args, img=img_r, txt=txt_r)))
+    return _run_block(call, _local_args(call, dict(args, img=img_r, txt=txt_r)), extra)
+
+
+def _run_block(call: ShardedCall, args: dict, extra: dict) -> dict:
+    """The block on this rank's tokens. A Wan block's first attention is its self-attention,
+    the rest attend to the text (and CLIP) tokens: the override tells them apart by that
+    order, as key lengths can be equal (a 512-token prompt, a 512-token shard)."""
+    call.self_attention_next = call.family == "wan"
+    return extra["original_block"](args)
 
 
 def _video_block(call: ShardedCall, args: dict, extra: dict) -> dict:
-    return extra["original_block"](_local_args(call, args))
+    return _run_block(call, _local_args(call, args), extra)
 
 
 def _video_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
-    out = dict(extra["original_block"](_local_args(call, args)))
+    out = dict(_run_block(call, _local_args(call, args), extra))
     local = out["img"]
     nf = call.first_lens[call.rank]
     if call.text_first:
@@ -342,6 +348,24 @@ def refuse_unshardable(model_patcher) -> None:
                          "node for this model.")
 
 
+def image_tokens(model_patcher, latent_shape) -> int:
+    """How many image tokens the model makes of a latent (its patches, padded up)."""
+    patch = getattr(model_patcher.model.diffusion_model, "patch_size", 2)
+    spatial = tuple(latent_shape[2:])
+    patch = (patch,) * len(spatial) if isinstance(patch, int) else tuple(patch)[-len(spatial):]
+    return math.prod(-(-size // p) for size, p in zip(spatial, patch))
+
+
+def refuse_too_few_tokens(model_patcher, latent_shape, sequence_size: int) -> None:
+    """ValueError, before any worker runs, for an image too small to give every rank of the
+    sequence group a token (a worker would fail inside ComfyUI's block on an empty shard)."""
+    tokens = image_tokens(model_patcher, latent_shape)
+    if tokens < sequence_size:
+        raise ValueError(
+            f"Context Parallel: this latent makes {tokens} image token(s), fewer than the {sequence_size} GPUs its "
+            f"tokens are split over; use a larger image, fewer GPUs, or cfg_parallel (which does not split tokens).")
+
+
 def install_context_parallel(model_patcher, cp: ParallelContext):
     """A clone of `model_patcher` that runs each model call context-parallel over `cp`."""
     import comfy.patcher_extension
@@ -361,8 +385,6 @@ def install_context_parallel(model_patcher, cp: ParallelContext):
     options["para_attn_cp"] = cp
     if cp.config.sequence_size > 1:
         _install_block_patches(patcher, call, family)
-        # Wan image-to-video: cross-attention keys are the CLIP tokens and the text tokens.
-        call.clip_tokens = 257 if getattr(dm, "img_emb", None) is not None else 0
     if cp.config.world_size > 1:
         estimate = AgreedMemoryEstimate(patcher.get_model_object("memory_required"), cp)
         patcher.add_object_patch("memory_required", estimate)

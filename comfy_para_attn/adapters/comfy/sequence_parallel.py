@@ -59,7 +59,7 @@ class ShardedCall:
         self.second_lens: tuple[int, ...] = ()
         self.family = ""
         self.text_first = False  # HunyuanVideo's joint sequence is [txt, img] (newer ComfyUI)
-        self.clip_tokens = 0
+        self.self_attention_next = False  # Wan: the block's next attention is its self-attention
         self.control: Optional[dict] = None  # this model call's ControlNet residuals (FLUX)
         self.last_single = -1  # FLUX: the single block whose patch gathers the tokens
 
@@ -82,18 +82,17 @@ class ShardedCall:
         # and compile the first block twice.
         return x.narrow(dim, start, lens[self.rank]).clone(memory_format=torch.contiguous_format), lens
 
-    def begin(self, first: Tensor, second: Tensor, key_mask: Optional[Tensor] = None, avoid_lens=frozenset()):
+    def begin(self, first: Tensor, second: Tensor, key_mask: Optional[Tensor] = None):
         """Shard two token streams (dim 1); the local sequence is [first_r, second_r].
         `key_mask` [B, len(first)+len(second)] in natural order (first then second) is
         permuted to shard order. Returns the two local shards."""
         first_r, first_lens = self.split(first)
         second_r, second_lens = self.split(second)
+        for lens in (first_lens, second_lens):
+            if sum(lens) and min(lens) == 0:  # ComfyUI's blocks cannot take an empty stream
+                raise RuntimeError(f"{sum(lens)} token(s) cannot be split over {self.parts} ranks, every rank "
+                                   "needs at least one; use a larger image or fewer GPUs")
         self.seq_lens = tuple(a + b for a, b in zip(first_lens, second_lens))
-        clash = set(self.seq_lens) & set(avoid_lens)
-        if clash:
-            raise RuntimeError(  # Wan: self- vs cross-attention is told apart by key length
-                f"a sequence shard of {min(clash)} tokens equals a cross-attention key length; use another "
-                "ulysses/ring layout or resolution")
         self.first_lens, self.second_lens = first_lens, second_lens
         self.key_mask = None if key_mask is None else key_mask[:, self.shard_order(len(first), first.device)]
         self.active = True
@@ -130,6 +129,7 @@ class ShardedCall:
         self.key_mask = None
         self.pe = None
         self.vec_rows = None
+        self.self_attention_next = False
 
 
 class ContextParallelAttention:
@@ -154,7 +154,11 @@ class ContextParallelAttention:
         skip_reshape = kwargs.get("skip_reshape", False)
         seq_dim = 2 if skip_reshape else 1
         local = call.seq_lens[call.rank] if call.active else -1
-        if not call.active or q.shape[seq_dim] != local or k.shape[seq_dim] != local:
+        if call.family == "wan":  # see context_parallel._run_block
+            joint, call.self_attention_next = call.self_attention_next, False
+        else:
+            joint = True
+        if not (joint and call.active and q.shape[seq_dim] == local and k.shape[seq_dim] == local):
             return self._fallback(func, (q, k, v, heads) + args, kwargs)
         if skip_reshape:
             qh, kh, vh = q, k, v
