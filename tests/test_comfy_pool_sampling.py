@@ -254,6 +254,28 @@ def test_conditioning_that_cannot_travel_is_named_before_any_worker_runs(comfyui
         comfy_models.sample(_cp(pack_nodes, locked), *sampling_inputs("flux")[1:], steps=2, cfg=1.0)
 
 
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video", "wan"])
+def test_an_image_too_small_for_the_ranks_is_refused_before_any_worker_runs(comfyui_path, pack_nodes, pool_cleanup,
+                                                                          family):
+    """A 16x16 image is one token: a rank with none failed inside ComfyUI's block with a reshape
+    error, and the failure shut the pool down. Now a clear error, the pool untouched; with
+    cfg_parallel (tokens not split) it samples."""
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, _ = sampling_inputs(family)
+    latent = torch.randn(comfy_models.latent_shape(family, height=2, width=2, frames=1))
+    before = current_pool()
+    with pytest.raises(ValueError, match="makes 1 image token.*fewer than the 2 GPUs"):
+        comfy_models.sample(_cp(pack_nodes, patcher), pos, neg, latent, steps=2, cfg=1.0)
+    assert current_pool() is before
+    cfg_split = _cp(pack_nodes, patcher, ulysses_degree=1, cfg_parallel=True)
+    out = comfy_models.sample(cfg_split, pos, neg, latent, steps=2, cfg=3.0)
+    plain = comfy_models.sample(patcher, pos, neg, latent, steps=2, cfg=3.0)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() < TOL
+
+
 def test_inpaint_mask_and_partial_schedule(comfyui_path, pack_nodes, pool_cleanup):
     """KSamplerAdvanced-style partial schedules (start/last step) and a denoise mask."""
     from comfy_para_attn.testing import comfy_models
@@ -261,13 +283,18 @@ def test_inpaint_mask_and_partial_schedule(comfyui_path, pack_nodes, pool_cleanu
 
     patcher, pos, neg, latent = sampling_inputs("flux")
     mask = (torch.rand((1, 1) + tuple(latent.shape[-2:]), generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    # a batch of two, each image its own mask (newer ComfyUI hands the mask over prepared)
+    batch = torch.cat([latent, latent.flip(-1)])
+    masks = torch.stack([mask[0, 0], 1.0 - mask[0, 0]])  # [B, H, W], as SetLatentNoiseMask stores it
     cases = [
         dict(noise_mask=mask, cfg=2.0),
         dict(start_step=1, last_step=3, force_full_denoise=False, cfg=1.0),
+        dict(noise_mask=masks, cfg=2.0, latent=batch),
     ]
     for case in cases:
-        plain = comfy_models.sample(patcher, pos, neg, latent, steps=4, **case)
-        parallel = comfy_models.sample(_cp(pack_nodes, patcher), pos, neg, latent, steps=4, **case)
+        latent_image = case.pop("latent", latent)
+        plain = comfy_models.sample(patcher, pos, neg, latent_image, steps=4, **case)
+        parallel = comfy_models.sample(_cp(pack_nodes, patcher), pos, neg, latent_image, steps=4, **case)
         assert torch.isfinite(parallel).all() and plain.abs().mean() > 1e-3
         err = (parallel - plain).abs().max().item()
         assert err < TOL, f"{list(case)}: max abs err {err:.3g}"

@@ -287,6 +287,16 @@ TRAVELLING_PARTS = {"model_config": "the model config", "patches": "the model's 
                     "model_options": check_model_options, "object_patches": check_object_patches}
 
 
+def _raw_mask(denoise_mask, latent_image):
+    """The mask as the workers' `guider.sample` expects it, unprepared. Newer ComfyUI prepares
+    it before OUTER_SAMPLE (one copy per latent channel); prepared again in the workers, a
+    batch's masks came out as the first image's channels. One channel of it prepares back to
+    the same mask; 0.3.x hands the mask over unprepared (another shape), kept as it is."""
+    if denoise_mask.shape == latent_image.shape:
+        return denoise_mask[:, :1]
+    return denoise_mask
+
+
 def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings):
     from .controlnets import has_controls, portable_controls
     from .parallel_vae import vae_recipe
@@ -330,7 +340,7 @@ def _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, see
         "noise": noise.cpu(),
         "latent_image": latent_image.cpu(),
         "sigmas": sigmas.cpu(),
-        "denoise_mask": None if denoise_mask is None else denoise_mask.cpu(),
+        "denoise_mask": None if denoise_mask is None else _raw_mask(denoise_mask, latent_image).cpu(),
         "seed": seed,
         "x0_every_step": _previews_enabled(),
     }
@@ -374,11 +384,13 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     from ...pool import PoolInterrupted
     from ...pool.errors import WorkerFailure, with_hint
     from ...pool.protocol import Pickled
+    from .context_parallel import refuse_too_few_tokens
 
     if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
         raise NotPortableError("Context Parallel does not support nested (packed) latents yet.")
     guider = executor.class_obj
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE].for_run(guider)
+    refuse_too_few_tokens(guider.model_patcher, noise.shape, settings.ulysses * settings.ring)
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
     pool = comfy_pool(settings.gpus, settings.device)
