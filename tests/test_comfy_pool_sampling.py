@@ -276,6 +276,29 @@ def test_an_image_too_small_for_the_ranks_is_refused_before_any_worker_runs(comf
     assert torch.isfinite(out).all() and (out - plain).abs().max() < TOL
 
 
+def test_attention_patches_of_other_nodes_are_refused_where_tokens_are_split(comfyui_path, pack_nodes,
+                                                                           pool_cleanup):
+    """Newer ComfyUI's FLUX and Wan blocks hand `attn1_patch`es (its FluxKVCache) and Wan's
+    `double_block` hooks every token: under split tokens they would see one rank's share and
+    change the result silently. Refused before any worker runs; cfg parallel alone, which
+    runs whole model calls, samples."""
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs, unchanged_attention
+
+    patcher, pos, neg, latent = sampling_inputs("flux")
+    patched = patcher.clone()
+    patched.set_model_attn1_patch(unchanged_attention)
+    before = current_pool()
+    with pytest.raises(ValueError, match="cannot split the tokens of a model with attn1_patch patches"):
+        comfy_models.sample(_cp(pack_nodes, patched), pos, neg, latent, steps=2, cfg=1.0)
+    assert current_pool() is before
+    cfg_split = _cp(pack_nodes, patched, ulysses_degree=1, cfg_parallel=True)
+    out = comfy_models.sample(cfg_split, pos, neg, latent, steps=2, cfg=3.0)
+    plain = comfy_models.sample(patched, pos, neg, latent, steps=2, cfg=3.0)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() < TOL
+
+
 def test_inpaint_mask_and_partial_schedule(comfyui_path, pack_nodes, pool_cleanup):
     """KSamplerAdvanced-style partial schedules (start/last step) and a denoise mask."""
     from comfy_para_attn.testing import comfy_models

@@ -76,6 +76,12 @@ class FailsToLoadOnRank:
             raise ImportError("injected failure while loading the job on this rank")
 
 
+def unchanged_attention(q, k, v, **kwargs):
+    """An `attn1_patch` that changes nothing (newer ComfyUI's FLUX blocks call such patches
+    with every token's q/k/v, e.g. its FluxKVCache)."""
+    return {}
+
+
 def refuse_autograd(apply_model, args):
     """A model function wrapper (picklable: it travels to the workers) that fails a model call
     made with autograd on, as it never is in ComfyUI (its executor runs under inference_mode)."""

@@ -348,6 +348,23 @@ def refuse_unshardable(model_patcher) -> None:
                          "node for this model.")
 
 
+# transformer_options["patches"] that newer ComfyUI's FLUX and Wan blocks hand every token or
+# the full key/value set (its FluxKVCache, other packs' Wan block hooks): under sharded tokens
+# they would see one rank's slice and silently change the result.
+_TOKEN_PATCHES = ("attn1_patch", "attn2_patch", "double_block")
+
+
+def refuse_token_patches(model_patcher) -> None:
+    """ValueError for attention or block patches of other nodes that Context Parallel cannot
+    shard (only where tokens are split: cfg-only layouts run whole model calls)."""
+    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
+    found = [name for name in _TOKEN_PATCHES if patches.get(name)]
+    if found:
+        raise ValueError(f"Context Parallel cannot split the tokens of a model with {', '.join(found)} patches "
+                         "from another node (such as a KV cache or a block hook: they would see one GPU's share); "
+                         "remove that node, or set the Context Parallel node to cfg_parallel only (ulysses 1, ring 1).")
+
+
 def image_tokens(model_patcher, latent_shape) -> int:
     """How many image tokens the model makes of a latent (its patches, padded up)."""
     patch = getattr(model_patcher.model.diffusion_model, "patch_size", 2)
@@ -384,6 +401,7 @@ def install_context_parallel(model_patcher, cp: ParallelContext):
     options["optimized_attention_override"] = ContextParallelAttention(call, options.get("optimized_attention_override"))
     options["para_attn_cp"] = cp
     if cp.config.sequence_size > 1:
+        refuse_token_patches(patcher)
         _install_block_patches(patcher, call, family)
     if cp.config.world_size > 1:
         estimate = AgreedMemoryEstimate(patcher.get_model_object("memory_required"), cp)
