@@ -182,9 +182,15 @@ def test_other_models_and_foreign_block_patches_compute_per_step(cm, flux, spy, 
     _assert_same(out, _sample(cm, _compiled(flux, "per step")))
     assert spy["served"] == 0 and "another node's block patches" in caplog.text
     video = cm.build("hunyuan_video")
-    from comfy_para_attn.adapters.comfy.modulation_table import object_patches
+    from comfy_para_attn.adapters.comfy.modulation_table import flux_model, object_patches
 
     assert object_patches(video) == {}
+    # newer ComfyUI's FLUX.2 is the same class, with no pooled-text embedder (vector_in None)
+    # and one modulation for all blocks: its `vec` is no function of (sigma, pooled text)
+    flux2 = cm.build("flux")
+    assert flux_model(flux2.model.diffusion_model)
+    flux2.model.diffusion_model.vector_in = None
+    assert not flux_model(flux2.model.diffusion_model) and object_patches(flux2) == {}
 
 
 @pytest.mark.parametrize("fp8_first", [True, False])

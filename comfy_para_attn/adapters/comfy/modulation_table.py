@@ -38,10 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def flux_model(dm) -> bool:
-    """ComfyUI's FLUX itself: subclasses may make `vec` their own way."""
+    """ComfyUI's FLUX.1 itself: subclasses may make `vec` their own way, and newer ComfyUI's
+    FLUX.2 (the same class) has no pooled-text embedder and modulates once for all blocks."""
     from comfy.ldm.flux.model import Flux
 
-    return type(dm) is Flux
+    params = getattr(dm, "params", None)
+    return (type(dm) is Flux and getattr(dm, "vector_in", None) is not None
+            and not getattr(params, "global_modulation", False))
 
 
 def object_patches(model_patcher) -> dict:
