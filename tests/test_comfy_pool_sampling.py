@@ -721,6 +721,9 @@ def test_worker_model_key_follows_the_model_config(comfyui_path):
     fast.optimizations = {**config.optimizations, "fp8": True}
     assert config_key(config, "FLUX") == config_key(same, "FLUX")
     assert config_key(fast, "FLUX") != config_key(config, "FLUX") != config_key(config, "FLOW")
+    mixed = copy.deepcopy(config)  # newer ComfyUI's per-layer quantization of a checkpoint
+    mixed.quant_config = {"layers": {"double_blocks.0.img_attn.qkv": {"format": "float8_e4m3fn"}}}
+    assert config_key(mixed, "FLUX") != config_key(config, "FLUX")
 
 
 def _with_control(conds, control):

@@ -46,11 +46,21 @@ def _apply_features(patcher, settings: dict):
 def config_key(model_config, model_type) -> str:
     """What besides the weights decides the model a worker builds: ComfyUI's model config
     (its class, unet_config, optimizations such as UNETLoader's fp8_e4m3fn_fast, manual cast
-    dtype, custom operations) and the model type. Same weights, another config: another model."""
+    dtype, custom operations, newer ComfyUI's per-layer quantization) and the model type. Same
+    weights, another config: another model."""
     parts = [type(model_config).__module__, type(model_config).__qualname__]
-    parts += [repr(getattr(model_config, name, None))
-              for name in ("unet_config", "optimizations", "manual_cast_dtype", "custom_operations")]
+    parts += [repr(_config_value(model_config, name))
+              for name in ("unet_config", "optimizations", "manual_cast_dtype", "custom_operations", "quant_config")]
     return hashlib.sha1("|".join(parts + [repr(model_type)]).encode()).hexdigest()
+
+
+def _config_value(model_config, name: str):
+    """`model_config.name`, None where it has none, without its `__getattr__` (newer ComfyUI's
+    logs a warning for every missing name)."""
+    for owner in (model_config, *type(model_config).__mro__):
+        if name in vars(owner):
+            return vars(owner)[name]
+    return None
 
 
 def _model_key(payload) -> tuple:
