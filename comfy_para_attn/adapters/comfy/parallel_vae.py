@@ -106,7 +106,8 @@ def to_image(vae, blended: torch.Tensor, processed: bool = False) -> torch.Tenso
 
 
 def decode_in_process(vae, samples: torch.Tensor, plan: TilePlan) -> torch.Tensor:
-    """World size 1: the same tiles and blending here, with a progress bar and interrupt."""
+    """World size 1: the same tiles and blending here, with a progress bar and interrupt;
+    returns the image as `to_image` makes it."""
     import comfy.model_management
     import comfy.utils
 
@@ -117,8 +118,8 @@ def decode_in_process(vae, samples: torch.Tensor, plan: TilePlan) -> torch.Tenso
         comfy.model_management.throw_exception_if_processing_interrupted()
         pbar.update_absolute(done, total)
 
-    with torch.inference_mode():
-        return decode_tiles(samples, plan, tile_decoder(vae), on_round=on_round, device=vae.device)
+    with torch.inference_mode():  # newer ComfyUI's process_output works in place: on an inference tensor, here
+        return to_image(vae, decode_tiles(samples, plan, tile_decoder(vae), on_round=on_round, device=vae.device))
 
 
 def _publish_vae(vae) -> tuple[str, object]:
@@ -227,7 +228,7 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
     plan = plan_decode(vae, samples, settings)
     device, world = pool_world(gpus, "Parallel VAE Decode")
     if world == 1 or vae.first_stage_model in _not_rebuildable:
-        return to_image(vae, decode_in_process(vae, samples, plan))
+        return decode_in_process(vae, samples, plan)
     world = _running_pool_world(gpus, device, world)
     from ...pool import PoolJobError
 
@@ -242,7 +243,7 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
         from .published import withdraw
 
         withdraw(vae.first_stage_model, "vae", "(the workers cannot rebuild it)")
-        return to_image(vae, decode_in_process(vae, samples, plan))
+        return decode_in_process(vae, samples, plan)
     # The ranks applied process_output already, each to its slice of the image.
     image = to_image(vae, mapped, processed=True)
     if image.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr():
