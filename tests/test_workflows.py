@@ -161,8 +161,12 @@ def test_workflow_runs_headless_on_tiny_models(name, server, object_info):
     # an image, not a constant (a NaN latent saves as one black or clipped frame)
     assert pixels.std() > 2.0 and len(numpy.unique(pixels)) > 32, (pixels.std(), len(numpy.unique(pixels)))
     assert "First Block Cache: reused" in log, log[-3000:]
-    if "14B" in name:  # the experts' fp8_scaled files: FP8 Quantize took their fp8 weights as they are
-        assert "20 of them keep their stored fp8 weights and scales" in log, log[-3000:]
+    if "14B" in name:  # the experts' fp8_scaled files: FP8 Quantize took their fp8 weights as they are,
+        # or newer ComfyUI runs them quantized itself (its mixed-precision ops) and FP8 Quantize, when
+        # applied (its output may come from ComfyUI's cache of an earlier prompt), leaves them
+        assert ("20 of them keep their stored fp8 weights and scales" in log
+                or "layers of this WanModel checkpoint quantized (its mixed-precision ops)" in server.log_text()), \
+            log[-3000:]
     if "multi" in name:  # sampling and decode really went to the worker pool
         assert "Context Parallel: 4 steps on 2 cpu rank(s)" in log, log[-3000:]
         if "14B" in name:  # each of Wan 2.2's experts sampled its steps through the pool

@@ -27,6 +27,7 @@ controller's shared-memory copy comes from `backup`, so quantized tensors never 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -372,9 +373,24 @@ class FP8HoldHostWeights:
         return "FP8HoldHostWeights()"
 
 
-def _check_quantizable(model_patcher, settings: FP8Settings) -> None:
+def _quantized_by_comfyui(root) -> int:
+    """How many layers newer ComfyUI runs quantized itself (its mixed-precision ops, which load
+    fp8_scaled and other quantized checkpoints with their weights as QuantizedTensor)."""
+    return sum(1 for m in root.modules()
+               if getattr(m, "quant_format", None) is not None
+               or type(getattr(m, "weight", None)).__name__ == "QuantizedTensor")
+
+
+def _check_quantizable(model_patcher, settings: FP8Settings) -> bool:
+    """Whether there is anything to quantize: False (logged) where ComfyUI already runs every
+    candidate layer quantized itself; FP8UnavailableError where the model cannot be quantized."""
     dm = model_patcher.model.diffusion_model
     layers = quantizable_linears(dm, settings.patterns)
+    if not layers and _quantized_by_comfyui(dm):
+        logging.info("FP8 Quantize: ComfyUI already runs %d layers of this %s checkpoint quantized (its "
+                     "mixed-precision ops); FP8 Quantize leaves the model as it is.",
+                     _quantized_by_comfyui(dm), type(dm).__name__)
+        return False
     if not layers:
         raise FP8UnavailableError(
             f"FP8 Quantize found no linear layer to quantize in {type(dm).__name__}: every linear layer with "
@@ -386,6 +402,7 @@ def _check_quantizable(model_patcher, settings: FP8Settings) -> None:
             "FP8 Quantize cannot quantize this model: ComfyUI casts its weights at every call (weights stored "
             "in a different dtype than the compute dtype). Load it with weight_dtype 'default'.")
     torchao_config("weight-only", settings.granularity)  # torchao importable? (clear error now, not at load)
+    return True
 
 
 def apply_fp8(model_patcher, settings: FP8Settings):
@@ -401,14 +418,14 @@ def apply_fp8(model_patcher, settings: FP8Settings):
 
     model = model_patcher.clone()
     keep_conds_on_device(model)
-    to = model.model_options.setdefault("transformer_options", {})
-    to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
     on_load = comfy.patcher_extension.CallbacksMP.ON_LOAD
     has_callback = any(isinstance(c, FP8OnLoad) for c in model.get_all_callbacks(on_load))
+    if settings.enabled and not _check_quantizable(model, settings):
+        settings = dataclasses.replace(settings, mode="off")  # ComfyUI quantizes it already
+    to = model.model_options.setdefault("transformer_options", {})
+    to["para_attn"] = {**to.get("para_attn", {}), FEATURE: settings}
     if not settings.enabled and not has_callback:
         return model  # nothing to undo: the plain model, untouched
-    if settings.enabled:
-        _check_quantizable(model, settings)
     _fuse_gelus(model, settings)
     _cast_layer_classes(model, settings)
     _int8_modulation(model, settings)
