@@ -64,8 +64,13 @@ def test_no_recompile_across_prompts_seeds_lora_and_cache_threshold(cm, flux, dy
     from comfy_para_attn.cache import FirstBlockCacheSettings
 
     compiled = apply_compile(flux, CompileSettings(backend="eager"))
-    outputs = [_run(cm, compiled, seed=s, prompt_seed=10 + s) for s in range(3)]
-    assert _graphs(dynamo) == 2, dict(dynamo["stats"])
+    outputs = [_run(cm, compiled, seed=0, prompt_seed=10)]
+    # One graph per block class; newer ComfyUI's blocks copy transformer_options, whose length
+    # dynamo guards on, and its first model call lacks a key the later ones have: one more each.
+    first_prompt = _graphs(dynamo)
+    assert first_prompt in (2, 4), dict(dynamo["stats"])
+    outputs += [_run(cm, compiled, seed=s, prompt_seed=10 + s) for s in (1, 2)]
+    assert _graphs(dynamo) == first_prompt, dict(dynamo["stats"])
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
 
     lora = cm.random_lora(flux, scale=1.0)
@@ -73,9 +78,14 @@ def test_no_recompile_across_prompts_seeds_lora_and_cache_threshold(cm, flux, dy
     assert (by_strength[0] - by_strength[1]).abs().max() > 1e-3  # the compiled model sees the new weights
     torch.testing.assert_close(by_strength[1], _run(cm, cm.apply_lora(flux, lora, 0.5)), rtol=1e-5, atol=1e-5)
 
+    assert _graphs(dynamo) == first_prompt, dict(dynamo["stats"])
+    counts = []
     for threshold in (0.0, 0.2, 0.5):  # the cache decision runs eager between compiled blocks
         _run(cm, apply_first_block_cache(compiled, FirstBlockCacheSettings(threshold)), steps=4)
-    assert _graphs(dynamo) == 2, dict(dynamo["stats"])
+        counts.append(_graphs(dynamo))
+    # Newer ComfyUI's blocks: the cache's key in transformer_options changes its length (one graph
+    # more per block class, once); the threshold never recompiles.
+    assert counts[0] in (first_prompt, first_prompt + 2) and counts == counts[:1] * 3, (counts, dict(dynamo["stats"]))
 
 
 def test_resolution_change_recompiles_at_most_once_with_dynamic(cm, flux, dynamo):
