@@ -33,13 +33,17 @@ def test_context_parallel_sampling_equals_plain(comfyui_path, family, ulysses, r
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
 def test_hunyuan_video_image_to_video(comfyui_path, ulysses, ring):
-    """HunyuanVideo image-to-video. "v2 (replace)" (guiding_frame_index) modulates the first
+    """HunyuanVideo image-to-video, and a padded prompt. "v2 (replace)" (guiding_frame_index) modulates the first
     frame's tokens with their own vector; with 3 latent frames the first frame ends inside
     rank 0's shard, so each rank needs the ranges moved to its own tokens. "custom" puts a
     reference frame's tokens in front of the image tokens."""
     latent = {"frames": 3, "height": 6, "width": 10}
     reference = torch.randn(1, 16, 1, 6, 10, generator=torch.Generator().manual_seed(4))
+    text_mask = torch.ones(1, 7)
+    text_mask[:, 5:] = 0  # the last 2 of 7 text tokens are padding
     cases = [{"name": "v2 (replace)", "cond": {"guiding_frame_index": 0}, "tokens": 7, "cfg": 1.0, "latent": latent},
+             # a padded prompt: the key mask permuted to the shards' order
+             {"name": "text mask", "cond": {"attention_mask": text_mask}, "tokens": 7, "cfg": 1.0, "latent": latent},
              # "custom": the reference frame's tokens go in front of the image tokens
              {"name": "custom (ref_latent)", "cond": {"ref_latent": reference}, "tokens": 7, "cfg": 1.0,
               "latent": latent}]

@@ -710,18 +710,20 @@ def test_the_workers_make_room_for_comfyui_only_in_prompts_without_a_pool_node(c
 
 
 def test_worker_model_key_follows_the_model_config(comfyui_path):
-    import copy
-
+    from comfy_para_attn import refs
     from comfy_para_attn.adapters.comfy.worker_jobs import config_key
     from comfy_para_attn.testing import comfy_models
 
+    def copy_of(config):  # as it reaches the workers (newer ComfyUI's configs do not deep-copy)
+        return pickle.loads(refs.dumps(config))
+
     config = comfy_models.build("flux", seed=0).model.model_config
-    same = copy.deepcopy(config)
-    fast = copy.deepcopy(config)
+    same = copy_of(config)
+    fast = copy_of(config)
     fast.optimizations = {**config.optimizations, "fp8": True}
     assert config_key(config, "FLUX") == config_key(same, "FLUX")
     assert config_key(fast, "FLUX") != config_key(config, "FLUX") != config_key(config, "FLOW")
-    mixed = copy.deepcopy(config)  # newer ComfyUI's per-layer quantization of a checkpoint
+    mixed = copy_of(config)  # newer ComfyUI's per-layer quantization of a checkpoint
     mixed.quant_config = {"layers": {"double_blocks.0.img_attn.qkv": {"format": "float8_e4m3fn"}}}
     assert config_key(mixed, "FLUX") != config_key(config, "FLUX")
 

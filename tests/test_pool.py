@@ -923,9 +923,13 @@ def test_a_restart_under_the_same_pid_reaps_the_previous_programs_workers():
             time.sleep(0.1)  # they exit once they see the lifeline closed
         zombies = [p for p in pids if (launch._stat(p) or "?")[0] == "Z"]
         reaped = launch.reap_previous_workers()
-        print(json.dumps({"pids": pids, "zombies": zombies, "reaped": reaped,
-                          # still there: the same process (pid and start time; a busy host may reuse a pid)
-                          "left": [int(p) for p, start in recorded if (launch._stat(int(p)) or (0, 0, None))[2] == start],
+        # still there: the same process (pid and start time; a busy host may reuse a pid). A zombie
+        # leader whose threads still exit is not yet waitable: a daemon thread reaps it a moment later.
+        left = lambda: [int(p) for p, start in recorded if (launch._stat(int(p)) or (0, 0, None))[2] == start]
+        deadline = time.monotonic() + 10
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(json.dumps({"pids": pids, "zombies": zombies, "reaped": reaped, "left": left(),
                           "env": os.environ[launch.WORKER_PIDS_ENV]}), flush=True)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

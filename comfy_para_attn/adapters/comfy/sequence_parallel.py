@@ -94,7 +94,7 @@ class ShardedCall:
                                    "needs at least one; use a larger image or fewer GPUs")
         self.seq_lens = tuple(a + b for a, b in zip(first_lens, second_lens))
         self.first_lens, self.second_lens = first_lens, second_lens
-        self.key_mask = None if key_mask is None else key_mask[:, self.shard_order(len(first), first.device)]
+        self.key_mask = None if key_mask is None else key_mask[:, self.shard_order(first.shape[1], first.device)]
         self.active = True
         return first_r, second_r
 
