@@ -74,23 +74,27 @@ def _named_by_path(module: str) -> bool:
     return not all(part.isidentifier() for part in module.split("."))
 
 
-def with_state(cls, state: dict):
-    """Unpickles what `dumps` sent as a class and its instance dict (`_answers_any_attribute`)."""
-    obj = cls.__new__(cls)
-    obj.__dict__.update(state)
-    return obj
+def set_state(obj, state) -> None:
+    """Unpickles the state of an object `dumps` sent without a `__setstate__` lookup
+    (`_answers_any_attribute`): what pickle's default does, an instance dict and slots."""
+    slots = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slots = state
+    if state:
+        obj.__dict__.update(state)
+    for name, value in (slots or {}).items():
+        setattr(obj, name, value)
 
 
 _OBJECT_GETSTATE = getattr(object, "__getstate__", None)
 
 
 def _answers_any_attribute(obj) -> bool:
-    """An instance of a plain class whose `__getattr__` answers every name: newer ComfyUI's
-    model configs return None (with a warning) for a missing attribute, `__setstate__` too,
-    and unpickling then calls None. Such objects travel as class and dict, which is what
-    pickle's default does for plain classes, without the `__setstate__` lookup."""
+    """An instance of a class whose `__getattr__` may answer any name: newer ComfyUI's model
+    configs return None (with a warning) for a missing attribute, `__setstate__` too, and
+    unpickling then calls None. Only classes that leave pickling to object's default."""
     cls = type(obj)
-    return (isinstance(getattr(cls, "__getattr__", None), types.FunctionType) and hasattr(obj, "__dict__")
+    return (isinstance(getattr(cls, "__getattr__", None), types.FunctionType)
             and not hasattr(cls, "__setstate__") and cls.__reduce_ex__ is object.__reduce_ex__
             and cls.__reduce__ is object.__reduce__ and getattr(cls, "__getstate__", None) is _OBJECT_GETSTATE)
 
@@ -102,7 +106,10 @@ class Pickler(pickle.Pickler):
         if isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or ""):
             return resolve, (ObjectRef(obj),)  # a local one raises there, as pickle fails it
         if not isinstance(obj, type) and _answers_any_attribute(obj):
-            return with_state, (type(obj), obj.__dict__)
+            # pickle's own reduction (new-object args, state, list and dict items), its state set
+            # by `set_state` instead of the instance's `__setstate__`
+            reduced = tuple(object.__reduce_ex__(obj, pickle.DEFAULT_PROTOCOL)) + (None,) * 3
+            return reduced[:5] + (set_state,)
         return NotImplemented
 
 

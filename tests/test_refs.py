@@ -167,3 +167,30 @@ def test_an_object_that_answers_every_attribute_travels():
     assert type(copy) is AnswersEveryName and copy.__dict__ == config.__dict__ and copy.anything is None
     own = pickle.loads(refs.dumps(KeepsItsOwnState()))
     assert own.__dict__ == {"unet_config": "from getstate", "restored": True}
+
+
+class AttributeDict(dict):
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class SlottedAnswersEveryName:
+    __slots__ = ("a",)
+
+    def __init__(self):
+        self.a = 1
+
+    def __getattr__(self, name):
+        return None
+
+
+def test_objects_with_a_getattr_keep_what_pickle_keeps():
+    """The reduction above is pickle's own (items of a dict subclass, slots), only its state is
+    set without asking the instance for `__setstate__`."""
+    copy = pickle.loads(refs.dumps(AttributeDict(a=1, b=[2])))
+    assert type(copy) is AttributeDict and copy == {"a": 1, "b": [2]} and copy.b == [2]
+    slotted = pickle.loads(refs.dumps(SlottedAnswersEveryName()))
+    assert type(slotted) is SlottedAnswersEveryName and slotted.a == 1
