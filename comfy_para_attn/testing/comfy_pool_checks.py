@@ -76,9 +76,13 @@ class FailsToLoadOnRank:
             raise ImportError("injected failure while loading the job on this rank")
 
 
+ATTENTION_PATCH_CALLS = []  # in this process: how often `unchanged_attention` ran
+
+
 def unchanged_attention(q, k, v, **kwargs):
     """An `attn1_patch` that changes nothing (newer ComfyUI's FLUX blocks call such patches
-    with every token's q/k/v, e.g. its FluxKVCache)."""
+    with every token's q/k/v, e.g. its FluxKVCache; 0.3.x's do not call them)."""
+    ATTENTION_PATCH_CALLS.append(1)
     return {}
 
 

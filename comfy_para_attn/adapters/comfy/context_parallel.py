@@ -12,7 +12,11 @@ outermost, so the cache sees this rank's shards and agrees with the other ranks 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -354,11 +358,27 @@ def refuse_unshardable(model_patcher) -> None:
 _TOKEN_PATCHES = ("attn1_patch", "attn2_patch", "double_block")
 
 
+@functools.lru_cache(maxsize=None)
+def _patches_read_in(module_names: frozenset) -> frozenset:
+    """Which of `_TOKEN_PATCHES` the source of these (ComfyUI) modules reads: a model's blocks
+    call them only in the ComfyUI versions whose block code looks them up."""
+    source = ""
+    for name in module_names:
+        with contextlib.suppress(OSError, TypeError, KeyError):
+            source += inspect.getsource(sys.modules[name])
+    return frozenset(name for name in _TOKEN_PATCHES if f'"{name}"' in source or f"'{name}'" in source)
+
+
 def refuse_token_patches(model_patcher) -> None:
     """ValueError for attention or block patches of other nodes that Context Parallel cannot
-    shard (only where tokens are split: cfg-only layouts run whole model calls)."""
+    shard, where the running ComfyUI's blocks of this model call them (only where tokens are
+    split: cfg-only layouts run whole model calls)."""
     patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
     found = [name for name in _TOKEN_PATCHES if patches.get(name)]
+    if found:
+        modules = frozenset(type(m).__module__ for m in model_patcher.model.diffusion_model.modules()
+                            if type(m).__module__.startswith("comfy."))
+        found = [name for name in found if name in _patches_read_in(modules)]
     if found:
         raise ValueError(f"Context Parallel cannot split the tokens of a model with {', '.join(found)} patches "
                          "from another node (such as a KV cache or a block hook: they would see one GPU's share); "
