@@ -259,7 +259,8 @@ def test_an_image_too_small_for_the_ranks_is_refused_before_any_worker_runs(comf
                                                                           family):
     """A 16x16 image is one token: a rank with none failed inside ComfyUI's block with a reshape
     error, and the failure shut the pool down. Now a clear error, the pool untouched; with
-    cfg_parallel (tokens not split) it samples."""
+    cfg_parallel (tokens not split) it samples. The same for a prompt of one text token, where
+    the text is split too."""
     from comfy_para_attn.pool import current_pool
     from comfy_para_attn.testing import comfy_models
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
@@ -274,6 +275,15 @@ def test_an_image_too_small_for_the_ranks_is_refused_before_any_worker_runs(comf
     out = comfy_models.sample(cfg_split, pos, neg, latent, steps=2, cfg=3.0)
     plain = comfy_models.sample(patcher, pos, neg, latent, steps=2, cfg=3.0)
     assert torch.isfinite(out).all() and (out - plain).abs().max() < TOL
+    if family == "wan":
+        return  # Wan splits only the image: its cross-attention keys are the whole prompt
+    # a one-token prompt (HunyuanVideo's text encoder cuts an empty negative prompt to about one)
+    short_negative = comfy_models.conditioning(patcher, tokens=1, seed=2)
+    before = current_pool()
+    with pytest.raises(ValueError, match="negative prompt encodes to 1 text token.*fewer than the 2 GPUs"):
+        comfy_models.sample(_cp(pack_nodes, patcher), pos, short_negative,
+                            torch.randn(comfy_models.latent_shape(family)), steps=2, cfg=3.0)
+    assert current_pool() is before
 
 
 def test_attention_patches_of_other_nodes_are_refused_where_tokens_are_split(comfyui_path, pack_nodes,

@@ -393,14 +393,26 @@ def image_tokens(model_patcher, latent_shape) -> int:
     return math.prod(-(-size // p) for size, p in zip(spatial, patch))
 
 
-def refuse_too_few_tokens(model_patcher, latent_shape, sequence_size: int) -> None:
-    """ValueError, before any worker runs, for an image too small to give every rank of the
-    sequence group a token (a worker would fail inside ComfyUI's block on an empty shard)."""
+def refuse_too_few_tokens(model_patcher, latent_shape, conds: dict, sequence_size: int) -> None:
+    """ValueError, before any worker runs, for an image or a prompt too short to give every
+    rank of the sequence group a token of each stream it splits (a worker would fail inside
+    ComfyUI's block on an empty shard). FLUX and HunyuanVideo split the text too; Wan does not.
+    `conds`: the guider's conds by name (their `cross_attn` is the text)."""
     tokens = image_tokens(model_patcher, latent_shape)
     if tokens < sequence_size:
         raise ValueError(
             f"Context Parallel: this latent makes {tokens} image token(s), fewer than the {sequence_size} GPUs its "
             f"tokens are split over; use a larger image, fewer GPUs, or cfg_parallel (which does not split tokens).")
+    if model_family(model_patcher) == "wan":
+        return
+    lengths = [(name, c["cross_attn"].shape[1]) for name, group in conds.items() for c in group
+               if isinstance(c.get("cross_attn"), torch.Tensor) and c["cross_attn"].ndim == 3]
+    name, shortest = min(lengths, key=lambda item: item[1], default=(None, sequence_size))
+    if shortest < sequence_size:
+        raise ValueError(
+            f"Context Parallel: the {name} prompt encodes to {shortest} text token(s), fewer than the {sequence_size} "
+            f"GPUs its tokens are split over (an empty prompt?); write a longer prompt, use fewer GPUs, or "
+            f"cfg_parallel (which does not split tokens).")
 
 
 def install_context_parallel(model_patcher, cp: ParallelContext):

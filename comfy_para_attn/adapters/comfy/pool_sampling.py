@@ -391,7 +391,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     guider = executor.class_obj
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE].for_run(guider)
     if settings.ulysses * settings.ring > 1:
-        refuse_too_few_tokens(guider.model_patcher, noise.shape, settings.ulysses * settings.ring)
+        refuse_too_few_tokens(guider.model_patcher, noise.shape, guider.original_conds, settings.ulysses * settings.ring)
         refuse_token_patches(guider.model_patcher)
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
