@@ -151,15 +151,29 @@ def test_start_end_percent_are_honoured(cm, fbc, setups, runs):
 
 
 @pytest.mark.comfyui
-def test_joint_sequence_order_follows_the_running_comfyui(cm):
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_joint_sequence_order_follows_the_running_comfyui(cm, family):
     """FLUX's joint sequence is [text, image]; HunyuanVideo's is [image, text] in ComfyUI 0.3.x
-    (double blocks built with flipped_img_txt) and [text, image] in newer ComfyUI."""
+    and [text, image] in newer ComfyUI. Read from what the blocks get: text tokens sit at
+    position 0 (an identity rotation in the rope `pe`), image tokens away from it, so the
+    sequence ends in an image token exactly when the text comes first."""
     from comfy_para_attn.adapters.comfy.patches import text_first
 
-    hunyuan = cm.build("hunyuan_video")
-    flipped = getattr(hunyuan.model.diffusion_model.double_blocks[0], "flipped_img_txt", False)
-    assert text_first(cm.build("flux")) and not text_first(cm.build("wan"))
-    assert text_first(hunyuan) == (not flipped)
+    model = cm.build(family)
+    seen = []
+
+    def capture(args, extra):
+        seen.append(args["pe"])
+        return extra["original_block"](args)
+
+    observed = model.clone()
+    observed.set_model_patch_replace(capture, "dit", "double_block", 0)
+    cm.sample(observed, cm.conditioning(model, seed=1), [], torch.zeros(cm.latent_shape(family)), steps=1, cfg=1.0)
+    last = seen[0][0, 0, -1]  # [dims, 2, 2] rotations of the last token
+    identity = torch.eye(2).expand_as(last)
+    assert text_first(model) == (not torch.allclose(last, identity))
+    if family == "flux":
+        assert text_first(model) and not text_first(cm.build("wan"))
 
 
 def _update_in_place(args, extra):
