@@ -86,11 +86,12 @@ def init_random_weights(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 # Fields newer ComfyUI requires of these models' configs, with the values its own detection
-# gives the original checkpoints (FLUX.1: no text ids; HunyuanVideo 1.0: none of 1.5's parts).
+# gives the original checkpoints (FLUX.1: no text ids; HunyuanVideo 1.0: none of 1.5's parts),
+# by family: (module, params class, fields).
 _NEWER_FIELDS = {
-    ("comfy.ldm.flux.model", "FluxParams"): dict(txt_ids_dims=[]),
-    ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams"): dict(
-        use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False),
+    "flux": ("comfy.ldm.flux.model", "FluxParams", dict(txt_ids_dims=[])),
+    "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams",
+                      dict(use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)),
 }
 
 
@@ -101,16 +102,15 @@ def complete_config(family: str, unet_config: dict) -> dict:
 
 
 def _newer_fields(family: str) -> dict:
-    """The `_NEWER_FIELDS` that the running ComfyUI's params class of `family` has."""
+    """The `_NEWER_FIELDS` of `family` that the running ComfyUI's params class has."""
     import dataclasses
     import importlib
 
-    module_name, cls = {"flux": ("comfy.ldm.flux.model", "FluxParams"),
-                        "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams")}.get(family, (None, None))
-    if module_name is None:
+    if family not in _NEWER_FIELDS:
         return {}
+    module_name, cls, fields = _NEWER_FIELDS[family]
     names = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module_name), cls))}
-    return {k: v for k, v in _NEWER_FIELDS[(module_name, cls)].items() if k in names}
+    return {k: v for k, v in fields.items() if k in names}
 
 
 def build(family: str, *, dtype=torch.float32, device="cpu", seed: int = 0, **config):

@@ -386,10 +386,10 @@ def _check_quantizable(model_patcher, settings: FP8Settings) -> bool:
     candidate layer quantized itself; FP8UnavailableError where the model cannot be quantized."""
     dm = model_patcher.model.diffusion_model
     layers = quantizable_linears(dm, settings.patterns)
-    if not layers and _quantized_by_comfyui(dm):
+    by_comfyui = 0 if layers else _quantized_by_comfyui(dm)
+    if by_comfyui:
         logging.info("FP8 Quantize: ComfyUI already runs %d layers of this %s checkpoint quantized (its "
-                     "mixed-precision ops); FP8 Quantize leaves the model as it is.",
-                     _quantized_by_comfyui(dm), type(dm).__name__)
+                     "mixed-precision ops); FP8 Quantize leaves the model as it is.", by_comfyui, type(dm).__name__)
         return False
     if not layers:
         raise FP8UnavailableError(
