@@ -73,6 +73,9 @@ class Pool:
         self._shut_down = False  # by shutdown(): a job that then loses its workers says so
         self._running_job: int | None = None  # the id of the job being run, for shutdown()
         self._run_lock = threading.Lock()
+        # One message's frames at a time on the pipes: shutdown() from another thread (exit)
+        # while a job's payload is written would otherwise put its frames inside the payload's.
+        self._send_lock = threading.Lock()
         self._job_ids = itertools.count(1)
         self.start_seconds: float | None = None
         began = time.monotonic()
@@ -397,12 +400,13 @@ class Pool:
         broken: list[int] = []
 
         def send():
-            for worker in self._workers:
-                try:
-                    for frame in data:
-                        worker.commands.send_bytes(frame)
-                except OSError:
-                    broken.append(worker.rank)
+            with self._send_lock:
+                for worker in self._workers:
+                    try:
+                        for frame in data:
+                            worker.commands.send_bytes(frame)
+                    except OSError:
+                        broken.append(worker.rank)
 
         sender = threading.Thread(target=send, name="pool-send", daemon=True)
         sender.start()
