@@ -138,10 +138,10 @@ def main(argv=None):
         state = {"s": 0.7}
 
         def computed():  # a miss with bookkeeping: fresh state, first call always computes
-            dm(x, sigma, ctx, transformer_options=options(FirstBlockCacheRun(Settings(0.5), "flux", text_first=True), 0.7), **kw)
+            dm(x, sigma, ctx, transformer_options=options(FirstBlockCacheRun(Settings(0.5), text_first=True), 0.7), **kw)
 
         miss = _timed(computed, device, repeats + 2)
-        hit_run = FirstBlockCacheRun(Settings(0.5), "flux", text_first=True)
+        hit_run = FirstBlockCacheRun(Settings(0.5), text_first=True)
         dm(x, sigma, ctx, transformer_options=options(hit_run, 0.7), **kw)
 
         def reused():  # the next step a hair lower: the first block barely changes -> reuse

@@ -127,7 +127,7 @@ def test_hit_error_vanishes_with_the_step(cm, fbc, family):
     kw = {} if family == "wan" else dict(y=extra["pooled_output"].to(dtype), guidance=torch.tensor([3.5]))
     errors = []
     for step in steps:
-        run = fbc.FirstBlockCacheRun(Settings(0.5), family, text_first=fbc.text_first(model))
+        run = fbc.FirstBlockCacheRun(Settings(0.5), text_first=fbc.text_first(model))
         for sigma in (1.0, 1.0 - step):
             to = dict(patched.model_options["transformer_options"], sigmas=torch.tensor([sigma]),
                       cond_or_uncond=[0], uuids=["c"], **{fbc.STATE_KEY: run})

@@ -63,10 +63,9 @@ def _block_patches_signature(transformer_options: dict) -> tuple:
 class FirstBlockCacheRun:
     """Live state of one sampling run: the cache plus the model call in flight."""
 
-    def __init__(self, settings: FirstBlockCacheSettings, family: str, model_sampling=None, *, text_first: bool):
+    def __init__(self, settings: FirstBlockCacheSettings, model_sampling=None, *, text_first: bool):
         self.settings = settings
-        self.family = family
-        self.text_first = text_first
+        self.text_first = text_first  # the model's joint-sequence order (`_join`)
         self.cache = FirstBlockCache(settings.residual_diff_threshold, settings.max_consecutive_hits)
         self.start_sigma = float("inf")
         self.end_sigma = float("-inf")
@@ -161,8 +160,7 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = orig_model_options
         return executor(*args, **kwargs)
     patcher = guider.model_patcher
-    run = FirstBlockCacheRun(settings, model_family(patcher), patcher.get_model_object("model_sampling"),
-                             text_first=text_first(patcher))
+    run = FirstBlockCacheRun(settings, patcher.get_model_object("model_sampling"), text_first=text_first(patcher))
     to[STATE_KEY] = run
     try:
         return executor(*args, **kwargs)
