@@ -255,17 +255,13 @@ def release_all_tensors() -> None:
         release_tensors(handle)
 
 
-def _stop_writes_at_exit() -> None:
-    """At exit, before concurrent.futures joins its worker threads (it runs every queued item
-    first: ~20 s of a FLUX.1-dev write after Ctrl+C): the writes stop at their next chunk."""
-    begin_exit()
-
-
-# threading runs these exit hooks last registered first: concurrent.futures registers its join
-# when its thread module is imported, so import it before registering ours.
+# At exit the writes stop at their next chunk (`begin_exit`), before concurrent.futures joins its
+# worker threads, which runs every queued item first: ~20 s of a FLUX.1-dev write after Ctrl+C.
+# threading runs these exit hooks last registered first, and concurrent.futures registers its
+# join when its thread module is imported: so import it before registering ours.
 importlib.import_module("concurrent.futures.thread")
 if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_stop_writes_at_exit)
+    threading._register_atexit(begin_exit)
 
 
 @atexit.register
