@@ -745,6 +745,27 @@ def test_worker_model_key_follows_the_model_config(comfyui_path):
     assert config_key(mixed, "FLUX") != config_key(config, "FLUX")
 
 
+def test_an_fp8_scaled_checkpoint_samples_in_the_pool_as_in_process(cm, pack_nodes, pool_cleanup):
+    """A tiny Wan loaded from an fp8_scaled file (0.3.x: fp8 parameters with their scales;
+    newer ComfyUI: its mixed-precision QuantizedTensor weights) reaches the workers as it is
+    and samples there as in-process (ring x2, fp32 compute, 1e-3)."""
+    import comfy.sd
+
+    from comfy_para_attn.testing import tiny_files
+
+    state = tiny_files.random_state_dict(tiny_files.shapes_of("wan"), seed=0)
+    model = comfy.sd.load_diffusion_model_state_dict(tiny_files.fp8_scaled_state_dict(state))
+    weight = model.model.diffusion_model.blocks[0].self_attn.q.weight
+    assert weight.dtype == torch.float8_e4m3fn or type(weight).__name__ == "QuantizedTensor"
+    positive = cm.conditioning(model, seed=1)
+    latent = torch.randn(cm.latent_shape("wan"), generator=torch.Generator().manual_seed(3))
+    plain = cm.sample(model, positive, [], latent, steps=2, cfg=1.0)
+    parallel = cm.sample(_cp(pack_nodes, model, ulysses_degree=1, ring_degree=2), positive, [], latent, steps=2, cfg=1.0)
+    assert torch.isfinite(parallel).all() and plain.abs().max() > 1
+    err = (parallel - plain).abs().max().item()
+    assert err < 1e-3, f"max abs err {err:.3g}"
+
+
 def _with_control(conds, control):
     return [[t, {**extra, "control": control, "control_apply_to_uncond": True}] for t, extra in conds]
 
