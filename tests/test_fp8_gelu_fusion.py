@@ -231,6 +231,10 @@ def test_comfy_models_fusion_sites_and_unchanged_sampling(cm, family):
     assert {s.linear for s in sites} == expected
     singles = [s for s in sites if s.linear.endswith("linear2")]
     assert all(s.gelu_from == dm.single_blocks[0].hidden_size for s in singles)
+    if family != "wan" and hasattr(dm.single_blocks[0], "yak_mlp"):  # newer ComfyUI: its gated single-block MLP
+        dm.single_blocks[0].yak_mlp = True
+        assert "single_blocks.0.linear2" not in {s.linear for s in gelu_fusion.fusion_sites(dm)}
+        dm.single_blocks[0].yak_mlp = False
     norm_fed = gelu_fusion.norm_fed_sites(dm)
     if family == "wan":
         assert norm_fed == []

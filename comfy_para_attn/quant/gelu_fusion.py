@@ -34,8 +34,18 @@ from .layer_classes import mixed_class
 from .stored_fp8 import linear_forward
 
 # The single-stream block forward whose `mlp_act` output goes only into `linear2`'s input tail
-# (ComfyUI's FLUX / HunyuanVideo SingleStreamBlock); any other forward is left alone.
+# (ComfyUI's FLUX / HunyuanVideo SingleStreamBlock); any other forward is left alone. Newer
+# ComfyUI names the activation's output first and, for blocks with `yak_mlp` set, gates half
+# of the MLP with it instead: those blocks are left alone too.
 _SINGLE_BLOCK_CALL = "self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))"
+_SINGLE_BLOCK_NAMED = ("mlp = self.mlp_act(mlp)\n", "self.linear2(torch.cat((attn, mlp), 2))")
+
+
+def _single_block_site(module) -> bool:
+    source = _forward_source(type(module))
+    if _SINGLE_BLOCK_CALL in source:
+        return True
+    return all(line in source for line in _SINGLE_BLOCK_NAMED) and getattr(module, "yak_mlp", False) is False
 
 
 class FusionSite(NamedTuple):
@@ -69,7 +79,7 @@ def fusion_sites(root: torch.nn.Module) -> list[FusionSite]:
         elif (_gelu_slot(getattr(module, "mlp_act", None))
               and isinstance(getattr(module, "linear2", None), torch.nn.Linear)
               and isinstance(getattr(module, "hidden_size", None), int)
-              and _SINGLE_BLOCK_CALL in _forward_source(type(module))):
+              and _single_block_site(module)):
             sites.append(FusionSite(f"{prefix}mlp_act", f"{prefix}linear2", module.hidden_size))
     return sites
 
