@@ -8,8 +8,11 @@ and `flux.math.attention` rotates them in fp32:
     pairs = x.to(float32).reshape(..., -1, 1, 2)
     out = (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(shape).type_as(v)
 
+Newer ComfyUI rotates both with one op, `comfy_kitchen.apply_rope(q, k, pe)` (the same
+arithmetic), and its RMSNorm passes `eps=None` (rms_norm's fp32 epsilon).
+
 This pass, on dynamo's graph before inductor lowers it (`pre_grad_custom_pass`), finds that
-chain back from each `type_as` and puts `para_attn::rms_norm_rope(head, tail, ...)` in its
+chain back from each `type_as` (or each output of that op) and puts `para_attn::rms_norm_rope(head, tail, ...)` in its
 place when the example values fit the kernel (`why_not_triton`: bf16 pieces on a device where
 it runs, fp32 `pe` of the right shape). Anything else is left alone. Then `pair_rotations`
 makes each q and k call that share a table one `rms_norm_rope_pair` call (the table read once
@@ -110,6 +113,8 @@ def _normed_piece(node):
     piece, shape, weight = node.args[:3]
     eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
     value = _value(piece)
+    if eps is None and value is not None and value.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        eps = torch.finfo(torch.float32).eps  # rms_norm's default there (newer ComfyUI's RMSNorm passes None)
     if value is None or not isinstance(eps, float) or tuple(shape) != (value.shape[-1],):
         return None
     return piece, weight, eps, nodes + [node]
@@ -177,6 +182,41 @@ def pairs_enabled() -> bool:
     return enabled() and os.environ.get(PAIRS_SWITCH, "1") != "0"
 
 
+def _kitchen_rope_ops() -> tuple:
+    packet = getattr(getattr(torch.ops, "comfy_kitchen", None), "apply_rope", None)
+    return (packet, packet.default) if packet is not None else ()
+
+
+def _kitchen_rotations(node):
+    """[(out, pe, source, chain)] for q and k when `node` is newer ComfyUI's rotation of both,
+    `comfy_kitchen.apply_rope(q, k, pe)` (the same arithmetic as the plain rotation above),
+    read through `[0]` and `[1]` only."""
+    ops = _kitchen_rope_ops()
+    if not ops or not _is_function(node, *ops) or len(node.args) != 3 or node.kwargs:
+        return []
+    outs = {user.args[1]: user for user in node.users
+            if _is_function(user, operator.getitem) and user.args[0] is node}
+    if len(node.users) != 2 or set(outs) != {0, 1}:
+        return []
+    q, k, pe = node.args
+    return [(outs[0], pe, q, [outs[0], node]), (outs[1], pe, k, [outs[1], node])]
+
+
+def _matches(graph: torch.fx.Graph) -> list:
+    """(out, pe, source, chain) for every rotation in `graph`, either form; `chain` holds the
+    nodes it replaces, `out` first."""
+    found = []
+    for node in graph.nodes:
+        rotation = _rotation(node)
+        if rotation is not None:
+            pe, source, chain = rotation
+            found.append((node, pe, source, chain))
+        kitchen = _kitchen_rotations(node)
+        if kitchen and all(_pieces(source) is not None for _, _, source, _ in kitchen):
+            found += kitchen  # both or neither: the op computes q and k together
+    return found
+
+
 def fold_rotations(graph: torch.fx.Graph) -> int:
     """Rewrite every match in `graph` (see the module docstring); returns how many."""
     from comfy_para_attn.kernels.qk_norm_rope import why_not_triton
@@ -184,12 +224,10 @@ def fold_rotations(graph: torch.fx.Graph) -> int:
     if not enabled():
         return 0
     folded = 0
-    for node in list(graph.nodes):
-        rotation = _rotation(node)
-        found = _pieces(rotation[1]) if rotation is not None else None
+    for node, pe, source, chain in _matches(graph):
+        found = _pieces(source)
         if found is None:
             continue
-        pe, _, chain = rotation
         pieces, extra = found
         values = [_value(p) for p, _, _, _ in pieces]
         weights = [_value(w) for _, w, _, _ in pieces]
