@@ -286,25 +286,28 @@ def test_an_image_too_small_for_the_ranks_is_refused_before_any_worker_runs(comf
     assert current_pool() is before
 
 
+@pytest.mark.parametrize("family, kind", [("flux", "attn1_patch"), ("flux", "double_block"), ("wan", "double_block")])
 def test_attention_patches_of_other_nodes_are_refused_where_tokens_are_split(comfyui_path, pack_nodes,
-                                                                           pool_cleanup):
+                                                                           pool_cleanup, family, kind):
     """Newer ComfyUI's FLUX and Wan blocks hand `attn1_patch`es (its FluxKVCache) and Wan's
     `double_block` hooks every token: under split tokens they would see one rank's share and
     change the result silently. Where the blocks call the patch (in-process sampling shows it)
-    it is refused before any worker runs; where they do not (0.3.x), sampling goes on. cfg
-    parallel alone, which runs whole model calls, samples either way."""
+    it is refused before any worker runs; where they do not (0.3.x; FLUX's double_block
+    patches everywhere), sampling goes on. cfg parallel alone, which runs whole model calls,
+    samples either way."""
     from comfy_para_attn.pool import current_pool
     from comfy_para_attn.testing import comfy_models
-    from comfy_para_attn.testing.comfy_pool_checks import ATTENTION_PATCH_CALLS, sampling_inputs, unchanged_attention
+    from comfy_para_attn.testing.comfy_pool_checks import (ATTENTION_PATCH_CALLS, sampling_inputs,
+                                                           unchanged_attention, unchanged_block)
 
-    patcher, pos, neg, latent = sampling_inputs("flux")
+    patcher, pos, neg, latent = sampling_inputs(family)
     patched = patcher.clone()
-    patched.set_model_attn1_patch(unchanged_attention)
+    patched.set_model_patch(unchanged_attention if kind == "attn1_patch" else unchanged_block, kind)
     ATTENTION_PATCH_CALLS.clear()
     plain = comfy_models.sample(patched, pos, neg, latent, steps=2, cfg=1.0)
     before = current_pool()
     if ATTENTION_PATCH_CALLS:
-        with pytest.raises(ValueError, match="cannot split the tokens of a model with attn1_patch patches"):
+        with pytest.raises(ValueError, match=f"cannot split the tokens of a model with {kind} patches"):
             comfy_models.sample(_cp(pack_nodes, patched), pos, neg, latent, steps=2, cfg=1.0)
         assert current_pool() is before
     else:

@@ -86,6 +86,14 @@ def unchanged_attention(q, k, v, **kwargs):
     return {}
 
 
+def unchanged_block(args):
+    """A `double_block` patch that changes nothing (newer ComfyUI's Wan blocks call such
+    patches with every token of the block's output; its FLUX and HunyuanVideo blocks and
+    0.3.x's do not call them)."""
+    ATTENTION_PATCH_CALLS.append(1)
+    return {"img": args["img"]}
+
+
 def refuse_autograd(apply_model, args):
     """A model function wrapper (picklable: it travels to the workers) that fails a model call
     made with autograd on, as it never is in ComfyUI (its executor runs under inference_mode)."""

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import math
+import re
 import sys
 from typing import Optional
 
@@ -366,7 +367,14 @@ def _patches_read_in(module_names: frozenset) -> frozenset:
     for name in module_names:
         with contextlib.suppress(OSError, TypeError, KeyError):
             source += inspect.getsource(sys.modules[name])
-    return frozenset(name for name in _TOKEN_PATCHES if f'"{name}"' in source or f"'{name}'" in source)
+    return frozenset(name for name in _TOKEN_PATCHES if re.search(_patch_lookup(name), source))
+
+
+def _patch_lookup(name: str) -> str:
+    """A lookup of the patch list itself (`"name" in patches`, `patches["name"]`); not the
+    `("double_block", i) in blocks_replace` of block replacements, which every version has."""
+    quoted = f"[\"']{name}[\"']"
+    return rf"{quoted}\s+in\s+\w|\[{quoted}\]"
 
 
 def refuse_token_patches(model_patcher) -> None:
