@@ -280,10 +280,14 @@ def test_an_image_too_small_for_the_ranks_is_refused_before_any_worker_runs(comf
     # a one-token prompt (HunyuanVideo's text encoder cuts an empty negative prompt to about one)
     short_negative = comfy_models.conditioning(patcher, tokens=1, seed=2)
     before = current_pool()
+    latent = torch.randn(comfy_models.latent_shape(family), generator=torch.Generator().manual_seed(5))
     with pytest.raises(ValueError, match="negative prompt encodes to 1 text token.*fewer than the 2 GPUs"):
-        comfy_models.sample(_cp(pack_nodes, patcher), pos, short_negative,
-                            torch.randn(comfy_models.latent_shape(family)), steps=2, cfg=3.0)
+        comfy_models.sample(_cp(pack_nodes, patcher), pos, short_negative, latent, steps=2, cfg=3.0)
     assert current_pool() is before
+    # at cfg 1 ComfyUI never runs the negative: the graph samples as in-process
+    out = comfy_models.sample(_cp(pack_nodes, patcher), pos, short_negative, latent, steps=2, cfg=1.0)
+    plain = comfy_models.sample(patcher, pos, short_negative, latent, steps=2, cfg=1.0)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() < TOL
 
 
 @pytest.mark.parametrize("family, kind", [("flux", "attn1_patch"), ("flux", "double_block"), ("wan", "double_block")])

@@ -13,6 +13,7 @@ The worker side is `worker_jobs.py`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -377,6 +378,17 @@ def _make_room(pool, guider, noise, payload, settings) -> None:
     make_room_for_workers(settings.gpus, need, "Context Parallel")
 
 
+def _conds_run(guider) -> dict:
+    """The guider's conds by name, less the negative where ComfyUI skips it (cfg 1, unless
+    the model options turn that optimization off)."""
+    conds = dict(guider.original_conds)
+    cfg = getattr(guider, "cfg", None)
+    if (isinstance(cfg, (int, float)) and math.isclose(cfg, 1.0)
+            and not guider.model_options.get("disable_cfg1_optimization", False)):
+        conds.pop("negative", None)
+    return conds
+
+
 def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
                           disable_pbar=False, seed=None, latent_shapes=None, **kwargs):
     import comfy.model_management
@@ -391,7 +403,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     guider = executor.class_obj
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE].for_run(guider)
     if settings.ulysses * settings.ring > 1:
-        refuse_too_few_tokens(guider.model_patcher, noise.shape, guider.original_conds, settings.ulysses * settings.ring)
+        refuse_too_few_tokens(guider.model_patcher, noise.shape, _conds_run(guider), settings.ulysses * settings.ring)
         refuse_token_patches(guider.model_patcher)
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
