@@ -11,20 +11,20 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import io
+import marshal
 import os
 import pickle
 import sys
 import types
 
 
-class ObjectRef:
-    def __init__(self, obj):
-        if "<locals>" in obj.__qualname__:  # defined inside a function: no name reaches it
-            raise pickle.PicklingError(f"cannot name {obj.__qualname__} of {obj.__module__}: it was defined "
-                                       "inside a function")
-        self.module = obj.__module__
-        self.qualname = obj.__qualname__
-        self.file = getattr(sys.modules.get(self.module), "__file__", None)
+class ModuleRef:
+    """A module by name and file: imported by name where that gives the same file, else
+    loaded from the file."""
+
+    def __init__(self, name: str):
+        self.module = name
+        self.file = getattr(sys.modules.get(name), "__file__", None)
 
     def _module(self):
         module = sys.modules.get(self.module)
@@ -38,6 +38,18 @@ class ObjectRef:
             if not self.file:
                 raise
         return _load_from_file(self.module, self.file)
+
+    def resolve(self):
+        return self._module()
+
+
+class ObjectRef(ModuleRef):
+    def __init__(self, obj):
+        if "<locals>" in obj.__qualname__:  # defined inside a function: no name reaches it
+            raise pickle.PicklingError(f"cannot name {obj.__qualname__} of {obj.__module__}: it was defined "
+                                       "inside a function")
+        super().__init__(obj.__module__)
+        self.qualname = obj.__qualname__
 
     def resolve(self):
         obj = self._module()
@@ -99,12 +111,76 @@ def _answers_any_attribute(obj) -> bool:
             and cls.__reduce__ is object.__reduce__ and getattr(cls, "__getstate__", None) is _OBJECT_GETSTATE)
 
 
+class _EmptyCell:
+    """Marks a closure variable not assigned yet; unpickles as the same object."""
+
+    def __reduce__(self):
+        return "_EMPTY_CELL"
+
+
+_EMPTY_CELL = _EmptyCell()
+
+
+def _function_by_value(fn):
+    """Pickle's reduction of a function defined inside another (a node's guidance or patch
+    closure, which no name reaches): its code, its module (for its globals), and as state its
+    closure values, defaults and attributes, set once the function exists (a closure that
+    refers to the function itself then pickles too)."""
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:
+            cells.append(_EMPTY_CELL)
+    state = (tuple(cells), fn.__defaults__, fn.__kwdefaults__, fn.__dict__ or None, fn.__qualname__)
+    return (make_function, (marshal.dumps(fn.__code__), ModuleRef(fn.__module__), fn.__name__, len(cells)),
+            state, None, None, set_function_state)
+
+
+def make_function(code: bytes, module: ModuleRef, name: str, cells: int):
+    """Unpickles what `_function_by_value` sent: the function, its closure still empty."""
+    closure = tuple(types.CellType() for _ in range(cells)) or None
+    return types.FunctionType(marshal.loads(code), module.resolve().__dict__, name, None, closure)
+
+
+def set_function_state(fn, state) -> None:
+    values, fn.__defaults__, fn.__kwdefaults__, attributes, fn.__qualname__ = state
+    for cell, value in zip(fn.__closure__ or (), values):
+        if value is not _EMPTY_CELL:
+            cell.cell_contents = value
+    fn.__dict__.update(attributes or {})
+
+
+# What a class statement puts in a class of its own accord (a body of `pass`)
+_CLASS_BOOKKEEPING = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__",
+                      "__static_attributes__", "__orig_bases__"}
+
+
+def _mixes_its_bases(cls) -> bool:
+    """A class defined inside a function that only combines its bases (ComfyUI's model
+    sampling: `class ModelSampling(s, c): pass`): it can be made again from them."""
+    return ("<locals>" in cls.__qualname__ and cls.__bases__ != (object,)
+            and set(vars(cls)) <= _CLASS_BOOKKEEPING)
+
+
+def instance_of_mixed_bases(name: str, bases: tuple, qualname: str):
+    """Unpickles what `dumps` sent of an instance of such a class: the class made again (its
+    state follows)."""
+    cls = type(name, bases, {"__qualname__": qualname})
+    return cls.__new__(cls)
+
+
 class Pickler(pickle.Pickler):
     """A pickler that sends the functions and classes of path-named modules by file (`dumps`)."""
 
     def reducer_override(self, obj):
+        if isinstance(obj, types.FunctionType) and "<locals>" in obj.__qualname__:
+            return _function_by_value(obj)
+        if not isinstance(obj, type) and isinstance(getattr(obj, "__dict__", None), dict) and _mixes_its_bases(type(obj)):
+            cls = type(obj)
+            return instance_of_mixed_bases, (cls.__name__, cls.__bases__, cls.__qualname__), obj.__dict__
         if isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or ""):
-            return resolve, (ObjectRef(obj),)  # a local one raises there, as pickle fails it
+            return resolve, (ObjectRef(obj),)  # a local class raises there, as pickle fails it
         if not isinstance(obj, type) and _answers_any_attribute(obj):
             # pickle's own reduction (new-object args, state, list and dict items), its state set
             # by `set_state` instead of the instance's `__setstate__`
@@ -116,7 +192,10 @@ class Pickler(pickle.Pickler):
 def dumps(obj) -> bytes:
     """pickle.dumps, except that functions and classes of modules named by a file path (which
     another process cannot import by that name: a custom node pack's sampler, say) travel as
-    an `ObjectRef`, loaded from their file on the other side."""
+    an `ObjectRef`, loaded from their file on the other side; functions defined inside other
+    functions travel by value (code, closure), their globals those of their module there, and
+    instances of classes defined inside functions that only combine their bases as those bases
+    and their state."""
     buffer = io.BytesIO()
     Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buffer.getvalue()

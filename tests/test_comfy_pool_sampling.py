@@ -773,6 +773,38 @@ def test_an_fp8_scaled_checkpoint_samples_in_the_pool_as_in_process(cm, pack_nod
     assert err < 1e-3, f"max abs err {err:.3g}"
 
 
+@pytest.mark.parametrize("method", ["index", "index_timestep_zero"])
+def test_flux2_reference_latents_in_the_pool(cm, pack_nodes, pool_cleanup, method):
+    """Newer ComfyUI's FLUX.2 with a reference latent (an edit): the "index" method samples in
+    the pool as in-process; "index_timestep_zero" modulates the reference tokens by their
+    place in the whole sequence, which a rank's share lacks (ulysses 2 gave an error of 0.09
+    against a mean of 1.2): refused before any worker runs."""
+    import comfy.supported_models
+
+    from comfy_para_attn.pool import current_pool
+
+    if not hasattr(comfy.supported_models, "Flux2"):
+        pytest.skip("this ComfyUI has no FLUX.2")
+    patcher = cm.build("flux2", seed=0)
+    g = torch.Generator().manual_seed(1)
+    reference = torch.randn(1, 128, 4, 4, generator=g)
+    positive = [[torch.randn(1, 7, 32, generator=g),
+                 {"guidance": 3.5, "reference_latents": [reference], "reference_latents_method": method}]]
+    latent = torch.randn(1, 128, 6, 6, generator=torch.Generator().manual_seed(3)) * 0.5
+    parallel = _cp(pack_nodes, patcher)
+    if method == "index_timestep_zero":
+        before = current_pool()
+        with pytest.raises(ValueError, match="reference latents of the 'index_timestep_zero' method"):
+            cm.sample(parallel, positive, [], latent, steps=2, cfg=1.0)
+        assert current_pool() is before
+        return
+    plain = cm.sample(patcher, positive, [], latent, steps=2, cfg=1.0)
+    out = cm.sample(parallel, positive, [], latent, steps=2, cfg=1.0)
+    assert torch.isfinite(out).all() and plain.abs().mean() > 0.1
+    err = (out - plain).abs().max().item()
+    assert err < TOL, f"max abs err {err:.3g}"
+
+
 def _with_control(conds, control):
     return [[t, {**extra, "control": control, "control_apply_to_uncond": True}] for t, extra in conds]
 
@@ -993,6 +1025,58 @@ def test_a_sampler_from_a_module_named_by_its_path_reaches_the_workers(comfyui_p
     assert torch.isfinite(parallel).all() and in_process.abs().mean() > 1e-3
     assert (parallel - in_process).abs().max().item() < TOL
     assert current_pool() is not None
+
+
+def _comfy_extras(comfyui_path, name):
+    """A comfy_extras module loaded as ComfyUI loads it: named by its file path."""
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(comfyui_path, "comfy_extras", f"{name}.py")
+    module_name = os.path.splitext(path)[0]
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+_GUIDANCE_NODES = {  # node: (module, class, inputs besides the model)
+    "CFGZeroStar": ("nodes_cfg", "CFGZeroStar", {}),
+    "RescaleCFG": ("nodes_model_advanced", "RescaleCFG", dict(multiplier=0.7)),
+    "APG": ("nodes_apg", "APG", dict(eta=1.0, norm_threshold=5.0, momentum=-0.5)),
+    "TCFG": ("nodes_tcfg", "TCFG", {}),
+    "Mahiro": ("nodes_mahiro", "Mahiro", {}),
+    "SkipLayerGuidanceDiT": ("nodes_slg", "SkipLayerGuidanceDiT",
+                             dict(scale=3.0, start_percent=0.0, end_percent=1.0, double_layers="1", single_layers="")),
+}
+
+
+@pytest.mark.parametrize("node", sorted(_GUIDANCE_NODES))
+def test_guidance_nodes_closures_sample_in_the_pool_as_in_process(comfyui_path, pack_nodes, pool_cleanup, node):
+    """ComfyUI's guidance nodes (CFG-Zero*, RescaleCFG, APG, TCFG, Mahiro, Skip Layer Guidance)
+    put closures in the model options, which no name reaches: they travel by value and the
+    pool samples a Wan graph with them as in-process (ring x2, cfg 3); before, every one of
+    them was refused."""
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    module, cls_name, inputs = _GUIDANCE_NODES[node]
+    cls = getattr(_comfy_extras(comfyui_path, module), cls_name)
+    patcher, pos, neg, latent = sampling_inputs("wan")
+    out = cls.execute(patcher, **inputs) if hasattr(cls, "execute") else getattr(cls(), cls.FUNCTION)(patcher, **inputs)
+    patched = out.result[0] if hasattr(out, "result") else out[0]
+    assert patched.model_options != patcher.model_options
+    without = comfy_models.sample(patcher, pos, neg, latent, steps=3, cfg=3.0)
+    plain = comfy_models.sample(patched, pos, neg, latent, steps=3, cfg=3.0)
+    assert (plain - without).abs().max() > 1e-3  # the node changes the result
+    parallel = comfy_models.sample(_cp(pack_nodes, patched, ulysses_degree=1, ring_degree=2), pos, neg, latent,
+                                   steps=3, cfg=3.0)
+    assert torch.isfinite(parallel).all()
+    err = (parallel - plain).abs().max().item()
+    assert err < TOL, f"{node}: max abs err {err:.3g}"
 
 
 def test_model_compute_dtype_reaches_the_workers(comfyui_path, pack_nodes, pool_cleanup):

@@ -7,6 +7,9 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+import torch
+
 from comfy_para_attn import refs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,36 +72,39 @@ def test_importable_objects_pickle_as_before():
 
 
 def test_object_patches_of_local_classes_travel_whole_when_they_pickle():
-    """A module of a class defined in a function is sent as a PortableModule (rebuilt from its
-    bases and state) only when it does not pickle by itself: a torch.fx GraphModule's class is
-    local too and pickles with its code (as a PortableModule it lost its forward)."""
-    import torch
+    """A torch.fx GraphModule's class is local and pickles with its code, as it is; a local
+    class that only combines its bases travels as those bases and its state; a local class
+    with a method of its own cannot be made again, and fails as plain pickle fails."""
     import torch.fx
 
-    from comfy_para_attn.adapters.comfy.portable import PortableModule, portable_object_patches
+    from comfy_para_attn.adapters.comfy.portable import portable_object_patches
 
-    def local_module():
+    def local_module(own_forward: bool):
         class Shifted(torch.nn.Module):
             def forward(self, x):
                 return x + 1
 
-        return Shifted()
+        class Mixed(torch.nn.Identity):
+            pass
 
-    traced = torch.fx.symbolic_trace(local_module())
-    sent = pickle.loads(pickle.dumps(portable_object_patches({"traced": traced, "local": local_module()})))
-    assert not isinstance(sent["traced"], PortableModule)
+        return Shifted() if own_forward else Mixed()
+
+    traced = torch.fx.symbolic_trace(local_module(True))
+    sent = pickle.loads(refs.dumps(portable_object_patches({"traced": traced, "mixed": local_module(False)})))
     x = torch.randn(3)
     assert torch.equal(sent["traced"](x), x + 1)
-    assert isinstance(sent["local"], PortableModule)
+    assert type(sent["mixed"]).__bases__ == (torch.nn.Identity,) and torch.equal(sent["mixed"](x), x)
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        refs.dumps(local_module(True))
 
 
-def test_a_local_class_of_a_path_named_module_travels_as_a_portable_module(tmp_path):
+def test_a_local_class_of_a_path_named_module_travels_as_its_bases(tmp_path):
     """ComfyUI's ModelSampling nodes patch in an instance of a class made inside the node's
     function, in a module named by its path (comfy_extras): no name reaches that class, so it
-    travels as a PortableModule whose base class goes by file (it was sent as a reference to
+    travels as its bases (by file) and state (it was sent as a reference to
     "patch.<locals>.Advanced", which no worker could resolve: every multi-GPU HunyuanVideo and
     Wan workflow failed)."""
-    from comfy_para_attn.adapters.comfy.portable import PortableModule, portable_object_patches
+    from comfy_para_attn.adapters.comfy.portable import portable_object_patches
 
     pack = tmp_path / "sampling.pack"
     pack.mkdir()
@@ -117,17 +123,13 @@ def test_a_local_class_of_a_path_named_module_travels_as_a_portable_module(tmp_p
     module = _load_like_comfyui(str(pack))
     try:
         patched = module.patch()
-        try:
-            refs.dumps(patched)
-            raise AssertionError("a class defined in a function was pickled by name")
-        except (pickle.PicklingError, AttributeError):
-            pass
+        with pytest.raises((pickle.PicklingError, AttributeError)):
+            pickle.dumps(patched)  # by name: "patch.<locals>.Advanced", which no worker can resolve
         sent = portable_object_patches({"model_sampling": patched})
-        assert isinstance(sent["model_sampling"], PortableModule)
         script = textwrap.dedent(f"""
             import pickle, sys, torch
             sys.path.insert(0, {ROOT!r})
-            module = pickle.loads(sys.stdin.buffer.read())["model_sampling"].rebuild()
+            module = pickle.loads(sys.stdin.buffer.read())["model_sampling"]
             print(type(module).__name__, module(torch.ones(2)).tolist())
         """)
         done = subprocess.run([sys.executable, "-c", script], input=refs.dumps(sent), capture_output=True, timeout=120)
@@ -194,3 +196,57 @@ def test_objects_with_a_getattr_keep_what_pickle_keeps():
     assert type(copy) is AttributeDict and copy == {"a": 1, "b": [2]} and copy.b == [2]
     slotted = pickle.loads(refs.dumps(SlottedAnswersEveryName()))
     assert type(slotted) is SlottedAnswersEveryName and slotted.a == 1
+
+
+class MakesItsPreviewFunction:
+    """Like newer ComfyUI's FLUX.2 latent format: its constructor keeps a lambda."""
+
+    def __init__(self):
+        self.channels = 128
+        self.reshape = lambda t: t * self.channels
+
+
+def _guidance_patch(scale, tensor):
+    """Like ComfyUI's CFGZeroStar / Skip Layer Guidance nodes: the patch is a closure."""
+    later = None
+
+    def patch(args):
+        return args["denoised"] * scale + tensor.sum() + (later(args) if later else 0) + _module_level_helper()
+
+    def again(args):
+        return 0.5 if patch is not None else 0.0  # refers to the other closure, which refers back
+
+    later = again if scale < 0 else None
+    return patch
+
+
+def _module_level_helper():
+    return 1.0
+
+
+def test_functions_defined_inside_functions_travel_by_value(tmp_path):
+    """Guidance patches of ComfyUI's own nodes are closures: plain pickle cannot name them.
+    They travel by code and closure (tensors, other closures, a cycle, a lambda kept by an
+    object) and compute the same in a fresh process, their globals read from their module."""
+    obj = MakesItsPreviewFunction()
+    obj.channels = 64
+    tensor = torch.arange(3.0)
+    patches = {"object": obj, "plain": _guidance_patch(2.0, tensor), "cycle": _guidance_patch(-1.0, tensor),
+               "lambda": lambda x, k=3, *, j=4: x * k + j}
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(patches["plain"])
+    back = pickle.loads(refs.dumps(patches))
+    args = {"denoised": torch.tensor([1.0, 2.0])}
+    for name in ("plain", "cycle"):
+        assert torch.equal(back[name](args), patches[name](args)), name
+    assert back["object"].reshape(2) == 128 and back["lambda"](2) == 10 and back["lambda"].__qualname__.endswith("<lambda>")
+    (tmp_path / "patches.pkl").write_bytes(refs.dumps(patches))
+    code = textwrap.dedent(f"""
+        import pickle, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        patches = pickle.load(open({str(tmp_path / "patches.pkl")!r}, "rb"))
+        print(patches["cycle"]({{"denoised": torch.tensor([1.0, 2.0])}}).tolist(), patches["object"].reshape(1))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{patches['cycle'](args).tolist()} 64"

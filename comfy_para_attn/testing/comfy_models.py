@@ -20,6 +20,11 @@ HUNYUAN_TINY = dict(in_channels=16, out_channels=16, vec_in_dim=32, context_in_d
                     mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6],
                     theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False,
                     meanflow=False)
+# Newer ComfyUI's FLUX.2 (the same Flux class: one modulation for all blocks, SiLU-gated MLPs, 128 latent channels)
+FLUX2_TINY = dict(in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=32, hidden_size=64, mlp_ratio=3.0,
+                  num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 4, 4, 4], theta=2000, patch_size=1,
+                  qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
+                  default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3])
 WAN_TINY = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64, ffn_dim=128,
                 freq_dim=32, text_dim=32, out_dim=16, num_heads=4, num_layers=3, window_size=(-1, -1),
                 qk_norm=True, cross_attn_norm=True, eps=1e-6)
@@ -41,6 +46,7 @@ TINY_SIZES = {"flux": (dict(height=16, width=16), 16), "hunyuan_video": (dict(fr
 _FAMILIES = {  # family -> (supported_models class name, image_model, tiny config)
     "flux": ("Flux", "flux", FLUX_TINY),
     "hunyuan_video": ("HunyuanVideo", "hunyuan_video", HUNYUAN_TINY),
+    "flux2": ("Flux2", "flux2", FLUX2_TINY),  # newer ComfyUI only
     "wan": ("WAN21_T2V", "wan2.1", WAN_TINY),
     "wan22": ("WAN22_T2V", "wan2.1", WAN22_TINY),  # text/image-to-video 5B: per-frame timesteps
 }
@@ -114,8 +120,8 @@ def _newer_fields(family: str) -> dict:
 
 
 def build(family: str, *, dtype=torch.float32, device="cpu", seed: int = 0, **config):
-    """A ModelPatcher around a random-weight ComfyUI model of `family` ("flux",
-    "hunyuan_video", "wan", "wan22", or a Wan variant "wan_vace", "wan_s2v", "wan_humo",
+    """A ModelPatcher around a random-weight ComfyUI model of `family` ("flux", "flux2"
+    (newer ComfyUI), "hunyuan_video", "wan", "wan22", or a Wan variant "wan_vace", "wan_s2v", "wan_humo",
     "wan_animate"); `config` overrides the tiny unet config."""
     import comfy.model_patcher
     import comfy.supported_models

@@ -423,6 +423,21 @@ def refuse_too_few_tokens(model_patcher, latent_shape, conds: dict, sequence_siz
             f"cfg_parallel (which does not split tokens).")
 
 
+def refuse_timestep_zero_references(model_patcher, conds: dict) -> None:
+    """ValueError for reference latents with newer ComfyUI's "index_timestep_zero" method
+    (FLUX.2 edits): the model computes their per-token modulation from the whole sequence's
+    token ranges, which a rank's share does not have."""
+    params = getattr(model_patcher.model.diffusion_model, "params", None)
+    default = getattr(params, "default_ref_method", None)
+    for group in conds.values():
+        for c in group:
+            if c.get("reference_latents") and c.get("reference_latents_method", default) == "index_timestep_zero":
+                raise ValueError(
+                    "Context Parallel cannot split the tokens of a model with reference latents of the "
+                    "'index_timestep_zero' method; pick another reference method, or set the Context Parallel node "
+                    "to cfg_parallel only (ulysses 1, ring 1).")
+
+
 def install_context_parallel(model_patcher, cp: ParallelContext):
     """A clone of `model_patcher` that runs each model call context-parallel over `cp`."""
     import comfy.patcher_extension

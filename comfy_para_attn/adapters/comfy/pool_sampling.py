@@ -396,7 +396,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     from ...pool import PoolInterrupted
     from ...pool.errors import WorkerFailure, with_hint
     from ...pool.protocol import Pickled
-    from .context_parallel import refuse_token_patches, refuse_too_few_tokens
+    from .context_parallel import refuse_timestep_zero_references, refuse_token_patches, refuse_too_few_tokens
 
     if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
         raise NotPortableError("Context Parallel does not support nested (packed) latents yet.")
@@ -404,6 +404,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE].for_run(guider)
     if settings.ulysses * settings.ring > 1:
         refuse_too_few_tokens(guider.model_patcher, noise.shape, _conds_run(guider), settings.ulysses * settings.ring)
+        refuse_timestep_zero_references(guider.model_patcher, guider.original_conds)
         refuse_token_patches(guider.model_patcher)
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)

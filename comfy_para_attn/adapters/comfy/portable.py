@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from ... import refs
 from ...refs import ObjectRef
 
@@ -101,44 +99,13 @@ def check_object_patches(patches: dict) -> None:
         _check_picklable(f"object patch {name!r}", value)
 
 
-class PortableModule:
-    """An nn.Module whose class was defined inside a function (ComfyUI's ModelSampling
-    nodes do this): rebuilt from its base classes and state."""
-
-    def __init__(self, module: torch.nn.Module):
-        cls = type(module)
-        self.name = cls.__name__
-        self.bases = cls.__bases__
-        self.state = {k: v for k, v in module.__dict__.items()}
-
-    def rebuild(self) -> torch.nn.Module:
-        cls = type(self.name, self.bases, {})
-        module = cls.__new__(cls)
-        module.__dict__.update(self.state)
-        return module
-
-
 def portable_object_patches(object_patches: dict) -> dict:
-    """Other nodes' object patches, made picklable (a module whose class was defined inside a
-    function travels as a `PortableModule`); ours are left out (the worker's features
-    re-create them). Only those modules are pickled here (they are small); the rest is checked
-    by `check_object_patches` if the payload fails to pickle."""
-    out = {}
-    for name, value in object_patches.items():
-        if _is_ours(value, "comfy_para_attn."):  # FP8 Quantize's GELU fusion lives in comfy_para_attn.quant
-            continue
-        portable = value
-        if isinstance(value, torch.nn.Module) and "<locals>" in type(value).__qualname__:
-            try:  # some local classes pickle by themselves (a torch.fx GraphModule): keep them whole
-                refs.dumps(value)
-            except Exception:
-                portable = PortableModule(value)
-        out[name] = portable
-    return out
-
-
-def rebuild_object_patches(object_patches: dict) -> dict:
-    return {k: v.rebuild() if isinstance(v, PortableModule) else v for k, v in object_patches.items()}
+    """Other nodes' object patches; ours are left out (the worker's features re-create them).
+    An instance of a class ComfyUI's ModelSampling nodes define inside their function travels
+    by `refs.dumps` (its bases and state); the rest is checked by `check_object_patches` if the
+    payload fails to pickle."""
+    return {name: value for name, value in object_patches.items()
+            if not _is_ours(value, "comfy_para_attn.")}  # FP8 Quantize's GELU fusion lives in comfy_para_attn.quant
 
 
 _GUIDER_LIVE_ATTRS = ("model_patcher", "model_options", "inner_model", "conds", "original_conds", "loaded_models")

@@ -160,7 +160,7 @@ def sample(ctx, payload):
     from ...attention.local import select_backend
     from .context_parallel import install_context_parallel
     from .controlnets import keep_loaded_models, rebuild_controls
-    from .portable import rebuild_guider, rebuild_object_patches, rebuild_sampler
+    from .portable import rebuild_guider, rebuild_sampler
     from .vae_jobs import cached_vae
 
     from ...pool.sent_once import ReceivedTensors, unpack
@@ -189,7 +189,7 @@ def sample(ctx, payload):
         patcher.patches_uuid = payload["patches_uuid"]
         patcher.force_cast_weights = payload.get("force_cast_weights", False)
         patcher.weight_wrapper_patches = {k: list(v) for k, v in payload.get("weight_wrapper_patches", {}).items()}
-        patcher.object_patches = rebuild_object_patches(payload["object_patches"])
+        patcher.object_patches = dict(payload["object_patches"])
         patcher.model_options = payload["model_options"]
         ours = patcher.model_options.get("transformer_options", {}).get("para_attn", {})
         patcher = _apply_features(patcher, ours)
