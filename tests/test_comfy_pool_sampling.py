@@ -195,6 +195,8 @@ def test_cfg_parallel_with_cfg_1_is_refused_in_manual_and_dropped_in_auto_layout
                                                                                    pool_cleanup, caplog, monkeypatch):
     """A FLUX user (CFG 1) who ticks cfg_parallel: a manual layout says what to change; the auto
     layout samples on its sequence layout without cfg parallel, as it does for an odd GPU count."""
+    import comfy.samplers
+
     from comfy_para_attn.adapters.comfy import pool_sampling
     from comfy_para_attn.testing import comfy_models
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
@@ -221,6 +223,12 @@ def test_cfg_parallel_with_cfg_1_is_refused_in_manual_and_dropped_in_auto_layout
     plain = comfy_models.sample(patcher, pos, neg, latent, steps=2, cfg=3.0)
     assert torch.isfinite(with_cfg).all() and (with_cfg - plain).abs().max().item() < TOL
     assert [(c.ulysses, c.ring, c.cfg) for c in sent_layouts] == [(1, 2, 1), (1, 1, 2)]
+    # DualCFGGuider keeps its two scales to itself: the error names it (it said "CFG > 1" of a CFG of 3)
+    dual = _comfy_extras(comfyui_path, "nodes_custom_sampler").Guider_DualCFG(model)
+    dual.set_cfg(3.0, 2.0)
+    dual.set_conds(pos, neg, neg)
+    with pytest.raises(ValueError, match="this run's Guider_DualCFG reports CFG 1.0"):
+        dual.sample(latent, latent, comfy.samplers.sampler_object("euler"), torch.tensor([1.0, 0.5, 0.0]), seed=0)
 
 
 def test_conditioning_that_cannot_travel_is_named_before_any_worker_runs(comfyui_path, pack_nodes, pool_cleanup):

@@ -63,15 +63,27 @@ class ContextParallelSettings:
         """These settings for a sampling run of `guider`: cfg parallel needs both CFG halves.
         A run without them (CFG 1, FLUX's usual; no negative prompt) runs on the sequence
         layout auto picks without cfg parallel, or, with a manual layout, is refused."""
-        if self.cfg == 1 or (getattr(guider, "cfg", 1.0) != 1.0 and "negative" in guider.original_conds):
+        why_not = _why_no_cfg_halves(guider)
+        if self.cfg == 1 or why_not is None:
             return self
         if self.without_cfg is None:
-            raise ValueError("cfg_parallel needs CFG > 1 with a negative prompt; turn cfg_parallel off on the Context "
-                             "Parallel node for this sampler (or use a CFG above 1 with a negative prompt).")
+            raise ValueError(f"cfg_parallel {why_not}; turn cfg_parallel off on the Context Parallel node for this "
+                             "sampler (or use a CFG above 1 with a negative prompt).")
         ulysses, ring = self.without_cfg
-        log.warning("Context Parallel: cfg_parallel is off for this run: it needs CFG > 1 with a negative prompt; "
-                    "auto layout without it: ulysses %d x ring %d", ulysses, ring)
+        log.warning("Context Parallel: cfg_parallel is off for this run: it %s; auto layout without it: "
+                    "ulysses %d x ring %d", why_not, ulysses, ring)
         return replace(self, ulysses=ulysses, ring=ring, cfg=1, without_cfg=None)
+
+
+def _why_no_cfg_halves(guider) -> str | None:
+    """Why a run of `guider` has no conditional and unconditional halves to split, or None."""
+    cfg = getattr(guider, "cfg", None)
+    if isinstance(cfg, (int, float)) and cfg != 1.0 and "negative" in guider.original_conds:
+        return None
+    why = "needs CFG > 1 with a negative prompt"
+    if type(guider).__name__ != "CFGGuider":  # DualCFGGuider keeps its scales elsewhere (cfg1, cfg2)
+        why += f" (this run's {type(guider).__name__} reports CFG {cfg})"
+    return why
 
 
 ON_WINDOWS = os.name == "nt"
