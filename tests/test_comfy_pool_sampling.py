@@ -1087,6 +1087,28 @@ def test_guidance_nodes_closures_sample_in_the_pool_as_in_process(comfyui_path, 
     assert err < TOL, f"{node}: max abs err {err:.3g}"
 
 
+def test_a_dual_model_guider_is_refused_with_what_to_change(comfyui_path, pack_nodes, pool_cleanup):
+    """Newer ComfyUI's dual-model guider (the negative on a second model) under Context
+    Parallel: a clear refusal before any worker runs (it failed on pickling a class of that
+    model's layers, naming ComfyUI internals)."""
+    import comfy.samplers
+
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    extras = _comfy_extras(comfyui_path, "nodes_custom_sampler")
+    if not hasattr(extras, "Guider_DualModel"):
+        pytest.skip("this ComfyUI has no dual-model guider")
+    patcher, pos, neg, latent = sampling_inputs("wan")
+    guider = extras.Guider_DualModel(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2), patcher.clone())
+    guider.set_conds(pos, neg)
+    guider.set_cfg(3.0)
+    before = current_pool()
+    with pytest.raises(ValueError, match="does not support a guider with a second model"):
+        guider.sample(latent, latent, comfy.samplers.sampler_object("euler"), torch.tensor([1.0, 0.5, 0.0]), seed=0)
+    assert current_pool() is before
+
+
 def test_model_compute_dtype_reaches_the_workers(comfyui_path, pack_nodes, pool_cleanup):
     """ComfyUI's ModelComputeDtype (fp32 compute on bf16 weights) sets force_cast_weights on
     the patcher: the workers cast as in-process sampling does (without it, a dtype mismatch

@@ -114,6 +114,11 @@ _GUIDER_LIVE_ATTRS = ("model_patcher", "model_options", "inner_model", "conds", 
 def portable_guider(guider) -> tuple[ObjectRef, dict]:
     """The guider's class and plain attributes (cfg etc.), without model or conds."""
     state = {k: v for k, v in guider.__dict__.items() if k not in _GUIDER_LIVE_ATTRS}
+    for name, value in state.items():
+        if hasattr(value, "model") and hasattr(value, "model_options") and hasattr(value, "patches"):
+            raise NotPortableError(
+                f"Context Parallel does not support a guider with a second model yet ({type(guider).__name__}."
+                f"{name}, newer ComfyUI's dual-model guider): use one model, or run without Context Parallel.")
     cls = ObjectRef(type(guider))
     _check_picklable(f"the guider ({type(guider).__name__})", (cls, state))
     return cls, state
