@@ -8,6 +8,7 @@ loading it from there.
 """
 from __future__ import annotations
 
+import copyreg
 import importlib
 import importlib.util
 import io
@@ -121,19 +122,44 @@ class _EmptyCell:
 _EMPTY_CELL = _EmptyCell()
 
 
+def _resolves_to_itself(fn) -> bool:
+    """Whether pickle's by-name lookup (module, qualname) finds `fn` itself: not for a function
+    defined inside another, a module-level lambda, or a wrapper whose `functools.wraps` copied
+    another function's names."""
+    obj = sys.modules.get(fn.__module__)
+    for part in fn.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
+
+
+def _looks_like_a_model(value) -> bool:
+    """A ComfyUI ModelPatcher or model (duck-typed: the pack imports no ComfyUI here)."""
+    return ((hasattr(value, "model") and hasattr(value, "patches") and hasattr(value, "model_options"))
+            or (hasattr(value, "diffusion_model") and hasattr(value, "model_config")))
+
+
 def _function_by_value(fn):
-    """Pickle's reduction of a function defined inside another (a node's guidance or patch
-    closure, which no name reaches): its code, its module (for its globals), and as state its
-    closure values, defaults and attributes, set once the function exists (a closure that
-    refers to the function itself then pickles too)."""
+    """Pickle's reduction of a function no name reaches (a node's guidance or patch closure):
+    its code, the module whose dict is its globals, and as state its closure values, defaults
+    and attributes, set once the function exists (a closure that refers to the function itself
+    then pickles too). Refused: globals of no importable module (`__main__`, `exec`), and a
+    closure over a model, whose weights would travel with every job."""
+    module = fn.__globals__.get("__name__")
+    if module == "__main__" or getattr(sys.modules.get(module), "__dict__", None) is not fn.__globals__:
+        raise pickle.PicklingError(f"cannot send {fn.__qualname__}: its globals are not those of an importable "
+                                   f"module ({module})")
     cells = []
     for cell in fn.__closure__ or ():
         try:
             cells.append(cell.cell_contents)
         except ValueError:
             cells.append(_EMPTY_CELL)
+    captured = [type(v).__name__ for v in cells + list(fn.__defaults__ or ()) if _looks_like_a_model(v)]
+    if captured:
+        raise pickle.PicklingError(f"{fn.__qualname__} of {module} holds a model ({captured[0]}): its weights "
+                                   "would travel with every job")
     state = (tuple(cells), fn.__defaults__, fn.__kwdefaults__, fn.__dict__ or None, fn.__qualname__)
-    return (make_function, (marshal.dumps(fn.__code__), ModuleRef(fn.__module__), fn.__name__, len(cells)),
+    return (make_function, (marshal.dumps(fn.__code__), ModuleRef(module), fn.__name__, len(cells)),
             state, None, None, set_function_state)
 
 
@@ -163,22 +189,34 @@ def _mixes_its_bases(cls) -> bool:
             and set(vars(cls)) <= _CLASS_BOOKKEEPING)
 
 
-def instance_of_mixed_bases(name: str, bases: tuple, qualname: str):
+def _reduce_with_mixed_bases(obj):
+    """Pickle's default reduction of `obj` (new object, state, list and dict items) with its
+    class made again from its bases on the other side; None where a base reduces its own way
+    (a tensor, say: plain pickle then fails by name, as before)."""
+    cls = type(obj)
+    reduced = tuple(obj.__reduce_ex__(pickle.DEFAULT_PROTOCOL)) + (None,) * 4
+    if reduced[0] is not copyreg.__newobj__ or reduced[1][0] is not cls:
+        return None
+    return (instance_of_mixed_bases, (cls.__name__, cls.__bases__, cls.__qualname__, *reduced[1][1:])) + reduced[2:6]
+
+
+def instance_of_mixed_bases(name: str, bases: tuple, qualname: str, *args):
     """Unpickles what `dumps` sent of an instance of such a class: the class made again (its
     state follows)."""
     cls = type(name, bases, {"__qualname__": qualname})
-    return cls.__new__(cls)
+    return cls.__new__(cls, *args)
 
 
 class Pickler(pickle.Pickler):
     """A pickler that sends the functions and classes of path-named modules by file (`dumps`)."""
 
     def reducer_override(self, obj):
-        if isinstance(obj, types.FunctionType) and "<locals>" in obj.__qualname__:
+        if isinstance(obj, types.FunctionType) and not _resolves_to_itself(obj):
             return _function_by_value(obj)
-        if not isinstance(obj, type) and isinstance(getattr(obj, "__dict__", None), dict) and _mixes_its_bases(type(obj)):
-            cls = type(obj)
-            return instance_of_mixed_bases, (cls.__name__, cls.__bases__, cls.__qualname__), obj.__dict__
+        if not isinstance(obj, type) and _mixes_its_bases(type(obj)):
+            reduced = _reduce_with_mixed_bases(obj)
+            if reduced is not None:
+                return reduced
         if isinstance(obj, (types.FunctionType, type)) and _named_by_path(getattr(obj, "__module__", None) or ""):
             return resolve, (ObjectRef(obj),)  # a local class raises there, as pickle fails it
         if not isinstance(obj, type) and _answers_any_attribute(obj):

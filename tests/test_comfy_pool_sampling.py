@@ -296,6 +296,15 @@ def test_an_image_too_small_for_the_ranks_is_refused_before_any_worker_runs(comf
     out = comfy_models.sample(_cp(pack_nodes, patcher), pos, short_negative, latent, steps=2, cfg=1.0)
     plain = comfy_models.sample(patcher, pos, short_negative, latent, steps=2, cfg=1.0)
     assert torch.isfinite(out).all() and (out - plain).abs().max() < TOL
+    # but DualCFGGuider runs its negative whatever its inherited `cfg` (1.0) says: still refused
+    import comfy.samplers
+
+    dual = _comfy_extras(comfyui_path, "nodes_custom_sampler").Guider_DualCFG(_cp(pack_nodes, patcher))
+    dual.set_cfg(3.0, 2.0)
+    dual.set_conds(pos, pos, short_negative)
+    with pytest.raises(ValueError, match="negative prompt encodes to 1 text token"):
+        dual.sample(latent, latent, comfy.samplers.sampler_object("euler"), torch.tensor([1.0, 0.5, 0.0]), seed=0)
+    assert current_pool() is before
 
 
 @pytest.mark.parametrize("family, kind", [("flux", "attn1_patch"), ("flux", "double_block"), ("wan", "double_block")])

@@ -250,3 +250,57 @@ def test_functions_defined_inside_functions_travel_by_value(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"{patches['cycle'](args).tolist()} 64"
+
+
+class _ModelPatcherLike:
+    """What `refs` takes for a ComfyUI ModelPatcher (duck-typed): weights that must not ride along."""
+
+    def __init__(self):
+        self.model, self.patches, self.model_options = torch.nn.Linear(2, 2), {}, {}
+
+
+def _closure_over(value):
+    def uses(x):
+        return value, x
+
+    return uses
+
+
+def test_what_travels_by_value_keeps_its_meaning():
+    """Found in review: a wrapper whose functools.wraps copied a local function's names runs
+    with its own module's globals; a module-level lambda renamed by functools.wraps travels
+    as itself, not as the function whose name it took; a local dict or list subclass keeps
+    its items; a closure over a model, or a function of no importable module (a script's
+    __main__), is refused instead of sending weights with every job or re-running the script."""
+    import functools
+
+    inner = _guidance_patch(1.0, torch.zeros(1))
+
+    @functools.wraps(inner)
+    def wrapper(args):
+        return inner(args) + _module_level_helper()
+
+    renamed = functools.wraps(_module_level_helper)(lambda: 41.0)
+    back = pickle.loads(refs.dumps({"wrapper": wrapper, "renamed": renamed}))
+    args = {"denoised": torch.tensor([1.0])}
+    assert torch.equal(back["wrapper"](args), wrapper(args)) and back["renamed"]() == 41.0
+
+    def local_containers():
+        class Items(dict):
+            pass
+
+        class Rows(list):
+            pass
+
+        items, rows = Items(a=1), Rows([1, 2, 3])
+        items.extra = 2
+        return items, rows
+
+    items, rows = pickle.loads(refs.dumps(local_containers()))
+    assert dict(items) == {"a": 1} and items.extra == 2 and list(rows) == [1, 2, 3]
+    with pytest.raises(pickle.PicklingError, match="holds a model"):
+        refs.dumps(_closure_over(_ModelPatcherLike()))
+    scripted = {}
+    exec("def f(x):\n    return x\n", {"__name__": "__main__"}, scripted)
+    with pytest.raises(pickle.PicklingError, match="not those of an importable module"):
+        refs.dumps(scripted["f"])

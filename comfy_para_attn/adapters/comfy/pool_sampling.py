@@ -391,11 +391,14 @@ def _make_room(pool, guider, noise, payload, settings) -> None:
 
 
 def _conds_run(guider) -> dict:
-    """The guider's conds by name, less the negative where ComfyUI skips it (cfg 1, unless
-    the model options turn that optimization off)."""
+    """The guider's conds by name, less the negative where ComfyUI skips it: CFGGuider's own
+    prediction at cfg 1, unless the model options turn that optimization off (DualCFGGuider,
+    PerpNegGuider predict their own way and run theirs whatever `cfg` says)."""
     conds = dict(guider.original_conds)
+    cfg_guider = next((c for c in type(guider).__mro__ if c.__name__ == "CFGGuider"), None)
     cfg = getattr(guider, "cfg", None)
-    if (isinstance(cfg, (int, float)) and math.isclose(cfg, 1.0)
+    if (cfg_guider is not None and type(guider).predict_noise is cfg_guider.predict_noise
+            and isinstance(cfg, (int, float)) and math.isclose(cfg, 1.0)
             and not guider.model_options.get("disable_cfg1_optimization", False)):
         conds.pop("negative", None)
     return conds
@@ -415,8 +418,9 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     guider = executor.class_obj
     settings: ContextParallelSettings = guider.model_options["transformer_options"]["para_attn"][FEATURE].for_run(guider)
     if settings.ulysses * settings.ring > 1:
-        refuse_too_few_tokens(guider.model_patcher, noise.shape, _conds_run(guider), settings.ulysses * settings.ring)
-        refuse_timestep_zero_references(guider.model_patcher, guider.original_conds)
+        conds_run = _conds_run(guider)
+        refuse_too_few_tokens(guider.model_patcher, noise.shape, conds_run, settings.ulysses * settings.ring)
+        refuse_timestep_zero_references(guider.model_patcher, conds_run)
         refuse_token_patches(guider.model_patcher)
     began = time.monotonic()
     payload = _job_payload(guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, settings)
