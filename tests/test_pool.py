@@ -519,7 +519,7 @@ def test_the_payload_is_pickled_once_and_a_part_that_cannot_travel_is_named(monk
         payload, protocol=pickle.HIGHEST_PROTOCOL)
     assert checked == []  # nothing pickled twice on the way
     monkeypatch.undo()
-    payload["conds"].append(lambda: None)
+    payload["conds"].append(threading.Lock())  # (a local function would travel by value)
     with pytest.raises(portable.NotPortableError, match="cannot send the conditioning"):
         portable.pickle_payload(payload, {"seed": "the seed", "conds": "the conditioning"})
     with pytest.raises(portable.NotPortableError, match="cannot send the job"):
