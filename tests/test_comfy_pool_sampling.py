@@ -233,7 +233,7 @@ def test_cfg_parallel_with_cfg_1_is_refused_in_manual_and_dropped_in_auto_layout
 
 def test_conditioning_that_cannot_travel_is_named_before_any_worker_runs(comfyui_path, pack_nodes, pool_cleanup):
     """The payload is pickled once; when that fails, the error names the part that cannot
-    travel (here another pack's lambda in the conds)."""
+    travel (here another pack's lock in the conds)."""
     import threading
 
     from comfy_para_attn.adapters.comfy.portable import NotPortableError
