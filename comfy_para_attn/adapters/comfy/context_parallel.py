@@ -81,7 +81,11 @@ def _local_control(call: ShardedCall, control: dict) -> None:
 
 
 def _flux_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
-    img = extra["original_block"](args)["img"]
+    out = extra["original_block"](args)
+    if isinstance(out.get("txt"), torch.Tensor):  # a double block: the model has no single blocks
+        call.end()
+        return call.gather_pair(out, text_first=True)
+    img = out["img"]
     txt_local = img[:, : call.first_lens[call.rank]]
     full_img = call.gather_stream(img, "second")
     call.end()
@@ -180,6 +184,9 @@ def _video_block(call: ShardedCall, args: dict, extra: dict) -> dict:
 
 def _video_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
     out = dict(_run_block(call, _local_args(call, args), extra))
+    if isinstance(out.get("txt"), torch.Tensor) and call.family != "wan":  # a double block, and no single ones
+        call.end()
+        return call.gather_pair(out, call.text_first)
     local = out["img"]
     nf = call.first_lens[call.rank]
     if call.text_first:

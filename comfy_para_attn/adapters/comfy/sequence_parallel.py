@@ -118,11 +118,20 @@ class ShardedCall:
     def gather_stream(self, local: Tensor, which: str) -> Tensor:
         """The full `which` ("first"/"second") stream from a local [first_r, second_r] tensor."""
         nf = self.first_lens[self.rank]
-        lens = self.first_lens if which == "first" else self.second_lens
-        part = local[:, :nf] if which == "first" else local[:, nf:]
+        return self.gather_part(local[:, :nf] if which == "first" else local[:, nf:], which)
+
+    def gather_part(self, part: Tensor, which: str) -> Tensor:
+        """The full `which` stream from this rank's share of it alone."""
         if self.cp.sequence_group is None:
             return part
-        return gather_sequence(part, lens, self.cp.sequence_group)
+        return gather_sequence(part, self.first_lens if which == "first" else self.second_lens,
+                               self.cp.sequence_group)
+
+    def gather_pair(self, out: dict, text_first: bool) -> dict:
+        """A double block's output with both streams whole (the last block of a model without
+        single blocks: HunyuanVideo 1.5 as ComfyUI detects it)."""
+        txt, img = ("first", "second") if text_first else ("second", "first")
+        return dict(out, img=self.gather_part(out["img"], img), txt=self.gather_part(out["txt"], txt))
 
     def end(self):
         self.active = False
