@@ -132,6 +132,20 @@ def test_custom_exclusions_and_off(cm, fp8, flux):
         fp8.apply_fp8(flux, FP8Settings(exclude="*"))
 
 
+def test_modulation_layers_of_flux2(cm):
+    """Newer ComfyUI's FLUX.2 shares one modulation per stream kind across its blocks: the
+    int8 modulation takes all four (its double stream's image and text layers were missed)."""
+    import comfy.supported_models
+
+    from comfy_para_attn.quant.modulation import modulation_layers
+
+    if not hasattr(comfy.supported_models, "Flux2"):
+        pytest.skip("this ComfyUI has no FLUX.2")
+    names = {name for name, _ in modulation_layers(cm.build("flux2").model.diffusion_model)}
+    assert names == {"double_stream_modulation_img.lin", "double_stream_modulation_txt.lin",
+                     "single_stream_modulation.lin", "final_layer.adaLN_modulation.1"}, names
+
+
 def test_modulation_int8_or_original(cm, fp8, flux, caplog):
     """Int8 modulation weights move the output a little; "original" (the default) leaves those
     layers as loaded; switching between the two clones restores and converts again."""

@@ -27,7 +27,8 @@ from comfy_para_attn.kernels.int8_linear import int8_linear, quantize_weight_int
 from .fp8 import is_excluded
 from .layer_classes import mixed_class
 
-MODULATION_PATTERNS = ("*_mod.lin", "*modulation.lin", "*adaLN_modulation.*")
+MODULATION_PATTERNS = ("*_mod.lin", "*modulation.lin", "*adaLN_modulation.*",
+                       "*modulation_img.lin", "*modulation_txt.lin")  # FLUX.2's double stream has one each
 SCALE_ATTR = "para_attn_int8_scale"
 
 
