@@ -38,7 +38,12 @@ class ModuleRef:
         except ImportError:
             if not self.file:
                 raise
-        return _load_from_file(self.module, self.file)
+        try:
+            return _load_from_file(self.module, self.file)
+        except Exception as exc:  # a custom node pack that needs ComfyUI's server, say
+            raise ImportError(f"this process could not load {self.module} from {self.file}, where a function or "
+                              f"class it was sent is defined ({type(exc).__name__}: {exc}); the node that "
+                              "added it may need ComfyUI's own process") from exc
 
     def resolve(self):
         return self._module()

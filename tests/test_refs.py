@@ -304,3 +304,33 @@ def test_what_travels_by_value_keeps_its_meaning():
     exec("def f(x):\n    return x\n", {"__name__": "__main__"}, scripted)
     with pytest.raises(pickle.PicklingError, match="not those of an importable module"):
         refs.dumps(scripted["f"])
+
+
+def test_a_module_that_cannot_load_elsewhere_is_named(tmp_path):
+    """A custom node pack whose package needs ComfyUI's server at import (its routes): the
+    process that receives one of its closures says which module failed to load, and why."""
+    pack = tmp_path / "server.pack"
+    pack.mkdir()
+    (pack / "__init__.py").write_text(textwrap.dedent("""
+        import os
+        if os.environ.get("NO_SERVER"):  # as `PromptServer.instance.routes` outside ComfyUI's process
+            raise AttributeError("type object 'PromptServer' has no attribute 'instance'")
+        from .nodes import patch
+    """))
+    (pack / "nodes.py").write_text(textwrap.dedent("""
+        def patch(scale):
+            def post_cfg(args):
+                return args * scale
+            return post_cfg
+    """))
+    closure = _load_like_comfyui(str(pack)).patch(2.0)
+    assert pickle.loads(refs.dumps(closure))(3) == 6
+    script = textwrap.dedent(f"""
+        import os, pickle, sys
+        sys.path.insert(0, {ROOT!r})
+        os.environ["NO_SERVER"] = "1"
+        pickle.loads(sys.stdin.buffer.read())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], input=refs.dumps(closure), capture_output=True, timeout=120)
+    err = done.stderr.decode()
+    assert done.returncode != 0 and "could not load" in err and "PromptServer" in err, err[-2000:]
