@@ -1208,17 +1208,24 @@ def test_a_published_model_file_removed_by_another_process_is_written_again(comf
     assert torch.equal(again, first) and Path(published._published[fingerprint].path).exists()
 
 
-def test_a_pool_start_past_its_time_limit_says_how_to_give_it_more(comfyui_path, pool_cleanup, monkeypatch):
+def test_a_pool_start_past_its_time_limit_says_how_to_give_it_more(comfyui_path, pool_cleanup, monkeypatch,
+                                                                   tmp_path):
     """The start limit of ComfyUI's pool comes from COMFY_PARA_ATTN_POOL_START_TIMEOUT_S; a
     start that passes it says so (it named no setting a user could change)."""
+    import os
+
     from comfy_para_attn.adapters.comfy import pool_sampling
     from comfy_para_attn.pool import PoolStartError, shutdown_pool
 
     shutdown_pool()
+    (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(3)\n")  # every worker starts 3 s late
+    python_path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), python_path])))
     monkeypatch.setenv(pool_sampling.START_TIMEOUT_ENV, "1")
     monkeypatch.setattr("comfy_para_attn.pool.controller.INIT_MIN_TIMEOUT_S", 0.001)  # the init's floor too
     with pytest.raises(PoolStartError) as info:
-        pool_sampling.comfy_pool(2, "cpu")  # importing torch and ComfyUI in a worker takes longer than 1 s
+        pool_sampling.comfy_pool(2, "cpu")
     assert f"set {pool_sampling.START_TIMEOUT_ENV} (seconds, now 1)" in str(info.value)
     monkeypatch.delenv(pool_sampling.START_TIMEOUT_ENV)
+    monkeypatch.setenv("PYTHONPATH", python_path) if python_path else monkeypatch.delenv("PYTHONPATH")
     assert pool_sampling.comfy_pool(2, "cpu").alive
