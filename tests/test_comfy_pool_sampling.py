@@ -838,6 +838,16 @@ def test_a_model_without_single_blocks_samples_in_the_pool_as_in_process(cm, pac
         assert torch.isfinite(out).all() and plain.abs().mean() > 0.1
         err = (out - plain).abs().max().item()
         assert err < TOL, f"{layout}: max abs err {err:.3g}"
+    if family == "flux":  # a ControlNet's residual after the gathering (double) block meets the whole image
+        hint = torch.rand(1, 3, latent.shape[-2] * 8, latent.shape[-1] * 8, generator=torch.Generator().manual_seed(5))
+        control = cm.flux_controlnet(seed=6, depth=3, depth_single_blocks=0).copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+        positive, negative = _with_control(positive, control), _with_control(negative, control)
+        plain_control = cm.sample(patcher, positive, negative, latent, steps=2, cfg=3.0)
+        assert (plain_control - plain).abs().max() > 1e-2  # the ControlNet steers the result
+        out = cm.sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=2), positive, negative, latent,
+                        steps=2, cfg=3.0)
+        err = (out - plain_control).abs().max().item()
+        assert torch.isfinite(out).all() and err < TOL, f"ControlNet: max abs err {err:.3g}"
 
 
 def _with_control(conds, control):

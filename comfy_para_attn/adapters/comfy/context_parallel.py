@@ -64,7 +64,8 @@ def _local_control(call: ShardedCall, control: dict) -> None:
     `img[:, :S]` after each double block and to the image part of [txt, img] after each single
     block. Each becomes this rank's slice of the image tokens (the first S of the image stream:
     with FLUX Kontext the reference tokens follow them), in place in `control`, the dict
-    forward_orig reads. The last single block's stays whole: its patch gathers the image
+    forward_orig reads. The gathering block's stays whole (the last single block's, or the
+    last double block's in a model without single blocks): its patch gathers the image
     before ComfyUI adds it."""
     lens = call.second_lens
     start = sum(lens[: call.rank])
@@ -76,8 +77,9 @@ def _local_control(call: ShardedCall, control: dict) -> None:
         covered = residual.shape[1]
         return residual[:, min(start, covered): min(stop, covered)]
 
-    control["input"] = [local(r) for r in control.get("input") or ()]
-    control["output"] = [r if i == call.last_single else local(r) for i, r in enumerate(control.get("output") or ())]
+    for name in ("input", "output"):  # residuals after double blocks, after single blocks
+        control[name] = [r if (name, i) == call.whole_control else local(r)
+                         for i, r in enumerate(control.get(name) or ())]
 
 
 def _flux_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
@@ -207,7 +209,7 @@ def _install_block_patches(patcher, call: ShardedCall, family: str) -> None:
     keys = [(kind, i) for kind in ("double_block", "single_block") for i in range(counts[kind])]
     first, last = keys[0], keys[-1]
     if family == "flux":
-        call.last_single = counts["single_block"] - 1  # the gathering block (see _local_control)
+        call.whole_control = ("output" if last[0] == "single_block" else "input", last[1])  # see _local_control
         patcher.set_model_post_input_patch(_Patch(call, _flux_post_input))
         chain_block_patch(patcher, *last, _Patch(call, _flux_gather))
         return

@@ -61,7 +61,7 @@ class ShardedCall:
         self.text_first = False  # HunyuanVideo's joint sequence is [txt, img] (newer ComfyUI)
         self.self_attention_next = False  # Wan: the block's next attention is its self-attention
         self.control: Optional[dict] = None  # this model call's ControlNet residuals (FLUX)
-        self.last_single = -1  # FLUX: the single block whose patch gathers the tokens
+        self.whole_control = ("output", -1)  # FLUX: the ControlNet residual of the gathering block
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options
         return self
