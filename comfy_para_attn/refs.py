@@ -78,7 +78,11 @@ def _load_from_file(name: str, file: str):
     spec = importlib.util.spec_from_file_location(name, file, submodule_search_locations=package)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # half-run: the next attempt fails the same way instead of finding it
+        raise
     return module
 
 
