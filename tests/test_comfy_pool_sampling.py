@@ -1124,6 +1124,25 @@ def test_guidance_nodes_closures_sample_in_the_pool_as_in_process(comfyui_path, 
     assert err < TOL, f"{node}: max abs err {err:.3g}"
 
 
+def test_a_wrapper_added_without_a_key_reaches_the_workers(comfyui_path, pack_nodes, pool_cleanup):
+    """`ModelPatcher.add_wrapper` files a wrapper under the key None (ComfyUI's CFGOverride
+    does): the payload's wrapper filter took every key for a string and failed the job."""
+    import comfy.patcher_extension
+
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import APPLY_MODEL_CALLS, counting_apply_model, sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("wan")
+    wrapped = patcher.clone()
+    wrapped.add_wrapper(comfy.patcher_extension.WrappersMP.APPLY_MODEL, counting_apply_model)
+    APPLY_MODEL_CALLS.clear()
+    plain = comfy_models.sample(wrapped, pos, neg, latent, steps=2, cfg=3.0)
+    assert APPLY_MODEL_CALLS  # the wrapper runs in-process
+    out = comfy_models.sample(_cp(pack_nodes, wrapped, ulysses_degree=1, ring_degree=2), pos, neg, latent,
+                              steps=2, cfg=3.0)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() < TOL
+
+
 def test_a_dual_model_guider_is_refused_with_what_to_change(comfyui_path, pack_nodes, pool_cleanup):
     """Newer ComfyUI's dual-model guider (the negative on a second model) under Context
     Parallel: a clear refusal before any worker runs (it failed on pickling a class of that

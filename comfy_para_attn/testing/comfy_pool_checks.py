@@ -94,6 +94,16 @@ def unchanged_block(args):
     return {"img": args["img"]}
 
 
+APPLY_MODEL_CALLS = []  # in this process: how often `counting_apply_model` ran
+
+
+def counting_apply_model(executor, *args, **kwargs):
+    """An APPLY_MODEL wrapper that changes nothing (ComfyUI's CFGOverride registers its own
+    with `add_wrapper`, under no key)."""
+    APPLY_MODEL_CALLS.append(1)
+    return executor(*args, **kwargs)
+
+
 def refuse_autograd(apply_model, args):
     """A model function wrapper (picklable: it travels to the workers) that fails a model call
     made with autograd on, as it never is in ComfyUI (its executor runs under inference_mode)."""

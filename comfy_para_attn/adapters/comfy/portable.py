@@ -65,7 +65,7 @@ def portable_model_options(model_options: dict) -> dict:
     for kind in ("wrappers", "callbacks"):
         if kind in to:
             to[kind] = {
-                call: {k: v for k, v in by_key.items() if not k.startswith(OUR_PREFIX)}
+                call: {k: v for k, v in by_key.items() if not str(k).startswith(OUR_PREFIX)}  # add_wrapper: key None
                 for call, by_key in to[kind].items()
             }
     if "patches_replace" in to:
@@ -78,7 +78,7 @@ def portable_model_options(model_options: dict) -> dict:
         to["patches"] = {name: [p for p in ps if not _is_ours(p)] for name, ps in to["patches"].items()}
     if _is_ours(to.get("optimized_attention_override")):
         del to["optimized_attention_override"]
-    for key in [k for k in to if k.startswith(OUR_PREFIX) and k != OUR_PREFIX]:
+    for key in [k for k in to if str(k).startswith(OUR_PREFIX) and k != OUR_PREFIX]:
         del to[key]  # live run state
     return options
 
