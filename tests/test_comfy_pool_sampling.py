@@ -1124,6 +1124,26 @@ def test_guidance_nodes_closures_sample_in_the_pool_as_in_process(comfyui_path, 
     assert err < TOL, f"{node}: max abs err {err:.3g}"
 
 
+@pytest.mark.parametrize("family, layers", [("wan", dict(double_layers="0,2")), ("flux", dict(single_layers="1"))])
+def test_skip_layer_guidance_on_the_first_or_last_block(comfyui_path, pack_nodes, pool_cleanup, family, layers):
+    """Skip Layer Guidance replaces the blocks it skips in its extra model call's options: on
+    the first or last block that removed the patch that shards or gathers the tokens (a
+    shape error in the workers); ours are put back around its skip for that call."""
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    slg = _comfy_extras(comfyui_path, "nodes_slg").SkipLayerGuidanceDiT
+    patcher, pos, neg, latent = sampling_inputs(family)
+    inputs = {**dict(scale=3.0, start_percent=0.0, end_percent=1.0, double_layers="", single_layers=""), **layers}
+    skipping = slg.execute(patcher, **inputs).result[0]
+    plain = comfy_models.sample(skipping, pos, neg, latent, steps=3, cfg=3.0)
+    assert (plain - comfy_models.sample(patcher, pos, neg, latent, steps=3, cfg=3.0)).abs().max() > 1e-3
+    for layout in (dict(ulysses_degree=2), dict(ulysses_degree=1, ring_degree=2)):
+        out = comfy_models.sample(_cp(pack_nodes, skipping, **layout), pos, neg, latent, steps=3, cfg=3.0)
+        err = (out - plain).abs().max().item()
+        assert torch.isfinite(out).all() and err < TOL, f"{layout}: max abs err {err:.3g}"
+
+
 def test_a_wrapper_added_without_a_key_reaches_the_workers(comfyui_path, pack_nodes, pool_cleanup):
     """`ModelPatcher.add_wrapper` files a wrapper under the key None (ComfyUI's CFGOverride
     does): the payload's wrapper filter took every key for a string and failed the job."""

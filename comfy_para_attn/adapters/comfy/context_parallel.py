@@ -26,7 +26,7 @@ from torch import Tensor
 from ...attention import ParallelContext
 from ...attention.collectives import all_gather
 from .device_conds import keep_conds_on_device
-from .patches import block_counts, chain_block_patch, model_family, text_first
+from .patches import ChainedBlockPatch, block_counts, chain_block_patch, model_family, text_first
 from .sequence_parallel import ContextParallelAttention, ShardedCall
 
 WRAPPER_KEY = "para_attn_context_parallel"
@@ -211,16 +211,50 @@ def _install_block_patches(patcher, call: ShardedCall, family: str) -> None:
     if family == "flux":
         call.whole_control = ("output" if last[0] == "single_block" else "input", last[1])  # see _local_control
         patcher.set_model_post_input_patch(_Patch(call, _flux_post_input))
-        chain_block_patch(patcher, *last, _Patch(call, _flux_gather))
+        _chain(patcher, call, last, _Patch(call, _flux_gather))
         return
     for key in keys:
         if key == last:
-            chain_block_patch(patcher, *key, _Patch(call, _video_gather))
+            _chain(patcher, call, key, _Patch(call, _video_gather))
         elif key != first:
-            chain_block_patch(patcher, *key, _Patch(call, _video_block))
+            _chain(patcher, call, key, _Patch(call, _video_block))
     # Registered last = outermost: it sees the full sequence before anything else does (with a
     # single block, the loop above has already put the gathering patch under it).
-    chain_block_patch(patcher, *first, _Patch(call, _video_shard))
+    _chain(patcher, call, first, _Patch(call, _video_shard))
+
+
+def _chain(patcher, call: ShardedCall, key: tuple, patch: _Patch) -> None:
+    chain_block_patch(patcher, *key, patch)
+    call.block_patches.setdefault(key, []).append(patch)
+
+
+def keep_our_block_patches(call: ShardedCall, options: dict) -> dict:
+    """`options` (a model call's transformer_options) with our block patches put back around
+    any patch another node put in their place for this call: Skip Layer Guidance replaces the
+    blocks it skips in the options of its extra model call, and on the first or last block
+    that took away the shard or the gather."""
+    dit = options.get("patches_replace", {}).get("dit")
+    if dit is None or not call.block_patches:
+        return options
+    patched = dict(dit)
+    for key, ours in call.block_patches.items():
+        current = patched.get(key)
+        if all(_holds(current, patch) for patch in ours):
+            continue
+        for patch in ours:  # innermost first: the last one installed ends outermost
+            current = patch if current is None else ChainedBlockPatch(patch, current)
+        patched[key] = current
+    if all(patched[key] is dit.get(key) for key in patched):
+        return options
+    return dict(options, patches_replace=dict(options["patches_replace"], dit=patched))
+
+
+def _holds(registered, patch) -> bool:
+    """`patch` anywhere in a chain of block patches."""
+    if registered is patch:
+        return True
+    return isinstance(registered, ChainedBlockPatch) and (_holds(registered.outer, patch)
+                                                          or _holds(registered.inner, patch))
 
 
 # --- cfg parallel and checks on the whole model call --------------------------------------
@@ -264,6 +298,7 @@ class CfgSplitWrapper:
                 return type(v)(half(e) for e in v)
             return v
 
+        transformer_options = keep_our_block_patches(self.call, transformer_options)
         # A copy of ControlNet's residual lists: the post-input patch slices them in place.
         control = None if control is None else {k: half(v) if isinstance(v, (list, tuple)) else v
                                                 for k, v in control.items()}

@@ -62,6 +62,7 @@ class ShardedCall:
         self.self_attention_next = False  # Wan: the block's next attention is its self-attention
         self.control: Optional[dict] = None  # this model call's ControlNet residuals (FLUX)
         self.whole_control = ("output", -1)  # FLUX: the ControlNet residual of the gathering block
+        self.block_patches: dict = {}  # (block type, index) -> our patches there, innermost first
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options
         return self
