@@ -227,7 +227,8 @@ def test_cfg_parallel_with_cfg_1_is_refused_in_manual_and_dropped_in_auto_layout
     dual = _comfy_extras(comfyui_path, "nodes_custom_sampler").Guider_DualCFG(model)
     dual.set_cfg(3.0, 2.0)
     dual.set_conds(pos, neg, neg)
-    with pytest.raises(ValueError, match="this run's Guider_DualCFG reports CFG 1.0"):
+    with pytest.raises(ValueError, match=r"this run's Guider_DualCFG reports CFG 1.0; turn cfg_parallel off on the "
+                                         r"Context Parallel node for this sampler\.$"):
         dual.sample(latent, latent, comfy.samplers.sampler_object("euler"), torch.tensor([1.0, 0.5, 0.0]), seed=0)
 
 

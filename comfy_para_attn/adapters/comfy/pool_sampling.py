@@ -68,7 +68,8 @@ class ContextParallelSettings:
             return self
         if self.without_cfg is None:
             raise ValueError(f"cfg_parallel {why_not}; turn cfg_parallel off on the Context Parallel node for this "
-                             "sampler (or use a CFG above 1 with a negative prompt).")
+                             "sampler" + (" (or use a CFG above 1 with a negative prompt)."
+                                          if type(guider).__name__ == "CFGGuider" else "."))
         ulysses, ring = self.without_cfg
         log.warning("Context Parallel: cfg_parallel is off for this run: it %s; auto layout without it: "
                     "ulysses %d x ring %d", why_not, ulysses, ring)
@@ -80,10 +81,10 @@ def _why_no_cfg_halves(guider) -> str | None:
     cfg = getattr(guider, "cfg", None)
     if isinstance(cfg, (int, float)) and cfg != 1.0 and "negative" in guider.original_conds:
         return None
-    why = "needs CFG > 1 with a negative prompt"
     if type(guider).__name__ != "CFGGuider":  # DualCFGGuider keeps its scales elsewhere (cfg1, cfg2)
-        why += f" (this run's {type(guider).__name__} reports CFG {cfg})"
-    return why
+        return (f"needs a guider that reports CFG > 1 with a negative prompt; this run's {type(guider).__name__} "
+                f"reports CFG {cfg}")
+    return "needs CFG > 1 with a negative prompt"
 
 
 ON_WINDOWS = os.name == "nt"
