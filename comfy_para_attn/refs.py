@@ -141,7 +141,7 @@ def _resolves_to_itself(fn) -> bool:
     return obj is fn
 
 
-def _looks_like_a_model(value) -> bool:
+def looks_like_a_model(value) -> bool:
     """A ComfyUI ModelPatcher or model (duck-typed: the pack imports no ComfyUI here)."""
     return ((hasattr(value, "model") and hasattr(value, "patches") and hasattr(value, "model_options"))
             or (hasattr(value, "diffusion_model") and hasattr(value, "model_config")))
@@ -163,7 +163,7 @@ def _function_by_value(fn):
             cells.append(cell.cell_contents)
         except ValueError:
             cells.append(_EMPTY_CELL)
-    captured = [type(v).__name__ for v in cells + list(fn.__defaults__ or ()) if _looks_like_a_model(v)]
+    captured = [type(v).__name__ for v in cells + list(fn.__defaults__ or ()) if looks_like_a_model(v)]
     if captured:
         raise pickle.PicklingError(f"{fn.__qualname__} of {module} holds a model ({captured[0]}): its weights "
                                    "would travel with every job")

@@ -115,7 +115,7 @@ def portable_guider(guider) -> tuple[ObjectRef, dict]:
     """The guider's class and plain attributes (cfg etc.), without model or conds."""
     state = {k: v for k, v in guider.__dict__.items() if k not in _GUIDER_LIVE_ATTRS}
     for name, value in state.items():
-        if hasattr(value, "model") and hasattr(value, "model_options") and hasattr(value, "patches"):
+        if refs.looks_like_a_model(value):
             raise NotPortableError(
                 f"Context Parallel does not support a guider with a second model yet ({type(guider).__name__}."
                 f"{name}, newer ComfyUI's dual-model guider): use one model, or run without Context Parallel.")
