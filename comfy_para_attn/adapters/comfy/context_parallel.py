@@ -83,16 +83,19 @@ def _local_control(call: ShardedCall, control: dict) -> None:
 
 
 def _flux_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
-    out = extra["original_block"](args)
-    if isinstance(out.get("txt"), torch.Tensor):  # a double block: the model has no single blocks
-        call.end()
-        return call.gather_pair(out, text_first=True)
-    img = out["img"]
+    img = extra["original_block"](args)["img"]
     txt_local = img[:, : call.first_lens[call.rank]]
     full_img = call.gather_stream(img, "second")
     call.end()
     # forward_orig slices off `txt.shape[1]` (this rank's text) tokens, then un-patchifies.
     return {"img": torch.cat([txt_local, full_img], dim=1)}
+
+
+def _flux_gather_pair(call: ShardedCall, args: dict, extra: dict) -> dict:
+    """The last block of a FLUX model without single blocks: a double block (text first)."""
+    out = extra["original_block"](args)
+    call.end()
+    return call.gather_pair(out, text_first=True)
 
 
 # --- HunyuanVideo and Wan: the first block shards, every block gets its pe slice -----------
@@ -184,11 +187,15 @@ def _video_block(call: ShardedCall, args: dict, extra: dict) -> dict:
     return _run_block(call, _local_args(call, args), extra)
 
 
+def _video_gather_pair(call: ShardedCall, args: dict, extra: dict) -> dict:
+    """The last block of a HunyuanVideo model without single blocks: a double block."""
+    out = _run_block(call, _local_args(call, args), extra)
+    call.end()
+    return call.gather_pair(out, call.text_first)
+
+
 def _video_gather(call: ShardedCall, args: dict, extra: dict) -> dict:
     out = dict(_run_block(call, _local_args(call, args), extra))
-    if isinstance(out.get("txt"), torch.Tensor) and call.family != "wan":  # a double block, and no single ones
-        call.end()
-        return call.gather_pair(out, call.text_first)
     local = out["img"]
     nf = call.first_lens[call.rank]
     if call.text_first:
@@ -211,11 +218,13 @@ def _install_block_patches(patcher, call: ShardedCall, family: str) -> None:
     if family == "flux":
         call.whole_control = ("output" if last[0] == "single_block" else "input", last[1])  # see _local_control
         patcher.set_model_post_input_patch(_Patch(call, _flux_post_input))
-        _chain(patcher, call, last, _Patch(call, _flux_gather))
+        _chain(patcher, call, last, _Patch(call, _flux_gather if last[0] == "single_block" else _flux_gather_pair))
         return
+    # Wan's blocks are all "double" and return the image alone; a HunyuanVideo double block both streams
+    gather = _video_gather_pair if last[0] == "double_block" and family != "wan" else _video_gather
     for key in keys:
         if key == last:
-            _chain(patcher, call, key, _Patch(call, _video_gather))
+            _chain(patcher, call, key, _Patch(call, gather))
         elif key != first:
             _chain(patcher, call, key, _Patch(call, _video_block))
     # Registered last = outermost: it sees the full sequence before anything else does (with a
@@ -234,17 +243,18 @@ def keep_our_block_patches(call: ShardedCall, options: dict) -> dict:
     blocks it skips in the options of its extra model call, and on the first or last block
     that took away the shard or the gather."""
     dit = options.get("patches_replace", {}).get("dit")
-    if dit is None or not call.block_patches:
+    if dit is None:
         return options
-    patched = dict(dit)
+    patched = None  # a copy only for a call whose patches another node replaced
     for key, ours in call.block_patches.items():
-        current = patched.get(key)
+        current = dit.get(key)
         if all(_holds(current, patch) for patch in ours):
             continue
         for patch in ours:  # innermost first: the last one installed ends outermost
             current = patch if current is None else ChainedBlockPatch(patch, current)
+        patched = dict(dit) if patched is None else patched
         patched[key] = current
-    if all(patched[key] is dit.get(key) for key in patched):
+    if patched is None:
         return options
     return dict(options, patches_replace=dict(options["patches_replace"], dit=patched))
 
