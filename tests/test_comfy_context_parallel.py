@@ -119,7 +119,7 @@ def test_memory_estimate_is_agreed_only_while_batching(comfyui_path):
     """Inside calc_cond_batch the ranks' answer is agreed (0: fits everywhere, inf: does
     not); outside (ComfyUI's load decision) it is ComfyUI's real estimate, so a batch that
     does not fit never makes the next prompt unload the model into low-VRAM mode."""
-    from comfy_para_attn.adapters.comfy.context_parallel import AgreedMemoryEstimate, AgreeWhileBatching
+    from comfy_para_attn.adapters.comfy.agreed_memory import AgreedMemoryEstimate, AgreeWhileBatching
     from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
 
     def estimate(input_shape, cond_shapes={}):

@@ -150,7 +150,7 @@ def agree_on_memory(rank, world_size, comfy_path, layout, jobs):
     make_importable(comfy_path, cpu=True)
     import comfy.model_management
 
-    from comfy_para_attn.adapters.comfy.context_parallel import AgreedMemoryEstimate, AgreeWhileBatching
+    from comfy_para_attn.adapters.comfy.agreed_memory import AgreedMemoryEstimate, AgreeWhileBatching
     from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
 
     cp = build_parallel_context(ContextParallelConfig(**layout))

@@ -9,15 +9,12 @@ identical on all ranks.
 Apply First Block Cache (and other block patches) BEFORE this: our patches are chained
 outermost, so the cache sees this rank's shards and agrees with the other ranks through
 `transformer_options["para_attn_cp"].all_reduce_sum`.
+
+What it refuses is in cp_refusals.py; how the ranks agree on ComfyUI's batching, in
+agreed_memory.py.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
-import math
-import re
-import sys
 from typing import Optional
 
 import torch
@@ -25,6 +22,8 @@ from torch import Tensor
 
 from ...attention import ParallelContext
 from ...attention.collectives import all_gather
+from .agreed_memory import AgreedMemoryEstimate, AgreeWhileBatching
+from .cp_refusals import refuse_token_patches, refuse_unshardable
 from .device_conds import keep_conds_on_device
 from .patches import ChainedBlockPatch, block_counts, chain_block_patch, model_family, text_first
 from .sequence_parallel import ContextParallelAttention, ShardedCall
@@ -324,172 +323,6 @@ class CfgSplitWrapper:
         finally:
             self.call.control = None
         return all_gather(out, 0, cp.cfg_group)
-
-
-class AgreedMemoryEstimate:
-    """Object patch for `BaseModel.memory_required`. While ComfyUI batches conds
-    (`calc_cond_batch`) it takes cond and uncond together only if the estimate fits this
-    GPU's free memory, which differs between GPUs; every rank must batch alike (the
-    collectives need the same shapes), so there the ranks agree: 0 (fits on all) or inf.
-    A rank holds 1/sequence_size of the tokens and, with cfg parallel, half of the batch when
-    the call has one chunk per cfg rank (what `CfgSplitWrapper` splits), so its share of
-    ComfyUI's whole-call estimate is what must fit. The agreement (a collective
-    and a host sync) is made once per input shape and job (free memory changes between
-    prompts: other models, the VAE, FP8 on or off); ComfyUI asks on every step. Everywhere
-    else (the load decision before sampling, which each rank may take on its own) it answers
-    ComfyUI's real estimate: inf there would unload the model and load it in low-VRAM mode."""
-
-    def __init__(self, estimate, cp: ParallelContext):
-        self.estimate = estimate
-        self.cp = cp
-        self.agreed = {}  # (input shape, need) -> answer, for this job only
-        self.batching = False  # set by `AgreeWhileBatching` around calc_cond_batch
-        self.chunk_batch = 1  # the latent's batch: a batched call holds input_shape[0] / this chunks
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, input_shape, cond_shapes={}):
-        need = self.estimate(input_shape, cond_shapes=cond_shapes)
-        if not self.batching:
-            return need
-        key = (tuple(input_shape), need)
-        if key not in self.agreed:
-            self.agreed[key] = self._agree(need, input_shape[0])
-        return self.agreed[key]
-
-    def _agree(self, need, batch: int) -> float:
-        import comfy.model_management
-
-        device = comfy.model_management.get_torch_device()
-        chunks = batch // max(1, self.chunk_batch)
-        split = self.cp.config.cfg > 1 and chunks == self.cp.config.cfg  # as CfgSplitWrapper decides
-        share = need / (self.cp.config.sequence_size * (self.cp.config.cfg if split else 1))
-        fits = share * 1.5 < comfy.model_management.get_free_memory(device)
-        flag = torch.tensor([0.0 if fits else 1.0], device=device)
-        misfits = self.cp.all_reduce_sum(flag)
-        return 0.0 if float(misfits.item()) == 0.0 else float("inf")
-
-
-class AgreeWhileBatching:
-    """CALC_COND_BATCH wrapper: the memory estimate is agreed across ranks only in there."""
-
-    def __init__(self, estimate: AgreedMemoryEstimate):
-        self.estimate = estimate
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, executor, model, conds, x_in, *args, **kwargs):
-        self.estimate.batching = True
-        self.estimate.chunk_batch = x_in.shape[0]
-        try:
-            return executor(model, conds, x_in, *args, **kwargs)
-        finally:
-            self.estimate.batching = False
-
-
-# Models whose blocks need all tokens of the sequence, where a rank holds a slice: not sharded yet.
-_UNSHARDABLE = {
-    "VaceWanModel": ("Wan VACE", "it adds residuals by token index"),
-    "HumoWanModel": ("Wan HuMo", "its audio attention groups the tokens by frame"),
-    "AnimateWanModel": ("Wan Animate", "its face adapter groups the tokens by frame"),
-}
-
-
-def refuse_unshardable(model_patcher) -> None:
-    """ValueError for the models whose extra inputs need every token on one rank (checked
-    by the node too, before the weights travel to the workers)."""
-    dm = model_patcher.model.diffusion_model
-    if type(dm).__name__ in _UNSHARDABLE:
-        name, why = _UNSHARDABLE[type(dm).__name__]
-        raise ValueError(f"Context Parallel does not support {name} yet ({why}); remove the Context Parallel "
-                         "node for this model.")
-
-
-# transformer_options["patches"] that newer ComfyUI's FLUX and Wan blocks hand every token or
-# the full key/value set (its FluxKVCache, other packs' Wan block hooks): under sharded tokens
-# they would see one rank's slice and silently change the result.
-_TOKEN_PATCHES = ("attn1_patch", "attn2_patch", "double_block")
-
-
-@functools.lru_cache(maxsize=None)
-def _patches_read_in(module_names: frozenset) -> frozenset:
-    """Which of `_TOKEN_PATCHES` the source of these (ComfyUI) modules reads: a model's blocks
-    call them only in the ComfyUI versions whose block code looks them up."""
-    source = ""
-    for name in module_names:
-        with contextlib.suppress(OSError, TypeError, KeyError):
-            source += inspect.getsource(sys.modules[name])
-    return frozenset(name for name in _TOKEN_PATCHES if re.search(_patch_lookup(name), source))
-
-
-def _patch_lookup(name: str) -> str:
-    """A lookup of the patch list itself (`"name" in patches`, `patches["name"]`); not the
-    `("double_block", i) in blocks_replace` of block replacements, which every version has."""
-    quoted = f"[\"']{name}[\"']"
-    return rf"{quoted}\s+in\s+\w|\[{quoted}\]"
-
-
-def refuse_token_patches(model_patcher) -> None:
-    """ValueError for attention or block patches of other nodes that Context Parallel cannot
-    shard, where the running ComfyUI's blocks of this model call them (only where tokens are
-    split: cfg-only layouts run whole model calls)."""
-    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
-    found = [name for name in _TOKEN_PATCHES if patches.get(name)]
-    if found:
-        modules = frozenset(type(m).__module__ for m in model_patcher.model.diffusion_model.modules()
-                            if type(m).__module__.startswith("comfy."))
-        found = [name for name in found if name in _patches_read_in(modules)]
-    if found:
-        raise ValueError(f"Context Parallel cannot split the tokens of a model with {', '.join(found)} patches "
-                         "from another node (such as a KV cache or a block hook: they would see one GPU's share); "
-                         "remove that node, or set the Context Parallel node to cfg_parallel only (ulysses 1, ring 1).")
-
-
-def image_tokens(model_patcher, latent_shape) -> int:
-    """How many image tokens the model makes of a latent (its patches, padded up)."""
-    patch = getattr(model_patcher.model.diffusion_model, "patch_size", 2)
-    spatial = tuple(latent_shape[2:])
-    patch = (patch,) * len(spatial) if isinstance(patch, int) else tuple(patch)[-len(spatial):]
-    return math.prod(-(-size // p) for size, p in zip(spatial, patch))
-
-
-def refuse_too_few_tokens(model_patcher, latent_shape, conds: dict, sequence_size: int) -> None:
-    """ValueError, before any worker runs, for an image or a prompt too short to give every
-    rank of the sequence group a token of each stream it splits (a worker would fail inside
-    ComfyUI's block on an empty shard). FLUX and HunyuanVideo split the text too; Wan does not.
-    `conds`: the guider's conds by name (their `cross_attn` is the text)."""
-    tokens = image_tokens(model_patcher, latent_shape)
-    if tokens < sequence_size:
-        raise ValueError(
-            f"Context Parallel: this latent makes {tokens} image token(s), fewer than the {sequence_size} GPUs its "
-            f"tokens are split over; use a larger image, fewer GPUs, or cfg_parallel (which does not split tokens).")
-    if model_family(model_patcher) == "wan":
-        return
-    lengths = [(name, c["cross_attn"].shape[1]) for name, group in conds.items() for c in group
-               if isinstance(c.get("cross_attn"), torch.Tensor) and c["cross_attn"].ndim == 3]
-    name, shortest = min(lengths, key=lambda item: item[1], default=(None, sequence_size))
-    if shortest < sequence_size:
-        raise ValueError(
-            f"Context Parallel: the {name} prompt encodes to {shortest} text token(s), fewer than the {sequence_size} "
-            f"GPUs its tokens are split over (an empty prompt?); write a longer prompt, use fewer GPUs, or "
-            f"cfg_parallel (which does not split tokens).")
-
-
-def refuse_timestep_zero_references(model_patcher, conds: dict) -> None:
-    """ValueError for reference latents with newer ComfyUI's "index_timestep_zero" method
-    (FLUX.2 edits): the model computes their per-token modulation from the whole sequence's
-    token ranges, which a rank's share does not have."""
-    params = getattr(model_patcher.model.diffusion_model, "params", None)
-    default = getattr(params, "default_ref_method", None)
-    for group in conds.values():
-        for c in group:
-            if c.get("reference_latents") and c.get("reference_latents_method", default) == "index_timestep_zero":
-                raise ValueError(
-                    "Context Parallel cannot split the tokens of a model with reference latents of the "
-                    "'index_timestep_zero' method; pick another reference method, or set the Context Parallel node "
-                    "to cfg_parallel only (ulysses 1, ring 1).")
 
 
 def install_context_parallel(model_patcher, cp: ParallelContext):

@@ -165,7 +165,7 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
                   auto: bool, attention_backend: str = FROM_MODEL) -> ContextParallelSettings:
     """Check a layout against this machine and the model; ValueError says what to set, in the
     node's own input names."""
-    from .context_parallel import refuse_unshardable
+    from .cp_refusals import refuse_unshardable
     from .patches import diffusion_model, model_family
 
     model_family(model_patcher)
@@ -412,7 +412,7 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denois
     from ...pool import PoolInterrupted
     from ...pool.errors import WorkerFailure, with_hint
     from ...pool.protocol import Pickled
-    from .context_parallel import refuse_timestep_zero_references, refuse_token_patches, refuse_too_few_tokens
+    from .cp_refusals import refuse_timestep_zero_references, refuse_token_patches, refuse_too_few_tokens
 
     if latent_shapes is not None and len(latent_shapes) > 1:  # newer ComfyUI: packed nested latents
         raise NotPortableError("Context Parallel does not support nested (packed) latents yet.")
