@@ -164,16 +164,16 @@ def test_machines_without_a_pool_run_gpus_0_here_and_refuse_more(comfyui_path, p
     this process, as gpus 1 does; gpus 2 is an error that says what to set, before any pool."""
     import comfy.model_management
 
-    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.adapters.comfy import comfy_pool
     from comfy_para_attn.pool import current_pool
     from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
 
     if where == "windows":
-        monkeypatch.setattr(pool_sampling, "ON_WINDOWS", True)
+        monkeypatch.setattr(comfy_pool, "ON_WINDOWS", True)
     else:
         monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("mps"))
     expected = "Windows" if where == "windows" else "ComfyUI's mps device"
-    assert pool_sampling.pool_unsupported() == expected
+    assert comfy_pool.pool_unsupported() == expected
     patcher, *_ = sampling_inputs("flux")
     running_before = current_pool()
     assert _cp(pack_nodes, patcher, gpus=0, ulysses_degree=1) is patcher
@@ -1211,7 +1211,7 @@ def test_enum_settings_such_as_fast_reach_the_workers(comfyui_path, pool_cleanup
     prompt and the workers never read, does not make a new pool."""
     import comfy.cli_args
 
-    from comfy_para_attn.adapters.comfy.pool_sampling import comfy_pool
+    from comfy_para_attn.adapters.comfy.comfy_pool import comfy_pool
     from comfy_para_attn.pool import shutdown_pool
 
     args = comfy.cli_args.args
@@ -1264,18 +1264,18 @@ def test_a_pool_start_past_its_time_limit_says_how_to_give_it_more(comfyui_path,
     start that passes it says so (it named no setting a user could change)."""
     import os
 
-    from comfy_para_attn.adapters.comfy import pool_sampling
+    from comfy_para_attn.adapters.comfy import comfy_pool
     from comfy_para_attn.pool import PoolStartError, shutdown_pool
 
     shutdown_pool()
     (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(3)\n")  # every worker starts 3 s late
     python_path = os.environ.get("PYTHONPATH")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), python_path])))
-    monkeypatch.setenv(pool_sampling.START_TIMEOUT_ENV, "1")
+    monkeypatch.setenv(comfy_pool.START_TIMEOUT_ENV, "1")
     monkeypatch.setattr("comfy_para_attn.pool.controller.INIT_MIN_TIMEOUT_S", 0.001)  # the init's floor too
     with pytest.raises(PoolStartError) as info:
-        pool_sampling.comfy_pool(2, "cpu")
-    assert f"set {pool_sampling.START_TIMEOUT_ENV} (seconds, now 1)" in str(info.value)
-    monkeypatch.delenv(pool_sampling.START_TIMEOUT_ENV)
+        comfy_pool.comfy_pool(2, "cpu")
+    assert f"set {comfy_pool.START_TIMEOUT_ENV} (seconds, now 1)" in str(info.value)
+    monkeypatch.delenv(comfy_pool.START_TIMEOUT_ENV)
     monkeypatch.setenv("PYTHONPATH", python_path) if python_path else monkeypatch.delenv("PYTHONPATH")
-    assert pool_sampling.comfy_pool(2, "cpu").alive
+    assert comfy_pool.comfy_pool(2, "cpu").alive

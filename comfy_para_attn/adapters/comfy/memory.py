@@ -88,7 +88,7 @@ def _runs_on_pool(node: dict) -> bool:
     if not isinstance(gpus, int):
         return True
     if gpus == 0:
-        from .pool_sampling import available_device
+        from .comfy_pool import available_device
 
         return available_device()[1] > 1
     return gpus > 1

@@ -141,7 +141,7 @@ def vae_recipe(vae) -> dict:
 
 def shared_pool(world: int, device: str):
     """The pool Context Parallel uses for this layout (the same one, not a second pool)."""
-    from .pool_sampling import comfy_pool
+    from .comfy_pool import comfy_pool
 
     return comfy_pool(world, device)
 
@@ -223,7 +223,7 @@ def parallel_decode(vae, samples: torch.Tensor, settings: TiledDecodeSettings, g
                     timeout_s: float = 600.0) -> torch.Tensor:
     """IMAGE [N, H, W, C] equal to VAEDecodeTiled with the same settings; tiles decoded on
     `gpus` ranks of the worker pool (0: all visible GPUs; 1: in this process)."""
-    from .pool_sampling import pool_world
+    from .comfy_pool import pool_world
 
     plan = plan_decode(vae, samples, settings)
     device, world = pool_world(gpus, "Parallel VAE Decode")
