@@ -87,12 +87,14 @@ def test_backup_is_the_held_host_weight_not_a_copy(cm, fp8, flux):
     an H100); a held tensor that no longer matches its weight is not used."""
     import comfy.patcher_extension
 
+    from comfy_para_attn.adapters.comfy import fp8_originals
+
     before = _weights(flux)
     model = fp8.apply_fp8(flux, FP8Settings())
     stale = {}
 
     def make_one_stale(executor, *args, **kwargs):  # runs inside FP8 Quantize's wrapper
-        held = fp8._host_originals[flux.model]
+        held = fp8_originals._host_originals[flux.model]
         key = sorted(held)[0]
         stale[key] = held[key]
         held[key] = held[key].clone()
@@ -102,7 +104,7 @@ def test_backup_is_the_held_host_weight_not_a_copy(cm, fp8, flux):
     model.add_wrapper(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, make_one_stale)
     seen = {}
     model.add_callback(_on_load(), lambda p, *a: seen.update(
-        held=dict(fp8._host_originals[p.model]), backups={k: b.weight for k, b in p.backup.items()}))
+        held=dict(fp8_originals._host_originals[p.model]), backups={k: b.weight for k, b in p.backup.items()}))
     for _ in range(2):  # the second prompt holds the weights the first one's unload restored
         _run(cm, model)
         held, backups = seen.pop("held"), seen.pop("backups")

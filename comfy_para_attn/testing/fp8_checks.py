@@ -97,7 +97,7 @@ def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
     import comfy.model_patcher
     import comfy.patcher_extension
 
-    from comfy_para_attn.adapters.comfy import fp8
+    from comfy_para_attn.adapters.comfy import fp8, fp8_originals
     from comfy_para_attn.quant.gelu_fusion import GeluThenLinear
     from comfy_para_attn.quant import FP8Settings
     from comfy_para_attn.testing import comfy_models as cm
@@ -117,7 +117,7 @@ def fp8_round_trip_on_cuda(rank, world_size, comfy_path, cpu=False):
         return sum(isinstance(m, GeluThenLinear) for m in patcher.model.diffusion_model.modules())
 
     def look(patcher, *args):
-        held = fp8._host_originals.get(patcher.model, {})
+        held = fp8_originals._host_originals.get(patcher.model, {})
         loads.append({"held_backups": sum(patcher.backup[k].weight is t for k, t in held.items()),
                       "fused_layers": fused_sites(patcher),
                       "device": str(next(iter(patcher.model.diffusion_model.parameters())).device)})

@@ -32,7 +32,6 @@ import logging
 import os
 import time
 import uuid
-import weakref
 
 import torch
 
@@ -40,12 +39,12 @@ from ...quant import (FP8Settings, FP8UnavailableError, is_excluded, is_quantize
                       quantize_linear, quantize_stored_fp8, torchao_config)
 from ...quant import gelu_fusion, modulation, stored_fp8
 from .device_conds import keep_conds_on_device
+from .fp8_originals import back_up, hold_host_originals
 from .patches import compute_dtype
 
 FEATURE = "fp8"
 CALLBACK_KEY = "para_attn_fp8"
 _UUID_NAMESPACE = uuid.UUID("5b3c1e8e-8f6a-4f0e-9b7e-2f1a6c0d9e41")
-_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ComfyUI's backup record
 
 log = logging.getLogger(__name__)
 _said_once: set[str] = set()
@@ -73,67 +72,8 @@ def _cast_per_call(module) -> bool:
     return _streamed(module) or (bool(getattr(module, "comfy_cast_weights", False)) and not is_stored_fp8(module))
 
 
-# BaseModel -> {weight key: the host tensor that weight was loaded from}. The bf16 original of
-# every quantized weight must be kept to restore it at unload (as ComfyUI keeps a LoRA'd
-# weight's original), but ComfyUI frees a weight's host copy when it moves the module to the
-# GPU, and copying FLUX.1-dev's 20 GiB back took 11 s of a 33 s warm-up on an H100. So an
-# OUTER_SAMPLE wrapper, which runs before sampling loads the model, holds the host tensors of
-# the layers to quantize, and the load hands them to the patcher's backup. Held tensors are
-# the module's own weights (no extra memory) except while another, non-FP8 clone of the same
-# model has it loaded on the GPU.
-_host_originals: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _int8_layers(diffusion_model, settings: FP8Settings) -> list:
     return modulation.modulation_linears(diffusion_model, settings.patterns) if settings.int8_modulation else []
-
-
-def hold_host_originals(model_patcher, settings: FP8Settings) -> int:
-    """Hold the host tensors of the layers FP8 Quantize will quantize, where they are on the
-    offload device now; returns how many are held (0 leaves what was held)."""
-    if getattr(model_patcher, "weight_inplace_update", False):
-        return 0  # patches would be merged into the very tensors held here
-    base, offload = model_patcher.model, torch.device(model_patcher.offload_device)
-    load = torch.device(model_patcher.load_device)
-    if (load != offload and getattr(base, "device", None) == load and not getattr(base, "model_lowvram", False)
-            and getattr(base, "model_loaded_weight_memory", 0) > 0):
-        return 0  # fully loaded (the next prompt on a loaded model): no weight is on the host
-    dm = base.diffusion_model
-    held = {}
-    for name, module in quantizable_linears(dm, settings.patterns) + _int8_layers(dm, settings):
-        weight = module.weight
-        if weight.device == offload and weight.dtype != torch.int8 and not is_quantized(weight):
-            held[f"diffusion_model.{name}.weight"] = weight.detach()  # survives the module's move
-    if held:
-        _host_originals[base] = held
-    return len(held)
-
-
-def _original_of(model_patcher, key: str, weight: torch.Tensor) -> torch.Tensor:
-    """The weight to back up: the held host tensor when it is still this weight's source
-    (same shape, dtype and first row), else a copy of `weight` on the offload device."""
-    original = _host_originals.get(model_patcher.model, {}).get(key)
-    if (original is not None and original.shape == weight.shape and original.dtype == weight.dtype
-            and torch.equal(_bits(weight[:1].to(original.device)), _bits(original[:1]))):
-        return original
-    return weight.to(device=model_patcher.offload_device)
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes (torch.equal has no fp8 kernel on the CPU)."""
-    return tensor.contiguous().view(torch.uint8) if tensor.element_size() == 1 else tensor
-
-
-def _back_up(model_patcher, key: str, weight: torch.Tensor) -> None:
-    """Keep the original of a weight about to be replaced, for ComfyUI to restore at unpatch.
-    A LoRA'd weight's backup already holds it; one ComfyUI would restore by copying into the
-    parameter (`weight_inplace_update`) is made a replacement: a copy into the quantized
-    tensor would scramble it."""
-    backup = model_patcher.backup.get(key)
-    if backup is None:
-        model_patcher.backup[key] = _Backup(_original_of(model_patcher, key, weight), False)
-    elif backup.inplace_update:
-        model_patcher.backup[key] = _Backup(backup.weight, False)
 
 
 def _hooked_keys(model_patcher) -> set:
@@ -178,7 +118,7 @@ def quantize_loaded_model(model_patcher, settings: FP8Settings) -> dict:
     def replace(name, module, convert) -> int:
         """Back up the layer's weight, convert it in place; the GPU bytes that freed."""
         weight, before = module.weight, _tensor_bytes(module)
-        _back_up(model_patcher, f"diffusion_model.{name}.weight", weight)
+        back_up(model_patcher, f"diffusion_model.{name}.weight", weight)
         convert(module)
         return before - _tensor_bytes(module) if weight.device == load_device else 0
 
@@ -241,7 +181,7 @@ def _quantize_stored_fp8(model_patcher, name: str, module, config, dtype: torch.
     class (`_cast_layer_classes`) then runs the quantized weight. True when the stored bytes
     were kept."""
     if module.bias is not None and module.bias.dtype != dtype:
-        _back_up(model_patcher, f"diffusion_model.{name}.bias", module.bias)
+        back_up(model_patcher, f"diffusion_model.{name}.bias", module.bias)
         module.bias = torch.nn.Parameter(module.bias.to(dtype), requires_grad=False)
     if quantize_stored_fp8(module, config, dtype):
         return True
@@ -366,7 +306,8 @@ class FP8HoldHostWeights:
         patcher = executor.class_obj.model_patcher
         settings = _settings_of(patcher)
         if settings is not None and settings.enabled:
-            hold_host_originals(patcher, settings)
+            dm = patcher.model.diffusion_model
+            hold_host_originals(patcher, quantizable_linears(dm, settings.patterns) + _int8_layers(dm, settings))
         return executor(*args, **kwargs)
 
     def __repr__(self):
