@@ -437,6 +437,61 @@ def test_worker_killed_mid_job_names_the_rank_and_signal():
         doomed.shutdown()
 
 
+@pytest.mark.parametrize("while_", ["processes start", "the init job runs"])
+def test_a_pool_shut_down_while_it_starts_raises_interrupted(tmp_path, monkeypatch, while_):
+    """ComfyUI exiting (Ctrl-C: its exit handler shuts the pools down) while the first prompt
+    starts the pool: the prompt's start ends as an interrupt, not as a failure with a traceback."""
+    if while_ == "processes start":
+        (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(3)\n")  # workers start 3 s late
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+        init = None
+    else:
+        init = (f"{JOBS}:steady_steps", {"steps": 1000, "sleep_s": 0.05})
+    outcome = []
+
+    def start():
+        try:
+            outcome.append(Pool(2, init=init, start_timeout_s=60))
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    from comfy_para_attn.pool import controller
+
+    running_before = set(controller._live_pools)  # (other tests' pools stay up)
+    starter = threading.Thread(target=start)
+    starter.start()
+    time.sleep(1.5)
+    for pool in set(controller._live_pools) - running_before:
+        pool.shutdown(timeout_s=3.0)  # as the exit handler does
+    starter.join(30)
+    assert not starter.is_alive() and len(outcome) == 1
+    assert isinstance(outcome[0], PoolInterrupted), repr(outcome[0])
+    assert "shut down while it started" in str(outcome[0])
+
+
+def test_a_worker_sent_sigterm_mid_job_ends_and_is_named():
+    """SIGTERM to one worker (not the controller): it still ends (after looking for a dead
+    controller's files, up to 2 s), and the error says which rank and which signal."""
+    doomed = Pool(2)
+    pids, sent_at = doomed.pids, []
+
+    def terminate_rank1(step, total, extra):
+        if step == 3 and not sent_at:
+            os.kill(pids[1], signal.SIGTERM)
+            sent_at.append(time.monotonic())
+
+    try:
+        with pytest.raises(PoolError) as info:
+            doomed.run(f"{JOBS}:steady_steps", {"steps": 1000, "sleep_s": 0.05}, timeout_s=60,
+                       on_progress=terminate_rank1)
+        assert time.monotonic() - sent_at[0] < 8
+        assert info.value.rank == 1 and info.value.reason == "died"
+        assert "rank 1" in str(info.value) and "ended by SIGTERM" in str(info.value)
+    finally:
+        doomed.shutdown()
+    assert all(process_gone(pid) for pid in pids)
+
+
 def test_hang_past_timeout_is_reported_with_job_and_timeout():
     hung = Pool(2)
     pids = hung.pids
@@ -537,9 +592,12 @@ def test_out_of_memory_is_named_as_such():
         single.shutdown()
 
 
-def test_workers_exit_when_the_controller_is_killed_and_remove_its_published_files():
+@pytest.mark.parametrize("ending", ["kill -9 the controller", "SIGTERM to the group", "SIGHUP to the group"])
+def test_workers_exit_when_the_controller_is_killed_and_remove_its_published_files(ending):
     """kill -9 runs no atexit handler in the controller: the workers remove the files it
-    published (for a real model, gigabytes of host memory in /dev/shm) as they exit."""
+    published (for a real model, gigabytes of host memory in /dev/shm) as they exit. The same
+    when SIGTERM or SIGHUP reaches the controller and its workers together (systemd stopping
+    ComfyUI, a closed terminal): their default action used to kill the workers first."""
     script = textwrap.dedent("""
         import json, time
         import torch
@@ -551,7 +609,7 @@ def test_workers_exit_when_the_controller_is_killed_and_remove_its_published_fil
         time.sleep(300)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    controller = subprocess.Popen([sys.executable, "-c", script], env=env,
+    controller = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                                   stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     worker_pids: list[int] = []
     try:
@@ -560,7 +618,10 @@ def test_workers_exit_when_the_controller_is_killed_and_remove_its_published_fil
         worker_pids, published = json.loads(controller.stdout.readline())
         assert len(worker_pids) == 2 and not any(process_gone(pid) for pid in worker_pids)
         assert Path(published).exists()
-        controller.kill()
+        if ending == "kill -9 the controller":
+            controller.kill()
+        else:  # its own session: the group is the controller and its workers
+            os.killpg(controller.pid, signal.SIGTERM if "SIGTERM" in ending else signal.SIGHUP)
         controller.wait(10)
         killed = time.monotonic()
         assert wait_until(lambda: all(process_gone(pid) for pid in worker_pids), 5.0), \

@@ -83,17 +83,23 @@ class Pool:
         try:
             timings = self._start_with_retry(began + start_timeout_s, start_timeout_s, should_interrupt)
             if init is not None:  # its own floor: a slow process start must not leave it a second
-                *_, refused = self._run(init[0], protocol.encode(init[1]),
-                                        max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
+                _, interrupted, _, refused = self._run(
+                    init[0], protocol.encode(init[1]),
+                    max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
+                if interrupted:  # shutdown() stops a running job as an interrupt
+                    raise PoolInterrupted("the pool was shut down while it started")
                 if refused:
                     error = refused_job_error(refused, init[0], self.layout)
                     raise PoolStartError(f"pool init failed: {str(error).rsplit(chr(10), 1)[0]}", rank=error.rank,
                                          job=init[0], worker_traceback=error.worker_traceback)
-        except PoolStartError:
-            self._terminate()
-            raise
+            if self._shut_down:  # its workers came up and read the Shutdown waiting in their pipes
+                raise PoolInterrupted("the pool was shut down while it started")
         except PoolError as exc:
             self._terminate()
+            if self._shut_down:  # by shutdown() from another thread: the process exits (Ctrl-C), no failure
+                raise PoolInterrupted("the pool was shut down while it started") from exc
+            if isinstance(exc, PoolStartError):
+                raise
             raise PoolStartError(f"pool init failed: {exc}", rank=exc.rank, job=exc.job,
                                  worker_traceback=exc.worker_traceback,
                                  reason="timeout" if exc.reason == "timeout" else "start") from exc
@@ -175,9 +181,9 @@ class Pool:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Ask the workers to exit, wait up to `timeout_s`, then kill what is left."""
+        self._shut_down = True
         if self._alive:
             self._alive = False
-            self._shut_down = True
             try:
                 running = self._running_job
                 if running is not None:  # stop it at its next step: then the workers read Shutdown

@@ -71,7 +71,8 @@ class JobRefused(Exception):
 
 
 class PoolInterrupted(RuntimeError):
-    """The job stopped because the caller asked (`should_interrupt`); the pool stays usable."""
+    """The job stopped because the caller asked (`should_interrupt`); the pool stays usable.
+    Also a start stopped that way, or by `shutdown()` from another thread (the process exits)."""
 
 
 class JobInterrupted(Exception):

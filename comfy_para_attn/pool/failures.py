@@ -50,6 +50,8 @@ def read_events(worker: WorkerProcess, inbox: queue.Queue) -> None:
 def describe_death(rank: int, pid: int, returncode: int | None, during: str) -> str:
     if returncode is None:
         return f"rank {rank} (pid {pid}) closed its pipe to the controller {during}"
+    if returncode > 128 and returncode - 128 in (signal.SIGTERM, signal.SIGHUP):  # the worker's own exit on them
+        return f"rank {rank} (pid {pid}) was ended by {signal.Signals(returncode - 128).name} {during}"
     if returncode >= 0:
         return f"rank {rank} (pid {pid}) exited with code {returncode} {during}"
     try:

@@ -37,7 +37,7 @@ ORPHAN_EXIT_CODE = 3  # the controller went away; nothing left to serve
 _controller_pid: list[int] = []  # set by start_watchdog
 
 
-def _exit_orphaned(why: str) -> None:
+def _exit_orphaned(why: str, exit_code: int = ORPHAN_EXIT_CODE) -> None:
     try:
         sys.stderr.write(f"[para-attn worker {os.getpid()}] {why}; exiting\n")
         sys.stderr.flush()
@@ -53,31 +53,63 @@ def _exit_orphaned(why: str) -> None:
             time.sleep(0.1)
     except Exception:
         pass
-    os._exit(ORPHAN_EXIT_CODE)
+    os._exit(exit_code)
 
 
-def start_watchdog(lifeline_fd: int, parent_pid: int) -> None:
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def end_on_signals() -> int:
+    """A descriptor that becomes readable (one byte: the signal number) when SIGTERM or SIGHUP
+    arrives; call from the main thread. Their default action killed the worker at once, so a
+    signal to the whole process group (systemd stopping ComfyUI, a closed terminal) left the
+    controller's published model in /dev/shm: now the watchdog ends the worker instead, after
+    removing the files of a controller the same signal ended. The C-level handler writes the
+    byte while the main thread is still inside a long kernel or collective."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    for signum in ENDING_SIGNALS:
+        signal.signal(signum, lambda *_: None)  # a Python handler, so the wakeup byte is written
+    return read_fd
+
+
+def start_watchdog(lifeline_fd: int, parent_pid: int, signal_fd: int | None = None) -> None:
     """Exit when the controller dies, even by SIGKILL: the controller never writes to the
     lifeline, so it becomes readable only at EOF, when the controller's end closes. The
-    parent-pid check covers a lifeline end leaked into another process by a fork."""
+    parent-pid check covers a lifeline end leaked into another process by a fork. Also exit
+    on a byte from `signal_fd` (`end_on_signals`)."""
     _controller_pid[:] = [parent_pid]
 
     # poll, not select: select refuses descriptors >= 1024, which a ComfyUI with many open
     # files hands down (the workers keep the controller's descriptor numbers).
-    lifeline = select.poll()
-    lifeline.register(lifeline_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    watched = select.poll()
+    for fd in (lifeline_fd, signal_fd):
+        if fd is not None:
+            watched.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
 
     def watch():
         while True:
             try:
-                if lifeline.poll(WATCHDOG_PERIOD_S * 1000) and os.read(lifeline_fd, 1) == b"":
-                    _exit_orphaned("controller closed the lifeline")
+                for fd, _ in watched.poll(WATCHDOG_PERIOD_S * 1000):
+                    if fd == lifeline_fd and os.read(lifeline_fd, 1) == b"":
+                        _exit_orphaned("controller closed the lifeline")
+                    if fd == signal_fd:
+                        _end_on_signal(os.read(signal_fd, 64))
             except Exception as exc:  # noqa: BLE001 - whatever breaks the check, do not outlive the controller
                 _exit_orphaned(f"lifeline failed ({exc})")
             if os.getppid() != parent_pid:
                 _exit_orphaned(f"controller pid {parent_pid} is gone")
 
     threading.Thread(target=watch, name="pool-watchdog", daemon=True).start()
+
+
+def _end_on_signal(received: bytes) -> None:
+    """Exit with the shell's code for the first ending signal among `received` (128 + its
+    number); other signals' bytes are ignored."""
+    for signum in received:
+        if signum in ENDING_SIGNALS:
+            _exit_orphaned(f"received {signal.Signals(signum).name}", exit_code=128 + signum)
 
 
 class Outbox:
@@ -280,7 +312,7 @@ def configure_logging(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     config = protocol.WorkerConfig.from_json((sys.argv[1:] if argv is None else argv)[0])
-    start_watchdog(config.lifeline_fd, config.parent_pid)
+    start_watchdog(config.lifeline_fd, config.parent_pid, signal_fd=end_on_signals())
     # Ctrl-C in the server's terminal reaches the whole process group; the controller
     # decides what happens to jobs, so workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
