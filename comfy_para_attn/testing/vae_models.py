@@ -7,7 +7,11 @@ time_compress 4: the HunyuanVideo VAE's classes, 16 channels, 4x time, 8x space)
 32 channels (GroupNorm's 32 groups are the minimum) with one res block per level.
 `tiny_comfy_vae("wan")` is ComfyUI's Wan 2.1 WanVAE (causal 3D with a per-frame feature
 cache, RMS norms; 16 channels, 4x time, 8x space) at 8 base channels; `"wan22"` the Wan 2.2
-VAE (48 channels, 4x time, 16x space: 2x2 patches) at 8/16 base channels. ComfyUI
+VAE (48 channels, 4x time, 16x space: 2x2 patches) at 8/16 base channels.
+`"hunyuan_image"` is HunyuanImage 2.1's VAE (AutoencodingEngine with the hunyuan_video.vae
+2D decoder: 64 channels, 32x, a mid attention block) and `"hunyuan_video15"` HunyuanVideo
+1.5's (the vae_refiner causal 3D decoder: 32 channels, 4x time, 16x space), both at 32
+channels per level. ComfyUI
 picks full-size configs from state-dict keys, so a tiny VAE carries its own rebuild
 recipe (`para_attn_rebuild`), which the parallel decode uses to rebuild it in the workers.
 Nothing is downloaded.
@@ -19,11 +23,17 @@ import math
 
 import torch
 
-KINDS = ("flux", "hunyuan_video", "wan", "wan22")
-VIDEO_KINDS = ("hunyuan_video", "wan", "wan22")
+KINDS = ("flux", "hunyuan_video", "wan", "wan22", "hunyuan_image", "hunyuan_video15")
+VIDEO_KINDS = ("hunyuan_video", "wan", "wan22", "hunyuan_video15")
 LATENT_CHANNELS = 16
-CHANNELS = {"wan22": 48}  # latent channels where not LATENT_CHANNELS
-SPATIAL = {"wan22": 16}  # spatial compression where not 8
+CHANNELS = {"wan22": 48, "hunyuan_image": 64, "hunyuan_video15": 32}  # latent channels where not LATENT_CHANNELS
+SPATIAL = {"wan22": 16, "hunyuan_image": 32, "hunyuan_video15": 16}  # spatial compression where not 8
+# comfy.sd.VAE's ddconfigs of the HunyuanImage 2.1 / HunyuanVideo 1.5 VAEs, narrow and one res block a level
+_HUNYUAN_15_STYLE = {  # kind: (decoder module, factors, levels, regularizer)
+    "hunyuan_image": ("comfy.ldm.hunyuan_video.vae", dict(ffactor_spatial=32), 6, "DiagonalGaussianRegularizer"),
+    "hunyuan_video15": ("comfy.ldm.hunyuan_video.vae_refiner", dict(ffactor_spatial=16, ffactor_temporal=4),
+                        5, "EmptyRegularizer"),
+}
 
 
 def latent_channels(kind: str) -> int:
@@ -55,6 +65,18 @@ def _first_stage_model(kind: str, ch: int):
 
         return WanVAE(dim=max(4, ch // 4), z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                       attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    if kind in _HUNYUAN_15_STYLE:  # comfy.sd.VAE's "decoder.conv_in.weight" 64 / 32-channel branches
+        from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+        module, factors, levels, regularizer = _HUNYUAN_15_STYLE[kind]
+        # the deepest level a multiple of the latent channels (the decoder adds the latent repeated to it)
+        config = dict(block_out_channels=[ch] * (levels - 1) + [max(ch, latent_channels(kind))], in_channels=3, out_channels=3, num_res_blocks=1,
+                      downsample_match_channel=True, upsample_match_channel=True, z_channels=latent_channels(kind),
+                      **factors)
+        return AutoencodingEngine(
+            regularizer_config={"target": f"comfy.ldm.models.autoencoder.{regularizer}"},
+            encoder_config={"target": f"{module}.Encoder", "params": config},
+            decoder_config={"target": f"{module}.Decoder", "params": config})
     if kind == "wan22":  # comfy.sd.VAE's Wan 2.2 branch, tiny
         from comfy.ldm.wan.vae2_2 import WanVAE as Wan22VAE
 
@@ -98,7 +120,7 @@ def tiny_comfy_vae(kind: str, *, ch: int = 32, seed: int = 0, state_dict: dict |
             vae = comfy.sd.VAE(sd={}, dtype=dtype, config=config)
         finally:
             logging.disable(logging.NOTSET)
-    if kind in ("flux", "wan", "wan22"):
+    if kind in ("flux", "wan", "wan22", *_HUNYUAN_15_STYLE):
         import comfy.model_patcher
 
         model.load_state_dict(state, strict=True)
@@ -109,6 +131,8 @@ def tiny_comfy_vae(kind: str, *, ch: int = 32, seed: int = 0, state_dict: dict |
     else:
         vae.first_stage_model.load_state_dict(state, strict=True)
         vae.first_stage_model.to(vae.vae_dtype)
+    if kind == "hunyuan_image":
+        vae.upscale_ratio = vae.downscale_ratio = SPATIAL[kind]
     if kind in VIDEO_KINDS:  # the scale factors comfy.sd.VAE sets for these video VAEs
         space = SPATIAL.get(kind, 8)
         vae.upscale_ratio = (lambda a: max(0, a * 4 - 3), space, space)
