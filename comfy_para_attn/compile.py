@@ -155,6 +155,32 @@ class GraphSafeInputs(torch.nn.Module):
         return self.block(*args, **kwargs)
 
 
+class FreshTrace(torch.nn.Module):
+    """Calls a block: a module of its own, so that a `fullgraph` compile traces the block anew.
+
+    Dynamo keeps its compiled code per code object and reuses an entry whose guards pass; the
+    inductor backends of two settings that differ only in `fullgraph` compare equal, so a
+    fullgraph compile of a block compiled before without it ran the earlier entries (with their
+    graph breaks) and never reported a break. This module's frame has no such entries.
+    """
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def __getattr__(self, name):
+        """The block's attributes, as the block itself would answer them."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(self.block, name)
+
+    def forward(self, *args, **kwargs):
+        return self.block(*args, **kwargs)
+
+
 class DetachedInputs(torch.nn.Module):
     """Calls a compiled block with its tensor arguments detached from their view bases.
 
@@ -198,6 +224,8 @@ def compile_modules(root: torch.nn.Module, names: list[str], settings: CompileSe
     if key not in cached:
         kwargs = settings.compile_kwargs()
         wrap = GraphSafeInputs if settings.cuda_graphs else (lambda module: module)
+        if settings.fullgraph:
+            wrap = (lambda inner: lambda module: FreshTrace(inner(module)))(wrap)
         compiled = {name: torch.compile(wrap(root.get_submodule(name)), **kwargs) for name in names}
         if settings.dynamic:
             compiled = {name: DetachedInputs(module) for name, module in compiled.items()}

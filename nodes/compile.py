@@ -33,7 +33,8 @@ class ParaAttnCompile:
                 "fullgraph": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "On: fail with an error on any graph break instead of running that part eager "
-                               "(to check that a block compiles as one graph)."}),
+                               "(to check that a block compiles as one graph), also where the same blocks ran "
+                               "compiled with it off before."}),
             },
             "optional": {
                 "cuda_graph": (["off", "model call"], {
@@ -65,8 +66,11 @@ class ParaAttnCompile:
     CATEGORY = "para_attn"
     DESCRIPTION = ("torch.compile for DiT sampling. Regional scope compiles each transformer block class once, so "
                    "warm-up takes seconds. No recompile when the prompt's words, seed, LoRA strength or cache "
-                   "threshold change; at most one when the prompt's length or the resolution does. Works with "
-                   "FP8 Quantize, First Block Cache and Context Parallel in any order.")
+                   "threshold change (adding a first LoRA to the model recompiles once); at most one when the "
+                   "prompt's length or the resolution does. Each other setting of this node compiles graphs of "
+                   "its own, and torch keeps at most 8 per block code: after many changes of setting in one "
+                   "session the blocks run uncompiled (torch logs 'recompile_limit') until ComfyUI restarts. "
+                   "Works with FP8 Quantize, First Block Cache and Context Parallel in any order.")
 
     def apply(self, model, scope, mode, dynamic, fullgraph, cuda_graph="off", modulation="precomputed"):
         from comfy_para_attn.adapters.comfy.compile import apply_compile

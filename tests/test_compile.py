@@ -82,3 +82,40 @@ def test_regional_compile_once_per_class():
                 torch.testing.assert_close(y, expected)
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+class BreakingBlock(torch.nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        y = self.linear(x)
+        torch._dynamo.graph_break()  # as code dynamo cannot trace (ComfyUI's CPU attention's memory check)
+        return y + 1
+
+
+class TwoBreakingBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(BreakingBlock() for _ in range(2))
+
+
+def test_fullgraph_reports_a_break_even_after_the_block_ran_compiled_without_it():
+    """Dynamo reuses a block's entries from an earlier compile whose backend compares equal;
+    fullgraph on, after the same blocks ran compiled with it off (an earlier prompt), must
+    still fail on the graph break, as on a fresh process. Both ways give the eager result."""
+    torch._dynamo.reset()
+    model = TwoBreakingBlocks()
+    names = repeated_block_names(model)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.blocks[0](x)
+        lenient = compile_modules(model, names, CompileSettings(backend="eager", fullgraph=False))
+        torch.testing.assert_close(lenient[names[0]](x), expected)
+        strict = compile_modules(model, names, CompileSettings(backend="eager", fullgraph=True))
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            strict[names[0]](x)
+        torch.testing.assert_close(lenient[names[0]](x), expected)  # the lenient compile still runs
+    assert getattr(strict[names[0]], "linear") is model.blocks[0].linear  # attributes reach the block
+    torch._dynamo.reset()
