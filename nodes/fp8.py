@@ -37,7 +37,8 @@ class ParaAttnFP8Quantize:
                     "default": _default_exclude(), "multiline": False,
                     "tooltip": "Comma-separated glob patterns of layer names (relative to the diffusion model) "
                                "that stay in bf16; a pattern also covers everything below a matching module. The "
-                               "default keeps embedders, modulation and the final layer in bf16."}),
+                               "default keeps embedders, modulation and the final layer in bf16. Patterns are "
+                               "case-sensitive; one of yours that matches no layer is named in the log."}),
             },
             "optional": {
                 "modulation": (["original", "int8"], {

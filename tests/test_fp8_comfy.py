@@ -134,6 +134,17 @@ def test_custom_exclusions_and_off(cm, fp8, flux):
         fp8.apply_fp8(flux, FP8Settings(exclude="*"))
 
 
+def test_an_exclude_pattern_that_matches_nothing_is_named_in_the_log(cm, fp8, flux, caplog):
+    """A typo ('Double_blocks' for 'double_blocks') would quietly quantize the layers meant to be
+    kept: the log names the pattern; the default list's own patterns are not reported."""
+    fp8._said_once.clear()
+    with caplog.at_level(logging.WARNING):
+        fp8.apply_fp8(flux, FP8Settings(exclude="Double_blocks, single_blocks.0, *_in"))
+        fp8.apply_fp8(flux, FP8Settings())
+    assert "exclude pattern 'Double_blocks' matches no layer of this Flux" in caplog.text
+    assert caplog.text.count("matches no layer") == 1  # single_blocks.0 and *_in match; the defaults are not checked
+
+
 def test_modulation_layers_of_flux2(cm):
     """Newer ComfyUI's FLUX.2 shares one modulation per stream kind across its blocks: the
     int8 modulation takes all four (its double stream's image and text layers were missed)."""

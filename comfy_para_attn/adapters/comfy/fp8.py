@@ -35,7 +35,8 @@ import uuid
 
 import torch
 
-from ...quant import (FP8Settings, FP8UnavailableError, is_excluded, is_quantized, is_stored_fp8, plan_for, quantizable_linears,
+from ...quant import (DEFAULT_EXCLUDE, FP8Settings, FP8UnavailableError, is_excluded, is_quantized, is_stored_fp8,
+                      parse_patterns, plan_for, quantizable_linears,
                       quantize_linear, quantize_stored_fp8, torchao_config)
 from ...quant import gelu_fusion, modulation, stored_fp8
 from .device_conds import keep_conds_on_device
@@ -322,10 +323,26 @@ def _quantized_by_comfyui(root) -> int:
                or type(getattr(m, "weight", None)).__name__ == "QuantizedTensor")
 
 
+def _warn_unmatched_patterns(diffusion_model, settings: FP8Settings) -> None:
+    """Log the user's exclude patterns that match no module of this model (a typo, or the wrong
+    case, would quietly quantize what was meant to be kept); the default list names the layers
+    of several model families, so its own patterns are not checked."""
+    own = [p for p in settings.patterns if p not in parse_patterns(DEFAULT_EXCLUDE)]
+    if not own:
+        return
+    names = [name for name, _ in diffusion_model.named_modules() if name]
+    for pattern in own:
+        if not any(is_excluded(name, (pattern,)) for name in names):
+            example = next((n for n, m in diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)), "")
+            _log_once(f"exclude pattern {pattern!r} matches no layer of this {type(diffusion_model).__name__}, so it "
+                      f"excludes nothing (patterns are case-sensitive globs over names such as {example!r})")
+
+
 def _check_quantizable(model_patcher, settings: FP8Settings) -> bool:
     """Whether there is anything to quantize: False (logged) where ComfyUI already runs every
     candidate layer quantized itself; FP8UnavailableError where the model cannot be quantized."""
     dm = model_patcher.model.diffusion_model
+    _warn_unmatched_patterns(dm, settings)
     layers = quantizable_linears(dm, settings.patterns)
     by_comfyui = 0 if layers else _quantized_by_comfyui(dm)
     if by_comfyui:
