@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -162,6 +163,7 @@ class FreshTrace(torch.nn.Module):
     inductor backends of two settings that differ only in `fullgraph` compare equal, so a
     fullgraph compile of a block compiled before without it ran the earlier entries (with their
     graph breaks) and never reported a break. This module's frame has no such entries.
+    Made per block class by `wrap_block`.
     """
 
     def __init__(self, block: torch.nn.Module):
@@ -179,6 +181,23 @@ class FreshTrace(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.block(*args, **kwargs)
+
+
+_wrapper_classes: dict = {}  # (wrapper class, block class) -> the wrapper's subclass for it
+
+
+def wrap_block(wrapper: type, block: torch.nn.Module) -> torch.nn.Module:
+    """`wrapper(block)`, as a subclass of `wrapper` for the block's class whose `forward` has a
+    code object of its own. Dynamo keeps at most 8 compiled entries per code object (past that
+    a fullgraph compile fails, any other runs eager): one `forward` shared by every block class
+    of every model would give them all one budget, where each block class had its own."""
+    key = (wrapper, type(block))
+    if key not in _wrapper_classes:
+        forward = wrapper.forward
+        code = forward.__code__.replace(co_name=f"forward_{type(block).__name__}")
+        own = types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__, forward.__closure__)
+        _wrapper_classes[key] = type(f"{wrapper.__name__}_{type(block).__name__}", (wrapper,), {"forward": own})
+    return _wrapper_classes[key](block)
 
 
 class DetachedInputs(torch.nn.Module):
@@ -223,9 +242,13 @@ def compile_modules(root: torch.nn.Module, names: list[str], settings: CompileSe
     cached = _compiled_cache.setdefault(root, {})
     if key not in cached:
         kwargs = settings.compile_kwargs()
-        wrap = GraphSafeInputs if settings.cuda_graphs else (lambda module: module)
-        if settings.fullgraph:
-            wrap = (lambda inner: lambda module: FreshTrace(inner(module)))(wrap)
+        wrappers = [w for w, used in ((GraphSafeInputs, settings.cuda_graphs), (FreshTrace, settings.fullgraph)) if used]
+
+        def wrap(module):
+            for wrapper in wrappers:
+                module = wrap_block(wrapper, module)
+            return module
+
         compiled = {name: torch.compile(wrap(root.get_submodule(name)), **kwargs) for name in names}
         if settings.dynamic:
             compiled = {name: DetachedInputs(module) for name, module in compiled.items()}

@@ -119,3 +119,22 @@ def test_fullgraph_reports_a_break_even_after_the_block_ran_compiled_without_it(
         torch.testing.assert_close(lenient[names[0]](x), expected)  # the lenient compile still runs
     assert getattr(strict[names[0]], "linear") is model.blocks[0].linear  # attributes reach the block
     torch._dynamo.reset()
+
+
+def test_fullgraph_compiles_many_block_classes():
+    """Dynamo keeps at most 8 entries per code object, and past that a fullgraph compile fails:
+    the wrapper each fullgraph block goes through has a forward of its own per block class, so
+    ten block classes (two models' worth) compile as before, each on its own budget."""
+    torch._dynamo.reset()
+    classes = [type(f"Block{i}", (Block,), {}) for i in range(10)]
+    model = torch.nn.Module()
+    for i, cls in enumerate(classes):
+        setattr(model, f"family{i}", torch.nn.ModuleList(cls(8) for _ in range(2)))
+    names = repeated_block_names(model)
+    assert len(names) == 20
+    compiled = compile_modules(model, names, CompileSettings(backend="eager", fullgraph=True))
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name in names:
+            torch.testing.assert_close(compiled[name](x), model.get_submodule(name)(x))
+    torch._dynamo.reset()
