@@ -58,11 +58,12 @@ class ParaAttnFP8Quantize:
                    "after LoRA patches are merged (a LoRA change re-quantizes). Pair with Compile Model for speed.")
 
     def apply(self, model, granularity, mode, exclude, modulation="original"):
-        from comfy_para_attn.adapters.comfy.fp8 import apply_fp8
+        from comfy_para_attn.adapters.comfy.fp8 import apply_fp8, warn_unmatched_patterns
         from comfy_para_attn.quant import FP8Settings
 
         settings = FP8Settings(granularity=_GRANULARITY[granularity], mode=_MODE[mode], exclude=exclude,
                                modulation=modulation)
+        warn_unmatched_patterns(model, settings)
         return (apply_fp8(model, settings),)
 
 

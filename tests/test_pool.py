@@ -460,13 +460,55 @@ def test_a_pool_shut_down_while_it_starts_raises_interrupted(tmp_path, monkeypat
     running_before = set(controller._live_pools)  # (other tests' pools stay up)
     starter = threading.Thread(target=start)
     starter.start()
-    time.sleep(1.5)
-    for pool in set(controller._live_pools) - running_before:
-        pool.shutdown(timeout_s=3.0)  # as the exit handler does
+    assert wait_until(lambda: set(controller._live_pools) - running_before, 10.0)
+    (starting,) = set(controller._live_pools) - running_before
+    if init is None:
+        time.sleep(1.0)  # its workers are still starting (3 s late)
+    else:
+        assert wait_until(lambda: starting._running_job is not None, 30.0), "the init job never started"
+    starting.shutdown(timeout_s=3.0)  # as the exit handler does
     starter.join(30)
     assert not starter.is_alive() and len(outcome) == 1
     assert isinstance(outcome[0], PoolInterrupted), repr(outcome[0])
     assert "shut down while it started" in str(outcome[0])
+
+
+def test_a_jobs_forked_child_dies_of_sigterm_and_the_worker_stays():
+    """A job's child forked without exec (multiprocessing's fork context) gets the usual SIGTERM,
+    not the worker's handler, and its signal does not end the worker."""
+    with Pool(1) as pool:
+        assert pool.run(f"{JOBS}:terminate_a_forked_child", 5.0, timeout_s=60) == -signal.SIGTERM
+        assert pool.alive and pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=30)["sum"] == 1.0
+
+
+def test_workers_of_a_controller_that_ignores_sighup_keep_running_on_it():
+    """ComfyUI started under nohup ignores SIGHUP, and so did its workers before they handled it:
+    a closed terminal must not end them while the controller runs on."""
+    script = textwrap.dedent("""
+        import json, signal, sys
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+        from comfy_para_attn.pool import Pool
+        pool = Pool(2)
+        print(json.dumps(pool.pids), flush=True)
+        sys.stdin.readline()  # the test has sent SIGHUP
+        print(json.dumps(pool.run("comfy_para_attn.testing.pool_jobs:all_reduce_ranks", timeout_s=30)), flush=True)
+        pool.shutdown()
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    controller = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                                  stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+    try:
+        worker_pids = json.loads(controller.stdout.readline())
+        os.killpg(controller.pid, signal.SIGHUP)
+        time.sleep(3.0)  # past the 2 s a signalled worker waits before it ends
+        assert not any(process_gone(pid) for pid in worker_pids)
+        controller.stdin.write("go\n")
+        controller.stdin.flush()
+        assert json.loads(controller.stdout.readline())["sum"] == 3.0
+        assert controller.wait(30) == 0
+    finally:
+        controller.kill()
+        controller.wait(10)
 
 
 def test_a_worker_sent_sigterm_mid_job_ends_and_is_named():
@@ -599,10 +641,11 @@ def test_workers_exit_when_the_controller_is_killed_and_remove_its_published_fil
     when SIGTERM or SIGHUP reaches the controller and its workers together (systemd stopping
     ComfyUI, a closed terminal): their default action used to kill the workers first."""
     script = textwrap.dedent("""
-        import json, time
+        import json, signal, time
         import torch
         from comfy_para_attn.pool import Pool
         from comfy_para_attn.pool.transfer import publish_tensors
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (a test run under nohup would have it ignored)
         pool = Pool(2)
         handle = publish_tensors({"w": torch.ones(1024)}, "killed-controller")
         print(json.dumps([pool.pids, handle.path]), flush=True)

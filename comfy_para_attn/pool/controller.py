@@ -218,7 +218,7 @@ class Pool:
             return self._start(deadline, timeout_s, should_interrupt)
         except PoolStartError as exc:
             # The free port can be taken between choosing it and binding it: try once more.
-            if "address already in use" not in str(exc).lower():
+            if "address already in use" not in str(exc).lower() or self._shut_down:
                 raise
             logger.warning("rendezvous port was taken; starting the pool again")
             self._terminate()
@@ -245,6 +245,8 @@ class Pool:
                     f"workers did not start within {timeout_s:g} s (ready ranks: {sorted(ready)})", reason="timeout")
             if should_interrupt is not None and should_interrupt():  # the workers are killed on the way out
                 raise PoolInterrupted("the pool's start was interrupted on request")
+            if self._shut_down:  # by another thread (the process exits): no need to wait for the workers
+                raise PoolInterrupted("the pool was shut down while it started")
             for rank, event in self._poll_events(min(POLL_S, remaining)):
                 if isinstance(event, protocol.Ready):
                     ready[rank] = event.timings

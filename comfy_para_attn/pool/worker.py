@@ -65,13 +65,30 @@ def end_on_signals() -> int:
     signal to the whole process group (systemd stopping ComfyUI, a closed terminal) left the
     controller's published model in /dev/shm: now the watchdog ends the worker instead, after
     removing the files of a controller the same signal ended. The C-level handler writes the
-    byte while the main thread is still inside a long kernel or collective."""
+    byte while the main thread is still inside a long kernel or collective; the Python handler
+    ends the worker too, should a job's library take the wakeup descriptor (asyncio does). A
+    signal the controller ignores (SIGHUP under nohup) stays ignored."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    for signum in ENDING_SIGNALS:
-        signal.signal(signum, lambda *_: None)  # a Python handler, so the wakeup byte is written
+    handled = [signum for signum in ENDING_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+    for signum in handled:
+        signal.signal(signum, _end_from_handler)
+
+    def restore_in_child():  # a job's forked child (no exec) must die of these signals as usual
+        try:
+            signal.set_wakeup_fd(-1)  # else its signals' bytes would end this worker
+            for signum in handled:
+                signal.signal(signum, signal.SIG_DFL)
+        except ValueError:  # not the child's main thread (cannot happen after fork; never fail a fork)
+            pass
+
+    os.register_at_fork(after_in_child=restore_in_child)
     return read_fd
+
+
+def _end_from_handler(signum, _frame) -> None:
+    threading.Thread(target=_end_on_signal, args=(bytes([signum]),), name="pool-signal", daemon=True).start()
 
 
 def start_watchdog(lifeline_fd: int, parent_pid: int, signal_fd: int | None = None) -> None:

@@ -279,3 +279,30 @@ def cuda_memory_allocated(ctx, payload):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return torch.cuda.memory_allocated()
+
+
+def _started_then_sleep(started):
+    started.set()
+    time.sleep(60)
+
+
+def terminate_a_forked_child(ctx, payload):
+    """Fork a child (no exec, as multiprocessing's fork context does), SIGTERM it once it runs;
+    its exit code (-15: it died of the signal) or None if it outlived `payload` seconds. (A
+    signal in the microseconds between the fork and the child's at-fork hook would still reach
+    the worker's handler.)"""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    child = fork.Process(target=_started_then_sleep, args=(started,))
+    child.start()
+    started.wait(30)
+    child.terminate()
+    child.join(payload)
+    code = child.exitcode
+    if code is None:
+        child.kill()
+        child.join()
+    time.sleep(1.0)  # time for a stray wakeup byte to reach this worker's watchdog
+    return code

@@ -308,7 +308,7 @@ class FP8HoldHostWeights:
         settings = _settings_of(patcher)
         if settings is not None and settings.enabled:
             dm = patcher.model.diffusion_model
-            hold_host_originals(patcher, quantizable_linears(dm, settings.patterns) + _int8_layers(dm, settings))
+            hold_host_originals(patcher, lambda: quantizable_linears(dm, settings.patterns) + _int8_layers(dm, settings))
         return executor(*args, **kwargs)
 
     def __repr__(self):
@@ -323,10 +323,12 @@ def _quantized_by_comfyui(root) -> int:
                or type(getattr(m, "weight", None)).__name__ == "QuantizedTensor")
 
 
-def _warn_unmatched_patterns(diffusion_model, settings: FP8Settings) -> None:
+def warn_unmatched_patterns(model_patcher, settings: FP8Settings) -> None:
     """Log the user's exclude patterns that match no module of this model (a typo, or the wrong
     case, would quietly quantize what was meant to be kept); the default list names the layers
-    of several model families, so its own patterns are not checked."""
+    of several model families, so its own patterns are not checked. The node calls it (not the
+    pool's workers, which apply the same settings again)."""
+    diffusion_model = model_patcher.model.diffusion_model
     own = [p for p in settings.patterns if p not in parse_patterns(DEFAULT_EXCLUDE)]
     if not own:
         return
@@ -342,7 +344,6 @@ def _check_quantizable(model_patcher, settings: FP8Settings) -> bool:
     """Whether there is anything to quantize: False (logged) where ComfyUI already runs every
     candidate layer quantized itself; FP8UnavailableError where the model cannot be quantized."""
     dm = model_patcher.model.diffusion_model
-    _warn_unmatched_patterns(dm, settings)
     layers = quantizable_linears(dm, settings.patterns)
     by_comfyui = 0 if layers else _quantized_by_comfyui(dm)
     if by_comfyui:

@@ -22,10 +22,10 @@ _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # C
 _host_originals: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def hold_host_originals(model_patcher, layers: list) -> int:
-    """Hold the host tensors of `layers` ((name, module) of the diffusion model that FP8
+def hold_host_originals(model_patcher, layers) -> int:
+    """Hold the host tensors of `layers()` ((name, module) of the diffusion model that FP8
     Quantize will convert) where they are on the offload device now; returns how many are
-    held (0 leaves what was held)."""
+    held (0 leaves what was held; a fully loaded model is not walked)."""
     if getattr(model_patcher, "weight_inplace_update", False):
         return 0  # patches would be merged into the very tensors held here
     base, offload = model_patcher.model, torch.device(model_patcher.offload_device)
@@ -34,7 +34,7 @@ def hold_host_originals(model_patcher, layers: list) -> int:
             and getattr(base, "model_loaded_weight_memory", 0) > 0):
         return 0  # fully loaded (the next prompt on a loaded model): no weight is on the host
     held = {}
-    for name, module in layers:
+    for name, module in layers():
         weight = module.weight
         if weight.device == offload and weight.dtype != torch.int8 and not is_quantized(weight):
             held[f"diffusion_model.{name}.weight"] = weight.detach()  # survives the module's move
