@@ -137,7 +137,22 @@ def repeated_block_names(root: torch.nn.Module) -> list[str]:
     return names
 
 
-class GraphSafeInputs(torch.nn.Module):
+class _Wrapper(torch.nn.Module):
+    """A module around another (`inner` names it) that answers the attribute lookups it cannot
+    with the inner module's: the block's own, the whole model's `dtype`, `_orig_mod`, ..."""
+
+    inner = "block"
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self.inner:  # not set (yet): no recursion
+                raise
+            return getattr(super().__getattr__(self.inner), name)
+
+
+class GraphSafeInputs(_Wrapper):
     """Calls a block with copies of its tensor arguments, inside the compiled region.
 
     Inductor replays a graph as a CUDA graph only if it mutates none of its inputs, and
@@ -156,7 +171,7 @@ class GraphSafeInputs(torch.nn.Module):
         return self.block(*args, **kwargs)
 
 
-class FreshTrace(torch.nn.Module):
+class FreshTrace(_Wrapper):
     """Calls a block: a module of its own, so that a `fullgraph` compile traces the block anew.
 
     Dynamo keeps its compiled code per code object and reuses an entry whose guards pass; the
@@ -169,15 +184,6 @@ class FreshTrace(torch.nn.Module):
     def __init__(self, block: torch.nn.Module):
         super().__init__()
         self.block = block
-
-    def __getattr__(self, name):
-        """The block's attributes, as the block itself would answer them."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "block":
-                raise
-            return getattr(self.block, name)
 
     def forward(self, *args, **kwargs):
         return self.block(*args, **kwargs)
@@ -200,7 +206,7 @@ def wrap_block(wrapper: type, block: torch.nn.Module) -> torch.nn.Module:
     return _wrapper_classes[key](block)
 
 
-class DetachedInputs(torch.nn.Module):
+class DetachedInputs(_Wrapper):
     """Calls a compiled block with its tensor arguments detached from their view bases.
 
     With dynamic shapes dynamo guards on a view's base sizes: the first block gets a view
@@ -209,18 +215,11 @@ class DetachedInputs(torch.nn.Module):
     look alike. Only used when `dynamic` is on: static graphs do not guard on bases.
     """
 
+    inner = "compiled"
+
     def __init__(self, compiled: torch.nn.Module):
         super().__init__()
         self.compiled = compiled
-
-    def __getattr__(self, name):
-        """The compiled module's attributes (the whole model's `dtype`, `_orig_mod`, ...)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "compiled":  # not set (yet): no recursion
-                raise
-            return getattr(self.compiled, name)
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled():

@@ -416,25 +416,31 @@ def test_out_of_memory_in_an_agreed_step_is_named_and_keeps_the_pool(pool):
     assert pool.alive
 
 
-def test_worker_killed_mid_job_names_the_rank_and_signal():
+@pytest.mark.parametrize("signum, named, within_s", [
+    (signal.SIGKILL, "SIGKILL", 5),
+    # SIGTERM to one worker (not the controller): it still ends, after looking up to 2 s for a
+    # dead controller's files, and the error says which rank and which signal.
+    (signal.SIGTERM, "ended by SIGTERM", 8),
+])
+def test_worker_signalled_mid_job_names_the_rank_and_signal(signum, named, within_s):
     doomed = Pool(2)
-    pids, killed_at = doomed.pids, []
+    pids, sent_at = doomed.pids, []
 
-    def kill_rank1(step, total, extra):
-        if step == 3 and not killed_at:
-            os.kill(pids[1], signal.SIGKILL)
-            killed_at.append(time.monotonic())
+    def signal_rank1(step, total, extra):
+        if step == 3 and not sent_at:
+            os.kill(pids[1], signum)
+            sent_at.append(time.monotonic())
 
     try:
         with pytest.raises(PoolError) as info:
             doomed.run(f"{JOBS}:steady_steps", {"steps": 1000, "sleep_s": 0.05}, timeout_s=60,
-                       on_progress=kill_rank1)
-        assert time.monotonic() - killed_at[0] < 5
+                       on_progress=signal_rank1)
+        assert time.monotonic() - sent_at[0] < within_s
         assert info.value.rank == 1 and info.value.reason == "died"
-        assert "rank 1" in str(info.value) and "SIGKILL" in str(info.value)
-        assert not doomed.alive and all(process_gone(pid) for pid in pids)
+        assert "rank 1" in str(info.value) and named in str(info.value)
     finally:
         doomed.shutdown()
+    assert not doomed.alive and all(process_gone(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("while_", ["processes start", "the init job runs"])
@@ -509,29 +515,6 @@ def test_workers_of_a_controller_that_ignores_sighup_keep_running_on_it():
     finally:
         controller.kill()
         controller.wait(10)
-
-
-def test_a_worker_sent_sigterm_mid_job_ends_and_is_named():
-    """SIGTERM to one worker (not the controller): it still ends (after looking for a dead
-    controller's files, up to 2 s), and the error says which rank and which signal."""
-    doomed = Pool(2)
-    pids, sent_at = doomed.pids, []
-
-    def terminate_rank1(step, total, extra):
-        if step == 3 and not sent_at:
-            os.kill(pids[1], signal.SIGTERM)
-            sent_at.append(time.monotonic())
-
-    try:
-        with pytest.raises(PoolError) as info:
-            doomed.run(f"{JOBS}:steady_steps", {"steps": 1000, "sleep_s": 0.05}, timeout_s=60,
-                       on_progress=terminate_rank1)
-        assert time.monotonic() - sent_at[0] < 8
-        assert info.value.rank == 1 and info.value.reason == "died"
-        assert "rank 1" in str(info.value) and "ended by SIGTERM" in str(info.value)
-    finally:
-        doomed.shutdown()
-    assert all(process_gone(pid) for pid in pids)
 
 
 def test_hang_past_timeout_is_reported_with_job_and_timeout():
