@@ -83,16 +83,13 @@ class Pool:
         try:
             timings = self._start_with_retry(began + start_timeout_s, start_timeout_s, should_interrupt)
             if init is not None:  # its own floor: a slow process start must not leave it a second
-                _, interrupted, _, refused = self._run(
-                    init[0], protocol.encode(init[1]),
-                    max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
-                if interrupted:  # shutdown() stops a running job as an interrupt
-                    raise PoolInterrupted("the pool was shut down while it started")
+                *_, refused = self._run(init[0], protocol.encode(init[1]),
+                                        max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
                 if refused:
                     error = refused_job_error(refused, init[0], self.layout)
                     raise PoolStartError(f"pool init failed: {str(error).rsplit(chr(10), 1)[0]}", rank=error.rank,
                                          job=init[0], worker_traceback=error.worker_traceback)
-            if self._shut_down:  # its workers came up and read the Shutdown waiting in their pipes
+            if self._shut_down:  # the init job stopped as an interrupt, or the workers came up and read Shutdown
                 raise PoolInterrupted("the pool was shut down while it started")
         except PoolError as exc:
             self._terminate()

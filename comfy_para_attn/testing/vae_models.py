@@ -70,9 +70,9 @@ def _first_stage_model(kind: str, ch: int):
 
         module, factors, levels, regularizer = _HUNYUAN_15_STYLE[kind]
         # the deepest level a multiple of the latent channels (the decoder adds the latent repeated to it)
-        config = dict(block_out_channels=[ch] * (levels - 1) + [max(ch, latent_channels(kind))], in_channels=3, out_channels=3, num_res_blocks=1,
-                      downsample_match_channel=True, upsample_match_channel=True, z_channels=latent_channels(kind),
-                      **factors)
+        config = dict(block_out_channels=[ch] * (levels - 1) + [max(ch, latent_channels(kind))], in_channels=3,
+                      out_channels=3, num_res_blocks=1, downsample_match_channel=True, upsample_match_channel=True,
+                      z_channels=latent_channels(kind), **factors)
         return AutoencodingEngine(
             regularizer_config={"target": f"comfy.ldm.models.autoencoder.{regularizer}"},
             encoder_config={"target": f"{module}.Encoder", "params": config},

@@ -332,12 +332,12 @@ def warn_unmatched_patterns(model_patcher, settings: FP8Settings) -> None:
     own = [p for p in settings.patterns if p not in parse_patterns(DEFAULT_EXCLUDE)]
     if not own:
         return
-    names = [name for name, _ in diffusion_model.named_modules() if name]
-    for pattern in own:
-        if not any(is_excluded(name, (pattern,)) for name in names):
-            example = next((n for n, m in diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)), "")
-            _log_once(f"exclude pattern {pattern!r} matches no layer of this {type(diffusion_model).__name__}, so it "
-                      f"excludes nothing (patterns are case-sensitive globs over names such as {example!r})")
+    modules = [(name, module) for name, module in diffusion_model.named_modules() if name]
+    unmatched = [p for p in own if not any(is_excluded(name, (p,)) for name, _ in modules)]
+    example = next((name for name, module in modules if isinstance(module, torch.nn.Linear)), "")
+    for pattern in unmatched:
+        _log_once(f"exclude pattern {pattern!r} matches no layer of this {type(diffusion_model).__name__}, so it "
+                  f"excludes nothing (patterns are case-sensitive globs over names such as {example!r})")
 
 
 def _check_quantizable(model_patcher, settings: FP8Settings) -> bool:
