@@ -54,3 +54,17 @@ def test_bench_transfer_tiny():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "pinned staging" in done.stdout and "load to cpu" in done.stdout
+
+
+def test_quantized_lse_error_small():
+    """Needs no ComfyUI: the lse-error table of the score recipes on a small realistic input."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "bench/quantized_lse_error.py", "--seq", "512", "--heads", "2"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {line[:66].strip(): line[66:].split() for line in done.stdout.splitlines()[2:]}
+    assert len(rows) == 5, done.stdout
+    # the control row computes the reference's own scores: exact; every 8-bit recipe moves the lse
+    control = rows.pop("bf16 Q.K^T, fp32 accumulation (the bf16 kernel)")
+    assert float(control[2]) == 0.0, done.stdout
+    assert all(float(cols[2]) > 1e-3 for cols in rows.values()), done.stdout
