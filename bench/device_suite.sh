@@ -33,7 +33,7 @@ for section in "${SECTIONS[@]}"; do
     case $section in
         nccl) run nccl 300 $PY -m pytest -q -rs tests/test_attention_nccl.py tests/test_pool_gpu.py \
                   tests/test_device_conds.py tests/test_memory_gpu.py \
-                  tests/test_pool.py::test_cuda_weights_publish_through_pinned_staging_in_pieces \
+                  tests/test_pool_publish.py::test_cuda_weights_publish_through_pinned_staging_in_pieces \
                   tests/test_vae_tiling.py::test_cuda_lookahead_equals_the_cpu_decode ;;
         gpu-compile) run gpu-compile 420 $PY -m pytest -q -rs tests/test_fp8_gpu.py tests/test_compile_gpu.py \
                          tests/test_fp8_gelu_fusion.py tests/test_fp8_norm_fold.py ;;

@@ -51,3 +51,23 @@ def cm(comfyui_path):
     from comfy_para_attn.testing import comfy_models
 
     return comfy_models
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """One 2-rank worker pool shared by a module's tests that leave it usable."""
+    from comfy_para_attn.pool import Pool
+
+    shared = Pool(2)
+    yield shared
+    shared.shutdown()
+
+
+@pytest.fixture
+def clean_registry():
+    """No registered pool before or after the test (get_pool starts a fresh one)."""
+    from comfy_para_attn.pool import shutdown_pool
+
+    shutdown_pool()
+    yield
+    shutdown_pool()
