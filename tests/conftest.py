@@ -71,3 +71,12 @@ def clean_registry():
     shutdown_pool()
     yield
     shutdown_pool()
+
+
+@pytest.fixture(scope="module")
+def pool_cleanup():
+    """Shut the registered pool down after a module's Context Parallel tests."""
+    yield
+    from comfy_para_attn.pool import shutdown_pool
+
+    shutdown_pool()

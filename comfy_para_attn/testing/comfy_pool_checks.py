@@ -195,3 +195,35 @@ def room_for_workers_on_a_shared_gpu(rank, world_size, comfy_path):
     seen["tight"] = make_room_for_workers(2, free + (1 << 30), "test")
     seen["after_tight"] = encoder.weight.device.type
     return seen
+
+
+POOL_TOL = 2e-4  # pool vs in-process sampling, fp32 tiny models
+
+
+def context_parallel(pack_nodes, model, **kw):
+    """The Context Parallel node applied to `model`: 2 CPU ranks, ulysses 2 unless `kw` says otherwise."""
+    args = dict(gpus=2, layout="manual", ulysses_degree=2, ring_degree=1, cfg_parallel=False, timeout_s=120.0)
+    args.update(kw)
+    return pack_nodes["ParaAttnContextParallel"]().apply(model, **args)[0]
+
+
+def comfy_extras_module(comfyui_path, name):
+    """A comfy_extras module loaded as ComfyUI loads it: named by its file path (what the pool's
+    pickler must send by reference)."""
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(comfyui_path, "comfy_extras", f"{name}.py")
+    module_name = os.path.splitext(path)[0]
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def with_control(conds, control):
+    """ComfyUI conditioning with `control` set on every cond (as ControlNetApply does)."""
+    return [[t, {**extra, "control": control, "control_apply_to_uncond": True}] for t, extra in conds]
