@@ -7,12 +7,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shutdown_pool_after():
-    yield
-    from comfy_para_attn.pool import shutdown_pool
-
-    shutdown_pool()
+pytestmark = pytest.mark.usefixtures("pool_cleanup")
 
 
 @pytest.mark.parametrize("family,layout", [("flux", dict(ulysses_degree=2)), ("hunyuan_video", dict(ring_degree=2))])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-TOL = 2e-4
+from comfy_para_attn.testing.comfy_pool_checks import POOL_TOL, context_parallel
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,6 @@ def setup(comfyui_path, pack_nodes):
     shutdown_pool()
 
 
-def _cp(pack_nodes, model, timeout_s=60.0, **kw):
-    args = dict(gpus=2, layout="manual", ulysses_degree=2, ring_degree=1, cfg_parallel=False, timeout_s=timeout_s)
-    args.update(kw)
-    return pack_nodes["ParaAttnContextParallel"]().apply(model, **args)[0]
-
-
 def _sample(model, pos, neg, latent, **kw):
     from comfy_para_attn.testing import comfy_models
 
@@ -39,8 +33,8 @@ def _sample(model, pos, neg, latent, **kw):
 
 def _next_prompt_succeeds(setup):
     pack_nodes, patcher, pos, neg, latent, reference = setup
-    out = _sample(_cp(pack_nodes, patcher), pos, neg, latent)
-    assert (out - reference).abs().max().item() < TOL
+    out = _sample(context_parallel(pack_nodes, patcher), pos, neg, latent)
+    assert (out - reference).abs().max().item() < POOL_TOL
 
 
 def _sample_interrupted_at_step_1(model, pos, neg, latent) -> list:
@@ -81,7 +75,7 @@ def test_cancel_while_the_pool_starts_stops_the_start(setup):
     began = time.monotonic()
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            _sample(_cp(pack_nodes, patcher), pos, neg, latent)
+            _sample(context_parallel(pack_nodes, patcher), pos, neg, latent)
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert time.monotonic() - began < 3.0 and current_pool() is None
@@ -101,7 +95,7 @@ def test_worker_killed_mid_run(setup):
 
     began = time.monotonic()
     with pytest.raises(PoolError, match="rank 1 .*SIGKILL"):
-        _sample(_cp(pack_nodes, patcher), pos, neg, latent, callback=kill_at_step)
+        _sample(context_parallel(pack_nodes, patcher), pos, neg, latent, callback=kill_at_step)
     assert time.monotonic() - began < 20
     _next_prompt_succeeds(setup)
     assert victim not in _current_pool().pids
@@ -113,7 +107,7 @@ def test_worker_exception_carries_its_traceback(setup):
 
     pack_nodes, patcher, pos, neg, latent, _ = setup
     with pytest.raises(PoolError) as info:
-        _sample(_cp(pack_nodes, with_faulty_block(patcher, "raise")), pos, neg, latent)
+        _sample(context_parallel(pack_nodes, with_faulty_block(patcher, "raise")), pos, neg, latent)
     assert "injected failure in a block patch" in str(info.value)
     assert "Traceback" in str(info.value) or "traceback" in str(info.value)
     _next_prompt_succeeds(setup)
@@ -131,7 +125,7 @@ def test_a_job_that_fails_to_set_up_on_one_rank_keeps_the_pool(setup):
     broken = patcher.clone()
     broken.model_options["transformer_options"]["another_pack"] = FailsToLoadOnRank(1)
     with pytest.raises(PoolJobError, match="injected failure while loading the job") as info:
-        _sample(_cp(pack_nodes, broken), pos, neg, latent)
+        _sample(context_parallel(pack_nodes, broken), pos, neg, latent)
     assert not isinstance(info.value, PoolError) and info.value.rank == 1
     assert "the worker pool is still running" in str(info.value)
     _next_prompt_succeeds(setup)
@@ -146,7 +140,7 @@ def test_hang_past_timeout(setup):
     _next_prompt_succeeds(setup)
     began = time.monotonic()
     with pytest.raises(PoolError, match="(?i)timeout|timed out|silent|no message") as info:
-        _sample(_cp(pack_nodes, with_faulty_block(patcher, "hang"), timeout_s=5.0), pos, neg, latent)
+        _sample(context_parallel(pack_nodes, with_faulty_block(patcher, "hang"), timeout_s=5.0), pos, neg, latent)
     assert time.monotonic() - began < 30
     assert "raise timeout_s on the Context Parallel node (now 5 s)" in str(info.value)  # what the user can do
     _next_prompt_succeeds(setup)
@@ -156,7 +150,7 @@ def test_interrupt_stops_all_ranks_and_pool_stays(setup):
     pack_nodes, patcher, pos, neg, latent, _ = setup
     _next_prompt_succeeds(setup)
     pids = list(_current_pool().pids)
-    seen = _sample_interrupted_at_step_1(_cp(pack_nodes, patcher), pos, neg, latent)
+    seen = _sample_interrupted_at_step_1(context_parallel(pack_nodes, patcher), pos, neg, latent)
     assert max(seen) < 3, f"sampling ran on after the interrupt: steps {seen}"
     _next_prompt_succeeds(setup)
     assert _current_pool().pids == pids  # same workers: the pool stayed usable
@@ -173,7 +167,7 @@ def test_an_interrupted_prompt_with_other_conds_leaves_nothing_stale(setup, monk
     pack_nodes, patcher, pos, neg, latent, _ = setup
     _next_prompt_succeeds(setup)
     other = comfy_models.conditioning(patcher, tokens=8, seed=11)
-    _sample_interrupted_at_step_1(_cp(pack_nodes, patcher), other, neg, latent)
+    _sample_interrupted_at_step_1(context_parallel(pack_nodes, patcher), other, neg, latent)
     _next_prompt_succeeds(setup)
 
 
@@ -181,7 +175,7 @@ def test_layout_change_rebuilds_pool(setup):
     pack_nodes, patcher, pos, neg, latent, reference = setup
     _next_prompt_succeeds(setup)
     before = list(_current_pool().pids)
-    out = _sample(_cp(pack_nodes, patcher, ulysses_degree=1, ring_degree=3, gpus=3), pos, neg, latent)
-    assert (out - reference).abs().max().item() < TOL
+    out = _sample(context_parallel(pack_nodes, patcher, ulysses_degree=1, ring_degree=3, gpus=3), pos, neg, latent)
+    assert (out - reference).abs().max().item() < POOL_TOL
     assert _current_pool().pids != before
     _next_prompt_succeeds(setup)
