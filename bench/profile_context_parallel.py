@@ -2,12 +2,15 @@
 
     python bench/profile_context_parallel.py --comfyui PATH [--gpus 2] [--steps 8]
         [--layouts ulysses,ring] [--compile] [--fp8] [--sync-debug] [--tiny]
-        [--attention-backend auto|sdpa-cudnn|sdpa-flash|...]
+        [--attention-backend auto|sdpa-cudnn|sdpa-flash|...] [--one-gpu-backends sdpa,triton-fp8]
+        [--family hunyuan_video --frames 33]
 
 Spawns the ranks directly (no pool: this isolates the per-step cost from pool overhead),
 each builds the same seeded full-size ComfyUI model (random weights, bf16; FLUX.1-dev at
-1024x1024, or `--family hunyuan_video`: 13B at 544x960 x 33 frames) and samples with `install_context_parallel`. A 1-GPU run of the same code
-without context parallelism is the baseline. For each configuration it prints ms/step
+1024x1024, or `--family hunyuan_video`: 13B at 544x960 x 33 frames, `--frames` latent frames:
+33 is 129 video frames, 67,320 tokens) and samples with `install_context_parallel`. A 1-GPU run of
+the same code without context parallelism is the baseline; `--one-gpu-backends` adds 1-GPU rows
+with the Attention Backend node's choice (ComfyUI's own attention in the baseline). For each configuration it prints ms/step
 (`comfy.sample.sample`, median-free: total / steps after a warm-up prompt), then a
 profile of one step on rank 0: GPU busy time (sum of kernel time), NCCL kernel time,
 attention kernel time, and the top kernels, so CPU-bound steps (wall >> GPU busy) and
@@ -30,7 +33,7 @@ from comfy_para_attn.testing.distributed import run_ranks  # noqa: E402
 
 def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blocks, tiny, fp8=False, chunks=None,
                  family="flux", sync_debug=False, attention_backend="auto", compile_mode="default", top_n=12,
-                 profile_steps=2, cuda_graph="off"):
+                 profile_steps=2, cuda_graph="off", frames=None, one_gpu_backend=None):
     device = "cpu" if tiny else "cuda"
     from comfy_para_attn.adapters.comfy.env import make_importable
 
@@ -52,6 +55,8 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
     set_backend(attention_backend)  # ComfyUI's own attention stays as it is (1 GPU baseline)
     dtype = torch.float32 if tiny else torch.bfloat16
     config, latent_size, tokens = comfy_models.benchmark_size(family, tiny)
+    if frames:
+        latent_size = dict(latent_size, frames=frames)
     patcher = comfy_models.build(family, dtype=dtype, device=device, seed=0, **config)
     positive = comfy_models.conditioning(patcher, tokens=tokens, seed=1, device=device)
     latent = torch.zeros(comfy_models.latent_shape(family, **latent_size))
@@ -67,6 +72,10 @@ def profile_rank(rank, world_size, comfy_path, ulysses, ring, steps, compile_blo
 
         model = apply_compile(model, CompileSettings(backend="eager" if tiny else "inductor", mode=compile_mode,
                                                        cuda_graph=cuda_graph))
+    if one_gpu_backend:
+        from comfy_para_attn.adapters.comfy.attention_backend import apply_attention_backend
+
+        model = apply_attention_backend(model, one_gpu_backend)
     if world_size > 1:
         model = install_context_parallel(model, build_parallel_context(ContextParallelConfig(ulysses=ulysses, ring=ring)))
 
@@ -117,6 +126,9 @@ def main():
     parser.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU")
     parser.add_argument("--attention-backend", default="auto",
                         help="our local kernel: auto, sdpa, sdpa-cudnn, sdpa-flash, sdpa-efficient, triton")
+    parser.add_argument("--one-gpu-backends", default="",
+                        help="extra 1-GPU rows, one per backend of the Attention Backend node (sdpa, triton, triton-fp8)")
+    parser.add_argument("--frames", type=int, default=0, help="hunyuan_video latent frames (default 9: 33 video frames)")
     parser.add_argument("--profile-steps", type=int, default=2,
                         help="steps of the profiled prompt (its per-prompt work is spread over them)")
     parser.add_argument("--top", type=int, default=12, help="how many of the top GPU kernels to list")
@@ -125,17 +137,19 @@ def main():
     backend = "gloo" if args.tiny else "nccl"
     print(f"device: {'cpu' if args.tiny else torch.cuda.get_device_name(0)} | torch {torch.__version__} | "
           f"{args.family} | compile {args.compile} | fp8 {args.fp8} | attention {args.attention_backend} | steps {args.steps}", flush=True)
-    configs = [] if args.skip_baseline else [("1 GPU", 1, 1, 1, None)]
+    configs = [] if args.skip_baseline else [("1 GPU", 1, 1, 1, None, None)]
+    configs += [(f"1 GPU, attention {name}", 1, 1, 1, None, name) for name in filter(None, args.one_gpu_backends.split(","))]
     layouts = {"ulysses": (args.gpus, 1), "ring": (1, args.gpus)}
     for spec in filter(None, args.layouts.split(",")):  # e.g. "ulysses:1" = ulysses, 1 head chunk
         name, _, chunks = spec.partition(":")
         if name == "ring" and chunks and args.gpus != 2:
             raise SystemExit(f"{spec}: the gather (and its head groups) is for a ring of two; use --gpus 2")
-        configs.append((f"{spec} x{args.gpus}", args.gpus, *layouts[name], int(chunks) if chunks else None))
+        configs.append((f"{spec} x{args.gpus}", args.gpus, *layouts[name], int(chunks) if chunks else None, None))
     rows, base, ref = [], None, None
-    for name, world, ulysses, ring, chunks in configs:
+    for name, world, ulysses, ring, chunks, one_gpu_backend in configs:
         results = run_ranks(profile_rank, world, args.comfyui, ulysses, ring, args.steps, args.compile, args.tiny,
                             args.fp8, chunks, args.family, args.sync_debug, args.attention_backend, args.compile_mode, args.top, args.profile_steps, args.cuda_graph,
+                            args.frames, one_gpu_backend,
                             backend=backend, timeout=900,
                             one_gpu_per_rank=not args.tiny)  # like the pool
         result = results[0]
