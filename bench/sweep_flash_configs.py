@@ -6,7 +6,10 @@
 - the raw kernel under each block/warp/stage configuration;
 - a TMA-descriptor variant (`tl.range(..., warp_specialize=...)` where triton has it).
 
-    python bench/sweep_flash_configs.py [--seqs 4608,33792]
+    python bench/sweep_flash_configs.py [--seqs 4608,33792] [--quantized]
+
+`--quantized` sweeps the quantized kernel instead: its whole call, the raw kernel (pre-pass
+done once) under each configuration its autotuner tries, and the configuration it picked.
 """
 from __future__ import annotations
 
@@ -116,9 +119,45 @@ def raw_runner(q, k, v, block_m, block_n, warps, stages):
     return run
 
 
+def quantized_raw_runner(q, k, v, config):
+    from comfy_para_attn.kernels import triton_quantized as tq
+
+    batch, heads, seq, dim = q.shape
+    q8, q_scale, k8, k_scale, vt8, v_scale, lse_offset = tq.quantize_inputs(q, k, v, dim ** -0.5)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+    block_m = config.kwargs["BLOCK_M"]
+    grid = (triton.cdiv(seq, block_m), batch * heads)
+    args = (q8, q_scale, k8, k_scale, vt8, v_scale, lse_offset, lse, out, lse, *out.stride()[:3], 0, 0,
+            heads, seq, seq, vt8.shape[-1], 0)
+
+    def run():
+        tq.quantized_attention_kernel[grid](*args, HEAD_DIM=dim, HAS_BIAS=False, EMULATE_FP8=False, **config.kwargs,
+                                            num_warps=config.num_warps, num_stages=config.num_stages)
+        return out, lse
+    return run
+
+
+def sweep_quantized(seq, q, k, v, report):
+    from comfy_para_attn.kernels import triton_quantized as tq
+
+    whole = lambda: kernels.quantized_attention(q, k, v)  # noqa: E731
+    report("kernels.quantized_attention back-to-back", back_to_back_ms(whole), whole()[0])
+    print(f"S={seq} autotuner's pick: {tq._autotuned().best_config}", flush=True)
+    for config in tq._GPU_CONFIGS:
+        c = config.kwargs
+        name = f"raw quantized BM{c['BLOCK_M']} BN{c['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+        try:
+            run = quantized_raw_runner(q, k, v, config)
+            report(name, back_to_back_ms(run), run()[0])
+        except Exception as exc:  # out of shared memory / registers
+            print(f"S={seq} {name}: {type(exc).__name__}: {str(exc)[:120]}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqs", default="4608,33792")
+    parser.add_argument("--quantized", action="store_true", help="sweep the quantized kernel instead")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rows = []
@@ -137,6 +176,9 @@ def main():
 
         report("cuDNN back-to-back", base)
         report("cuDNN synced per call", synced_ms(lambda: cudnn(q, k, v, None, None)))
+        if args.quantized:
+            sweep_quantized(seq, q, k, v, report)
+            continue
         ours = lambda: kernels.flash_attention(q, k, v)  # noqa: E731
         report("kernels.flash_attention back-to-back", back_to_back_ms(ours), ours()[0])
         report("kernels.flash_attention synced per call", synced_ms(ours))

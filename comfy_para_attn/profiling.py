@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 
 
+# Attention kernels by name: cuDNN / flash / efficient SDPA, our Triton kernels and the quantized
+# kernel's pre-pass (its int8 / fp8 quantization is part of the attention's cost).
+ATTENTION_KERNEL_MARKS = ("flash", "fmha", "sdpa", "quantized_attention", "quantize_rows_int8", "quantize_v_fp8")
+
+
 def kernel_summary(prof, steps: int, top_n: int = 12) -> dict:
     """Per-step GPU kernel time split into NCCL / attention / rest, the top kernels, and
     the top CPU ops by self time (host syncs such as cudaStreamSynchronize show up there)."""
@@ -19,7 +24,7 @@ def kernel_summary(prof, steps: int, top_n: int = 12) -> dict:
     total = sum(e.self_device_time_total for e in events) / 1e3 / steps
     nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e3 / steps
     attn = sum(e.self_device_time_total for e in events
-               if any(s in e.key.lower() for s in ("flash", "fmha", "sdpa"))) / 1e3 / steps
+               if any(s in e.key.lower() for s in ATTENTION_KERNEL_MARKS)) / 1e3 / steps
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:top_n]
     return {"gpu_busy": total, "nccl": nccl, "attention": attn, "cpu_top": cpu_top,
             "top": [(e.key[:110], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]}
