@@ -143,7 +143,8 @@ def sweep_quantized(seq, q, k, v, report):
 
     whole = lambda: kernels.quantized_attention(q, k, v)  # noqa: E731
     report("kernels.quantized_attention back-to-back", back_to_back_ms(whole), whole()[0])
-    print(f"S={seq} autotuner's pick: {tq._autotuned().best_config}", flush=True)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    print(f"S={seq} autotuner's pick: {tq._autotuned(hopper).best_config}", flush=True)
     for config in tq._GPU_CONFIGS:
         c = config.kwargs
         name = f"raw quantized BM{c['BLOCK_M']} BN{c['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
