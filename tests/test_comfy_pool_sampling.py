@@ -32,6 +32,32 @@ def test_pool_sampling_equals_in_process(comfyui_path, pack_nodes, pool_cleanup,
         assert err < POOL_TOL, f"{family} {case} {layout}: max abs err {err:.3g}"
 
 
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_an_area_condition_too_small_to_split_runs_whole_on_every_rank(comfyui_path, pack_nodes, pool_cleanup, family):
+    """ConditioningSetArea cropped at the image's edge makes a model call of one image token:
+    every rank runs that call whole (as in-process), the full-image calls still split, and the
+    pool stays up. It used to fail inside the workers and take the pool down with it."""
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing import comfy_models
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs(family)
+    corner = [[t, {**extra, "area": (8, 8, latent.shape[-2] - 1, latent.shape[-1] - 1), "strength": 1.0,
+                   "set_area_to_bounds": False}] for t, extra in pos]  # 8x8 latent area, 1x1 left inside
+    positive = pos + corner
+    plain = comfy_models.sample(patcher, positive, neg, latent, steps=3, cfg=2.0)
+    assert (plain - comfy_models.sample(patcher, pos, neg, latent, steps=3, cfg=2.0)).abs().max() > 1e-3
+    pids = None
+    for layout in (dict(ulysses_degree=1, ring_degree=2), dict(ulysses_degree=2)):
+        parallel = comfy_models.sample(context_parallel(pack_nodes, patcher, **layout), positive, neg, latent,
+                                       steps=3, cfg=2.0)
+        assert torch.isfinite(parallel).all()
+        err = (parallel - plain).abs().max().item()
+        assert err < POOL_TOL, f"{family} {layout}: max abs err {err:.3g}"
+        pids = pids or current_pool().pids
+        assert current_pool().pids == pids, "the pool was restarted"
+
+
 @pytest.mark.parametrize("sampler_name", ["uni_pc", "ipndm"])
 def test_workers_sample_without_autograd(comfyui_path, pack_nodes, pool_cleanup, sampler_name):
     """uni_pc and ipndm do not turn autograd off themselves (ComfyUI's executor does, with

@@ -32,16 +32,21 @@ WRAPPER_KEY = "para_attn_context_parallel"
 
 
 class _Patch:
-    """A picklable-by-reference, not-deep-copied block/post-input patch bound to a call."""
+    """A picklable-by-reference, not-deep-copied block/post-input patch bound to a call.
+    Patches after the sharding one step aside in a call too small to split (`call.unsplit`)."""
 
-    def __init__(self, call: ShardedCall, fn):
+    def __init__(self, call: ShardedCall, fn, shards: bool = False):
         self.call = call
         self.fn = fn
+        self.shards = shards  # the call's first patch: it decides (ShardedCall.begin)
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, *args):
+        if self.call.unsplit and not self.shards:
+            args, extra = args
+            return extra["original_block"](args)
         return self.fn(self.call, *args)
 
 
@@ -49,6 +54,8 @@ class _Patch:
 
 def _flux_post_input(call: ShardedCall, args: dict) -> dict:
     txt_r, img_r = call.begin(args["txt"], args["img"])  # local sequence: [txt_r, img_r]
+    if call.unsplit:
+        return args
     if call.control is not None:
         _local_control(call, call.control)
     out = {"img": img_r, "txt": txt_r, "img_ids": args["img_ids"], "txt_ids": args["txt_ids"]}
@@ -161,6 +168,8 @@ def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
     if call.family == "wan":
         # Only image tokens are sharded; Wan's cross-attention keys are the (unsharded) text.
         img_r, _ = call.begin(img, img[:, :0])
+        if call.unsplit:
+            return extra["original_block"](args)
         call.pe = call.local_rows(args["pe"], img.shape[1], dim=1)
         call.vec_rows = _frame_rows(call, args["vec"], img.shape[1])
         return _run_block(call, _local_args(call, dict(args, img=img_r)), extra)
@@ -169,6 +178,8 @@ def _video_shard(call: ShardedCall, args: dict, extra: dict) -> dict:
     # The local sequence is [first_r, second_r] in the model's order; pe and mask follow it.
     first, second = (txt, img) if call.text_first else (img, txt)
     first_r, second_r = call.begin(first, second, key_mask)
+    if call.unsplit:
+        return extra["original_block"](args)
     call.pe = call.local_rows(args["pe"], first.shape[1], dim=2)
     img_r, txt_r = (second_r, first_r) if call.text_first else (first_r, second_r)
     return _run_block(call, _local_args(call, dict(args, img=img_r, txt=txt_r)), extra)
@@ -216,7 +227,7 @@ def _install_block_patches(patcher, call: ShardedCall, family: str) -> None:
     first, last = keys[0], keys[-1]
     if family == "flux":
         call.whole_control = ("output" if last[0] == "single_block" else "input", last[1])  # see _local_control
-        patcher.set_model_post_input_patch(_Patch(call, _flux_post_input))
+        patcher.set_model_post_input_patch(_Patch(call, _flux_post_input, shards=True))
         _chain(patcher, call, last, _Patch(call, _flux_gather if last[0] == "single_block" else _flux_gather_pair))
         return
     # Wan's blocks are all "double" and return the image alone; a HunyuanVideo double block both streams
@@ -228,7 +239,7 @@ def _install_block_patches(patcher, call: ShardedCall, family: str) -> None:
             _chain(patcher, call, key, _Patch(call, _video_block))
     # Registered last = outermost: it sees the full sequence before anything else does (with a
     # single block, the loop above has already put the gathering patch under it).
-    _chain(patcher, call, first, _Patch(call, _video_shard))
+    _chain(patcher, call, first, _Patch(call, _video_shard, shards=True))
 
 
 def _chain(patcher, call: ShardedCall, key: tuple, patch: _Patch) -> None:

@@ -17,6 +17,7 @@ the key-padding mask is permuted to match.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -24,6 +25,8 @@ from torch import Tensor
 
 from ...attention import ParallelContext, parallel_attention, shard_lengths
 from ...attention.collectives import all_gather
+
+log = logging.getLogger("comfy_para_attn")
 
 
 def gather_sequence(x: Tensor, lens: tuple[int, ...], group: str, dim: int = 1) -> Tensor:
@@ -39,6 +42,16 @@ def gather_sequence(x: Tensor, lens: tuple[int, ...], group: str, dim: int = 1) 
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, lens)], dim=dim)
 
 
+_said_unsplit: set = set()
+
+
+def _log_unsplit_once(tokens: int, parts: int) -> None:
+    if parts not in _said_unsplit:
+        _said_unsplit.add(parts)
+        log.info("Context Parallel: a model call of %d token(s) (an area condition at the image's edge?) is too "
+                 "small to split over %d ranks; each rank runs such calls whole", tokens, parts)
+
+
 def _unwrap(t):
     """Newer ComfyUI hands attention tensors in an `AttentionTensorContainer`."""
     return t if isinstance(t, Tensor) else t.take()
@@ -51,6 +64,7 @@ class ShardedCall:
     def __init__(self, cp: ParallelContext):
         self.cp = cp
         self.active = False
+        self.unsplit = False  # this model call runs whole on every rank (see `begin`)
         self.seq_lens: tuple[int, ...] = ()
         self.key_mask: Optional[Tensor] = None
         self.pe: Optional[Tensor] = None
@@ -86,13 +100,19 @@ class ShardedCall:
     def begin(self, first: Tensor, second: Tensor, key_mask: Optional[Tensor] = None):
         """Shard two token streams (dim 1); the local sequence is [first_r, second_r].
         `key_mask` [B, len(first)+len(second)] in natural order (first then second) is
-        permuted to shard order. Returns the two local shards."""
+        permuted to shard order. Returns the two local shards.
+
+        A stream too short to give every rank a token (ComfyUI's blocks cannot take an empty
+        one) leaves the call whole: `unsplit` is set, the streams come back as they are, and
+        every rank runs this call as one GPU would. Whole images too small are refused before
+        sampling; this is the model call of an area condition cropped at the image's edge."""
         first_r, first_lens = self.split(first)
         second_r, second_lens = self.split(second)
-        for lens in (first_lens, second_lens):
-            if sum(lens) and min(lens) == 0:  # ComfyUI's blocks cannot take an empty stream
-                raise RuntimeError(f"{sum(lens)} token(s) cannot be split over {self.parts} ranks, every rank "
-                                   "needs at least one; use a larger image or fewer GPUs")
+        self.unsplit = any(sum(lens) and min(lens) == 0 for lens in (first_lens, second_lens))
+        if self.unsplit:
+            self.active = False
+            _log_unsplit_once(first.shape[1] + second.shape[1], self.parts)
+            return first, second
         self.seq_lens = tuple(a + b for a, b in zip(first_lens, second_lens))
         self.first_lens, self.second_lens = first_lens, second_lens
         self.key_mask = None if key_mask is None else key_mask[:, self.shard_order(first.shape[1], first.device)]
