@@ -13,6 +13,7 @@ Nothing here knows about ComfyUI; `adapters.comfy.compile` installs the compiled
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import types
 import weakref
@@ -207,12 +208,16 @@ def wrap_block(wrapper: type, block: torch.nn.Module) -> torch.nn.Module:
 
 
 class DetachedInputs(_Wrapper):
-    """Calls a compiled block with its tensor arguments detached from their view bases.
+    """Calls a compiled block with its tensor arguments detached from their view bases and
+    in standard strides.
 
-    With dynamic shapes dynamo guards on a view's base sizes: the first block gets a view
-    (of the embedder's output), the others fresh tensors, so one block class would compile
-    two shape-generic graphs. `detach()` (no copy; inference only, no grad) makes the inputs
-    look alike. Only used when `dynamic` is on: static graphs do not guard on bases.
+    With dynamic shapes dynamo guards on a view's base sizes and on strides: the first block
+    gets a view of the embedder's output, the others fresh tensors, so one block class would
+    compile two graphs for every shape. `detach()` (no copy; inference only, no grad) makes
+    the bases alike; `contiguous()` the strides, copying only a tensor that is not already
+    contiguous (newer ComfyUI's Wan hands its first block `x.flatten(2).transpose(1, 2)`: one
+    copy of the hidden state per model call). Only used when `dynamic` is on: static graphs
+    compile per shape anyway.
     """
 
     inner = "compiled"
@@ -224,8 +229,8 @@ class DetachedInputs(_Wrapper):
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled():
             return self.compiled(*args, **kwargs)
-        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        args = [a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: v.detach().contiguous() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return self.compiled(*args, **kwargs)
 
 
@@ -253,6 +258,33 @@ def compile_modules(root: torch.nn.Module, names: list[str], settings: CompileSe
             compiled = {name: DetachedInputs(module) for name, module in compiled.items()}
         cached[key] = compiled
     return dict(cached[key])
+
+
+class _RecompileLimitNotice(logging.Filter):
+    """Sees dynamo's "hit config.recompile_limit" warning (it lets every record through) and
+    says once per function, in Compile Model's words, what it means: torch has stopped
+    compiling that code and runs it eagerly for the rest of the process."""
+
+    said: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("torch._dynamo hit config.") and record.args:
+            function = record.args[2] if len(record.args) > 2 else "?"
+            if function not in self.said:
+                self.said.add(function)
+                logging.getLogger("comfy_para_attn").warning(
+                    "Compile Model: torch reached its limit of %s compiled graphs for %s and runs it uncompiled from "
+                    "now on in this process. Each change of Compile Model or FP8 settings, LoRA set or batch size "
+                    "above 1 can cost a graph per block class. Restart ComfyUI to compile again, or raise "
+                    "torch._dynamo.config.recompile_limit.", record.args[1], function)
+        return True
+
+
+def watch_recompile_limit() -> None:
+    """Install the notice on dynamo's logger (once)."""
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _RecompileLimitNotice) for f in logger.filters):
+        logger.addFilter(_RecompileLimitNotice())
 
 
 def compiled_graph_count() -> int:

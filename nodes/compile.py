@@ -67,9 +67,10 @@ class ParaAttnCompile:
     DESCRIPTION = ("torch.compile for DiT sampling. Regional scope compiles each transformer block class once, so "
                    "warm-up takes seconds. No recompile when the prompt's words, seed, LoRA strength or cache "
                    "threshold change (adding a first LoRA to the model recompiles once); at most one when the "
-                   "prompt's length or the resolution does. Each other setting of this node compiles graphs of "
-                   "its own, and torch keeps at most 8 per block code: after many changes of setting in one "
-                   "session the blocks run uncompiled (torch logs 'recompile_limit') until ComfyUI restarts. "
+                   "prompt's length or the resolution does, and one more at the first batch size above 1. Each "
+                   "other setting of this node or of FP8 Quantize compiles graphs of its own, and torch keeps at "
+                   "most 8 per block code: after many changes in one session the blocks run uncompiled until "
+                   "ComfyUI restarts (the log says so). "
                    "Works with FP8 Quantize, First Block Cache and Context Parallel in any order.")
 
     def apply(self, model, scope, mode, dynamic, fullgraph, cuda_graph="off", modulation="precomputed"):

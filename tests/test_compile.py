@@ -138,3 +138,24 @@ def test_fullgraph_compiles_many_block_classes():
         for name in names:
             torch.testing.assert_close(compiled[name](x), model.get_submodule(name)(x))
     torch._dynamo.reset()
+
+
+def test_reaching_torchs_recompile_limit_is_said_once_in_compile_models_words(caplog):
+    """Past dynamo's recompile limit a block runs eagerly for the rest of the process, and
+    torch's own warning names neither the node nor what to do: the notice does, once."""
+    from comfy_para_attn.compile import watch_recompile_limit
+
+    torch._dynamo.reset()
+    watch_recompile_limit()
+    watch_recompile_limit()  # installing twice adds no second notice
+    toy = ToyDiT()
+    compiled = compile_modules(toy, ["double_blocks.0"], CompileSettings(backend="eager", dynamic=False))
+    block = compiled["double_blocks.0"]
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING"), torch.no_grad():
+        for tokens in range(1, 7):  # static shapes: a graph per token count, until the limit
+            x = torch.randn(1, tokens, 16)
+            torch.testing.assert_close(block(x), toy.double_blocks[0](x))  # eager past it: still right
+    notices = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compile Model: torch reached")]
+    assert len(notices) == 1, notices
+    assert "limit of 2 compiled graphs" in notices[0] and "Restart ComfyUI" in notices[0], notices
+    torch._dynamo.reset()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from ...compile import CompileSettings, compile_modules, describe, repeated_block_names
+from ...compile import CompileSettings, compile_modules, describe, repeated_block_names, watch_recompile_limit
 from .call_graphs import ModelCallGraphs, unregister as unregister_call_graphs
 from .device_conds import keep_conds_on_device
 from .modulation_table import ModulationRows, unregister as unregister_modulation_table
@@ -129,6 +129,7 @@ def apply_compile(model_patcher, settings: CompileSettings):
     if model.get_wrappers(apply_model, COMFY_COMPILE_KEY):
         logging.info("Compile Model: replacing the TorchCompileModel compile of this model with ours")
         model.remove_wrappers_with_key(apply_model, COMFY_COMPILE_KEY)
+    watch_recompile_limit()
     dm = model.model.diffusion_model
     names = compile_targets(model, settings.scope)
     compiled = compile_modules(dm, names, settings) if names else compile_modules(model.model, ["diffusion_model"],
