@@ -207,6 +207,32 @@ def wrap_block(wrapper: type, block: torch.nn.Module) -> torch.nn.Module:
     return _wrapper_classes[key](block)
 
 
+class FullgraphBreak(RuntimeError):
+    """A block compiled with `fullgraph` on broke its graph."""
+
+
+class NamedGraphBreaks(_Wrapper):
+    """Calls a block compiled with `fullgraph` on; dynamo's error at a graph break (raised on the
+    sampler node, naming neither Compile Model nor the setting) becomes one that does."""
+
+    inner = "compiled"
+
+    def __init__(self, compiled: torch.nn.Module, block_class: str):
+        super().__init__()
+        self.compiled = compiled
+        self.block_class = block_class
+
+    def forward(self, *args, **kwargs):
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FullgraphBreak(
+                f"Compile Model (fullgraph on): {self.block_class} cannot be compiled as one graph: {reason}. Turn "
+                "fullgraph off (the block then compiles in pieces around what torch cannot trace; on CPU, ComfyUI's "
+                "default attention is such a piece).") from exc
+
+
 class DetachedInputs(_Wrapper):
     """Calls a compiled block with its tensor arguments detached from their view bases and
     in standard strides.
@@ -254,6 +280,9 @@ def compile_modules(root: torch.nn.Module, names: list[str], settings: CompileSe
             return module
 
         compiled = {name: torch.compile(wrap(root.get_submodule(name)), **kwargs) for name in names}
+        if settings.fullgraph:
+            compiled = {name: NamedGraphBreaks(module, type(root.get_submodule(name)).__name__)
+                        for name, module in compiled.items()}
         if settings.dynamic:
             compiled = {name: DetachedInputs(module) for name, module in compiled.items()}
         cached[key] = compiled

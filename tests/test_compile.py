@@ -3,7 +3,7 @@ block class once, with no recompile for new values of the same shapes."""
 import pytest
 import torch
 
-from comfy_para_attn.compile import CompileSettings, compile_modules, describe, repeated_block_names
+from comfy_para_attn.compile import CompileSettings, FullgraphBreak, compile_modules, describe, repeated_block_names
 
 
 class Block(torch.nn.Module):
@@ -114,8 +114,10 @@ def test_fullgraph_reports_a_break_even_after_the_block_ran_compiled_without_it(
         lenient = compile_modules(model, names, CompileSettings(backend="eager", fullgraph=False))
         torch.testing.assert_close(lenient[names[0]](x), expected)
         strict = compile_modules(model, names, CompileSettings(backend="eager", fullgraph=True))
-        with pytest.raises(torch._dynamo.exc.Unsupported):
+        with pytest.raises(FullgraphBreak, match=r"Compile Model \(fullgraph on\): BreakingBlock cannot be compiled as "
+                           r"one graph: .*Turn fullgraph off") as info:
             strict[names[0]](x)
+        assert isinstance(info.value.__cause__, torch._dynamo.exc.Unsupported)
         torch.testing.assert_close(lenient[names[0]](x), expected)  # the lenient compile still runs
     assert getattr(strict[names[0]], "linear") is model.blocks[0].linear  # attributes reach the block
     torch._dynamo.reset()
