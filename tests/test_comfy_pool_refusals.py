@@ -285,3 +285,22 @@ def test_a_dual_model_guider_is_refused_with_what_to_change(comfyui_path, pack_n
     with pytest.raises(ValueError, match="does not support a guider with a second model"):
         guider.sample(latent, latent, comfy.samplers.sampler_object("euler"), torch.tensor([1.0, 0.5, 0.0]), seed=0)
     assert current_pool() is before
+
+
+def test_an_unsupported_model_passes_nodes_that_are_off_and_is_refused_with_the_fix_by_those_on(
+        comfyui_path, pack_nodes, pool_cleanup):
+    """An SD1.5 UNet: First Block Cache at threshold 0 and Context Parallel with gpus 1 change
+    nothing, so they return the model as it came (DESIGN: each feature is a no-op-safe toggle);
+    turned on, both refuse it before sampling and say to bypass the node."""
+    from comfy_para_attn.pool import current_pool
+    from comfy_para_attn.testing import comfy_models
+
+    unet = comfy_models.build_sd15_unet()
+    cache = pack_nodes["ParaAttnFirstBlockCache"]()
+    assert cache.apply(unet, 0.0, 0.0, 1.0, -1)[0] is unet
+    assert context_parallel(pack_nodes, unet, gpus=1, ulysses_degree=1) is unet
+    running_before = current_pool()
+    for refused in (lambda: cache.apply(unet, 0.12, 0.0, 1.0, -1), lambda: context_parallel(pack_nodes, unet)):
+        with pytest.raises(ValueError, match=r"does not support this model .*UNetModel.*Bypass the node"):
+            refused()
+    assert current_pool() is running_before

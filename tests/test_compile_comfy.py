@@ -359,24 +359,9 @@ def test_a_unet_asks_for_whole_scope_and_compiles_whole(cm, dynamo):
     """SD1.5's UNet keeps its layers in lists of TimestepEmbedSequential containers, which
     ComfyUI iterates: regional scope must not take them for blocks (a compiled container
     cannot be iterated: 'OptimizedModule' object is not iterable, at the first step)."""
-    import comfy.model_patcher
-    import comfy.supported_models
-
     from comfy_para_attn.adapters.comfy.compile import apply_compile
 
-    unet = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-            "legacy": False, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1, 1],
-            "transformer_depth": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth_middle": 1,
-            "use_linear_in_transformer": False, "context_dim": 32, "num_heads": 2,
-            "transformer_depth_output": [1, 1, 1, 1, 1, 1], "use_temporal_resblock": False,
-            "use_temporal_attention": False, "adm_in_channels": None}
-    config = comfy.supported_models.SD15(unet)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device="cpu")
-    cm.init_random_weights(model.diffusion_model)
-    model.eval()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    cm.use_sdpa_attention(patcher)
+    patcher = cm.build_sd15_unet()
     with pytest.raises(ValueError, match="Use scope 'whole'"):
         apply_compile(patcher, CompileSettings(backend="eager"))
     pos = [[torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)), {}]]

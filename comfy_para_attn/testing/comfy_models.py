@@ -228,3 +228,25 @@ def flux_controlnet(*, vae=None, seed: int = 0, dtype=torch.float32, **config):
         return comfy.controlnet.ControlNet(model, compression_ratio=1, latent_format=comfy.latent_formats.Flux(),
                                            load_device=load_device, extra_conds=["y", "guidance"])
     return comfy.controlnet.ControlNet(model, load_device=load_device, extra_conds=["y", "guidance"])
+
+
+def build_sd15_unet(seed: int = 0):
+    """A tiny SD1.5-style UNet ModelPatcher on CPU (fp32, random weights, SDPA attention): a
+    model the pack's DiT features do not support."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+            "legacy": False, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1, 1],
+            "transformer_depth": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth_middle": 1,
+            "use_linear_in_transformer": False, "context_dim": 32, "num_heads": 2,
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1], "use_temporal_resblock": False,
+            "use_temporal_attention": False, "adm_in_channels": None}
+    config = comfy.supported_models.SD15(unet)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device="cpu")
+    init_random_weights(model.diffusion_model, seed=seed)
+    model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return use_sdpa_attention(patcher)
+

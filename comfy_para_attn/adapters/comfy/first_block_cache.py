@@ -180,6 +180,12 @@ def apply_first_block_cache(model_patcher, settings: FirstBlockCacheSettings):
     """
     import comfy.patcher_extension
 
+    if not settings.enabled:
+        try:
+            model_family(model_patcher)
+        except ValueError as exc:  # off: the toggle leaves any model as it is
+            log.info("First Block Cache is off (threshold 0), so this model passes through: %s", exc)
+            return model_patcher
     family = model_family(model_patcher)
     keys = block_keys(model_patcher)
     if len(keys) < 2:

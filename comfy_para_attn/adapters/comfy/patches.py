@@ -93,7 +93,7 @@ def model_family(model) -> str:
         return "wan"
     raise ValueError(
         f"comfy-para-attn does not support this model ({type(dm).__module__}.{name}). "
-        f"Supported: {', '.join(SUPPORTED_MODELS)}."
+        f"Supported: {', '.join(SUPPORTED_MODELS)}. Bypass the node for this model (Ctrl+B)."
     )
 
 

@@ -108,9 +108,10 @@ def make_settings(model_patcher, gpus: int, ulysses: int, ring: int, cfg_paralle
     from .cp_refusals import refuse_unshardable
     from .patches import diffusion_model, model_family
 
-    model_family(model_patcher)
-    refuse_unshardable(model_patcher)
     device, world = pool_world(gpus, "Context Parallel")
+    if world > 1:  # one rank splits nothing: any model samples as it would without the node
+        model_family(model_patcher)
+        refuse_unshardable(model_patcher)
     dm = diffusion_model(model_patcher)
     heads = getattr(getattr(dm, "params", None), "num_heads", None) or getattr(dm, "num_heads", None)
     ranks = {"cuda": f"{world} GPUs", "cpu": f"{world} CPU ranks"}.get(device, "this process") + (
