@@ -179,3 +179,25 @@ def test_layout_change_rebuilds_pool(setup):
     assert (out - reference).abs().max().item() < POOL_TOL
     assert _current_pool().pids != before
     _next_prompt_succeeds(setup)
+
+
+def test_a_model_error_that_fails_in_process_too_keeps_the_pool(setup):
+    """HunyuanVideo does not pad its latent: an odd width fails inside ComfyUI's own code on
+    every rank alike, as it fails in-process. The prompt fails with that error, and the pool
+    stays (no restart and no model reload for the next prompt)."""
+    from comfy_para_attn.pool import PoolJobError
+    from comfy_para_attn.testing.comfy_pool_checks import sampling_inputs
+
+    patcher, pos, neg, latent = sampling_inputs("hunyuan_video", latent=dict(height=8, width=5))
+    with pytest.raises(RuntimeError) as in_process:
+        _sample(patcher, pos, neg, latent)
+    first_line = str(in_process.value).splitlines()[0]
+    _next_prompt_succeeds(setup)
+    pids = _current_pool().pids
+    for layout in (dict(ulysses_degree=2), dict(ulysses_degree=1, ring_degree=2)):
+        with pytest.raises(PoolJobError, match="the worker pool is still running") as info:
+            _sample(context_parallel(setup[0], patcher, **layout), pos, neg, latent)
+        assert first_line in str(info.value), (first_line, str(info.value)[:500])
+        assert _current_pool().pids == pids
+    _next_prompt_succeeds(setup)
+    assert _current_pool().pids == pids

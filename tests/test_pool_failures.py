@@ -68,6 +68,36 @@ def test_worker_exception_reports_its_traceback_and_next_get_pool_is_fresh(clean
     assert second.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
 
 
+def test_a_job_every_rank_fails_alike_keeps_the_pool(clean_registry):
+    """A model error outside an agreed step (a resolution the model cannot take) fails every
+    rank the same way: the ranks are idle and in step, so the pool stays (no restart and no
+    model reload for the next prompt) once a collective over the group completes."""
+    pool = get_pool(2)
+    pids = pool.pids
+    with pytest.raises(PoolJobError) as info:
+        pool.run(f"{JOBS}:fail_everywhere", {"message": "shape '[2, 3]' is invalid"}, timeout_s=30)
+    assert "shape '[2, 3]' is invalid" in str(info.value) and "ValueError" in str(info.value)
+    assert "still running" in str(info.value) and "fail_everywhere" in info.value.worker_traceback
+    assert pool.alive and get_pool(2) is pool and pool.pids == pids
+    assert pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
+
+
+def test_a_job_every_rank_fails_with_a_collective_left_half_done_ends_the_pool(clean_registry, monkeypatch):
+    """Every rank failed, but rank 0 left a collective that nobody joined: the group check
+    after the failure cannot complete, so the pool is torn down as before, with the job's
+    own error."""
+    from comfy_para_attn.pool import controller
+
+    monkeypatch.setattr(controller, "GROUP_CHECK_TIMEOUT_S", 3.0)
+    pool = get_pool(2)
+    pids = pool.pids
+    with pytest.raises(PoolError) as info:
+        pool.run(f"{JOBS}:fail_everywhere", {"message": "boom everywhere", "leave_collective": True}, timeout_s=30)
+    assert not isinstance(info.value, PoolJobError) and "boom everywhere" in str(info.value)
+    assert "the pool was shut down" in str(info.value)
+    assert not pool.alive and wait_until(lambda: all(process_gone(pid) for pid in pids), 10)
+
+
 @pytest.mark.parametrize("failing", [[1], [0, 1]])
 def test_a_failure_in_an_agreed_step_fails_the_job_and_keeps_the_pool(pool, failing):
     """Ranks that fail in `ctx.run_agreed` (one, or all) make every rank stop there: the job
@@ -277,10 +307,11 @@ def test_the_payload_is_pickled_once_and_a_part_that_cannot_travel_is_named(monk
 def test_out_of_memory_is_named_as_such():
     single = Pool(1)
     try:
-        with pytest.raises(PoolError) as info:
+        with pytest.raises(PoolJobError) as info:  # its only rank failed: nothing is out of step
             single.run(f"{JOBS}:raise_out_of_memory", timeout_s=20)
         assert info.value.reason == "out_of_memory"
         assert "ran out of memory" in str(info.value) and "OutOfMemoryError" in str(info.value)
+        assert single.alive
     finally:
         single.shutdown()
 

@@ -145,3 +145,21 @@ class WorkerContext:
         finally:
             del failed  # its traceback holds the step's frames (a model, activations) in a cycle
         return result
+
+
+def group_check(ctx: WorkerContext, payload) -> bool:
+    """A job: one all-reduce over the device group (and the host group, where there is one),
+    finished on the device. The controller runs it after every rank failed a job outside an
+    agreed step: it completes only if no rank is left inside a collective and no collective
+    kernel of the failed job still waits on the device."""
+    import torch
+    import torch.distributed as dist
+
+    if ctx.world_size == 1:
+        return True
+    value = torch.ones(1, device=ctx.device)
+    dist.all_reduce(value)
+    if ctx.host_group is not None:
+        dist.all_reduce(torch.ones(1), group=ctx.host_group)
+    return int(value.item()) == ctx.world_size  # .item() waits for the device
+

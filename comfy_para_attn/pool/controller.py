@@ -22,7 +22,8 @@ from typing import Any, Callable
 from . import protocol
 from .errors import PoolError, PoolInterrupted, PoolStartError
 from .failures import (EOF, Died, dead_pool_error, death_between_jobs, describe_death, describe_failure,
-                       job_failure_error, read_events, refused_job_error, unreadable_event_error)
+                       job_failure_error, leaves_device_broken, read_events, refused_job_error,
+                       unreadable_event_error)
 from .launch import PoolLayout, WorkerProcess, forget_worker, free_port, spawn_worker, worker_env
 
 logger = logging.getLogger("comfy_para_attn.pool")
@@ -33,6 +34,9 @@ LARGE_PAYLOAD_BYTES = 256 << 20
 POLL_S = 0.1
 INIT_MIN_TIMEOUT_S = 60.0  # the init job's time limit at least, whatever the start left
 FAILURE_GRACE_S = 0.5  # after one rank fails, look this long for a rank that died meanwhile
+SAME_FAILURE_WAIT_S = 2.0  # ... and this long for the others to fail the same job (see _settle_failure)
+GROUP_CHECK_JOB = "comfy_para_attn.pool.context:group_check"
+GROUP_CHECK_TIMEOUT_S = 10.0  # a healthy group answers in milliseconds
 REAP_TIMEOUT_S = 5.0
 EOF_AFTER_DEATH_S = 1.0  # how long a dead worker's reader may take to deliver what is left
 
@@ -296,6 +300,8 @@ class Pool:
                     pending.discard(rank)
                     deadline = time.monotonic() + timeout_s
                     continue
+                if isinstance(event, protocol.JobFailed) and event.job_id == job_id and not refused:
+                    return None, False, caller_error, self._settle_failure(rank, event, job_id, job, pending)
                 if isinstance(event, (protocol.JobFailed, Died)):
                     raise self._failure(rank, event, job)
                 if getattr(event, "job_id", job_id) != job_id:
@@ -348,10 +354,44 @@ class Pool:
         self._terminate()
         return dead_pool_error(job, worker)
 
-    def _failure(self, rank: int, event, job: str) -> PoolError:
-        """Build the error for a failed job. A rank that died explains why its peers'
-        collectives then failed, so a death seen within the grace period wins."""
+    def _settle_failure(self, rank: int, event: protocol.JobFailed, job_id: int, job: str, pending: set) -> list:
+        """A rank failed outside an agreed step. When every other pending rank ends the same
+        job within SAME_FAILURE_WAIT_S (a model error fails all ranks alike: a resolution the
+        model cannot take), none of them with a CUDA error, and a collective over the group then
+        completes, the ranks are idle and in step: the pool is kept and the failures returned
+        (the job fails with PoolJobError). Otherwise raises the failure; the pool is torn down.
+        A rank left inside a collective, or an NCCL kernel left waiting for one, fails the check."""
         events = [(rank, event)]
+        waiting = set(pending) - {rank}
+        deadline = time.monotonic() + SAME_FAILURE_WAIT_S
+        while waiting and time.monotonic() < deadline:
+            for other, seen in self._poll_events(POLL_S / 2):
+                if isinstance(seen, Died):
+                    raise self._failure(*events[0], job, seen=events[1:] + [(other, seen)])
+                if getattr(seen, "job_id", None) != job_id:
+                    continue
+                if isinstance(seen, protocol.JobFailed):
+                    events.append((other, seen))
+                if isinstance(seen, (protocol.JobFailed, protocol.JobDone, protocol.JobInterruptedAck)):
+                    waiting.discard(other)
+        if waiting or any(leaves_device_broken(e) for _, e in events):
+            raise self._failure(*events[0], job, seen=events[1:])
+        check_id = next(self._job_ids)
+        try:
+            self._send_all(protocol.RunJob(check_id, GROUP_CHECK_JOB, protocol.encode(None)), GROUP_CHECK_TIMEOUT_S)
+            checked = self._await_job(check_id, GROUP_CHECK_JOB, GROUP_CHECK_TIMEOUT_S, None, None)
+        except PoolError:
+            checked = None
+        if checked is None or checked[1] or checked[3] or not pickle.loads(checked[0]):
+            raise job_failure_error(events, job, self.pids, self.layout, self._shut_down)
+        logger.info("job %r failed on every rank alike; the ranks are in step, so the pool is kept", job)
+        return events
+
+    def _failure(self, rank: int, event, job: str, seen: list | None = None) -> PoolError:
+        """Build the error for a failed job (`seen`: other ranks' events already taken). A rank
+        that died explains why its peers' collectives then failed, so a death seen within the
+        grace period wins."""
+        events = [(rank, event)] + list(seen or ())
         if isinstance(event, protocol.JobFailed):
             grace_end = time.monotonic() + FAILURE_GRACE_S
             while time.monotonic() < grace_end and not any(isinstance(e, Died) for _, e in events):

@@ -50,7 +50,8 @@ class PoolStartError(PoolError):
 
 class PoolJobError(WorkerFailure):
     """The job failed in a part its ranks ran as agreed steps (`WorkerContext.run_agreed`,
-    `check_interrupt(failed=...)`): every rank stopped there, no collective was left
+    `check_interrupt(failed=...)`), or failed on every rank alike (a model error) and a
+    collective over the group completed after it: every rank stopped, no collective was left
     half-done, and the pool is still running (its workers keep their cached models).
     `error_type` is the failing rank's exception class name."""
 

@@ -89,6 +89,12 @@ def describe_failure(event: protocol.JobFailed, job: str | None, layout: PoolLay
     return f"{head}\n\n--- traceback from rank {event.rank} ---\n{event.traceback.rstrip()}"
 
 
+def leaves_device_broken(event: protocol.JobFailed) -> bool:
+    """A CUDA error other than out of memory: that rank's CUDA context is unusable (see
+    context.breaks_the_device, which judges the exception itself)."""
+    return not event.out_of_memory and (event.error_type == "AcceleratorError" or "CUDA error" in event.message)
+
+
 def job_failure_error(events: list[tuple[int, Any]], job: str, pids: list[int], layout: PoolLayout | None,
                        shut_down: bool) -> PoolError:
     """The error for a failed job from what was seen, (rank, `JobFailed` or `Died`) in order:

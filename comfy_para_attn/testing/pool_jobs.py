@@ -50,6 +50,18 @@ def raise_on_rank(ctx, payload):
     return "unreachable when the failing rank exists"
 
 
+def fail_everywhere(ctx, payload):
+    """Every rank raises the same ValueError after a collective step, as a model error fails
+    all ranks alike. `payload["leave_collective"]`: rank 0 first issues an all_reduce no other
+    rank joins (a collective left half-done by the failure)."""
+    value = torch.ones(1)
+    if ctx.world_size > 1:
+        dist.all_reduce(value)
+        if payload.get("leave_collective") and ctx.rank == 0:
+            dist.all_reduce(torch.ones(1), async_op=True)
+    raise ValueError(payload["message"])
+
+
 def raise_out_of_memory(ctx, payload):
     raise torch.OutOfMemoryError("Tried to allocate 64.00 GiB (toy job)")
 

@@ -187,7 +187,8 @@ def unmap_in_workers(kind: str, why: str, fingerprint: Optional[str] = None) -> 
     original weight, say), so without this the next model's write failed on a /dev/shm sized
     for one model, on every prompt after. A pool that cannot do it is shut down, which
     unmaps everything."""
-    from ...pool import PoolError, current_pool, shutdown_pool
+    from ...pool import current_pool, shutdown_pool
+    from ...pool.errors import WorkerFailure
 
     pids, held = _resident.pop(kind, ((), set()))
     if fingerprint is not None and held - {fingerprint}:
@@ -198,7 +199,7 @@ def unmap_in_workers(kind: str, why: str, fingerprint: Optional[str] = None) -> 
     try:
         dropped = pool.run("comfy_para_attn.adapters.comfy.worker_jobs:drop_cached", (kind, fingerprint),
                            timeout_s=120)
-    except PoolError as exc:
+    except WorkerFailure as exc:  # failed (pool kept) or broken: start afresh
         log.warning("could not make the workers drop the replaced %s (%s); restarting the pool", kind, exc)
         shutdown_pool()
         return 0
