@@ -225,7 +225,14 @@ class NamedGraphBreaks(_Wrapper):
     def forward(self, *args, **kwargs):
         try:
             return self.compiled(*args, **kwargs)
-        except torch._dynamo.exc.Unsupported as exc:
+        except Exception as exc:
+            # Raised instead of running eagerly once a fullgraph compile passes the recompile limit.
+            if isinstance(exc, getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())):
+                raise FullgraphBreak(
+                    f"Compile Model (fullgraph on): torch reached its recompile limit for {self.block_class}, and "
+                    "with fullgraph it cannot run the block uncompiled. Restart ComfyUI, or turn fullgraph off.") from exc
+            if not isinstance(exc, torch._dynamo.exc.Unsupported):
+                raise
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FullgraphBreak(
                 f"Compile Model (fullgraph on): {self.block_class} cannot be compiled as one graph: {reason}. Turn "

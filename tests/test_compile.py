@@ -161,3 +161,16 @@ def test_reaching_torchs_recompile_limit_is_said_once_in_compile_models_words(ca
     assert len(notices) == 1, notices
     assert "limit of 2 compiled graphs" in notices[0] and "Restart ComfyUI" in notices[0], notices
     torch._dynamo.reset()
+
+
+def test_a_fullgraph_block_past_the_recompile_limit_says_so():
+    """With fullgraph on, dynamo raises at the limit instead of running the block eagerly."""
+    torch._dynamo.reset()
+    toy = ToyDiT()
+    block = compile_modules(toy, ["double_blocks.0"], CompileSettings(backend="eager", dynamic=False,
+                                                                       fullgraph=True))["double_blocks.0"]
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
+        block(torch.randn(1, 3, 16))
+        with pytest.raises(FullgraphBreak, match="reached its recompile limit for Block.*turn fullgraph off"):
+            block(torch.randn(1, 4, 16))
+    torch._dynamo.reset()

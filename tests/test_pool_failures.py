@@ -68,34 +68,55 @@ def test_worker_exception_reports_its_traceback_and_next_get_pool_is_fresh(clean
     assert second.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
 
 
-def test_a_job_every_rank_fails_alike_keeps_the_pool(clean_registry):
+@pytest.mark.parametrize("slow_progress", [False, True])
+def test_a_job_every_rank_fails_alike_keeps_the_pool(clean_registry, slow_progress):
     """A model error outside an agreed step (a resolution the model cannot take) fails every
     rank the same way: the ranks are idle and in step, so the pool stays (no restart and no
-    model reload for the next prompt) once a collective over the group completes."""
+    model reload for the next prompt) once the group check completes. With a slow progress
+    callback (ComfyUI decoding a preview) the ranks' failures reach the controller together."""
     pool = get_pool(2)
     pids = pool.pids
+    on_progress = (lambda *_: time.sleep(0.5)) if slow_progress else None
     with pytest.raises(PoolJobError) as info:
-        pool.run(f"{JOBS}:fail_everywhere", {"message": "shape '[2, 3]' is invalid"}, timeout_s=30)
+        pool.run(f"{JOBS}:fail_everywhere", {"message": "shape '[2, 3]' is invalid"}, timeout_s=30,
+                 on_progress=on_progress)
     assert "shape '[2, 3]' is invalid" in str(info.value) and "ValueError" in str(info.value)
     assert "still running" in str(info.value) and "fail_everywhere" in info.value.worker_traceback
     assert pool.alive and get_pool(2) is pool and pool.pids == pids
     assert pool.run(f"{JOBS}:all_reduce_ranks", timeout_s=20)["sum"] == 3.0
 
 
-def test_a_job_every_rank_fails_with_a_collective_left_half_done_ends_the_pool(clean_registry, monkeypatch):
-    """Every rank failed, but rank 0 left a collective that nobody joined: the group check
-    after the failure cannot complete, so the pool is torn down as before, with the job's
-    own error."""
+@pytest.mark.parametrize("left_on", ["world", "subgroup"])
+def test_a_job_every_rank_fails_with_a_collective_left_half_done_ends_the_pool(clean_registry, monkeypatch,
+                                                                               left_on):
+    """Every rank failed, but rank 0 left a collective that nobody joined, on the default group
+    or on a Context Parallel layout's ring group: the group check after the failure cannot
+    complete, so the pool is torn down as before, with the job's own error."""
     from comfy_para_attn.pool import controller
 
     monkeypatch.setattr(controller, "GROUP_CHECK_TIMEOUT_S", 3.0)
     pool = get_pool(2)
     pids = pool.pids
     with pytest.raises(PoolError) as info:
-        pool.run(f"{JOBS}:fail_everywhere", {"message": "boom everywhere", "leave_collective": True}, timeout_s=30)
+        pool.run(f"{JOBS}:fail_everywhere", {"message": "boom everywhere", "leave_collective": left_on},
+                 timeout_s=30)
     assert not isinstance(info.value, PoolJobError) and "boom everywhere" in str(info.value)
     assert "the pool was shut down" in str(info.value)
     assert not pool.alive and wait_until(lambda: all(process_gone(pid) for pid in pids), 10)
+
+
+def test_a_group_check_that_fails_ends_the_pool_without_checking_itself(clean_registry, monkeypatch):
+    """The check is no job to settle: its own failure on every rank ends the pool at once (it
+    recursed into further checks)."""
+    from comfy_para_attn.pool import controller
+
+    monkeypatch.setattr(controller, "GROUP_CHECK_JOB", f"{JOBS}:raise_out_of_memory")
+    pool = get_pool(2)
+    began = time.monotonic()
+    with pytest.raises(PoolError) as info:
+        pool.run(f"{JOBS}:fail_everywhere", {"message": "boom before the check"}, timeout_s=30)
+    assert "boom before the check" in str(info.value) and time.monotonic() - began < 10
+    assert not pool.alive
 
 
 @pytest.mark.parametrize("failing", [[1], [0, 1]])

@@ -17,7 +17,7 @@ _gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_
 _groups: dict[str, dist.ProcessGroup] = {}
 
 
-def _process_group(name: str) -> dist.ProcessGroup:
+def process_group(name: str) -> dist.ProcessGroup:
     group = _groups.get(name)
     if group is None:
         from torch.distributed.distributed_c10d import _resolve_process_group
@@ -56,7 +56,7 @@ def start_all_to_all(x: Tensor, out_splits: Optional[Sequence[int]], in_splits: 
     out = x.new_empty((rows,) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(out, x, list(out_splits) if out_splits is not None else None,
                                   list(in_splits) if in_splits is not None else None,
-                                  group=_process_group(group), async_op=True)
+                                  group=process_group(group), async_op=True)
     return out, work
 
 
@@ -77,7 +77,7 @@ def start_all_gather(x: Tensor, group: str):
     x = x.contiguous()
     if _compiling():
         return _gather_dim0(x, 0, group), None
-    pg = _process_group(group)
+    pg = process_group(group)
     gathered = x.new_empty((x.shape[0] * pg.size(),) + tuple(x.shape[1:]))
     return gathered, _gather_into(gathered, x, group=pg, async_op=True)
 
@@ -92,5 +92,5 @@ def all_reduce(x: Tensor, op: str, group: str) -> Tensor:
     if _compiling():
         return fc.all_reduce(x, op, group)
     x = x.clone()
-    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=_process_group(group))
+    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=process_group(group))
     return x

@@ -26,6 +26,18 @@ _broken: dict = {}  # kernel name -> reason a launch failed (never retried in th
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device) -> tuple:
+    """(major, minor) of a CUDA device, asked of the driver once per device: for the kernel
+    launches (inside their custom ops, never traced), which ask at every call."""
+    index = torch.device(device).index
+    return _capability(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
 def triton_import_error() -> Optional[str]:
     """None when triton imports, else why not."""
     try:
@@ -74,7 +86,7 @@ def unsupported_reason(
     if q.device.type == "cuda":
         if interpreting():
             return "TRITON_INTERPRET=1 is set but the tensors are on CUDA"
-        capability = torch.cuda.get_device_capability(q.device)
+        capability = torch.cuda.get_device_capability(q.device)  # traced by dynamo: no cache here
         if capability < min_capability:
             return f"GPU capability sm{capability[0]}{capability[1]} is below sm{min_capability[0]}{min_capability[1]}"
     elif not (q.device.type == "cpu" and interpreting()):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import interpreting
+from ._runtime import device_capability, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -185,7 +185,7 @@ def launch_flash_attention(q, k, v, bias, scale: float):
             *args, HEAD_DIM=head_dim, HAS_BIAS=has_bias, UPCAST_DOT=True, **INTERPRETER_BLOCKS
         )
     else:
-        hopper_128 = torch.cuda.get_device_capability(q.device)[0] == 9 and head_dim == 128
+        hopper_128 = device_capability(q.device)[0] == 9 and head_dim == 128
         _autotuned(hopper_128)[grid](*args, HEAD_DIM=head_dim, HAS_BIAS=has_bias, UPCAST_DOT=False)
     return out, lse
 

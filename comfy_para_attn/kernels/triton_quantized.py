@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import interpreting
+from ._runtime import device_capability, interpreting
 from .fp8_rowwise import FP8_MAX
 from .triton_flash import LOG2E, biased_masked_scores, seq_bucket
 
@@ -295,6 +295,6 @@ def launch_quantized_attention(q, k, v, bias, scale: float):
             *args, HEAD_DIM=head_dim, HAS_BIAS=has_bias, EMULATE_FP8=True, **INTERPRETER_BLOCKS
         )
     else:
-        hopper = torch.cuda.get_device_capability(q.device)[0] == 9
+        hopper = device_capability(q.device)[0] == 9
         _autotuned(hopper)[grid](*args, HEAD_DIM=head_dim, HAS_BIAS=has_bias, EMULATE_FP8=False)
     return out, lse

@@ -148,18 +148,34 @@ class WorkerContext:
 
 
 def group_check(ctx: WorkerContext, payload) -> bool:
-    """A job: one all-reduce over the device group (and the host group, where there is one),
-    finished on the device. The controller runs it after every rank failed a job outside an
-    agreed step: it completes only if no rank is left inside a collective and no collective
-    kernel of the failed job still waits on the device."""
+    """A job the controller runs after every rank failed a job outside an agreed step: it
+    completes, and returns True, only if the ranks are in step. On a GPU it first waits for the
+    device (a collective kernel of the failed job still waiting for its peer never finishes, so
+    the check times out); then one all-reduce on every process group this worker has used: the
+    default group, each Context Parallel layout's groups (cached by the sampling jobs, in the
+    same order on every rank) and the host group. A collective left half-done on any of them
+    pairs with the check's and leaves some rank waiting."""
     import torch
     import torch.distributed as dist
 
+    from ..attention.collectives import process_group
+
     if ctx.world_size == 1:
         return True
-    value = torch.ones(1, device=ctx.device)
-    dist.all_reduce(value)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    groups = [None]
+    for value in list(ctx.cache.values()):  # ParallelContext: groups kept by name
+        for field in ("ulysses_group", "ring_group", "sequence_group", "cfg_group"):
+            name = getattr(value, field, None)
+            if isinstance(name, str) and process_group(name) not in groups:
+                groups.append(process_group(name))
     if ctx.host_group is not None:
-        dist.all_reduce(torch.ones(1), group=ctx.host_group)
-    return int(value.item()) == ctx.world_size  # .item() waits for the device
-
+        groups.append(ctx.host_group)
+    in_step = True
+    for group in groups:
+        on_device = dist.get_backend(group) == "nccl"
+        value = torch.ones(1, device=ctx.device if on_device else "cpu")
+        dist.all_reduce(value, group=group)
+        in_step = in_step and int(value.item()) == dist.get_world_size(group)  # .item() waits for it
+    return in_step

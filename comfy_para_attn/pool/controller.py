@@ -282,7 +282,9 @@ class Pool:
             if not settled:  # PoolError, or the caller's thread interrupted mid-wait
                 self._terminate()
 
-    def _await_job(self, job_id, job, timeout_s, on_progress, should_interrupt):
+    def _await_job(self, job_id, job, timeout_s, on_progress, should_interrupt, settle: bool = True):
+        """`settle`: a failure outside an agreed step may keep the pool (`_settle_failure`);
+        off for the group check that decides it."""
         pending = set(range(self.layout.world_size))
         result, stopped, interrupt_sent, caller_error = None, False, False, None
         refused: list[tuple[int, protocol.JobFailed]] = []  # ranks that stopped at an agreed failure
@@ -294,14 +296,16 @@ class Pool:
                     f"(timeout_s={timeout_s:g}) and is considered hung (waiting for ranks "
                     f"{sorted(pending)}); the pool was shut down.",  # (jobs report progress or heartbeats)
                     reason="timeout", job=job)
-            for rank, event in self._poll_events(POLL_S):
+            batch = self._poll_events(POLL_S)
+            for index, (rank, event) in enumerate(batch):
                 if isinstance(event, protocol.JobFailed) and event.agreed and event.job_id == job_id:
                     refused.append((rank, event))
                     pending.discard(rank)
                     deadline = time.monotonic() + timeout_s
                     continue
-                if isinstance(event, protocol.JobFailed) and event.job_id == job_id and not refused:
-                    return None, False, caller_error, self._settle_failure(rank, event, job_id, job, pending)
+                if isinstance(event, protocol.JobFailed) and event.job_id == job_id and settle and not refused:
+                    failed = self._settle_failure(rank, event, job_id, job, pending, batch[index + 1:])
+                    return None, False, caller_error, failed
                 if isinstance(event, (protocol.JobFailed, Died)):
                     raise self._failure(rank, event, job)
                 if getattr(event, "job_id", job_id) != job_id:
@@ -354,18 +358,21 @@ class Pool:
         self._terminate()
         return dead_pool_error(job, worker)
 
-    def _settle_failure(self, rank: int, event: protocol.JobFailed, job_id: int, job: str, pending: set) -> list:
-        """A rank failed outside an agreed step. When every other pending rank ends the same
-        job within SAME_FAILURE_WAIT_S (a model error fails all ranks alike: a resolution the
-        model cannot take), none of them with a CUDA error, and a collective over the group then
-        completes, the ranks are idle and in step: the pool is kept and the failures returned
-        (the job fails with PoolJobError). Otherwise raises the failure; the pool is torn down.
-        A rank left inside a collective, or an NCCL kernel left waiting for one, fails the check."""
+    def _settle_failure(self, rank: int, event: protocol.JobFailed, job_id: int, job: str, pending: set,
+                        taken: list) -> list:
+        """A rank failed outside an agreed step (`taken`: the rest of the events polled with
+        it). When every other pending rank ends the same job within SAME_FAILURE_WAIT_S (a model
+        error fails all ranks alike: a size the model cannot take), none with an error that
+        breaks its device or process group, and the group check then completes (see
+        context.group_check), the ranks are idle and in step: the pool is kept and the failures
+        returned (the job fails with PoolJobError). Otherwise raises the failure; the pool is
+        torn down."""
         events = [(rank, event)]
         waiting = set(pending) - {rank}
         deadline = time.monotonic() + SAME_FAILURE_WAIT_S
-        while waiting and time.monotonic() < deadline:
-            for other, seen in self._poll_events(POLL_S / 2):
+        batch = list(taken)
+        while True:
+            for other, seen in batch:
                 if isinstance(seen, Died):
                     raise self._failure(*events[0], job, seen=events[1:] + [(other, seen)])
                 if getattr(seen, "job_id", None) != job_id:
@@ -374,17 +381,25 @@ class Pool:
                     events.append((other, seen))
                 if isinstance(seen, (protocol.JobFailed, protocol.JobDone, protocol.JobInterruptedAck)):
                     waiting.discard(other)
+            if not waiting or time.monotonic() >= deadline:
+                break
+            batch = self._poll_events(POLL_S / 2)
         if waiting or any(leaves_device_broken(e) for _, e in events):
             raise self._failure(*events[0], job, seen=events[1:])
         check_id = next(self._job_ids)
         try:
             self._send_all(protocol.RunJob(check_id, GROUP_CHECK_JOB, protocol.encode(None)), GROUP_CHECK_TIMEOUT_S)
-            checked = self._await_job(check_id, GROUP_CHECK_JOB, GROUP_CHECK_TIMEOUT_S, None, None)
-        except PoolError:
-            checked = None
-        if checked is None or checked[1] or checked[3] or not pickle.loads(checked[0]):
+            checked = self._await_job(check_id, GROUP_CHECK_JOB, GROUP_CHECK_TIMEOUT_S, None, None, settle=False)
+            in_step = not (checked[1] or checked[3]) and pickle.loads(checked[0]) is True
+            why = "" if in_step else f"it answered {checked[1:]!r}"
+        except PoolError as exc:
+            in_step, why = False, str(exc)
+        if not in_step or self._shut_down:
+            if not in_step:
+                logger.warning("after job %r failed on every rank, the check of the process groups failed (%s); "
+                               "ending the pool", job, why.splitlines()[0] if why else "?")
             raise job_failure_error(events, job, self.pids, self.layout, self._shut_down)
-        logger.info("job %r failed on every rank alike; the ranks are in step, so the pool is kept", job)
+        logger.info("job %r failed on every rank; the process groups check out, so the pool is kept", job)
         return events
 
     def _failure(self, rank: int, event, job: str, seen: list | None = None) -> PoolError:

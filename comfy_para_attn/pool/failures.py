@@ -90,9 +90,13 @@ def describe_failure(event: protocol.JobFailed, job: str | None, layout: PoolLay
 
 
 def leaves_device_broken(event: protocol.JobFailed) -> bool:
-    """A CUDA error other than out of memory: that rank's CUDA context is unusable (see
-    context.breaks_the_device, which judges the exception itself)."""
-    return not event.out_of_memory and (event.error_type == "AcceleratorError" or "CUDA error" in event.message)
+    """A CUDA error other than out of memory (that rank's CUDA context is unusable; see
+    context.breaks_the_device, which judges the exception itself), or an error of the process
+    group's backend (an NCCL or gloo failure stays with the communicator)."""
+    if event.out_of_memory:
+        return False
+    return (event.error_type in ("AcceleratorError", "DistBackendError", "DistNetworkError", "DistError")
+            or any(mark in event.message for mark in ("CUDA error", "NCCL error", "Gloo", "gloo")))
 
 
 def job_failure_error(events: list[tuple[int, Any]], job: str, pids: list[int], layout: PoolLayout | None,

@@ -51,14 +51,26 @@ def raise_on_rank(ctx, payload):
 
 
 def fail_everywhere(ctx, payload):
-    """Every rank raises the same ValueError after a collective step, as a model error fails
-    all ranks alike. `payload["leave_collective"]`: rank 0 first issues an all_reduce no other
-    rank joins (a collective left half-done by the failure)."""
+    """Every rank raises the same ValueError after a progress report and a collective step, as
+    a model error fails all ranks alike. `payload["leave_collective"]`: rank 0 first issues an
+    all_reduce no other rank joins (a collective left half-done by the failure), on the default
+    group ("world") or on the ring group of a Context Parallel layout the job builds and
+    caches as sampling does ("subgroup")."""
+    ctx.report_progress(1, 2)
     value = torch.ones(1)
     if ctx.world_size > 1:
         dist.all_reduce(value)
-        if payload.get("leave_collective") and ctx.rank == 0:
-            dist.all_reduce(torch.ones(1), async_op=True)
+        leave = payload.get("leave_collective")
+        group = None
+        if leave == "subgroup":
+            from comfy_para_attn.attention import ContextParallelConfig, build_parallel_context
+            from comfy_para_attn.attention.collectives import process_group
+
+            cp = ctx.cache.setdefault(("cp", "fail_everywhere"),
+                                      build_parallel_context(ContextParallelConfig(ring=ctx.world_size)))
+            group = process_group(cp.ring_group)
+        if leave and ctx.rank == 0:
+            dist.all_reduce(torch.ones(1), group=group, async_op=True)
     raise ValueError(payload["message"])
 
 

@@ -48,8 +48,9 @@ _said_unsplit: set = set()
 def _log_unsplit_once(tokens: int, parts: int) -> None:
     if parts not in _said_unsplit:
         _said_unsplit.add(parts)
-        log.info("Context Parallel: a model call of %d token(s) (an area condition at the image's edge?) is too "
-                 "small to split over %d ranks; each rank runs such calls whole", tokens, parts)
+        log.info("Context Parallel: a model call with a stream of fewer tokens than its %d ranks (%d tokens in all; "
+                 "an area condition cropped at the image's edge makes such calls) runs whole on each rank", parts,
+                 tokens)
 
 
 def _unwrap(t):
