@@ -87,8 +87,9 @@ class Pool:
         try:
             timings = self._start_with_retry(began + start_timeout_s, start_timeout_s, should_interrupt)
             if init is not None:  # its own floor: a slow process start must not leave it a second
-                *_, refused = self._run(init[0], protocol.encode(init[1]),
-                                        max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None)
+                *_, refused = self._run(init[0], protocol.encode(init[1]),  # a failed start ends the pool anyway
+                                        max(INIT_MIN_TIMEOUT_S, began + start_timeout_s - time.monotonic()), None, None,
+                                        settle=False)
                 if refused:
                     error = refused_job_error(refused, init[0], self.layout)
                     raise PoolStartError(f"pool init failed: {str(error).rsplit(chr(10), 1)[0]}", rank=error.rank,
@@ -263,7 +264,7 @@ class Pool:
 
     # -- jobs -----------------------------------------------------------------------------
 
-    def _run(self, job, payload_bytes, timeout_s, on_progress, should_interrupt):
+    def _run(self, job, payload_bytes, timeout_s, on_progress, should_interrupt, settle: bool = True):
         """Returns (rank 0's pickled result, stopped by interrupt, caller's exception, the
         ranks' `JobFailed` of an agreed stop) once every rank is idle again; raises PoolError
         (after tearing down) otherwise."""
@@ -274,7 +275,7 @@ class Pool:
         self._running_job = job_id
         try:
             self._send_all(protocol.RunJob(job_id, job, payload_bytes), timeout_s)
-            outcome = self._await_job(job_id, job, timeout_s, on_progress, should_interrupt)
+            outcome = self._await_job(job_id, job, timeout_s, on_progress, should_interrupt, settle)
             settled = True
             return outcome
         finally:
@@ -384,8 +385,14 @@ class Pool:
             if not waiting or time.monotonic() >= deadline:
                 break
             batch = self._poll_events(POLL_S / 2)
-        if waiting or any(leaves_device_broken(e) for _, e in events):
-            raise self._failure(*events[0], job, seen=events[1:])
+        if waiting:
+            raise self._failure(*events[0], job, seen=events[1:], note=(
+                f"Rank(s) {', '.join(map(str, sorted(waiting)))} did not end the job within {SAME_FAILURE_WAIT_S:g} s "
+                "of that failure (most likely waiting in a collective for the failed rank), so the pool could not "
+                "be kept."))
+        if any(leaves_device_broken(e) for _, e in events):
+            raise self._failure(*events[0], job, seen=events[1:], note=(
+                "A CUDA or process-group error leaves a worker unusable, so the pool could not be kept."))
         check_id = next(self._job_ids)
         try:
             self._send_all(protocol.RunJob(check_id, GROUP_CHECK_JOB, protocol.encode(None)), GROUP_CHECK_TIMEOUT_S)
@@ -402,7 +409,7 @@ class Pool:
         logger.info("job %r failed on every rank; the process groups check out, so the pool is kept", job)
         return events
 
-    def _failure(self, rank: int, event, job: str, seen: list | None = None) -> PoolError:
+    def _failure(self, rank: int, event, job: str, seen: list | None = None, note: str = "") -> PoolError:
         """Build the error for a failed job (`seen`: other ranks' events already taken). A rank
         that died explains why its peers' collectives then failed, so a death seen within the
         grace period wins."""
@@ -412,7 +419,7 @@ class Pool:
             while time.monotonic() < grace_end and not any(isinstance(e, Died) for _, e in events):
                 events += [(r, e) for r, e in self._poll_events(0.05)
                            if isinstance(e, (protocol.JobFailed, Died))]
-        return job_failure_error(events, job, self.pids, self.layout, self._shut_down)
+        return job_failure_error(events, job, self.pids, self.layout, self._shut_down, note)
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -100,7 +100,7 @@ def leaves_device_broken(event: protocol.JobFailed) -> bool:
 
 
 def job_failure_error(events: list[tuple[int, Any]], job: str, pids: list[int], layout: PoolLayout | None,
-                       shut_down: bool) -> PoolError:
+                       shut_down: bool, note: str = "") -> PoolError:
     """The error for a failed job from what was seen, (rank, `JobFailed` or `Died`) in order:
     a death wins, since it explains why its peers' collectives then failed. `pids`: the
     ranks' processes; `shut_down`: the pool was shut down meanwhile (a death was our kill)."""
@@ -121,6 +121,8 @@ def job_failure_error(events: list[tuple[int, Any]], job: str, pids: list[int], 
               if isinstance(e, protocol.JobFailed) and e is not first]
     if others:
         text += "\n\nother ranks failed too:\n" + "\n".join(others)
+    if note:
+        text += f"\n\n{note}"
     return PoolError(f"worker pool failed: {text}\n(the pool was shut down; the next run "
                      "starts a fresh one)", reason=reason, rank=first_rank, job=job,
                      worker_traceback=traceback_text)
@@ -133,10 +135,17 @@ def refused_job_error(events: list[tuple[int, protocol.JobFailed]], job: str,
     own = sorted([(r, e) for r, e in events if e.own] or events, key=lambda item: item[0])
     first_rank, first = own[0]
     text = describe_failure(first, job, layout)
+    ending = "\n(every rank stopped there; the worker pool is still running)"
+    if not any(e.agreed for _, e in events):  # failed alike outside agreed steps (Pool._settle_failure)
+        head, traceback_marker, rest = text.partition("\n\n--- traceback")
+        text = (f"{head}\n(every rank failed this job, so the worker pool is still running: most likely the model "
+                "cannot take these inputs, as it would fail without Context Parallel, e.g. at this size)"
+                f"{traceback_marker}{rest}")
+        ending = ""
     others = [f"rank {r}: {e.error_type}: {e.message}" for r, e in own[1:]]
     if others:
         text += "\n\nother ranks failed too:\n" + "\n".join(others)
-    return PoolJobError(f"{text}\n(every rank stopped there; the worker pool is still running)",
+    return PoolJobError(f"{text}{ending}",
                         reason="out_of_memory" if first.out_of_memory else "exception", rank=first_rank, job=job,
                         worker_traceback=first.traceback or None, error_type=first.error_type)
 
