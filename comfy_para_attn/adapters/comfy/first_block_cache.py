@@ -180,13 +180,13 @@ def apply_first_block_cache(model_patcher, settings: FirstBlockCacheSettings):
     """
     import comfy.patcher_extension
 
-    if not settings.enabled:
-        try:
-            model_family(model_patcher)
-        except ValueError as exc:  # off: the toggle leaves any model as it is
-            log.info("First Block Cache is off (threshold 0), so this model passes through: %s", exc)
-            return model_patcher
-    family = model_family(model_patcher)
+    try:
+        family = model_family(model_patcher)
+    except ValueError as exc:
+        if settings.enabled:
+            raise
+        log.info("First Block Cache is off (threshold 0), so this model passes through: %s", exc)  # a no-op toggle
+        return model_patcher
     keys = block_keys(model_patcher)
     if len(keys) < 2:
         raise ValueError("First Block Cache needs a model with at least two transformer blocks.")
