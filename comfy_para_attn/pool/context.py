@@ -8,16 +8,13 @@ import contextlib
 from typing import Any, Callable
 
 from . import protocol
-from .errors import JobInterrupted, JobRefused
+from .errors import JobInterrupted, JobRefused, breaks_cuda
 
 
 def breaks_the_device(error: BaseException) -> bool:
     """A CUDA error other than out of memory (an illegal address, a device-side assert) leaves
     the process's CUDA context unusable: no agreed stop can keep such a worker."""
-    if any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__):
-        return False
-    return (any(cls.__name__ == "AcceleratorError" for cls in type(error).__mro__)
-            or "CUDA error" in str(error))
+    return breaks_cuda((cls.__name__ for cls in type(error).__mro__), str(error))
 
 
 class InterruptFlag:

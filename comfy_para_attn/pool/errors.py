@@ -8,6 +8,7 @@ where every rank agreed to stop (`WorkerContext.run_agreed`), which leaves the p
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 
 class WorkerFailure(RuntimeError):
@@ -94,3 +95,12 @@ def with_hint(error: BaseException, hint: str) -> BaseException:
     hinted = copy.copy(error)
     hinted.args = (f"{error}\n{hint}",)
     return hinted
+
+
+def breaks_cuda(type_names: Iterable[str], message: str) -> bool:
+    """Whether an error (its class and base class names, its message) is a CUDA error other than
+    out of memory (an illegal address, a device-side assert): it leaves the process's CUDA
+    context unusable."""
+    names = set(type_names)
+    return "OutOfMemoryError" not in names and ("AcceleratorError" in names or "CUDA error" in message)
+

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
-from .errors import PoolError, PoolJobError
+from .errors import PoolError, PoolJobError, breaks_cuda
 from .launch import PoolLayout, WorkerProcess
 
 
@@ -95,8 +95,9 @@ def leaves_device_broken(event: protocol.JobFailed) -> bool:
     group's backend (an NCCL or gloo failure stays with the communicator)."""
     if event.out_of_memory:
         return False
-    return (event.error_type in ("AcceleratorError", "DistBackendError", "DistNetworkError", "DistError")
-            or any(mark in event.message for mark in ("CUDA error", "NCCL error", "Gloo", "gloo")))
+    return (breaks_cuda((event.error_type,), event.message)
+            or event.error_type in ("DistBackendError", "DistNetworkError", "DistError")
+            or any(mark in event.message for mark in ("NCCL error", "Gloo", "gloo")))
 
 
 def job_failure_error(events: list[tuple[int, Any]], job: str, pids: list[int], layout: PoolLayout | None,

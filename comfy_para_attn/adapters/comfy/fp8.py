@@ -329,7 +329,8 @@ def warn_unmatched_patterns(model_patcher, settings: FP8Settings) -> None:
     of several model families, so its own patterns are not checked. The node calls it (not the
     pool's workers, which apply the same settings again)."""
     diffusion_model = model_patcher.model.diffusion_model
-    own = [p for p in settings.patterns if p not in parse_patterns(DEFAULT_EXCLUDE)]
+    defaults = parse_patterns(DEFAULT_EXCLUDE)
+    own = [p for p in settings.patterns if p not in defaults]
     if not own:
         return
     modules = [(name, module) for name, module in diffusion_model.named_modules() if name]
